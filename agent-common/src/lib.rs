@@ -1,0 +1,115 @@
+//! Layouts of every eBPF map key and value that both the kernel programs and the agent touch.
+//!
+//! One `#[repr(C)]` definition per type, so the two sides never disagree. Addresses are stored
+//! as the kernel hands them to BPF programs: IPv4 in `addr[0]` in network byte order (the other
+//! words zero), IPv6 as four network-order words. Ports are in host byte order.
+#![no_std]
+
+/// Names of the pinned maps, shared so the agent opens exactly what the programs declare.
+pub mod map_names {
+    pub const ENROLLED_CGROUPS: &str = "NM_ENROLLED_CGROUPS";
+    pub const CAPTURE_CONFIG: &str = "NM_CAPTURE_CONFIG";
+    pub const EXCLUDED_PORTS: &str = "NM_EXCLUDED_PORTS";
+    pub const EXCLUDED_CIDRS_V4: &str = "NM_EXCLUDED_V4";
+    pub const EXCLUDED_CIDRS_V6: &str = "NM_EXCLUDED_V6";
+    pub const SOCKET_ORIGINAL_DST: &str = "NM_SOCKET_ORIG_DST";
+    pub const CONNECTION_ORIGINAL_DST: &str = "NM_CONN_ORIG_DST";
+}
+
+/// Names of the programs in the object file.
+pub mod program_names {
+    pub const CONNECT4: &str = "nm_connect4";
+    pub const CONNECT6: &str = "nm_connect6";
+    pub const GETPEERNAME4: &str = "nm_getpeername4";
+    pub const GETPEERNAME6: &str = "nm_getpeername6";
+    pub const SOCK_OPS: &str = "nm_sock_ops";
+}
+
+/// Address family tags as stored in the maps (the kernel's AF_INET/AF_INET6 values).
+pub const FAMILY_V4: u16 = 2;
+pub const FAMILY_V6: u16 = 10;
+
+/// Capacity of the socket-keyed maps; LRU, so a burst never makes capture fail.
+pub const MAX_TRACKED_SOCKETS: u32 = 65536;
+/// Capacity of the enrolment map (pods per node).
+pub const MAX_ENROLLED_PODS: u32 = 4096;
+/// Deepest cgroup level the connect hook checks for an enrolled ancestor.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+
+/// What the kernel does with a meshed pod's connect() when the proxy has no listener
+/// in the pod (the agent is stopped or dead).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailMode {
+    /// Let the connection go to its destination untouched.
+    Open = 0,
+    /// Refuse connect() at once with EPERM.
+    Closed = 1,
+}
+
+/// Value of `NM_ENROLLED_CGROUPS`, keyed by the pod-level cgroup id (`u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// Reserved for per-pod capture flags; zero today.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Single entry (index 0) of the `NM_CAPTURE_CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// Port of the proxy's outbound listener on the pod's loopback.
+    pub outbound_port: u16,
+    pub _pad: u16,
+    /// A `FailMode` discriminant.
+    pub fail_mode: u32,
+    /// SO_MARK carried by every socket the proxy owns; such sockets are never captured.
+    pub proxy_mark: u32,
+    /// Non-zero once the agent has written this entry; until then nothing is captured.
+    pub configured: u32,
+}
+
+/// Where a captured connection was really going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// Network namespace cookie of the pod that called connect().
+    pub netns_cookie: u64,
+    /// Destination address (see the crate docs for the encoding).
+    pub addr: [u32; 4],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Key of `NM_CONN_ORIG_DST`: the client end of a captured connection as the proxy's accepted
+/// socket sees it (its peer address), qualified by the pod's network namespace because every
+/// pod has its own loopback.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnectionKey {
+    pub netns_cookie: u64,
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Key of the IPv4 exclusion LPM trie data (the address, network byte order).
+pub type Ipv4Prefix = u32;
+/// Key of the IPv6 exclusion LPM trie data (the address bytes).
+pub type Ipv6Prefix = [u8; 16];
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, contain only integers, and have explicit padding fields.
+    unsafe impl aya::Pod for EnrolledPod {}
+    unsafe impl aya::Pod for CaptureConfig {}
+    unsafe impl aya::Pod for OriginalDst {}
+    unsafe impl aya::Pod for ConnectionKey {}
+}

@@ -1,0 +1,122 @@
+//! Admin HTTP server: health, readiness, config dump and connection stats as JSON.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::{
+    datapath::Datapath,
+    pods::enrolment::{EnrolledPodView, PendingPodView},
+    telemetry::connections::ConnectionStats,
+};
+
+/// What the admin server shows, updated by the agent as things change.
+pub struct AdminState {
+    pub node_name: String,
+    pub fail_mode: &'static str,
+    pub ready: AtomicBool,
+    pub enrolled: RwLock<Vec<EnrolledPodView>>,
+    pub pending: RwLock<Vec<PendingPodView>>,
+    pub config_errors: RwLock<Vec<String>>,
+    pub stats: Arc<ConnectionStats>,
+    pub datapath: Arc<Datapath>,
+}
+
+#[derive(Serialize)]
+struct ConfigDump<'a> {
+    node: &'a str,
+    ready: bool,
+    fail_mode: &'a str,
+    attach_point: String,
+    enrolled_pods: Vec<EnrolledPodView>,
+    pending_pods: Vec<PendingPodView>,
+    config_errors: Vec<String>,
+    datapath_maps: crate::datapath::MapOccupancy,
+}
+
+/// Binds the admin address (so a port clash fails start-up) and serves it in the background.
+pub async fn start(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "admin server listening");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let state = Arc::clone(&state);
+                    async move { Ok::<_, Infallible>(route(&request, &state)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match request.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/config_dump" => json(&ConfigDump {
+            node: &state.node_name,
+            ready: state.ready.load(Ordering::Acquire),
+            fail_mode: state.fail_mode,
+            attach_point: state.datapath.attach_point().display().to_string(),
+            enrolled_pods: read(&state.enrolled),
+            pending_pods: read(&state.pending),
+            config_errors: read(&state.config_errors),
+            datapath_maps: state.datapath.occupancy(),
+        }),
+        "/stats" => json(&serde_json::json!({ "connections": state.stats.snapshot() })),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "unknown path; try /healthz /readyz /config_dump /stats\n",
+        ),
+    }
+}
+
+fn read<T: Clone>(lock: &RwLock<Vec<T>>) -> Vec<T> {
+    lock.read()
+        .map(|v| v.clone())
+        .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "serialisation failed\n"),
+    }
+}

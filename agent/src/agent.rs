@@ -1,0 +1,119 @@
+//! The agent's main loop: datapath up, admin up, then keep enrolment equal to the cluster
+//! state until told to stop.
+
+use std::{
+    sync::{Arc, RwLock, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context;
+use nodemesh_common::FailMode;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    admin::{self, AdminState},
+    config::AgentConfig,
+    datapath::Datapath,
+    k8s::cluster_state::ClusterStateDir,
+    pods::{cgroup, enrolment::Enrolments},
+    proxy::outbound::OutboundContext,
+    state::membership,
+    telemetry::connections::ConnectionStats,
+};
+
+/// How often pods that could not be enrolled yet (no cgroup or process) are retried.
+const PENDING_RETRY: Duration = Duration::from_millis(100);
+/// Full re-read of the cluster state even without a change notification.
+const RESYNC: Duration = Duration::from_secs(30);
+
+pub fn run(config: AgentConfig) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(run_agent(config))
+}
+
+async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
+    let pods_root = cgroup::pods_root(&config.cgroup_root)?;
+    let datapath = Arc::new(Datapath::load(&config, &pods_root)?);
+    let stats = Arc::new(ConnectionStats::default());
+    let admin_state = Arc::new(AdminState {
+        node_name: config.node_name.clone(),
+        fail_mode: match config.fail_mode {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+        },
+        ready: false.into(),
+        enrolled: RwLock::default(),
+        pending: RwLock::default(),
+        config_errors: RwLock::default(),
+        stats: Arc::clone(&stats),
+        datapath: Arc::clone(&datapath),
+    });
+    admin::start(config.admin_addr, Arc::clone(&admin_state))
+        .await
+        .with_context(|| format!("binding the admin server to {}", config.admin_addr))?;
+
+    let outbound = Arc::new(OutboundContext {
+        datapath: Arc::clone(&datapath),
+        stats,
+        proxy_mark: config.proxy_mark,
+        connect_timeout: config.connect_timeout,
+    });
+    let mut enrolments =
+        Enrolments::new(pods_root, config.outbound_port, config.proxy_mark, outbound);
+    let mut cluster = ClusterStateDir::new(&config.cluster_state);
+    let (_watcher, mut changes) = cluster.watch()?;
+
+    sync(&mut cluster, &mut enrolments, &config, &admin_state).await;
+    enrolments.remove_stale_map_entries()?;
+    admin_state.ready.store(true, Ordering::Release);
+    tracing::info!(node = %config.node_name, "agent ready");
+
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    loop {
+        let retry = if enrolments.has_pending() {
+            PENDING_RETRY
+        } else {
+            RESYNC
+        };
+        tokio::select! {
+            _ = changes.recv() => {}
+            _ = tokio::time::sleep(retry) => {}
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+        sync(&mut cluster, &mut enrolments, &config, &admin_state).await;
+    }
+    // Programs and maps stay pinned: while no agent runs, the fail mode decides.
+    tracing::info!("agent stopping; capture stays attached and follows --fail-mode");
+    Ok(())
+}
+
+async fn sync(
+    cluster: &mut ClusterStateDir,
+    enrolments: &mut Enrolments,
+    config: &AgentConfig,
+    admin: &AdminState,
+) {
+    let (snapshot, errors) = cluster.refresh();
+    for error in &errors {
+        tracing::warn!(%error, "cluster state manifest rejected; keeping its last good contents");
+    }
+    let desired = membership::local_meshed_pods(&snapshot, &config.node_name);
+    enrolments.reconcile(&desired).await;
+    publish(admin.enrolled.write(), enrolments.enrolled_views());
+    publish(admin.pending.write(), enrolments.pending_views());
+    publish(
+        admin.config_errors.write(),
+        errors.iter().map(ToString::to_string).collect(),
+    );
+}
+
+fn publish<T>(lock: std::sync::LockResult<std::sync::RwLockWriteGuard<'_, Vec<T>>>, value: Vec<T>) {
+    let mut guard = lock.unwrap_or_else(|poisoned| poisoned.into_inner());
+    *guard = value;
+}

@@ -1,0 +1,240 @@
+//! The agent's configuration: command-line flags, validated once into `AgentConfig`.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+use nodemesh_common::FailMode;
+
+#[derive(clap::Args, Debug)]
+pub struct AgentArgs {
+    /// Name of the Kubernetes node this agent serves (pods with this spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Directory of Kubernetes YAML manifests (Namespaces, Pods) to use as the cluster state
+    /// instead of an API server. Watched for changes.
+    #[arg(long)]
+    pub cluster_state: PathBuf,
+    /// The node's cgroup v2 directory that holds `kubepods` (or `kubepods.slice`).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// bpffs directory where this agent pins its programs and maps.
+    #[arg(long, default_value = "/sys/fs/bpf/nodemesh")]
+    pub bpffs: PathBuf,
+    /// What a meshed pod's connect() does while no proxy listens: `open` lets it through
+    /// untouched, `closed` refuses it at once.
+    #[arg(long, value_enum, default_value_t = FailModeArg::Open)]
+    pub fail_mode: FailModeArg,
+    /// Destination port never captured (repeatable).
+    #[arg(long = "exclude-port")]
+    pub exclude_ports: Vec<u16>,
+    /// Destination CIDR never captured, e.g. 10.0.0.0/8 or fd00::/8 (repeatable).
+    #[arg(long = "exclude-cidr")]
+    pub exclude_cidrs: Vec<Cidr>,
+    /// Address of the admin HTTP server (health, readiness, config dump, stats).
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    pub admin_addr: SocketAddr,
+    /// Port of the outbound listener the agent opens on each meshed pod's loopback.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// SO_MARK put on every proxy socket; marked sockets are never captured.
+    #[arg(long, default_value_t = 0x4e4d_0001)]
+    pub proxy_mark: u32,
+    /// How long the proxy waits for an upstream TCP handshake, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailModeArg {
+    Open,
+    Closed,
+}
+
+impl From<FailModeArg> for FailMode {
+    fn from(arg: FailModeArg) -> Self {
+        match arg {
+            FailModeArg::Open => FailMode::Open,
+            FailModeArg::Closed => FailMode::Closed,
+        }
+    }
+}
+
+/// Validated configuration, built once and passed down.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub cluster_state: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub bpffs: PathBuf,
+    pub fail_mode: FailMode,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<Cidr>,
+    pub admin_addr: SocketAddr,
+    pub outbound_port: u16,
+    pub proxy_mark: u32,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--node-name must not be empty")]
+    EmptyNodeName,
+    #[error("--cluster-state {0}: not a directory")]
+    ClusterStateNotADirectory(PathBuf),
+    #[error("--cgroup-root {0}: not a directory")]
+    CgroupRootNotADirectory(PathBuf),
+    #[error("--outbound-port must not be 0")]
+    ZeroOutboundPort,
+    #[error("--proxy-mark must not be 0 (unmarked sockets would count as the proxy's)")]
+    ZeroProxyMark,
+}
+
+impl TryFrom<AgentArgs> for AgentConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: AgentArgs) -> Result<Self, ConfigError> {
+        if args.node_name.trim().is_empty() {
+            return Err(ConfigError::EmptyNodeName);
+        }
+        if !args.cluster_state.is_dir() {
+            return Err(ConfigError::ClusterStateNotADirectory(args.cluster_state));
+        }
+        if !args.cgroup_root.is_dir() {
+            return Err(ConfigError::CgroupRootNotADirectory(args.cgroup_root));
+        }
+        if args.outbound_port == 0 {
+            return Err(ConfigError::ZeroOutboundPort);
+        }
+        if args.proxy_mark == 0 {
+            return Err(ConfigError::ZeroProxyMark);
+        }
+        Ok(Self {
+            node_name: args.node_name,
+            cluster_state: args.cluster_state,
+            cgroup_root: args.cgroup_root,
+            bpffs: args.bpffs,
+            fail_mode: args.fail_mode.into(),
+            exclude_ports: args.exclude_ports,
+            exclude_cidrs: args.exclude_cidrs,
+            admin_addr: args.admin_addr,
+            outbound_port: args.outbound_port,
+            proxy_mark: args.proxy_mark,
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        })
+    }
+}
+
+/// An IP prefix such as `10.0.0.0/8`; host bits must be zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CidrError {
+    #[error("{0:?}: expected ADDRESS/PREFIX, e.g. 10.0.0.0/8")]
+    MissingPrefix(String),
+    #[error("{0:?}: {1:?} is not an IP address")]
+    BadAddress(String, String),
+    #[error("{0:?}: prefix length must be 0..={1}")]
+    BadPrefix(String, u8),
+    #[error("{0:?}: host bits are set; did you mean {1}?")]
+    HostBitsSet(String, Cidr),
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(text: &str) -> Result<Self, CidrError> {
+        let (addr_text, prefix_text) = text
+            .split_once('/')
+            .ok_or_else(|| CidrError::MissingPrefix(text.to_owned()))?;
+        let addr: IpAddr = addr_text
+            .parse()
+            .map_err(|_| CidrError::BadAddress(text.to_owned(), addr_text.to_owned()))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len: u8 = prefix_text
+            .parse()
+            .ok()
+            .filter(|len| *len <= max)
+            .ok_or(CidrError::BadPrefix(text.to_owned(), max))?;
+        let cidr = Cidr { addr, prefix_len };
+        let network = cidr.network();
+        if network != cidr {
+            return Err(CidrError::HostBitsSet(text.to_owned(), network));
+        }
+        Ok(cidr)
+    }
+}
+
+impl Cidr {
+    /// The same prefix with host bits cleared.
+    pub fn network(&self) -> Cidr {
+        let addr = match self.addr {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                IpAddr::from((u32::from(v4) & mask).to_be_bytes())
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                IpAddr::from((u128::from(v6) & mask).to_be_bytes())
+            }
+        };
+        Cidr {
+            addr,
+            prefix_len: self.prefix_len,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_v4_and_v6_prefixes() {
+        let v4: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert_eq!(v4.prefix_len, 16);
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert_eq!(v6.addr, "fd00::".parse::<IpAddr>().unwrap());
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert_eq!(all.prefix_len, 0);
+    }
+
+    #[test]
+    fn rejects_bad_cidrs_with_a_hint() {
+        assert!(matches!(
+            "10.0.0.0".parse::<Cidr>(),
+            Err(CidrError::MissingPrefix(_))
+        ));
+        assert!(matches!(
+            "10.0.0.300/8".parse::<Cidr>(),
+            Err(CidrError::BadAddress(..))
+        ));
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Cidr>(),
+            Err(CidrError::BadPrefix(_, 32))
+        ));
+        let err = "10.1.2.3/16".parse::<Cidr>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "\"10.1.2.3/16\": host bits are set; did you mean 10.1.0.0/16?"
+        );
+    }
+}

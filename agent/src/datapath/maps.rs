@@ -1,0 +1,165 @@
+//! Typed access to the pinned maps the agent writes and reads.
+
+use std::net::IpAddr;
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, HashMap, MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
+};
+use nodemesh_common::{
+    CaptureConfig, ConnectionKey, EnrolledPod, FailMode, Ipv4Prefix, Ipv6Prefix, OriginalDst,
+    map_names,
+};
+
+use super::DatapathError;
+use crate::config::Cidr;
+
+/// How full the maps are (entries), for the config dump and metrics.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct MapOccupancy {
+    pub enrolled_cgroups: usize,
+    pub pending_connections: usize,
+}
+
+pub(super) struct DatapathMaps {
+    enrolled: HashMap<MapData, u64, EnrolledPod>,
+    capture_config: Array<MapData, CaptureConfig>,
+    excluded_ports: HashMap<MapData, u16, u8>,
+    excluded_v4: LpmTrie<MapData, Ipv4Prefix, u8>,
+    excluded_v6: LpmTrie<MapData, Ipv6Prefix, u8>,
+    connections: HashMap<MapData, ConnectionKey, OriginalDst>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+impl DatapathMaps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        Ok(Self {
+            enrolled: take(ebpf, map_names::ENROLLED_CGROUPS)?,
+            capture_config: take(ebpf, map_names::CAPTURE_CONFIG)?,
+            excluded_ports: take(ebpf, map_names::EXCLUDED_PORTS)?,
+            excluded_v4: take(ebpf, map_names::EXCLUDED_CIDRS_V4)?,
+            excluded_v6: take(ebpf, map_names::EXCLUDED_CIDRS_V6)?,
+            connections: take(ebpf, map_names::CONNECTION_ORIGINAL_DST)?,
+        })
+    }
+
+    pub(super) fn write_capture_config(
+        &mut self,
+        outbound_port: u16,
+        fail_mode: FailMode,
+        proxy_mark: u32,
+    ) -> Result<(), DatapathError> {
+        let config = CaptureConfig {
+            outbound_port,
+            _pad: 0,
+            fail_mode: fail_mode as u32,
+            proxy_mark,
+            configured: 1,
+        };
+        self.capture_config
+            .set(0, &config, 0)
+            .map_err(map_err(map_names::CAPTURE_CONFIG))
+    }
+
+    /// Replaces the exclusion lists with exactly these ports and prefixes.
+    pub(super) fn write_exclusions(
+        &mut self,
+        ports: &[u16],
+        cidrs: &[Cidr],
+    ) -> Result<(), DatapathError> {
+        let stale_ports: Vec<u16> = self.excluded_ports.keys().filter_map(Result::ok).collect();
+        for port in stale_ports.iter().filter(|p| !ports.contains(p)) {
+            self.excluded_ports
+                .remove(port)
+                .map_err(map_err(map_names::EXCLUDED_PORTS))?;
+        }
+        for port in ports {
+            self.excluded_ports
+                .insert(port, &1, 0)
+                .map_err(map_err(map_names::EXCLUDED_PORTS))?;
+        }
+        let stale_v4: Vec<Key<Ipv4Prefix>> =
+            self.excluded_v4.keys().filter_map(Result::ok).collect();
+        for key in &stale_v4 {
+            self.excluded_v4
+                .remove(key)
+                .map_err(map_err(map_names::EXCLUDED_CIDRS_V4))?;
+        }
+        let stale_v6: Vec<Key<Ipv6Prefix>> =
+            self.excluded_v6.keys().filter_map(Result::ok).collect();
+        for key in &stale_v6 {
+            self.excluded_v6
+                .remove(key)
+                .map_err(map_err(map_names::EXCLUDED_CIDRS_V6))?;
+        }
+        for cidr in cidrs {
+            let prefix_len = u32::from(cidr.prefix_len);
+            match cidr.addr {
+                IpAddr::V4(v4) => {
+                    let key = Key::new(prefix_len, u32::from_ne_bytes(v4.octets()));
+                    self.excluded_v4
+                        .insert(&key, &1, 0)
+                        .map_err(map_err(map_names::EXCLUDED_CIDRS_V4))?;
+                }
+                IpAddr::V6(v6) => {
+                    let key = Key::new(prefix_len, v6.octets());
+                    self.excluded_v6
+                        .insert(&key, &1, 0)
+                        .map_err(map_err(map_names::EXCLUDED_CIDRS_V6))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn enroll(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+        self.enrolled
+            .insert(&cgroup_id, &EnrolledPod::default(), 0)
+            .map_err(map_err(map_names::ENROLLED_CGROUPS))
+    }
+
+    pub(super) fn unenroll(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+        match self.enrolled.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map {
+                map: map_names::ENROLLED_CGROUPS,
+                source,
+            }),
+        }
+    }
+
+    pub(super) fn enrolled_cgroups(&self) -> Result<Vec<u64>, DatapathError> {
+        self.enrolled
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_names::ENROLLED_CGROUPS))
+    }
+
+    pub(super) fn take_original_destination(&mut self, key: &ConnectionKey) -> Option<OriginalDst> {
+        let found = self.connections.get(key, 0).ok()?;
+        // Ignore a failed delete: the LRU map evicts the entry eventually anyway.
+        let _ = self.connections.remove(key);
+        Some(found)
+    }
+
+    pub(super) fn occupancy(&self) -> MapOccupancy {
+        MapOccupancy {
+            enrolled_cgroups: self.enrolled.keys().count(),
+            pending_connections: self.connections.keys().count(),
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The kernel side of capture as the agent sees it: load the eBPF object, attach its
+//! programs to the node's pod cgroup root, pin everything, and keep the maps in sync.
+
+mod attach;
+mod maps;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{Ebpf, EbpfLoader};
+use nodemesh_common::{ConnectionKey, OriginalDst};
+
+pub use self::maps::MapOccupancy;
+use crate::config::AgentConfig;
+
+/// The compiled programs, built by build.rs from agent-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodemesh-ebpf"));
+
+/// bpffs magic number (statfs f_type), see linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "{0} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf` \
+         and point --bpffs below it"
+    )]
+    NotBpffs(PathBuf),
+    #[error("creating pin directory {path}: {source}")]
+    PinDirectory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object (is this kernel >= 6.1 with BTF, and are we root?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("opening cgroup {path} to attach programs: {source}")]
+    OpenCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pinning link of {name} at {path}: {source}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("removing {path}: {source}")]
+    Remove {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+/// The loaded, attached and pinned datapath of one agent.
+pub struct Datapath {
+    maps: Mutex<maps::DatapathMaps>,
+    attach_point: PathBuf,
+    // Keeps the programs loaded for as long as the agent runs (the pinned links outlive it).
+    _ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Loads the programs, reuses or creates the pinned maps, writes the capture settings and
+    /// attaches to `attach_point` (the node's pod cgroup root).
+    pub fn load(config: &AgentConfig, attach_point: &Path) -> Result<Self, DatapathError> {
+        ensure_bpffs(&config.bpffs)?;
+        let map_dir = config.bpffs.join("maps");
+        let link_dir = config.bpffs.join("links");
+        for dir in [&map_dir, &link_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDirectory {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .load(EBPF_OBJECT)?;
+        let mut maps = maps::DatapathMaps::take(&mut ebpf)?;
+        maps.write_exclusions(&config.exclude_ports, &config.exclude_cidrs)?;
+        maps.write_capture_config(config.outbound_port, config.fail_mode, config.proxy_mark)?;
+        attach::attach_all(&mut ebpf, attach_point, &link_dir)?;
+        Ok(Self {
+            maps: Mutex::new(maps),
+            attach_point: attach_point.to_owned(),
+            _ebpf: ebpf,
+        })
+    }
+
+    /// The cgroup the programs are attached to.
+    pub fn attach_point(&self) -> &Path {
+        &self.attach_point
+    }
+
+    /// Starts capturing connects made by processes in this cgroup or below it.
+    pub fn enroll_cgroup(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        self.lock().enroll(cgroup_id)
+    }
+
+    /// Stops capturing for this cgroup.
+    pub fn unenroll_cgroup(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        self.lock().unenroll(cgroup_id)
+    }
+
+    /// Cgroup ids currently in the enrolment map (including ones a previous agent left).
+    pub fn enrolled_cgroups(&self) -> Result<Vec<u64>, DatapathError> {
+        self.lock().enrolled_cgroups()
+    }
+
+    /// Where the connection whose client end is `key` was going; removes the entry.
+    pub fn take_original_destination(&self, key: &ConnectionKey) -> Option<OriginalDst> {
+        self.lock().take_original_destination(key)
+    }
+
+    /// Entry counts of the maps, for the config dump.
+    pub fn occupancy(&self) -> MapOccupancy {
+        self.lock().occupancy()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, maps::DatapathMaps> {
+        // A panic while holding the lock cannot leave the maps half-written (each call is one
+        // syscall), so a poisoned lock is still usable.
+        self.maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Detaches everything an agent pinned under `bpffs` and deletes its maps.
+pub fn remove_pinned(bpffs: &Path) -> Result<(), DatapathError> {
+    if !bpffs.exists() {
+        tracing::info!(path = %bpffs.display(), "nothing pinned");
+        return Ok(());
+    }
+    ensure_bpffs(bpffs)?;
+    // Unpinning a link drops its last reference, which detaches the program.
+    std::fs::remove_dir_all(bpffs).map_err(|source| DatapathError::Remove {
+        path: bpffs.to_owned(),
+        source,
+    })?;
+    tracing::info!(path = %bpffs.display(), "datapath removed");
+    Ok(())
+}
+
+fn ensure_bpffs(path: &Path) -> Result<(), DatapathError> {
+    // The directory may not exist yet: check the closest existing ancestor.
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    match nix::sys::statfs::statfs(existing) {
+        Ok(fs) if fs.filesystem_type().0 as i64 == BPF_FS_MAGIC => Ok(()),
+        _ => Err(DatapathError::NotBpffs(path.to_owned())),
+    }
+}

@@ -1,0 +1,297 @@
+//! Cluster state from a directory of Kubernetes YAML manifests, watched for changes.
+//!
+//! Every `*.yaml`/`*.yml` file (dotfiles ignored, so writers can rename temporaries into
+//! place) may hold several documents. Namespaces and Pods are kept; other kinds are ignored.
+//! A file that fails to parse is reported with its path and position, and the objects it
+//! held last time it parsed are kept: bad input never drops good state.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use notify::{RecursiveMode, Watcher};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+/// Namespaces and Pods of the cluster, keyed by name and by (namespace, name).
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSnapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<(String, String), Pod>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: document {document}: {source}")]
+    Yaml {
+        path: PathBuf,
+        document: usize,
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: document {document}: {kind} without metadata.name")]
+    MissingName {
+        path: PathBuf,
+        document: usize,
+        kind: &'static str,
+    },
+    #[error("{path}: document {document}: Pod {name} without metadata.namespace")]
+    MissingNamespace {
+        path: PathBuf,
+        document: usize,
+        name: String,
+    },
+    #[error("watching {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
+}
+
+#[derive(Clone, Debug)]
+enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+}
+
+#[derive(Deserialize)]
+struct TypeMeta {
+    #[serde(default)]
+    kind: String,
+}
+
+/// Reads the directory again on each `refresh`, keeping the last good objects of bad files.
+pub struct ClusterStateDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, Vec<Object>>,
+}
+
+impl ClusterStateDir {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Re-reads every manifest; returns the merged snapshot and the errors of files that
+    /// could not be read (whose previous contents stay in the snapshot).
+    pub fn refresh(&mut self) -> (ClusterSnapshot, Vec<ManifestError>) {
+        let mut errors = Vec::new();
+        let paths = match manifest_paths(&self.dir) {
+            Ok(paths) => paths,
+            Err(error) => {
+                errors.push(error);
+                return (self.snapshot(), errors);
+            }
+        };
+        self.files.retain(|path, _| paths.contains(path));
+        for path in paths {
+            match parse_file(&path) {
+                Ok(objects) => {
+                    self.files.insert(path, objects);
+                }
+                Err(error) => errors.push(error),
+            }
+        }
+        (self.snapshot(), errors)
+    }
+
+    fn snapshot(&self) -> ClusterSnapshot {
+        let mut snapshot = ClusterSnapshot::default();
+        for object in self.files.values().flatten() {
+            match object {
+                Object::Namespace(ns) => {
+                    let name = ns.metadata.name.clone().unwrap_or_default();
+                    snapshot.namespaces.insert(name, (**ns).clone());
+                }
+                Object::Pod(pod) => {
+                    let key = (
+                        pod.metadata.namespace.clone().unwrap_or_default(),
+                        pod.metadata.name.clone().unwrap_or_default(),
+                    );
+                    snapshot.pods.insert(key, (**pod).clone());
+                }
+            }
+        }
+        snapshot
+    }
+
+    /// Sends `()` on the returned channel whenever something in the directory changes.
+    /// The watcher lives as long as the returned guard.
+    pub fn watch(&self) -> Result<(notify::RecommendedWatcher, mpsc::Receiver<()>), ManifestError> {
+        let (tx, rx) = mpsc::channel(1);
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    // A full channel already holds a pending wake-up: nothing is lost.
+                    let _ = tx.try_send(());
+                }
+            })
+            .map_err(|source| ManifestError::Watch {
+                path: self.dir.clone(),
+                source,
+            })?;
+        watcher
+            .watch(&self.dir, RecursiveMode::NonRecursive)
+            .map_err(|source| ManifestError::Watch {
+                path: self.dir.clone(),
+                source,
+            })?;
+        Ok((watcher, rx))
+    }
+}
+
+fn manifest_paths(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ManifestError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !name.starts_with('.')
+                && (name.ends_with(".yaml") || name.ends_with(".yml"))
+                && path.is_file()
+        })
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+fn parse_file(path: &Path) -> Result<Vec<Object>, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_manifests(path, &text)
+}
+
+/// Parses every document of one manifest file.
+fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
+    let mut objects = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let document_number = index + 1;
+        let yaml_error = |source| ManifestError::Yaml {
+            path: path.to_owned(),
+            document: document_number,
+            source,
+        };
+        let value = serde_yaml::Value::deserialize(document).map_err(yaml_error)?;
+        if value.is_null() {
+            continue;
+        }
+        let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(yaml_error)?;
+        match meta.kind.as_str() {
+            "Namespace" => {
+                let ns: Namespace = serde_yaml::from_value(value).map_err(yaml_error)?;
+                if ns.metadata.name.is_none() {
+                    return Err(ManifestError::MissingName {
+                        path: path.to_owned(),
+                        document: document_number,
+                        kind: "Namespace",
+                    });
+                }
+                objects.push(Object::Namespace(Box::new(ns)));
+            }
+            "Pod" => {
+                let pod: Pod = serde_yaml::from_value(value).map_err(yaml_error)?;
+                let Some(name) = pod.metadata.name.clone() else {
+                    return Err(ManifestError::MissingName {
+                        path: path.to_owned(),
+                        document: document_number,
+                        kind: "Pod",
+                    });
+                };
+                if pod.metadata.namespace.is_none() {
+                    return Err(ManifestError::MissingNamespace {
+                        path: path.to_owned(),
+                        document: document_number,
+                        name,
+                    });
+                }
+                objects.push(Object::Pod(Box::new(pod)));
+            }
+            other => tracing::debug!(path = %path.display(), kind = other, "ignoring manifest"),
+        }
+    }
+    Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    nodemesh.io/mesh: enabled\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  uid: 1111\nspec:\n  nodeName: node1\n  containers:\n  - name: app\n    image: nginx\nstatus:\n  podIP: 198.18.1.10\n";
+
+    #[test]
+    fn reads_multi_document_files_and_ignores_other_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{NAMESPACE}---\n{POD}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n"
+        );
+        std::fs::write(dir.path().join("all.yaml"), text).unwrap();
+        std::fs::write(dir.path().join(".hidden.yaml"), "not: [valid").unwrap();
+        let (snapshot, errors) = ClusterStateDir::new(dir.path()).refresh();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(snapshot.namespaces.len(), 1);
+        let pod = &snapshot.pods[&("shop".to_owned(), "web".to_owned())];
+        assert_eq!(
+            pod.spec.as_ref().unwrap().node_name.as_deref(),
+            Some("node1")
+        );
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_objects_and_says_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pod.yaml");
+        std::fs::write(&file, POD).unwrap();
+        let mut state = ClusterStateDir::new(dir.path());
+        assert_eq!(state.refresh().0.pods.len(), 1);
+
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: [oops\n",
+        )
+        .unwrap();
+        let (snapshot, errors) = state.refresh();
+        assert_eq!(snapshot.pods.len(), 1, "last good pod kept");
+        let message = errors[0].to_string();
+        assert!(
+            message.contains("pod.yaml")
+                && message.contains("document 1")
+                && message.contains("line"),
+            "{message}"
+        );
+
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: nameless-ns\n",
+        )
+        .unwrap();
+        let (_, errors) = state.refresh();
+        assert!(
+            errors[0].to_string().contains("without metadata.namespace"),
+            "{}",
+            errors[0]
+        );
+
+        std::fs::remove_file(&file).unwrap();
+        let (snapshot, errors) = state.refresh();
+        assert!(errors.is_empty());
+        assert!(
+            snapshot.pods.is_empty(),
+            "deleting the file deletes its objects"
+        );
+    }
+}

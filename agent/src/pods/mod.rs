@@ -1,0 +1,6 @@
+//! Local pods as the node sees them: their cgroups, their network namespaces, and the
+//! enrolment that ties a meshed pod to the datapath and the proxy.
+
+pub mod cgroup;
+pub mod enrolment;
+pub mod netns;

@@ -1,0 +1,215 @@
+//! Outbound: connections a meshed pod made, captured into the listener the agent opened on
+//! the pod's loopback, forwarded to their original destination from the pod's own network
+//! namespace (so from the pod's own address).
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use nodemesh_common::{ConnectionKey, FAMILY_V4, OriginalDst};
+use socket2::{Domain, SockRef};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::{
+    datapath::Datapath,
+    pods::netns::{NetnsError, NetnsSockets},
+    telemetry::connections::ConnectionStats,
+};
+
+/// What every outbound connection handler needs, shared by all pods of the node.
+pub struct OutboundContext {
+    pub datapath: Arc<Datapath>,
+    pub stats: Arc<ConnectionStats>,
+    pub proxy_mark: u32,
+    pub connect_timeout: Duration,
+}
+
+/// One meshed pod as the proxy sees it.
+pub struct SourcePod {
+    pub display_name: String,
+    pub sockets: NetnsSockets,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum OutboundError {
+    #[error(
+        "no original destination recorded for peer {0} (connection not made through the connect hook?)"
+    )]
+    NoOriginalDestination(SocketAddr),
+    #[error("creating the upstream socket: {0}")]
+    Socket(#[from] NetnsError),
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, io::Error),
+    #[error("connecting to {0}: no answer within {1:?}")]
+    ConnectTimeout(SocketAddr, Duration),
+}
+
+/// Accepts captured connections of one pod until the listener is dropped with the task.
+pub async fn serve(listener: TcpListener, pod: Arc<SourcePod>, ctx: Arc<OutboundContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                let pod = Arc::clone(&pod);
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move { forward(client, peer, &pod, &ctx).await });
+            }
+            Err(error) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(pod = %pod.display_name, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &OutboundContext) {
+    let key = connection_key(pod.sockets.cookie(), peer);
+    let Some(original) = ctx
+        .datapath
+        .take_original_destination(&key)
+        .map(socket_addr)
+    else {
+        tracing::warn!(pod = %pod.display_name, error = %OutboundError::NoOriginalDestination(peer), "dropping connection");
+        reset(&client);
+        return;
+    };
+    ctx.stats.opened(&pod.display_name, original);
+    let mut client = client;
+    let mut upstream = match connect_upstream(pod, ctx, original).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::info!(pod = %pod.display_name, destination = %original, %error, "upstream connect failed");
+            ctx.stats.failed(&pod.display_name, original);
+            // The application's connect() already succeeded against the proxy: a reset is
+            // the closest thing to the refusal it would have seen.
+            reset(&client);
+            return;
+        }
+    };
+    let (sent, received) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok(counts) => counts,
+        Err(error) => {
+            tracing::debug!(pod = %pod.display_name, destination = %original, %error, "connection ended with an error");
+            (0, 0)
+        }
+    };
+    ctx.stats
+        .closed(&pod.display_name, original, sent, received);
+    tracing::debug!(pod = %pod.display_name, destination = %original, sent, received, "connection closed");
+}
+
+async fn connect_upstream(
+    pod: &SourcePod,
+    ctx: &OutboundContext,
+    destination: SocketAddr,
+) -> Result<TcpStream, OutboundError> {
+    let domain = if destination.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = pod.sockets.tcp_socket(domain).await?;
+    socket
+        .set_mark(ctx.proxy_mark)
+        .map_err(|e| OutboundError::Connect(destination, e))?;
+    socket
+        .set_tcp_nodelay(true)
+        .map_err(|e| OutboundError::Connect(destination, e))?;
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    match tokio::time::timeout(ctx.connect_timeout, socket.connect(destination)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(error)) => Err(OutboundError::Connect(destination, error)),
+        Err(_) => Err(OutboundError::ConnectTimeout(
+            destination,
+            ctx.connect_timeout,
+        )),
+    }
+}
+
+fn reset(stream: &TcpStream) {
+    // SO_LINGER 0 turns the close into a RST.
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// The key under which sock_ops published the connection whose client end is `peer`.
+pub fn connection_key(netns_cookie: u64, peer: SocketAddr) -> ConnectionKey {
+    let (addr, family) = match peer.ip() {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+            None => (words(&v6), nodemesh_common::FAMILY_V6),
+        },
+    };
+    ConnectionKey {
+        netns_cookie,
+        addr,
+        port: peer.port(),
+        family,
+        _pad: 0,
+    }
+}
+
+fn words(v6: &Ipv6Addr) -> [u32; 4] {
+    let o = v6.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+    })
+}
+
+/// The original destination as a socket address.
+pub fn socket_addr(original: OriginalDst) -> SocketAddr {
+    let ip = if original.family == FAMILY_V4 {
+        IpAddr::V4(Ipv4Addr::from(original.addr[0].to_ne_bytes()))
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, word) in original.addr.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    };
+    SocketAddr::new(ip, original.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_addresses_use_the_kernel_encoding() {
+        let key = connection_key(7, "127.0.0.1:40000".parse().unwrap());
+        // The kernel stores IPv4 in network byte order: 127.0.0.1 is 0x0100007f read natively.
+        assert_eq!(key.addr, [0x0100_007f, 0, 0, 0]);
+        assert_eq!(
+            (key.port, key.family, key.netns_cookie),
+            (40000, FAMILY_V4, 7)
+        );
+        let mapped = connection_key(7, "[::ffff:127.0.0.1]:40000".parse().unwrap());
+        assert_eq!(mapped, key, "v4-mapped peers are keyed as IPv4");
+
+        let v6 = OriginalDst {
+            netns_cookie: 1,
+            addr: words(&"fd77:2::10".parse().unwrap()),
+            port: 80,
+            family: nodemesh_common::FAMILY_V6,
+            _pad: 0,
+        };
+        assert_eq!(
+            socket_addr(v6),
+            "[fd77:2::10]:80".parse::<SocketAddr>().unwrap()
+        );
+        let v4 = OriginalDst {
+            netns_cookie: 1,
+            addr: [u32::from_ne_bytes([198, 18, 2, 10]), 0, 0, 0],
+            port: 7000,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        assert_eq!(
+            socket_addr(v4),
+            "198.18.2.10:7000".parse::<SocketAddr>().unwrap()
+        );
+    }
+}

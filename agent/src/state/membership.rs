@@ -1,0 +1,215 @@
+//! Which pods on this node are meshed: the opt-in and opt-out rules.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+
+use crate::k8s::cluster_state::ClusterSnapshot;
+
+/// Label on a Namespace (`enabled`) or a Pod (`disabled`) that opts in or out.
+pub const MESH_LABEL: &str = "nodemesh.io/mesh";
+
+/// A pod of this node that belongs in the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshedPod {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+}
+
+impl MeshedPod {
+    /// `namespace/name`, how operators name a pod.
+    pub fn display_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The meshed pods of `node`, keyed by UID.
+pub fn local_meshed_pods(snapshot: &ClusterSnapshot, node: &str) -> BTreeMap<String, MeshedPod> {
+    snapshot
+        .pods
+        .values()
+        .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter(|pod| {
+            let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+            snapshot
+                .namespaces
+                .get(namespace)
+                .is_some_and(namespace_is_meshed)
+        })
+        .filter_map(meshed_pod)
+        .map(|pod| (pod.uid.clone(), pod))
+        .collect()
+}
+
+fn namespace_is_meshed(namespace: &Namespace) -> bool {
+    label(&namespace.metadata, MESH_LABEL) == Some("enabled")
+}
+
+fn label<'a>(
+    meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+) -> Option<&'a str> {
+    meta.labels
+        .as_ref()
+        .and_then(|labels| labels.get(key))
+        .map(String::as_str)
+}
+
+/// The pod as a mesh member, or None when it must not be captured: opted out, host network,
+/// finished, or not yet given an IP or UID.
+fn meshed_pod(pod: &Pod) -> Option<MeshedPod> {
+    if label(&pod.metadata, MESH_LABEL) == Some("disabled") {
+        return None;
+    }
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(
+            status
+                .pod_ip
+                .as_deref()
+                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+        );
+    }
+    if ips.is_empty() {
+        return None;
+    }
+    Some(MeshedPod {
+        uid: pod.metadata.uid.clone()?,
+        namespace: pod.metadata.namespace.clone()?,
+        name: pod.metadata.name.clone()?,
+        service_account: spec
+            .service_account_name
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        ips,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::core::v1::{PodIP, PodSpec, PodStatus},
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+
+    use super::*;
+
+    fn namespace(name: &str, meshed: bool) -> Namespace {
+        let labels = meshed.then(|| [(MESH_LABEL.to_owned(), "enabled".to_owned())].into());
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn pod(ns: &str, name: &str, node: &str) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                uid: Some(format!("uid-{name}")),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node.into()),
+                service_account_name: Some("sa".into()),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some("198.18.1.10".into()),
+                pod_ips: Some(vec![
+                    PodIP {
+                        ip: "198.18.1.10".into(),
+                    },
+                    PodIP {
+                        ip: "fd77:1::10".into(),
+                    },
+                ]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn snapshot(namespaces: Vec<Namespace>, pods: Vec<Pod>) -> ClusterSnapshot {
+        ClusterSnapshot {
+            namespaces: namespaces
+                .into_iter()
+                .map(|n| (n.metadata.name.clone().unwrap(), n))
+                .collect(),
+            pods: pods
+                .into_iter()
+                .map(|p| {
+                    (
+                        (
+                            p.metadata.namespace.clone().unwrap(),
+                            p.metadata.name.clone().unwrap(),
+                        ),
+                        p,
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn meshes_pods_of_labelled_namespaces_on_this_node_only() {
+        let state = snapshot(
+            vec![namespace("mesh", true), namespace("plain", false)],
+            vec![
+                pod("mesh", "a", "node1"),
+                pod("mesh", "b", "node2"),
+                pod("plain", "c", "node1"),
+                pod("ghost", "d", "node1"),
+            ],
+        );
+        let meshed = local_meshed_pods(&state, "node1");
+        assert_eq!(meshed.keys().collect::<Vec<_>>(), ["uid-a"]);
+        let a = &meshed["uid-a"];
+        assert_eq!(a.service_account, "sa");
+        assert_eq!(a.ips.len(), 2);
+    }
+
+    #[test]
+    fn honours_opt_out_host_network_phase_and_missing_ip() {
+        let mut opted_out = pod("mesh", "out", "node1");
+        opted_out.metadata.labels = Some([(MESH_LABEL.to_owned(), "disabled".to_owned())].into());
+        let mut host = pod("mesh", "host", "node1");
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        let mut done = pod("mesh", "done", "node1");
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        let mut pending = pod("mesh", "pending", "node1");
+        pending.status.as_mut().unwrap().pod_ip = None;
+        pending.status.as_mut().unwrap().pod_ips = None;
+        let state = snapshot(
+            vec![namespace("mesh", true)],
+            vec![opted_out, host, done, pending, pod("mesh", "ok", "node1")],
+        );
+        assert_eq!(
+            local_meshed_pods(&state, "node1")
+                .keys()
+                .collect::<Vec<_>>(),
+            ["uid-ok"]
+        );
+    }
+}

@@ -1,0 +1,3 @@
+//! What the mesh should look like on this node, computed from the cluster state.
+
+pub mod membership;

@@ -1,0 +1,4 @@
+//! Logs and counters.
+
+pub mod connections;
+pub mod logging;

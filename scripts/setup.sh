@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Idempotent set-up for building and testing nodemesh on a fresh Debian 12 machine
+# (kernel >= 6.1 with BTF, run as root). Skips whatever is already present.
+# The recipe and its pinned versions are explained in docs/development.md.
+set -euo pipefail
+
+STABLE=1.99.0
+NIGHTLY=nightly-2026-07-01   # its LLVM (22) must match bpf-linker's
+BPF_LINKER_VERSION=0.13
+LLVM=22
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+need_apt=()
+for pkg in llvm-${LLVM}-dev libpolly-${LLVM}-dev zlib1g-dev libzstd-dev iproute2 bpftool curl \
+           tcpdump procps psmisc socat; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+  log "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+have_toolchain() { rustup toolchain list | grep -q "^$1"; }
+if ! have_toolchain "$STABLE"; then
+  log "rustup toolchain install $STABLE"
+  rustup toolchain install "$STABLE" --profile minimal -c clippy,rustfmt
+fi
+if ! have_toolchain "$NIGHTLY"; then
+  log "rustup toolchain install $NIGHTLY"
+  rustup toolchain install "$NIGHTLY" --profile minimal -c rust-src
+fi
+
+if ! command -v bpf-linker >/dev/null || ! bpf-linker --version | grep -q "^bpf-linker ${BPF_LINKER_VERSION}"; then
+  log "cargo install bpf-linker ${BPF_LINKER_VERSION} (LLVM ${LLVM}; takes ~5 minutes)"
+  env LLVM_PREFIX=/usr/lib/llvm-${LLVM} "LLVM_SYS_${LLVM}1_PREFIX=/usr/lib/llvm-${LLVM}" \
+    cargo +"$STABLE" install --locked bpf-linker --version "~${BPF_LINKER_VERSION}" \
+      --no-default-features --features llvm-${LLVM}
+fi
+
+if ! mountpoint -q /sys/fs/bpf; then
+  log "mount bpffs at /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+cgroup2_root=""
+if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+  cgroup2_root=/sys/fs/cgroup
+elif mountpoint -q /sys/fs/cgroup/unified; then
+  cgroup2_root=/sys/fs/cgroup/unified
+else
+  log "no cgroup v2 hierarchy mounted; mounting at /sys/fs/cgroup/unified"
+  mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified
+fi
+log "ready (cgroup v2 at ${cgroup2_root:-/sys/fs/cgroup/unified})"
