@@ -1,1 +1,92 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's entry points (see README.md).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod demo;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build a 2-node testbed, run real traffic through the mesh, print what happened.
+    Demo(demo::DemoArgs),
+    /// Run every test, including the privileged kernel tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Measure the datapath against direct traffic and print a markdown report.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Demo(args) => demo::run(&args),
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Bench(args) => bench::run(&args),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Builds the agent and the test workload; returns their paths.
+pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.current_dir(workspace_root()).args(["build", "--package", "nodemesh", "--package", "nodemesh-testbed", "--bins"]);
+    if release {
+        cargo.arg("--release");
+    }
+    run(&mut cargo)?;
+    let dir = target_dir().join(if release { "release" } else { "debug" });
+    Ok((dir.join("nodemesh"), dir.join("nodemesh-workload")))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("the kernel tests load eBPF programs and create network namespaces: run as root");
+    }
+    let (nodemesh, workload) = build_binaries(false)?;
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .current_dir(workspace_root())
+        .args(["test", "--workspace"])
+        .env("NODEMESH_BIN", &nodemesh)
+        .env("NODEMESH_WORKLOAD_BIN", &workload);
+    if !extra.is_empty() {
+        cargo.arg("--").args(extra);
+    }
+    run(&mut cargo)
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| status.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}

@@ -164,7 +164,7 @@ fn ensure_bpffs(path: &Path) -> Result<(), DatapathError> {
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     match nix::sys::statfs::statfs(existing) {
-        Ok(fs) if fs.filesystem_type().0 as i64 == BPF_FS_MAGIC => Ok(()),
+        Ok(fs) if fs.filesystem_type().0 == BPF_FS_MAGIC => Ok(()),
         _ => Err(DatapathError::NotBpffs(path.to_owned())),
     }
 }

@@ -35,6 +35,14 @@ pub enum ManifestError {
         document: usize,
         source: serde_yaml::Error,
     },
+    #[error("{path}: document {document}: {kind} field `{field}`: {source}")]
+    Field {
+        path: PathBuf,
+        document: usize,
+        kind: &'static str,
+        field: String,
+        source: serde_yaml::Error,
+    },
     #[error("{path}: document {document}: {kind} without metadata.name")]
     MissingName {
         path: PathBuf,
@@ -192,7 +200,7 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError
         let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(yaml_error)?;
         match meta.kind.as_str() {
             "Namespace" => {
-                let ns: Namespace = serde_yaml::from_value(value).map_err(yaml_error)?;
+                let ns: Namespace = typed(path, document_number, "Namespace", value)?;
                 if ns.metadata.name.is_none() {
                     return Err(ManifestError::MissingName {
                         path: path.to_owned(),
@@ -203,7 +211,7 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError
                 objects.push(Object::Namespace(Box::new(ns)));
             }
             "Pod" => {
-                let pod: Pod = serde_yaml::from_value(value).map_err(yaml_error)?;
+                let pod: Pod = typed(path, document_number, "Pod", value)?;
                 let Some(name) = pod.metadata.name.clone() else {
                     return Err(ManifestError::MissingName {
                         path: path.to_owned(),
@@ -226,12 +234,28 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError
     Ok(objects)
 }
 
+/// Deserialises one object, naming the offending field on error.
+fn typed<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    document: usize,
+    kind: &'static str,
+    value: serde_yaml::Value,
+) -> Result<T, ManifestError> {
+    serde_path_to_error::deserialize(value).map_err(|error| ManifestError::Field {
+        path: path.to_owned(),
+        document,
+        kind,
+        field: error.path().to_string(),
+        source: error.into_inner(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    nodemesh.io/mesh: enabled\n";
-    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  uid: 1111\nspec:\n  nodeName: node1\n  containers:\n  - name: app\n    image: nginx\nstatus:\n  podIP: 198.18.1.10\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  uid: \"1111\"\nspec:\n  nodeName: node1\n  containers:\n  - name: app\n    image: nginx\nstatus:\n  podIP: 198.18.1.10\n";
 
     #[test]
     fn reads_multi_document_files_and_ignores_other_kinds() {

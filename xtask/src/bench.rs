@@ -1,0 +1,163 @@
+//! `cargo xtask bench`: what capture costs, measured against direct traffic in the same run,
+//! on the same testbed, with the same programs. Prints a markdown report; `--write` also
+//! replaces the generated section of docs/benchmarks.md.
+//!
+//! Scenarios (each repeated `--runs` times; the report gives the median and the spread):
+//! - connect()+close() rate from a non-meshed pod vs a meshed pod to a port excluded from
+//!   capture (the hook runs its whole decision but passes: the hook's own cost) vs a meshed
+//!   pod whose connects are captured (connect to the in-pod listener instead of the network).
+//! - 1 KiB keep-alive HTTP/1.1 request latency, cross-node, from a non-meshed pod (direct) vs
+//!   a meshed pod (through the source node's L4 proxy).
+
+use std::{process::Command, time::Duration};
+
+use anyhow::{Context, bail};
+use nodemesh_testbed::{AgentOptions, Testbed, TestbedConfig, TopologySpec};
+use serde_json::Value;
+
+const HTTP_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 7000;
+const EXCLUDED_PORT: u16 = 7001;
+const REPORT_START: &str = "<!-- bench:start -->";
+const REPORT_END: &str = "<!-- bench:end -->";
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Repetitions of every scenario.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// connect()+close() pairs per run.
+    #[arg(long, default_value_t = 20_000)]
+    connects: u64,
+    /// HTTP requests per run.
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    /// Replace the generated section of docs/benchmarks.md with this run's report.
+    #[arg(long)]
+    write: bool,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let (nodemesh_bin, workload_bin) = crate::build_binaries(true)?;
+    nodemesh_testbed::sweep_stale("nmbench");
+    ctrlc::set_handler(|| {
+        nodemesh_testbed::teardown_all_registered();
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")?;
+    let config = TestbedConfig { prefix: "nmbench".into(), nodemesh_bin, workload_bin, log_dir: None };
+    let mut tb = Testbed::create(config, TopologySpec::standard()).context("building the testbed")?;
+    let result = measure(&mut tb, args);
+    let _ = tb.teardown();
+    let report = result?;
+    println!("{report}");
+    if args.write {
+        write_report(&report)?;
+    }
+    Ok(())
+}
+
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn median(&self) -> f64 {
+        let mut sorted = self.0.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
+    }
+    fn spread(&self) -> String {
+        let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{min:.1}–{max:.1}")
+    }
+}
+
+fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
+    let options = AgentOptions { extra_args: vec!["--exclude-port".into(), EXCLUDED_PORT.to_string()], ..Default::default() };
+    for node in ["node1", "node2"] {
+        tb.start_agent(node, &options)?;
+    }
+    let workload = tb.workload_bin().display().to_string();
+    let server_a = tb.pod("mesh", "server-a").clone();
+    let server_b = tb.pod("mesh", "server-b").clone();
+    let mut echo = Command::new(&workload);
+    echo.args(["echo-server", "--ports", &format!("{ECHO_PORT},{EXCLUDED_PORT}")]);
+    tb.spawn_in_pod(&server_a, echo)?;
+    let mut http = Command::new(&workload);
+    http.args(["http-server", "--port", &HTTP_PORT.to_string(), "--body-bytes", "1024"]);
+    tb.spawn_in_pod(&server_b, http)?;
+    tb.wait_listening(&server_a, ECHO_PORT)?;
+    tb.wait_listening(&server_a, EXCLUDED_PORT)?;
+    tb.wait_listening(&server_b, HTTP_PORT)?;
+
+    let connect_rate = |tb: &Testbed, from: (&str, &str), port: u16| -> anyhow::Result<f64> {
+        let target = format!("{}:{port}", server_a.ipv4());
+        let out = run_json(tb, from, &workload, &["connect-loop", "--target", &target, "--count", &args.connects.to_string()])?;
+        let per_connect_ns = out["per_connect_ns"].as_f64().context("per_connect_ns")?;
+        Ok(1e9 / per_connect_ns)
+    };
+    let (mut direct, mut hooked, mut captured) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        eprintln!("bench run {}/{}", run + 1, args.runs);
+        direct.push(connect_rate(tb, ("plain", "outsider"), ECHO_PORT)?);
+        hooked.push(connect_rate(tb, ("mesh", "client-a"), EXCLUDED_PORT)?);
+        captured.push(connect_rate(tb, ("mesh", "client-a"), ECHO_PORT)?);
+
+        let target = format!("{}:{HTTP_PORT}", server_b.ipv4());
+        let bench = ["http-bench", "--target", &target, "--requests", &args.requests.to_string(), "--concurrency", "1"];
+        let plain = run_json(tb, ("plain", "outsider"), &workload, &bench)?;
+        let meshed = run_json(tb, ("mesh", "client-a"), &workload, &bench)?;
+        d50.push(plain["p50_us"].as_f64().context("p50_us")?);
+        d99.push(plain["p99_us"].as_f64().context("p99_us")?);
+        m50.push(meshed["p50_us"].as_f64().context("p50_us")?);
+        m99.push(meshed["p99_us"].as_f64().context("p99_us")?);
+        // Captured connections are closed asynchronously by the proxy; let them drain so
+        // runs do not overlap.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (direct, hooked, captured) = (Samples(direct), Samples(hooked), Samples(captured));
+    let (d50, d99, m50, m99) = (Samples(d50), Samples(d99), Samples(m50), Samples(m99));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Command: `cargo xtask bench --runs {} --connects {} --requests {}` (release build), kernel {}, {} CPUs. \
+         Median of {} runs, range in brackets.\n\n",
+        args.runs, args.connects, args.requests, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
+    ));
+    out.push_str("### connect() + close(), same node\n\n| source | connects/s | ratio to direct |\n|---|---:|---:|\n");
+    for (name, samples) in [("non-meshed pod (direct)", &direct), ("meshed pod, excluded port (hook runs, passes)", &hooked), ("meshed pod, captured (to in-pod listener)", &captured)] {
+        out.push_str(&format!("| {name} | {:.0} ({}) | {:.3} |\n", samples.median(), samples.spread(), samples.median() / direct.median()));
+    }
+    out.push_str("\n### 1 KiB keep-alive HTTP/1.1, cross-node, concurrency 1\n\n| path | p50 µs | p99 µs | p50 ratio | p99 ratio |\n|---|---:|---:|---:|---:|\n");
+    out.push_str(&format!("| direct (non-meshed pod) | {:.1} ({}) | {:.1} ({}) | 1.000 | 1.000 |\n", d50.median(), d50.spread(), d99.median(), d99.spread()));
+    out.push_str(&format!(
+        "| through the L4 node proxy (meshed pod) | {:.1} ({}) | {:.1} ({}) | {:.3} | {:.3} |\n",
+        m50.median(), m50.spread(), m99.median(), m99.spread(), m50.median() / d50.median(), m99.median() / d99.median()
+    ));
+    Ok(out)
+}
+
+fn run_json(tb: &Testbed, from: (&str, &str), workload: &str, args: &[&str]) -> anyhow::Result<Value> {
+    let pod = tb.pod(from.0, from.1).clone();
+    let mut command = Command::new(workload);
+    command.args(args);
+    let output = tb.run_in_pod(&pod, command)?;
+    if !output.status.success() {
+        bail!("{args:?} from {}/{} failed: {}", from.0, from.1, String::from_utf8_lossy(&output.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| format!("{args:?} printed {stdout:?}"))
+}
+
+fn write_report(report: &str) -> anyhow::Result<()> {
+    let path = crate::workspace_root().join("docs/benchmarks.md");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (Some(start), Some(end)) = (text.find(REPORT_START), text.find(REPORT_END)) else {
+        bail!("{} lacks the {REPORT_START} / {REPORT_END} markers", path.display());
+    };
+    let updated = format!("{}{REPORT_START}\n{report}\n{}", &text[..start], &text[end..]);
+    std::fs::write(&path, updated).with_context(|| format!("writing {}", path.display()))?;
+    println!("updated {}", path.display());
+    Ok(())
+}
