@@ -45,8 +45,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         std::process::exit(130);
     })
     .context("installing the Ctrl-C handler")?;
-    let config = TestbedConfig { prefix: "nmbench".into(), nodemesh_bin, workload_bin, log_dir: None };
-    let mut tb = Testbed::create(config, TopologySpec::standard()).context("building the testbed")?;
+    let config = TestbedConfig {
+        prefix: "nmbench".into(),
+        nodemesh_bin,
+        workload_bin,
+        log_dir: None,
+    };
+    let mut tb =
+        Testbed::create(config, TopologySpec::standard()).context("building the testbed")?;
     let result = measure(&mut tb, args);
     let _ = tb.teardown();
     let report = result?;
@@ -73,7 +79,10 @@ impl Samples {
 }
 
 fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
-    let options = AgentOptions { extra_args: vec!["--exclude-port".into(), EXCLUDED_PORT.to_string()], ..Default::default() };
+    let options = AgentOptions {
+        extra_args: vec!["--exclude-port".into(), EXCLUDED_PORT.to_string()],
+        ..Default::default()
+    };
     for node in ["node1", "node2"] {
         tb.start_agent(node, &options)?;
     }
@@ -81,18 +90,39 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let server_a = tb.pod("mesh", "server-a").clone();
     let server_b = tb.pod("mesh", "server-b").clone();
     let mut echo = Command::new(&workload);
-    echo.args(["echo-server", "--ports", &format!("{ECHO_PORT},{EXCLUDED_PORT}")]);
-    tb.spawn_in_pod(&server_a, echo)?;
+    echo.args([
+        "echo-server",
+        "--ports",
+        &format!("{ECHO_PORT},{EXCLUDED_PORT}"),
+    ]);
+    tb.spawn_in_pod(&server_a, echo)?.detach();
     let mut http = Command::new(&workload);
-    http.args(["http-server", "--port", &HTTP_PORT.to_string(), "--body-bytes", "1024"]);
-    tb.spawn_in_pod(&server_b, http)?;
+    http.args([
+        "http-server",
+        "--port",
+        &HTTP_PORT.to_string(),
+        "--body-bytes",
+        "1024",
+    ]);
+    tb.spawn_in_pod(&server_b, http)?.detach();
     tb.wait_listening(&server_a, ECHO_PORT)?;
     tb.wait_listening(&server_a, EXCLUDED_PORT)?;
     tb.wait_listening(&server_b, HTTP_PORT)?;
 
     let connect_rate = |tb: &Testbed, from: (&str, &str), port: u16| -> anyhow::Result<f64> {
         let target = format!("{}:{port}", server_a.ipv4());
-        let out = run_json(tb, from, &workload, &["connect-loop", "--target", &target, "--count", &args.connects.to_string()])?;
+        let out = run_json(
+            tb,
+            from,
+            &workload,
+            &[
+                "connect-loop",
+                "--target",
+                &target,
+                "--count",
+                &args.connects.to_string(),
+            ],
+        )?;
         let per_connect_ns = out["per_connect_ns"].as_f64().context("per_connect_ns")?;
         Ok(1e9 / per_connect_ns)
     };
@@ -105,16 +135,31 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         captured.push(connect_rate(tb, ("mesh", "client-a"), ECHO_PORT)?);
 
         let target = format!("{}:{HTTP_PORT}", server_b.ipv4());
-        let bench = ["http-bench", "--target", &target, "--requests", &args.requests.to_string(), "--concurrency", "1"];
+        let bench = [
+            "http-bench",
+            "--target",
+            &target,
+            "--requests",
+            &args.requests.to_string(),
+            "--concurrency",
+            "1",
+        ];
         let plain = run_json(tb, ("plain", "outsider"), &workload, &bench)?;
         let meshed = run_json(tb, ("mesh", "client-a"), &workload, &bench)?;
         d50.push(plain["p50_us"].as_f64().context("p50_us")?);
         d99.push(plain["p99_us"].as_f64().context("p99_us")?);
         m50.push(meshed["p50_us"].as_f64().context("p50_us")?);
         m99.push(meshed["p99_us"].as_f64().context("p99_us")?);
-        // Captured connections are closed asynchronously by the proxy; let them drain so
-        // runs do not overlap.
-        std::thread::sleep(Duration::from_millis(200));
+        // The proxy finishes captured connections asynchronously: let them drain so runs do
+        // not overlap.
+        nodemesh_testbed::wait_until(Duration::from_secs(10), "proxy drained", || {
+            let stats = tb.admin_json("node1", "/stats")?;
+            Ok(stats["connections"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|s| s["opened"] == s["closed"]))
+        })?;
     }
     let (direct, hooked, captured) = (Samples(direct), Samples(hooked), Samples(captured));
     let (d50, d99, m50, m99) = (Samples(d50), Samples(d99), Samples(m50), Samples(m99));
@@ -126,37 +171,76 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         args.runs, args.connects, args.requests, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
     ));
     out.push_str("### connect() + close(), same node\n\n| source | connects/s | ratio to direct |\n|---|---:|---:|\n");
-    for (name, samples) in [("non-meshed pod (direct)", &direct), ("meshed pod, excluded port (hook runs, passes)", &hooked), ("meshed pod, captured (to in-pod listener)", &captured)] {
-        out.push_str(&format!("| {name} | {:.0} ({}) | {:.3} |\n", samples.median(), samples.spread(), samples.median() / direct.median()));
+    for (name, samples) in [
+        ("non-meshed pod (direct)", &direct),
+        ("meshed pod, excluded port (hook runs, passes)", &hooked),
+        ("meshed pod, captured (to in-pod listener)", &captured),
+    ] {
+        out.push_str(&format!(
+            "| {name} | {:.0} ({}) | {:.3} |\n",
+            samples.median(),
+            samples.spread(),
+            samples.median() / direct.median()
+        ));
     }
     out.push_str("\n### 1 KiB keep-alive HTTP/1.1, cross-node, concurrency 1\n\n| path | p50 µs | p99 µs | p50 ratio | p99 ratio |\n|---|---:|---:|---:|---:|\n");
-    out.push_str(&format!("| direct (non-meshed pod) | {:.1} ({}) | {:.1} ({}) | 1.000 | 1.000 |\n", d50.median(), d50.spread(), d99.median(), d99.spread()));
+    out.push_str(&format!(
+        "| direct (non-meshed pod) | {:.1} ({}) | {:.1} ({}) | 1.000 | 1.000 |\n",
+        d50.median(),
+        d50.spread(),
+        d99.median(),
+        d99.spread()
+    ));
     out.push_str(&format!(
         "| through the L4 node proxy (meshed pod) | {:.1} ({}) | {:.1} ({}) | {:.3} | {:.3} |\n",
-        m50.median(), m50.spread(), m99.median(), m99.spread(), m50.median() / d50.median(), m99.median() / d99.median()
+        m50.median(),
+        m50.spread(),
+        m99.median(),
+        m99.spread(),
+        m50.median() / d50.median(),
+        m99.median() / d99.median()
     ));
     Ok(out)
 }
 
-fn run_json(tb: &Testbed, from: (&str, &str), workload: &str, args: &[&str]) -> anyhow::Result<Value> {
+fn run_json(
+    tb: &Testbed,
+    from: (&str, &str),
+    workload: &str,
+    args: &[&str],
+) -> anyhow::Result<Value> {
     let pod = tb.pod(from.0, from.1).clone();
     let mut command = Command::new(workload);
     command.args(args);
     let output = tb.run_in_pod(&pod, command)?;
     if !output.status.success() {
-        bail!("{args:?} from {}/{} failed: {}", from.0, from.1, String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "{args:?} from {}/{} failed: {}",
+            from.0,
+            from.1,
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| format!("{args:?} printed {stdout:?}"))
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .with_context(|| format!("{args:?} printed {stdout:?}"))
 }
 
 fn write_report(report: &str) -> anyhow::Result<()> {
     let path = crate::workspace_root().join("docs/benchmarks.md");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let (Some(start), Some(end)) = (text.find(REPORT_START), text.find(REPORT_END)) else {
-        bail!("{} lacks the {REPORT_START} / {REPORT_END} markers", path.display());
+        bail!(
+            "{} lacks the {REPORT_START} / {REPORT_END} markers",
+            path.display()
+        );
     };
-    let updated = format!("{}{REPORT_START}\n{report}\n{}", &text[..start], &text[end..]);
+    let updated = format!(
+        "{}{REPORT_START}\n{report}\n{}",
+        &text[..start],
+        &text[end..]
+    );
     std::fs::write(&path, updated).with_context(|| format!("writing {}", path.display()))?;
     println!("updated {}", path.display());
     Ok(())

@@ -38,12 +38,20 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
 
-    let config = TestbedConfig { prefix: "nmdemo".into(), nodemesh_bin, workload_bin, log_dir: None };
-    let mut tb = Testbed::create(config, TopologySpec::standard()).context("building the testbed")?;
+    let config = TestbedConfig {
+        prefix: "nmdemo".into(),
+        nodemesh_bin,
+        workload_bin,
+        log_dir: None,
+    };
+    let mut tb =
+        Testbed::create(config, TopologySpec::standard()).context("building the testbed")?;
     let result = exercise(&mut tb, args);
     let report = tb.teardown();
     match (&result, report) {
-        (_, Ok(report)) if report.leftovers.is_empty() => println!("\nteardown: nothing left behind"),
+        (_, Ok(report)) if report.leftovers.is_empty() => {
+            println!("\nteardown: nothing left behind")
+        }
         (_, Ok(report)) => println!("\nteardown left behind: {:?}", report.leftovers),
         (_, Err(error)) => println!("\nteardown failed: {error}"),
     }
@@ -59,22 +67,43 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             format!("{}/{}", pod.namespace(), pod.name()),
             pod.ipv4(),
             pod.ipv6(),
-            if pod.namespace() == "mesh" { "meshed (nodemesh.io/mesh=enabled)" } else { "not meshed" }
+            if pod.namespace() == "mesh" {
+                "meshed (nodemesh.io/mesh=enabled)"
+            } else {
+                "not meshed"
+            }
         );
     }
-    println!("   cluster state (Kubernetes YAML): {}", tb.cluster_state_dir().display());
+    println!(
+        "   cluster state (Kubernetes YAML): {}",
+        tb.cluster_state_dir().display()
+    );
 
-    let options = AgentOptions { fail_mode: args.fail_mode.clone(), ..Default::default() };
+    let options = AgentOptions {
+        fail_mode: args.fail_mode.clone(),
+        ..Default::default()
+    };
     for node in ["node1", "node2"] {
-        tb.start_agent(node, &options).with_context(|| format!("starting the agent of {node}"))?;
+        tb.start_agent(node, &options)
+            .with_context(|| format!("starting the agent of {node}"))?;
         let dump = tb.admin_json(node, "/config_dump")?;
         let enrolled: Vec<String> = dump["enrolled_pods"]
             .as_array()
             .into_iter()
             .flatten()
-            .map(|p| format!("{}/{} (cgroup id {})", p["namespace"].as_str().unwrap_or("?"), p["name"].as_str().unwrap_or("?"), p["cgroup_id"]))
+            .map(|p| {
+                format!(
+                    "{}/{} (cgroup id {})",
+                    p["namespace"].as_str().unwrap_or("?"),
+                    p["name"].as_str().unwrap_or("?"),
+                    p["cgroup_id"]
+                )
+            })
             .collect();
-        println!("== agent on {node} ready; enrolled: {}", enrolled.join(", "));
+        println!(
+            "== agent on {node} ready; enrolled: {}",
+            enrolled.join(", ")
+        );
     }
 
     let workload = tb.workload_bin().display().to_string();
@@ -82,25 +111,79 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
         let pod = tb.pod(ns, name).clone();
         let mut http = Command::new(&workload);
         http.args(["http-server", "--port", &HTTP_PORT.to_string()]);
-        tb.spawn_in_pod(&pod, http)?;
+        tb.spawn_in_pod(&pod, http)?.detach();
         let mut echo = Command::new(&workload);
         echo.args(["echo-server", "--ports", &ECHO_PORT.to_string()]);
-        tb.spawn_in_pod(&pod, echo)?;
+        tb.spawn_in_pod(&pod, echo)?.detach();
         tb.wait_listening(&pod, HTTP_PORT)?;
         tb.wait_listening(&pod, ECHO_PORT)?;
     }
 
     let server_a = tb.pod("mesh", "server-a").clone();
     let server_b = tb.pod("mesh", "server-b").clone();
-    let curl = |url: String| vec!["curl".to_owned(), "--silent".into(), "--show-error".into(), "--max-time".into(), "5".into(), "--output".into(), "/dev/null".into(), "--write-out".into(), "HTTP %{http_code}, %{size_download} bytes, remote %{remote_ip}:%{remote_port}".into(), url];
-    let echo = |target: String| vec![workload.clone(), "echo-client".into(), "--target".into(), target, "--bytes".into(), "65536".into(), "--connections".into(), "3".into()];
+    let curl = |url: String| {
+        vec![
+            "curl".to_owned(),
+            "--silent".into(),
+            "--show-error".into(),
+            "--max-time".into(),
+            "5".into(),
+            "--output".into(),
+            "/dev/null".into(),
+            "--write-out".into(),
+            "HTTP %{http_code}, %{size_download} bytes, remote %{remote_ip}:%{remote_port}".into(),
+            url,
+        ]
+    };
+    let echo = |target: String| {
+        vec![
+            workload.clone(),
+            "echo-client".into(),
+            "--target".into(),
+            target,
+            "--bytes".into(),
+            "65536".into(),
+            "--connections".into(),
+            "3".into(),
+        ]
+    };
     let flows = vec![
-        Flow { label: "HTTP  client-a -> server-b (cross-node)", from: ("mesh", "client-a"), program: curl(format!("http://{}:{HTTP_PORT}/", server_b.ipv4())), expect_proxied_by: Some("node1") },
-        Flow { label: "HTTP  client-b -> server-a (cross-node)", from: ("mesh", "client-b"), program: curl(format!("http://{}:{HTTP_PORT}/", server_a.ipv4())), expect_proxied_by: Some("node2") },
-        Flow { label: "HTTP  client-a -> server-a (same node)", from: ("mesh", "client-a"), program: curl(format!("http://{}:{HTTP_PORT}/", server_a.ipv4())), expect_proxied_by: Some("node1") },
-        Flow { label: "TCP echo client-a -> server-b, IPv4", from: ("mesh", "client-a"), program: echo(format!("{}:{ECHO_PORT}", server_b.ipv4())), expect_proxied_by: Some("node1") },
-        Flow { label: "TCP echo client-b -> server-a, IPv6", from: ("mesh", "client-b"), program: echo(format!("[{}]:{ECHO_PORT}", server_a.ipv6())), expect_proxied_by: Some("node2") },
-        Flow { label: "HTTP  outsider -> server-b (not meshed)", from: ("plain", "outsider"), program: curl(format!("http://{}:{HTTP_PORT}/", server_b.ipv4())), expect_proxied_by: None },
+        Flow {
+            label: "HTTP  client-a -> server-b (cross-node)",
+            from: ("mesh", "client-a"),
+            program: curl(format!("http://{}:{HTTP_PORT}/", server_b.ipv4())),
+            expect_proxied_by: Some("node1"),
+        },
+        Flow {
+            label: "HTTP  client-b -> server-a (cross-node)",
+            from: ("mesh", "client-b"),
+            program: curl(format!("http://{}:{HTTP_PORT}/", server_a.ipv4())),
+            expect_proxied_by: Some("node2"),
+        },
+        Flow {
+            label: "HTTP  client-a -> server-a (same node)",
+            from: ("mesh", "client-a"),
+            program: curl(format!("http://{}:{HTTP_PORT}/", server_a.ipv4())),
+            expect_proxied_by: Some("node1"),
+        },
+        Flow {
+            label: "TCP echo client-a -> server-b, IPv4",
+            from: ("mesh", "client-a"),
+            program: echo(format!("{}:{ECHO_PORT}", server_b.ipv4())),
+            expect_proxied_by: Some("node1"),
+        },
+        Flow {
+            label: "TCP echo client-b -> server-a, IPv6",
+            from: ("mesh", "client-b"),
+            program: echo(format!("[{}]:{ECHO_PORT}", server_a.ipv6())),
+            expect_proxied_by: Some("node2"),
+        },
+        Flow {
+            label: "HTTP  outsider -> server-b (not meshed)",
+            from: ("plain", "outsider"),
+            program: curl(format!("http://{}:{HTTP_PORT}/", server_b.ipv4())),
+            expect_proxied_by: None,
+        },
     ];
 
     println!("\n== traffic");
@@ -111,19 +194,46 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
         command.args(&flow.program[1..]);
         let output = tb.run_in_pod(&pod, command)?;
         let said = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        let status = if output.status.success() { "ok  " } else { failures += 1; "FAIL" };
-        println!("   [{status}] {:<42} {}", flow.label, if said.is_empty() { String::from_utf8_lossy(&output.stderr).trim().to_owned() } else { said });
+        let status = if output.status.success() {
+            "ok  "
+        } else {
+            failures += 1;
+            "FAIL"
+        };
+        println!(
+            "   [{status}] {:<42} {}",
+            flow.label,
+            if said.is_empty() {
+                String::from_utf8_lossy(&output.stderr).trim().to_owned()
+            } else {
+                said
+            }
+        );
     }
 
     // The proxy counts a connection when both directions have finished; give it a moment.
-    let expected: u64 = flows.iter().filter(|f| f.expect_proxied_by.is_some()).map(|f| if f.program[0] == "curl" { 1 } else { 3 }).sum();
-    let _ = nodemesh_testbed::wait_until(Duration::from_secs(3), "proxies counted every connection", || {
-        let closed: u64 = ["node1", "node2"].iter().map(|node| closed_total(tb, node)).sum();
-        Ok(closed >= expected)
-    });
+    let expected: u64 = flows
+        .iter()
+        .filter(|f| f.expect_proxied_by.is_some())
+        .map(|f| if f.program[0] == "curl" { 1 } else { 3 })
+        .sum();
+    let _ = nodemesh_testbed::wait_until(
+        Duration::from_secs(3),
+        "proxies counted every connection",
+        || {
+            let closed: u64 = ["node1", "node2"]
+                .iter()
+                .map(|node| closed_total(tb, node))
+                .sum();
+            Ok(closed >= expected)
+        },
+    );
 
     println!("\n== what each node proxy carried (GET /stats on its admin port)");
-    println!("   {:<6} {:<16} {:<26} {:>5} {:>10} {:>10}", "proxy", "source pod", "original destination", "conns", "bytes out", "bytes in");
+    println!(
+        "   {:<6} {:<16} {:<26} {:>5} {:>10} {:>10}",
+        "proxy", "source pod", "original destination", "conns", "bytes out", "bytes in"
+    );
     let mut seen_sources = BTreeMap::new();
     for node in ["node1", "node2"] {
         let stats = tb.admin_json(node, "/stats")?;
@@ -131,7 +241,12 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             let source = series["source_pod"].as_str().unwrap_or("?").to_owned();
             println!(
                 "   {:<6} {:<16} {:<26} {:>5} {:>10} {:>10}",
-                node, source, series["destination"].as_str().unwrap_or("?"), series["opened"], series["bytes_sent"], series["bytes_received"]
+                node,
+                source,
+                series["destination"].as_str().unwrap_or("?"),
+                series["opened"].as_u64().unwrap_or(0),
+                series["bytes_sent"].as_u64().unwrap_or(0),
+                series["bytes_received"].as_u64().unwrap_or(0)
             );
             seen_sources.insert(source, node);
         }
@@ -139,10 +254,21 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
     let outsider_proxied = seen_sources.contains_key("plain/outsider");
     println!(
         "\n   plain/outsider is not meshed: its connection went {}",
-        if outsider_proxied { "THROUGH a proxy (unexpected)" } else { "directly, through no proxy" }
+        if outsider_proxied {
+            "THROUGH a proxy (unexpected)"
+        } else {
+            "directly, through no proxy"
+        }
     );
-    if failures > 0 || outsider_proxied || !seen_sources.contains_key("mesh/client-a") || !seen_sources.contains_key("mesh/client-b") {
-        bail!("the demo's traffic did not behave as expected (agent logs: {})", tb.log_dir().display());
+    if failures > 0
+        || outsider_proxied
+        || !seen_sources.contains_key("mesh/client-a")
+        || !seen_sources.contains_key("mesh/client-b")
+    {
+        bail!(
+            "the demo's traffic did not behave as expected (agent logs: {})",
+            tb.log_dir().display()
+        );
     }
     println!("   agent logs: {}", tb.log_dir().display());
     Ok(())
@@ -151,6 +277,10 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
 fn closed_total(tb: &Testbed, node: &str) -> u64 {
     tb.admin_json(node, "/stats")
         .ok()
-        .and_then(|stats: Value| stats["connections"].as_array().map(|a| a.iter().map(|s| s["closed"].as_u64().unwrap_or(0)).sum()))
+        .and_then(|stats: Value| {
+            stats["connections"]
+                .as_array()
+                .map(|a| a.iter().map(|s| s["closed"].as_u64().unwrap_or(0)).sum())
+        })
         .unwrap_or(0)
 }

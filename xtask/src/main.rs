@@ -40,13 +40,23 @@ fn main() -> anyhow::Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Builds the agent and the test workload; returns their paths.
 pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
     let mut cargo = Command::new(env!("CARGO"));
-    cargo.current_dir(workspace_root()).args(["build", "--package", "nodemesh", "--package", "nodemesh-testbed", "--bins"]);
+    cargo.current_dir(workspace_root()).args([
+        "build",
+        "--package",
+        "nodemesh",
+        "--package",
+        "nodemesh-testbed",
+        "--bins",
+    ]);
     if release {
         cargo.arg("--release");
     }
@@ -56,7 +66,9 @@ pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
@@ -79,12 +91,19 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|status| status.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 pub fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("running {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("running {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
     }

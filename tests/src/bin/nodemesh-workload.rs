@@ -1,0 +1,620 @@
+//! `nodemesh-workload`: the real TCP programs the testbed runs inside pods.
+//!
+//! Servers listen dual-stack on `[::]`; clients verify every byte they get back and that
+//! `getpeername()` reports the address they dialled, print one JSON summary line on stdout,
+//! and exit 0 only if everything checked out.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use http_body_util::Full;
+use hyper::{Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use socket2::{Domain, Socket, Type};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+};
+
+/// How many error messages a summary quotes.
+const MAX_ERRORS: usize = 5;
+
+#[derive(Parser)]
+#[command(
+    name = "nodemesh-workload",
+    about = "Test programs for the nodemesh testbed"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Sleep until killed: the pod sandbox process that holds the pod's network namespace.
+    Pause,
+    /// Echo every byte back until EOF, on each port (dual-stack `[::]`).
+    EchoServer {
+        /// Ports: `7000`, `7000,7001` or `7100-7119`; repeatable.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ports: Vec<PortSpec>,
+    },
+    /// Send a pattern over each connection, check getpeername and the byte-exact echo.
+    EchoClient {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        bytes: usize,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Per-connection time limit.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Open all connections at once (round-robin over the ports), then echo on each.
+    ConnectMany {
+        #[arg(long)]
+        target_ip: IpAddr,
+        #[arg(long, value_delimiter = ',', required = true)]
+        ports: Vec<PortSpec>,
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
+        #[arg(long, default_value_t = 64)]
+        bytes: usize,
+        #[arg(long, default_value_t = 20_000)]
+        timeout_ms: u64,
+    },
+    /// N sequential connect()+close(); prints the time per connect.
+    ConnectLoop {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: u64,
+        /// `rst`: SO_LINGER 0 (no TIME_WAIT); `normal`: FIN.
+        #[arg(long, value_enum, default_value_t = CloseMode::Rst)]
+        close: CloseMode,
+    },
+    /// Minimal HTTP/1.1 keep-alive server answering 200 with a fixed body.
+    HttpServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+    },
+    /// Keep-alive HTTP/1.1 GETs over `concurrency` connections; prints latency percentiles.
+    HttpBench {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        requests: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CloseMode {
+    Rst,
+    Normal,
+}
+
+/// One port or an inclusive range `a-b`.
+#[derive(Clone, Debug)]
+struct PortSpec(Vec<u16>);
+
+impl FromStr for PortSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parse = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|e| format!("bad port {p:?}: {e}"))
+        };
+        match s.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (parse(a)?, parse(b)?);
+                if a > b {
+                    return Err(format!("empty port range {s}"));
+                }
+                Ok(Self((a..=b).collect()))
+            }
+            None => Ok(Self(vec![parse(s)?])),
+        }
+    }
+}
+
+fn flatten(ports: &[PortSpec]) -> Vec<u16> {
+    ports.iter().flat_map(|p| p.0.iter().copied()).collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Cmd::Pause = cli.command {
+        loop {
+            std::thread::park();
+        }
+    }
+    if let Cmd::ConnectLoop {
+        target,
+        count,
+        close,
+    } = cli.command
+    {
+        return connect_loop(target, count, close);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Cmd) -> anyhow::Result<()> {
+    match command {
+        Cmd::EchoServer { ports } => echo_server(&flatten(&ports)).await,
+        Cmd::EchoClient {
+            target,
+            bytes,
+            connections,
+            timeout_ms,
+        } => {
+            echo_client(
+                target,
+                bytes,
+                connections,
+                Duration::from_millis(timeout_ms),
+            )
+            .await
+        }
+        Cmd::ConnectMany {
+            target_ip,
+            ports,
+            connections,
+            bytes,
+            timeout_ms,
+        } => {
+            connect_many(
+                target_ip,
+                &flatten(&ports),
+                connections,
+                bytes,
+                Duration::from_millis(timeout_ms),
+            )
+            .await
+        }
+        Cmd::HttpServer { port, body_bytes } => http_server(port, body_bytes).await,
+        Cmd::HttpBench {
+            target,
+            requests,
+            concurrency,
+            timeout_ms,
+        } => {
+            http_bench(
+                target,
+                requests,
+                concurrency,
+                Duration::from_millis(timeout_ms),
+            )
+            .await
+        }
+        Cmd::Pause | Cmd::ConnectLoop { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// A dual-stack listener on `[::]:port` (IPV6_V6ONLY off, so IPv4 clients reach it too).
+fn listen_dual_stack(port: u16) -> anyhow::Result<TcpListener> {
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None).context("socket")?;
+    socket.set_only_v6(false).context("IPV6_V6ONLY off")?;
+    socket.set_reuse_address(true).context("SO_REUSEADDR")?;
+    let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    socket.listen(1024).context("listen")?;
+    socket.set_nonblocking(true).context("O_NONBLOCK")?;
+    TcpListener::from_std(socket.into()).context("registering the listener")
+}
+
+async fn echo_server(ports: &[u16]) -> anyhow::Result<()> {
+    let mut accepters = JoinSet::new();
+    for &port in ports {
+        let listener = listen_dual_stack(port)?;
+        accepters.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        tokio::spawn(echo_connection(stream));
+                    }
+                    Err(error) => eprintln!("echo-server: accept on {port}: {error}"),
+                }
+            }
+        });
+    }
+    eprintln!("echo-server: listening on [::] ports {ports:?}");
+    while accepters.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn echo_connection(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.split();
+    // Echo until the client's EOF, then close our side too.
+    let _ = tokio::io::copy(&mut reader, &mut writer).await;
+    let _ = writer.shutdown().await;
+}
+
+/// A payload unique to connection `index`, so crossed connections are caught.
+fn pattern(index: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|j| ((j * 131 + index * 7919 + (j >> 8)) % 251) as u8)
+        .collect()
+}
+
+/// Why one connection failed.
+enum Failure {
+    PeerMismatch(String),
+    Other(String),
+}
+
+/// Connects to `target`, checks that getpeername() reports `target`.
+async fn connect_checked(target: SocketAddr, timeout: Duration) -> Result<TcpStream, Failure> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+        .await
+        .map_err(|_| Failure::Other(format!("connect to {target}: timed out")))?
+        .map_err(|e| Failure::Other(format!("connect to {target}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    // peer_addr() is getpeername(2): what the application sees, whatever carried the bytes.
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| Failure::Other(format!("getpeername: {e}")))?;
+    if peer != target {
+        return Err(Failure::PeerMismatch(format!(
+            "getpeername says {peer}, dialled {target}"
+        )));
+    }
+    Ok(stream)
+}
+
+/// Sends `payload`, half-closes, reads everything back and compares byte for byte.
+async fn exchange(stream: TcpStream, payload: &[u8], timeout: Duration) -> Result<(), Failure> {
+    let (mut reader, mut writer) = stream.into_split();
+    let send = async {
+        writer.write_all(payload).await?;
+        writer.shutdown().await
+    };
+    let receive = async {
+        let mut echoed = Vec::with_capacity(payload.len());
+        reader.read_to_end(&mut echoed).await.map(|_| echoed)
+    };
+    let (_, echoed) = tokio::time::timeout(timeout, async { tokio::try_join!(send, receive) })
+        .await
+        .map_err(|_| Failure::Other("echo: timed out".into()))?
+        .map_err(|e| Failure::Other(format!("echo: {e}")))?;
+    if echoed != payload {
+        let first_difference = echoed
+            .iter()
+            .zip(payload)
+            .position(|(a, b)| a != b)
+            .unwrap_or(echoed.len().min(payload.len()));
+        return Err(Failure::Other(format!(
+            "echo differs: sent {} bytes, got {}, first difference at byte {first_difference}",
+            payload.len(),
+            echoed.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Counts outcomes and prints the JSON summary; Err if anything failed.
+#[derive(Default)]
+struct Tally {
+    ok: usize,
+    failed: usize,
+    peer_mismatch: usize,
+    errors: Vec<String>,
+}
+
+impl Tally {
+    fn record(&mut self, label: &str, outcome: Result<(), Failure>) {
+        let message = match outcome {
+            Ok(()) => {
+                self.ok += 1;
+                return;
+            }
+            Err(Failure::PeerMismatch(message)) => {
+                self.peer_mismatch += 1;
+                message
+            }
+            Err(Failure::Other(message)) => message,
+        };
+        self.failed += 1;
+        if self.errors.len() < MAX_ERRORS {
+            self.errors.push(format!("{label}: {message}"));
+        }
+    }
+
+    fn finish(self, connections: usize, extra: serde_json::Value) -> anyhow::Result<()> {
+        let mut summary = json!({
+            "connections": connections,
+            "ok": self.ok,
+            "failed": self.failed,
+            "peer_mismatch": self.peer_mismatch,
+            "errors": self.errors,
+        });
+        if let (Some(summary), Some(extra)) = (summary.as_object_mut(), extra.as_object()) {
+            summary.extend(extra.clone());
+        }
+        println!("{summary}");
+        if self.ok != connections {
+            bail!(
+                "{} of {connections} connections failed",
+                connections - self.ok
+            );
+        }
+        Ok(())
+    }
+}
+
+async fn echo_client(
+    target: SocketAddr,
+    bytes: usize,
+    connections: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut tally = Tally::default();
+    for index in 0..connections {
+        let payload = pattern(index, bytes);
+        let outcome = async {
+            let stream = connect_checked(target, timeout).await?;
+            exchange(stream, &payload, timeout).await
+        }
+        .await;
+        tally.record(&format!("connection {index}"), outcome);
+    }
+    tally.finish(connections, json!({}))
+}
+
+/// The payload of connect-many connection `index`: its index and port, repeated to `len` bytes.
+fn tagged_payload(index: usize, port: u16, len: usize) -> Vec<u8> {
+    let tag = format!("conn={index:06};port={port:05};");
+    tag.bytes().cycle().take(len).collect()
+}
+
+async fn connect_many(
+    ip: IpAddr,
+    ports: &[u16],
+    connections: usize,
+    bytes: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    if ports.is_empty() {
+        bail!("no ports");
+    }
+    // Phase 1: every connection is opened (and checked) before any data moves.
+    let mut connecting = JoinSet::new();
+    for index in 0..connections {
+        let target = SocketAddr::new(ip, ports[index % ports.len()]);
+        connecting.spawn(async move { (index, target, connect_checked(target, timeout).await) });
+    }
+    let mut tally = Tally::default();
+    let mut open = Vec::new();
+    while let Some(joined) = connecting.join_next().await {
+        let (index, target, outcome) = joined.context("a connect task panicked")?;
+        match outcome {
+            Ok(stream) => open.push((index, target, stream)),
+            Err(failure) => tally.record(&format!("connection {index} to {target}"), Err(failure)),
+        }
+    }
+    let connected = open.len();
+    // Phase 2 (all are open at once now): each echoes a payload naming its index and port.
+    let mut exchanging = JoinSet::new();
+    for (index, target, stream) in open {
+        exchanging.spawn(async move {
+            let payload = tagged_payload(index, target.port(), bytes);
+            (index, target, exchange(stream, &payload, timeout).await)
+        });
+    }
+    while let Some(joined) = exchanging.join_next().await {
+        let (index, target, outcome) = joined.context("an echo task panicked")?;
+        tally.record(&format!("connection {index} to {target}"), outcome);
+    }
+    tally.finish(connections, json!({ "connected": connected }))
+}
+
+fn connect_loop(target: SocketAddr, count: u64, close: CloseMode) -> anyhow::Result<()> {
+    let domain = Domain::for_address(target);
+    let start = Instant::now();
+    for i in 0..count {
+        let socket = Socket::new(domain, Type::STREAM, None).context("socket")?;
+        if let CloseMode::Rst = close {
+            socket
+                .set_linger(Some(Duration::ZERO))
+                .context("SO_LINGER 0")?;
+        }
+        socket
+            .connect_timeout(&target.into(), Duration::from_secs(5))
+            .with_context(|| format!("connect {i} to {target}"))?;
+        drop(socket);
+    }
+    let elapsed = start.elapsed();
+    let elapsed_ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+    println!(
+        "{}",
+        json!({
+            "count": count,
+            "elapsed_ns": elapsed_ns,
+            "per_connect_ns": elapsed_ns.checked_div(count).unwrap_or(0),
+        })
+    );
+    Ok(())
+}
+
+async fn http_server(port: u16, body_bytes: usize) -> anyhow::Result<()> {
+    let listener = listen_dual_stack(port)?;
+    let body = Bytes::from(vec![b'x'; body_bytes]);
+    eprintln!("http-server: listening on [::]:{port}, {body_bytes}-byte bodies");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                eprintln!("http-server: accept: {error}");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_request| {
+                let body = body.clone();
+                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+            });
+            let _ = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Sends one GET on a keep-alive connection and reads the whole response.
+async fn one_request(
+    reader: &mut BufReader<TcpStream>,
+    request: &[u8],
+    line: &mut String,
+    body: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    reader
+        .get_mut()
+        .write_all(request)
+        .await
+        .context("sending")?;
+    line.clear();
+    reader
+        .read_line(line)
+        .await
+        .context("reading the status line")?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    if status != "200" {
+        bail!("status line {:?}", line.trim());
+    }
+    let mut content_length = None;
+    loop {
+        line.clear();
+        if reader.read_line(line).await.context("reading headers")? == 0 {
+            bail!("connection closed in the headers");
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.trim().eq_ignore_ascii_case("content-length")
+        {
+            content_length = value.trim().parse::<usize>().ok();
+        }
+    }
+    let length = content_length.context("no Content-Length")?;
+    body.resize(length, 0);
+    reader.read_exact(body).await.context("reading the body")?;
+    Ok(())
+}
+
+async fn http_bench(
+    target: SocketAddr,
+    requests: usize,
+    concurrency: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let concurrency = concurrency.clamp(1, requests.max(1));
+    let request = Arc::new(
+        format!("GET / HTTP/1.1\r\nHost: {target}\r\nUser-Agent: nodemesh-workload\r\n\r\n")
+            .into_bytes(),
+    );
+    let start = Instant::now();
+    let mut workers = JoinSet::new();
+    for worker in 0..concurrency {
+        let share = requests / concurrency + usize::from(worker < requests % concurrency);
+        let request = Arc::clone(&request);
+        workers.spawn(async move {
+            let mut latencies = Vec::with_capacity(share);
+            let outcome: anyhow::Result<()> = async {
+                let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
+                    .await
+                    .context("connect timed out")?
+                    .with_context(|| format!("connecting to {target}"))?;
+                stream.set_nodelay(true)?;
+                let mut reader = BufReader::new(stream);
+                let (mut line, mut body) = (String::new(), Vec::new());
+                for _ in 0..share {
+                    let sent = Instant::now();
+                    tokio::time::timeout(
+                        timeout,
+                        one_request(&mut reader, &request, &mut line, &mut body),
+                    )
+                    .await
+                    .context("request timed out")??;
+                    latencies.push(sent.elapsed());
+                }
+                Ok(())
+            }
+            .await;
+            (
+                latencies,
+                outcome.err().map(|e| format!("worker {worker}: {e:#}")),
+            )
+        });
+    }
+    let mut latencies = Vec::with_capacity(requests);
+    let mut errors = Vec::new();
+    while let Some(joined) = workers.join_next().await {
+        let (mut done, error) = joined.context("a bench worker panicked")?;
+        latencies.append(&mut done);
+        errors.extend(error);
+    }
+    let elapsed = start.elapsed();
+    latencies.sort();
+    let percentile = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        // Nearest rank: the smallest latency with at least p of all requests at or below it.
+        let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
+        latencies[rank - 1].as_secs_f64() * 1e6
+    };
+    let summary = json!({
+        "requests": requests,
+        "ok": latencies.len(),
+        "failed": requests - latencies.len(),
+        "concurrency": concurrency,
+        "p50_us": percentile(0.50),
+        "p99_us": percentile(0.99),
+        "p999_us": percentile(0.999),
+        "rps": latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        "errors": errors.iter().take(MAX_ERRORS).collect::<Vec<_>>(),
+    });
+    println!("{summary}");
+    if latencies.len() != requests {
+        bail!(
+            "{} of {requests} requests failed",
+            requests - latencies.len()
+        );
+    }
+    Ok(())
+}

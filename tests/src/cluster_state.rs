@@ -1,0 +1,159 @@
+//! The cluster-state directory the agent reads: one Kubernetes object per YAML file.
+//!
+//! Files are `namespace-<name>.yaml` and `pod-<namespace>-<name>.yaml`, each written to
+//! `.<file>.tmp` first and renamed into place, so the agent (which ignores dotfiles) never
+//! reads half a file.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::{
+    api::core::v1::{
+        Container, ContainerState, ContainerStateRunning, ContainerStatus, HostIP, Namespace,
+        Pod as K8sPod, PodCondition, PodIP, PodSpec as K8sPodSpec, PodStatus,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::Serialize;
+
+use crate::{
+    error::{IoContext, Result, TestbedError},
+    pod::Pod,
+};
+
+/// The image every testbed pod claims to run.
+pub const WORKLOAD_IMAGE: &str = "nodemesh.io/testbed-workload";
+const WORKLOAD_IMAGE_ID: &str = "nodemesh.io/testbed-workload@sha256:6e6f64656d6573682d746573746265642d776f726b6c6f61642d696d6167652e";
+/// The label the API server puts on every namespace.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// The file name of a namespace's manifest.
+pub fn namespace_file(name: &str) -> String {
+    format!("namespace-{name}.yaml")
+}
+
+/// The file name of a pod's manifest.
+pub fn pod_file(namespace: &str, name: &str) -> String {
+    format!("pod-{namespace}-{name}.yaml")
+}
+
+/// A Namespace object as the API server would return it.
+pub fn namespace_object(name: &str, labels: &BTreeMap<String, String>) -> Namespace {
+    let mut labels = labels.clone();
+    labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned());
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// A running BestEffort Pod object as the API server would return it.
+pub fn pod_object(pod: &Pod) -> K8sPod {
+    let container = "app".to_owned();
+    K8sPod {
+        metadata: ObjectMeta {
+            name: Some(pod.name.clone()),
+            namespace: Some(pod.namespace.clone()),
+            uid: Some(pod.uid.clone()),
+            labels: Some(pod.labels.clone()),
+            ..Default::default()
+        },
+        spec: Some(K8sPodSpec {
+            node_name: Some(pod.node.clone()),
+            service_account_name: Some(pod.service_account.clone()),
+            containers: vec![Container {
+                name: container.clone(),
+                image: Some(WORKLOAD_IMAGE.to_owned()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".to_owned()),
+            pod_ip: Some(pod.ipv4.to_string()),
+            pod_ips: Some(vec![
+                PodIP {
+                    ip: pod.ipv4.to_string(),
+                },
+                PodIP {
+                    ip: pod.ipv6.to_string(),
+                },
+            ]),
+            host_ip: Some(pod.host_ip().to_string()),
+            host_ips: Some(vec![HostIP {
+                ip: pod.host_ip().to_string(),
+            }]),
+            qos_class: Some("BestEffort".to_owned()),
+            conditions: Some(
+                ["Initialized", "Ready", "ContainersReady", "PodScheduled"]
+                    .into_iter()
+                    .map(|kind| PodCondition {
+                        type_: kind.to_owned(),
+                        status: "True".to_owned(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            container_statuses: Some(vec![ContainerStatus {
+                name: container,
+                container_id: Some(format!("containerd://{}", pod.container_id)),
+                ready: true,
+                started: Some(true),
+                restart_count: 0,
+                image: WORKLOAD_IMAGE.to_owned(),
+                image_id: WORKLOAD_IMAGE_ID.to_owned(),
+                state: Some(ContainerState {
+                    running: Some(ContainerStateRunning::default()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Serialises `object` to YAML and writes it to `dir/file` atomically.
+fn write_object<T: Serialize>(dir: &Path, file: &str, object: &T) -> Result<PathBuf> {
+    let yaml = serde_yaml::to_string(object).map_err(|source| TestbedError::Yaml {
+        what: file.to_owned(),
+        source,
+    })?;
+    let path = dir.join(file);
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, yaml).io_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path)
+        .io_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(path)
+}
+
+/// Writes (or rewrites) a namespace's manifest.
+pub(crate) fn write_namespace(
+    dir: &Path,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<PathBuf> {
+    write_object(dir, &namespace_file(name), &namespace_object(name, labels))
+}
+
+/// Writes (or rewrites) a pod's manifest.
+pub(crate) fn write_pod(dir: &Path, pod: &Pod) -> Result<PathBuf> {
+    write_object(dir, &pod_file(&pod.namespace, &pod.name), &pod_object(pod))
+}
+
+/// Deletes a pod's manifest (no error if it is already gone).
+pub(crate) fn delete_pod(dir: &Path, namespace: &str, name: &str) -> Result<()> {
+    let path = dir.join(pod_file(namespace, name));
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).io_context(|| format!("removing {}", path.display())),
+    }
+}
