@@ -630,7 +630,11 @@ impl Drop for Testbed {
         }
         let report = cleanup::teardown(&self.shared);
         if std::thread::panicking() {
-            eprintln!("testbed {}: agent logs kept in {}", self.name, self.log_dir.display());
+            eprintln!(
+                "testbed {}: agent logs kept in {}",
+                self.name,
+                self.log_dir.display()
+            );
         } else if self.config.log_dir.is_none() {
             let _ = std::fs::remove_dir_all(&self.log_dir);
         }

@@ -606,4 +606,6 @@ fn teardown_leaves_nothing_behind_even_when_a_test_fails() {
     }
     let left = nodemesh_testbed::leftovers(&name);
     assert!(left.is_empty(), "left behind: {left:?}");
+    // The panic kept the agent logs for reading; this panic was on purpose.
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{name}-logs")));
 }

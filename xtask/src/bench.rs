@@ -4,8 +4,10 @@
 //!
 //! Scenarios (each repeated `--runs` times; the report gives the median and the spread):
 //! - connect()+close() rate from a non-meshed pod vs a meshed pod to a port excluded from
-//!   capture (the hook runs its whole decision but passes: the hook's own cost) vs a meshed
-//!   pod whose connects are captured (connect to the in-pod listener instead of the network).
+//!   capture (the hook runs its whole decision but passes: the hook's own cost).
+//! - Short-lived connections end to end: connect() + 64-byte echo + close() from a non-meshed
+//!   pod vs a meshed pod whose connections are captured and proxied. (A captured connect()
+//!   alone completes against the in-pod listener and says nothing about the proxy.)
 //! - 1 KiB keep-alive HTTP/1.1 request latency, cross-node, from a non-meshed pod (direct) vs
 //!   a meshed pod (through the source node's L4 proxy).
 
@@ -109,30 +111,36 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     tb.wait_listening(&server_a, EXCLUDED_PORT)?;
     tb.wait_listening(&server_b, HTTP_PORT)?;
 
-    let connect_rate = |tb: &Testbed, from: (&str, &str), port: u16| -> anyhow::Result<f64> {
-        let target = format!("{}:{port}", server_a.ipv4());
-        let out = run_json(
-            tb,
-            from,
-            &workload,
-            &[
-                "connect-loop",
-                "--target",
-                &target,
-                "--count",
-                &args.connects.to_string(),
-            ],
-        )?;
-        let per_connect_ns = out["per_connect_ns"].as_f64().context("per_connect_ns")?;
-        Ok(1e9 / per_connect_ns)
-    };
-    let (mut direct, mut hooked, mut captured) = (Vec::new(), Vec::new(), Vec::new());
+    let connect_rate =
+        |tb: &Testbed, from: (&str, &str), port: u16, echo_bytes: u16| -> anyhow::Result<f64> {
+            let target = format!("{}:{port}", server_a.ipv4());
+            let echo_bytes = echo_bytes.to_string();
+            let out = run_json(
+                tb,
+                from,
+                &workload,
+                &[
+                    "connect-loop",
+                    "--target",
+                    &target,
+                    "--count",
+                    &args.connects.to_string(),
+                    "--echo-bytes",
+                    &echo_bytes,
+                ],
+            )?;
+            let per_connect_ns = out["per_connect_ns"].as_f64().context("per_connect_ns")?;
+            Ok(1e9 / per_connect_ns)
+        };
+    let (mut direct, mut hooked) = (Vec::new(), Vec::new());
+    let (mut direct_tx, mut captured_tx) = (Vec::new(), Vec::new());
     let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..args.runs {
         eprintln!("bench run {}/{}", run + 1, args.runs);
-        direct.push(connect_rate(tb, ("plain", "outsider"), ECHO_PORT)?);
-        hooked.push(connect_rate(tb, ("mesh", "client-a"), EXCLUDED_PORT)?);
-        captured.push(connect_rate(tb, ("mesh", "client-a"), ECHO_PORT)?);
+        direct.push(connect_rate(tb, ("plain", "outsider"), ECHO_PORT, 0)?);
+        hooked.push(connect_rate(tb, ("mesh", "client-a"), EXCLUDED_PORT, 0)?);
+        direct_tx.push(connect_rate(tb, ("plain", "outsider"), ECHO_PORT, 64)?);
+        captured_tx.push(connect_rate(tb, ("mesh", "client-a"), ECHO_PORT, 64)?);
 
         let target = format!("{}:{HTTP_PORT}", server_b.ipv4());
         let bench = [
@@ -161,7 +169,8 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
                 .all(|s| s["opened"] == s["closed"]))
         })?;
     }
-    let (direct, hooked, captured) = (Samples(direct), Samples(hooked), Samples(captured));
+    let (direct, hooked) = (Samples(direct), Samples(hooked));
+    let (direct_tx, captured_tx) = (Samples(direct_tx), Samples(captured_tx));
     let (d50, d99, m50, m99) = (Samples(d50), Samples(d99), Samples(m50), Samples(m99));
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = String::new();
@@ -170,17 +179,32 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
          Median of {} runs, range in brackets.\n\n",
         args.runs, args.connects, args.requests, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
     ));
-    out.push_str("### connect() + close(), same node\n\n| source | connects/s | ratio to direct |\n|---|---:|---:|\n");
-    for (name, samples) in [
-        ("non-meshed pod (direct)", &direct),
-        ("meshed pod, excluded port (hook runs, passes)", &hooked),
-        ("meshed pod, captured (to in-pod listener)", &captured),
+    out.push_str("### Hook cost: connect() + close(), same node\n\n| source | connects/s | ratio to direct |\n|---|---:|---:|\n");
+    for (name, samples, baseline) in [
+        ("non-meshed pod (direct)", &direct, &direct),
+        (
+            "meshed pod, excluded port (hook runs its whole decision, passes)",
+            &hooked,
+            &direct,
+        ),
     ] {
         out.push_str(&format!(
             "| {name} | {:.0} ({}) | {:.3} |\n",
             samples.median(),
             samples.spread(),
-            samples.median() / direct.median()
+            samples.median() / baseline.median()
+        ));
+    }
+    out.push_str("\n### Short-lived connections: connect() + 64-byte echo + close(), same node\n\n| source | transactions/s | ratio to direct |\n|---|---:|---:|\n");
+    for (name, samples) in [
+        ("non-meshed pod (direct)", &direct_tx),
+        ("meshed pod, captured (through the L4 proxy)", &captured_tx),
+    ] {
+        out.push_str(&format!(
+            "| {name} | {:.0} ({}) | {:.3} |\n",
+            samples.median(),
+            samples.spread(),
+            samples.median() / direct_tx.median()
         ));
     }
     out.push_str("\n### 1 KiB keep-alive HTTP/1.1, cross-node, concurrency 1\n\n| path | p50 µs | p99 µs | p50 ratio | p99 ratio |\n|---|---:|---:|---:|---:|\n");

@@ -251,7 +251,7 @@ impl Enrolments {
         } else {
             Domain::IPV6
         };
-        let socket = sockets.tcp_socket(domain).await?;
+        let socket = sockets.tcp_socket(domain)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true).map_err(listen_error)?;
         }

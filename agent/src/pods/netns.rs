@@ -1,20 +1,20 @@
-//! A pod's network namespace, and a worker thread living in it that creates sockets there.
+//! A pod's network namespace, and creating the proxy's sockets inside it.
 //!
-//! setns() changes only the calling thread, and a socket stays in the namespace it was
-//! created in, so one long-lived thread per pod creates the proxy's sockets for that pod and
-//! everything else (bind, connect, I/O) happens on the tokio runtime.
+//! A socket stays in the namespace it was created in, and setns() changes only the calling
+//! thread. So the thread that needs a socket enters the pod's namespace for the one
+//! `socket()` call and returns to the agent's namespace at once; bind, connect and I/O then
+//! happen anywhere. This avoids a hop to a per-pod thread on every proxied connection.
 
 use std::{
     fs::File,
     io,
     os::{fd::AsFd, unix::fs::MetadataExt},
     path::PathBuf,
-    sync::mpsc,
+    sync::{Arc, OnceLock},
 };
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::sync::oneshot;
 
 /// SO_NETNS_COOKIE (linux/asm-generic/socket.h), available since Linux 5.14.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -25,27 +25,35 @@ pub enum NetnsError {
     Open { path: PathBuf, source: io::Error },
     #[error("the pod shares the agent's network namespace (hostNetwork?); refusing to capture it")]
     HostNetwork,
-    #[error("entering network namespace of pid {pid}: {source}")]
-    Enter { pid: u32, source: nix::Error },
+    #[error("entering the pod's network namespace: {0}")]
+    Enter(nix::Error),
     #[error("reading the network namespace cookie: {0}")]
     Cookie(io::Error),
     #[error("creating a socket in the pod's network namespace: {0}")]
     Socket(io::Error),
-    #[error("the socket worker of this pod's network namespace has stopped")]
-    WorkerGone,
 }
 
-type SocketRequest = (Domain, oneshot::Sender<io::Result<Socket>>);
+/// The agent's own network namespace, to return to after creating a pod's socket.
+fn agent_netns() -> Result<&'static Arc<File>, NetnsError> {
+    static AGENT_NETNS: OnceLock<Arc<File>> = OnceLock::new();
+    if let Some(netns) = AGENT_NETNS.get() {
+        return Ok(netns);
+    }
+    let path = PathBuf::from("/proc/thread-self/ns/net");
+    let file = File::open(&path).map_err(|source| NetnsError::Open { path, source })?;
+    Ok(AGENT_NETNS.get_or_init(|| Arc::new(file)))
+}
 
 /// Creates TCP sockets inside one pod's network namespace.
 pub struct NetnsSockets {
-    requests: mpsc::Sender<SocketRequest>,
+    netns: File,
+    home: Arc<File>,
     cookie: u64,
     inode: u64,
 }
 
 impl NetnsSockets {
-    /// Enters the network namespace of `pid` on a dedicated thread.
+    /// Opens the network namespace of `pid`.
     pub fn for_process(pid: u32) -> Result<Self, NetnsError> {
         let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
         let netns = File::open(&path).map_err(|source| NetnsError::Open {
@@ -56,40 +64,20 @@ impl NetnsSockets {
             .metadata()
             .map_err(|source| NetnsError::Open { path, source })?
             .ino();
-        if inode == own_netns_inode() {
+        let home = Arc::clone(agent_netns()?);
+        let home_inode = home.metadata().map(|m| m.ino()).unwrap_or(0);
+        if inode == home_inode {
             return Err(NetnsError::HostNetwork);
         }
-        let (requests, incoming) = mpsc::channel::<SocketRequest>();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("netns-{pid}"))
-            .spawn(move || {
-                if let Err(error) = setns(netns.as_fd(), CloneFlags::CLONE_NEWNET) {
-                    let _ = ready_tx.send(Err(NetnsError::Enter { pid, source: error }));
-                    return;
-                }
-                let cookie = Socket::new(Domain::IPV4, Type::STREAM, None)
-                    .and_then(|probe| netns_cookie(&probe))
-                    .map_err(NetnsError::Cookie);
-                let _ = ready_tx.send(cookie);
-                for (domain, reply) in incoming {
-                    let _ = reply.send(Socket::new(
-                        domain,
-                        Type::STREAM.nonblocking(),
-                        Some(Protocol::TCP),
-                    ));
-                }
-            })
-            .map_err(|source| NetnsError::Open {
-                path: PathBuf::from("thread"),
-                source,
-            })?;
-        let cookie = ready_rx.recv().map_err(|_| NetnsError::WorkerGone)??;
-        Ok(Self {
-            requests,
-            cookie,
+        let mut sockets = Self {
+            netns,
+            home,
+            cookie: 0,
             inode,
-        })
+        };
+        let probe = sockets.tcp_socket(Domain::IPV4)?;
+        sockets.cookie = netns_cookie(&probe).map_err(NetnsError::Cookie)?;
+        Ok(sockets)
     }
 
     /// The kernel's cookie for this network namespace (what bpf_get_netns_cookie returns).
@@ -103,22 +91,16 @@ impl NetnsSockets {
     }
 
     /// A new non-blocking TCP socket in the pod's network namespace.
-    pub async fn tcp_socket(&self, domain: Domain) -> Result<Socket, NetnsError> {
-        let (reply, response) = oneshot::channel();
-        self.requests
-            .send((domain, reply))
-            .map_err(|_| NetnsError::WorkerGone)?;
-        response
-            .await
-            .map_err(|_| NetnsError::WorkerGone)?
-            .map_err(NetnsError::Socket)
+    pub fn tcp_socket(&self, domain: Domain) -> Result<Socket, NetnsError> {
+        setns(self.netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(NetnsError::Enter)?;
+        let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
+        if let Err(error) = setns(self.home.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // This thread would create every later socket in the pod: never continue.
+            tracing::error!(%error, "cannot return to the agent's network namespace; aborting");
+            std::process::abort();
+        }
+        socket.map_err(NetnsError::Socket)
     }
-}
-
-fn own_netns_inode() -> u64 {
-    std::fs::metadata("/proc/self/ns/net")
-        .map(|m| m.ino())
-        .unwrap_or(0)
 }
 
 /// The network namespace cookie of the namespace `socket` lives in.

@@ -13,6 +13,7 @@ use nodemesh_common::{ConnectionKey, FAMILY_V4, OriginalDst};
 use socket2::{Domain, SockRef};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use super::counting::CountingStream;
 use crate::{
     datapath::Datapath,
     pods::netns::{NetnsError, NetnsSockets},
@@ -77,8 +78,7 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
         return;
     };
     ctx.stats.opened(&pod.display_name, original);
-    let mut client = client;
-    let mut upstream = match connect_upstream(pod, ctx, original).await {
+    let upstream = match connect_upstream(pod, ctx, original).await {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::info!(pod = %pod.display_name, destination = %original, %error, "upstream connect failed");
@@ -89,13 +89,18 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
             return;
         }
     };
-    let (sent, received) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok(counts) => counts,
-        Err(error) => {
-            tracing::debug!(pod = %pod.display_name, destination = %original, %error, "connection ended with an error");
-            (0, 0)
+    let mut client = CountingStream::new(client);
+    let mut upstream = CountingStream::new(upstream);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(pod = %pod.display_name, destination = %original, %error, "connection ended with an error");
+        if error.kind() == io::ErrorKind::ConnectionReset {
+            // Pass the reset on, as the two ends would have seen it without the proxy (and
+            // leave no TIME_WAIT behind in the pod).
+            reset(client.inner());
+            reset(upstream.inner());
         }
-    };
+    }
+    let (sent, received) = (client.bytes_read(), upstream.bytes_read());
     ctx.stats
         .closed(&pod.display_name, original, sent, received);
     tracing::debug!(pod = %pod.display_name, destination = %original, sent, received, "connection closed");
@@ -111,7 +116,7 @@ async fn connect_upstream(
     } else {
         Domain::IPV6
     };
-    let socket = pod.sockets.tcp_socket(domain).await?;
+    let socket = pod.sockets.tcp_socket(domain)?;
     socket
         .set_mark(ctx.proxy_mark)
         .map_err(|e| OutboundError::Connect(destination, e))?;

@@ -79,6 +79,10 @@ enum Cmd {
         target: SocketAddr,
         #[arg(long)]
         count: u64,
+        /// Before closing, send this many bytes and wait for their echo (0: connect only).
+        /// Measures a whole short-lived transaction, not just the local handshake.
+        #[arg(long, default_value_t = 0)]
+        echo_bytes: usize,
         /// `rst`: SO_LINGER 0 (no TIME_WAIT); `normal`: FIN.
         #[arg(long, value_enum, default_value_t = CloseMode::Rst)]
         close: CloseMode,
@@ -149,10 +153,11 @@ fn main() -> anyhow::Result<()> {
     if let Cmd::ConnectLoop {
         target,
         count,
+        echo_bytes,
         close,
     } = cli.command
     {
-        return connect_loop(target, count, close);
+        return connect_loop(target, count, echo_bytes, close);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -434,8 +439,16 @@ async fn connect_many(
     tally.finish(connections, json!({ "connected": connected }))
 }
 
-fn connect_loop(target: SocketAddr, count: u64, close: CloseMode) -> anyhow::Result<()> {
+fn connect_loop(
+    target: SocketAddr,
+    count: u64,
+    echo_bytes: usize,
+    close: CloseMode,
+) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
     let domain = Domain::for_address(target);
+    let payload = vec![0x5a_u8; echo_bytes];
+    let mut echoed = vec![0_u8; echo_bytes];
     let start = Instant::now();
     for i in 0..count {
         let socket = Socket::new(domain, Type::STREAM, None).context("socket")?;
@@ -447,7 +460,21 @@ fn connect_loop(target: SocketAddr, count: u64, close: CloseMode) -> anyhow::Res
         socket
             .connect_timeout(&target.into(), Duration::from_secs(5))
             .with_context(|| format!("connect {i} to {target}"))?;
-        drop(socket);
+        if echo_bytes > 0 {
+            let mut stream = std::net::TcpStream::from(socket);
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .context("SO_RCVTIMEO")?;
+            stream
+                .write_all(&payload)
+                .with_context(|| format!("send {i}"))?;
+            stream
+                .read_exact(&mut echoed)
+                .with_context(|| format!("echo {i}"))?;
+            anyhow::ensure!(echoed == payload, "echo {i} differs from what was sent");
+        } else {
+            drop(socket);
+        }
     }
     let elapsed = start.elapsed();
     let elapsed_ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
