@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     datapath::Datapath,
+    identity::manager::{IdentityManager, IdentityView},
     pods::enrolment::{EnrolledPodView, PendingPodView},
     telemetry::connections::ConnectionStats,
 };
@@ -29,6 +30,7 @@ pub struct AdminState {
     pub enrolled: RwLock<Vec<EnrolledPodView>>,
     pub pending: RwLock<Vec<PendingPodView>>,
     pub config_errors: RwLock<Vec<String>>,
+    pub identities: RwLock<Option<Arc<IdentityManager>>>,
     pub stats: Arc<ConnectionStats>,
     pub datapath: Arc<Datapath>,
 }
@@ -42,6 +44,8 @@ struct ConfigDump<'a> {
     enrolled_pods: Vec<EnrolledPodView>,
     pending_pods: Vec<PendingPodView>,
     config_errors: Vec<String>,
+    /// Workload certificates held by this node; null when the agent runs without a CA.
+    identities: Option<Vec<IdentityView>>,
     datapath_maps: crate::datapath::MapOccupancy,
 }
 
@@ -75,7 +79,9 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
     }
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+        "/readyz" if state.ready.load(Ordering::Acquire) && certificates_held(state) => {
+            text(StatusCode::OK, "ready\n")
+        }
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/config_dump" => json(&ConfigDump {
             node: &state.node_name,
@@ -85,6 +91,11 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             enrolled_pods: read(&state.enrolled),
             pending_pods: read(&state.pending),
             config_errors: read(&state.config_errors),
+            identities: state
+                .identities
+                .read()
+                .ok()
+                .and_then(|manager| manager.as_ref().map(|m| m.views())),
             datapath_maps: state.datapath.occupancy(),
         }),
         "/stats" => json(&serde_json::json!({ "connections": state.stats.snapshot() })),
@@ -93,6 +104,16 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             "unknown path; try /healthz /readyz /config_dump /stats\n",
         ),
     }
+}
+
+/// Every identity of the node's pods has a valid certificate (true without a CA).
+fn certificates_held(state: &AdminState) -> bool {
+    state
+        .identities
+        .read()
+        .ok()
+        .and_then(|m| m.as_ref().map(|m| m.all_held()))
+        .unwrap_or(true)
 }
 
 fn read<T: Clone>(lock: &RwLock<Vec<T>>) -> Vec<T> {

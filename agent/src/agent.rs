@@ -2,6 +2,7 @@
 //! state until told to stop.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, RwLock, atomic::Ordering},
     time::Duration,
 };
@@ -14,7 +15,14 @@ use crate::{
     admin::{self, AdminState},
     config::AgentConfig,
     datapath::Datapath,
+    identity::{
+        ca_client::CaClient,
+        manager::{IdentityManager, PodRef},
+        spiffe::SpiffeId,
+        tls,
+    },
     k8s::cluster_state::ClusterStateDir,
+    pods::enrolment::EnrolledPodView,
     pods::{cgroup, enrolment::Enrolments},
     proxy::outbound::OutboundContext,
     state::membership,
@@ -48,6 +56,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         enrolled: RwLock::default(),
         pending: RwLock::default(),
         config_errors: RwLock::default(),
+        identities: RwLock::default(),
         stats: Arc::clone(&stats),
         datapath: Arc::clone(&datapath),
     });
@@ -61,12 +70,41 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         proxy_mark: config.proxy_mark,
         connect_timeout: config.connect_timeout,
     });
+    let identities = match &config.identity {
+        None => {
+            tracing::info!("no --ca-addr: running without workload certificates");
+            None
+        }
+        Some(identity) => {
+            let roots = tls::load_trust_bundle(&identity.trust_bundle)?;
+            let client = CaClient::new(
+                identity.ca_addr,
+                identity.ca_server_name.clone(),
+                tls::ca_client_config(roots)?,
+                identity.token.clone(),
+            );
+            let manager = IdentityManager::new(client);
+            tokio::spawn(Arc::clone(&manager).run());
+            Some(manager)
+        }
+    };
+    *admin_state
+        .identities
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = identities.clone();
     let mut enrolments =
         Enrolments::new(pods_root, config.outbound_port, config.proxy_mark, outbound);
     let mut cluster = ClusterStateDir::new(&config.cluster_state);
     let (_watcher, mut changes) = cluster.watch()?;
 
-    sync(&mut cluster, &mut enrolments, &config, &admin_state).await;
+    sync(
+        &mut cluster,
+        &mut enrolments,
+        &config,
+        &admin_state,
+        identities.as_deref(),
+    )
+    .await;
     enrolments.remove_stale_map_entries()?;
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(node = %config.node_name, "agent ready");
@@ -86,7 +124,14 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
-        sync(&mut cluster, &mut enrolments, &config, &admin_state).await;
+        sync(
+            &mut cluster,
+            &mut enrolments,
+            &config,
+            &admin_state,
+            identities.as_deref(),
+        )
+        .await;
     }
     // Programs and maps stay pinned: while no agent runs, the fail mode decides.
     tracing::info!("agent stopping; capture stays attached and follows --fail-mode");
@@ -94,6 +139,41 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
 }
 
 async fn sync(
+    cluster: &mut ClusterStateDir,
+    enrolments: &mut Enrolments,
+    config: &AgentConfig,
+    admin: &AdminState,
+    identities: Option<&IdentityManager>,
+) {
+    sync_enrolment(cluster, enrolments, config, admin).await;
+    if let Some(identities) = identities {
+        identities.set_desired(desired_identities(
+            &enrolments.enrolled_views(),
+            &config.trust_domain,
+        ));
+    }
+}
+
+/// Each identity of an enrolled pod, with one pod that carries it (the CA authorises the
+/// request through that pod).
+fn desired_identities(pods: &[EnrolledPodView], trust_domain: &str) -> BTreeMap<SpiffeId, PodRef> {
+    let mut desired = BTreeMap::new();
+    for pod in pods {
+        match SpiffeId::new(trust_domain, &pod.namespace, &pod.service_account) {
+            Ok(id) => {
+                desired
+                    .entry(id)
+                    .or_insert_with(|| (pod.namespace.clone(), pod.name.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %error, "pod has no valid identity")
+            }
+        }
+    }
+    desired
+}
+
+async fn sync_enrolment(
     cluster: &mut ClusterStateDir,
     enrolments: &mut Enrolments,
     config: &AgentConfig,

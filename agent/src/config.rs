@@ -47,6 +47,21 @@ pub struct AgentArgs {
     /// How long the proxy waits for an upstream TCP handshake, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
+    /// Address of the nodemesh CA; without it the agent holds no workload certificates.
+    #[arg(long)]
+    pub ca_addr: Option<SocketAddr>,
+    /// Name the CA's serving certificate must carry.
+    #[arg(long, default_value = "nodemesh-ca")]
+    pub ca_server_name: String,
+    /// File holding the token the agent presents to the CA.
+    #[arg(long)]
+    pub ca_token_file: Option<PathBuf>,
+    /// PEM file of the trusted root certificates (several during a root rotation).
+    #[arg(long)]
+    pub trust_bundle: Option<PathBuf>,
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +93,17 @@ pub struct AgentConfig {
     pub outbound_port: u16,
     pub proxy_mark: u32,
     pub connect_timeout: Duration,
+    pub identity: Option<IdentityConfig>,
+    pub trust_domain: String,
+}
+
+/// Where the agent gets workload certificates from.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    pub ca_addr: SocketAddr,
+    pub ca_server_name: rustls_pki_types::ServerName<'static>,
+    pub token: String,
+    pub trust_bundle: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +118,19 @@ pub enum ConfigError {
     ZeroOutboundPort,
     #[error("--proxy-mark must not be 0 (unmarked sockets would count as the proxy's)")]
     ZeroProxyMark,
+    #[error("--ca-addr needs --ca-token-file and --trust-bundle")]
+    IncompleteCa,
+    #[error("--ca-token-file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--ca-token-file {0}: empty")]
+    EmptyToken(PathBuf),
+    #[error("--ca-server-name {0:?}: not a DNS name or IP address")]
+    ServerName(String),
+    #[error("--trust-domain {0:?}: lowercase letters, digits, '.', '-' and '_' only")]
+    TrustDomain(String),
 }
 
 impl TryFrom<AgentArgs> for AgentConfig {
@@ -113,7 +152,37 @@ impl TryFrom<AgentArgs> for AgentConfig {
         if args.proxy_mark == 0 {
             return Err(ConfigError::ZeroProxyMark);
         }
+        if crate::identity::spiffe::SpiffeId::new(&args.trust_domain, "x", "x").is_err() {
+            return Err(ConfigError::TrustDomain(args.trust_domain));
+        }
+        let identity = match (args.ca_addr, args.ca_token_file, args.trust_bundle) {
+            (None, _, _) => None,
+            (Some(ca_addr), Some(token_file), Some(trust_bundle)) => {
+                let token = std::fs::read_to_string(&token_file)
+                    .map_err(|source| ConfigError::TokenFile {
+                        path: token_file.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_owned();
+                if token.is_empty() {
+                    return Err(ConfigError::EmptyToken(token_file));
+                }
+                let ca_server_name =
+                    rustls_pki_types::ServerName::try_from(args.ca_server_name.clone())
+                        .map_err(|_| ConfigError::ServerName(args.ca_server_name.clone()))?;
+                Some(IdentityConfig {
+                    ca_addr,
+                    ca_server_name,
+                    token,
+                    trust_bundle,
+                })
+            }
+            (Some(_), _, _) => return Err(ConfigError::IncompleteCa),
+        };
         Ok(Self {
+            identity,
+            trust_domain: args.trust_domain,
             node_name: args.node_name,
             cluster_state: args.cluster_state,
             cgroup_root: args.cgroup_root,

@@ -8,6 +8,7 @@ mod admin;
 mod agent;
 mod config;
 mod datapath;
+mod identity;
 mod k8s;
 mod pods;
 mod proxy;
@@ -29,6 +30,11 @@ struct Cli {
 enum Command {
     /// Run the node agent: load the eBPF programs, enrol this node's meshed pods, run the proxy.
     Agent(config::AgentArgs),
+    /// The nodemesh certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Inspect or remove the datapath that an agent left pinned in bpffs.
     Datapath {
         #[command(subcommand)]
@@ -46,6 +52,25 @@ enum DatapathCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a root and an intermediate issuer (for evaluation and tests; in production the
+    /// root key stays offline and only the issuer is put in a Secret).
+    Init {
+        /// Directory to write root-cert.pem, root-key.pem, issuer-cert.pem, issuer-key.pem
+        /// and trust-bundle.pem to.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Lifetime of the root and the issuer, in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+    /// Serve certificate signing requests from node agents over HTTPS.
+    Serve(identity::ca_server::CaServeArgs),
+}
+
 fn main() -> ExitCode {
     telemetry::logging::init();
     let cli = Cli::parse();
@@ -53,6 +78,32 @@ fn main() -> ExitCode {
         Command::Agent(args) => config::AgentConfig::try_from(args)
             .map_err(anyhow::Error::from)
             .and_then(agent::run),
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    dir,
+                    trust_domain,
+                    days,
+                },
+        } => identity::issuer::init_ca(
+            &dir,
+            &trust_domain,
+            std::time::Duration::from_secs(days * 24 * 3600),
+        )
+        .map(|files| {
+            println!(
+                "wrote {}, {}, {}, {}, {}",
+                files.root_cert.display(),
+                files.root_key.display(),
+                files.issuer_cert.display(),
+                files.issuer_key.display(),
+                files.trust_bundle.display()
+            )
+        })
+        .map_err(anyhow::Error::from),
+        Command::Ca {
+            command: CaCommand::Serve(args),
+        } => run_ca(&args),
         Command::Datapath {
             command: DatapathCommand::Remove { bpffs },
         } => datapath::remove_pinned(&bpffs).map_err(anyhow::Error::from),
@@ -64,4 +115,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_ca(args: &identity::ca_server::CaServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        identity::ca_server::start(args).await?;
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("CA stopping");
+        Ok(())
+    })
 }

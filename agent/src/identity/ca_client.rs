@@ -1,0 +1,118 @@
+//! The agent's client of the nodemesh CA: one HTTPS request per certificate.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode, body::Bytes};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::ca_server::{SignRequest, SignResponse};
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaClientError {
+    #[error("connecting to the CA at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "TLS with the CA at {addr} (is the trust bundle the CA's root, and --ca-server-name right?): {source}"
+    )]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP with the CA at {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("the CA at {addr} did not answer within {REQUEST_TIMEOUT:?}")]
+    Timeout { addr: SocketAddr },
+    #[error("the CA refused ({status}): {message}")]
+    Refused { status: StatusCode, message: String },
+    #[error("the CA's answer is not valid JSON: {0}")]
+    Decode(serde_json::Error),
+}
+
+pub struct CaClient {
+    addr: SocketAddr,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+    token: String,
+}
+
+impl CaClient {
+    pub fn new(
+        addr: SocketAddr,
+        server_name: ServerName<'static>,
+        tls: rustls::ClientConfig,
+        token: String,
+    ) -> Self {
+        Self {
+            addr,
+            server_name,
+            tls: TlsConnector::from(Arc::new(tls)),
+            token,
+        }
+    }
+
+    pub async fn sign(&self, request: &SignRequest) -> Result<SignResponse, CaClientError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.sign_once(request))
+            .await
+            .map_err(|_| CaClientError::Timeout { addr: self.addr })?
+    }
+
+    async fn sign_once(&self, request: &SignRequest) -> Result<SignResponse, CaClientError> {
+        let addr = self.addr;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| CaClientError::Connect { addr, source })?;
+        let tls = self
+            .tls
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|source| CaClientError::Tls { addr, source })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|source| CaClientError::Http { addr, source })?;
+        tokio::spawn(connection);
+        let body = serde_json::to_vec(request).map_err(CaClientError::Decode)?;
+        let http_request = Request::post("/v1/certificates")
+            .header(hyper::header::HOST, "nodemesh-ca")
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| CaClientError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                message: e.to_string(),
+            })?;
+        let response = sender
+            .send_request(http_request)
+            .await
+            .map_err(|source| CaClientError::Http { addr, source })?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| CaClientError::Http { addr, source })?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(CaClientError::Refused { status, message });
+        }
+        serde_json::from_slice(&bytes).map_err(CaClientError::Decode)
+    }
+}
