@@ -30,7 +30,7 @@ pub struct AdminState {
     pub enrolled: RwLock<Vec<EnrolledPodView>>,
     pub pending: RwLock<Vec<PendingPodView>>,
     pub config_errors: RwLock<Vec<String>>,
-    pub identities: RwLock<Option<Arc<IdentityManager>>>,
+    pub identities: Option<Arc<IdentityManager>>,
     pub stats: Arc<ConnectionStats>,
     pub datapath: Arc<Datapath>,
 }
@@ -91,11 +91,7 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             enrolled_pods: read(&state.enrolled),
             pending_pods: read(&state.pending),
             config_errors: read(&state.config_errors),
-            identities: state
-                .identities
-                .read()
-                .ok()
-                .and_then(|manager| manager.as_ref().map(|m| m.views())),
+            identities: state.identities.as_ref().map(|m| m.views()),
             datapath_maps: state.datapath.occupancy(),
         }),
         "/stats" => json(&serde_json::json!({ "connections": state.stats.snapshot() })),
@@ -108,12 +104,7 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
 
 /// Every identity of the node's pods has a valid certificate (true without a CA).
 fn certificates_held(state: &AdminState) -> bool {
-    state
-        .identities
-        .read()
-        .ok()
-        .and_then(|m| m.as_ref().map(|m| m.all_held()))
-        .unwrap_or(true)
+    state.identities.as_ref().is_none_or(|m| m.all_held())
 }
 
 fn read<T: Clone>(lock: &RwLock<Vec<T>>) -> Vec<T> {

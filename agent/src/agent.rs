@@ -46,30 +46,6 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
     let pods_root = cgroup::pods_root(&config.cgroup_root)?;
     let datapath = Arc::new(Datapath::load(&config, &pods_root)?);
     let stats = Arc::new(ConnectionStats::default());
-    let admin_state = Arc::new(AdminState {
-        node_name: config.node_name.clone(),
-        fail_mode: match config.fail_mode {
-            FailMode::Open => "open",
-            FailMode::Closed => "closed",
-        },
-        ready: false.into(),
-        enrolled: RwLock::default(),
-        pending: RwLock::default(),
-        config_errors: RwLock::default(),
-        identities: RwLock::default(),
-        stats: Arc::clone(&stats),
-        datapath: Arc::clone(&datapath),
-    });
-    admin::start(config.admin_addr, Arc::clone(&admin_state))
-        .await
-        .with_context(|| format!("binding the admin server to {}", config.admin_addr))?;
-
-    let outbound = Arc::new(OutboundContext {
-        datapath: Arc::clone(&datapath),
-        stats,
-        proxy_mark: config.proxy_mark,
-        connect_timeout: config.connect_timeout,
-    });
     let identities = match &config.identity {
         None => {
             tracing::info!("no --ca-addr: running without workload certificates");
@@ -88,10 +64,30 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             Some(manager)
         }
     };
-    *admin_state
-        .identities
-        .write()
-        .unwrap_or_else(|p| p.into_inner()) = identities.clone();
+    let admin_state = Arc::new(AdminState {
+        node_name: config.node_name.clone(),
+        fail_mode: match config.fail_mode {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+        },
+        ready: false.into(),
+        enrolled: RwLock::default(),
+        pending: RwLock::default(),
+        config_errors: RwLock::default(),
+        identities: identities.clone(),
+        stats: Arc::clone(&stats),
+        datapath: Arc::clone(&datapath),
+    });
+    admin::start(config.admin_addr, Arc::clone(&admin_state))
+        .await
+        .with_context(|| format!("binding the admin server to {}", config.admin_addr))?;
+
+    let outbound = Arc::new(OutboundContext {
+        datapath: Arc::clone(&datapath),
+        stats,
+        proxy_mark: config.proxy_mark,
+        connect_timeout: config.connect_timeout,
+    });
     let mut enrolments =
         Enrolments::new(pods_root, config.outbound_port, config.proxy_mark, outbound);
     let mut cluster = ClusterStateDir::new(&config.cluster_state);

@@ -31,7 +31,10 @@ pub enum IdentityError {
     #[error("the CA's certificate: {0}")]
     Certificate(#[from] tls::TlsError),
     #[error("the CA issued {got} for a request for {wanted}")]
-    WrongIdentity { wanted: Box<SpiffeId>, got: Box<SpiffeId> },
+    WrongIdentity {
+        wanted: Box<SpiffeId>,
+        got: Box<SpiffeId>,
+    },
 }
 
 /// A workload certificate and its key, in memory only.
