@@ -24,8 +24,9 @@ use crate::{
     k8s::cluster_state::ClusterStateDir,
     pods::enrolment::EnrolledPodView,
     pods::{cgroup, enrolment::Enrolments},
-    proxy::outbound::OutboundContext,
+    proxy::{hbone::HboneClient, inbound::InboundContext, outbound::OutboundContext},
     state::membership,
+    state::workloads::WorkloadIndex,
     telemetry::connections::ConnectionStats,
 };
 
@@ -61,9 +62,11 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             );
             let manager = IdentityManager::new(client);
             tokio::spawn(Arc::clone(&manager).run());
-            Some(manager)
+            let roots = Arc::new(tls::load_trust_bundle(&identity.trust_bundle)?);
+            Some((manager, roots))
         }
     };
+    let (identities, roots) = identities.unzip();
     let admin_state = Arc::new(AdminState {
         node_name: config.node_name.clone(),
         fail_mode: match config.fail_mode {
@@ -82,14 +85,35 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin server to {}", config.admin_addr))?;
 
+    let mesh_tls = identities.clone().zip(roots);
     let outbound = Arc::new(OutboundContext {
         datapath: Arc::clone(&datapath),
-        stats,
+        stats: Arc::clone(&stats),
         proxy_mark: config.proxy_mark,
         connect_timeout: config.connect_timeout,
+        hbone: mesh_tls
+            .clone()
+            .map(|(identities, roots)| Arc::new(HboneClient::new(identities, roots))),
+        workloads: RwLock::default(),
     });
-    let mut enrolments =
-        Enrolments::new(pods_root, config.outbound_port, config.proxy_mark, outbound);
+    let inbound = mesh_tls.map(|(identities, roots)| {
+        Arc::new(InboundContext {
+            identities,
+            roots,
+            trust_domain: config.trust_domain.clone(),
+            stats: Arc::clone(&stats),
+            proxy_mark: config.proxy_mark,
+            connect_timeout: config.connect_timeout,
+        })
+    });
+    let mut enrolments = Enrolments::new(
+        pods_root,
+        config.outbound_port,
+        config.proxy_mark,
+        config.trust_domain.clone(),
+        Arc::clone(&outbound),
+        inbound,
+    );
     let mut cluster = ClusterStateDir::new(&config.cluster_state);
     let (_watcher, mut changes) = cluster.watch()?;
 
@@ -99,6 +123,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         &config,
         &admin_state,
         identities.as_deref(),
+        &outbound,
     )
     .await;
     enrolments.remove_stale_map_entries()?;
@@ -126,6 +151,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             &config,
             &admin_state,
             identities.as_deref(),
+            &outbound,
         )
         .await;
     }
@@ -140,8 +166,9 @@ async fn sync(
     config: &AgentConfig,
     admin: &AdminState,
     identities: Option<&IdentityManager>,
+    outbound: &OutboundContext,
 ) {
-    sync_enrolment(cluster, enrolments, config, admin).await;
+    sync_enrolment(cluster, enrolments, config, admin, outbound).await;
     if let Some(identities) = identities {
         identities.set_desired(desired_identities(
             &enrolments.enrolled_views(),
@@ -174,8 +201,14 @@ async fn sync_enrolment(
     enrolments: &mut Enrolments,
     config: &AgentConfig,
     admin: &AdminState,
+    outbound: &OutboundContext,
 ) {
     let (snapshot, errors) = cluster.refresh();
+    let index = Arc::new(WorkloadIndex::build(&snapshot, &config.trust_domain));
+    *outbound
+        .workloads
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = index;
     for error in &errors {
         tracing::warn!(%error, "cluster state manifest rejected; keeping its last good contents");
     }

@@ -40,13 +40,28 @@ pub enum IdentityError {
 /// A workload certificate and its key, in memory only.
 pub struct WorkloadCertificate {
     pub chain_pem: String,
-    #[expect(dead_code, reason = "HBONE presents it; kept in memory only")]
     key_pem: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
 }
 
 impl WorkloadCertificate {
+    /// The chain and key in the form TLS wants them.
+    pub fn tls_material(
+        &self,
+    ) -> Result<
+        (
+            Vec<rustls_pki_types::CertificateDer<'static>>,
+            rustls_pki_types::PrivateKeyDer<'static>,
+        ),
+        tls::TlsError,
+    > {
+        Ok((
+            tls::certificates_from_pem("workload certificate", self.chain_pem.as_bytes())?,
+            tls::private_key_from_pem("workload key", self.key_pem.as_bytes())?,
+        ))
+    }
+
     pub fn renew_at(&self) -> SystemTime {
         let lifetime = self
             .not_after
@@ -118,6 +133,13 @@ impl IdentityManager {
         }
         drop(slots);
         self.wake.notify_one();
+    }
+
+    /// The current certificate of an identity, if one is held.
+    pub fn certificate(&self, id: &SpiffeId) -> Option<Arc<WorkloadCertificate>> {
+        self.lock()
+            .get(id)
+            .and_then(|slot| slot.certificate.clone())
     }
 
     /// True when every wanted identity has a valid certificate.

@@ -138,3 +138,119 @@ pub fn ca_client_config(roots: RootCertStore) -> Result<rustls::ClientConfig, Tl
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
+
+/// ALPN of HBONE: HTTP/2.
+pub const HBONE_ALPN: &[u8] = b"h2";
+
+/// Verifies an HBONE server: its chain must lead to the trust bundle and its certificate
+/// must carry exactly the SPIFFE ID the client expects for the destination.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: SpiffeId,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let presented =
+            spiffe_id_of(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
+        if presented != self.expected {
+            return Err(rustls::Error::General(format!(
+                "peer presented {presented}, expected {}",
+                self.expected
+            )));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Client side of HBONE: presents the source workload's certificate, accepts only a server
+/// holding `expected`.
+pub fn hbone_client_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+    expected: SpiffeId,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots,
+        expected,
+        provider: Arc::clone(&provider),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![HBONE_ALPN.to_vec()];
+    Ok(config)
+}
+
+/// Server side of HBONE: presents the destination workload's certificate and requires a
+/// client certificate that chains to the trust bundle (its SPIFFE ID is checked after the
+/// handshake, where the error can be reported).
+pub fn hbone_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Arc<RootCertStore>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let client_verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
+            .build()
+            .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![HBONE_ALPN.to_vec()];
+    Ok(config)
+}

@@ -21,7 +21,12 @@ use super::{
 };
 use crate::{
     datapath::{Datapath, DatapathError},
-    proxy::outbound::{self, OutboundContext, SourcePod},
+    identity::spiffe::SpiffeId,
+    proxy::{
+        hbone::HBONE_PORT,
+        inbound::{self, DestinationPod, InboundContext},
+        outbound::{self, OutboundContext, SourcePod},
+    },
     state::membership::MeshedPod,
 };
 
@@ -84,6 +89,9 @@ pub struct Enrolments {
     pods_root: PathBuf,
     outbound_port: u16,
     proxy_mark: u32,
+    trust_domain: String,
+    /// Present when the node holds identities: each pod then gets an HBONE listener.
+    inbound: Option<Arc<InboundContext>>,
     datapath: Arc<Datapath>,
     outbound: Arc<OutboundContext>,
     enrolled: BTreeMap<String, Enrolled>,
@@ -95,12 +103,16 @@ impl Enrolments {
         pods_root: PathBuf,
         outbound_port: u16,
         proxy_mark: u32,
+        trust_domain: String,
         outbound: Arc<OutboundContext>,
+        inbound: Option<Arc<InboundContext>>,
     ) -> Self {
         Self {
             pods_root,
             outbound_port,
             proxy_mark,
+            trust_domain,
+            inbound,
             datapath: Arc::clone(&outbound.datapath),
             outbound,
             enrolled: BTreeMap::new(),
@@ -195,12 +207,15 @@ impl Enrolments {
             }
         }
 
+        let sockets = Arc::new(sockets);
+        let identity = SpiffeId::new(&self.trust_domain, &pod.namespace, &pod.service_account).ok();
         let source = Arc::new(SourcePod {
             display_name: pod.display_name(),
-            sockets,
+            identity: identity.clone(),
+            sockets: Arc::clone(&sockets),
         });
-        let addrs = listeners.iter().map(|(addr, _)| *addr).collect();
-        let accept_loops = listeners
+        let mut addrs: Vec<SocketAddr> = listeners.iter().map(|(addr, _)| *addr).collect();
+        let mut accept_loops: Vec<JoinHandle<()>> = listeners
             .into_iter()
             .map(|(_, listener)| {
                 tokio::spawn(outbound::serve(
@@ -210,6 +225,28 @@ impl Enrolments {
                 ))
             })
             .collect();
+        if let (Some(inbound), Some(identity)) = (&self.inbound, identity) {
+            let destination = Arc::new(DestinationPod {
+                display_name: pod.display_name(),
+                identity,
+                ips: pod.ips.clone(),
+                sockets: Arc::clone(&sockets),
+            });
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
+            let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT));
+            let mut hbone = vec![(v4, self.listen(&sockets, v4).await?)];
+            if pod.ips.iter().any(IpAddr::is_ipv6) {
+                hbone.push((v6, self.listen(&sockets, v6).await?));
+            }
+            for (addr, listener) in hbone {
+                addrs.push(addr);
+                accept_loops.push(tokio::spawn(inbound::serve(
+                    listener,
+                    Arc::clone(&destination),
+                    Arc::clone(inbound),
+                )));
+            }
+        }
         let enrolled = Enrolled {
             pod: pod.clone(),
             view: EnrolledPodView {

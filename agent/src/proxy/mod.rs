@@ -1,4 +1,6 @@
-//! The node proxy. Today: L4 passthrough of captured outbound connections.
+//! The node proxy: outbound capture, HBONE (mutual TLS between pods) and its inbound side.
 
 mod counting;
+pub mod hbone;
+pub mod inbound;
 pub mod outbound;

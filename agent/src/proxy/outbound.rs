@@ -1,22 +1,28 @@
 //! Outbound: connections a meshed pod made, captured into the listener the agent opened on
 //! the pod's loopback, forwarded to their original destination from the pod's own network
-//! namespace (so from the pod's own address).
+//! namespace (so from the pod's own address). A destination that is a meshed pod goes
+//! through HBONE (mutual TLS) when the node has identities; anything else passes through.
 
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
 use nodemesh_common::{ConnectionKey, FAMILY_V4, OriginalDst};
 use socket2::{Domain, SockRef};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpSocket, TcpStream},
+};
 
-use super::counting::CountingStream;
+use super::{counting::CountingStream, hbone::HboneClient};
 use crate::{
     datapath::Datapath,
+    identity::spiffe::SpiffeId,
     pods::netns::{NetnsError, NetnsSockets},
+    state::workloads::WorkloadIndex,
     telemetry::connections::ConnectionStats,
 };
 
@@ -26,12 +32,25 @@ pub struct OutboundContext {
     pub stats: Arc<ConnectionStats>,
     pub proxy_mark: u32,
     pub connect_timeout: Duration,
+    /// Present when the node holds workload identities (a CA is configured).
+    pub hbone: Option<Arc<HboneClient>>,
+    pub workloads: RwLock<Arc<WorkloadIndex>>,
+}
+
+impl OutboundContext {
+    /// The identity of the meshed pod at `ip`, when traffic to it must use HBONE.
+    fn hbone_destination(&self, ip: IpAddr) -> Option<SpiffeId> {
+        self.hbone.as_ref()?;
+        let index = self.workloads.read().unwrap_or_else(|p| p.into_inner());
+        index.identity_of(ip).cloned()
+    }
 }
 
 /// One meshed pod as the proxy sees it.
 pub struct SourcePod {
     pub display_name: String,
-    pub sockets: NetnsSockets,
+    pub identity: Option<SpiffeId>,
+    pub sockets: Arc<NetnsSockets>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,32 +97,74 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
         return;
     };
     ctx.stats.opened(&pod.display_name, original);
-    let upstream = match connect_upstream(pod, ctx, original).await {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            tracing::info!(pod = %pod.display_name, destination = %original, %error, "upstream connect failed");
-            ctx.stats.failed(&pod.display_name, original);
-            // The application's connect() already succeeded against the proxy: a reset is
-            // the closest thing to the refusal it would have seen.
-            reset(&client);
-            return;
+    let hbone = ctx.hbone.as_ref().zip(ctx.hbone_destination(original.ip()));
+    let counts = match hbone {
+        Some((client_of_mesh, destination)) => {
+            let Some(source_id) = pod.identity.as_ref() else {
+                tracing::warn!(pod = %pod.display_name, "no identity for this pod; refusing to send mesh traffic in the clear");
+                ctx.stats.failed(&pod.display_name, original);
+                reset(&client);
+                return;
+            };
+            match client_of_mesh
+                .open(
+                    pod,
+                    source_id,
+                    &destination,
+                    original,
+                    ctx.proxy_mark,
+                    ctx.connect_timeout,
+                )
+                .await
+            {
+                Ok(tunnel) => relay(client, tunnel, None).await,
+                Err(error) => {
+                    tracing::warn!(pod = %pod.display_name, destination = %original, %error, "HBONE failed");
+                    ctx.stats.failed(&pod.display_name, original);
+                    reset(&client);
+                    return;
+                }
+            }
         }
+        None => match connect_upstream(pod, ctx, original).await {
+            Ok(upstream) => relay(client, upstream, Some(reset as fn(&TcpStream))).await,
+            Err(error) => {
+                tracing::info!(pod = %pod.display_name, destination = %original, %error, "upstream connect failed");
+                ctx.stats.failed(&pod.display_name, original);
+                // The application's connect() already succeeded against the proxy: a reset
+                // is the closest thing to the refusal it would have seen.
+                reset(&client);
+                return;
+            }
+        },
     };
+    let (sent, received) = counts;
+    ctx.stats
+        .closed(&pod.display_name, original, sent, received);
+    tracing::debug!(pod = %pod.display_name, destination = %original, sent, received, hbone = ctx.hbone_destination(original.ip()).is_some(), "connection closed");
+}
+
+/// Copies both ways until both sides finish; returns (client->upstream, upstream->client)
+/// bytes. A reset on either side is passed on to the client, and to the upstream when it can
+/// be reset.
+async fn relay<U: AsyncRead + AsyncWrite + Unpin>(
+    client: TcpStream,
+    upstream: U,
+    reset_upstream: Option<fn(&U)>,
+) -> (u64, u64) {
     let mut client = CountingStream::new(client);
     let mut upstream = CountingStream::new(upstream);
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(pod = %pod.display_name, destination = %original, %error, "connection ended with an error");
+        tracing::debug!(%error, "connection ended with an error");
         if error.kind() == io::ErrorKind::ConnectionReset {
-            // Pass the reset on, as the two ends would have seen it without the proxy (and
-            // leave no TIME_WAIT behind in the pod).
+            // As the two ends would have seen it without the proxy (and no TIME_WAIT in the pod).
             reset(client.inner());
-            reset(upstream.inner());
+            if let Some(reset_upstream) = reset_upstream {
+                reset_upstream(upstream.inner());
+            }
         }
     }
-    let (sent, received) = (client.bytes_read(), upstream.bytes_read());
-    ctx.stats
-        .closed(&pod.display_name, original, sent, received);
-    tracing::debug!(pod = %pod.display_name, destination = %original, sent, received, "connection closed");
+    (client.bytes_read(), upstream.bytes_read())
 }
 
 async fn connect_upstream(

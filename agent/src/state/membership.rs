@@ -28,10 +28,22 @@ impl MeshedPod {
 
 /// The meshed pods of `node`, keyed by UID.
 pub fn local_meshed_pods(snapshot: &ClusterSnapshot, node: &str) -> BTreeMap<String, MeshedPod> {
+    meshed_pods(snapshot, Some(node))
+        .map(|pod| (pod.uid.clone(), pod))
+        .collect()
+}
+
+/// Every meshed pod of the cluster, or of `node` only when given.
+pub fn meshed_pods<'a>(
+    snapshot: &'a ClusterSnapshot,
+    node: Option<&'a str>,
+) -> impl Iterator<Item = MeshedPod> + 'a {
     snapshot
         .pods
         .values()
-        .filter(|pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter(move |pod| {
+            node.is_none() || pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node
+        })
         .filter(|pod| {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
             snapshot
@@ -40,8 +52,6 @@ pub fn local_meshed_pods(snapshot: &ClusterSnapshot, node: &str) -> BTreeMap<Str
                 .is_some_and(namespace_is_meshed)
         })
         .filter_map(meshed_pod)
-        .map(|pod| (pod.uid.clone(), pod))
-        .collect()
 }
 
 fn namespace_is_meshed(namespace: &Namespace) -> bool {

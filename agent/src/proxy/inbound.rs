@@ -1,0 +1,194 @@
+//! HBONE server: the listener on port 15008 inside each meshed pod's network namespace.
+//! It terminates mTLS with that pod's certificate, requires a client certificate from the
+//! mesh's trust bundle and trust domain, and serves HTTP/2 CONNECT streams whose authority is
+//! one of this pod's own addresses, delivering each to the application from inside the pod.
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::RootCertStore;
+use socket2::Domain;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    identity::{manager::IdentityManager, spiffe::SpiffeId, tls},
+    pods::netns::NetnsSockets,
+    telemetry::connections::ConnectionStats,
+};
+
+/// What every inbound handler needs, shared by the node.
+pub struct InboundContext {
+    pub identities: Arc<IdentityManager>,
+    pub roots: Arc<RootCertStore>,
+    pub trust_domain: String,
+    pub stats: Arc<ConnectionStats>,
+    pub proxy_mark: u32,
+    pub connect_timeout: Duration,
+}
+
+/// One meshed pod as the HBONE server sees it.
+pub struct DestinationPod {
+    pub display_name: String,
+    pub identity: SpiffeId,
+    pub ips: Vec<IpAddr>,
+    pub sockets: Arc<NetnsSockets>,
+}
+
+pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
+                tokio::spawn(async move { serve_connection(stream, peer, pod, ctx).await });
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.display_name, %error, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<DestinationPod>,
+    ctx: Arc<InboundContext>,
+) {
+    let Some(certificate) = ctx.identities.certificate(&pod.identity) else {
+        tracing::warn!(pod = %pod.display_name, %peer, "HBONE refused: this pod holds no certificate yet");
+        return;
+    };
+    let config = match certificate
+        .tls_material()
+        .and_then(|(chain, key)| tls::hbone_server_config(chain, key, Arc::clone(&ctx.roots)))
+    {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(pod = %pod.display_name, %error, "HBONE TLS configuration");
+            return;
+        }
+    };
+    let tls = match TlsAcceptor::from(Arc::new(config)).accept(stream).await {
+        Ok(tls) => tls,
+        Err(error) => {
+            // No client certificate, another CA, expired, garbage: all end here.
+            tracing::warn!(pod = %pod.display_name, %peer, %error, "HBONE mTLS handshake rejected");
+            return;
+        }
+    };
+    let peer_id = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(tls::spiffe_id_of)
+    {
+        Some(Ok(id)) if id.trust_domain() == ctx.trust_domain => id,
+        Some(Ok(id)) => {
+            tracing::warn!(pod = %pod.display_name, %peer, peer_id = %id, "HBONE rejected: peer from another trust domain");
+            return;
+        }
+        Some(Err(error)) => {
+            tracing::warn!(pod = %pod.display_name, %peer, %error, "HBONE rejected: peer certificate has no usable SPIFFE ID");
+            return;
+        }
+        None => return,
+    };
+    let service = service_fn(move |request| {
+        let (pod, ctx, peer_id) = (Arc::clone(&pod), Arc::clone(&ctx), peer_id.clone());
+        async move { Ok::<_, Infallible>(handle_connect(request, pod, ctx, peer_id, peer).await) }
+    });
+    if let Err(error) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(%peer, %error, "HBONE connection ended");
+    }
+}
+
+async fn handle_connect(
+    request: Request<hyper::body::Incoming>,
+    pod: Arc<DestinationPod>,
+    ctx: Arc<InboundContext>,
+    peer_id: SpiffeId,
+    peer: SocketAddr,
+) -> Response<Empty<Bytes>> {
+    if request.method() != Method::CONNECT {
+        tracing::warn!(pod = %pod.display_name, %peer_id, method = %request.method(), "HBONE: only CONNECT is served");
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        tracing::warn!(pod = %pod.display_name, %peer_id, uri = %request.uri(), "HBONE: CONNECT authority is not ip:port");
+        return status(StatusCode::BAD_REQUEST);
+    };
+    if !pod.ips.contains(&target.ip()) {
+        tracing::warn!(pod = %pod.display_name, %peer_id, %target, "HBONE: CONNECT to an address that is not this meshed pod");
+        return status(StatusCode::FORBIDDEN);
+    }
+    let upstream = match connect_local(&pod, &ctx, target).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::info!(pod = %pod.display_name, %peer_id, %target, %error, "HBONE: the application did not accept");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let source = peer_id.to_string();
+    ctx.stats.opened(&source, target);
+    tokio::spawn(async move {
+        let mut upstream = upstream;
+        let (sent, received) = match hyper::upgrade::on(request).await {
+            Ok(upgraded) => {
+                tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream)
+                    .await
+                    .unwrap_or((0, 0))
+            }
+            Err(error) => {
+                tracing::info!(%peer, %error, "HBONE upgrade failed");
+                (0, 0)
+            }
+        };
+        ctx.stats.closed(&source, target, sent, received);
+    });
+    status(StatusCode::OK)
+}
+
+async fn connect_local(
+    pod: &DestinationPod,
+    ctx: &InboundContext,
+    target: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let domain = if target.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let socket = pod
+        .sockets
+        .tcp_socket(domain)
+        .map_err(std::io::Error::other)?;
+    socket.set_mark(ctx.proxy_mark)?;
+    socket.set_tcp_nodelay(true)?;
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+    tokio::time::timeout(ctx.connect_timeout, socket.connect(target))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}

@@ -1,0 +1,505 @@
+//! Mutual TLS on the testbed. Identities: `nodemesh ca serve` runs as a pod (as its Deployment
+//! would), each node agent authenticates with its own token, and gets, renews and releases
+//! certificates for exactly the identities of its own meshed pods. HBONE: traffic between
+//! meshed pods crosses the wire only inside mTLS, checked with a packet capture; bad peers
+//! are refused. Needs root.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use nodemesh_testbed::{
+    AgentOptions, NamespaceSpec, PodSpec, Testbed, TestbedConfig, TopologySpec, is_root,
+    wait_until, workspace_bin,
+};
+use serde_json::Value;
+
+const CA_PORT: u16 = 15012;
+
+struct Mesh {
+    tb: Testbed,
+    ca_dir: tempfile::TempDir,
+    ca_addr: String,
+}
+
+/// The standard testbed plus a CA pod on node1, with the CA started and listening.
+fn mesh_with_ca(cert_ttl_seconds: u64) -> Mesh {
+    assert!(
+        is_root(),
+        "kernel tests need root: run `cargo xtask test` as root"
+    );
+    let mut topology = TopologySpec::standard();
+    topology
+        .namespaces
+        .push(NamespaceSpec::new("nodemesh-system"));
+    topology.nodes[0]
+        .pods
+        .push(PodSpec::new("nodemesh-system", "ca"));
+    let config = TestbedConfig {
+        prefix: "nmid".into(),
+        nodemesh_bin: workspace_bin("nodemesh"),
+        workload_bin: workspace_bin("nodemesh-workload"),
+        log_dir: None,
+    };
+    let tb = Testbed::create(config, topology).expect("create testbed");
+
+    let ca_dir = tempfile::tempdir().expect("tempdir");
+    let dir = ca_dir.path();
+    let init = Command::new(tb.nodemesh_bin())
+        .args(["ca", "init", "--dir"])
+        .arg(dir)
+        .output()
+        .expect("ca init");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    std::fs::write(dir.join("tokens"), "token-node1 node1\ntoken-node2 node2\n").unwrap();
+    std::fs::write(dir.join("token-node1"), "token-node1\n").unwrap();
+    std::fs::write(dir.join("token-node2"), "token-node2\n").unwrap();
+
+    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
+    let mut serve = Command::new(tb.nodemesh_bin());
+    serve
+        .args(["ca", "serve", "--listen", &format!("0.0.0.0:{CA_PORT}")])
+        .arg("--issuer-cert")
+        .arg(dir.join("issuer-cert.pem"))
+        .arg("--issuer-key")
+        .arg(dir.join("issuer-key.pem"))
+        .arg("--token-file")
+        .arg(dir.join("tokens"))
+        .arg("--cluster-state")
+        .arg(tb.cluster_state_dir())
+        .args(["--cert-ttl-seconds", &cert_ttl_seconds.to_string()])
+        .stderr(std::fs::File::create(dir.join("ca.log")).unwrap());
+    tb.spawn_in_pod(&ca_pod, serve)
+        .expect("start the CA")
+        .detach();
+    tb.wait_listening(&ca_pod, CA_PORT).expect("CA listening");
+    let ca_addr = format!("{}:{CA_PORT}", ca_pod.ipv4());
+    Mesh {
+        tb,
+        ca_dir,
+        ca_addr,
+    }
+}
+
+fn agent_options(mesh: &Mesh, token_file: &str) -> AgentOptions {
+    let dir = mesh.ca_dir.path();
+    AgentOptions {
+        extra_args: vec![
+            "--ca-addr".into(),
+            mesh.ca_addr.clone(),
+            "--ca-token-file".into(),
+            path(&dir.join(token_file)),
+            "--trust-bundle".into(),
+            path(&dir.join("trust-bundle.pem")),
+        ],
+        ..Default::default()
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn identities(tb: &Testbed, node: &str) -> BTreeMap<String, Value> {
+    let dump = tb.admin_json(node, "/config_dump").expect("config dump");
+    identities_in(&dump)
+}
+
+fn identities_in(dump: &Value) -> BTreeMap<String, Value> {
+    dump["identities"]
+        .as_array()
+        .expect("identities listed when a CA is configured")
+        .iter()
+        .map(|i| {
+            (
+                i["spiffe_id"].as_str().unwrap_or_default().to_owned(),
+                i.clone(),
+            )
+        })
+        .collect()
+}
+
+fn ca_log(mesh: &Mesh) -> String {
+    std::fs::read_to_string(mesh.ca_dir.path().join("ca.log")).unwrap_or_default()
+}
+
+#[test]
+fn each_node_holds_exactly_its_own_pods_identities_and_renews_them() {
+    let mesh = mesh_with_ca(4);
+    for (node, token) in [("node1", "token-node1"), ("node2", "token-node2")] {
+        // start_agent waits for /readyz, which requires every identity's certificate.
+        mesh.tb
+            .start_agent(node, &agent_options(&mesh, token))
+            .expect("agent ready with certificates");
+    }
+    let node1 = identities(&mesh.tb, "node1");
+    assert_eq!(
+        node1.keys().collect::<Vec<_>>(),
+        [
+            "spiffe://cluster.local/ns/mesh/sa/client-a",
+            "spiffe://cluster.local/ns/mesh/sa/server-a"
+        ],
+        "node1 holds its meshed pods' identities only (not the outsider's, not the CA's, not node2's)"
+    );
+    let node2 = identities(&mesh.tb, "node2");
+    assert_eq!(
+        node2.keys().collect::<Vec<_>>(),
+        [
+            "spiffe://cluster.local/ns/mesh/sa/client-b",
+            "spiffe://cluster.local/ns/mesh/sa/server-b"
+        ]
+    );
+    let chain = node1["spiffe://cluster.local/ns/mesh/sa/client-a"]["certificate_chain"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(
+        chain.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "leaf and issuer: {chain}"
+    );
+    assert!(
+        ca_log(&mesh).contains("certificate issued"),
+        "the CA logs every issuance: {}",
+        ca_log(&mesh)
+    );
+
+    // 4 s certificates are renewed at 70%: wait (bounded) until each has been renewed.
+    wait_until(Duration::from_secs(20), "every identity renewed", || {
+        Ok(identities(&mesh.tb, "node1")
+            .values()
+            .chain(identities(&mesh.tb, "node2").values())
+            .all(|i| i["renewals"].as_u64() >= Some(1)))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", identities(&mesh.tb, "node1")));
+    let (status, _) = mesh.tb.admin_get("node1", "/readyz").expect("readyz");
+    assert_eq!(status, 200, "still ready across renewals");
+}
+
+#[test]
+fn an_agent_cannot_obtain_another_nodes_identities() {
+    let mesh = mesh_with_ca(3600);
+    // node2's agent presents node1's token: the CA sees node1 asking for node2's pods.
+    let options = AgentOptions {
+        wait_ready: false,
+        ..agent_options(&mesh, "token-node1")
+    };
+    mesh.tb
+        .start_agent("node2", &options)
+        .expect("agent started");
+    wait_until(Duration::from_secs(10), "refusal reported", || {
+        // The agent was not waited for: its admin port may not be listening yet.
+        let Ok(dump) = mesh.tb.admin_json("node2", "/config_dump") else {
+            return Ok(false);
+        };
+        let ids = identities_in(&dump);
+        Ok(!ids.is_empty()
+            && ids
+                .values()
+                .all(|i| i["last_error"].as_str().is_some_and(|e| e.contains("403"))))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", identities(&mesh.tb, "node2")));
+    let node2 = identities(&mesh.tb, "node2");
+    assert!(
+        node2.values().all(|i| i["not_after_unix"].is_null()),
+        "no certificate held: {node2:?}"
+    );
+    let error = node2
+        .values()
+        .next()
+        .and_then(|i| i["last_error"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(error.contains("not on the caller's node node1"), "{error}");
+    let (status, _) = mesh.tb.admin_get("node2", "/readyz").expect("readyz");
+    assert_eq!(status, 503, "not ready without certificates");
+    assert!(
+        ca_log(&mesh).contains("request refused"),
+        "the CA logs the refusal: {}",
+        ca_log(&mesh)
+    );
+}
+
+#[test]
+fn identities_are_released_when_their_pods_leave_the_mesh() {
+    let mut mesh = mesh_with_ca(3600);
+    mesh.tb
+        .start_agent("node1", &agent_options(&mesh, "token-node1"))
+        .expect("agent ready");
+    assert_eq!(identities(&mesh.tb, "node1").len(), 2);
+    mesh.tb
+        .set_namespace_labels("mesh", BTreeMap::new())
+        .expect("remove the mesh label");
+    wait_until(Duration::from_secs(5), "identities released", || {
+        Ok(identities(&mesh.tb, "node1").is_empty())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", identities(&mesh.tb, "node1")));
+}
+
+fn start_meshed_agents(mesh: &Mesh) {
+    for (node, token) in [("node1", "token-node1"), ("node2", "token-node2")] {
+        mesh.tb
+            .start_agent(node, &agent_options(mesh, token))
+            .expect("agent ready with certificates");
+    }
+}
+
+fn run(tb: &Testbed, ns: &str, name: &str, program: &str, args: &[&str]) -> std::process::Output {
+    let pod = tb.pod(ns, name).clone();
+    let mut command = Command::new(program);
+    command.args(args);
+    tb.run_in_pod(&pod, command).expect("run in pod")
+}
+
+/// tcpdump on node1's port of the bridge between the nodes (a bridge device itself does not
+/// see the frames it forwards between ports).
+struct Capture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(tb: &Testbed, dir: &Path) -> Capture {
+        let file = dir.join("wire.pcap");
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &format!("{}-br", tb.name()),
+                "tcpdump",
+                "-i",
+                "n1",
+                // Hand each packet over at once: without it packets wait in the kernel's
+                // ring-buffer block, and stopping tcpdump drops them.
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-w",
+            ])
+            .arg(&file)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (installed by scripts/setup.sh)");
+        // tcpdump says "listening on n1" once it captures: wait for that line.
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let listening = lines
+            .by_ref()
+            .take(5)
+            .map_while(Result::ok)
+            .any(|line| line.contains("listening on"));
+        assert!(listening, "tcpdump did not start");
+        Capture { child, file }
+    }
+
+    /// Stops the capture and returns the raw bytes captured.
+    fn finish(mut self) -> Vec<u8> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+        std::fs::read(&self.file).expect("pcap written")
+    }
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn traffic_between_meshed_pods_is_encrypted_on_the_wire_and_delivered() {
+    let mesh = mesh_with_ca(3600);
+    start_meshed_agents(&mesh);
+    let server_b = mesh.tb.pod("mesh", "server-b").clone();
+    let mut http = Command::new(mesh.tb.workload_bin());
+    http.args(["http-server", "--port", "8080"]);
+    mesh.tb
+        .spawn_in_pod(&server_b, http)
+        .expect("http server")
+        .detach();
+    mesh.tb.wait_listening(&server_b, 8080).expect("listening");
+
+    let capture = Capture::start(&mesh.tb, mesh.ca_dir.path());
+    let secret = "NODEMESH-SECRET-MARKER-7f3a";
+    let url = format!("http://{}:8080/{secret}", server_b.ipv4());
+    let meshed = run(
+        &mesh.tb,
+        "mesh",
+        "client-a",
+        "curl",
+        &["-sS", "-o", "/dev/null", "-w", "%{http_code}", &url],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&meshed.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&meshed.stderr)
+    );
+    let in_the_clear = "NODEMESH-PLAINTEXT-MARKER-91c2";
+    let url = format!("http://{}:8080/{in_the_clear}", server_b.ipv4());
+    let plain = run(
+        &mesh.tb,
+        "plain",
+        "outsider",
+        "curl",
+        &["-sS", "-o", "/dev/null", "-w", "%{http_code}", &url],
+    );
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "200");
+    let wire = capture.finish();
+
+    assert!(
+        contains(&wire, in_the_clear),
+        "the capture sees plaintext of non-meshed traffic (sanity check of the capture; {} bytes captured)",
+        wire.len()
+    );
+    assert!(
+        !contains(&wire, secret),
+        "meshed traffic crossed the wire in the clear"
+    );
+
+    // node2's HBONE server saw the connection from client-a's verified identity.
+    let stats = mesh.tb.admin_json("node2", "/stats").expect("stats");
+    let inbound: Vec<&Value> = stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["source_pod"] == "spiffe://cluster.local/ns/mesh/sa/client-a")
+        .collect();
+    assert_eq!(inbound.len(), 1, "{stats}");
+    assert_eq!(
+        inbound[0]["destination"],
+        format!("{}:8080", server_b.ipv4())
+    );
+}
+
+#[test]
+fn hbone_carries_ipv4_and_ipv6_byte_exact_with_the_dialled_peer() {
+    let mesh = mesh_with_ca(3600);
+    start_meshed_agents(&mesh);
+    let server_b = mesh.tb.pod("mesh", "server-b").clone();
+    let mut echo = Command::new(mesh.tb.workload_bin());
+    echo.args(["echo-server", "--ports", "7000"]);
+    mesh.tb
+        .spawn_in_pod(&server_b, echo)
+        .expect("echo server")
+        .detach();
+    mesh.tb.wait_listening(&server_b, 7000).expect("listening");
+    let workload = mesh.tb.workload_bin().display().to_string();
+    for target in [
+        format!("{}:7000", server_b.ipv4()),
+        format!("[{}]:7000", server_b.ipv6()),
+    ] {
+        let out = run(
+            &mesh.tb,
+            "mesh",
+            "client-a",
+            &workload,
+            &[
+                "echo-client",
+                "--target",
+                &target,
+                "--bytes",
+                "262144",
+                "--connections",
+                "5",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{target}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let stats = mesh.tb.admin_json("node2", "/stats").expect("stats");
+    let inbound_bytes: u64 = stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["source_pod"] == "spiffe://cluster.local/ns/mesh/sa/client-a")
+        .map(|s| s["bytes_sent"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        inbound_bytes,
+        10 * 262144,
+        "all 10 connections delivered through node2's HBONE server: {stats}"
+    );
+}
+
+#[test]
+fn hbone_refuses_clients_without_a_mesh_certificate() {
+    let mesh = mesh_with_ca(3600);
+    start_meshed_agents(&mesh);
+    let server_b = mesh.tb.pod("mesh", "server-b").clone();
+    let hbone = format!("{}:15008", server_b.ipv4());
+    // TLS 1.3 checks a client certificate after the client has finished its handshake, so
+    // openssl is told to keep reading (-ign_eof) until the server answers with an alert.
+    // No client certificate.
+    let out = run(
+        &mesh.tb,
+        "plain",
+        "outsider",
+        "openssl",
+        &[
+            "s_client", "-connect", &hbone, "-alpn", "h2", "-brief", "-ign_eof",
+        ],
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("alert certificate required"),
+        "handshake without a client certificate must fail: {said}"
+    );
+    // A certificate from another CA.
+    let other = tempfile::tempdir().expect("tempdir");
+    let init = Command::new(mesh.tb.nodemesh_bin())
+        .args(["ca", "init", "--dir"])
+        .arg(other.path())
+        .output()
+        .expect("ca init");
+    assert!(init.status.success());
+    let cert = path(&other.path().join("issuer-cert.pem"));
+    let key = path(&other.path().join("issuer-key.pem"));
+    let out = run(
+        &mesh.tb,
+        "plain",
+        "outsider",
+        "openssl",
+        &[
+            "s_client", "-connect", &hbone, "-alpn", "h2", "-brief", "-ign_eof", "-cert", &cert,
+            "-key", &key,
+        ],
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("alert"),
+        "a certificate from another CA must be refused: {said}"
+    );
+
+    wait_until(Duration::from_secs(5), "two rejections logged", || {
+        Ok(mesh
+            .tb
+            .agent_log("node2")
+            .matches("HBONE mTLS handshake rejected")
+            .count()
+            >= 2)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", mesh.tb.agent_log("node2")));
+    assert!(mesh.tb.agent_running("node2"), "the agent keeps serving");
+}
