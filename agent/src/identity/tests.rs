@@ -303,3 +303,161 @@ async fn a_refused_identity_is_reported_and_retried() {
     assert!(error.contains("403") && error.contains("node2"), "{error}");
     assert!(!manager.all_held());
 }
+
+/// A workload certificate signed by the test CA's issuer, valid from `from` to `until`
+/// (seconds relative to now; negative is the past).
+fn workload_cert(
+    ca: &Ca,
+    id: &str,
+    from: i64,
+    until: i64,
+) -> (
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+) {
+    let dir = ca.dir.path();
+    let issuer_key =
+        KeyPair::from_pem(&std::fs::read_to_string(dir.join("issuer-key.pem")).unwrap()).unwrap();
+    let issuer_pem = std::fs::read_to_string(dir.join("issuer-cert.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&issuer_pem, issuer_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now + time::Duration::seconds(from);
+    params.not_after = now + time::Duration::seconds(until);
+    let leaf = params.signed_by(&key, &issuer).unwrap();
+    let chain =
+        tls::certificates_from_pem("test", format!("{}{issuer_pem}", leaf.pem()).as_bytes())
+            .unwrap();
+    (
+        chain,
+        tls::private_key_from_pem("test", key.serialize_pem().as_bytes()).unwrap(),
+    )
+}
+
+/// Runs one HBONE-style handshake over loopback; returns the client's and server's outcome.
+async fn handshake(
+    client: Option<rustls::ClientConfig>,
+    server: rustls::ServerConfig,
+) -> (
+    Result<Option<rustls::NamedGroup>, String>,
+    Result<(), String>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let server_side = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        acceptor
+            .accept(tcp)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let client = client.expect("client config");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let client_side = match tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+    {
+        Ok(mut stream) => {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let group = stream
+                .get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .map(|g| g.name());
+            // TLS 1.3 client authentication completes with the server's first read.
+            let _ = stream.write_all(b"x").await;
+            let mut buf = [0u8; 1];
+            let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+            Ok(group)
+        }
+        Err(error) => Err(error.to_string()),
+    };
+    (client_side, server_side.await.unwrap())
+}
+
+fn roots(ca: &Ca) -> Arc<rustls::RootCertStore> {
+    Arc::new(tls::load_trust_bundle(&ca.dir.path().join("trust-bundle.pem")).unwrap())
+}
+
+#[tokio::test]
+async fn hbone_tls_negotiates_the_hybrid_post_quantum_group_and_verifies_both_identities() {
+    let ca = start_ca(3600).await;
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    let db = "spiffe://cluster.local/ns/shop/sa/db";
+    let (client_chain, client_key) = workload_cert(&ca, web, -60, 3600);
+    let (server_chain, server_key) = workload_cert(&ca, db, -60, 3600);
+    let server = || {
+        tls::hbone_server_config(server_chain.clone(), server_key.clone_key(), roots(&ca)).unwrap()
+    };
+    let client = |expected: &str| {
+        Some(
+            tls::hbone_client_config(
+                client_chain.clone(),
+                client_key.clone_key(),
+                roots(&ca),
+                expected.parse().unwrap(),
+            )
+            .unwrap(),
+        )
+    };
+
+    let (client_side, server_side) = handshake(client(db), server()).await;
+    assert_eq!(
+        client_side,
+        Ok(Some(rustls::NamedGroup::X25519MLKEM768)),
+        "hybrid key exchange preferred"
+    );
+    assert_eq!(server_side, Ok(()));
+
+    // The server holds db's certificate; a client expecting web must refuse it.
+    let (client_side, _) = handshake(client(web), server()).await;
+    let error = client_side.unwrap_err();
+    assert!(error.contains("peer presented spiffe://cluster.local/ns/shop/sa/db, expected spiffe://cluster.local/ns/shop/sa/web"), "{error}");
+}
+
+#[tokio::test]
+async fn hbone_tls_refuses_expired_and_foreign_certificates() {
+    let ca = start_ca(3600).await;
+    let db = "spiffe://cluster.local/ns/shop/sa/db";
+    let (server_chain, server_key) = workload_cert(&ca, db, -60, 3600);
+    let server = || {
+        tls::hbone_server_config(server_chain.clone(), server_key.clone_key(), roots(&ca)).unwrap()
+    };
+
+    // A client whose certificate expired a minute ago.
+    let (expired_chain, expired_key) =
+        workload_cert(&ca, "spiffe://cluster.local/ns/shop/sa/web", -3600, -60);
+    let client =
+        tls::hbone_client_config(expired_chain, expired_key, roots(&ca), db.parse().unwrap())
+            .unwrap();
+    let (_, server_side) = handshake(Some(client), server()).await;
+    let error = server_side.unwrap_err();
+    assert!(error.to_lowercase().contains("expired"), "{error}");
+
+    // A client from another CA.
+    let other = start_ca(3600).await;
+    let (foreign_chain, foreign_key) =
+        workload_cert(&other, "spiffe://cluster.local/ns/shop/sa/web", -60, 3600);
+    let client =
+        tls::hbone_client_config(foreign_chain, foreign_key, roots(&ca), db.parse().unwrap())
+            .unwrap();
+    let (_, server_side) = handshake(Some(client), server()).await;
+    let error = server_side.unwrap_err();
+    // Both test CAs name their issuer alike, so the chain resolves to our issuer and the
+    // signature check fails (BadSignature); a differently named CA gives UnknownIssuer.
+    assert!(error.contains("invalid peer certificate"), "{error}");
+
+    // A server whose certificate expired is refused by the client.
+    let (old_chain, old_key) = workload_cert(&ca, db, -3600, -60);
+    let (web_chain, web_key) =
+        workload_cert(&ca, "spiffe://cluster.local/ns/shop/sa/web", -60, 3600);
+    let client =
+        tls::hbone_client_config(web_chain, web_key, roots(&ca), db.parse().unwrap()).unwrap();
+    let expired_server = tls::hbone_server_config(old_chain, old_key, roots(&ca)).unwrap();
+    let (client_side, _) = handshake(Some(client), expired_server).await;
+    assert!(client_side.unwrap_err().to_lowercase().contains("expired"));
+}
