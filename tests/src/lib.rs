@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod agent;
+mod ca;
 mod cgroup;
 mod cleanup;
 pub mod cluster_state;
@@ -27,6 +28,7 @@ mod workload;
 use std::path::PathBuf;
 
 pub use agent::{ADMIN_ADDR, AgentOptions};
+pub use ca::{CA_PORT, MeshCa};
 pub use cgroup::cgroup2_root;
 pub use cleanup::{TeardownReport, leftovers, sweep_stale, teardown_all_registered};
 pub use error::{Result, TestbedError};

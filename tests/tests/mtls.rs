@@ -13,17 +13,14 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    AgentOptions, NamespaceSpec, PodSpec, Testbed, TestbedConfig, TopologySpec, is_root,
+    AgentOptions, MeshCa, NamespaceSpec, PodSpec, Testbed, TestbedConfig, TopologySpec, is_root,
     wait_until, workspace_bin,
 };
 use serde_json::Value;
 
-const CA_PORT: u16 = 15012;
-
 struct Mesh {
     tb: Testbed,
-    ca_dir: tempfile::TempDir,
-    ca_addr: String,
+    ca: MeshCa,
 }
 
 /// The standard testbed plus a CA pod on node1, with the CA started and listening.
@@ -46,60 +43,17 @@ fn mesh_with_ca(cert_ttl_seconds: u64) -> Mesh {
         log_dir: None,
     };
     let tb = Testbed::create(config, topology).expect("create testbed");
-
-    let ca_dir = tempfile::tempdir().expect("tempdir");
-    let dir = ca_dir.path();
-    let init = Command::new(tb.nodemesh_bin())
-        .args(["ca", "init", "--dir"])
-        .arg(dir)
-        .output()
-        .expect("ca init");
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    std::fs::write(dir.join("tokens"), "token-node1 node1\ntoken-node2 node2\n").unwrap();
-    std::fs::write(dir.join("token-node1"), "token-node1\n").unwrap();
-    std::fs::write(dir.join("token-node2"), "token-node2\n").unwrap();
-
     let ca_pod = tb.pod("nodemesh-system", "ca").clone();
-    let mut serve = Command::new(tb.nodemesh_bin());
-    serve
-        .args(["ca", "serve", "--listen", &format!("0.0.0.0:{CA_PORT}")])
-        .arg("--issuer-cert")
-        .arg(dir.join("issuer-cert.pem"))
-        .arg("--issuer-key")
-        .arg(dir.join("issuer-key.pem"))
-        .arg("--token-file")
-        .arg(dir.join("tokens"))
-        .arg("--cluster-state")
-        .arg(tb.cluster_state_dir())
-        .args(["--cert-ttl-seconds", &cert_ttl_seconds.to_string()])
-        .stderr(std::fs::File::create(dir.join("ca.log")).unwrap());
-    tb.spawn_in_pod(&ca_pod, serve)
-        .expect("start the CA")
-        .detach();
-    tb.wait_listening(&ca_pod, CA_PORT).expect("CA listening");
-    let ca_addr = format!("{}:{CA_PORT}", ca_pod.ipv4());
-    Mesh {
-        tb,
-        ca_dir,
-        ca_addr,
-    }
+    let ca = tb
+        .start_ca(&ca_pod, cert_ttl_seconds)
+        .expect("start the CA");
+    Mesh { tb, ca }
 }
 
-fn agent_options(mesh: &Mesh, token_file: &str) -> AgentOptions {
-    let dir = mesh.ca_dir.path();
+/// Agent options using the CA with `token_node`'s token.
+fn agent_options(mesh: &Mesh, token_node: &str) -> AgentOptions {
     AgentOptions {
-        extra_args: vec![
-            "--ca-addr".into(),
-            mesh.ca_addr.clone(),
-            "--ca-token-file".into(),
-            path(&dir.join(token_file)),
-            "--trust-bundle".into(),
-            path(&dir.join("trust-bundle.pem")),
-        ],
+        extra_args: mesh.ca.agent_args_with_token_of(token_node),
         ..Default::default()
     }
 }
@@ -128,13 +82,13 @@ fn identities_in(dump: &Value) -> BTreeMap<String, Value> {
 }
 
 fn ca_log(mesh: &Mesh) -> String {
-    std::fs::read_to_string(mesh.ca_dir.path().join("ca.log")).unwrap_or_default()
+    mesh.ca.log()
 }
 
 #[test]
 fn each_node_holds_exactly_its_own_pods_identities_and_renews_them() {
     let mesh = mesh_with_ca(4);
-    for (node, token) in [("node1", "token-node1"), ("node2", "token-node2")] {
+    for (node, token) in [("node1", "node1"), ("node2", "node2")] {
         // start_agent waits for /readyz, which requires every identity's certificate.
         mesh.tb
             .start_agent(node, &agent_options(&mesh, token))
@@ -189,7 +143,7 @@ fn an_agent_cannot_obtain_another_nodes_identities() {
     // node2's agent presents node1's token: the CA sees node1 asking for node2's pods.
     let options = AgentOptions {
         wait_ready: false,
-        ..agent_options(&mesh, "token-node1")
+        ..agent_options(&mesh, "node1")
     };
     mesh.tb
         .start_agent("node2", &options)
@@ -231,7 +185,7 @@ fn an_agent_cannot_obtain_another_nodes_identities() {
 fn identities_are_released_when_their_pods_leave_the_mesh() {
     let mut mesh = mesh_with_ca(3600);
     mesh.tb
-        .start_agent("node1", &agent_options(&mesh, "token-node1"))
+        .start_agent("node1", &agent_options(&mesh, "node1"))
         .expect("agent ready");
     assert_eq!(identities(&mesh.tb, "node1").len(), 2);
     mesh.tb
@@ -244,7 +198,7 @@ fn identities_are_released_when_their_pods_leave_the_mesh() {
 }
 
 fn start_meshed_agents(mesh: &Mesh) {
-    for (node, token) in [("node1", "token-node1"), ("node2", "token-node2")] {
+    for (node, token) in [("node1", "node1"), ("node2", "node2")] {
         mesh.tb
             .start_agent(node, &agent_options(mesh, token))
             .expect("agent ready with certificates");
@@ -329,7 +283,7 @@ fn traffic_between_meshed_pods_is_encrypted_on_the_wire_and_delivered() {
         .detach();
     mesh.tb.wait_listening(&server_b, 8080).expect("listening");
 
-    let capture = Capture::start(&mesh.tb, mesh.ca_dir.path());
+    let capture = Capture::start(&mesh.tb, mesh.ca.dir());
     let secret = "NODEMESH-SECRET-MARKER-7f3a";
     let url = format!("http://{}:8080/{secret}", server_b.ipv4());
     let meshed = run(

@@ -6,11 +6,15 @@
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use anyhow::{Context, bail};
-use nodemesh_testbed::{AgentOptions, Testbed, TestbedConfig, TopologySpec};
+use nodemesh_testbed::{
+    AgentOptions, NamespaceSpec, PodSpec, Testbed, TestbedConfig, TopologySpec,
+};
 use serde_json::Value;
 
 const HTTP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 7000;
+/// Lifetime of the demo's workload certificates.
+const CERT_TTL_SECONDS: u64 = 3600;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -44,8 +48,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         workload_bin,
         log_dir: None,
     };
-    let mut tb =
-        Testbed::create(config, TopologySpec::standard()).context("building the testbed")?;
+    let mut tb = Testbed::create(config, demo_topology()).context("building the testbed")?;
     let result = exercise(&mut tb, args);
     let report = tb.teardown();
     match (&result, report) {
@@ -58,19 +61,31 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     result
 }
 
+/// The standard two nodes, plus the nodemesh CA as a pod on node1 (as its Deployment would).
+fn demo_topology() -> TopologySpec {
+    let mut topology = TopologySpec::standard();
+    topology
+        .namespaces
+        .push(NamespaceSpec::new("nodemesh-system"));
+    topology.nodes[0]
+        .pods
+        .push(PodSpec::new("nodemesh-system", "ca"));
+    topology
+}
+
 fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
     println!("== testbed {}", tb.name());
     for pod in tb.pods() {
         println!(
-            "   {:<6} {:<16} {:<13} {:<14} namespace {}",
+            "   {:<6} {:<20} {:<13} {:<14} namespace {}",
             pod.node(),
             format!("{}/{}", pod.namespace(), pod.name()),
             pod.ipv4(),
             pod.ipv6(),
-            if pod.namespace() == "mesh" {
-                "meshed (nodemesh.io/mesh=enabled)"
-            } else {
-                "not meshed"
+            match pod.namespace() {
+                "mesh" => "meshed (nodemesh.io/mesh=enabled)",
+                "nodemesh-system" => "not meshed (runs `nodemesh ca serve`)",
+                _ => "not meshed",
             }
         );
     }
@@ -79,11 +94,21 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
         tb.cluster_state_dir().display()
     );
 
-    let options = AgentOptions {
-        fail_mode: args.fail_mode.clone(),
-        ..Default::default()
-    };
+    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
+    let ca = tb
+        .start_ca(&ca_pod, CERT_TTL_SECONDS)
+        .context("starting the CA")?;
+    println!(
+        "== nodemesh CA serving at {} (root, issuer and tokens in {})",
+        ca.addr(),
+        ca.dir().display()
+    );
     for node in ["node1", "node2"] {
+        let options = AgentOptions {
+            fail_mode: args.fail_mode.clone(),
+            extra_args: ca.agent_args(node),
+            ..Default::default()
+        };
         tb.start_agent(node, &options)
             .with_context(|| format!("starting the agent of {node}"))?;
         let dump = tb.admin_json(node, "/config_dump")?;
@@ -104,6 +129,17 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             "== agent on {node} ready; enrolled: {}",
             enrolled.join(", ")
         );
+        for identity in dump["identities"].as_array().into_iter().flatten() {
+            let remaining = identity["not_after_unix"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(unix_now());
+            println!(
+                "   certificate {} (expires in {}s, renewed at 70%)",
+                identity["spiffe_id"].as_str().unwrap_or("?"),
+                remaining
+            );
+        }
     }
 
     let workload = tb.workload_bin().display().to_string();
@@ -231,8 +267,20 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
 
     println!("\n== what each node proxy carried (GET /stats on its admin port)");
     println!(
-        "   {:<6} {:<16} {:<26} {:>5} {:>10} {:>10}",
-        "proxy", "source pod", "original destination", "conns", "bytes out", "bytes in"
+        "   outbound: captured from a local pod; to a meshed pod it left in mTLS (HBONE), \
+         otherwise as plain TCP"
+    );
+    println!(
+        "   inbound: HBONE streams accepted for a local pod, by the peer's verified SPIFFE ID"
+    );
+    println!(
+        "   {:<6} {:<42} {:<26} {:>5} {:>10} {:>10}",
+        "proxy",
+        "source (pod, or SPIFFE ID if inbound)",
+        "destination",
+        "conns",
+        "bytes out",
+        "bytes in"
     );
     let mut seen_sources = BTreeMap::new();
     for node in ["node1", "node2"] {
@@ -240,7 +288,7 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
         for series in stats["connections"].as_array().into_iter().flatten() {
             let source = series["source_pod"].as_str().unwrap_or("?").to_owned();
             println!(
-                "   {:<6} {:<16} {:<26} {:>5} {:>10} {:>10}",
+                "   {:<6} {:<42} {:<26} {:>5} {:>10} {:>10}",
                 node,
                 source,
                 series["destination"].as_str().unwrap_or("?"),
@@ -260,8 +308,19 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             "directly, through no proxy"
         }
     );
+    let encrypted = seen_sources.contains_key("spiffe://cluster.local/ns/mesh/sa/client-a")
+        && seen_sources.contains_key("spiffe://cluster.local/ns/mesh/sa/client-b");
+    println!(
+        "   meshed pods' connections to meshed pods arrived over mutual TLS: {}",
+        if encrypted {
+            "yes (HBONE, TLS 1.3, X25519MLKEM768)"
+        } else {
+            "NO (unexpected)"
+        }
+    );
     if failures > 0
         || outsider_proxied
+        || !encrypted
         || !seen_sources.contains_key("mesh/client-a")
         || !seen_sources.contains_key("mesh/client-b")
     {
@@ -272,6 +331,13 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
     }
     println!("   agent logs: {}", tb.log_dir().display());
     Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn closed_total(tb: &Testbed, node: &str) -> u64 {
