@@ -101,6 +101,19 @@ pub struct TopologySpec {
 }
 
 impl TopologySpec {
+    /// [`TopologySpec::standard`] plus namespace `nodemesh-system` (not meshed) with pod `ca`
+    /// on node1, where [`crate::Testbed::start_ca`] runs the CA as its Deployment would.
+    pub fn standard_with_ca() -> Self {
+        let mut topology = Self::standard();
+        topology
+            .namespaces
+            .push(NamespaceSpec::new("nodemesh-system"));
+        topology.nodes[0]
+            .pods
+            .push(PodSpec::new("nodemesh-system", "ca"));
+        topology
+    }
+
     /// Two nodes; namespace `mesh` (meshed) and `plain` (not);
     /// node1: mesh/client-a, mesh/server-a, plain/outsider; node2: mesh/client-b, mesh/server-b.
     pub fn standard() -> Self {

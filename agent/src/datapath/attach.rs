@@ -30,6 +30,26 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     program_names::GETPEERNAME6,
 ];
 
+/// Loads a cgroup program, attaches it to the cgroup through a bpf link and hands the link
+/// over as an `FdLink` ready to pin. A macro because aya's program types share these methods
+/// without sharing a trait.
+macro_rules! attach_pinned {
+    ($program:expr, $name:expr, $cgroup:expr) => {{
+        let program = $program;
+        let name = $name;
+        let program_error = |source| DatapathError::Program { name, source };
+        program.load().map_err(program_error)?;
+        let link_id = program
+            .attach($cgroup, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        let link = program.take_link(link_id).map_err(program_error)?;
+        FdLink::try_from(link).map_err(|source| DatapathError::Program {
+            name,
+            source: aya::programs::ProgramError::from(source),
+        })?
+    }};
+}
+
 pub(super) fn attach_all(
     ebpf: &mut Ebpf,
     cgroup: &Path,
@@ -45,39 +65,16 @@ pub(super) fn attach_all(
         .unwrap_or(0);
 
     for name in SOCK_ADDR_PROGRAMS {
-        let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
-        program
-            .load()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let link_id = program
-            .attach(&cgroup_file, CgroupAttachMode::Single)
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let link = program
-            .take_link(link_id)
-            .map_err(|source| DatapathError::Program { name, source })?;
-        let fd_link = FdLink::try_from(link).map_err(|source| DatapathError::Program {
+        let link = attach_pinned!(
+            program_mut::<CgroupSockAddr>(ebpf, name)?,
             name,
-            source: aya::programs::ProgramError::from(source),
-        })?;
-        replace_pinned(name, fd_link, link_dir, generation)?;
+            &cgroup_file
+        );
+        replace_pinned(name, link, link_dir, generation)?;
     }
-
     let name = program_names::SOCK_OPS;
-    let program: &mut SockOps = program_mut(ebpf, name)?;
-    program
-        .load()
-        .map_err(|source| DatapathError::Program { name, source })?;
-    let link_id = program
-        .attach(&cgroup_file, CgroupAttachMode::Single)
-        .map_err(|source| DatapathError::Program { name, source })?;
-    let link = program
-        .take_link(link_id)
-        .map_err(|source| DatapathError::Program { name, source })?;
-    let fd_link = FdLink::try_from(link).map_err(|source| DatapathError::Program {
-        name,
-        source: aya::programs::ProgramError::from(source),
-    })?;
-    replace_pinned(name, fd_link, link_dir, generation)?;
+    let link = attach_pinned!(program_mut::<SockOps>(ebpf, name)?, name, &cgroup_file);
+    replace_pinned(name, link, link_dir, generation)?;
     tracing::info!(cgroup = %cgroup.display(), "eBPF programs attached");
     Ok(())
 }

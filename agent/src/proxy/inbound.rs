@@ -63,6 +63,8 @@ async fn serve_connection(
     pod: Arc<DestinationPod>,
     ctx: Arc<InboundContext>,
 ) {
+    // Small HTTP/2 frames (a CONNECT's 200, a short reply) must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
     let Some(certificate) = ctx.identities.certificate(&pod.identity) else {
         tracing::warn!(pod = %pod.display_name, %peer, "HBONE refused: this pod holds no certificate yet");
         return;

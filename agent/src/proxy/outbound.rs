@@ -86,6 +86,8 @@ pub async fn serve(listener: TcpListener, pod: Arc<SourcePod>, ctx: Arc<Outbound
 }
 
 async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &OutboundContext) {
+    // The proxy forwards what it reads at once; Nagle would only add delay.
+    let _ = client.set_nodelay(true);
     let key = connection_key(pod.sockets.cookie(), peer);
     let Some(original) = ctx
         .datapath
