@@ -18,6 +18,7 @@ use socket2::Domain;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use super::relay::{relay, reset};
 use crate::{
     identity::{manager::IdentityManager, spiffe::SpiffeId, tls},
     pods::netns::NetnsSockets,
@@ -150,12 +151,11 @@ async fn handle_connect(
     let source = peer_id.to_string();
     ctx.stats.opened(&source, target);
     tokio::spawn(async move {
-        let mut upstream = upstream;
         let (sent, received) = match hyper::upgrade::on(request).await {
             Ok(upgraded) => {
-                tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream)
-                    .await
-                    .unwrap_or((0, 0))
+                let (from_tunnel, from_app) =
+                    relay(TokioIo::new(upgraded), upstream, |_, app| reset(app)).await;
+                (from_tunnel, from_app)
             }
             Err(error) => {
                 tracing::info!(%peer, %error, "HBONE upgrade failed");

@@ -4,3 +4,4 @@ mod counting;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+mod relay;

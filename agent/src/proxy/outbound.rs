@@ -11,13 +11,13 @@ use std::{
 };
 
 use nodemesh_common::{ConnectionKey, FAMILY_V4, OriginalDst};
-use socket2::{Domain, SockRef};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, TcpSocket, TcpStream},
-};
+use socket2::Domain;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::{counting::CountingStream, hbone::HboneClient};
+use super::{
+    hbone::HboneClient,
+    relay::{relay, reset},
+};
 use crate::{
     datapath::Datapath,
     identity::spiffe::SpiffeId,
@@ -119,7 +119,7 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
                 )
                 .await
             {
-                Ok(tunnel) => relay(client, tunnel, None).await,
+                Ok(tunnel) => relay(client, tunnel, |client, _| reset(client)).await,
                 Err(error) => {
                     tracing::warn!(pod = %pod.display_name, destination = %original, %error, "HBONE failed");
                     ctx.stats.failed(&pod.display_name, original);
@@ -129,7 +129,13 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
             }
         }
         None => match connect_upstream(pod, ctx, original).await {
-            Ok(upstream) => relay(client, upstream, Some(reset as fn(&TcpStream))).await,
+            Ok(upstream) => {
+                relay(client, upstream, |client, upstream| {
+                    reset(client);
+                    reset(upstream);
+                })
+                .await
+            }
             Err(error) => {
                 tracing::info!(pod = %pod.display_name, destination = %original, %error, "upstream connect failed");
                 ctx.stats.failed(&pod.display_name, original);
@@ -144,29 +150,6 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
     ctx.stats
         .closed(&pod.display_name, original, sent, received);
     tracing::debug!(pod = %pod.display_name, destination = %original, sent, received, hbone = ctx.hbone_destination(original.ip()).is_some(), "connection closed");
-}
-
-/// Copies both ways until both sides finish; returns (client->upstream, upstream->client)
-/// bytes. A reset on either side is passed on to the client, and to the upstream when it can
-/// be reset.
-async fn relay<U: AsyncRead + AsyncWrite + Unpin>(
-    client: TcpStream,
-    upstream: U,
-    reset_upstream: Option<fn(&U)>,
-) -> (u64, u64) {
-    let mut client = CountingStream::new(client);
-    let mut upstream = CountingStream::new(upstream);
-    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(%error, "connection ended with an error");
-        if error.kind() == io::ErrorKind::ConnectionReset {
-            // As the two ends would have seen it without the proxy (and no TIME_WAIT in the pod).
-            reset(client.inner());
-            if let Some(reset_upstream) = reset_upstream {
-                reset_upstream(upstream.inner());
-            }
-        }
-    }
-    (client.bytes_read(), upstream.bytes_read())
 }
 
 async fn connect_upstream(
@@ -195,11 +178,6 @@ async fn connect_upstream(
             ctx.connect_timeout,
         )),
     }
-}
-
-fn reset(stream: &TcpStream) {
-    // SO_LINGER 0 turns the close into a RST.
-    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// The key under which sock_ops published the connection whose client end is `peer`.
