@@ -9,12 +9,19 @@
 //!   pod vs a meshed pod whose connections are captured and proxied. (A captured connect()
 //!   alone completes against the in-pod listener and says nothing about the proxy.)
 //! - 1 KiB keep-alive HTTP/1.1 request latency, cross-node, from a non-meshed pod (direct) vs
-//!   a meshed pod (through the source node's L4 proxy).
+//!   a meshed pod to a meshed pod (through both node proxies, HBONE mutual TLS).
+//! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs HBONE mTLS.
+//!
+//! The testbed runs the nodemesh CA as a pod, so meshed-to-meshed traffic is what users get:
+//! mutual TLS through the source and destination proxies.
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail};
-use nodemesh_testbed::{AgentOptions, Testbed, TestbedConfig, TopologySpec};
+use nodemesh_testbed::{AgentOptions, Testbed};
 use serde_json::Value;
 
 const HTTP_PORT: u16 = 8080;
@@ -34,30 +41,16 @@ pub struct BenchArgs {
     /// HTTP requests per run.
     #[arg(long, default_value_t = 20_000)]
     requests: u64,
+    /// MiB echoed by the bulk transfer per run.
+    #[arg(long, default_value_t = 256)]
+    bulk_mib: u64,
     /// Replace the generated section of docs/benchmarks.md with this run's report.
     #[arg(long)]
     write: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let (nodemesh_bin, workload_bin) = crate::build_binaries(true)?;
-    nodemesh_testbed::sweep_stale("nmbench");
-    ctrlc::set_handler(|| {
-        nodemesh_testbed::teardown_all_registered();
-        std::process::exit(130);
-    })
-    .context("installing the Ctrl-C handler")?;
-    let config = TestbedConfig {
-        prefix: "nmbench".into(),
-        nodemesh_bin,
-        workload_bin,
-        log_dir: None,
-    };
-    let mut tb =
-        Testbed::create(config, TopologySpec::standard()).context("building the testbed")?;
-    let result = measure(&mut tb, args);
-    let _ = tb.teardown();
-    let report = result?;
+    let report = crate::with_testbed("nmbench", true, |tb| measure(tb, args))?;
     println!("{report}");
     if args.write {
         write_report(&report)?;
@@ -81,12 +74,18 @@ impl Samples {
 }
 
 fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
-    let options = AgentOptions {
-        extra_args: vec!["--exclude-port".into(), EXCLUDED_PORT.to_string()],
-        ..Default::default()
-    };
+    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
+    let ca = tb.start_ca(&ca_pod, 24 * 3600)?;
     for node in ["node1", "node2"] {
-        tb.start_agent(node, &options)?;
+        let mut extra_args = vec!["--exclude-port".into(), EXCLUDED_PORT.to_string()];
+        extra_args.extend(ca.agent_args(node));
+        tb.start_agent(
+            node,
+            &AgentOptions {
+                extra_args,
+                ..Default::default()
+            },
+        )?;
     }
     let workload = tb.workload_bin().display().to_string();
     let server_a = tb.pod("mesh", "server-a").clone();
@@ -107,6 +106,10 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         "1024",
     ]);
     tb.spawn_in_pod(&server_b, http)?.detach();
+    let mut bulk_echo = Command::new(&workload);
+    bulk_echo.args(["echo-server", "--ports", &ECHO_PORT.to_string()]);
+    tb.spawn_in_pod(&server_b, bulk_echo)?.detach();
+    tb.wait_listening(&server_b, ECHO_PORT)?;
     tb.wait_listening(&server_a, ECHO_PORT)?;
     tb.wait_listening(&server_a, EXCLUDED_PORT)?;
     tb.wait_listening(&server_b, HTTP_PORT)?;
@@ -135,6 +138,27 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let (mut direct, mut hooked) = (Vec::new(), Vec::new());
     let (mut direct_tx, mut captured_tx) = (Vec::new(), Vec::new());
     let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut bulk_direct, mut bulk_meshed) = (Vec::new(), Vec::new());
+    let bulk_target = format!("{}:{ECHO_PORT}", server_b.ipv4());
+    let bulk_bytes = (args.bulk_mib * 1024 * 1024).to_string();
+    let bulk = |tb: &Testbed, from: (&str, &str)| -> anyhow::Result<f64> {
+        let started = Instant::now();
+        run_json(
+            tb,
+            from,
+            &workload,
+            &[
+                "echo-client",
+                "--target",
+                &bulk_target,
+                "--bytes",
+                &bulk_bytes,
+                "--connections",
+                "1",
+            ],
+        )?;
+        Ok(args.bulk_mib as f64 / started.elapsed().as_secs_f64())
+    };
     for run in 0..args.runs {
         eprintln!("bench run {}/{}", run + 1, args.runs);
         direct.push(connect_rate(tb, ("plain", "outsider"), ECHO_PORT, 0)?);
@@ -158,6 +182,8 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         d99.push(plain["p99_us"].as_f64().context("p99_us")?);
         m50.push(meshed["p50_us"].as_f64().context("p50_us")?);
         m99.push(meshed["p99_us"].as_f64().context("p99_us")?);
+        bulk_direct.push(bulk(tb, ("plain", "outsider"))?);
+        bulk_meshed.push(bulk(tb, ("mesh", "client-a"))?);
         // The proxy finishes captured connections asynchronously: let them drain so runs do
         // not overlap.
         nodemesh_testbed::wait_until(Duration::from_secs(10), "proxy drained", || {
@@ -172,12 +198,13 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let (direct, hooked) = (Samples(direct), Samples(hooked));
     let (direct_tx, captured_tx) = (Samples(direct_tx), Samples(captured_tx));
     let (d50, d99, m50, m99) = (Samples(d50), Samples(d99), Samples(m50), Samples(m99));
+    let (bulk_direct, bulk_meshed) = (Samples(bulk_direct), Samples(bulk_meshed));
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = String::new();
     out.push_str(&format!(
-        "Command: `cargo xtask bench --runs {} --connects {} --requests {}` (release build), kernel {}, {} CPUs. \
+        "Command: `cargo xtask bench --runs {} --connects {} --requests {} --bulk-mib {}` (release build), kernel {}, {} CPUs. \
          Median of {} runs, range in brackets.\n\n",
-        args.runs, args.connects, args.requests, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
+        args.runs, args.connects, args.requests, args.bulk_mib, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
     ));
     out.push_str("### Hook cost: connect() + close(), same node\n\n| source | connects/s | ratio to direct |\n|---|---:|---:|\n");
     for (name, samples, baseline) in [
@@ -198,7 +225,10 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     out.push_str("\n### Short-lived connections: connect() + 64-byte echo + close(), same node\n\n| source | transactions/s | ratio to direct |\n|---|---:|---:|\n");
     for (name, samples) in [
         ("non-meshed pod (direct)", &direct_tx),
-        ("meshed pod, captured (through the L4 proxy)", &captured_tx),
+        (
+            "meshed pod to meshed pod, captured (HBONE mTLS, same node)",
+            &captured_tx,
+        ),
     ] {
         out.push_str(&format!(
             "| {name} | {:.0} ({}) | {:.3} |\n",
@@ -216,7 +246,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         d99.spread()
     ));
     out.push_str(&format!(
-        "| through the L4 node proxy (meshed pod) | {:.1} ({}) | {:.1} ({}) | {:.3} | {:.3} |\n",
+        "| meshed pod to meshed pod: both node proxies, HBONE mTLS | {:.1} ({}) | {:.1} ({}) | {:.3} | {:.3} |\n",
         m50.median(),
         m50.spread(),
         m99.median(),
@@ -224,6 +254,25 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         m50.median() / d50.median(),
         m99.median() / d99.median()
     ));
+    out.push_str(&format!(
+        "\nAdded p50 latency through two proxies with mTLS: {:.1} µs.\n",
+        m50.median() - d50.median()
+    ));
+    out.push_str(&format!(
+        "\n### Bulk: one connection echoing {} MiB, cross-node\n\n| path | MiB/s echoed | ratio to direct |\n|---|---:|---:|\n",
+        args.bulk_mib
+    ));
+    for (name, samples) in [
+        ("direct (non-meshed pod)", &bulk_direct),
+        ("meshed pod to meshed pod: HBONE mTLS", &bulk_meshed),
+    ] {
+        out.push_str(&format!(
+            "| {name} | {:.0} ({}) | {:.3} |\n",
+            samples.median(),
+            samples.spread(),
+            samples.median() / bulk_direct.median()
+        ));
+    }
     Ok(out)
 }
 

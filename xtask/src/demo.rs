@@ -6,9 +6,7 @@
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use anyhow::{Context, bail};
-use nodemesh_testbed::{
-    AgentOptions, NamespaceSpec, PodSpec, Testbed, TestbedConfig, TopologySpec,
-};
+use nodemesh_testbed::{AgentOptions, Testbed};
 use serde_json::Value;
 
 const HTTP_PORT: u16 = 8080;
@@ -31,46 +29,7 @@ struct Flow {
 }
 
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    let (nodemesh_bin, workload_bin) = crate::build_binaries(false)?;
-    for stale in nodemesh_testbed::sweep_stale("nmdemo") {
-        println!("removed leftover of an earlier run: {stale}");
-    }
-    ctrlc::set_handler(|| {
-        eprintln!("\ninterrupted: tearing the testbed down");
-        nodemesh_testbed::teardown_all_registered();
-        std::process::exit(130);
-    })
-    .context("installing the Ctrl-C handler")?;
-
-    let config = TestbedConfig {
-        prefix: "nmdemo".into(),
-        nodemesh_bin,
-        workload_bin,
-        log_dir: None,
-    };
-    let mut tb = Testbed::create(config, demo_topology()).context("building the testbed")?;
-    let result = exercise(&mut tb, args);
-    let report = tb.teardown();
-    match (&result, report) {
-        (_, Ok(report)) if report.leftovers.is_empty() => {
-            println!("\nteardown: nothing left behind")
-        }
-        (_, Ok(report)) => println!("\nteardown left behind: {:?}", report.leftovers),
-        (_, Err(error)) => println!("\nteardown failed: {error}"),
-    }
-    result
-}
-
-/// The standard two nodes, plus the nodemesh CA as a pod on node1 (as its Deployment would).
-fn demo_topology() -> TopologySpec {
-    let mut topology = TopologySpec::standard();
-    topology
-        .namespaces
-        .push(NamespaceSpec::new("nodemesh-system"));
-    topology.nodes[0]
-        .pods
-        .push(PodSpec::new("nodemesh-system", "ca"));
-    topology
+    crate::with_testbed("nmdemo", false, |tb| exercise(tb, args))
 }
 
 fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {

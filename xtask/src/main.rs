@@ -7,9 +7,11 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use nodemesh_testbed::{Testbed, TestbedConfig, TopologySpec};
 
 mod bench;
 mod demo;
+mod vm;
 
 #[derive(Parser)]
 struct Cli {
@@ -29,6 +31,8 @@ enum Task {
     },
     /// Measure the datapath against direct traffic and print a markdown report.
     Bench(bench::BenchArgs),
+    /// Run the kernel test suite on a Debian kernel (6.1, 6.12) under qemu/KVM, or `host`.
+    VmTest(vm::VmTestArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,7 +40,43 @@ fn main() -> anyhow::Result<()> {
         Task::Demo(args) => demo::run(&args),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Bench(args) => bench::run(&args),
+        Task::VmTest(args) => vm::run(&args),
     }
+}
+
+/// Builds the binaries, removes what an interrupted earlier run left, builds the standard
+/// testbed with a CA pod, runs `work` on it and tears it down whatever happened (also on
+/// Ctrl-C), saying whether anything was left behind.
+pub fn with_testbed<T>(
+    prefix: &str,
+    release: bool,
+    work: impl FnOnce(&mut Testbed) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let (nodemesh_bin, workload_bin) = build_binaries(release)?;
+    for stale in nodemesh_testbed::sweep_stale(prefix) {
+        println!("removed leftover of an earlier run: {stale}");
+    }
+    ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: tearing the testbed down");
+        nodemesh_testbed::teardown_all_registered();
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")?;
+    let config = TestbedConfig {
+        prefix: prefix.into(),
+        nodemesh_bin,
+        workload_bin,
+        log_dir: None,
+    };
+    let mut tb = Testbed::create(config, TopologySpec::standard_with_ca())
+        .context("building the testbed")?;
+    let result = work(&mut tb);
+    match tb.teardown() {
+        Ok(report) if report.leftovers.is_empty() => println!("\nteardown: nothing left behind"),
+        Ok(report) => println!("\nteardown left behind: {:?}", report.leftovers),
+        Err(error) => println!("\nteardown failed: {error}"),
+    }
+    result
 }
 
 pub fn workspace_root() -> PathBuf {
