@@ -117,16 +117,16 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
     let mut cluster = ClusterStateDir::new(&config.cluster_state);
     let (_watcher, mut changes) = cluster.watch()?;
 
-    sync(
-        &mut cluster,
-        &mut enrolments,
-        &config,
-        &admin_state,
-        identities.as_deref(),
-        &outbound,
-    )
-    .await;
-    enrolments.remove_stale_map_entries()?;
+    let mut reconciler = Reconciler {
+        cluster: &mut cluster,
+        enrolments: &mut enrolments,
+        config: &config,
+        admin: &admin_state,
+        identities: identities.as_deref(),
+        outbound: &outbound,
+    };
+    reconciler.sync().await;
+    reconciler.enrolments.remove_stale_map_entries()?;
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(node = %config.node_name, "agent ready");
 
@@ -134,7 +134,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     loop {
-        let retry = if enrolments.has_pending() {
+        let retry = if reconciler.enrolments.has_pending() {
             PENDING_RETRY
         } else {
             RESYNC
@@ -145,35 +145,49 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
-        sync(
-            &mut cluster,
-            &mut enrolments,
-            &config,
-            &admin_state,
-            identities.as_deref(),
-            &outbound,
-        )
-        .await;
+        reconciler.sync().await;
     }
     // Programs and maps stay pinned: while no agent runs, the fail mode decides.
     tracing::info!("agent stopping; capture stays attached and follows --fail-mode");
     Ok(())
 }
 
-async fn sync(
-    cluster: &mut ClusterStateDir,
-    enrolments: &mut Enrolments,
-    config: &AgentConfig,
-    admin: &AdminState,
-    identities: Option<&IdentityManager>,
-    outbound: &OutboundContext,
-) {
-    sync_enrolment(cluster, enrolments, config, admin, outbound).await;
-    if let Some(identities) = identities {
-        identities.set_desired(desired_identities(
-            &enrolments.enrolled_views(),
-            &config.trust_domain,
-        ));
+/// Everything one pass from cluster state to enrolment and identities touches.
+struct Reconciler<'a> {
+    cluster: &'a mut ClusterStateDir,
+    enrolments: &'a mut Enrolments,
+    config: &'a AgentConfig,
+    admin: &'a AdminState,
+    identities: Option<&'a IdentityManager>,
+    outbound: &'a OutboundContext,
+}
+
+impl Reconciler<'_> {
+    /// Re-reads the cluster state and brings enrolment, the workload index and the wanted
+    /// identities in line with it.
+    async fn sync(&mut self) {
+        let (snapshot, errors) = self.cluster.refresh();
+        for error in &errors {
+            tracing::warn!(%error, "cluster state manifest rejected; keeping its last good contents");
+        }
+        let index = Arc::new(WorkloadIndex::build(&snapshot, &self.config.trust_domain));
+        *self
+            .outbound
+            .workloads
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = index;
+        let desired = membership::local_meshed_pods(&snapshot, &self.config.node_name);
+        self.enrolments.reconcile(&desired).await;
+        let enrolled = self.enrolments.enrolled_views();
+        if let Some(identities) = self.identities {
+            identities.set_desired(desired_identities(&enrolled, &self.config.trust_domain));
+        }
+        publish(self.admin.enrolled.write(), enrolled);
+        publish(self.admin.pending.write(), self.enrolments.pending_views());
+        publish(
+            self.admin.config_errors.write(),
+            errors.iter().map(ToString::to_string).collect(),
+        );
     }
 }
 
@@ -194,32 +208,6 @@ fn desired_identities(pods: &[EnrolledPodView], trust_domain: &str) -> BTreeMap<
         }
     }
     desired
-}
-
-async fn sync_enrolment(
-    cluster: &mut ClusterStateDir,
-    enrolments: &mut Enrolments,
-    config: &AgentConfig,
-    admin: &AdminState,
-    outbound: &OutboundContext,
-) {
-    let (snapshot, errors) = cluster.refresh();
-    let index = Arc::new(WorkloadIndex::build(&snapshot, &config.trust_domain));
-    *outbound
-        .workloads
-        .write()
-        .unwrap_or_else(|p| p.into_inner()) = index;
-    for error in &errors {
-        tracing::warn!(%error, "cluster state manifest rejected; keeping its last good contents");
-    }
-    let desired = membership::local_meshed_pods(&snapshot, &config.node_name);
-    enrolments.reconcile(&desired).await;
-    publish(admin.enrolled.write(), enrolments.enrolled_views());
-    publish(admin.pending.write(), enrolments.pending_views());
-    publish(
-        admin.config_errors.write(),
-        errors.iter().map(ToString::to_string).collect(),
-    );
 }
 
 fn publish<T>(lock: std::sync::LockResult<std::sync::RwLockWriteGuard<'_, Vec<T>>>, value: Vec<T>) {

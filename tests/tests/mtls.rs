@@ -13,8 +13,7 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    AgentOptions, MeshCa, NamespaceSpec, PodSpec, Testbed, TestbedConfig, TopologySpec, is_root,
-    wait_until, workspace_bin,
+    AgentOptions, MeshCa, Testbed, TestbedConfig, TopologySpec, is_root, wait_until, workspace_bin,
 };
 use serde_json::Value;
 
@@ -29,13 +28,7 @@ fn mesh_with_ca(cert_ttl_seconds: u64) -> Mesh {
         is_root(),
         "kernel tests need root: run `cargo xtask test` as root"
     );
-    let mut topology = TopologySpec::standard();
-    topology
-        .namespaces
-        .push(NamespaceSpec::new("nodemesh-system"));
-    topology.nodes[0]
-        .pods
-        .push(PodSpec::new("nodemesh-system", "ca"));
+    let topology = TopologySpec::standard_with_ca();
     let config = TestbedConfig {
         prefix: "nmid".into(),
         nodemesh_bin: workspace_bin("nodemesh"),
