@@ -14,6 +14,8 @@ pub mod map_names {
     pub const EXCLUDED_CIDRS_V6: &str = "NM_EXCLUDED_V6";
     pub const SOCKET_ORIGINAL_DST: &str = "NM_SOCKET_ORIG_DST";
     pub const CONNECTION_ORIGINAL_DST: &str = "NM_CONN_ORIG_DST";
+    pub const INBOUND_PODS: &str = "NM_INBOUND_PODS";
+    pub const INBOUND_LISTENERS: &str = "NM_INBOUND_LISTENERS";
 }
 
 /// Names of the programs in the object file.
@@ -23,11 +25,19 @@ pub mod program_names {
     pub const GETPEERNAME4: &str = "nm_getpeername4";
     pub const GETPEERNAME6: &str = "nm_getpeername6";
     pub const SOCK_OPS: &str = "nm_sock_ops";
+    pub const INBOUND_LOOKUP: &str = "nm_inbound_lookup";
 }
 
 /// Address family tags as stored in the maps (the kernel's AF_INET/AF_INET6 values).
 pub const FAMILY_V4: u16 = 2;
 pub const FAMILY_V6: u16 = 10;
+
+/// Port of the HBONE (mTLS) listener in every meshed pod; never captured inbound.
+pub const HBONE_PORT: u16 = 15008;
+/// Interface index of `lo` in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+/// Capacity of the inbound maps (pod addresses per node).
+pub const MAX_INBOUND_ADDRESSES: u32 = 8192;
 
 /// Capacity of the socket-keyed maps; LRU, so a burst never makes capture fail.
 pub const MAX_TRACKED_SOCKETS: u32 = 65536;
@@ -99,6 +109,32 @@ pub struct ConnectionKey {
     pub _pad: u32,
 }
 
+/// Key of `NM_INBOUND_PODS` and `NM_INBOUND_LISTENERS`: one address of an enrolled pod
+/// (encoded as in the crate docs). Pod addresses are unique on a node, so the address alone
+/// names the pod whose network namespace a lookup runs in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundKey {
+    pub addr: [u32; 4],
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// `InboundPod::flags`: the pod refuses plaintext (peer authentication STRICT).
+pub const INBOUND_STRICT: u32 = 1;
+
+/// Value of `NM_INBOUND_PODS`: how an enrolled pod treats plaintext TCP arriving from outside.
+/// The socket the kernel hands such connections to is the entry of `NM_INBOUND_LISTENERS`
+/// under the same key; when it is missing (the agent is not running) a STRICT pod drops the
+/// connection and a PERMISSIVE one lets it reach the application directly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundPod {
+    pub flags: u32,
+    pub _pad: u32,
+}
+
 /// Key of the IPv4 exclusion LPM trie data (the address, network byte order).
 pub type Ipv4Prefix = u32;
 /// Key of the IPv6 exclusion LPM trie data (the address bytes).
@@ -112,4 +148,6 @@ mod user {
     unsafe impl aya::Pod for CaptureConfig {}
     unsafe impl aya::Pod for OriginalDst {}
     unsafe impl aya::Pod for ConnectionKey {}
+    unsafe impl aya::Pod for InboundKey {}
+    unsafe impl aya::Pod for InboundPod {}
 }

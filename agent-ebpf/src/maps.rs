@@ -2,11 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash},
 };
 use nodemesh_common::{
-    CaptureConfig, ConnectionKey, EnrolledPod, Ipv4Prefix, Ipv6Prefix, MAX_ENROLLED_PODS,
-    MAX_TRACKED_SOCKETS, OriginalDst,
+    CaptureConfig, ConnectionKey, EnrolledPod, InboundKey, InboundPod, Ipv4Prefix, Ipv6Prefix,
+    MAX_ENROLLED_PODS, MAX_INBOUND_ADDRESSES, MAX_TRACKED_SOCKETS, OriginalDst,
 };
 
 /// Pod-level cgroup id -> enrolment. Filled by the agent for pods of meshed namespaces.
@@ -39,3 +39,13 @@ pub static SOCKET_ORIGINAL_DST: LruHashMap<u64, OriginalDst> =
 #[map(name = "NM_CONN_ORIG_DST")]
 pub static CONNECTION_ORIGINAL_DST: LruHashMap<ConnectionKey, OriginalDst> =
     LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+
+/// Address of an enrolled pod -> how it treats plaintext arriving from outside.
+#[map(name = "NM_INBOUND_PODS")]
+pub static INBOUND_PODS: HashMap<InboundKey, InboundPod> =
+    HashMap::pinned(MAX_INBOUND_ADDRESSES, 0);
+
+/// Address of an enrolled pod -> the proxy's plaintext listener inside that pod. Entries
+/// vanish when the agent closes the socket (or dies).
+#[map(name = "NM_INBOUND_LISTENERS")]
+pub static INBOUND_LISTENERS: SockHash<InboundKey> = SockHash::pinned(MAX_INBOUND_ADDRESSES, 0);

@@ -94,7 +94,10 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             identities: state.identities.as_ref().map(|m| m.views()),
             datapath_maps: state.datapath.occupancy(),
         }),
-        "/stats" => json(&serde_json::json!({ "connections": state.stats.snapshot() })),
+        "/stats" => json(&serde_json::json!({
+            "connections": state.stats.snapshot(),
+            "inbound_plaintext": state.stats.plaintext(),
+        })),
         _ => text(
             StatusCode::NOT_FOUND,
             "unknown path; try /healthz /readyz /config_dump /stats\n",

@@ -24,7 +24,7 @@ use crate::{
     k8s::cluster_state::ClusterStateDir,
     pods::enrolment::EnrolledPodView,
     pods::{cgroup, enrolment::Enrolments},
-    proxy::{hbone::HboneClient, inbound::InboundContext, outbound::OutboundContext},
+    proxy::{hbone::HboneClient, inbound::InboundContext, outbound::OutboundContext, plaintext},
     state::membership,
     state::workloads::WorkloadIndex,
     telemetry::connections::ConnectionStats,
@@ -104,6 +104,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             stats: Arc::clone(&stats),
             proxy_mark: config.proxy_mark,
             connect_timeout: config.connect_timeout,
+            node_addresses: plaintext::node_addresses(),
         })
     });
     let mut enrolments = Enrolments::new(

@@ -15,7 +15,7 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -76,6 +76,48 @@ pub(super) fn attach_all(
     let link = attach_pinned!(program_mut::<SockOps>(ebpf, name)?, name, &cgroup_file);
     replace_pinned(name, link, link_dir, generation)?;
     tracing::info!(cgroup = %cgroup.display(), "eBPF programs attached");
+    Ok(())
+}
+
+/// Loads the inbound sk_lookup program; it is attached per pod by [`attach_inbound`].
+pub(super) fn load_inbound(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let name = program_names::INBOUND_LOOKUP;
+    program_mut::<SkLookup>(ebpf, name)?
+        .load()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Attaches the inbound program to a pod's network namespace and pins the link at `pin`,
+/// atomically replacing (and so detaching) a link pinned there before: plaintext capture
+/// of the pod has no gap when an agent re-enrols it.
+pub(super) fn attach_inbound(
+    ebpf: &mut Ebpf,
+    netns: &File,
+    pin: &Path,
+) -> Result<(), DatapathError> {
+    let name = program_names::INBOUND_LOOKUP;
+    let program_error = |source| DatapathError::Program { name, source };
+    let program = program_mut::<SkLookup>(ebpf, name)?;
+    let link_id = program.attach(netns).map_err(program_error)?;
+    let link = program.take_link(link_id).map_err(program_error)?;
+    let link = FdLink::from(link);
+    let staging = pin.with_file_name(format!(
+        "{}-new",
+        pin.file_name().and_then(|n| n.to_str()).unwrap_or("link")
+    ));
+    let _ = std::fs::remove_file(&staging);
+    let pinned = link
+        .pin(&staging)
+        .map_err(|source| DatapathError::PinLink {
+            name,
+            path: staging.clone(),
+            source,
+        })?;
+    std::fs::rename(&staging, pin).map_err(|source| DatapathError::Remove {
+        path: staging.clone(),
+        source,
+    })?;
+    drop(pinned);
     Ok(())
 }
 

@@ -1,17 +1,20 @@
 //! Typed access to the pinned maps the agent writes and reads.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    os::fd::{AsRawFd, BorrowedFd},
+};
 
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, MapData,
+        Array, HashMap, MapData, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use nodemesh_common::{
-    CaptureConfig, ConnectionKey, EnrolledPod, FailMode, Ipv4Prefix, Ipv6Prefix, OriginalDst,
-    map_names,
+    CaptureConfig, ConnectionKey, EnrolledPod, FAMILY_V4, FAMILY_V6, FailMode, InboundKey,
+    InboundPod, Ipv4Prefix, Ipv6Prefix, OriginalDst, map_names,
 };
 
 use super::DatapathError;
@@ -22,6 +25,28 @@ use crate::config::Cidr;
 pub struct MapOccupancy {
     pub enrolled_cgroups: usize,
     pub pending_connections: usize,
+    pub inbound_addresses: usize,
+    pub inbound_listeners: usize,
+}
+
+/// The key of a pod address in the inbound maps.
+pub fn inbound_key(addr: IpAddr) -> InboundKey {
+    match addr {
+        IpAddr::V4(v4) => InboundKey {
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+            family: FAMILY_V4,
+            _pad: 0,
+        },
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            InboundKey {
+                addr: [word(0), word(4), word(8), word(12)],
+                family: FAMILY_V6,
+                _pad: 0,
+            }
+        }
+    }
 }
 
 pub(super) struct DatapathMaps {
@@ -31,6 +56,8 @@ pub(super) struct DatapathMaps {
     excluded_v4: LpmTrie<MapData, Ipv4Prefix, u8>,
     excluded_v6: LpmTrie<MapData, Ipv6Prefix, u8>,
     connections: HashMap<MapData, ConnectionKey, OriginalDst>,
+    inbound_pods: HashMap<MapData, InboundKey, InboundPod>,
+    inbound_listeners: SockHash<MapData, InboundKey>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -54,6 +81,8 @@ impl DatapathMaps {
             excluded_v4: take(ebpf, map_names::EXCLUDED_CIDRS_V4)?,
             excluded_v6: take(ebpf, map_names::EXCLUDED_CIDRS_V6)?,
             connections: take(ebpf, map_names::CONNECTION_ORIGINAL_DST)?,
+            inbound_pods: take(ebpf, map_names::INBOUND_PODS)?,
+            inbound_listeners: take(ebpf, map_names::INBOUND_LISTENERS)?,
         })
     }
 
@@ -156,10 +185,59 @@ impl DatapathMaps {
         Some(found)
     }
 
+    /// Hands plaintext arriving for `addr` to `listener` (a listening socket in the pod).
+    pub(super) fn set_inbound(
+        &mut self,
+        addr: IpAddr,
+        pod: InboundPod,
+        listener: BorrowedFd<'_>,
+    ) -> Result<(), DatapathError> {
+        let key = inbound_key(addr);
+        self.inbound_listeners
+            .insert(&key, listener.as_raw_fd(), 0)
+            .map_err(map_err(map_names::INBOUND_LISTENERS))?;
+        self.set_inbound_pod(addr, pod)
+    }
+
+    pub(super) fn set_inbound_pod(
+        &mut self,
+        addr: IpAddr,
+        pod: InboundPod,
+    ) -> Result<(), DatapathError> {
+        self.inbound_pods
+            .insert(&inbound_key(addr), &pod, 0)
+            .map_err(map_err(map_names::INBOUND_PODS))
+    }
+
+    pub(super) fn remove_inbound(&mut self, key: &InboundKey) -> Result<(), DatapathError> {
+        match self.inbound_pods.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    map: map_names::INBOUND_PODS,
+                    source,
+                });
+            }
+        }
+        match self.inbound_listeners.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map {
+                map: map_names::INBOUND_LISTENERS,
+                source,
+            }),
+        }
+    }
+
+    pub(super) fn inbound_keys(&self) -> Vec<InboundKey> {
+        self.inbound_pods.keys().filter_map(Result::ok).collect()
+    }
+
     pub(super) fn occupancy(&self) -> MapOccupancy {
         MapOccupancy {
             enrolled_cgroups: self.enrolled.keys().count(),
             pending_connections: self.connections.keys().count(),
+            inbound_addresses: self.inbound_pods.keys().count(),
+            inbound_listeners: self.inbound_listeners.keys().count(),
         }
     }
 }

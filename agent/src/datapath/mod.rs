@@ -5,14 +5,17 @@ mod attach;
 mod maps;
 
 use std::{
+    fs::File,
+    net::IpAddr,
+    os::fd::BorrowedFd,
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{Ebpf, EbpfLoader};
-use nodemesh_common::{ConnectionKey, OriginalDst};
+use nodemesh_common::{ConnectionKey, InboundPod, OriginalDst};
 
-pub use self::maps::MapOccupancy;
+pub use self::maps::{MapOccupancy, inbound_key};
 use crate::config::AgentConfig;
 
 /// The compiled programs, built by build.rs from agent-ebpf.
@@ -71,8 +74,11 @@ pub enum DatapathError {
 pub struct Datapath {
     maps: Mutex<maps::DatapathMaps>,
     attach_point: PathBuf,
-    // Keeps the programs loaded for as long as the agent runs (the pinned links outlive it).
-    _ebpf: Ebpf,
+    /// Pinned per-pod links of the inbound program, one file per pod UID.
+    inbound_link_dir: PathBuf,
+    // Keeps the programs loaded for as long as the agent runs (the pinned links outlive it),
+    // and attaches the inbound program to each enrolled pod.
+    ebpf: Mutex<Ebpf>,
 }
 
 impl Datapath {
@@ -82,7 +88,8 @@ impl Datapath {
         ensure_bpffs(&config.bpffs)?;
         let map_dir = config.bpffs.join("maps");
         let link_dir = config.bpffs.join("links");
-        for dir in [&map_dir, &link_dir] {
+        let inbound_link_dir = link_dir.join("inbound");
+        for dir in [&map_dir, &link_dir, &inbound_link_dir] {
             std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDirectory {
                 path: dir.clone(),
                 source,
@@ -95,10 +102,12 @@ impl Datapath {
         maps.write_exclusions(&config.exclude_ports, &config.exclude_cidrs)?;
         maps.write_capture_config(config.outbound_port, config.fail_mode, config.proxy_mark)?;
         attach::attach_all(&mut ebpf, attach_point, &link_dir)?;
+        attach::load_inbound(&mut ebpf)?;
         Ok(Self {
             maps: Mutex::new(maps),
             attach_point: attach_point.to_owned(),
-            _ebpf: ebpf,
+            inbound_link_dir,
+            ebpf: Mutex::new(ebpf),
         })
     }
 
@@ -120,6 +129,80 @@ impl Datapath {
     /// Cgroup ids currently in the enrolment map (including ones a previous agent left).
     pub fn enrolled_cgroups(&self) -> Result<Vec<u64>, DatapathError> {
         self.lock().enrolled_cgroups()
+    }
+
+    /// Starts handing plaintext that arrives at the pod `uid` (network namespace `netns`,
+    /// addresses `listeners`' keys) to the proxy's plaintext listeners in it.
+    pub fn capture_inbound(
+        &self,
+        uid: &str,
+        netns: &File,
+        pod: InboundPod,
+        listeners: &[(IpAddr, BorrowedFd<'_>)],
+    ) -> Result<(), DatapathError> {
+        {
+            let mut maps = self.lock();
+            for (addr, listener) in listeners {
+                maps.set_inbound(*addr, pod, *listener)?;
+            }
+        }
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        attach::attach_inbound(&mut ebpf, netns, &self.inbound_link_dir.join(uid))
+    }
+
+    /// Changes how the kernel treats plaintext for these addresses when no listener is there.
+    pub fn set_inbound_mode(&self, addrs: &[IpAddr], pod: InboundPod) -> Result<(), DatapathError> {
+        let mut maps = self.lock();
+        for addr in addrs {
+            maps.set_inbound_pod(*addr, pod)?;
+        }
+        Ok(())
+    }
+
+    /// Stops inbound capture for the pod `uid` with these addresses.
+    pub fn release_inbound(&self, uid: &str, addrs: &[IpAddr]) -> Result<(), DatapathError> {
+        let link = self.inbound_link_dir.join(uid);
+        match std::fs::remove_file(&link) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DatapathError::Remove { path: link, source }),
+        }
+        let mut maps = self.lock();
+        for addr in addrs {
+            maps.remove_inbound(&inbound_key(*addr))?;
+        }
+        Ok(())
+    }
+
+    /// Removes inbound links and map entries whose pod is not in `keep` (UIDs and addresses
+    /// of the enrolled pods): what a previous agent left for pods that have gone since.
+    pub fn remove_stale_inbound(
+        &self,
+        keep_uids: &[&str],
+        keep_addrs: &[IpAddr],
+    ) -> Result<(), DatapathError> {
+        let entries =
+            std::fs::read_dir(&self.inbound_link_dir).map_err(|source| DatapathError::Remove {
+                path: self.inbound_link_dir.clone(),
+                source,
+            })?;
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            if !keep_uids.iter().any(|uid| name.to_str() == Some(uid)) {
+                let path = entry.path();
+                std::fs::remove_file(&path)
+                    .map_err(|source| DatapathError::Remove { path, source })?;
+                tracing::info!(link = ?name, "removed stale inbound capture link");
+            }
+        }
+        let keep: Vec<_> = keep_addrs.iter().map(|a| inbound_key(*a)).collect();
+        let mut maps = self.lock();
+        for key in maps.inbound_keys() {
+            if !keep.contains(&key) {
+                maps.remove_inbound(&key)?;
+            }
+        }
+        Ok(())
     }
 
     /// Where the connection whose client end is `key` was going; removes the entry.

@@ -49,6 +49,13 @@ pub enum ManifestError {
         document: usize,
         kind: &'static str,
     },
+    #[error("{path}: document {document}: Namespace {name}: {source}")]
+    Label {
+        path: PathBuf,
+        document: usize,
+        name: String,
+        source: crate::state::membership::InvalidPeerAuthentication,
+    },
     #[error("{path}: document {document}: Pod {name} without metadata.namespace")]
     MissingNamespace {
         path: PathBuf,
@@ -201,11 +208,19 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError
         match meta.kind.as_str() {
             "Namespace" => {
                 let ns: Namespace = typed(path, document_number, "Namespace", value)?;
-                if ns.metadata.name.is_none() {
+                let Some(name) = ns.metadata.name.clone() else {
                     return Err(ManifestError::MissingName {
                         path: path.to_owned(),
                         document: document_number,
                         kind: "Namespace",
+                    });
+                };
+                if let Err(source) = crate::state::membership::peer_authentication(&ns) {
+                    return Err(ManifestError::Label {
+                        path: path.to_owned(),
+                        document: document_number,
+                        name,
+                        source,
                     });
                 }
                 objects.push(Object::Namespace(Box::new(ns)));
@@ -316,6 +331,39 @@ mod tests {
         assert!(
             snapshot.pods.is_empty(),
             "deleting the file deletes its objects"
+        );
+    }
+
+    #[test]
+    fn an_invalid_peer_authentication_label_keeps_the_last_good_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ns.yaml");
+        std::fs::write(&file, NAMESPACE).unwrap();
+        let mut state = ClusterStateDir::new(dir.path());
+        assert_eq!(state.refresh().0.namespaces.len(), 1);
+
+        std::fs::write(
+            &file,
+            format!("{NAMESPACE}    nodemesh.io/peer-authentication: strikt\n"),
+        )
+        .unwrap();
+        let (snapshot, errors) = state.refresh();
+        let message = errors[0].to_string();
+        assert!(
+            message.contains("ns.yaml")
+                && message.contains("Namespace shop")
+                && message.contains("\"strikt\""),
+            "{message}"
+        );
+        let shop = &snapshot.namespaces["shop"];
+        assert!(
+            !shop
+                .metadata
+                .labels
+                .as_ref()
+                .unwrap()
+                .contains_key("nodemesh.io/peer-authentication"),
+            "the last good namespace is kept"
         );
     }
 }

@@ -1,15 +1,19 @@
 //! Enrolment: bringing a meshed pod under capture and releasing it.
 //!
-//! Enrolling a pod opens the proxy's listeners on the pod's loopback first and only then
-//! adds its cgroup to the enrolment map, so the connect hook never sends a connection to a
-//! listener that does not exist yet. Un-enrolling does the reverse.
+//! Enrolling a pod opens the proxy's listeners in the pod first (outbound on its loopback,
+//! HBONE on :15008, plaintext inbound on its loopback), then attaches inbound capture to its
+//! network namespace and last adds its cgroup to the enrolment map, so no hook ever sends a
+//! connection to a listener that does not exist yet. Un-enrolling does the reverse.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
     path::PathBuf,
     sync::Arc,
 };
+
+use nodemesh_common::{INBOUND_STRICT, InboundPod};
 
 use serde::Serialize;
 use socket2::Domain;
@@ -26,9 +30,14 @@ use crate::{
         hbone::HBONE_PORT,
         inbound::{self, DestinationPod, InboundContext},
         outbound::{self, OutboundContext, SourcePod},
+        plaintext,
     },
-    state::membership::MeshedPod,
+    state::membership::{MeshedPod, PeerAuthentication},
 };
+
+/// Port of the plaintext inbound listener on each meshed pod's loopback (as Istio's 15006).
+/// Nothing dials it: the inbound sk_lookup program hands connections to it.
+pub const PLAINTEXT_INBOUND_PORT: u16 = 15006;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolError {
@@ -58,6 +67,9 @@ pub struct EnrolledPodView {
     pub netns_inode: u64,
     pub netns_cookie: u64,
     pub listeners: Vec<SocketAddr>,
+    pub peer_authentication: PeerAuthentication,
+    /// Whether plaintext arriving at the pod is captured (the node holds identities).
+    pub inbound_capture: bool,
 }
 
 /// A meshed pod that could not be enrolled yet, and why.
@@ -72,6 +84,8 @@ pub struct PendingPodView {
 struct Enrolled {
     pod: MeshedPod,
     view: EnrolledPodView,
+    /// The inbound side, when the node holds identities.
+    destination: Option<Arc<DestinationPod>>,
     accept_loops: Vec<JoinHandle<()>>,
 }
 
@@ -126,11 +140,22 @@ impl Enrolments {
         let leaving: Vec<String> = self
             .enrolled
             .iter()
-            .filter(|(uid, enrolled)| desired.get(*uid) != Some(&enrolled.pod))
+            .filter(|(uid, enrolled)| {
+                !desired
+                    .get(*uid)
+                    .is_some_and(|pod| same_but_mode(pod, &enrolled.pod))
+            })
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in leaving {
             self.unenroll(&uid);
+        }
+        for (uid, enrolled) in &mut self.enrolled {
+            if let Some(pod) = desired.get(uid)
+                && pod.peer_authentication != enrolled.pod.peer_authentication
+            {
+                Self::change_mode(&self.datapath, enrolled, pod.peer_authentication);
+            }
         }
         self.pending.retain(|uid, _| desired.contains_key(uid));
         for (uid, pod) in desired {
@@ -165,7 +190,24 @@ impl Enrolments {
         }
     }
 
-    /// Removes enrolment map entries that no enrolled pod owns (left by a previous agent).
+    /// Switches an enrolled pod between STRICT and PERMISSIVE without re-enrolling it: the
+    /// kernel's fallback (when no agent runs) and the proxy's decision change together.
+    fn change_mode(datapath: &Datapath, enrolled: &mut Enrolled, mode: PeerAuthentication) {
+        enrolled.pod.peer_authentication = mode;
+        enrolled.view.peer_authentication = mode;
+        if let Some(destination) = &enrolled.destination {
+            destination.set_peer_authentication(mode);
+        }
+        if enrolled.view.inbound_capture
+            && let Err(error) = datapath.set_inbound_mode(&enrolled.pod.ips, inbound_pod(mode))
+        {
+            tracing::error!(pod = %enrolled.pod.display_name(), %error, "updating the inbound mode in the kernel failed");
+        }
+        tracing::info!(pod = %enrolled.pod.display_name(), ?mode, "peer authentication changed");
+    }
+
+    /// Removes enrolment map entries and inbound capture that no enrolled pod owns (left by
+    /// a previous agent).
     pub fn remove_stale_map_entries(&self) -> Result<(), DatapathError> {
         let ours: Vec<u64> = self.enrolled.values().map(|e| e.view.cgroup_id).collect();
         for cgroup_id in self.datapath.enrolled_cgroups()? {
@@ -174,7 +216,10 @@ impl Enrolments {
                 tracing::info!(cgroup_id, "removed stale enrolment");
             }
         }
-        Ok(())
+        let captured = self.enrolled.values().filter(|e| e.view.inbound_capture);
+        let uids: Vec<&str> = captured.clone().map(|e| e.pod.uid.as_str()).collect();
+        let addrs: Vec<IpAddr> = captured.flat_map(|e| e.pod.ips.iter().copied()).collect();
+        self.datapath.remove_stale_inbound(&uids, &addrs)
     }
 
     pub fn has_pending(&self) -> bool {
@@ -225,22 +270,62 @@ impl Enrolments {
                 ))
             })
             .collect();
+        let mut inbound_capture = false;
+        let mut inbound_side = None;
         if let (Some(inbound), Some(identity)) = (&self.inbound, identity) {
-            let destination = Arc::new(DestinationPod {
-                display_name: pod.display_name(),
+            let destination = Arc::new(DestinationPod::new(
+                pod.display_name(),
                 identity,
-                ips: pod.ips.clone(),
-                sockets: Arc::clone(&sockets),
-            });
+                pod.ips.clone(),
+                Arc::clone(&sockets),
+                pod.peer_authentication,
+            ));
+            let has_v6 = pod.ips.iter().any(IpAddr::is_ipv6);
             let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
             let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT));
             let mut hbone = vec![(v4, self.listen(&sockets, v4).await?)];
-            if pod.ips.iter().any(IpAddr::is_ipv6) {
+            if has_v6 {
                 hbone.push((v6, self.listen(&sockets, v6).await?));
             }
             for (addr, listener) in hbone {
                 addrs.push(addr);
                 accept_loops.push(tokio::spawn(inbound::serve(
+                    listener,
+                    Arc::clone(&destination),
+                    Arc::clone(inbound),
+                )));
+            }
+
+            let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, PLAINTEXT_INBOUND_PORT));
+            let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, PLAINTEXT_INBOUND_PORT));
+            let plaintext_v4 = self.listen(&sockets, v4).await?;
+            let plaintext_v6 = if has_v6 {
+                Some(self.listen(&sockets, v6).await?)
+            } else {
+                None
+            };
+            let by_address: Vec<_> = pod
+                .ips
+                .iter()
+                .filter_map(|ip| match (ip, &plaintext_v6) {
+                    (IpAddr::V4(_), _) => Some((*ip, plaintext_v4.as_fd())),
+                    (IpAddr::V6(_), Some(v6)) => Some((*ip, v6.as_fd())),
+                    (IpAddr::V6(_), None) => None,
+                })
+                .collect();
+            self.datapath.capture_inbound(
+                &pod.uid,
+                sockets.netns(),
+                inbound_pod(pod.peer_authentication),
+                &by_address,
+            )?;
+            inbound_capture = true;
+            inbound_side = Some(Arc::clone(&destination));
+            let plaintext = std::iter::once((v4, plaintext_v4))
+                .chain(plaintext_v6.map(|listener| (v6, listener)));
+            for (addr, listener) in plaintext {
+                addrs.push(addr);
+                accept_loops.push(tokio::spawn(plaintext::serve(
                     listener,
                     Arc::clone(&destination),
                     Arc::clone(inbound),
@@ -260,7 +345,10 @@ impl Enrolments {
                 netns_inode,
                 netns_cookie,
                 listeners: addrs,
+                peer_authentication: pod.peer_authentication,
+                inbound_capture,
             },
+            destination: inbound_side,
             accept_loops,
         };
         // Last step: from here on the pod's connects are captured.
@@ -272,6 +360,9 @@ impl Enrolments {
         if let Some(enrolled) = self.enrolled.remove(uid) {
             if let Err(error) = self.datapath.unenroll_cgroup(enrolled.view.cgroup_id) {
                 tracing::error!(pod = %enrolled.pod.display_name(), %error, "removing enrolment failed");
+            }
+            if let Err(error) = self.datapath.release_inbound(uid, &enrolled.pod.ips) {
+                tracing::error!(pod = %enrolled.pod.display_name(), %error, "removing inbound capture failed");
             }
             tracing::info!(pod = %enrolled.pod.display_name(), "pod un-enrolled");
         }
@@ -299,4 +390,21 @@ impl Enrolments {
         socket.listen(1024).map_err(listen_error)?;
         TcpListener::from_std(socket.into()).map_err(listen_error)
     }
+}
+
+/// Two desired states of a pod that differ at most in peer authentication (which is changed
+/// in place rather than by re-enrolling).
+fn same_but_mode(a: &MeshedPod, b: &MeshedPod) -> bool {
+    MeshedPod {
+        peer_authentication: b.peer_authentication,
+        ..a.clone()
+    } == *b
+}
+
+fn inbound_pod(mode: PeerAuthentication) -> InboundPod {
+    let flags = match mode {
+        PeerAuthentication::Strict => INBOUND_STRICT,
+        PeerAuthentication::Permissive => 0,
+    };
+    InboundPod { flags, _pad: 0 }
 }

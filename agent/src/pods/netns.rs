@@ -80,6 +80,11 @@ impl NetnsSockets {
         Ok(sockets)
     }
 
+    /// The namespace itself (for attaching programs to it).
+    pub fn netns(&self) -> &File {
+        &self.netns
+    }
+
     /// The kernel's cookie for this network namespace (what bpf_get_netns_cookie returns).
     pub fn cookie(&self) -> u64 {
         self.cookie

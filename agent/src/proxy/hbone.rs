@@ -31,8 +31,7 @@ use crate::{
     pods::netns::NetnsError,
 };
 
-/// The HBONE port, as in Istio ambient.
-pub const HBONE_PORT: u16 = 15008;
+pub use nodemesh_common::HBONE_PORT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {

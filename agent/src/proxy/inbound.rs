@@ -6,7 +6,10 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -14,14 +17,17 @@ use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::RootCertStore;
-use socket2::Domain;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::relay::{relay, reset};
+use super::{
+    delivery::connect_to_application,
+    relay::{relay, reset},
+};
 use crate::{
     identity::{manager::IdentityManager, spiffe::SpiffeId, tls},
     pods::netns::NetnsSockets,
+    state::membership::PeerAuthentication,
     telemetry::connections::ConnectionStats,
 };
 
@@ -33,14 +39,51 @@ pub struct InboundContext {
     pub stats: Arc<ConnectionStats>,
     pub proxy_mark: u32,
     pub connect_timeout: Duration,
+    /// The node's own addresses: plaintext from them (kubelet probes) passes STRICT too.
+    pub node_addresses: Vec<IpAddr>,
 }
 
-/// One meshed pod as the HBONE server sees it.
+/// One meshed pod as its inbound listeners (HBONE and plaintext) see it.
 pub struct DestinationPod {
     pub display_name: String,
     pub identity: SpiffeId,
     pub ips: Vec<IpAddr>,
     pub sockets: Arc<NetnsSockets>,
+    /// The namespace's mode; changes in place when the namespace is relabelled.
+    strict: AtomicBool,
+}
+
+impl DestinationPod {
+    pub fn new(
+        display_name: String,
+        identity: SpiffeId,
+        ips: Vec<IpAddr>,
+        sockets: Arc<NetnsSockets>,
+        mode: PeerAuthentication,
+    ) -> Self {
+        let pod = Self {
+            display_name,
+            identity,
+            ips,
+            sockets,
+            strict: AtomicBool::new(false),
+        };
+        pod.set_peer_authentication(mode);
+        pod
+    }
+
+    pub fn peer_authentication(&self) -> PeerAuthentication {
+        if self.strict.load(Ordering::Relaxed) {
+            PeerAuthentication::Strict
+        } else {
+            PeerAuthentication::Permissive
+        }
+    }
+
+    pub fn set_peer_authentication(&self, mode: PeerAuthentication) {
+        self.strict
+            .store(mode == PeerAuthentication::Strict, Ordering::Relaxed);
+    }
 }
 
 pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {
@@ -141,7 +184,14 @@ async fn handle_connect(
         tracing::warn!(pod = %pod.display_name, %peer_id, %target, "HBONE: CONNECT to an address that is not this meshed pod");
         return status(StatusCode::FORBIDDEN);
     }
-    let upstream = match connect_local(&pod, &ctx, target).await {
+    let upstream = match connect_to_application(
+        &pod.sockets,
+        ctx.proxy_mark,
+        ctx.connect_timeout,
+        target,
+    )
+    .await
+    {
         Ok(upstream) => upstream,
         Err(error) => {
             tracing::info!(pod = %pod.display_name, %peer_id, %target, %error, "HBONE: the application did not accept");
@@ -165,28 +215,6 @@ async fn handle_connect(
         ctx.stats.closed(&source, target, sent, received);
     });
     status(StatusCode::OK)
-}
-
-async fn connect_local(
-    pod: &DestinationPod,
-    ctx: &InboundContext,
-    target: SocketAddr,
-) -> std::io::Result<TcpStream> {
-    let domain = if target.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket = pod
-        .sockets
-        .tcp_socket(domain)
-        .map_err(std::io::Error::other)?;
-    socket.set_mark(ctx.proxy_mark)?;
-    socket.set_tcp_nodelay(true)?;
-    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    tokio::time::timeout(ctx.connect_timeout, socket.connect(target))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {

@@ -1,7 +1,10 @@
-//! The node proxy: outbound capture, HBONE (mutual TLS between pods) and its inbound side.
+//! The node proxy: outbound capture, HBONE (mutual TLS between pods) and its inbound side,
+//! and plaintext arriving at meshed pods.
 
 mod counting;
+mod delivery;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+pub mod plaintext;
 mod relay;

@@ -9,6 +9,44 @@ use crate::k8s::cluster_state::ClusterSnapshot;
 /// Label on a Namespace (`enabled`) or a Pod (`disabled`) that opts in or out.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
 
+/// Label on a Namespace choosing how its meshed pods treat plaintext from outside the mesh:
+/// `strict` or `permissive` (the default, as in Istio, so a namespace can be meshed before
+/// all of its clients are).
+pub const PEER_AUTHENTICATION_LABEL: &str = "nodemesh.io/peer-authentication";
+
+/// Whether a meshed pod accepts plaintext TCP from outside the mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PeerAuthentication {
+    /// Plaintext is refused; only mTLS (HBONE) reaches the pod.
+    Strict,
+    /// Plaintext is delivered (and counted) alongside mTLS.
+    #[default]
+    Permissive,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("label {PEER_AUTHENTICATION_LABEL}={value:?} is not one of \"strict\", \"permissive\"")]
+pub struct InvalidPeerAuthentication {
+    pub value: String,
+}
+
+/// The namespace's peer-authentication mode from its label.
+pub fn peer_authentication(
+    namespace: &Namespace,
+) -> Result<PeerAuthentication, InvalidPeerAuthentication> {
+    match label(&namespace.metadata, PEER_AUTHENTICATION_LABEL) {
+        None => Ok(PeerAuthentication::default()),
+        Some(value) if value.eq_ignore_ascii_case("strict") => Ok(PeerAuthentication::Strict),
+        Some(value) if value.eq_ignore_ascii_case("permissive") => {
+            Ok(PeerAuthentication::Permissive)
+        }
+        Some(value) => Err(InvalidPeerAuthentication {
+            value: value.to_owned(),
+        }),
+    }
+}
+
 /// A pod of this node that belongs in the mesh.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshedPod {
@@ -17,6 +55,7 @@ pub struct MeshedPod {
     pub name: String,
     pub service_account: String,
     pub ips: Vec<IpAddr>,
+    pub peer_authentication: PeerAuthentication,
 }
 
 impl MeshedPod {
@@ -44,14 +83,16 @@ pub fn meshed_pods<'a>(
         .filter(move |pod| {
             node.is_none() || pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node
         })
-        .filter(|pod| {
+        .filter_map(|pod| {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
-            snapshot
+            let namespace = snapshot
                 .namespaces
                 .get(namespace)
-                .is_some_and(namespace_is_meshed)
+                .filter(|ns| namespace_is_meshed(ns))?;
+            // The manifest reader rejects invalid labels, so the default is only a fallback.
+            let mode = peer_authentication(namespace).unwrap_or_default();
+            meshed_pod(pod, mode)
         })
-        .filter_map(meshed_pod)
 }
 
 fn namespace_is_meshed(namespace: &Namespace) -> bool {
@@ -70,7 +111,7 @@ fn label<'a>(
 
 /// The pod as a mesh member, or None when it must not be captured: opted out, host network,
 /// finished, or not yet given an IP or UID.
-fn meshed_pod(pod: &Pod) -> Option<MeshedPod> {
+fn meshed_pod(pod: &Pod, peer_authentication: PeerAuthentication) -> Option<MeshedPod> {
     if label(&pod.metadata, MESH_LABEL) == Some("disabled") {
         return None;
     }
@@ -108,6 +149,7 @@ fn meshed_pod(pod: &Pod) -> Option<MeshedPod> {
             .clone()
             .unwrap_or_else(|| "default".to_owned()),
         ips,
+        peer_authentication,
     })
 }
 
@@ -198,6 +240,39 @@ mod tests {
         let a = &meshed["uid-a"];
         assert_eq!(a.service_account, "sa");
         assert_eq!(a.ips.len(), 2);
+    }
+
+    #[test]
+    fn peer_authentication_comes_from_the_namespace_label() {
+        let mut strict = namespace("locked", true);
+        strict
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(PEER_AUTHENTICATION_LABEL.into(), "STRICT".into());
+        let state = snapshot(
+            vec![strict, namespace("open", true)],
+            vec![pod("locked", "a", "node1"), pod("open", "b", "node1")],
+        );
+        let meshed = local_meshed_pods(&state, "node1");
+        assert_eq!(
+            meshed["uid-a"].peer_authentication,
+            PeerAuthentication::Strict
+        );
+        assert_eq!(
+            meshed["uid-b"].peer_authentication,
+            PeerAuthentication::Permissive
+        );
+
+        let mut typo = namespace("typo", true);
+        typo.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(PEER_AUTHENTICATION_LABEL.into(), "strikt".into());
+        let error = peer_authentication(&typo).unwrap_err().to_string();
+        assert!(error.contains("\"strikt\""), "{error}");
     }
 
     #[test]

@@ -3,7 +3,14 @@
 //! Cardinality is bounded: past `MAX_SERIES` distinct pairs, new pairs are counted under the
 //! destination `other`, so a pod scanning many addresses cannot grow the agent's memory.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use serde::Serialize;
 
@@ -27,12 +34,38 @@ pub struct ConnectionSeries {
     pub counters: ConnectionCounters,
 }
 
+/// Plaintext connections that reached meshed pods from outside the mesh.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct PlaintextCounters {
+    /// Delivered (PERMISSIVE namespaces, or from the node's own addresses).
+    pub permitted: u64,
+    /// Reset because the namespace is STRICT.
+    pub refused: u64,
+}
+
 #[derive(Default)]
 pub struct ConnectionStats {
     series: Mutex<BTreeMap<(String, String), ConnectionCounters>>,
+    plaintext_permitted: AtomicU64,
+    plaintext_refused: AtomicU64,
 }
 
 impl ConnectionStats {
+    pub fn plaintext_permitted(&self) {
+        self.plaintext_permitted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn plaintext_refused(&self) {
+        self.plaintext_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn plaintext(&self) -> PlaintextCounters {
+        PlaintextCounters {
+            permitted: self.plaintext_permitted.load(Ordering::Relaxed),
+            refused: self.plaintext_refused.load(Ordering::Relaxed),
+        }
+    }
+
     pub fn opened(&self, source_pod: &str, destination: SocketAddr) {
         self.update(source_pod, destination, |c| c.opened += 1);
     }

@@ -1,0 +1,122 @@
+//! Plaintext TCP that reaches a meshed pod from outside the mesh. The kernel's inbound
+//! sk_lookup program (agent-ebpf/src/inbound.rs) hands every such connection to this
+//! listener inside the pod; the accepted socket's local address is where the client was
+//! going. The namespace's peer-authentication mode decides: STRICT resets the connection,
+//! PERMISSIVE delivers it to the application and counts it. Connections from the node's own
+//! addresses (the kubelet's probes) are delivered in both modes.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{
+    delivery::connect_to_application,
+    inbound::{DestinationPod, InboundContext},
+    relay::{relay, reset},
+};
+use crate::state::membership::PeerAuthentication;
+
+/// The source label of plaintext connections in the connection counters.
+pub const PLAINTEXT_SOURCE: &str = "plaintext";
+
+pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
+                tokio::spawn(async move { serve_connection(stream, peer, pod, ctx).await });
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.display_name, %error, "plaintext accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<DestinationPod>,
+    ctx: Arc<InboundContext>,
+) {
+    let _ = client.set_nodelay(true);
+    let target = match client.local_addr() {
+        Ok(target) => target,
+        Err(error) => {
+            tracing::warn!(pod = %pod.display_name, %peer, %error, "plaintext: no original destination");
+            return;
+        }
+    };
+    let from_node = is_node_address(&ctx.node_addresses, peer.ip());
+    if pod.peer_authentication() == PeerAuthentication::Strict && !from_node {
+        ctx.stats.plaintext_refused();
+        tracing::warn!(
+            pod = %pod.display_name, %peer, %target,
+            "plaintext refused: the namespace's peer authentication is STRICT, only mTLS from meshed pods is accepted"
+        );
+        reset(&client);
+        return;
+    }
+    ctx.stats.plaintext_permitted();
+    tracing::debug!(pod = %pod.display_name, %peer, %target, from_node, "plaintext permitted");
+    let upstream = match connect_to_application(
+        &pod.sockets,
+        ctx.proxy_mark,
+        ctx.connect_timeout,
+        target,
+    )
+    .await
+    {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::info!(pod = %pod.display_name, %peer, %target, %error, "plaintext: the application did not accept");
+            ctx.stats.failed(PLAINTEXT_SOURCE, target);
+            reset(&client);
+            return;
+        }
+    };
+    ctx.stats.opened(PLAINTEXT_SOURCE, target);
+    let (sent, received) = relay(client, upstream, |client, app| {
+        reset(client);
+        reset(app);
+    })
+    .await;
+    ctx.stats.closed(PLAINTEXT_SOURCE, target, sent, received);
+}
+
+/// IPv4 peers of a dual-stack listener may show up v4-mapped.
+fn is_node_address(node_addresses: &[IpAddr], peer: IpAddr) -> bool {
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+        v4 => v4,
+    };
+    node_addresses.contains(&peer)
+}
+
+/// The addresses of the agent's own network namespace (the node's, as the agent runs with
+/// hostNetwork), loopback excluded: the source of the kubelet's probes.
+pub fn node_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        tracing::warn!(
+            "cannot list the node's addresses; plaintext probes from the node will be treated like any other plaintext"
+        );
+        return Vec::new();
+    };
+    let mut found: Vec<IpAddr> = addrs
+        .filter_map(|ifaddr| ifaddr.address)
+        .filter_map(|addr| {
+            addr.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}

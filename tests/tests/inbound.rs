@@ -1,0 +1,244 @@
+//! Plaintext arriving at meshed pods from outside the mesh, on the testbed with real clients:
+//! the inbound sk_lookup program hands it to the node proxy, which follows the namespace's
+//! peer authentication (PERMISSIVE delivers and counts, STRICT resets; the node's own
+//! addresses, i.e. kubelet probes, always pass), and a dead agent leaves a STRICT pod
+//! closed. Needs root.
+
+use std::{collections::BTreeMap, process::Command, time::Duration};
+
+use nodemesh_testbed::{
+    AgentOptions, MESH_LABEL, MeshCa, Pod, Signal, Testbed, TestbedConfig, TopologySpec, is_root,
+    wait_until, workspace_bin,
+};
+use serde_json::Value;
+
+const PEER_AUTHENTICATION_LABEL: &str = "nodemesh.io/peer-authentication";
+const APP_PORT: u16 = 8080;
+
+struct Mesh {
+    tb: Testbed,
+    ca: MeshCa,
+}
+
+/// The standard testbed with the CA, both agents running with certificates, and an HTTP
+/// server on mesh/server-b (node2).
+fn meshed_testbed() -> Mesh {
+    assert!(
+        is_root(),
+        "kernel tests need root: run `cargo xtask test` as root"
+    );
+    let config = TestbedConfig {
+        prefix: "nmin".into(),
+        nodemesh_bin: workspace_bin("nodemesh"),
+        workload_bin: workspace_bin("nodemesh-workload"),
+        log_dir: None,
+    };
+    let tb = Testbed::create(config, TopologySpec::standard_with_ca()).expect("create testbed");
+    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
+    let ca = tb.start_ca(&ca_pod, 3600).expect("start the CA");
+    for node in ["node1", "node2"] {
+        let options = AgentOptions {
+            extra_args: ca.agent_args(node),
+            ..Default::default()
+        };
+        tb.start_agent(node, &options).expect("agent ready");
+    }
+    let server = tb.pod("mesh", "server-b").clone();
+    let mut http = Command::new(tb.workload_bin());
+    http.args(["http-server", "--port", &APP_PORT.to_string()]);
+    tb.spawn_in_pod(&server, http)
+        .expect("http server")
+        .detach();
+    tb.wait_listening(&server, APP_PORT).expect("listening");
+    Mesh { tb, ca }
+}
+
+/// curl's HTTP status for `url` from `pod` ("000" when no response), within 5 s.
+fn curl_from_pod(tb: &Testbed, pod: &Pod, url: &str) -> String {
+    let mut curl = Command::new("curl");
+    curl.args(curl_args(url));
+    let output = tb.run_in_pod(pod, curl).expect("run curl");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The same from the node's own network namespace, as the kubelet probes a pod.
+fn curl_from_node(tb: &Testbed, node: &str, url: &str) -> String {
+    let netns = tb.node(node).expect("node").netns().to_owned();
+    let output = Command::new("ip")
+        .args(["netns", "exec", &netns, "curl"])
+        .args(curl_args(url))
+        .output()
+        .expect("curl in the node's netns");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn curl_args(url: &str) -> Vec<String> {
+    [
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--connect-timeout",
+        "2",
+        "--max-time",
+        "5",
+        url,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn plaintext_counters(tb: &Testbed, node: &str) -> (u64, u64) {
+    let stats = tb.admin_json(node, "/stats").expect("stats");
+    let counters = &stats["inbound_plaintext"];
+    (
+        counters["permitted"].as_u64().expect("permitted"),
+        counters["refused"].as_u64().expect("refused"),
+    )
+}
+
+fn set_peer_authentication(mesh: &mut Mesh, mode: &str) {
+    let labels = BTreeMap::from([
+        (MESH_LABEL.to_owned(), "enabled".to_owned()),
+        (PEER_AUTHENTICATION_LABEL.to_owned(), mode.to_owned()),
+    ]);
+    mesh.tb
+        .set_namespace_labels("mesh", labels)
+        .expect("relabel namespace");
+}
+
+/// Waits until node2's agent reports `expected` for mesh/server-b.
+fn wait_mode(tb: &Testbed, expected: &str) {
+    wait_until(
+        Duration::from_secs(5),
+        "peer authentication applied",
+        || {
+            let dump = tb.admin_json("node2", "/config_dump")?;
+            Ok(dump["enrolled_pods"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"] == "server-b" && p["peer_authentication"] == expected))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn plaintext_to_meshed_pods_follows_the_namespace_peer_authentication() {
+    let mut mesh = meshed_testbed();
+    let server = mesh.tb.pod("mesh", "server-b").clone();
+    let outsider = mesh.tb.pod("plain", "outsider").clone();
+    let client = mesh.tb.pod("mesh", "client-a").clone();
+    let url = format!("http://{}:{APP_PORT}/", server.ipv4());
+
+    // PERMISSIVE (the default): delivered by node2's proxy, and counted.
+    wait_mode(&mesh.tb, "PERMISSIVE");
+    assert_eq!(curl_from_pod(&mesh.tb, &outsider, &url), "200");
+    assert_eq!(plaintext_counters(&mesh.tb, "node2"), (1, 0));
+    let stats = mesh.tb.admin_json("node2", "/stats").expect("stats");
+    let series: Vec<&Value> = stats["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .filter(|s| s["source_pod"] == "plaintext")
+        .collect();
+    assert_eq!(series.len(), 1, "{stats}");
+    assert_eq!(
+        series[0]["destination"],
+        format!("{}:{APP_PORT}", server.ipv4())
+    );
+    assert_eq!(series[0]["opened"], 1);
+
+    // STRICT: the outsider is reset at once, with a log line; meshed traffic and the node's
+    // own probes still get through.
+    set_peer_authentication(&mut mesh, "strict");
+    wait_mode(&mesh.tb, "STRICT");
+    assert_eq!(curl_from_pod(&mesh.tb, &outsider, &url), "000");
+    assert_eq!(plaintext_counters(&mesh.tb, "node2").1, 1);
+    let log = mesh.tb.agent_log("node2");
+    assert!(
+        log.contains("plaintext refused") && log.contains(&outsider.ipv4().to_string()),
+        "the refusal is logged with the peer:\n{log}"
+    );
+    assert_eq!(
+        curl_from_pod(&mesh.tb, &client, &url),
+        "200",
+        "mTLS still works"
+    );
+    assert_eq!(
+        curl_from_node(&mesh.tb, "node2", &url),
+        "200",
+        "kubelet probe"
+    );
+    let (permitted, refused) = plaintext_counters(&mesh.tb, "node2");
+    assert_eq!(
+        (permitted, refused),
+        (2, 1),
+        "the probe counts as permitted"
+    );
+
+    // A typo keeps the last good mode and says where.
+    set_peer_authentication(&mut mesh, "strikt");
+    wait_until(Duration::from_secs(5), "config error reported", || {
+        let dump = mesh.tb.admin_json("node2", "/config_dump")?;
+        Ok(dump["config_errors"].to_string().contains("strikt"))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let dump = mesh.tb.admin_json("node2", "/config_dump").expect("dump");
+    assert!(
+        dump["config_errors"].to_string().contains("Namespace mesh"),
+        "{}",
+        dump["config_errors"]
+    );
+    wait_mode(&mesh.tb, "STRICT");
+    assert_eq!(curl_from_pod(&mesh.tb, &outsider, &url), "000");
+
+    // With node2's agent dead, the STRICT pod stays closed to plaintext (the SYN is dropped).
+    mesh.tb
+        .kill_agent("node2", Signal::SIGKILL)
+        .expect("kill agent");
+    assert_eq!(curl_from_pod(&mesh.tb, &outsider, &url), "000");
+    assert_eq!(
+        curl_from_node(&mesh.tb, "node2", &url),
+        "000",
+        "without the agent nothing can tell a probe from other plaintext"
+    );
+}
+
+#[test]
+fn a_dead_agent_leaves_a_permissive_pod_reachable_and_a_new_agent_takes_capture_back() {
+    let mesh = meshed_testbed();
+    let server = mesh.tb.pod("mesh", "server-b").clone();
+    let outsider = mesh.tb.pod("plain", "outsider").clone();
+    let url = format!("http://{}:{APP_PORT}/", server.ipv4());
+    wait_mode(&mesh.tb, "PERMISSIVE");
+
+    mesh.tb
+        .kill_agent("node2", Signal::SIGKILL)
+        .expect("kill agent");
+    assert_eq!(
+        curl_from_pod(&mesh.tb, &outsider, &url),
+        "200",
+        "PERMISSIVE fails open: plaintext reaches the application directly"
+    );
+
+    let options = AgentOptions {
+        extra_args: mesh.ca.agent_args("node2"),
+        ..Default::default()
+    };
+    mesh.tb.start_agent("node2", &options).expect("agent back");
+    assert_eq!(curl_from_pod(&mesh.tb, &outsider, &url), "200");
+    assert_eq!(
+        plaintext_counters(&mesh.tb, "node2"),
+        (1, 0),
+        "the new agent carries plaintext again"
+    );
+    let dump = mesh.tb.admin_json("node2", "/config_dump").expect("dump");
+    assert_eq!(
+        dump["datapath_maps"]["inbound_addresses"], dump["datapath_maps"]["inbound_listeners"],
+        "every captured address has a live listener: {}",
+        dump["datapath_maps"]
+    );
+}
