@@ -16,6 +16,7 @@ pub mod map_names {
     pub const CONNECTION_ORIGINAL_DST: &str = "NM_CONN_ORIG_DST";
     pub const INBOUND_PODS: &str = "NM_INBOUND_PODS";
     pub const INBOUND_LISTENERS: &str = "NM_INBOUND_LISTENERS";
+    pub const DELIVERIES: &str = "NM_DELIVERIES";
 }
 
 /// Names of the programs in the object file.
@@ -34,8 +35,6 @@ pub const FAMILY_V6: u16 = 10;
 
 /// Port of the HBONE (mTLS) listener in every meshed pod; never captured inbound.
 pub const HBONE_PORT: u16 = 15008;
-/// Interface index of `lo` in every network namespace.
-pub const LOOPBACK_IFINDEX: u32 = 1;
 /// Capacity of the inbound maps (pod addresses per node).
 pub const MAX_INBOUND_ADDRESSES: u32 = 8192;
 
@@ -121,6 +120,19 @@ pub struct InboundKey {
     pub _pad: u16,
 }
 
+/// Key of `NM_DELIVERIES`: the source of a connection the proxy is opening to an application
+/// with the client's address (a transparent socket). The inbound program leaves such
+/// connections alone; the proxy removes the entry once the handshake is done.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    pub addr: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u16,
+}
+
 /// `InboundPod::flags`: the pod refuses plaintext (peer authentication STRICT).
 pub const INBOUND_STRICT: u32 = 1;
 
@@ -150,4 +162,5 @@ mod user {
     unsafe impl aya::Pod for ConnectionKey {}
     unsafe impl aya::Pod for InboundKey {}
     unsafe impl aya::Pod for InboundPod {}
+    unsafe impl aya::Pod for DeliveryKey {}
 }

@@ -3,21 +3,18 @@
 //! namespace's peer-authentication mode (STRICT refuses, PERMISSIVE delivers and counts).
 //!
 //! Left alone: anything but TCP, the HBONE port (mTLS is what STRICT asks for), connections
-//! from the pod's own address (the pod talking to itself, and the proxy delivering to the
-//! application), and connections routed over loopback (the proxy's source-preserving
-//! delivery, which policy routing in the pod sends through `lo`). Note that a connection to
-//! the pod's own address does *not* report `lo` as its ingress interface: the kernel records
-//! the device the local route points at. The accepted socket keeps the original destination
-//! as its local address.
+//! from the pod's own address (the pod talking to itself), and the proxy's own deliveries to
+//! the application, which carry the client's address as their source and are listed in
+//! `NM_DELIVERIES` while they are being opened. (The ingress interface cannot tell these
+//! apart: a connection to the pod's own address reports the device of the local route, eth0,
+//! not lo.) The accepted socket keeps the original destination as its local address.
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use nodemesh_common::{
-    FAMILY_V4, FAMILY_V6, HBONE_PORT, INBOUND_STRICT, InboundKey, LOOPBACK_IFINDEX,
-};
+use nodemesh_common::{DeliveryKey, FAMILY_V4, FAMILY_V6, HBONE_PORT, INBOUND_STRICT, InboundKey};
 
-use crate::maps::{INBOUND_LISTENERS, INBOUND_PODS};
+use crate::maps::{DELIVERIES, INBOUND_LISTENERS, INBOUND_PODS};
 
 const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
@@ -29,12 +26,11 @@ const AF_INET6: u32 = 10;
 pub fn nm_inbound_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands a valid context; the verifier checks every field access.
     let lookup = unsafe { &*ctx.lookup };
-    if lookup.protocol != IPPROTO_TCP
-        || lookup.local_port == u32::from(HBONE_PORT)
-        || lookup.ingress_ifindex == LOOPBACK_IFINDEX
-    {
+    if lookup.protocol != IPPROTO_TCP || lookup.local_port == u32::from(HBONE_PORT) {
         return SK_PASS;
     }
+    // SAFETY: as above; the port is in network byte order.
+    let remote_port = u16::from_be(unsafe { read_volatile(&raw const lookup.remote_port) });
     // Volatile reads at fixed offsets: the verifier refuses a load through a context pointer
     // the compiler has offset and shared between the two branches.
     // SAFETY: fields of the valid context, read in place.
@@ -48,7 +44,7 @@ pub fn nm_inbound_lookup(ctx: SkLookupContext) -> u32 {
                     read_volatile(&raw const lookup.remote_ip4),
                 )
             };
-            if local == remote {
+            if local == remote || is_delivery([remote, 0, 0, 0], remote_port, FAMILY_V4) {
                 return SK_PASS;
             }
             InboundKey {
@@ -74,7 +70,7 @@ pub fn nm_inbound_lookup(ctx: SkLookupContext) -> u32 {
                     ],
                 )
             };
-            if local == remote {
+            if local == remote || is_delivery(remote, remote_port, FAMILY_V6) {
                 return SK_PASS;
             }
             InboundKey {
@@ -98,4 +94,12 @@ pub fn nm_inbound_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         SK_PASS
     }
+}
+
+/// Whether the connection comes from one of the proxy's transparent delivery sockets.
+#[inline(always)]
+fn is_delivery(addr: [u32; 4], port: u16, family: u16) -> bool {
+    let key = DeliveryKey { addr, port, family };
+    // SAFETY: a plain map lookup; only presence matters.
+    unsafe { DELIVERIES.get(&key) }.is_some()
 }

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash},
 };
 use nodemesh_common::{
-    CaptureConfig, ConnectionKey, EnrolledPod, InboundKey, InboundPod, Ipv4Prefix, Ipv6Prefix,
-    MAX_ENROLLED_PODS, MAX_INBOUND_ADDRESSES, MAX_TRACKED_SOCKETS, OriginalDst,
+    CaptureConfig, ConnectionKey, DeliveryKey, EnrolledPod, InboundKey, InboundPod, Ipv4Prefix,
+    Ipv6Prefix, MAX_ENROLLED_PODS, MAX_INBOUND_ADDRESSES, MAX_TRACKED_SOCKETS, OriginalDst,
 };
 
 /// Pod-level cgroup id -> enrolment. Filled by the agent for pods of meshed namespaces.
@@ -49,3 +49,8 @@ pub static INBOUND_PODS: HashMap<InboundKey, InboundPod> =
 /// vanish when the agent closes the socket (or dies).
 #[map(name = "NM_INBOUND_LISTENERS")]
 pub static INBOUND_LISTENERS: SockHash<InboundKey> = SockHash::pinned(MAX_INBOUND_ADDRESSES, 0);
+
+/// Sources of the proxy's transparent connections to applications being opened right now
+/// (value unused). LRU so that an entry a crashed agent left behind is eventually evicted.
+#[map(name = "NM_DELIVERIES")]
+pub static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);

@@ -103,7 +103,9 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             trust_domain: config.trust_domain.clone(),
             stats: Arc::clone(&stats),
             proxy_mark: config.proxy_mark,
+            transparent_mark: config.transparent_mark,
             connect_timeout: config.connect_timeout,
+            datapath: Arc::clone(&datapath),
             node_addresses: plaintext::node_addresses(),
         })
     });

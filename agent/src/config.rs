@@ -44,6 +44,11 @@ pub struct AgentArgs {
     /// SO_MARK put on every proxy socket; marked sockets are never captured.
     #[arg(long, default_value_t = 0x4e4d_0001)]
     pub proxy_mark: u32,
+    /// SO_MARK of the proxy's connections to applications that carry the client's address;
+    /// policy routing in each pod keeps the replies to them local. Must differ from
+    /// --proxy-mark.
+    #[arg(long, default_value_t = 0x4e4d_0002)]
+    pub transparent_mark: u32,
     /// How long the proxy waits for an upstream TCP handshake, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
@@ -92,6 +97,7 @@ pub struct AgentConfig {
     pub admin_addr: SocketAddr,
     pub outbound_port: u16,
     pub proxy_mark: u32,
+    pub transparent_mark: u32,
     pub connect_timeout: Duration,
     pub identity: Option<IdentityConfig>,
     pub trust_domain: String,
@@ -118,6 +124,8 @@ pub enum ConfigError {
     ZeroOutboundPort,
     #[error("--proxy-mark must not be 0 (unmarked sockets would count as the proxy's)")]
     ZeroProxyMark,
+    #[error("--transparent-mark must be non-zero and differ from --proxy-mark")]
+    TransparentMark,
     #[error("--ca-addr needs --ca-token-file and --trust-bundle")]
     IncompleteCa,
     #[error("--ca-token-file {path}: {source}")]
@@ -151,6 +159,9 @@ impl TryFrom<AgentArgs> for AgentConfig {
         }
         if args.proxy_mark == 0 {
             return Err(ConfigError::ZeroProxyMark);
+        }
+        if args.transparent_mark == 0 || args.transparent_mark == args.proxy_mark {
+            return Err(ConfigError::TransparentMark);
         }
         if crate::identity::spiffe::SpiffeId::new(&args.trust_domain, "x", "x").is_err() {
             return Err(ConfigError::TrustDomain(args.trust_domain));
@@ -193,6 +204,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             admin_addr: args.admin_addr,
             outbound_port: args.outbound_port,
             proxy_mark: args.proxy_mark,
+            transparent_mark: args.transparent_mark,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         })
     }

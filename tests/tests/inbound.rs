@@ -4,7 +4,7 @@
 //! addresses, i.e. kubelet probes, always pass), and a dead agent leaves a STRICT pod
 //! closed. Needs root.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, process::Command, time::Duration};
 
 use nodemesh_testbed::{
     AgentOptions, MESH_LABEL, MeshCa, Pod, Signal, Testbed, TestbedConfig, TopologySpec, is_root,
@@ -240,5 +240,92 @@ fn a_dead_agent_leaves_a_permissive_pod_reachable_and_a_new_agent_takes_capture_
         dump["datapath_maps"]["inbound_addresses"], dump["datapath_maps"]["inbound_listeners"],
         "every captured address has a live listener: {}",
         dump["datapath_maps"]
+    );
+}
+
+/// The peer address the socat server below reports to `pod` connecting to `addr`.
+fn peer_seen_by_server(tb: &Testbed, pod: &Pod, addr: &str) -> IpAddr {
+    let mut socat = Command::new("socat");
+    socat.args(["-u", addr, "-"]);
+    let output = tb.run_in_pod(pod, socat).expect("run socat");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let text = text.trim().trim_start_matches('[').trim_end_matches(']');
+    text.parse().unwrap_or_else(|_| {
+        panic!(
+            "socat printed {text:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+#[test]
+fn mtls_connections_reach_the_application_from_the_client_pods_address() {
+    let mesh = meshed_testbed();
+    let server = mesh.tb.pod("mesh", "server-b").clone();
+    for listen in [
+        "TCP4-LISTEN:9000,fork,reuseaddr",
+        "TCP6-LISTEN:9001,fork,reuseaddr,ipv6only=1",
+    ] {
+        let mut socat = Command::new("socat");
+        socat.args([listen, "SYSTEM:echo $SOCAT_PEERADDR"]);
+        mesh.tb
+            .spawn_in_pod(&server, socat)
+            .expect("socat server")
+            .detach();
+    }
+    mesh.tb.wait_listening(&server, 9000).expect("listening");
+    mesh.tb.wait_listening(&server, 9001).expect("listening");
+    let v4 = format!("TCP4:{}:9000", server.ipv4());
+    let v6 = format!("TCP6:[{}]:9001", server.ipv6());
+
+    let across_nodes = mesh.tb.pod("mesh", "client-a").clone();
+    let same_node = mesh.tb.pod("mesh", "client-b").clone();
+    assert_eq!(
+        peer_seen_by_server(&mesh.tb, &across_nodes, &v4),
+        IpAddr::from(across_nodes.ipv4())
+    );
+    assert_eq!(
+        peer_seen_by_server(&mesh.tb, &across_nodes, &v6),
+        IpAddr::from(across_nodes.ipv6())
+    );
+    assert_eq!(
+        peer_seen_by_server(&mesh.tb, &same_node, &v4),
+        IpAddr::from(same_node.ipv4())
+    );
+    let stats = mesh.tb.admin_json("node2", "/stats").expect("stats");
+    let through_hbone = stats["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .filter(|s| {
+            s["source_pod"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("spiffe://"))
+        })
+        .filter(|s| {
+            s["destination"]
+                .as_str()
+                .is_some_and(|d| d.ends_with(":9000") || d.ends_with(":9001"))
+        })
+        .map(|s| s["opened"].as_u64().unwrap_or(0))
+        .sum::<u64>();
+    assert_eq!(through_hbone, 3, "all three went through HBONE: {stats}");
+
+    // Plaintext (PERMISSIVE) is delivered from the pod's own address (docs/hbone.md says why).
+    let outsider = mesh.tb.pod("plain", "outsider").clone();
+    assert_eq!(
+        peer_seen_by_server(&mesh.tb, &outsider, &v4),
+        IpAddr::from(server.ipv4())
+    );
+    let dump = mesh.tb.admin_json("node2", "/config_dump").expect("dump");
+    let preserved = dump["enrolled_pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "server-b")
+        .map(|p| p["source_preservation"].clone());
+    assert_eq!(
+        preserved,
+        Some(serde_json::json!({"ipv4": true, "ipv6": true}))
     );
 }

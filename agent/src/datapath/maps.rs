@@ -1,7 +1,7 @@
 //! Typed access to the pinned maps the agent writes and reads.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, BorrowedFd},
 };
 
@@ -13,8 +13,8 @@ use aya::{
     },
 };
 use nodemesh_common::{
-    CaptureConfig, ConnectionKey, EnrolledPod, FAMILY_V4, FAMILY_V6, FailMode, InboundKey,
-    InboundPod, Ipv4Prefix, Ipv6Prefix, OriginalDst, map_names,
+    CaptureConfig, ConnectionKey, DeliveryKey, EnrolledPod, FAMILY_V4, FAMILY_V6, FailMode,
+    InboundKey, InboundPod, Ipv4Prefix, Ipv6Prefix, OriginalDst, map_names,
 };
 
 use super::DatapathError;
@@ -27,6 +27,15 @@ pub struct MapOccupancy {
     pub pending_connections: usize,
     pub inbound_addresses: usize,
     pub inbound_listeners: usize,
+}
+
+fn delivery_key(source: SocketAddr) -> DeliveryKey {
+    let InboundKey { addr, family, .. } = inbound_key(source.ip());
+    DeliveryKey {
+        addr,
+        port: source.port(),
+        family,
+    }
 }
 
 /// The key of a pod address in the inbound maps.
@@ -58,6 +67,7 @@ pub(super) struct DatapathMaps {
     connections: HashMap<MapData, ConnectionKey, OriginalDst>,
     inbound_pods: HashMap<MapData, InboundKey, InboundPod>,
     inbound_listeners: SockHash<MapData, InboundKey>,
+    deliveries: HashMap<MapData, DeliveryKey, u8>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -83,6 +93,7 @@ impl DatapathMaps {
             connections: take(ebpf, map_names::CONNECTION_ORIGINAL_DST)?,
             inbound_pods: take(ebpf, map_names::INBOUND_PODS)?,
             inbound_listeners: take(ebpf, map_names::INBOUND_LISTENERS)?,
+            deliveries: take(ebpf, map_names::DELIVERIES)?,
         })
     }
 
@@ -226,6 +237,17 @@ impl DatapathMaps {
                 source,
             }),
         }
+    }
+
+    pub(super) fn add_delivery(&mut self, source: SocketAddr) -> Result<(), DatapathError> {
+        self.deliveries
+            .insert(&delivery_key(source), &1, 0)
+            .map_err(map_err(map_names::DELIVERIES))
+    }
+
+    pub(super) fn remove_delivery(&mut self, source: SocketAddr) {
+        // A failed delete is harmless: the LRU map evicts the entry eventually.
+        let _ = self.deliveries.remove(&delivery_key(source));
     }
 
     pub(super) fn inbound_keys(&self) -> Vec<InboundKey> {

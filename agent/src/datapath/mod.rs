@@ -6,7 +6,7 @@ mod maps;
 
 use std::{
     fs::File,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::BorrowedFd,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -157,6 +157,16 @@ impl Datapath {
             maps.set_inbound_pod(*addr, pod)?;
         }
         Ok(())
+    }
+
+    /// Marks `source` as the proxy's own connection to an application, so the inbound program
+    /// does not capture it; [`Datapath::end_delivery`] once it is established.
+    pub fn begin_delivery(&self, source: SocketAddr) -> Result<(), DatapathError> {
+        self.lock().add_delivery(source)
+    }
+
+    pub fn end_delivery(&self, source: SocketAddr) {
+        self.lock().remove_delivery(source)
     }
 
     /// Stops inbound capture for the pod `uid` with these addresses.

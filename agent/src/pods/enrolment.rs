@@ -22,6 +22,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use super::{
     cgroup::{self, CgroupError},
     netns::{NetnsError, NetnsSockets},
+    routing::{self, SourcePreservation},
 };
 use crate::{
     datapath::{Datapath, DatapathError},
@@ -70,6 +71,8 @@ pub struct EnrolledPodView {
     pub peer_authentication: PeerAuthentication,
     /// Whether plaintext arriving at the pod is captured (the node holds identities).
     pub inbound_capture: bool,
+    /// Whether mTLS traffic reaches the application with the client pod's address.
+    pub source_preservation: SourcePreservation,
 }
 
 /// A meshed pod that could not be enrolled yet, and why.
@@ -272,15 +275,23 @@ impl Enrolments {
             .collect();
         let mut inbound_capture = false;
         let mut inbound_side = None;
+        let mut source_preservation = SourcePreservation::default();
         if let (Some(inbound), Some(identity)) = (&self.inbound, identity) {
+            let has_v6 = pod.ips.iter().any(IpAddr::is_ipv6);
+            source_preservation =
+                routing::enable_source_preservation(&sockets, inbound.transparent_mark, has_v6)
+                    .unwrap_or_else(|error| {
+                        tracing::warn!(pod = %pod.display_name(), %error, "applications in this pod will see connections from its own address");
+                        SourcePreservation::default()
+                    });
             let destination = Arc::new(DestinationPod::new(
                 pod.display_name(),
                 identity,
                 pod.ips.clone(),
                 Arc::clone(&sockets),
+                source_preservation,
                 pod.peer_authentication,
             ));
-            let has_v6 = pod.ips.iter().any(IpAddr::is_ipv6);
             let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
             let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT));
             let mut hbone = vec![(v4, self.listen(&sockets, v4).await?)];
@@ -347,6 +358,7 @@ impl Enrolments {
                 listeners: addrs,
                 peer_authentication: pod.peer_authentication,
                 inbound_capture,
+                source_preservation,
             },
             destination: inbound_side,
             accept_loops,

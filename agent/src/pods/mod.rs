@@ -4,3 +4,4 @@
 pub mod cgroup;
 pub mod enrolment;
 pub mod netns;
+pub mod routing;

@@ -97,14 +97,21 @@ impl NetnsSockets {
 
     /// A new non-blocking TCP socket in the pod's network namespace.
     pub fn tcp_socket(&self, domain: Domain) -> Result<Socket, NetnsError> {
+        self.run_inside(|| Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)))?
+            .map_err(NetnsError::Socket)
+    }
+
+    /// Runs `f` on this thread while it is inside the pod's network namespace, then returns
+    /// to the agent's. `f` must be short and must not await: it holds the thread.
+    pub fn run_inside<R>(&self, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
         setns(self.netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(NetnsError::Enter)?;
-        let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP));
+        let result = f();
         if let Err(error) = setns(self.home.as_fd(), CloneFlags::CLONE_NEWNET) {
             // This thread would create every later socket in the pod: never continue.
             tracing::error!(%error, "cannot return to the agent's network namespace; aborting");
             std::process::abort();
         }
-        socket.map_err(NetnsError::Socket)
+        Ok(result)
     }
 }
 

@@ -1,30 +1,119 @@
 //! The last hop of inbound traffic: connecting to the application from inside its pod.
+//!
+//! HBONE traffic is delivered with the client pod's address as the source when the pod's
+//! policy routing allows it (`pods::routing`): a transparent socket bound to that address,
+//! listed in `NM_DELIVERIES` while it connects so the inbound program does not capture it.
+//! Plaintext (PERMISSIVE) is delivered from the pod's own address: a transparent socket
+//! would share the 4-tuple space of the client's own connections to the same port, and the
+//! kernel cannot detect the clash (see docs/hbone.md).
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+};
 
-use socket2::Domain;
+use socket2::{Domain, Socket};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::pods::netns::NetnsSockets;
+use super::inbound::{DestinationPod, InboundContext};
 
-/// Connects to `target` (an address of the pod) from a socket in the pod's network namespace,
-/// marked as the proxy's so the connect hook leaves it alone.
+/// Connects to `target` (an address of the pod), from `client` when given and possible.
+/// Returns the stream and whether the client's address was kept.
 pub async fn connect_to_application(
-    sockets: &NetnsSockets,
-    proxy_mark: u32,
-    connect_timeout: Duration,
+    pod: &DestinationPod,
+    ctx: &InboundContext,
     target: SocketAddr,
+    client: Option<IpAddr>,
+) -> io::Result<(TcpStream, bool)> {
+    let client = client
+        .map(canonical)
+        .filter(|ip| ip.is_ipv4() == target.is_ipv4() && pod.source_preservation.covers(*ip));
+    if let Some(client) = client {
+        match connect_transparent(pod, ctx, target, client).await {
+            Ok(stream) => return Ok((stream, true)),
+            Err(error) if error.kind() == io::ErrorKind::TimedOut => return Err(error),
+            Err(error) => {
+                tracing::debug!(pod = %pod.display_name, %client, %error, "delivering from the pod's own address instead")
+            }
+        }
+    }
+    let socket = new_socket(pod, ctx.proxy_mark, target)?;
+    Ok((connect(socket, target, ctx).await?, false))
+}
+
+async fn connect_transparent(
+    pod: &DestinationPod,
+    ctx: &InboundContext,
+    target: SocketAddr,
+    client: IpAddr,
 ) -> io::Result<TcpStream> {
+    let socket = new_socket(pod, ctx.transparent_mark, target)?;
+    set_transparent(&socket, client)?;
+    socket.bind(&SocketAddr::new(client, 0).into())?;
+    let source = socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("bound socket has no IP address"))?;
+    ctx.datapath
+        .begin_delivery(source)
+        .map_err(io::Error::other)?;
+    let result = connect(socket, target, ctx).await;
+    ctx.datapath.end_delivery(source);
+    result
+}
+
+fn new_socket(pod: &DestinationPod, mark: u32, target: SocketAddr) -> io::Result<Socket> {
     let domain = if target.is_ipv4() {
         Domain::IPV4
     } else {
         Domain::IPV6
     };
-    let socket = sockets.tcp_socket(domain).map_err(io::Error::other)?;
-    socket.set_mark(proxy_mark)?;
+    let socket = pod.sockets.tcp_socket(domain).map_err(io::Error::other)?;
+    socket.set_mark(mark)?;
     socket.set_tcp_nodelay(true)?;
+    Ok(socket)
+}
+
+async fn connect(
+    socket: Socket,
+    target: SocketAddr,
+    ctx: &InboundContext,
+) -> io::Result<TcpStream> {
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    tokio::time::timeout(connect_timeout, socket.connect(target))
+    tokio::time::timeout(ctx.connect_timeout, socket.connect(target))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// IP_TRANSPARENT / IPV6_TRANSPARENT: lets the socket bind an address that is not local.
+fn set_transparent(socket: &Socket, addr: IpAddr) -> io::Result<()> {
+    let (level, option) = match addr {
+        IpAddr::V4(_) => (libc::SOL_IP, libc::IP_TRANSPARENT),
+        IpAddr::V6(_) => (libc::SOL_IPV6, libc::IPV6_TRANSPARENT),
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// IPv4 peers can appear v4-mapped on IPv6 sockets.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }

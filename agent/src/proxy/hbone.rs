@@ -78,9 +78,12 @@ pub struct HboneClient {
 
 pub type Tunnel = TokioIo<Upgraded>;
 
-/// Pooled HTTP/2 connections by (source identity, HBONE address), with the certificate each
-/// was made with.
-type Pool = HashMap<(SpiffeId, SocketAddr), (Arc<WorkloadCertificate>, SendRequest<Empty<Bytes>>)>;
+/// Pooled HTTP/2 connections by (source pod, source identity, HBONE address), with the
+/// certificate each was made with. The source pod (its network namespace cookie) is part of
+/// the key because the connection leaves from that pod's address: the destination delivers
+/// with it as the source, and NetworkPolicies see it.
+type PoolKey = (u64, SpiffeId, SocketAddr);
+type Pool = HashMap<PoolKey, (Arc<WorkloadCertificate>, SendRequest<Empty<Bytes>>)>;
 
 impl HboneClient {
     pub fn new(identities: Arc<IdentityManager>, roots: Arc<RootCertStore>) -> Self {
@@ -106,16 +109,15 @@ impl HboneClient {
             .certificate(source_id)
             .ok_or_else(|| HboneError::NoCertificate(source_id.clone()))?;
         let addr = SocketAddr::new(target.ip(), HBONE_PORT);
-        let mut sender = match self.pooled(source_id, addr, &certificate) {
+        let key = (source.sockets.cookie(), source_id.clone(), addr);
+        let mut sender = match self.pooled(&key, &certificate) {
             Some(sender) => sender,
             None => {
                 let sender = self
                     .connect(source, &certificate, destination, addr, mark, timeout)
                     .await?;
-                self.lock().insert(
-                    (source_id.clone(), addr),
-                    (Arc::clone(&certificate), sender.clone()),
-                );
+                self.lock()
+                    .insert(key, (Arc::clone(&certificate), sender.clone()));
                 sender
             }
         };
@@ -148,19 +150,17 @@ impl HboneClient {
     /// A live pooled connection made with the current certificate.
     fn pooled(
         &self,
-        source_id: &SpiffeId,
-        addr: SocketAddr,
+        key: &PoolKey,
         certificate: &Arc<WorkloadCertificate>,
     ) -> Option<SendRequest<Empty<Bytes>>> {
         let mut pool = self.lock();
-        let key = (source_id.clone(), addr);
-        match pool.get(&key) {
+        match pool.get(key) {
             Some((used, sender)) if Arc::ptr_eq(used, certificate) && !sender.is_closed() => {
                 Some(sender.clone())
             }
             Some(_) => {
                 // Closed, or made with a certificate that has since been renewed.
-                pool.remove(&key);
+                pool.remove(key);
                 None
             }
             None => None,

@@ -25,8 +25,9 @@ use super::{
     relay::{relay, reset},
 };
 use crate::{
+    datapath::Datapath,
     identity::{manager::IdentityManager, spiffe::SpiffeId, tls},
-    pods::netns::NetnsSockets,
+    pods::{netns::NetnsSockets, routing::SourcePreservation},
     state::membership::PeerAuthentication,
     telemetry::connections::ConnectionStats,
 };
@@ -38,7 +39,9 @@ pub struct InboundContext {
     pub trust_domain: String,
     pub stats: Arc<ConnectionStats>,
     pub proxy_mark: u32,
+    pub transparent_mark: u32,
     pub connect_timeout: Duration,
+    pub datapath: Arc<Datapath>,
     /// The node's own addresses: plaintext from them (kubelet probes) passes STRICT too.
     pub node_addresses: Vec<IpAddr>,
 }
@@ -49,6 +52,8 @@ pub struct DestinationPod {
     pub identity: SpiffeId,
     pub ips: Vec<IpAddr>,
     pub sockets: Arc<NetnsSockets>,
+    /// Which families can be delivered with the client's address.
+    pub source_preservation: SourcePreservation,
     /// The namespace's mode; changes in place when the namespace is relabelled.
     strict: AtomicBool,
 }
@@ -59,6 +64,7 @@ impl DestinationPod {
         identity: SpiffeId,
         ips: Vec<IpAddr>,
         sockets: Arc<NetnsSockets>,
+        source_preservation: SourcePreservation,
         mode: PeerAuthentication,
     ) -> Self {
         let pod = Self {
@@ -66,6 +72,7 @@ impl DestinationPod {
             identity,
             ips,
             sockets,
+            source_preservation,
             strict: AtomicBool::new(false),
         };
         pod.set_peer_authentication(mode);
@@ -184,15 +191,8 @@ async fn handle_connect(
         tracing::warn!(pod = %pod.display_name, %peer_id, %target, "HBONE: CONNECT to an address that is not this meshed pod");
         return status(StatusCode::FORBIDDEN);
     }
-    let upstream = match connect_to_application(
-        &pod.sockets,
-        ctx.proxy_mark,
-        ctx.connect_timeout,
-        target,
-    )
-    .await
-    {
-        Ok(upstream) => upstream,
+    let upstream = match connect_to_application(&pod, &ctx, target, Some(peer.ip())).await {
+        Ok((upstream, _)) => upstream,
         Err(error) => {
             tracing::info!(pod = %pod.display_name, %peer_id, %target, %error, "HBONE: the application did not accept");
             return status(StatusCode::SERVICE_UNAVAILABLE);

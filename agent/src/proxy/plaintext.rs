@@ -14,7 +14,7 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    delivery::connect_to_application,
+    delivery::{canonical, connect_to_application},
     inbound::{DestinationPod, InboundContext},
     relay::{relay, reset},
 };
@@ -64,15 +64,8 @@ async fn serve_connection(
     }
     ctx.stats.plaintext_permitted();
     tracing::debug!(pod = %pod.display_name, %peer, %target, from_node, "plaintext permitted");
-    let upstream = match connect_to_application(
-        &pod.sockets,
-        ctx.proxy_mark,
-        ctx.connect_timeout,
-        target,
-    )
-    .await
-    {
-        Ok(upstream) => upstream,
+    let upstream = match connect_to_application(&pod, &ctx, target, None).await {
+        Ok((upstream, _)) => upstream,
         Err(error) => {
             tracing::info!(pod = %pod.display_name, %peer, %target, %error, "plaintext: the application did not accept");
             ctx.stats.failed(PLAINTEXT_SOURCE, target);
@@ -89,13 +82,8 @@ async fn serve_connection(
     ctx.stats.closed(PLAINTEXT_SOURCE, target, sent, received);
 }
 
-/// IPv4 peers of a dual-stack listener may show up v4-mapped.
 fn is_node_address(node_addresses: &[IpAddr], peer: IpAddr) -> bool {
-    let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
-        v4 => v4,
-    };
-    node_addresses.contains(&peer)
+    node_addresses.contains(&canonical(peer))
 }
 
 /// The addresses of the agent's own network namespace (the node's, as the agent runs with
