@@ -13,7 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     admin::{self, AdminState},
-    config::AgentConfig,
+    config::{AgentConfig, ClusterSourceConfig},
     datapath::Datapath,
     identity::{
         ca_client::CaClient,
@@ -21,7 +21,7 @@ use crate::{
         spiffe::SpiffeId,
         tls,
     },
-    k8s::cluster_state::ClusterStateDir,
+    k8s::source::ClusterSource,
     pods::enrolment::EnrolledPodView,
     pods::{cgroup, enrolment::Enrolments},
     proxy::{hbone::HboneClient, inbound::InboundContext, outbound::OutboundContext, plaintext},
@@ -117,8 +117,12 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         Arc::clone(&outbound),
         inbound,
     );
-    let mut cluster = ClusterStateDir::new(&config.cluster_state);
-    let (_watcher, mut changes) = cluster.watch()?;
+    let (mut cluster, mut changes) = match &config.cluster_source {
+        ClusterSourceConfig::Manifests(dir) => ClusterSource::manifests(dir)?,
+        ClusterSourceConfig::Kubernetes { sync_timeout } => {
+            ClusterSource::api(*sync_timeout).await?
+        }
+    };
 
     let mut reconciler = Reconciler {
         cluster: &mut cluster,
@@ -157,7 +161,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
 
 /// Everything one pass from cluster state to enrolment and identities touches.
 struct Reconciler<'a> {
-    cluster: &'a mut ClusterStateDir,
+    cluster: &'a mut ClusterSource,
     enrolments: &'a mut Enrolments,
     config: &'a AgentConfig,
     admin: &'a AdminState,
@@ -187,10 +191,7 @@ impl Reconciler<'_> {
         }
         publish(self.admin.enrolled.write(), enrolled);
         publish(self.admin.pending.write(), self.enrolments.pending_views());
-        publish(
-            self.admin.config_errors.write(),
-            errors.iter().map(ToString::to_string).collect(),
-        );
+        publish(self.admin.config_errors.write(), errors);
     }
 }
 

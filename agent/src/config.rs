@@ -15,10 +15,20 @@ pub struct AgentArgs {
     /// Name of the Kubernetes node this agent serves (pods with this spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// Directory of Kubernetes YAML manifests (Namespaces, Pods) to use as the cluster state
-    /// instead of an API server. Watched for changes.
+    /// Directory of Kubernetes YAML manifests (Namespaces, Pods, Services, EndpointSlices) to
+    /// use as the cluster state instead of an API server. Watched for changes.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub cluster_state: Option<PathBuf>,
+    /// Watch the Kubernetes API server (in-cluster service account, or KUBECONFIG).
     #[arg(long)]
-    pub cluster_state: PathBuf,
+    pub kubernetes: bool,
+    /// How long the initial list from the API server may take before the agent gives up.
+    #[arg(long, default_value_t = 60)]
+    pub kubernetes_sync_timeout_seconds: u64,
     /// The node's cgroup v2 directory that holds `kubepods` (or `kubepods.slice`).
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
@@ -88,7 +98,7 @@ impl From<FailModeArg> for FailMode {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node_name: String,
-    pub cluster_state: PathBuf,
+    pub cluster_source: ClusterSourceConfig,
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
     pub fail_mode: FailMode,
@@ -101,6 +111,13 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     pub identity: Option<IdentityConfig>,
     pub trust_domain: String,
+}
+
+/// Where the agent learns the cluster state from.
+#[derive(Clone, Debug)]
+pub enum ClusterSourceConfig {
+    Manifests(PathBuf),
+    Kubernetes { sync_timeout: Duration },
 }
 
 /// Where the agent gets workload certificates from.
@@ -148,9 +165,13 @@ impl TryFrom<AgentArgs> for AgentConfig {
         if args.node_name.trim().is_empty() {
             return Err(ConfigError::EmptyNodeName);
         }
-        if !args.cluster_state.is_dir() {
-            return Err(ConfigError::ClusterStateNotADirectory(args.cluster_state));
-        }
+        let cluster_source = match args.cluster_state {
+            Some(dir) if !dir.is_dir() => return Err(ConfigError::ClusterStateNotADirectory(dir)),
+            Some(dir) => ClusterSourceConfig::Manifests(dir),
+            None => ClusterSourceConfig::Kubernetes {
+                sync_timeout: Duration::from_secs(args.kubernetes_sync_timeout_seconds),
+            },
+        };
         if !args.cgroup_root.is_dir() {
             return Err(ConfigError::CgroupRootNotADirectory(args.cgroup_root));
         }
@@ -195,7 +216,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             identity,
             trust_domain: args.trust_domain,
             node_name: args.node_name,
-            cluster_state: args.cluster_state,
+            cluster_source,
             cgroup_root: args.cgroup_root,
             bpffs: args.bpffs,
             fail_mode: args.fail_mode.into(),

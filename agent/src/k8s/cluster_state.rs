@@ -1,7 +1,8 @@
 //! Cluster state from a directory of Kubernetes YAML manifests, watched for changes.
 //!
 //! Every `*.yaml`/`*.yml` file (dotfiles ignored, so writers can rename temporaries into
-//! place) may hold several documents. Namespaces and Pods are kept; other kinds are ignored.
+//! place) may hold several documents. Namespaces, Pods, Services and EndpointSlices are kept;
+//! other kinds are ignored.
 //! A file that fails to parse is reported with its path and position, and the objects it
 //! held last time it parsed are kept: bad input never drops good state.
 
@@ -10,17 +11,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-/// Namespaces and Pods of the cluster, keyed by name and by (namespace, name).
-#[derive(Clone, Debug, Default)]
-pub struct ClusterSnapshot {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<(String, String), Pod>,
-}
+pub use super::snapshot::ClusterSnapshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -56,10 +58,11 @@ pub enum ManifestError {
         name: String,
         source: crate::state::membership::InvalidPeerAuthentication,
     },
-    #[error("{path}: document {document}: Pod {name} without metadata.namespace")]
+    #[error("{path}: document {document}: {kind} {name} without metadata.namespace")]
     MissingNamespace {
         path: PathBuf,
         document: usize,
+        kind: &'static str,
         name: String,
     },
     #[error("watching {path}: {source}")]
@@ -73,6 +76,8 @@ pub enum ManifestError {
 enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
 }
 
 #[derive(Deserialize)]
@@ -127,11 +132,19 @@ impl ClusterStateDir {
                     snapshot.namespaces.insert(name, (**ns).clone());
                 }
                 Object::Pod(pod) => {
-                    let key = (
-                        pod.metadata.namespace.clone().unwrap_or_default(),
-                        pod.metadata.name.clone().unwrap_or_default(),
-                    );
-                    snapshot.pods.insert(key, (**pod).clone());
+                    snapshot
+                        .pods
+                        .insert(namespaced_key(&pod.metadata), (**pod).clone());
+                }
+                Object::Service(service) => {
+                    snapshot
+                        .services
+                        .insert(namespaced_key(&service.metadata), (**service).clone());
+                }
+                Object::EndpointSlice(slice) => {
+                    snapshot
+                        .endpoint_slices
+                        .insert(namespaced_key(&slice.metadata), (**slice).clone());
                 }
             }
         }
@@ -225,28 +238,66 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError
                 }
                 objects.push(Object::Namespace(Box::new(ns)));
             }
-            "Pod" => {
-                let pod: Pod = typed(path, document_number, "Pod", value)?;
-                let Some(name) = pod.metadata.name.clone() else {
-                    return Err(ManifestError::MissingName {
-                        path: path.to_owned(),
-                        document: document_number,
-                        kind: "Pod",
-                    });
-                };
-                if pod.metadata.namespace.is_none() {
-                    return Err(ManifestError::MissingNamespace {
-                        path: path.to_owned(),
-                        document: document_number,
-                        name,
-                    });
-                }
-                objects.push(Object::Pod(Box::new(pod)));
-            }
+            "Pod" => objects.push(Object::Pod(Box::new(namespaced(
+                path,
+                document_number,
+                "Pod",
+                value,
+                |p: &Pod| &p.metadata,
+            )?))),
+            "Service" => objects.push(Object::Service(Box::new(namespaced(
+                path,
+                document_number,
+                "Service",
+                value,
+                |s: &Service| &s.metadata,
+            )?))),
+            "EndpointSlice" => objects.push(Object::EndpointSlice(Box::new(namespaced(
+                path,
+                document_number,
+                "EndpointSlice",
+                value,
+                |s: &EndpointSlice| &s.metadata,
+            )?))),
             other => tracing::debug!(path = %path.display(), kind = other, "ignoring manifest"),
         }
     }
     Ok(objects)
+}
+
+/// Deserialises a namespaced object that must have a name and a namespace.
+fn namespaced<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    document: usize,
+    kind: &'static str,
+    value: serde_yaml::Value,
+    metadata: impl Fn(&T) -> &ObjectMeta,
+) -> Result<T, ManifestError> {
+    let object: T = typed(path, document, kind, value)?;
+    let meta = metadata(&object);
+    let Some(name) = meta.name.clone() else {
+        return Err(ManifestError::MissingName {
+            path: path.to_owned(),
+            document,
+            kind,
+        });
+    };
+    if meta.namespace.is_none() {
+        return Err(ManifestError::MissingNamespace {
+            path: path.to_owned(),
+            document,
+            kind,
+            name,
+        });
+    }
+    Ok(object)
+}
+
+fn namespaced_key(meta: &ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 /// Deserialises one object, naming the offending field on error.

@@ -1,4 +1,7 @@
-//! Sources of cluster state. Today: a directory of Kubernetes manifests (`--cluster-state`);
-//! the API server watchers will feed the same `ClusterSnapshot`.
+//! Sources of cluster state: a directory of Kubernetes manifests (`--cluster-state`) or the
+//! API server (`--kubernetes`), both producing the same `ClusterSnapshot`.
 
+pub mod api;
 pub mod cluster_state;
+pub mod snapshot;
+pub mod source;

@@ -1,0 +1,263 @@
+//! Cluster state from the Kubernetes API server: one kube-rs reflector per kind (Namespaces,
+//! Pods, Services, EndpointSlices), each a list followed by a watch.
+//!
+//! The list/watch protocol is kube-rs's watcher: it lists, then watches from the list's
+//! resourceVersion with bookmarks on, resumes from the last resourceVersion (or bookmark)
+//! after a dropped connection, relists when the server answers 410 Gone, and backs off
+//! exponentially while the server is unreachable. The reflector stores replace their contents
+//! on each relist, so objects deleted while the watch was down disappear too. The agent only
+//! counts as synced once every store has completed its first list.
+//!
+//! Pods are watched cluster-wide (the workload index needs every meshed pod's address and
+//! identity) and trimmed to the fields the mesh reads, so the store stays small; this node's
+//! pods are a filter over the same store rather than a second, field-selected watch that
+//! would deliver the same events twice and could disagree with the first during a relist.
+
+use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Mutex, time::Duration};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, PodSpec, PodStatus, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use super::snapshot::ClusterSnapshot;
+use crate::state::membership;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("connecting to the Kubernetes API server: {0}")]
+    Client(#[from] kube::Error),
+    #[error("Kubernetes client configuration: {0}")]
+    Config(#[from] kube::config::InferConfigError),
+    #[error("the initial list of {kinds} did not complete within {timeout:?}")]
+    SyncTimeout { kinds: String, timeout: Duration },
+}
+
+/// The reflector stores, kept current by background tasks until dropped.
+pub struct ApiWatch {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    /// The last version of each namespace that passed validation.
+    last_good_namespaces: Mutex<BTreeMap<String, Namespace>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ApiWatch {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl ApiWatch {
+    /// A client from the in-cluster configuration or KUBECONFIG.
+    pub async fn infer_client() -> Result<Client, ApiError> {
+        let config = kube::Config::infer().await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// Starts the watches; `changes` gets a message (coalesced) after every event.
+    pub fn start(client: Client, changes: mpsc::Sender<()>) -> Self {
+        let mut tasks = Vec::new();
+        let namespaces = reflect(
+            Api::all(client.clone()),
+            trim_metadata::<Namespace>,
+            &changes,
+            &mut tasks,
+        );
+        let pods = reflect(Api::all(client.clone()), trim_pod, &changes, &mut tasks);
+        let services = reflect(
+            Api::all(client.clone()),
+            trim_metadata::<Service>,
+            &changes,
+            &mut tasks,
+        );
+        let endpoint_slices = reflect(
+            Api::all(client),
+            trim_metadata::<EndpointSlice>,
+            &changes,
+            &mut tasks,
+        );
+        Self {
+            namespaces,
+            pods,
+            services,
+            endpoint_slices,
+            last_good_namespaces: Mutex::default(),
+            tasks,
+        }
+    }
+
+    /// Waits until every kind has been listed once.
+    pub async fn wait_synced(&self, timeout: Duration) -> Result<(), ApiError> {
+        let all = async {
+            let _ = self.namespaces.wait_until_ready().await;
+            let _ = self.pods.wait_until_ready().await;
+            let _ = self.services.wait_until_ready().await;
+            let _ = self.endpoint_slices.wait_until_ready().await;
+        };
+        tokio::time::timeout(timeout, all)
+            .await
+            .map_err(|_| ApiError::SyncTimeout {
+                kinds: self.unsynced().join(", "),
+                timeout,
+            })
+    }
+
+    fn unsynced(&self) -> Vec<&'static str> {
+        [
+            ("Namespaces", synced(&self.namespaces)),
+            ("Pods", synced(&self.pods)),
+            ("Services", synced(&self.services)),
+            ("EndpointSlices", synced(&self.endpoint_slices)),
+        ]
+        .into_iter()
+        .filter(|(_, synced)| !synced)
+        .map(|(kind, _)| kind)
+        .collect()
+    }
+
+    /// The current state, and the objects rejected (whose last good version is used).
+    pub fn snapshot(&self) -> (ClusterSnapshot, Vec<String>) {
+        let mut errors = Vec::new();
+        let mut last_good = self
+            .last_good_namespaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut namespaces = BTreeMap::new();
+        for namespace in self.namespaces.state() {
+            let name = namespace.metadata.name.clone().unwrap_or_default();
+            match membership::peer_authentication(&namespace) {
+                Ok(_) => {
+                    last_good.insert(name.clone(), (*namespace).clone());
+                    namespaces.insert(name, (*namespace).clone());
+                }
+                Err(error) => {
+                    errors.push(format!(
+                        "Namespace {name} (API server): {error}; keeping its last good version"
+                    ));
+                    if let Some(good) = last_good.get(&name) {
+                        namespaces.insert(name, good.clone());
+                    }
+                }
+            }
+        }
+        last_good.retain(|name, _| namespaces.contains_key(name));
+        let snapshot = ClusterSnapshot {
+            namespaces,
+            pods: by_namespaced_name(&self.pods),
+            services: by_namespaced_name(&self.services),
+            endpoint_slices: by_namespaced_name(&self.endpoint_slices),
+        };
+        (snapshot, errors)
+    }
+}
+
+/// Whether the store has completed its first list (it then answers `wait_until_ready` at once).
+fn synced<K>(store: &Store<K>) -> bool
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    futures_util::FutureExt::now_or_never(store.wait_until_ready()).is_some()
+}
+
+fn by_namespaced_name<K>(store: &Store<K>) -> BTreeMap<(String, String), K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store
+        .state()
+        .into_iter()
+        .map(|object| {
+            let meta = object.meta();
+            (
+                (
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone().unwrap_or_default(),
+                ),
+                (*object).clone(),
+            )
+        })
+        .collect()
+}
+
+/// Runs one reflector in the background and returns its store.
+fn reflect<K>(
+    api: Api<K>,
+    trim: fn(&mut K),
+    changes: &mpsc::Sender<()>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(trim)
+        .reflect(writer);
+    let changes = changes.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                // A full channel already holds a wake-up: nothing is lost.
+                Ok(_) => {
+                    let _ = changes.try_send(());
+                }
+                Err(error) => {
+                    tracing::warn!(%kind, %error, "Kubernetes watch failed; retrying with backoff")
+                }
+            }
+        }
+    }));
+    reader
+}
+
+fn trim_metadata<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// Keeps only what membership and the workload index read.
+fn trim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        node_name: spec.node_name,
+        service_account_name: spec.service_account_name,
+        host_network: spec.host_network,
+        ..Default::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        pod_ips: status.pod_ips,
+        ..Default::default()
+    });
+}
+
+#[cfg(test)]
+mod tests;
