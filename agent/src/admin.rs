@@ -19,6 +19,7 @@ use crate::{
     datapath::Datapath,
     identity::manager::{IdentityManager, IdentityView},
     pods::enrolment::{EnrolledPodView, PendingPodView},
+    state::services::ServicePortView,
     telemetry::connections::ConnectionStats,
 };
 
@@ -30,6 +31,7 @@ pub struct AdminState {
     pub enrolled: RwLock<Vec<EnrolledPodView>>,
     pub pending: RwLock<Vec<PendingPodView>>,
     pub config_errors: RwLock<Vec<String>>,
+    pub services: RwLock<Vec<ServicePortView>>,
     pub identities: Option<Arc<IdentityManager>>,
     pub stats: Arc<ConnectionStats>,
     pub datapath: Arc<Datapath>,
@@ -44,6 +46,8 @@ struct ConfigDump<'a> {
     enrolled_pods: Vec<EnrolledPodView>,
     pending_pods: Vec<PendingPodView>,
     config_errors: Vec<String>,
+    /// Service virtual addresses the proxy resolves, with their ready endpoints.
+    services: Vec<ServicePortView>,
     /// Workload certificates held by this node; null when the agent runs without a CA.
     identities: Option<Vec<IdentityView>>,
     datapath_maps: crate::datapath::MapOccupancy,
@@ -91,6 +95,7 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             enrolled_pods: read(&state.enrolled),
             pending_pods: read(&state.pending),
             config_errors: read(&state.config_errors),
+            services: read(&state.services),
             identities: state.identities.as_ref().map(|m| m.views()),
             datapath_maps: state.datapath.occupancy(),
         }),

@@ -26,7 +26,7 @@ use crate::{
     pods::{cgroup, enrolment::Enrolments},
     proxy::{hbone::HboneClient, inbound::InboundContext, outbound::OutboundContext, plaintext},
     state::membership,
-    state::workloads::WorkloadIndex,
+    state::{services::ServiceIndex, workloads::WorkloadIndex},
     telemetry::connections::ConnectionStats,
 };
 
@@ -77,6 +77,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         enrolled: RwLock::default(),
         pending: RwLock::default(),
         config_errors: RwLock::default(),
+        services: RwLock::default(),
         identities: identities.clone(),
         stats: Arc::clone(&stats),
         datapath: Arc::clone(&datapath),
@@ -95,6 +96,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             .clone()
             .map(|(identities, roots)| Arc::new(HboneClient::new(identities, roots))),
         workloads: RwLock::default(),
+        services: RwLock::default(),
     });
     let inbound = mesh_tls.map(|(identities, roots)| {
         Arc::new(InboundContext {
@@ -183,6 +185,15 @@ impl Reconciler<'_> {
             .workloads
             .write()
             .unwrap_or_else(|p| p.into_inner()) = index;
+        {
+            let mut services = self
+                .outbound
+                .services
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            *services = Arc::new(ServiceIndex::build(&snapshot).continuing(&services));
+            publish(self.admin.services.write(), services.views());
+        }
         let desired = membership::local_meshed_pods(&snapshot, &self.config.node_name);
         self.enrolments.reconcile(&desired).await;
         let enrolled = self.enrolments.enrolled_views();

@@ -66,6 +66,24 @@ impl MeshCa {
 }
 
 impl Testbed {
+    /// Starts every node's agent using `ca` with the node's own token; returns once each is
+    /// ready (which includes holding its pods' certificates).
+    pub fn start_agents_with_ca(&self, ca: &MeshCa) -> Result<()> {
+        for node in self
+            .nodes()
+            .iter()
+            .map(|n| n.name().to_owned())
+            .collect::<Vec<_>>()
+        {
+            let options = crate::AgentOptions {
+                extra_args: ca.agent_args(&node),
+                ..Default::default()
+            };
+            self.start_agent(&node, &options)?;
+        }
+        Ok(())
+    }
+
     /// Creates a root and issuer, a token per node, and runs `nodemesh ca serve` in `pod`,
     /// issuing certificates valid for `cert_ttl_seconds`; returns once it listens.
     pub fn start_ca(&self, pod: &Pod, cert_ttl_seconds: u64) -> Result<MeshCa> {

@@ -11,11 +11,15 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{
-        Container, ContainerState, ContainerStateRunning, ContainerStatus, HostIP, Namespace,
-        Pod as K8sPod, PodCondition, PodIP, PodSpec as K8sPodSpec, PodStatus,
+    api::{
+        core::v1::{
+            Container, ContainerState, ContainerStateRunning, ContainerStatus, HostIP, Namespace,
+            Pod as K8sPod, PodCondition, PodIP, PodSpec as K8sPodSpec, PodStatus, Service,
+            ServicePort, ServiceSpec,
+        },
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use serde::Serialize;
 
@@ -146,6 +150,90 @@ pub(crate) fn write_namespace(
 /// Writes (or rewrites) a pod's manifest.
 pub(crate) fn write_pod(dir: &Path, pod: &Pod) -> Result<PathBuf> {
     write_object(dir, &pod_file(&pod.namespace, &pod.name), &pod_object(pod))
+}
+
+/// A ClusterIP Service in `namespace` with one TCP port (`port` → the pods' `target_port`,
+/// a port name), as the API server would return it.
+pub fn service_object(
+    namespace: &str,
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    target_port: &str,
+) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: Some(cluster_ip.to_owned()),
+            cluster_ips: Some(vec![cluster_ip.to_owned()]),
+            ports: Some(vec![ServicePort {
+                name: Some(target_port.to_owned()),
+                port: i32::from(port),
+                protocol: Some("TCP".into()),
+                target_port: Some(IntOrString::String(target_port.to_owned())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The IPv4 EndpointSlice the endpoint controller would write for `service`: the named port
+/// resolves to `port` on every pod; `(pod, terminating)` pairs give each endpoint's state.
+pub fn endpoint_slice_object(
+    service: &str,
+    port_name: &str,
+    port: u16,
+    endpoints: &[(&Pod, bool)],
+) -> EndpointSlice {
+    let namespace = endpoints
+        .first()
+        .map(|(pod, _)| pod.namespace.clone())
+        .unwrap_or_default();
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-ipv4")),
+            namespace: Some(namespace),
+            labels: Some(BTreeMap::from([(
+                "kubernetes.io/service-name".to_owned(),
+                service.to_owned(),
+            )])),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort {
+            name: Some(port_name.to_owned()),
+            port: Some(i32::from(port)),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        endpoints: Some(
+            endpoints
+                .iter()
+                .map(|(pod, terminating)| Endpoint {
+                    addresses: vec![pod.ipv4().to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(!terminating),
+                        serving: Some(true),
+                        terminating: Some(*terminating),
+                    }),
+                    node_name: Some(pod.node().to_owned()),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Writes (or rewrites) any object under `file` (named like `service-<ns>-<name>.yaml`).
+pub(crate) fn write_any<T: Serialize>(dir: &Path, file: &str, object: &T) -> Result<PathBuf> {
+    write_object(dir, file, object)
 }
 
 /// Deletes a pod's manifest (no error if it is already gone).

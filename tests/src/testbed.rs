@@ -496,6 +496,11 @@ impl Testbed {
         Ok(())
     }
 
+    /// Writes (or rewrites) any Kubernetes object into the cluster state as `file`.
+    pub fn apply_object<T: serde::Serialize>(&self, file: &str, object: &T) -> Result<()> {
+        cluster_state::write_any(&self.cluster_state_dir, file, object).map(|_| ())
+    }
+
     /// Replaces a namespace's labels and rewrites its YAML.
     pub fn set_namespace_labels(
         &mut self,

@@ -36,13 +36,7 @@ fn meshed_testbed() -> Mesh {
     let tb = Testbed::create(config, TopologySpec::standard_with_ca()).expect("create testbed");
     let ca_pod = tb.pod("nodemesh-system", "ca").clone();
     let ca = tb.start_ca(&ca_pod, 3600).expect("start the CA");
-    for node in ["node1", "node2"] {
-        let options = AgentOptions {
-            extra_args: ca.agent_args(node),
-            ..Default::default()
-        };
-        tb.start_agent(node, &options).expect("agent ready");
-    }
+    tb.start_agents_with_ca(&ca).expect("agents ready");
     let server = tb.pod("mesh", "server-b").clone();
     let mut http = Command::new(tb.workload_bin());
     http.args(["http-server", "--port", &APP_PORT.to_string()]);

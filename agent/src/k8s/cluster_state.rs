@@ -157,7 +157,7 @@ impl ClusterStateDir {
         let (tx, rx) = mpsc::channel(1);
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
+                if event.is_ok_and(|e| is_change(&e)) {
                     // A full channel already holds a pending wake-up: nothing is lost.
                     let _ = tx.try_send(());
                 }
@@ -173,6 +173,21 @@ impl ClusterStateDir {
                 source,
             })?;
         Ok((watcher, rx))
+    }
+}
+
+/// Whether a directory event can change the cluster state. Reads cannot, and the agent's own
+/// reads produce them: reacting to those re-read the directory in a busy loop. A file closed
+/// after writing (inotify's IN_CLOSE_WRITE, reported as an access) is a change.
+fn is_change(event: &notify::Event) -> bool {
+    use notify::{
+        EventKind,
+        event::{AccessKind, AccessMode},
+    };
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
     }
 }
 
@@ -383,6 +398,30 @@ mod tests {
             snapshot.pods.is_empty(),
             "deleting the file deletes its objects"
         );
+    }
+
+    #[test]
+    fn reading_the_directory_is_not_a_change() {
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind};
+        let event = |kind| notify::Event::new(kind);
+        assert!(!is_change(&event(notify::EventKind::Access(
+            AccessKind::Open(AccessMode::Read)
+        ))));
+        assert!(!is_change(&event(notify::EventKind::Access(
+            AccessKind::Close(AccessMode::Read)
+        ))));
+        assert!(is_change(&event(notify::EventKind::Access(
+            AccessKind::Close(AccessMode::Write)
+        ))));
+        assert!(is_change(&event(notify::EventKind::Create(
+            CreateKind::File
+        ))));
+        assert!(is_change(&event(notify::EventKind::Modify(
+            ModifyKind::Any
+        ))));
+        assert!(is_change(&event(notify::EventKind::Remove(
+            RemoveKind::File
+        ))));
     }
 
     #[test]

@@ -22,7 +22,10 @@ use crate::{
     datapath::Datapath,
     identity::spiffe::SpiffeId,
     pods::netns::{NetnsError, NetnsSockets},
-    state::workloads::WorkloadIndex,
+    state::{
+        services::{Resolution, ServiceIndex},
+        workloads::WorkloadIndex,
+    },
     telemetry::connections::ConnectionStats,
 };
 
@@ -35,9 +38,21 @@ pub struct OutboundContext {
     /// Present when the node holds workload identities (a CA is configured).
     pub hbone: Option<Arc<HboneClient>>,
     pub workloads: RwLock<Arc<WorkloadIndex>>,
+    pub services: RwLock<Arc<ServiceIndex>>,
 }
 
 impl OutboundContext {
+    /// Where to dial for `original`: a Service's virtual address becomes one of its ready
+    /// endpoints; anything else stays as it is. Err names a Service without ready endpoints.
+    fn route(&self, original: SocketAddr) -> Result<SocketAddr, String> {
+        let index = self.services.read().unwrap_or_else(|p| p.into_inner());
+        match index.resolve(original) {
+            Resolution::NotAService => Ok(original),
+            Resolution::Endpoint { addr, .. } => Ok(addr),
+            Resolution::NoReadyEndpoint { service } => Err(service.to_owned()),
+        }
+    }
+
     /// The identity of the meshed pod at `ip`, when traffic to it must use HBONE.
     fn hbone_destination(&self, ip: IpAddr) -> Option<SpiffeId> {
         self.hbone.as_ref()?;
@@ -99,7 +114,16 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
         return;
     };
     ctx.stats.opened(&pod.display_name, original);
-    let hbone = ctx.hbone.as_ref().zip(ctx.hbone_destination(original.ip()));
+    let target = match ctx.route(original) {
+        Ok(target) => target,
+        Err(service) => {
+            tracing::info!(pod = %pod.display_name, destination = %original, %service, "Service has no ready endpoint; refusing");
+            ctx.stats.failed(&pod.display_name, original);
+            reset(&client);
+            return;
+        }
+    };
+    let hbone = ctx.hbone.as_ref().zip(ctx.hbone_destination(target.ip()));
     let counts = match hbone {
         Some((client_of_mesh, destination)) => {
             let Some(source_id) = pod.identity.as_ref() else {
@@ -113,7 +137,7 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
                     pod,
                     source_id,
                     &destination,
-                    original,
+                    target,
                     ctx.proxy_mark,
                     ctx.connect_timeout,
                 )
@@ -121,14 +145,14 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
             {
                 Ok(tunnel) => relay(client, tunnel, |client, _| reset(client)).await,
                 Err(error) => {
-                    tracing::warn!(pod = %pod.display_name, destination = %original, %error, "HBONE failed");
+                    tracing::warn!(pod = %pod.display_name, destination = %original, %target, %error, "HBONE failed");
                     ctx.stats.failed(&pod.display_name, original);
                     reset(&client);
                     return;
                 }
             }
         }
-        None => match connect_upstream(pod, ctx, original).await {
+        None => match connect_upstream(pod, ctx, target).await {
             Ok(upstream) => {
                 relay(client, upstream, |client, upstream| {
                     reset(client);
@@ -137,7 +161,7 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
                 .await
             }
             Err(error) => {
-                tracing::info!(pod = %pod.display_name, destination = %original, %error, "upstream connect failed");
+                tracing::info!(pod = %pod.display_name, destination = %original, %target, %error, "upstream connect failed");
                 ctx.stats.failed(&pod.display_name, original);
                 // The application's connect() already succeeded against the proxy: a reset
                 // is the closest thing to the refusal it would have seen.
@@ -149,7 +173,7 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
     let (sent, received) = counts;
     ctx.stats
         .closed(&pod.display_name, original, sent, received);
-    tracing::debug!(pod = %pod.display_name, destination = %original, sent, received, hbone = ctx.hbone_destination(original.ip()).is_some(), "connection closed");
+    tracing::debug!(pod = %pod.display_name, destination = %original, %target, sent, received, "connection closed");
 }
 
 async fn connect_upstream(

@@ -1,0 +1,144 @@
+//! Service resolution on the testbed: a meshed pod dials a Service's ClusterIP (there is no
+//! kube-proxy here, so nothing else could answer it), the connect hook captures it before
+//! any translation, and the node proxy picks a ready endpoint from the EndpointSlice and
+//! carries the connection there over HBONE. Needs root.
+
+use std::process::Command;
+
+use nodemesh_testbed::{
+    MeshCa, Testbed, TestbedConfig, TopologySpec, cluster_state, is_root, wait_until, workspace_bin,
+};
+use serde_json::Value;
+
+const CLUSTER_IP: &str = "198.18.200.10";
+const SERVICE_PORT: u16 = 80;
+const APP_PORT: u16 = 8080;
+
+fn meshed_testbed() -> (Testbed, MeshCa) {
+    assert!(
+        is_root(),
+        "kernel tests need root: run `cargo xtask test` as root"
+    );
+    let config = TestbedConfig {
+        prefix: "nmsv".into(),
+        nodemesh_bin: workspace_bin("nodemesh"),
+        workload_bin: workspace_bin("nodemesh-workload"),
+        log_dir: None,
+    };
+    let tb = Testbed::create(config, TopologySpec::standard_with_ca()).expect("create testbed");
+    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
+    let ca = tb.start_ca(&ca_pod, 3600).expect("start the CA");
+    tb.start_agents_with_ca(&ca).expect("agents ready");
+    for name in ["server-a", "server-b"] {
+        let server = tb.pod("mesh", name).clone();
+        let mut http = Command::new(tb.workload_bin());
+        http.args(["http-server", "--port", &APP_PORT.to_string()]);
+        tb.spawn_in_pod(&server, http)
+            .expect("http server")
+            .detach();
+        tb.wait_listening(&server, APP_PORT).expect("listening");
+    }
+    (tb, ca)
+}
+
+/// Writes the Service and its EndpointSlice (server-a on node1, server-b on node2).
+fn apply_service(tb: &Testbed, server_b_terminating: bool) {
+    let service = cluster_state::service_object("mesh", "web", CLUSTER_IP, SERVICE_PORT, "http");
+    tb.apply_object("service-mesh-web.yaml", &service)
+        .expect("service");
+    let a = tb.pod("mesh", "server-a").clone();
+    let b = tb.pod("mesh", "server-b").clone();
+    let slice = cluster_state::endpoint_slice_object(
+        "web",
+        "http",
+        APP_PORT,
+        &[(&a, false), (&b, server_b_terminating)],
+    );
+    tb.apply_object("endpointslice-mesh-web.yaml", &slice)
+        .expect("endpoint slice");
+}
+
+/// HBONE connections each node's server delivered to `pod_ip:8080`.
+fn delivered(tb: &Testbed, node: &str, pod_ip: &str) -> u64 {
+    let stats = tb.admin_json(node, "/stats").expect("stats");
+    stats["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["destination"] == format!("{pod_ip}:{APP_PORT}"))
+        .filter(|s| {
+            s["source_pod"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("spiffe://"))
+        })
+        .map(|s| s["opened"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Runs `count` curls to the Service from `client` and returns how many got 200.
+fn curl_service(tb: &Testbed, client: &str, namespace: &str, count: usize) -> usize {
+    let pod = tb.pod(namespace, client).clone();
+    let url = format!("http://{CLUSTER_IP}:{SERVICE_PORT}/");
+    let script = format!(
+        "for i in $(seq {count}); do curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 5 {url}; done"
+    );
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &script]);
+    let output = tb.run_in_pod(&pod, sh).expect("curl loop");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|code| *code == "200")
+        .count()
+}
+
+fn wait_services(tb: &Testbed, node: &str, entries: usize) {
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "service index loaded",
+        || {
+            let dump: Value = tb.admin_json(node, "/config_dump")?;
+            Ok(dump["services"].as_array().map(Vec::len) == Some(entries))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn a_cluster_ip_reaches_ready_endpoints_on_both_nodes_through_the_mesh() {
+    let (tb, _ca) = meshed_testbed();
+    apply_service(&tb, false);
+    wait_services(&tb, "node1", 1);
+    let (a_ip, b_ip) = (
+        tb.pod("mesh", "server-a").ipv4().to_string(),
+        tb.pod("mesh", "server-b").ipv4().to_string(),
+    );
+
+    assert_eq!(curl_service(&tb, "client-a", "mesh", 10), 10);
+    let (on_a, on_b) = (
+        delivered(&tb, "node1", &a_ip),
+        delivered(&tb, "node2", &b_ip),
+    );
+    assert_eq!(
+        on_a + on_b,
+        10,
+        "every request reached one endpoint over HBONE"
+    );
+    assert_eq!((on_a, on_b), (5, 5), "round-robin across the two nodes");
+
+    // Without the mesh nothing answers the ClusterIP (no kube-proxy in the testbed).
+    assert_eq!(curl_service(&tb, "outsider", "plain", 1), 0);
+
+    // server-b terminating: new connections go to server-a only.
+    apply_service(&tb, true);
+    wait_until(std::time::Duration::from_secs(5), "endpoint update", || {
+        let dump: Value = tb.admin_json("node1", "/config_dump")?;
+        Ok(dump["services"][0]["ready_endpoints"]
+            .as_array()
+            .map(Vec::len)
+            == Some(1))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(curl_service(&tb, "client-a", "mesh", 6), 6);
+    assert_eq!(delivered(&tb, "node1", &a_ip), on_a + 6);
+    assert_eq!(delivered(&tb, "node2", &b_ip), on_b);
+}
