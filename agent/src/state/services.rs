@@ -298,7 +298,6 @@ mod tests {
                     })
                     .collect(),
             ),
-            ..Default::default()
         }
     }
 
