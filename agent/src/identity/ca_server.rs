@@ -5,15 +5,14 @@
 //! in the cluster state, and signs only if the pod is bound to that node; the identity comes
 //! from the pod's namespace and service account, never from the CSR. Every decision is logged.
 //!
-//! Token authentication today is a token file (`<token> <node-name>` per line), standing in
-//! for a Kubernetes TokenReview of the agent's projected ServiceAccount token, whose bound
-//! pod gives the node name the same way.
+//! Authentication and the pod lookup are `ca_auth`'s: a Kubernetes TokenReview of the agent's
+//! projected ServiceAccount token and the API server (`--kubernetes`), or a token file and a
+//! manifest directory (the testbed).
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    path::PathBuf,
+    sync::Arc,
     time::{Duration, UNIX_EPOCH},
 };
 
@@ -25,11 +24,11 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
+    ca_auth::{AuthError, Authenticator, PodDirectory, TokenFile, TokenFileError},
     issuer::{IssuerError, WorkloadIssuer},
     spiffe::SpiffeId,
     tls,
 };
-use crate::k8s::cluster_state::ClusterStateDir;
 
 /// Largest request body accepted (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
@@ -47,12 +46,23 @@ pub struct CaServeArgs {
     pub issuer_key: PathBuf,
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Authenticate agents with TokenReview and look pods up in the API server (in-cluster
+    /// service account, or KUBECONFIG).
+    #[arg(long, conflicts_with_all = ["token_file", "cluster_state"])]
+    pub kubernetes: bool,
+    /// Audience the agents' projected tokens carry (TokenReview mode).
+    #[arg(long, default_value = "nodemesh")]
+    pub token_audience: String,
+    /// `<namespace>/<name>` of the agents' ServiceAccount (TokenReview mode): tokens of any
+    /// other account are refused.
+    #[arg(long, default_value = "nodemesh-system/nodemesh-agent")]
+    pub agent_service_account: String,
     /// Token file: one `<token> <node-name>` pair per line (`#` comments allowed).
-    #[arg(long)]
-    pub token_file: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes")]
+    pub token_file: Option<PathBuf>,
     /// Directory of Kubernetes manifests to authorise against (see `agent --cluster-state`).
-    #[arg(long)]
-    pub cluster_state: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes")]
+    pub cluster_state: Option<PathBuf>,
     /// DNS name or IP the CA's own serving certificate is issued for (repeatable).
     #[arg(long = "serve-name", default_value = "nodemesh-ca")]
     pub serve_names: Vec<String>,
@@ -78,8 +88,14 @@ pub struct SignResponse {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("missing or unknown bearer token")]
-    Unauthenticated,
+    #[error("not authenticated: {0}")]
+    Unauthenticated(AuthError),
+    #[error("looking up pod {namespace}/{pod}: {source}")]
+    PodLookup {
+        namespace: String,
+        pod: String,
+        source: kube::Error,
+    },
     #[error("request body: {0}")]
     BadRequest(String),
     #[error("pod {namespace}/{pod} is not known to the CA")]
@@ -106,7 +122,10 @@ pub enum CaError {
 impl CaError {
     fn status(&self) -> StatusCode {
         match self {
-            CaError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            CaError::Unauthenticated(AuthError::Api(_)) | CaError::PodLookup { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            CaError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             CaError::BadRequest(_) | CaError::NoIdentity { .. } => StatusCode::BAD_REQUEST,
             CaError::Issuer(IssuerError::Csr(_) | IssuerError::CsrPem(_)) => {
                 StatusCode::BAD_REQUEST
@@ -123,13 +142,10 @@ pub enum CaStartError {
     Issuer(#[from] IssuerError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("{path}: {source}")]
-    TokenFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}: expected `<token> <node-name>`")]
-    TokenLine { path: PathBuf, line: usize },
+    #[error(transparent)]
+    TokenFile(#[from] TokenFileError),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::k8s::api::ApiError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -137,45 +153,12 @@ pub enum CaStartError {
     },
 }
 
-/// Token file authentication: token -> node name.
-pub struct TokenFile(BTreeMap<String, String>);
-
-impl TokenFile {
-    pub fn load(path: &Path) -> Result<Self, CaStartError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CaStartError::TokenFile {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut tokens = BTreeMap::new();
-        for (index, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-                [token, node] => tokens.insert((*token).to_owned(), (*node).to_owned()),
-                _ => {
-                    return Err(CaStartError::TokenLine {
-                        path: path.to_owned(),
-                        line: index + 1,
-                    });
-                }
-            };
-        }
-        Ok(Self(tokens))
-    }
-
-    fn node_of(&self, token: &str) -> Option<&str> {
-        self.0.get(token).map(String::as_str)
-    }
-}
-
 /// The CA's decision logic, independent of HTTP.
 pub struct CertificateAuthority {
     issuer: WorkloadIssuer,
     trust_domain: String,
-    tokens: TokenFile,
-    cluster: Mutex<ClusterStateDir>,
+    authenticator: Authenticator,
+    pods: PodDirectory,
     ttl: Duration,
 }
 
@@ -183,38 +166,48 @@ impl CertificateAuthority {
     pub fn new(
         issuer: WorkloadIssuer,
         trust_domain: &str,
-        tokens: TokenFile,
-        cluster_state: &Path,
+        authenticator: Authenticator,
+        pods: PodDirectory,
         ttl: Duration,
     ) -> Self {
         Self {
             issuer,
             trust_domain: trust_domain.to_owned(),
-            tokens,
-            cluster: Mutex::new(ClusterStateDir::new(cluster_state)),
+            authenticator,
+            pods,
             ttl,
         }
     }
 
     /// Authenticates, authorises and signs one request.
-    pub fn sign(
+    pub async fn sign(
         &self,
         bearer: Option<&str>,
         request: &SignRequest,
     ) -> Result<SignResponse, CaError> {
-        let node = bearer
-            .and_then(|token| self.tokens.node_of(token))
-            .ok_or(CaError::Unauthenticated)?;
-        let (snapshot, _) = self
-            .cluster
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .refresh();
+        let Some(token) = bearer else {
+            return Err(CaError::Unauthenticated(AuthError::UnknownToken));
+        };
+        let node = self
+            .authenticator
+            .node_of(token)
+            .await
+            .map_err(CaError::Unauthenticated)?;
+        let node = node.as_str();
         let key = (request.namespace.clone(), request.pod.clone());
-        let pod = snapshot.pods.get(&key).ok_or_else(|| CaError::UnknownPod {
-            namespace: key.0.clone(),
-            pod: key.1.clone(),
-        })?;
+        let pod = self
+            .pods
+            .pod(&key.0, &key.1)
+            .await
+            .map_err(|source| CaError::PodLookup {
+                namespace: key.0.clone(),
+                pod: key.1.clone(),
+                source,
+            })?
+            .ok_or_else(|| CaError::UnknownPod {
+                namespace: key.0.clone(),
+                pod: key.1.clone(),
+            })?;
         let spec = pod.spec.as_ref();
         let pod_node = spec.and_then(|s| s.node_name.clone());
         if pod_node.as_deref() != Some(node) {
@@ -256,12 +249,28 @@ pub async fn start(args: &CaServeArgs) -> Result<SocketAddr, CaStartError> {
     let (chain_pem, key) =
         issuer.serving_certificate(&args.serve_names, Duration::from_secs(365 * 24 * 3600))?;
     let tls = tls::ca_server_config(&chain_pem, &key.serialize_pem())?;
-    let tokens = TokenFile::load(&args.token_file)?;
+    let (authenticator, pods) = match (&args.token_file, &args.cluster_state) {
+        (Some(tokens), Some(dir)) if !args.kubernetes => (
+            Authenticator::TokenFile(TokenFile::load(tokens)?),
+            PodDirectory::manifests(dir),
+        ),
+        _ => {
+            let client = crate::k8s::api::ApiWatch::infer_client().await?;
+            (
+                Authenticator::TokenReview {
+                    client: client.clone(),
+                    audience: args.token_audience.clone(),
+                    agent_service_account: args.agent_service_account.clone(),
+                },
+                PodDirectory::Api(client),
+            )
+        }
+    };
     let ca = Arc::new(CertificateAuthority::new(
         issuer,
         &args.trust_domain,
-        tokens,
-        &args.cluster_state,
+        authenticator,
+        pods,
         Duration::from_secs(args.cert_ttl_seconds),
     ));
     let listener = TcpListener::bind(args.listen)
@@ -327,9 +336,10 @@ async fn handle(
         Err(error) => Err(CaError::BadRequest(format!(
             "reading the body (limit {MAX_BODY} bytes): {error}"
         ))),
-        Ok(body) => serde_json::from_slice::<SignRequest>(&body.to_bytes())
-            .map_err(|e| CaError::BadRequest(e.to_string()))
-            .and_then(|sign| ca.sign(bearer.as_deref(), &sign)),
+        Ok(body) => match serde_json::from_slice::<SignRequest>(&body.to_bytes()) {
+            Ok(sign) => ca.sign(bearer.as_deref(), &sign).await,
+            Err(error) => Err(CaError::BadRequest(error.to_string())),
+        },
     };
     match result {
         Ok(response) => json_response(StatusCode::OK, &response),

@@ -1,6 +1,7 @@
 //! Workload identity: SPIFFE IDs, the nodemesh CA (issuer and HTTPS service), and the agent's
 //! side (CA client and the manager that keeps one certificate per local identity fresh).
 
+pub mod ca_auth;
 pub mod ca_client;
 pub mod ca_server;
 pub mod issuer;

@@ -51,8 +51,11 @@ async fn start_ca(ttl_seconds: u64) -> Ca {
         issuer_cert: dir.path().join("issuer-cert.pem"),
         issuer_key: dir.path().join("issuer-key.pem"),
         trust_domain: "cluster.local".into(),
-        token_file: dir.path().join("tokens"),
-        cluster_state: dir.path().join("state"),
+        kubernetes: false,
+        token_audience: "nodemesh".into(),
+        agent_service_account: "nodemesh-system/nodemesh-agent".into(),
+        token_file: Some(dir.path().join("tokens")),
+        cluster_state: Some(dir.path().join("state")),
         serve_names: vec!["nodemesh-ca".into()],
         cert_ttl_seconds: ttl_seconds,
     };
