@@ -55,7 +55,7 @@ struct ConfigDump<'a> {
 
 /// Binds the admin address (so a port clash fails start-up) and serves it in the background.
 pub async fn start(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = bind_shared(addr)?;
     tracing::info!(%addr, "admin server listening");
     tokio::spawn(async move {
         loop {
@@ -75,6 +75,22 @@ pub async fn start(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<
         }
     });
     Ok(())
+}
+
+/// SO_REUSEPORT: during a DaemonSet surge the new agent binds the admin port while the old
+/// one still serves it, so the new pod can start and report ready before the old one stops.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
 }
 
 fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Response<Full<Bytes>> {

@@ -55,10 +55,10 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         Some(identity) => {
             let roots = tls::load_trust_bundle(&identity.trust_bundle)?;
             let client = CaClient::new(
-                identity.ca_addr,
+                identity.ca_addr.clone(),
                 identity.ca_server_name.clone(),
                 tls::ca_client_config(roots)?,
-                identity.token.clone(),
+                identity.token_file.clone(),
             );
             let manager = IdentityManager::new(client);
             tokio::spawn(Arc::clone(&manager).run());

@@ -62,13 +62,15 @@ pub struct AgentArgs {
     /// How long the proxy waits for an upstream TCP handshake, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
-    /// Address of the nodemesh CA; without it the agent holds no workload certificates.
+    /// Address of the nodemesh CA as `host:port` (a DNS name is resolved at each request);
+    /// without it the agent holds no workload certificates.
     #[arg(long)]
-    pub ca_addr: Option<SocketAddr>,
+    pub ca_addr: Option<String>,
     /// Name the CA's serving certificate must carry.
     #[arg(long, default_value = "nodemesh-ca")]
     pub ca_server_name: String,
-    /// File holding the token the agent presents to the CA.
+    /// File holding the token the agent presents to the CA. Read again for every request, so
+    /// a projected token the kubelet rotates is picked up.
     #[arg(long)]
     pub ca_token_file: Option<PathBuf>,
     /// PEM file of the trusted root certificates (several during a root rotation).
@@ -123,9 +125,10 @@ pub enum ClusterSourceConfig {
 /// Where the agent gets workload certificates from.
 #[derive(Clone, Debug)]
 pub struct IdentityConfig {
-    pub ca_addr: SocketAddr,
+    /// `host:port`.
+    pub ca_addr: String,
     pub ca_server_name: rustls_pki_types::ServerName<'static>,
-    pub token: String,
+    pub token_file: PathBuf,
     pub trust_bundle: PathBuf,
 }
 
@@ -143,6 +146,8 @@ pub enum ConfigError {
     ZeroProxyMark,
     #[error("--transparent-mark must be non-zero and differ from --proxy-mark")]
     TransparentMark,
+    #[error("--ca-addr {0:?}: expected host:port")]
+    CaAddr(String),
     #[error("--ca-addr needs --ca-token-file and --trust-bundle")]
     IncompleteCa,
     #[error("--ca-token-file {path}: {source}")]
@@ -190,23 +195,28 @@ impl TryFrom<AgentArgs> for AgentConfig {
         let identity = match (args.ca_addr, args.ca_token_file, args.trust_bundle) {
             (None, _, _) => None,
             (Some(ca_addr), Some(token_file), Some(trust_bundle)) => {
-                let token = std::fs::read_to_string(&token_file)
-                    .map_err(|source| ConfigError::TokenFile {
-                        path: token_file.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_owned();
-                if token.is_empty() {
-                    return Err(ConfigError::EmptyToken(token_file));
+                if !ca_addr
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+                {
+                    return Err(ConfigError::CaAddr(ca_addr));
                 }
+                // Checked once here so a wrong path fails at start; read again per request.
+                crate::identity::ca_client::read_token(&token_file).map_err(
+                    |error| match error {
+                        crate::identity::ca_client::CaClientError::Token { path, source } => {
+                            ConfigError::TokenFile { path, source }
+                        }
+                        _ => ConfigError::EmptyToken(token_file.clone()),
+                    },
+                )?;
                 let ca_server_name =
                     rustls_pki_types::ServerName::try_from(args.ca_server_name.clone())
                         .map_err(|_| ConfigError::ServerName(args.ca_server_name.clone()))?;
                 Some(IdentityConfig {
                     ca_addr,
                     ca_server_name,
-                    token,
+                    token_file,
                     trust_bundle,
                 })
             }

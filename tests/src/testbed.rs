@@ -496,6 +496,19 @@ impl Testbed {
         Ok(())
     }
 
+    /// A TCP connection to `addr` made from inside `pod`'s network namespace by the test
+    /// process itself (not from the pod's cgroup, so no connect hook captures it).
+    pub fn connect_from_pod(
+        &self,
+        pod: &Pod,
+        addr: std::net::SocketAddr,
+    ) -> Result<std::net::TcpStream> {
+        crate::netns::in_netns(pod.netns(), move || {
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+                .io_context(|| format!("connecting to {addr}"))
+        })
+    }
+
     /// Writes (or rewrites) any Kubernetes object into the cluster state as `file`.
     pub fn apply_object<T: serde::Serialize>(&self, file: &str, object: &T) -> Result<()> {
         cluster_state::write_any(&self.cluster_state_dir, file, object).map(|_| ())

@@ -450,3 +450,238 @@ fn hbone_refuses_clients_without_a_mesh_certificate() {
     .unwrap_or_else(|e| panic!("{e}: {}", mesh.tb.agent_log("node2")));
     assert!(mesh.tb.agent_running("node2"), "the agent keeps serving");
 }
+
+/// A mesh client of our own: a certificate for `spiffe_id` minted from the testbed CA's
+/// issuer, TLS 1.3 with ALPN h2. It does not verify the server (this test is about what the
+/// server accepts), which is why it is here and nowhere near the agent.
+mod mesh_client {
+    use std::{path::Path, sync::Arc};
+
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+    use rustls::{
+        ClientConfig, DigitallySignedStruct, SignatureScheme,
+        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        crypto::{CryptoProvider, aws_lc_rs, verify_tls12_signature, verify_tls13_signature},
+    };
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+    #[derive(Debug)]
+    struct AnyServer(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    pub fn config(ca_dir: &Path, spiffe_id: &str) -> ClientConfig {
+        let read = |file: &str| std::fs::read_to_string(ca_dir.join(file)).expect(file);
+        let issuer_pem = read("issuer-cert.pem");
+        let issuer_key = KeyPair::from_pem(&read("issuer-key.pem")).expect("issuer key");
+        let issuer = Issuer::from_ca_cert_pem(&issuer_pem, issuer_key).expect("issuer");
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("uri"))];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let leaf = params.signed_by(&key, &issuer).expect("sign");
+        let issuer_der = CertificateDer::from_pem_slice(issuer_pem.as_bytes()).expect("issuer der");
+        use rustls_pki_types::pem::PemObject;
+        let provider = Arc::new(aws_lc_rs::default_provider());
+        let mut config = ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+            .with_client_auth_cert(
+                vec![leaf.der().clone(), issuer_der],
+                PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+            )
+            .expect("client certificate");
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config
+    }
+}
+
+/// Sends CONNECT requests with these authorities over one mTLS HBONE connection to `pod_ip`
+/// from the outsider pod, returning each response status.
+fn connect_statuses(mesh: &Mesh, pod_ip: &str, authorities: &[&str]) -> Vec<u16> {
+    let config = mesh_client::config(mesh.ca.dir(), "spiffe://cluster.local/ns/mesh/sa/client-a");
+    let outsider = mesh.tb.pod("plain", "outsider").clone();
+    let hbone = format!("{pod_ip}:15008").parse().unwrap();
+    let tcp = mesh
+        .tb
+        .connect_from_pod(&outsider, hbone)
+        .expect("TCP to :15008");
+    tcp.set_nonblocking(true).unwrap();
+    let authorities: Vec<String> = authorities.iter().map(|a| (*a).to_owned()).collect();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect("nodemesh.invalid".try_into().unwrap(), tcp)
+                .await
+                .expect("mTLS handshake");
+            let (mut sender, connection) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tls),
+            )
+            .await
+            .expect("HTTP/2");
+            tokio::spawn(connection);
+            let mut statuses = Vec::new();
+            for authority in authorities {
+                let request = hyper::Request::builder()
+                    .method(hyper::Method::CONNECT)
+                    .uri(authority)
+                    .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                    .unwrap();
+                let response = sender.send_request(request).await.expect("response");
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        })
+}
+
+#[test]
+fn hbone_refuses_a_connect_to_an_address_that_is_not_the_destination_pod() {
+    let mesh = mesh_with_ca(3600);
+    start_meshed_agents(&mesh);
+    let server_b = mesh.tb.pod("mesh", "server-b").clone();
+    let mut http = Command::new(mesh.tb.workload_bin());
+    http.args(["http-server", "--port", "8080"]);
+    mesh.tb
+        .spawn_in_pod(&server_b, http)
+        .expect("http server")
+        .detach();
+    mesh.tb.wait_listening(&server_b, 8080).expect("listening");
+    let other_pod = mesh.tb.pod("mesh", "server-a").ipv4();
+    let own = format!("{}:8080", server_b.ipv4());
+    let elsewhere = format!("{other_pod}:8080");
+
+    let statuses = connect_statuses(
+        &mesh,
+        &server_b.ipv4().to_string(),
+        &[&elsewhere, "server-a.mesh:8080", &own],
+    );
+    assert_eq!(
+        statuses,
+        [403, 400, 200],
+        "another pod's address is forbidden, a name is not ip:port, the pod's own address works"
+    );
+    let log = mesh.tb.agent_log("node2");
+    assert!(
+        log.contains("CONNECT to an address that is not this meshed pod")
+            && log.contains("spiffe://cluster.local/ns/mesh/sa/client-a")
+            && log.contains(&elsewhere),
+        "the refusal is logged with the peer's identity and the address:\n{log}"
+    );
+    assert!(mesh.tb.agent_running("node2"), "the agent keeps running");
+}
+
+#[test]
+fn certificates_rotate_under_load_without_failing_a_connection() {
+    // 4 s certificates renew every 2.8 s: 12 s of traffic spans at least 3 renewals of every
+    // identity on both sides.
+    let mesh = mesh_with_ca(4);
+    start_meshed_agents(&mesh);
+    let server_b = mesh.tb.pod("mesh", "server-b").clone();
+    let mut echo = Command::new(mesh.tb.workload_bin());
+    echo.args(["echo-server", "--ports", "7000"]);
+    mesh.tb
+        .spawn_in_pod(&server_b, echo)
+        .expect("echo server")
+        .detach();
+    mesh.tb.wait_listening(&server_b, 7000).expect("listening");
+    let renewals = |node: &str, id: &str| {
+        identities(&mesh.tb, node)[id]["renewals"]
+            .as_u64()
+            .expect("renewals")
+    };
+    let client_id = "spiffe://cluster.local/ns/mesh/sa/client-a";
+    let server_id = "spiffe://cluster.local/ns/mesh/sa/server-b";
+    let before = (renewals("node1", client_id), renewals("node2", server_id));
+
+    let target = format!("{}:7000", server_b.ipv4());
+    let soak = run(
+        &mesh.tb,
+        "mesh",
+        "client-a",
+        mesh.tb.workload_bin().to_str().unwrap(),
+        &[
+            "soak",
+            "--target",
+            &target,
+            "--long-lived",
+            "4",
+            "--duration-ms",
+            "12000",
+        ],
+    );
+    let summary: Value = serde_json::from_slice(&soak.stdout).unwrap_or_else(|_| {
+        panic!(
+            "soak output: {} {}",
+            String::from_utf8_lossy(&soak.stdout),
+            String::from_utf8_lossy(&soak.stderr)
+        )
+    });
+    eprintln!("soak under rotation: {summary}");
+    assert!(soak.status.success(), "failures under rotation: {summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert!(
+        summary["short_connections"].as_u64().unwrap() >= 100,
+        "enough short connections to cross every renewal: {summary}"
+    );
+    assert!(
+        summary["long_lived_exchanges"].as_u64().unwrap() >= 4 * 100,
+        "the long-lived connections kept exchanging: {summary}"
+    );
+    let after = (renewals("node1", client_id), renewals("node2", server_id));
+    eprintln!("renewals (client-a, server-b): {before:?} -> {after:?}");
+    assert!(
+        after.0 >= before.0 + 3 && after.1 >= before.1 + 3,
+        "both sides renewed at least 3 times during the run: {before:?} -> {after:?}"
+    );
+}

@@ -11,6 +11,8 @@
 //! - 1 KiB keep-alive HTTP/1.1 request latency, cross-node, from a non-meshed pod (direct) vs
 //!   a meshed pod to a meshed pod (through both node proxies, HBONE mutual TLS).
 //! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs HBONE mTLS.
+//! - CA issuance: certificates signed per second by `nodemesh ca serve` with 1 and 8 requests
+//!   in flight, each as an agent makes it (new key pair, CSR, TLS connection, POST).
 //!
 //! The testbed runs the nodemesh CA as a pod, so meshed-to-meshed traffic is what users get:
 //! mutual TLS through the source and destination proxies.
@@ -44,6 +46,9 @@ pub struct BenchArgs {
     /// MiB echoed by the bulk transfer per run.
     #[arg(long, default_value_t = 256)]
     bulk_mib: u64,
+    /// Certificate requests per run and concurrency level.
+    #[arg(long, default_value_t = 300)]
+    ca_requests: usize,
     /// Replace the generated section of docs/benchmarks.md with this run's report.
     #[arg(long)]
     write: bool,
@@ -59,6 +64,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 struct Samples(Vec<f64>);
+
+/// CA issuance samples at one level of requests in flight.
+struct Issuance {
+    concurrency: usize,
+    rates: Vec<f64>,
+    p50_ms: Vec<f64>,
+    p99_ms: Vec<f64>,
+}
 
 impl Samples {
     fn median(&self) -> f64 {
@@ -139,6 +152,15 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let (mut direct_tx, mut captured_tx) = (Vec::new(), Vec::new());
     let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut bulk_direct, mut bulk_meshed) = (Vec::new(), Vec::new());
+    let mut issuance: Vec<Issuance> = [1, 8]
+        .into_iter()
+        .map(|concurrency| Issuance {
+            concurrency,
+            rates: Vec::new(),
+            p50_ms: Vec::new(),
+            p99_ms: Vec::new(),
+        })
+        .collect();
     let bulk_target = format!("{}:{ECHO_PORT}", server_b.ipv4());
     let bulk_bytes = (args.bulk_mib * 1024 * 1024).to_string();
     let bulk = |tb: &Testbed, from: (&str, &str)| -> anyhow::Result<f64> {
@@ -184,6 +206,37 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         m99.push(meshed["p99_us"].as_f64().context("p99_us")?);
         bulk_direct.push(bulk(tb, ("plain", "outsider"))?);
         bulk_meshed.push(bulk(tb, ("mesh", "client-a"))?);
+        for level in &mut issuance {
+            let out = run_json(
+                tb,
+                ("plain", "outsider"),
+                &workload,
+                &[
+                    "ca-load",
+                    "--ca",
+                    &ca.addr().to_string(),
+                    "--trust-bundle",
+                    &ca.trust_bundle().display().to_string(),
+                    "--token-file",
+                    &ca.token_file("node1").display().to_string(),
+                    "--pod",
+                    "mesh/client-a",
+                    "--requests",
+                    &args.ca_requests.to_string(),
+                    "--concurrency",
+                    &level.concurrency.to_string(),
+                ],
+            )?;
+            level
+                .rates
+                .push(out["per_second"].as_f64().context("per_second")?);
+            level
+                .p50_ms
+                .push(out["p50_us"].as_f64().context("p50_us")? / 1000.0);
+            level
+                .p99_ms
+                .push(out["p99_us"].as_f64().context("p99_us")? / 1000.0);
+        }
         // The proxy finishes captured connections asynchronously: let them drain so runs do
         // not overlap.
         nodemesh_testbed::wait_until(Duration::from_secs(10), "proxy drained", || {
@@ -202,9 +255,9 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = String::new();
     out.push_str(&format!(
-        "Command: `cargo xtask bench --runs {} --connects {} --requests {} --bulk-mib {}` (release build), kernel {}, {} CPUs. \
+        "Command: `cargo xtask bench --runs {} --connects {} --requests {} --bulk-mib {} --ca-requests {}` (release build), kernel {}, {} CPUs. \
          Median of {} runs, range in brackets.\n\n",
-        args.runs, args.connects, args.requests, args.bulk_mib, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
+        args.runs, args.connects, args.requests, args.bulk_mib, args.ca_requests, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
     ));
     out.push_str("### Hook cost: connect() + close(), same node\n\n| source | connects/s | ratio to direct |\n|---|---:|---:|\n");
     for (name, samples, baseline) in [
@@ -271,6 +324,27 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             samples.median(),
             samples.spread(),
             samples.median() / bulk_direct.median()
+        ));
+    }
+    out.push_str(
+        "\n### CA issuance: certificates signed by `nodemesh ca serve` (new key pair, CSR, TLS connection and POST per request)\n\n\
+         | requests in flight | certificates/s | p50 ms | p99 ms |\n|---:|---:|---:|---:|\n",
+    );
+    for level in issuance {
+        let concurrency = level.concurrency;
+        let (rates, p50s, p99s) = (
+            Samples(level.rates),
+            Samples(level.p50_ms),
+            Samples(level.p99_ms),
+        );
+        out.push_str(&format!(
+            "| {concurrency} | {:.0} ({}) | {:.2} ({}) | {:.2} ({}) |\n",
+            rates.median(),
+            rates.spread(),
+            p50s.median(),
+            p50s.spread(),
+            p99s.median(),
+            p99s.spread()
         ));
     }
     Ok(out)

@@ -11,6 +11,7 @@ use nodemesh_testbed::{Testbed, TestbedConfig, TopologySpec};
 
 mod bench;
 mod demo;
+mod deploy;
 mod vm;
 
 #[derive(Parser)]
@@ -33,6 +34,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Run the kernel test suite on a Debian kernel (6.1, 6.12) under qemu/KVM, or `host`.
     VmTest(vm::VmTestArgs),
+    /// Render the Helm chart into deploy/manifests, or check the manifests.
+    #[command(subcommand)]
+    Deploy(deploy::DeployTask),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Bench(args) => bench::run(&args),
         Task::VmTest(args) => vm::run(&args),
+        Task::Deploy(task) => deploy::run(&task),
     }
 }
 

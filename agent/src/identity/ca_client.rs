@@ -1,6 +1,10 @@
 //! The agent's client of the nodemesh CA: one HTTPS request per certificate.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode, body::Bytes};
@@ -15,96 +19,133 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaClientError {
+    #[error("reading the CA token {path}: {source}")]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the CA token file {0} is empty")]
+    EmptyToken(PathBuf),
     #[error("connecting to the CA at {addr}: {source}")]
     Connect {
-        addr: SocketAddr,
+        addr: String,
         source: std::io::Error,
     },
     #[error(
         "TLS with the CA at {addr} (is the trust bundle the CA's root, and --ca-server-name right?): {source}"
     )]
     Tls {
-        addr: SocketAddr,
+        addr: String,
         source: std::io::Error,
     },
     #[error("HTTP with the CA at {addr}: {source}")]
-    Http {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Http { addr: String, source: hyper::Error },
     #[error("the CA at {addr} did not answer within {REQUEST_TIMEOUT:?}")]
-    Timeout { addr: SocketAddr },
+    Timeout { addr: String },
     #[error("the CA refused ({status}): {message}")]
     Refused { status: StatusCode, message: String },
     #[error("the CA's answer is not valid JSON: {0}")]
     Decode(serde_json::Error),
 }
 
+/// The token in `path`, trimmed; an error if unreadable or empty.
+pub fn read_token(path: &Path) -> Result<String, CaClientError> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|source| CaClientError::Token {
+            path: path.to_owned(),
+            source,
+        })?
+        .trim()
+        .to_owned();
+    if token.is_empty() {
+        return Err(CaClientError::EmptyToken(path.to_owned()));
+    }
+    Ok(token)
+}
+
 pub struct CaClient {
-    addr: SocketAddr,
+    /// `host:port`, resolved at each request (the CA's Service name in a cluster).
+    addr: String,
     server_name: ServerName<'static>,
     tls: TlsConnector,
-    token: String,
+    token_file: PathBuf,
 }
 
 impl CaClient {
     pub fn new(
-        addr: SocketAddr,
+        addr: String,
         server_name: ServerName<'static>,
         tls: rustls::ClientConfig,
-        token: String,
+        token_file: PathBuf,
     ) -> Self {
         Self {
             addr,
             server_name,
             tls: TlsConnector::from(Arc::new(tls)),
-            token,
+            token_file,
         }
     }
 
     pub async fn sign(&self, request: &SignRequest) -> Result<SignResponse, CaClientError> {
         tokio::time::timeout(REQUEST_TIMEOUT, self.sign_once(request))
             .await
-            .map_err(|_| CaClientError::Timeout { addr: self.addr })?
+            .map_err(|_| CaClientError::Timeout {
+                addr: self.addr.clone(),
+            })?
     }
 
     async fn sign_once(&self, request: &SignRequest) -> Result<SignResponse, CaClientError> {
-        let addr = self.addr;
-        let tcp = TcpStream::connect(addr)
+        // The kubelet rotates projected tokens: use the current one.
+        let token = read_token(&self.token_file)?;
+        let addr = || self.addr.clone();
+        let tcp = TcpStream::connect(self.addr.as_str())
             .await
-            .map_err(|source| CaClientError::Connect { addr, source })?;
+            .map_err(|source| CaClientError::Connect {
+                addr: addr(),
+                source,
+            })?;
         let tls = self
             .tls
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|source| CaClientError::Tls { addr, source })?;
+            .map_err(|source| CaClientError::Tls {
+                addr: addr(),
+                source,
+            })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|source| CaClientError::Http { addr, source })?;
+            .map_err(|source| CaClientError::Http {
+                addr: addr(),
+                source,
+            })?;
         tokio::spawn(connection);
         let body = serde_json::to_vec(request).map_err(CaClientError::Decode)?;
         let http_request = Request::post("/v1/certificates")
             .header(hyper::header::HOST, "nodemesh-ca")
-            .header(
-                hyper::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| CaClientError::Refused {
                 status: StatusCode::BAD_REQUEST,
                 message: e.to_string(),
             })?;
-        let response = sender
-            .send_request(http_request)
-            .await
-            .map_err(|source| CaClientError::Http { addr, source })?;
+        let response =
+            sender
+                .send_request(http_request)
+                .await
+                .map_err(|source| CaClientError::Http {
+                    addr: addr(),
+                    source,
+                })?;
         let status = response.status();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|source| CaClientError::Http { addr, source })?
+            .map_err(|source| CaClientError::Http {
+                addr: addr(),
+                source,
+            })?
             .to_bytes();
         if !status.is_success() {
             let message = serde_json::from_slice::<serde_json::Value>(&bytes)

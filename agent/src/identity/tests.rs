@@ -63,13 +63,24 @@ async fn start_ca(ttl_seconds: u64) -> Ca {
     Ca { dir, addr }
 }
 
+/// A token file holding `token`, as the agent's projected token would be.
+fn token_file(ca: &Ca, token: &str) -> std::path::PathBuf {
+    let name: String = token
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let path = ca.dir.path().join(format!("agent-token-{name}"));
+    std::fs::write(&path, token).unwrap();
+    path
+}
+
 fn client(ca: &Ca, token: &str) -> CaClient {
     let roots = tls::load_trust_bundle(&ca.dir.path().join("trust-bundle.pem")).unwrap();
     CaClient::new(
-        ca.addr,
+        ca.addr.to_string(),
         "nodemesh-ca".try_into().unwrap(),
         tls::ca_client_config(roots).unwrap(),
-        token.into(),
+        token_file(ca, token),
     )
 }
 
@@ -234,10 +245,10 @@ async fn a_client_that_does_not_trust_the_ca_root_fails_the_handshake() {
     issuer::init_ca(elsewhere.path(), "cluster.local", Duration::from_secs(3600)).unwrap();
     let roots = tls::load_trust_bundle(&elsewhere.path().join("trust-bundle.pem")).unwrap();
     let client = CaClient::new(
-        ca.addr,
+        ca.addr.to_string(),
         "nodemesh-ca".try_into().unwrap(),
         tls::ca_client_config(roots).unwrap(),
-        TOKEN_NODE1.into(),
+        token_file(&ca, TOKEN_NODE1),
     );
     let result = client
         .sign(&SignRequest {

@@ -4,6 +4,8 @@
 //! `getpeername()` reports the address they dialled, print one JSON summary line on stdout,
 //! and exit 0 only if everything checked out.
 
+mod ca_load;
+
 use std::{
     convert::Infallible,
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -86,6 +88,39 @@ enum Cmd {
         /// `rst`: SO_LINGER 0 (no TIME_WAIT); `normal`: FIN.
         #[arg(long, value_enum, default_value_t = CloseMode::Rst)]
         close: CloseMode,
+    },
+    /// For `duration_ms`: `long_lived` connections that each exchange a tagged chunk every
+    /// `interval_ms` and check its echo, while a loop opens short connections (64-byte echo,
+    /// close) back to back. Prints counts; fails if anything failed.
+    Soak {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 4)]
+        long_lived: usize,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+    },
+    /// Load on `nodemesh ca serve` as agents make it: per request a new key pair, a CSR, a
+    /// new TLS connection and a POST; `concurrency` requests in flight. Prints the rate and
+    /// latency percentiles.
+    CaLoad {
+        #[arg(long)]
+        ca: SocketAddr,
+        #[arg(long, default_value = "nodemesh-ca")]
+        server_name: String,
+        #[arg(long)]
+        trust_bundle: std::path::PathBuf,
+        #[arg(long)]
+        token_file: std::path::PathBuf,
+        /// `namespace/name` of a pod on the token's node.
+        #[arg(long)]
+        pod: String,
+        #[arg(long)]
+        requests: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
     },
     /// Minimal HTTP/1.1 keep-alive server answering 200 with a fixed body.
     HttpServer {
@@ -199,6 +234,32 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
                 Duration::from_millis(timeout_ms),
             )
             .await
+        }
+        Cmd::Soak {
+            target,
+            long_lived,
+            duration_ms,
+            interval_ms,
+        } => {
+            soak(
+                target,
+                long_lived,
+                Duration::from_millis(duration_ms),
+                Duration::from_millis(interval_ms),
+            )
+            .await
+        }
+        Cmd::CaLoad {
+            ca,
+            server_name,
+            trust_bundle,
+            token_file,
+            pod,
+            requests,
+            concurrency,
+        } => {
+            let load = ca_load::Load::new(ca, &server_name, &trust_bundle, &token_file, &pod)?;
+            load.run(requests, concurrency).await
         }
         Cmd::HttpServer { port, body_bytes } => http_server(port, body_bytes).await,
         Cmd::HttpBench {
@@ -487,6 +548,82 @@ fn connect_loop(
         })
     );
     Ok(())
+}
+
+async fn soak(
+    target: SocketAddr,
+    long_lived: usize,
+    duration: Duration,
+    interval: Duration,
+) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut tasks = JoinSet::new();
+    for index in 0..long_lived {
+        tasks.spawn(async move {
+            let stream = connect_checked(target, timeout).await?;
+            let (mut reader, mut writer) = stream.into_split();
+            let mut exchanges = 0usize;
+            while tokio::time::Instant::now() < deadline {
+                let chunk = tagged_payload(exchanges, index as u16, 1024);
+                let mut echoed = vec![0u8; chunk.len()];
+                let round = async {
+                    writer.write_all(&chunk).await?;
+                    reader.read_exact(&mut echoed).await.map(|_| ())
+                };
+                tokio::time::timeout(timeout, round)
+                    .await
+                    .map_err(|_| Failure::Other(format!("long-lived {index}: echo timed out")))?
+                    .map_err(|e| {
+                        Failure::Other(format!("long-lived {index} exchange {exchanges}: {e}"))
+                    })?;
+                if echoed != chunk {
+                    return Err(Failure::Other(format!(
+                        "long-lived {index} exchange {exchanges}: echo differs"
+                    )));
+                }
+                exchanges += 1;
+                tokio::time::sleep(interval).await;
+            }
+            Ok::<_, Failure>(exchanges)
+        });
+    }
+    let mut tally = Tally::default();
+    let mut short = 0usize;
+    while tokio::time::Instant::now() < deadline {
+        let payload = tagged_payload(short, target.port(), 64);
+        let outcome = match connect_checked(target, timeout).await {
+            Ok(stream) => exchange(stream, &payload, timeout).await,
+            Err(error) => Err(error),
+        };
+        tally.record(&format!("short connection {short}"), outcome);
+        short += 1;
+    }
+    let mut exchanges = 0usize;
+    let mut long_failed = 0usize;
+    while let Some(joined) = tasks.join_next().await {
+        match joined.context("a long-lived task panicked")? {
+            Ok(count) => {
+                exchanges += count;
+                tally.record("long-lived connection", Ok(()));
+            }
+            Err(error) => {
+                long_failed += 1;
+                tally.record("long-lived connection", Err(error));
+            }
+        }
+    }
+    let failed_short = tally.failed - long_failed;
+    tally.finish(
+        short + long_lived,
+        json!({
+            "short_connections": short,
+            "short_failed": failed_short,
+            "long_lived": long_lived,
+            "long_lived_failed": long_failed,
+            "long_lived_exchanges": exchanges,
+        }),
+    )
 }
 
 async fn http_server(port: u16, body_bytes: usize) -> anyhow::Result<()> {

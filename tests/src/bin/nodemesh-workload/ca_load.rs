@@ -1,0 +1,139 @@
+//! `ca-load`: certificate requests against `nodemesh ca serve`, made the way agents make them.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, body::Bytes};
+use hyper_util::rt::TokioIo;
+use rcgen::{CertificateParams, KeyPair};
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
+use serde_json::json;
+use tokio::{net::TcpStream, task::JoinSet};
+use tokio_rustls::TlsConnector;
+
+pub struct Load {
+    ca: SocketAddr,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    token: String,
+    namespace: String,
+    pod: String,
+}
+
+impl Load {
+    pub fn new(
+        ca: SocketAddr,
+        server_name: &str,
+        trust_bundle: &Path,
+        token_file: &Path,
+        pod: &str,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(trust_bundle)
+            .with_context(|| format!("reading {}", trust_bundle.display()))?
+        {
+            roots.add(cert.context("trust bundle certificate")?)?;
+        }
+        let config = ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("reading {}", token_file.display()))?
+            .trim()
+            .to_owned();
+        let (namespace, pod) = pod.split_once('/').context("--pod is namespace/name")?;
+        Ok(Arc::new(Self {
+            ca,
+            server_name: ServerName::try_from(server_name.to_owned())?,
+            connector: TlsConnector::from(Arc::new(config)),
+            token,
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+        }))
+    }
+
+    /// One request: key pair, CSR, TLS connection, POST, a 200 with a certificate chain.
+    async fn request(&self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let key = KeyPair::generate()?;
+        let csr = CertificateParams::default()
+            .serialize_request(&key)?
+            .pem()?;
+        let body = json!({"namespace": self.namespace, "pod": self.pod, "csr": csr});
+        let tcp = TcpStream::connect(self.ca).await?;
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/certificates")
+            .header("host", "nodemesh-ca")
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let answer = response.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!("CA answered {status}: {}", String::from_utf8_lossy(&answer));
+        }
+        let signed: serde_json::Value = serde_json::from_slice(&answer)?;
+        if signed["certificate_chain"]
+            .as_str()
+            .is_none_or(|c| !c.contains("BEGIN CERTIFICATE"))
+        {
+            bail!("CA answered without a certificate chain: {signed}");
+        }
+        Ok(started.elapsed())
+    }
+
+    pub async fn run(self: Arc<Self>, requests: usize, concurrency: usize) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut workers = JoinSet::new();
+        let concurrency = concurrency.max(1);
+        for worker in 0..concurrency {
+            let load = Arc::clone(&self);
+            let share = requests / concurrency + usize::from(worker < requests % concurrency);
+            workers.spawn(async move {
+                let mut latencies = Vec::with_capacity(share);
+                for _ in 0..share {
+                    latencies.push(load.request().await?);
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            });
+        }
+        let mut latencies = Vec::with_capacity(requests);
+        while let Some(joined) = workers.join_next().await {
+            latencies.extend(joined.context("a worker panicked")??);
+        }
+        let elapsed = started.elapsed();
+        latencies.sort();
+        let percentile = |p: f64| {
+            let index =
+                ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+            latencies[index].as_secs_f64() * 1e6
+        };
+        println!(
+            "{}",
+            json!({
+                "requests": latencies.len(),
+                "concurrency": concurrency,
+                "per_second": latencies.len() as f64 / elapsed.as_secs_f64(),
+                "p50_us": percentile(0.50),
+                "p99_us": percentile(0.99),
+            })
+        );
+        Ok(())
+    }
+}

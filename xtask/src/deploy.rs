@@ -1,0 +1,549 @@
+//! `cargo xtask deploy render|check`: the Helm chart in deploy/helm/nodemesh rendered into
+//! the plain manifests in deploy/manifests/nodemesh.yaml, and every manifest checked offline
+//! against the Kubernetes types and the mesh's own deployment rules.
+//!
+//! No registry this project builds from serves the helm binary, so rendering is done here.
+//! The templates may use only what this renderer implements, with Go template semantics:
+//! `{{ .Values.<path> }}`, `{{ .Release.Namespace }}`, `{{ .Release.Name }}`, a `| quote`
+//! pipe, and `{{- if .Values.<path> }}` / `{{- end }}` on lines of their own. Anything else
+//! is an error naming the template and line. Documents are ordered as `helm template`
+//! orders them (by kind, then name) with the same `# Source:` comments.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, bail};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const RELEASE_NAME: &str = "nodemesh";
+const RELEASE_NAMESPACE: &str = "nodemesh-system";
+
+/// Helm's install order of kinds (pkg/releaseutil/kind_sorter.go), the kinds used here.
+const KIND_ORDER: &[&str] = &[
+    "PriorityClass",
+    "Namespace",
+    "NetworkPolicy",
+    "ResourceQuota",
+    "LimitRange",
+    "PodDisruptionBudget",
+    "ServiceAccount",
+    "Secret",
+    "ConfigMap",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "Service",
+    "DaemonSet",
+    "Pod",
+    "ReplicaSet",
+    "Deployment",
+    "StatefulSet",
+    "Job",
+    "CronJob",
+];
+
+#[derive(clap::Subcommand)]
+pub enum DeployTask {
+    /// Render the chart into deploy/manifests/nodemesh.yaml.
+    Render,
+    /// Check that the committed manifests are the chart's rendering and that every manifest
+    /// is a valid Kubernetes object that follows the deployment rules.
+    Check,
+}
+
+pub fn run(task: &DeployTask) -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    let rendered = render_chart(&chart_dir(&root), RELEASE_NAMESPACE)?;
+    let manifests = manifests_path(&root);
+    match task {
+        DeployTask::Render => {
+            std::fs::write(&manifests, &rendered)
+                .with_context(|| format!("writing {}", manifests.display()))?;
+            println!("wrote {}", manifests.display());
+        }
+        DeployTask::Check => {
+            let committed = std::fs::read_to_string(&manifests)
+                .with_context(|| format!("reading {}", manifests.display()))?;
+            if committed != rendered {
+                bail!(
+                    "{} is not the chart's rendering: run `cargo xtask deploy render`",
+                    manifests.display()
+                );
+            }
+            let objects = validate_manifests(&committed)?;
+            println!("{} objects valid; manifests match the chart", objects);
+        }
+    }
+    Ok(())
+}
+
+fn chart_dir(root: &Path) -> PathBuf {
+    root.join("deploy/helm/nodemesh")
+}
+
+fn manifests_path(root: &Path) -> PathBuf {
+    root.join("deploy/manifests/nodemesh.yaml")
+}
+
+/// Renders every template of the chart with its values.yaml.
+pub fn render_chart(chart: &Path, namespace: &str) -> anyhow::Result<String> {
+    let values_path = chart.join("values.yaml");
+    let values: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(&values_path)
+            .with_context(|| format!("reading {}", values_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", values_path.display()))?;
+    let chart_name = chart
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("chart")
+        .to_owned();
+    let mut templates: Vec<PathBuf> = std::fs::read_dir(chart.join("templates"))
+        .context("listing the chart's templates")?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    templates.sort();
+    let mut documents = Vec::new();
+    for template in templates {
+        let file = template
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let text = std::fs::read_to_string(&template)
+            .with_context(|| format!("reading {}", template.display()))?;
+        let rendered = render_template(&text, &values, namespace)
+            .with_context(|| format!("templates/{file}"))?;
+        for document in rendered.split("\n---\n") {
+            let document = document.trim_matches('\n');
+            if document
+                .lines()
+                .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+            {
+                continue;
+            }
+            let value: serde_yaml::Value = serde_yaml::from_str(document)
+                .with_context(|| format!("templates/{file} renders invalid YAML"))?;
+            let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+            let name = value["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            documents.push((kind_rank(&kind), name, file.clone(), document.to_owned()));
+        }
+    }
+    documents.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let mut out = String::new();
+    for (_, _, file, document) in documents {
+        out.push_str(&format!(
+            "---\n# Source: {chart_name}/templates/{file}\n{document}\n"
+        ));
+    }
+    Ok(out)
+}
+
+fn kind_rank(kind: &str) -> usize {
+    KIND_ORDER
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(KIND_ORDER.len())
+}
+
+/// Renders one template: the supported subset of Go templates, line by line.
+fn render_template(
+    text: &str,
+    values: &serde_yaml::Value,
+    namespace: &str,
+) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let mut conditions: Vec<bool> = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let at = || format!("line {}", index + 1);
+        let trimmed = line.trim();
+        if let Some(condition) = block_action(trimmed, "if") {
+            let value = lookup(values, condition).with_context(at)?;
+            conditions.push(truthy(value));
+            continue;
+        }
+        if block_action(trimmed, "end").is_some() {
+            conditions
+                .pop()
+                .with_context(|| format!("{}: `end` without `if`", at()))?;
+            continue;
+        }
+        if conditions.iter().any(|c| !c) {
+            continue;
+        }
+        out.push_str(&substitute(line, values, namespace).with_context(at)?);
+        out.push('\n');
+    }
+    if !conditions.is_empty() {
+        bail!("an `if` is never closed with `end`");
+    }
+    Ok(out)
+}
+
+/// `{{- <action> <rest> }}` (or without the dash) alone on a line: `<rest>`.
+fn block_action<'a>(line: &'a str, action: &str) -> Option<&'a str> {
+    let opened = line
+        .strip_prefix("{{-")
+        .or_else(|| line.strip_prefix("{{"))?;
+    let inner = opened
+        .strip_suffix("-}}")
+        .or_else(|| opened.strip_suffix("}}"))?
+        .trim();
+    let rest = inner.strip_prefix(action)?;
+    (rest.is_empty() || rest.starts_with(' ')).then(|| rest.trim())
+}
+
+fn substitute(line: &str, values: &serde_yaml::Value, namespace: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find("}}").context("`{{` without `}}`")? + start;
+        let expression = rest[start + 2..end].trim();
+        let (path, quote) = match expression.split_once('|') {
+            Some((path, "quote")) | Some((path, " quote")) => (path.trim(), true),
+            Some((_, pipe)) => bail!("unsupported pipe `|{pipe}` in `{{{{ {expression} }}}}`"),
+            None => (expression, false),
+        };
+        let text = match path {
+            ".Release.Namespace" => namespace.to_owned(),
+            ".Release.Name" => RELEASE_NAME.to_owned(),
+            _ => scalar(lookup(values, path)?)
+                .with_context(|| format!("`{path}` is not a scalar value"))?,
+        };
+        if quote {
+            out.push_str(&serde_json::to_string(&text)?);
+        } else {
+            out.push_str(&text);
+        }
+        rest = &rest[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn lookup<'a>(values: &'a serde_yaml::Value, path: &str) -> anyhow::Result<&'a serde_yaml::Value> {
+    let Some(keys) = path.strip_prefix(".Values.") else {
+        bail!(
+            "unsupported template expression `{path}` (only .Values.*, .Release.Namespace, .Release.Name)"
+        );
+    };
+    let mut value = values;
+    for key in keys.split('.') {
+        value = value
+            .get(key)
+            .with_context(|| format!("values.yaml has no `{keys}`"))?;
+    }
+    Ok(value)
+}
+
+fn scalar(value: &serde_yaml::Value) -> Option<String> {
+    match value {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Go template truth: false, 0, empty strings and empty collections are false.
+fn truthy(value: &serde_yaml::Value) -> bool {
+    match value {
+        serde_yaml::Value::Null => false,
+        serde_yaml::Value::Bool(b) => *b,
+        serde_yaml::Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        serde_yaml::Value::String(s) => !s.is_empty(),
+        serde_yaml::Value::Sequence(s) => !s.is_empty(),
+        serde_yaml::Value::Mapping(m) => !m.is_empty(),
+        serde_yaml::Value::Tagged(_) => true,
+    }
+}
+
+/// Every document parsed as its Kubernetes type (k8s-openapi, generated from the API's
+/// OpenAPI schema) with no field lost in a round trip (an unknown or misspelt field would
+/// be), then checked against the mesh's deployment rules. Returns the number of objects.
+pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
+    use k8s_openapi::api::{
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
+        policy::v1::PodDisruptionBudget,
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    };
+    let mut count = 0;
+    let mut kinds = BTreeMap::<String, usize>::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value: Value = serde::Deserialize::deserialize(document)
+            .with_context(|| format!("document {}", index + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+        let name = value["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let what = format!("document {} ({kind} {name})", index + 1);
+        match kind.as_str() {
+            "Namespace" => round_trip::<Namespace>(&value),
+            "ServiceAccount" => round_trip::<ServiceAccount>(&value),
+            "ConfigMap" => round_trip::<ConfigMap>(&value),
+            "ClusterRole" => round_trip::<ClusterRole>(&value)
+                .and_then(|()| check_cluster_role(&serde_json::from_value(value.clone())?, &name)),
+            "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(&value),
+            "Service" => round_trip::<Service>(&value),
+            "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(&value),
+            "DaemonSet" => round_trip::<DaemonSet>(&value)
+                .and_then(|()| check_daemon_set(&serde_json::from_value(value.clone())?)),
+            "Deployment" => round_trip::<Deployment>(&value).and_then(|()| {
+                let deployment: Deployment = serde_json::from_value(value.clone())?;
+                check_pod(deployment.spec.template.spec, &name)
+            }),
+            other => Err(anyhow::anyhow!("kind {other:?} is not expected in deploy/")),
+        }
+        .with_context(|| what.clone())?;
+        *kinds.entry(kind).or_default() += 1;
+        count += 1;
+    }
+    for required in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "DaemonSet",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    ] {
+        if !kinds.contains_key(required) {
+            bail!("the manifests have no {required}");
+        }
+    }
+    Ok(count)
+}
+
+/// Deserialises as `T` and serialises back: every field of the input must survive.
+fn round_trip<T: DeserializeOwned + serde::Serialize>(value: &Value) -> anyhow::Result<()> {
+    let typed: T = serde_path_to_error::deserialize(value.clone())
+        .map_err(|e| anyhow::anyhow!("field `{}`: {}", e.path(), e.inner()))?;
+    let back = serde_json::to_value(&typed)?;
+    if let Some(path) = lost_field(value, &back, String::new()) {
+        bail!("unknown field `{path}` (not in the Kubernetes schema for this kind)");
+    }
+    Ok(())
+}
+
+/// The first path present in `original` but missing from `parsed`.
+fn lost_field(original: &Value, parsed: &Value, path: String) -> Option<String> {
+    match (original, parsed) {
+        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(key, value)| {
+            let path = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            match b.get(key) {
+                None if !value.is_null() => Some(path),
+                None => None,
+                Some(other) => lost_field(value, other, path),
+            }
+        }),
+        (Value::Array(a), Value::Array(b)) => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (x, y))| lost_field(x, y, format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
+/// The capabilities the agent holds, each justified in the DaemonSet.
+const AGENT_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"];
+
+fn check_daemon_set(daemon_set: &k8s_openapi::api::apps::v1::DaemonSet) -> anyhow::Result<()> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let spec = &daemon_set.spec;
+    let rolling = spec
+        .update_strategy
+        .as_ref()
+        .and_then(|s| s.rolling_update.as_ref())
+        .context("no rolling update")?;
+    if rolling.max_surge != Some(IntOrString::Int(1))
+        || rolling.max_unavailable != Some(IntOrString::Int(0))
+    {
+        bail!(
+            "the agent must roll with maxSurge 1 and maxUnavailable 0 (never a node without a proxy)"
+        );
+    }
+    let pod = spec.template.spec.as_ref().context("no pod spec")?;
+    let agent = pod.containers.first().context("no container")?;
+    let capabilities = agent
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .context("no capabilities")?;
+    let added: Vec<&str> = capabilities
+        .add
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if added != AGENT_CAPABILITIES || capabilities.drop.as_deref() != Some(&["ALL".to_owned()][..])
+    {
+        bail!(
+            "agent capabilities must be exactly {AGENT_CAPABILITIES:?} after dropping ALL, found {added:?}"
+        );
+    }
+    for (probe, path) in [
+        (agent.liveness_probe.as_ref(), "/healthz"),
+        (agent.readiness_probe.as_ref(), "/readyz"),
+    ] {
+        let get = probe
+            .and_then(|p| p.http_get.as_ref())
+            .with_context(|| format!("no {path} probe"))?;
+        if get.path.as_deref() != Some(path) || get.port != IntOrString::Int(15020) {
+            bail!("the {path} probe must use the admin port 15020");
+        }
+    }
+    check_pod(Some(pod.clone()), "nodemesh-agent")
+}
+
+/// Rules for every pod: never privileged, resources requested with a memory limit.
+fn check_pod(pod: Option<k8s_openapi::api::core::v1::PodSpec>, name: &str) -> anyhow::Result<()> {
+    let pod = pod.with_context(|| format!("{name}: no pod spec"))?;
+    for container in &pod.containers {
+        let context = container.security_context.as_ref();
+        if context.and_then(|c| c.privileged) == Some(true) {
+            bail!("container {} must not be privileged", container.name);
+        }
+        if context.and_then(|c| c.allow_privilege_escalation) != Some(false) {
+            bail!(
+                "container {} must set allowPrivilegeEscalation: false",
+                container.name
+            );
+        }
+        let resources = container
+            .resources
+            .as_ref()
+            .with_context(|| format!("container {}: no resources", container.name))?;
+        let has = |map: &Option<BTreeMap<String, _>>, key: &str| {
+            map.as_ref().is_some_and(|m| m.contains_key(key))
+        };
+        if !has(&resources.requests, "cpu")
+            || !has(&resources.requests, "memory")
+            || !has(&resources.limits, "memory")
+        {
+            bail!(
+                "container {} needs cpu and memory requests and a memory limit",
+                container.name
+            );
+        }
+        if container.liveness_probe.is_none() || container.readiness_probe.is_none() {
+            bail!(
+                "container {} needs liveness and readiness probes",
+                container.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Least privilege: the agent only reads; the CA only creates TokenReviews and gets pods.
+fn check_cluster_role(
+    role: &k8s_openapi::api::rbac::v1::ClusterRole,
+    name: &str,
+) -> anyhow::Result<()> {
+    let allowed: &[&str] = match name {
+        "nodemesh-agent" => &["get", "list", "watch"],
+        "nodemesh-ca" => &["create", "get"],
+        other => bail!("unexpected ClusterRole {other}"),
+    };
+    for rule in role.rules.iter().flatten() {
+        if let Some(verb) = rule.verbs.iter().find(|v| !allowed.contains(&v.as_str())) {
+            bail!("{name} may not {verb}");
+        }
+        if rule.resources.iter().flatten().any(|r| r == "*")
+            || rule.api_groups.iter().flatten().any(|g| g == "*")
+        {
+            bail!("{name} must name its resources and API groups");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> PathBuf {
+        crate::workspace_root()
+    }
+
+    #[test]
+    fn the_committed_manifests_are_the_charts_rendering_and_valid() {
+        let rendered = render_chart(&chart_dir(&root()), RELEASE_NAMESPACE).unwrap();
+        let committed = std::fs::read_to_string(manifests_path(&root())).unwrap();
+        assert_eq!(
+            committed, rendered,
+            "deploy/manifests/nodemesh.yaml is stale: run `cargo xtask deploy render`"
+        );
+        assert!(validate_manifests(&committed).unwrap() >= 10);
+    }
+
+    #[test]
+    fn unknown_fields_and_broken_rules_are_reported_with_where() {
+        let committed = std::fs::read_to_string(manifests_path(&root())).unwrap();
+        let typo = committed.replacen("serviceAccountName:", "serviceAcountName:", 1);
+        let error = format!("{:#}", validate_manifests(&typo).unwrap_err());
+        assert!(
+            error.contains("unknown field") && error.contains("serviceAcountName"),
+            "{error}"
+        );
+
+        let privileged = committed.replacen("privileged: false", "privileged: true", 1);
+        let error = format!("{:#}", validate_manifests(&privileged).unwrap_err());
+        assert!(error.contains("must not be privileged"), "{error}");
+
+        let surge = committed.replacen("maxUnavailable: 0", "maxUnavailable: 1", 1);
+        let error = format!("{:#}", validate_manifests(&surge).unwrap_err());
+        assert!(error.contains("maxSurge 1 and maxUnavailable 0"), "{error}");
+
+        let greedy = committed.replacen(
+            "verbs: [get, list, watch]",
+            "verbs: [get, list, watch, delete]",
+            1,
+        );
+        let error = format!("{:#}", validate_manifests(&greedy).unwrap_err());
+        assert!(error.contains("nodemesh-agent may not delete"), "{error}");
+    }
+
+    #[test]
+    fn the_renderer_follows_go_template_semantics_and_refuses_the_rest() {
+        let values: serde_yaml::Value =
+            serde_yaml::from_str("a: {b: x}\nempty: \"\"\nn: 3\nbundle: \"l1\\nl2\"").unwrap();
+        let out = render_template(
+            "k: {{ .Values.a.b }}\n{{- if .Values.empty }}\nhidden: 1\n{{- end }}\n{{- if .Values.n }}\nns: {{ .Release.Namespace }}\n{{- end }}\nq: {{ .Values.bundle | quote }}\n",
+            &values,
+            "mesh-ns",
+        )
+        .unwrap();
+        assert_eq!(out, "k: x\nns: mesh-ns\nq: \"l1\\nl2\"\n");
+        for bad in [
+            "x: {{ include \"t\" . }}",
+            "x: {{ .Values.a.b | upper }}",
+            "x: {{ .Values.missing }}",
+            "{{- if .Values.n }}",
+        ] {
+            assert!(render_template(bad, &values, "ns").is_err(), "{bad}");
+        }
+    }
+}
