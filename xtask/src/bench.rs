@@ -11,6 +11,9 @@
 //! - 1 KiB keep-alive HTTP/1.1 request latency, cross-node, from a non-meshed pod (direct) vs
 //!   a meshed pod to a meshed pod (through both node proxies, HBONE mutual TLS).
 //! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs HBONE mTLS.
+//! - Enrolment: a pod appears on node1 (cgroup, sandbox process, then its manifest with a
+//!   podIP, in the order the kubelet and the API server produce them); the time until the
+//!   agent's admin API lists it as enrolled, polled every millisecond (an upper bound).
 //! - CA issuance: certificates signed per second by `nodemesh ca serve` with 1 and 8 requests
 //!   in flight, each as an agent makes it (new key pair, CSR, TLS connection, POST).
 //!
@@ -46,6 +49,9 @@ pub struct BenchArgs {
     /// MiB echoed by the bulk transfer per run.
     #[arg(long, default_value_t = 256)]
     bulk_mib: u64,
+    /// Pods added (and enrolled) per run.
+    #[arg(long, default_value_t = 20)]
+    enrolments: usize,
     /// Certificate requests per run and concurrency level.
     #[arg(long, default_value_t = 300)]
     ca_requests: usize,
@@ -152,6 +158,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let (mut direct_tx, mut captured_tx) = (Vec::new(), Vec::new());
     let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut bulk_direct, mut bulk_meshed) = (Vec::new(), Vec::new());
+    let mut enrolment_ms: Vec<f64> = Vec::new();
     let mut issuance: Vec<Issuance> = [1, 8]
         .into_iter()
         .map(|concurrency| Issuance {
@@ -237,6 +244,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
                 .p99_ms
                 .push(out["p99_us"].as_f64().context("p99_us")? / 1000.0);
         }
+        enrolment_ms.extend(enrolment_latencies(tb, run, args.enrolments)?);
         // The proxy finishes captured connections asynchronously: let them drain so runs do
         // not overlap.
         nodemesh_testbed::wait_until(Duration::from_secs(10), "proxy drained", || {
@@ -255,9 +263,9 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = String::new();
     out.push_str(&format!(
-        "Command: `cargo xtask bench --runs {} --connects {} --requests {} --bulk-mib {} --ca-requests {}` (release build), kernel {}, {} CPUs. \
+        "Command: `cargo xtask bench --runs {} --connects {} --requests {} --bulk-mib {} --enrolments {} --ca-requests {}` (release build), kernel {}, {} CPUs. \
          Median of {} runs, range in brackets.\n\n",
-        args.runs, args.connects, args.requests, args.bulk_mib, args.ca_requests, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
+        args.runs, args.connects, args.requests, args.bulk_mib, args.enrolments, args.ca_requests, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
     ));
     out.push_str("### Hook cost: connect() + close(), same node\n\n| source | connects/s | ratio to direct |\n|---|---:|---:|\n");
     for (name, samples, baseline) in [
@@ -326,6 +334,19 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             samples.median() / bulk_direct.median()
         ));
     }
+    enrolment_ms.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        enrolment_ms
+            [((enrolment_ms.len() as f64 * q).ceil() as usize).clamp(1, enrolment_ms.len()) - 1]
+    };
+    out.push_str(&format!(
+        "\n### Enrolment: pod manifest written → agent lists the pod as enrolled ({} pods, admin API polled every 1 ms)\n\n\
+         | p50 ms | p90 ms | max ms | target |\n|---:|---:|---:|---:|\n| {:.1} | {:.1} | {:.1} | ≤ 100 |\n",
+        enrolment_ms.len(),
+        at(0.5),
+        at(0.9),
+        at(1.0)
+    ));
     out.push_str(
         "\n### CA issuance: certificates signed by `nodemesh ca serve` (new key pair, CSR, TLS connection and POST per request)\n\n\
          | requests in flight | certificates/s | p50 ms | p99 ms |\n|---:|---:|---:|---:|\n",
@@ -348,6 +369,36 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         ));
     }
     Ok(out)
+}
+
+/// Adds `count` meshed pods to node1 one by one and measures how long each takes to show up
+/// as enrolled, then removes them.
+fn enrolment_latencies(tb: &mut Testbed, run: usize, count: usize) -> anyhow::Result<Vec<f64>> {
+    let mut latencies = Vec::with_capacity(count);
+    for index in 0..count {
+        let spec = nodemesh_testbed::PodSpec::new("mesh", &format!("enrol-{run}-{index}"));
+        let pod = tb.add_pod("node1", spec)?;
+        let written = Instant::now();
+        let uid = pod.uid().to_owned();
+        loop {
+            let dump = tb.admin_json("node1", "/config_dump")?;
+            let enrolled = dump["enrolled_pods"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["uid"] == uid.as_str());
+            if enrolled {
+                latencies.push(written.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            if written.elapsed() > Duration::from_secs(10) {
+                bail!("pod {} was not enrolled within 10 s", pod.key());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tb.remove_pod(&pod)?;
+    }
+    Ok(latencies)
 }
 
 fn run_json(

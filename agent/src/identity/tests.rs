@@ -475,3 +475,45 @@ async fn hbone_tls_refuses_expired_and_foreign_certificates() {
     let (client_side, _) = handshake(Some(client), expired_server).await;
     assert!(client_side.unwrap_err().to_lowercase().contains("expired"));
 }
+
+#[tokio::test]
+async fn a_bundle_with_two_roots_lets_both_generations_talk_during_a_root_rotation() {
+    // The old root and the new one, both in every trust bundle while workloads move over.
+    let old = start_ca(3600).await;
+    let new = start_ca(3600).await;
+    let mut bundle = std::fs::read(old.dir.path().join("trust-bundle.pem")).unwrap();
+    bundle.extend(std::fs::read(new.dir.path().join("trust-bundle.pem")).unwrap());
+    let both = Arc::new(tls::trust_bundle_from_pem("rotation bundle", &bundle).unwrap());
+    assert_eq!(both.len(), 2);
+
+    let db = "spiffe://cluster.local/ns/shop/sa/db";
+    let (server_chain, server_key) = workload_cert(&old, db, -60, 3600);
+    let (client_chain, client_key) =
+        workload_cert(&new, "spiffe://cluster.local/ns/shop/sa/web", -60, 3600);
+    let server = || {
+        tls::hbone_server_config(
+            server_chain.clone(),
+            server_key.clone_key(),
+            Arc::clone(&both),
+        )
+        .unwrap()
+    };
+    let client = |roots: Arc<rustls::RootCertStore>| {
+        Some(
+            tls::hbone_client_config(
+                client_chain.clone(),
+                client_key.clone_key(),
+                roots,
+                db.parse().unwrap(),
+            )
+            .unwrap(),
+        )
+    };
+    let (client_side, server_side) = handshake(client(Arc::clone(&both)), server()).await;
+    assert!(client_side.is_ok(), "{client_side:?}");
+    assert_eq!(server_side, Ok(()), "a new-root client is accepted");
+
+    // Without the old root in its bundle, the new-generation client refuses the old server.
+    let (client_side, _) = handshake(client(roots(&new)), server()).await;
+    assert!(client_side.is_err());
+}

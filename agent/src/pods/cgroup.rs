@@ -4,6 +4,12 @@
 //! systemd driver: `kubepods.slice/kubepods-pod<uid_>.slice` or
 //! `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice`, where `uid_` is the
 //! UID with `-` replaced by `_`.
+//!
+//! The programs attach to cgroup v2 only. On a unified host that is `--cgroup-root` itself;
+//! on a hybrid host (v1 controllers, v2 mounted at `<root>/unified`) the pods are looked for
+//! under `<root>/unified`, where systemd mirrors its slices. With the cgroupfs driver on a
+//! hybrid host the kubelet creates v1 cgroups only, so no pod can be captured: the error
+//! says so.
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -12,7 +18,11 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("no kubepods or kubepods.slice under {0}; is --cgroup-root the node's cgroup v2 root?")]
+    #[error(
+        "no kubepods or kubepods.slice under {0} or {0}/unified; is --cgroup-root the node's \
+         cgroup root? (on a hybrid v1+v2 host the kubelet must use the systemd cgroup driver, \
+         or pods have no cgroup v2 to capture)"
+    )]
     NoPodsRoot(PathBuf),
     #[error("no cgroup for pod uid {uid} under {root} (the kubelet may not have created it yet)")]
     PodNotFound { uid: String, root: PathBuf },
@@ -29,11 +39,16 @@ const QOS_CLASSES: [&str; 2] = ["burstable", "besteffort"];
 
 /// The directory under which the kubelet puts every pod cgroup: where the programs attach.
 pub fn pods_root(cgroup_root: &Path) -> Result<PathBuf, CgroupError> {
-    ["kubepods", "kubepods.slice"]
-        .iter()
-        .map(|dir| cgroup_root.join(dir))
-        .find(|dir| dir.is_dir())
-        .ok_or_else(|| CgroupError::NoPodsRoot(cgroup_root.to_owned()))
+    [
+        "kubepods",
+        "kubepods.slice",
+        "unified/kubepods",
+        "unified/kubepods.slice",
+    ]
+    .iter()
+    .map(|dir| cgroup_root.join(dir))
+    .find(|dir| dir.is_dir())
+    .ok_or_else(|| CgroupError::NoPodsRoot(cgroup_root.to_owned()))
 }
 
 /// The pod-level cgroup directory of the pod with this UID, under either cgroup driver.
@@ -136,6 +151,22 @@ mod tests {
             let found = find_pod_cgroup(&pods, UID).unwrap();
             assert_eq!(found, root.path().join(layout.rsplit_once('/').unwrap().0));
         }
+    }
+
+    #[test]
+    fn finds_the_unified_hierarchy_of_a_hybrid_host() {
+        let uid_ = UID.replace('-', "_");
+        let layout = format!(
+            "unified/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice"
+        );
+        // The v1 controller hierarchies sit next to `unified` and are not used.
+        let root = tree(&["cpu/kubepods.slice", &layout]);
+        let pods = pods_root(root.path()).unwrap();
+        assert_eq!(pods, root.path().join("unified/kubepods.slice"));
+        assert_eq!(
+            find_pod_cgroup(&pods, UID).unwrap(),
+            root.path().join(&layout)
+        );
     }
 
     #[test]
