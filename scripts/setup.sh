@@ -40,6 +40,15 @@ if ! command -v bpf-linker >/dev/null || ! bpf-linker --version | grep -q "^bpf-
       --no-default-features --features llvm-${LLVM}
 fi
 
+# Offline validation of deploy/ against the Kubernetes JSON schemas it ships (PyPI).
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if ! command -v kubernetes-validate >/dev/null \
+   || ! kubernetes-validate --version 2>/dev/null | grep -q "${KUBERNETES_VALIDATE_VERSION}"; then
+  log "pip install kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+  python3 -m pip install --quiet --disable-pip-version-check \
+    "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+fi
+
 if ! mountpoint -q /sys/fs/bpf; then
   log "mount bpffs at /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf

@@ -76,7 +76,11 @@ pub fn run(task: &DeployTask) -> anyhow::Result<()> {
                 );
             }
             let objects = validate_manifests(&committed)?;
-            println!("{} objects valid; manifests match the chart", objects);
+            validate_against_schemas(&manifests)?;
+            println!(
+                "{objects} objects valid (Kubernetes types, schemas of {}, deployment rules); manifests match the chart",
+                SCHEMA_VERSIONS.join(" and ")
+            );
         }
     }
     Ok(())
@@ -331,6 +335,32 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
     Ok(count)
 }
 
+/// Kubernetes versions whose OpenAPI-derived JSON schemas the manifests must satisfy: the
+/// oldest supported (bound tokens carry the node name from 1.30) and the newest the
+/// validator ships.
+const SCHEMA_VERSIONS: &[&str] = &["1.30.0", "1.37.0"];
+
+/// Strict validation (no unknown properties) against the Kubernetes JSON schemas that
+/// `kubernetes-validate` (PyPI, installed by scripts/setup.sh) ships, so it runs offline.
+pub fn validate_against_schemas(file: &Path) -> anyhow::Result<()> {
+    for version in SCHEMA_VERSIONS {
+        let output = std::process::Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet", "-k", version])
+            .arg(file)
+            .output()
+            .context("running kubernetes-validate (installed by scripts/setup.sh)")?;
+        if !output.status.success() {
+            bail!(
+                "{} does not validate against the Kubernetes {version} schemas:\n{}{}",
+                file.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Deserialises as `T` and serialises back: every field of the input must survive.
 fn round_trip<T: DeserializeOwned + serde::Serialize>(value: &Value) -> anyhow::Result<()> {
     let typed: T = serde_path_to_error::deserialize(value.clone())
@@ -497,6 +527,24 @@ mod tests {
             "deploy/manifests/nodemesh.yaml is stale: run `cargo xtask deploy render`"
         );
         assert!(validate_manifests(&committed).unwrap() >= 10);
+        validate_against_schemas(&manifests_path(&root())).unwrap();
+    }
+
+    #[test]
+    fn the_schema_validation_rejects_an_unknown_field() {
+        let committed = std::fs::read_to_string(manifests_path(&root())).unwrap();
+        let dir = tempfile_dir();
+        let typo = dir.join("typo.yaml");
+        std::fs::write(&typo, committed.replacen("hostPID:", "hostPid:", 1)).unwrap();
+        let error = format!("{:#}", validate_against_schemas(&typo).unwrap_err());
+        assert!(error.contains("hostPid"), "{error}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nodemesh-deploy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]
