@@ -66,6 +66,25 @@ impl MeshCa {
 }
 
 impl Testbed {
+    /// The standard testbed with the CA running as a pod (issuing certificates valid for
+    /// `cert_ttl_seconds`) and every node's agent started with it: the mesh as users run it.
+    pub fn create_meshed(prefix: &str, cert_ttl_seconds: u64) -> Result<(Testbed, MeshCa)> {
+        let config = crate::TestbedConfig::from_workspace(prefix)?;
+        let tb = Testbed::create(config, crate::TopologySpec::standard_with_ca())?;
+        let ca_pod = tb.pod("nodemesh-system", "ca").clone();
+        let ca = tb.start_ca(&ca_pod, cert_ttl_seconds)?;
+        tb.start_agents_with_ca(&ca)?;
+        Ok((tb, ca))
+    }
+
+    /// Starts the workload's HTTP server on `port` in `pod` and waits until it listens.
+    pub fn start_http_server(&self, pod: &crate::Pod, port: u16) -> Result<()> {
+        let mut http = std::process::Command::new(self.workload_bin());
+        http.args(["http-server", "--port", &port.to_string()]);
+        self.spawn_in_pod(pod, http)?.detach();
+        self.wait_listening(pod, port)
+    }
+
     /// Starts every node's agent using `ca` with the node's own token; returns once each is
     /// ready (which includes holding its pods' certificates).
     pub fn start_agents_with_ca(&self, ca: &MeshCa) -> Result<()> {

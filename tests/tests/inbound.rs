@@ -7,8 +7,7 @@
 use std::{collections::BTreeMap, net::IpAddr, process::Command, time::Duration};
 
 use nodemesh_testbed::{
-    AgentOptions, MESH_LABEL, MeshCa, Pod, Signal, Testbed, TestbedConfig, TopologySpec, is_root,
-    wait_until, workspace_bin,
+    AgentOptions, MESH_LABEL, MeshCa, Pod, Signal, Testbed, is_root, wait_until,
 };
 use serde_json::Value;
 
@@ -20,30 +19,16 @@ struct Mesh {
     ca: MeshCa,
 }
 
-/// The standard testbed with the CA, both agents running with certificates, and an HTTP
-/// server on mesh/server-b (node2).
+/// The meshed testbed with an HTTP server on mesh/server-b (node2).
 fn meshed_testbed() -> Mesh {
     assert!(
         is_root(),
         "kernel tests need root: run `cargo xtask test` as root"
     );
-    let config = TestbedConfig {
-        prefix: "nmin".into(),
-        nodemesh_bin: workspace_bin("nodemesh"),
-        workload_bin: workspace_bin("nodemesh-workload"),
-        log_dir: None,
-    };
-    let tb = Testbed::create(config, TopologySpec::standard_with_ca()).expect("create testbed");
-    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
-    let ca = tb.start_ca(&ca_pod, 3600).expect("start the CA");
-    tb.start_agents_with_ca(&ca).expect("agents ready");
+    let (tb, ca) = Testbed::create_meshed("nmin", 3600).expect("meshed testbed");
     let server = tb.pod("mesh", "server-b").clone();
-    let mut http = Command::new(tb.workload_bin());
-    http.args(["http-server", "--port", &APP_PORT.to_string()]);
-    tb.spawn_in_pod(&server, http)
-        .expect("http server")
-        .detach();
-    tb.wait_listening(&server, APP_PORT).expect("listening");
+    tb.start_http_server(&server, APP_PORT)
+        .expect("http server");
     Mesh { tb, ca }
 }
 

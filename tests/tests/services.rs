@@ -5,9 +5,7 @@
 
 use std::process::Command;
 
-use nodemesh_testbed::{
-    MeshCa, Testbed, TestbedConfig, TopologySpec, cluster_state, is_root, wait_until, workspace_bin,
-};
+use nodemesh_testbed::{MeshCa, Testbed, cluster_state, is_root, wait_until};
 use serde_json::Value;
 
 const CLUSTER_IP: &str = "198.18.200.10";
@@ -19,24 +17,11 @@ fn meshed_testbed() -> (Testbed, MeshCa) {
         is_root(),
         "kernel tests need root: run `cargo xtask test` as root"
     );
-    let config = TestbedConfig {
-        prefix: "nmsv".into(),
-        nodemesh_bin: workspace_bin("nodemesh"),
-        workload_bin: workspace_bin("nodemesh-workload"),
-        log_dir: None,
-    };
-    let tb = Testbed::create(config, TopologySpec::standard_with_ca()).expect("create testbed");
-    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
-    let ca = tb.start_ca(&ca_pod, 3600).expect("start the CA");
-    tb.start_agents_with_ca(&ca).expect("agents ready");
+    let (tb, ca) = Testbed::create_meshed("nmsv", 3600).expect("meshed testbed");
     for name in ["server-a", "server-b"] {
         let server = tb.pod("mesh", name).clone();
-        let mut http = Command::new(tb.workload_bin());
-        http.args(["http-server", "--port", &APP_PORT.to_string()]);
-        tb.spawn_in_pod(&server, http)
-            .expect("http server")
-            .detach();
-        tb.wait_listening(&server, APP_PORT).expect("listening");
+        tb.start_http_server(&server, APP_PORT)
+            .expect("http server");
     }
     (tb, ca)
 }

@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     delivery::connect_to_application,
+    listener::accept_loop,
     relay::{relay, reset},
 };
 use crate::{
@@ -94,18 +95,12 @@ impl DestinationPod {
 }
 
 pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
-                tokio::spawn(async move { serve_connection(stream, peer, pod, ctx).await });
-            }
-            Err(error) => {
-                tracing::warn!(pod = %pod.display_name, %error, "HBONE accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let name = pod.display_name.clone();
+    accept_loop(listener, "HBONE", &name, |stream, peer| {
+        let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
+        serve_connection(stream, peer, pod, ctx)
+    })
+    .await
 }
 
 async fn serve_connection(

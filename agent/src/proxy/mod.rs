@@ -5,6 +5,7 @@ mod counting;
 mod delivery;
 pub mod hbone;
 pub mod inbound;
+mod listener;
 pub mod outbound;
 pub mod plaintext;
 mod relay;

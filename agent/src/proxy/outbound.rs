@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::{
     hbone::HboneClient,
+    listener::accept_loop,
     relay::{relay, reset},
 };
 use crate::{
@@ -84,20 +85,12 @@ enum OutboundError {
 
 /// Accepts captured connections of one pod until the listener is dropped with the task.
 pub async fn serve(listener: TcpListener, pod: Arc<SourcePod>, ctx: Arc<OutboundContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                let pod = Arc::clone(&pod);
-                let ctx = Arc::clone(&ctx);
-                tokio::spawn(async move { forward(client, peer, &pod, &ctx).await });
-            }
-            Err(error) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(pod = %pod.display_name, %error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let name = pod.display_name.clone();
+    accept_loop(listener, "outbound", &name, |client, peer| {
+        let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
+        async move { forward(client, peer, &pod, &ctx).await }
+    })
+    .await
 }
 
 async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &OutboundContext) {

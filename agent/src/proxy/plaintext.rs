@@ -8,7 +8,6 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 use tokio::net::{TcpListener, TcpStream};
@@ -16,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     delivery::{canonical, connect_to_application},
     inbound::{DestinationPod, InboundContext},
+    listener::accept_loop,
     relay::{relay, reset},
 };
 use crate::state::membership::PeerAuthentication;
@@ -24,18 +24,12 @@ use crate::state::membership::PeerAuthentication;
 pub const PLAINTEXT_SOURCE: &str = "plaintext";
 
 pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
-                tokio::spawn(async move { serve_connection(stream, peer, pod, ctx).await });
-            }
-            Err(error) => {
-                tracing::warn!(pod = %pod.display_name, %error, "plaintext accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let name = pod.display_name.clone();
+    accept_loop(listener, "plaintext", &name, |stream, peer| {
+        let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
+        serve_connection(stream, peer, pod, ctx)
+    })
+    .await
 }
 
 async fn serve_connection(

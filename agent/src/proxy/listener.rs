@@ -1,0 +1,26 @@
+//! The accept loop every in-pod listener of the proxy runs.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accepts connections until the task running it is dropped, handing each to `handle` in a
+/// task of its own. `what` and `pod` name the listener in logs.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, pod: &str, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(error) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(pod, listener = what, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
