@@ -268,13 +268,9 @@ fn traffic_between_meshed_pods_is_encrypted_on_the_wire_and_delivered() {
     let mesh = mesh_with_ca(3600);
     start_meshed_agents(&mesh);
     let server_b = mesh.tb.pod("mesh", "server-b").clone();
-    let mut http = Command::new(mesh.tb.workload_bin());
-    http.args(["http-server", "--port", "8080"]);
     mesh.tb
-        .spawn_in_pod(&server_b, http)
-        .expect("http server")
-        .detach();
-    mesh.tb.wait_listening(&server_b, 8080).expect("listening");
+        .start_http_server(&server_b, 8080)
+        .expect("http server");
 
     let capture = Capture::start(&mesh.tb, mesh.ca.dir());
     let secret = "NODEMESH-SECRET-MARKER-7f3a";
@@ -590,13 +586,9 @@ fn hbone_refuses_a_connect_to_an_address_that_is_not_the_destination_pod() {
     let mesh = mesh_with_ca(3600);
     start_meshed_agents(&mesh);
     let server_b = mesh.tb.pod("mesh", "server-b").clone();
-    let mut http = Command::new(mesh.tb.workload_bin());
-    http.args(["http-server", "--port", "8080"]);
     mesh.tb
-        .spawn_in_pod(&server_b, http)
-        .expect("http server")
-        .detach();
-    mesh.tb.wait_listening(&server_b, 8080).expect("listening");
+        .start_http_server(&server_b, 8080)
+        .expect("http server");
     let other_pod = mesh.tb.pod("mesh", "server-a").ipv4();
     let own = format!("{}:8080", server_b.ipv4());
     let elsewhere = format!("{other_pod}:8080");
