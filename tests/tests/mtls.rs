@@ -7,6 +7,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
+    net::{IpAddr, SocketAddr},
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -540,21 +541,35 @@ mod mesh_client {
     }
 }
 
-/// Sends CONNECT requests with these authorities over one mTLS HBONE connection to `pod_ip`
-/// from the outsider pod, returning each response status.
-fn connect_statuses(mesh: &Mesh, pod_ip: &str, authorities: &[&str]) -> Vec<u16> {
-    let config = mesh_client::config(mesh.ca.dir(), "spiffe://cluster.local/ns/mesh/sa/client-a");
+/// What an HBONE server answered to one request; for a `200`, what an HTTP/1.1 GET sent
+/// through the tunnel got back.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    through_tunnel: Option<String>,
+}
+
+/// Sends `requests` (method, URI) one after the other on one mTLS HBONE connection from the
+/// outsider pod (not meshed, so not captured) to `pod_ip`:15008, as `spiffe_id`.
+fn hbone_requests(
+    mesh: &Mesh,
+    pod_ip: IpAddr,
+    spiffe_id: &str,
+    requests: &[(hyper::Method, String)],
+) -> Vec<Answer> {
+    let config = mesh_client::config(mesh.ca.dir(), spiffe_id);
     let outsider = mesh.tb.pod("plain", "outsider").clone();
-    let hbone = format!("{pod_ip}:15008").parse().unwrap();
     let tcp = mesh
         .tb
-        .connect_from_pod(&outsider, hbone)
+        .connect_from_pod(&outsider, SocketAddr::new(pod_ip, 15008))
         .expect("TCP to :15008");
     tcp.set_nonblocking(true).unwrap();
-    let authorities: Vec<String> = authorities.iter().map(|a| (*a).to_owned()).collect();
+    let requests = requests.to_vec();
+    let timeout = Duration::from_secs(5);
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
             let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
                 .connect("nodemesh.invalid".try_into().unwrap(), tcp)
@@ -567,18 +582,60 @@ fn connect_statuses(mesh: &Mesh, pod_ip: &str, authorities: &[&str]) -> Vec<u16>
             .await
             .expect("HTTP/2");
             tokio::spawn(connection);
-            let mut statuses = Vec::new();
-            for authority in authorities {
+            let mut answers = Vec::new();
+            for (method, uri) in requests {
                 let request = hyper::Request::builder()
-                    .method(hyper::Method::CONNECT)
-                    .uri(authority)
+                    .method(method)
+                    .uri(&uri)
                     .body(http_body_util::Empty::<hyper::body::Bytes>::new())
                     .unwrap();
-                let response = sender.send_request(request).await.expect("response");
-                statuses.push(response.status().as_u16());
+                let response = tokio::time::timeout(timeout, sender.send_request(request))
+                    .await
+                    .unwrap_or_else(|_| panic!("no answer to {uri} within {timeout:?}"))
+                    .unwrap_or_else(|e| panic!("{uri}: {e}"));
+                let status = response.status().as_u16();
+                let through_tunnel = if status == 200 {
+                    let mut tunnel =
+                        hyper_util::rt::TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+                    let exchange = async {
+                        tunnel
+                            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                            .await?;
+                        let mut reply = Vec::new();
+                        tunnel.read_to_end(&mut reply).await.map(|_| reply)
+                    };
+                    let reply = tokio::time::timeout(timeout, exchange)
+                        .await
+                        .unwrap_or_else(|_| panic!("no reply through the tunnel to {uri}"))
+                        .unwrap_or_else(|e| panic!("through the tunnel to {uri}: {e}"));
+                    Some(String::from_utf8_lossy(&reply).into_owned())
+                } else {
+                    None
+                };
+                answers.push(Answer {
+                    status,
+                    through_tunnel,
+                });
             }
-            statuses
+            answers
         })
+}
+
+/// Whether one line of `log` contains every one of `needles`.
+fn logged(log: &str, needles: &[&str]) -> bool {
+    log.lines()
+        .any(|line| needles.iter().all(|needle| line.contains(needle)))
+}
+
+/// The connection series node `node`'s proxy counted from `source` to `destination`.
+fn series(tb: &Testbed, node: &str, source: &str, destination: &str) -> Option<Value> {
+    let stats = tb.admin_json(node, "/stats").expect("stats");
+    stats["connections"]
+        .as_array()
+        .expect("connections")
+        .iter()
+        .find(|s| s["source_pod"] == source && s["destination"] == destination)
+        .cloned()
 }
 
 #[test]
@@ -589,28 +646,168 @@ fn hbone_refuses_a_connect_to_an_address_that_is_not_the_destination_pod() {
     mesh.tb
         .start_http_server(&server_b, 8080)
         .expect("http server");
-    let other_pod = mesh.tb.pod("mesh", "server-a").ipv4();
-    let own = format!("{}:8080", server_b.ipv4());
-    let elsewhere = format!("{other_pod}:8080");
+    let server_a = mesh.tb.pod("mesh", "server-a").clone();
+    // A valid mesh identity that no pod has, so every log line and counter with it is ours.
+    let probe = "spiffe://cluster.local/ns/mesh/sa/hbone-probe";
+    let client_a = "spiffe://cluster.local/ns/mesh/sa/client-a";
+    let elsewhere_v4 = SocketAddr::new(server_a.ipv4().into(), 8080).to_string();
+    let elsewhere_v6 = SocketAddr::new(server_a.ipv6().into(), 8080).to_string();
+    let own_v4 = SocketAddr::new(server_b.ipv4().into(), 8080).to_string();
+    let own_v6 = SocketAddr::new(server_b.ipv6().into(), 8080).to_string();
+    let connect = |authority: &str| (hyper::Method::CONNECT, authority.to_owned());
 
-    let statuses = connect_statuses(
+    let answers = hbone_requests(
         &mesh,
-        &server_b.ipv4().to_string(),
-        &[&elsewhere, "server-a.mesh:8080", &own],
+        server_b.ipv4().into(),
+        probe,
+        &[
+            connect(&elsewhere_v4),
+            connect(&elsewhere_v6),
+            connect("server-a.mesh:8080"),
+            (hyper::Method::GET, format!("http://{own_v4}/")),
+            connect(&own_v4),
+            connect(&own_v6),
+        ],
     );
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
     assert_eq!(
         statuses,
-        [403, 400, 200],
-        "another pod's address is forbidden, a name is not ip:port, the pod's own address works"
+        [403, 403, 400, 405, 200, 200],
+        "another pod's IPv4 and IPv6 address are forbidden, a name is not ip:port, only \
+         CONNECT is served, the pod's own addresses work (on the same HTTP/2 connection \
+         after the refusals): {answers:?}"
     );
-    let log = mesh.tb.agent_log("node2");
-    assert!(
-        log.contains("CONNECT to an address that is not this meshed pod")
-            && log.contains("spiffe://cluster.local/ns/mesh/sa/client-a")
-            && log.contains(&elsewhere),
-        "the refusal is logged with the peer's identity and the address:\n{log}"
-    );
+    for answer in &answers[4..] {
+        let reply = answer.through_tunnel.as_deref().unwrap_or_default();
+        assert!(
+            reply.starts_with("HTTP/1.1 200") && reply.ends_with(&"x".repeat(1024)),
+            "the application answered through the tunnel: {reply:?}"
+        );
+    }
+
+    wait_until(Duration::from_secs(5), "the refusals logged", || {
+        let log = mesh.tb.agent_log("node2");
+        Ok([&elsewhere_v4, &elsewhere_v6].iter().all(|target| {
+            logged(
+                &log,
+                &[
+                    "CONNECT to an address that is not this meshed pod",
+                    probe,
+                    target,
+                ],
+            )
+        }) && logged(&log, &["CONNECT authority is not ip:port", probe])
+            && logged(&log, &["only CONNECT is served", probe]))
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}", mesh.tb.agent_log("node2")));
+    for target in [&elsewhere_v4, &elsewhere_v6] {
+        assert_eq!(
+            series(&mesh.tb, "node2", probe, target),
+            None,
+            "a refused CONNECT never reaches an application"
+        );
+    }
+
+    // Afterwards the agent still serves the mesh: client-a's own connection, captured on
+    // node1 and carried over HBONE, reaches server-b and is counted under its identity.
     assert!(mesh.tb.agent_running("node2"), "the agent keeps running");
+    let meshed = run(
+        &mesh.tb,
+        "mesh",
+        "client-a",
+        "curl",
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{own_v4}/"),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&meshed.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&meshed.stderr)
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "client-a's connection counted",
+        || {
+            Ok(series(&mesh.tb, "node2", client_a, &own_v4)
+                .is_some_and(|s| s["opened"] == 1 && s["closed"] == 1))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", mesh.tb.admin_json("node2", "/stats")));
+}
+
+/// A certificate an agent held, as its config dump showed it.
+#[derive(Debug, PartialEq)]
+struct Held {
+    serial: String,
+    not_after_unix: u64,
+}
+
+fn held(identity: &Value) -> Option<Held> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let chain = identity["certificate_chain"].as_str()?;
+    let leaf = CertificateDer::from_pem_slice(chain.as_bytes()).ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).ok()?;
+    Some(Held {
+        serial: parsed.raw_serial_as_string(),
+        not_after_unix: identity["not_after_unix"].as_u64()?,
+    })
+}
+
+/// What a sampler saw while traffic ran: every certificate each identity held, in order,
+/// and for every HBONE connection from client-a (by local address) the client certificate
+/// generation (index into client-a's certificates) current when it was first seen.
+#[derive(Debug, Default)]
+struct Observed {
+    certificates: BTreeMap<String, Vec<Held>>,
+    hbone_connections: BTreeMap<String, usize>,
+}
+
+impl Observed {
+    fn sample(&mut self, tb: &Testbed, client_netns: &str, client_id: &str, hbone: &str) {
+        // Connections first, then certificates: a connection seen here was made with a
+        // certificate no newer than the one the dump below shows.
+        let ss = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{client_netns}"))
+            .args(["ss", "-Htn", "state", "established", "dst", hbone])
+            .output()
+            .expect("ss (iproute2)");
+        let connections: Vec<String> = String::from_utf8_lossy(&ss.stdout)
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let peer = fields.iter().position(|f| *f == hbone)?;
+                Some(fields.get(peer.checked_sub(1)?)?.to_string())
+            })
+            .collect();
+        for node in ["node1", "node2"] {
+            let Ok(dump) = tb.admin_json(node, "/config_dump") else {
+                continue;
+            };
+            for (id, identity) in identities_in(&dump) {
+                let Some(now) = held(&identity) else { continue };
+                let seen = self.certificates.entry(id).or_default();
+                if seen.last() != Some(&now) {
+                    seen.push(now);
+                }
+            }
+        }
+        let generation = self
+            .certificates
+            .get(client_id)
+            .map_or(0, |c| c.len().saturating_sub(1));
+        for connection in connections {
+            self.hbone_connections
+                .entry(connection)
+                .or_insert(generation);
+        }
+    }
 }
 
 #[test]
@@ -620,6 +817,7 @@ fn certificates_rotate_under_load_without_failing_a_connection() {
     let mesh = mesh_with_ca(4);
     start_meshed_agents(&mesh);
     let server_b = mesh.tb.pod("mesh", "server-b").clone();
+    let client_a = mesh.tb.pod("mesh", "client-a").clone();
     let mut echo = Command::new(mesh.tb.workload_bin());
     echo.args(["echo-server", "--ports", "7000"]);
     mesh.tb
@@ -637,21 +835,39 @@ fn certificates_rotate_under_load_without_failing_a_connection() {
     let before = (renewals("node1", client_id), renewals("node2", server_id));
 
     let target = format!("{}:7000", server_b.ipv4());
-    let soak = run(
-        &mesh.tb,
-        "mesh",
-        "client-a",
-        mesh.tb.workload_bin().to_str().unwrap(),
-        &[
-            "soak",
-            "--target",
-            &target,
-            "--long-lived",
-            "4",
-            "--duration-ms",
-            "12000",
-        ],
-    );
+    let hbone = format!("{}:15008", server_b.ipv4());
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let (soak, observed) = std::thread::scope(|scope| {
+        let (tb, netns, hbone) = (&mesh.tb, client_a.netns(), &hbone);
+        let sampler = scope.spawn(move || {
+            let mut observed = Observed::default();
+            // Every 100 ms until the soak is over (the sender is dropped).
+            loop {
+                observed.sample(tb, netns, client_id, hbone);
+                match finished.recv_timeout(Duration::from_millis(100)) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return observed,
+                }
+            }
+        });
+        let soak = run(
+            &mesh.tb,
+            "mesh",
+            "client-a",
+            mesh.tb.workload_bin().to_str().unwrap(),
+            &[
+                "soak",
+                "--target",
+                &target,
+                "--long-lived",
+                "4",
+                "--duration-ms",
+                "12000",
+            ],
+        );
+        drop(done);
+        (soak, sampler.join().expect("sampler"))
+    });
     let summary: Value = serde_json::from_slice(&soak.stdout).unwrap_or_else(|_| {
         panic!(
             "soak output: {} {}",
@@ -662,13 +878,47 @@ fn certificates_rotate_under_load_without_failing_a_connection() {
     eprintln!("soak under rotation: {summary}");
     assert!(soak.status.success(), "failures under rotation: {summary}");
     assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["peer_mismatch"], 0, "{summary}");
     assert!(
         summary["short_connections"].as_u64().unwrap() >= 100,
         "enough short connections to cross every renewal: {summary}"
     );
+    // Each long-lived connection exchanged (and checked) 1 KiB about every 50 ms for the
+    // whole run, then closed cleanly: it outlived every certificate it started with.
+    let each = summary["long_lived_exchanges_each"].as_array().unwrap();
+    assert_eq!(each.len(), 4, "{summary}");
     assert!(
-        summary["long_lived_exchanges"].as_u64().unwrap() >= 4 * 100,
-        "the long-lived connections kept exchanging: {summary}"
+        each.iter().all(|n| n.as_u64().unwrap() >= 100),
+        "every long-lived connection kept exchanging: {summary}"
+    );
+
+    // The rotation really happened during the traffic: each side held at least 4 distinct
+    // certificates (3 changes of serial and expiry) while the sampler watched.
+    eprintln!("certificates seen: {:#?}", observed.certificates);
+    for id in [client_id, server_id] {
+        let seen = &observed.certificates[id];
+        assert!(
+            seen.len() >= 4,
+            "{id} changed certificate at least 3 times during the run: {seen:?}"
+        );
+        assert!(
+            seen.windows(2)
+                .all(|w| w[0].serial != w[1].serial && w[0].not_after_unix < w[1].not_after_unix),
+            "each renewal brought a new serial and a later expiry: {seen:?}"
+        );
+    }
+    // New streams used the renewed certificates: client-a's pool opened a new HBONE
+    // connection under each certificate generation after the first.
+    eprintln!(
+        "HBONE connections (local address → client certificate generation): {:?}",
+        observed.hbone_connections
+    );
+    let generations: std::collections::BTreeSet<usize> =
+        observed.hbone_connections.values().copied().collect();
+    assert!(
+        generations.iter().filter(|g| **g > 0).count() >= 3,
+        "client-a opened HBONE connections with at least 3 renewed certificates: {:?}",
+        observed.hbone_connections
     );
     let after = (renewals("node1", client_id), renewals("node2", server_id));
     eprintln!("renewals (client-a, server-b): {before:?} -> {after:?}");

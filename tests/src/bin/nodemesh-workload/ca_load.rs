@@ -89,11 +89,17 @@ impl Load {
             bail!("CA answered {status}: {}", String::from_utf8_lossy(&answer));
         }
         let signed: serde_json::Value = serde_json::from_slice(&answer)?;
-        if signed["certificate_chain"]
+        let chain = signed["certificate_chain"]
             .as_str()
-            .is_none_or(|c| !c.contains("BEGIN CERTIFICATE"))
-        {
-            bail!("CA answered without a certificate chain: {signed}");
+            .with_context(|| format!("CA answered without a certificate chain: {signed}"))?;
+        // A certificate for this request's key, not one made earlier: the rate counts
+        // signatures.
+        let leaf = CertificateDer::from_pem_slice(chain.as_bytes())
+            .context("the chain's first certificate")?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&leaf)
+            .map_err(|e| anyhow::anyhow!("parsing the issued certificate: {e}"))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            bail!("the CA issued a certificate for another key than the CSR's");
         }
         Ok(started.elapsed())
     }

@@ -90,8 +90,9 @@ enum Cmd {
         close: CloseMode,
     },
     /// For `duration_ms`: `long_lived` connections that each exchange a tagged chunk every
-    /// `interval_ms` and check its echo, while a loop opens short connections (64-byte echo,
-    /// close) back to back. Prints counts; fails if anything failed.
+    /// `interval_ms` and check its echo, then half-close and expect a clean close, while a
+    /// loop opens short connections (64-byte echo, close) back to back. Prints counts; fails
+    /// if anything failed.
     Soak {
         #[arg(long)]
         target: SocketAddr,
@@ -585,7 +586,24 @@ async fn soak(
                 exchanges += 1;
                 tokio::time::sleep(interval).await;
             }
-            Ok::<_, Failure>(exchanges)
+            // Still whole at the end: our half-close reaches the server, and its close
+            // comes back with nothing after the last echo.
+            let close = async {
+                writer.shutdown().await?;
+                let mut rest = Vec::new();
+                reader.read_to_end(&mut rest).await.map(|_| rest)
+            };
+            match tokio::time::timeout(timeout, close).await {
+                Ok(Ok(rest)) if rest.is_empty() => Ok::<_, Failure>(exchanges),
+                Ok(Ok(rest)) => Err(Failure::Other(format!(
+                    "long-lived {index}: {} unexpected bytes after the last echo",
+                    rest.len()
+                ))),
+                Ok(Err(e)) => Err(Failure::Other(format!("long-lived {index}: closing: {e}"))),
+                Err(_) => Err(Failure::Other(format!(
+                    "long-lived {index}: the close was not echoed within {timeout:?}"
+                ))),
+            }
         });
     }
     let mut tally = Tally::default();
@@ -599,12 +617,12 @@ async fn soak(
         tally.record(&format!("short connection {short}"), outcome);
         short += 1;
     }
-    let mut exchanges = 0usize;
+    let mut exchanges = Vec::with_capacity(long_lived);
     let mut long_failed = 0usize;
     while let Some(joined) = tasks.join_next().await {
         match joined.context("a long-lived task panicked")? {
             Ok(count) => {
-                exchanges += count;
+                exchanges.push(count);
                 tally.record("long-lived connection", Ok(()));
             }
             Err(error) => {
@@ -621,7 +639,8 @@ async fn soak(
             "short_failed": failed_short,
             "long_lived": long_lived,
             "long_lived_failed": long_failed,
-            "long_lived_exchanges": exchanges,
+            "long_lived_exchanges": exchanges.iter().sum::<usize>(),
+            "long_lived_exchanges_each": exchanges,
         }),
     )
 }
