@@ -122,7 +122,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
     let (mut cluster, mut changes) = match &config.cluster_source {
         ClusterSourceConfig::Manifests(dir) => ClusterSource::manifests(dir)?,
         ClusterSourceConfig::Kubernetes { sync_timeout } => {
-            ClusterSource::api(*sync_timeout).await?
+            ClusterSource::api(&config.node_name, *sync_timeout).await?
         }
     };
 

@@ -8,10 +8,12 @@
 //! on each relist, so objects deleted while the watch was down disappear too. The agent only
 //! counts as synced once every store has completed its first list.
 //!
-//! Pods are watched cluster-wide (the workload index needs every meshed pod's address and
-//! identity) and trimmed to the fields the mesh reads, so the store stays small; this node's
-//! pods are a filter over the same store rather than a second, field-selected watch that
-//! would deliver the same events twice and could disagree with the first during a relist.
+//! Pods are watched twice, both trimmed to the fields the mesh reads: this node's pods with a
+//! `spec.nodeName` field selector, which alone decides enrolment (a small watch, so a new
+//! pod's event arrives without waiting behind the whole cluster's), and every pod
+//! cluster-wide for the workload index (every meshed pod's address and identity). The
+//! snapshot takes this node's pods from the first and all others from the second, so the two
+//! can never disagree about a local pod.
 
 use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Mutex, time::Duration};
 
@@ -46,8 +48,12 @@ pub enum ApiError {
 
 /// The reflector stores, kept current by background tasks until dropped.
 pub struct ApiWatch {
+    node: String,
     namespaces: Store<Namespace>,
+    /// Every pod of the cluster (the workload index).
     pods: Store<Pod>,
+    /// This node's pods (enrolment), field-selected by `spec.nodeName`.
+    local_pods: Store<Pod>,
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
     /// The last version of each namespace that passed validation.
@@ -71,30 +77,49 @@ impl ApiWatch {
     }
 
     /// Starts the watches; `changes` gets a message (coalesced) after every event.
-    pub fn start(client: Client, changes: mpsc::Sender<()>) -> Self {
+    pub fn start(client: Client, node: &str, changes: mpsc::Sender<()>) -> Self {
         let mut tasks = Vec::new();
+        let everything = watcher::Config::default();
         let namespaces = reflect(
             Api::all(client.clone()),
+            everything.clone(),
             trim_metadata::<Namespace>,
             &changes,
             &mut tasks,
         );
-        let pods = reflect(Api::all(client.clone()), trim_pod, &changes, &mut tasks);
+        let pods = reflect(
+            Api::all(client.clone()),
+            everything.clone(),
+            trim_pod,
+            &changes,
+            &mut tasks,
+        );
+        let local_pods = reflect(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            trim_pod,
+            &changes,
+            &mut tasks,
+        );
         let services = reflect(
             Api::all(client.clone()),
+            everything.clone(),
             trim_metadata::<Service>,
             &changes,
             &mut tasks,
         );
         let endpoint_slices = reflect(
             Api::all(client),
+            everything,
             trim_metadata::<EndpointSlice>,
             &changes,
             &mut tasks,
         );
         Self {
+            node: node.to_owned(),
             namespaces,
             pods,
+            local_pods,
             services,
             endpoint_slices,
             last_good_namespaces: Mutex::default(),
@@ -107,6 +132,7 @@ impl ApiWatch {
         let all = async {
             let _ = self.namespaces.wait_until_ready().await;
             let _ = self.pods.wait_until_ready().await;
+            let _ = self.local_pods.wait_until_ready().await;
             let _ = self.services.wait_until_ready().await;
             let _ = self.endpoint_slices.wait_until_ready().await;
         };
@@ -122,6 +148,7 @@ impl ApiWatch {
         [
             ("Namespaces", synced(&self.namespaces)),
             ("Pods", synced(&self.pods)),
+            ("this node's Pods", synced(&self.local_pods)),
             ("Services", synced(&self.services)),
             ("EndpointSlices", synced(&self.endpoint_slices)),
         ]
@@ -157,9 +184,14 @@ impl ApiWatch {
             }
         }
         last_good.retain(|name, _| namespaces.contains_key(name));
+        let mut pods = by_namespaced_name(&self.pods);
+        pods.retain(|_, pod| {
+            pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(self.node.as_str())
+        });
+        pods.extend(by_namespaced_name(&self.local_pods));
         let snapshot = ClusterSnapshot {
             namespaces,
-            pods: by_namespaced_name(&self.pods),
+            pods,
             services: by_namespaced_name(&self.services),
             endpoint_slices: by_namespaced_name(&self.endpoint_slices),
         };
@@ -200,6 +232,7 @@ where
 /// Runs one reflector in the background and returns its store.
 fn reflect<K>(
     api: Api<K>,
+    config: watcher::Config,
     trim: fn(&mut K),
     changes: &mpsc::Sender<()>,
     tasks: &mut Vec<JoinHandle<()>>,
@@ -210,7 +243,7 @@ where
 {
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     let (reader, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
+    let stream = watcher(api, config)
         .default_backoff()
         .modify(trim)
         .reflect(writer);

@@ -36,10 +36,13 @@ impl ClusterSource {
 
     /// Starts the watches and returns once every kind has been listed (the agent must not
     /// report ready, nor remove enrolments, before it knows the whole state).
-    pub async fn api(sync_timeout: Duration) -> Result<(Self, mpsc::Receiver<()>), ApiError> {
+    pub async fn api(
+        node: &str,
+        sync_timeout: Duration,
+    ) -> Result<(Self, mpsc::Receiver<()>), ApiError> {
         let client = ApiWatch::infer_client().await?;
         let (tx, changes) = mpsc::channel(1);
-        let watch = ApiWatch::start(client, tx);
+        let watch = ApiWatch::start(client, node, tx);
         watch.wait_synced(sync_timeout).await?;
         tracing::info!("initial list from the Kubernetes API server complete");
         Ok((Self::Api(watch), changes))

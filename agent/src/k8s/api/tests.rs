@@ -47,14 +47,38 @@ struct Collection {
     log: Vec<(u64, Value)>,
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted_below: u64,
-    watchers: Vec<mpsc::UnboundedSender<WatchMessage>>,
+    watchers: Vec<Watcher>,
+}
+
+/// An open watch, with the node its field selector asks for (if any).
+struct Watcher {
+    node: Option<String>,
+    tx: mpsc::UnboundedSender<WatchMessage>,
+}
+
+/// `spec.nodeName=<node>` of a `fieldSelector` query parameter (URL-encoded).
+fn selected_node(query: &HashMap<String, String>) -> Option<String> {
+    let selector = query.get("fieldSelector")?.replace("%3D", "=");
+    selector.strip_prefix("spec.nodeName=").map(str::to_owned)
+}
+
+/// Whether an object passes a watch's or list's node selector.
+fn on_node(node: Option<&str>, object: &Value) -> bool {
+    node.is_none_or(|node| object["spec"]["nodeName"] == node)
+}
+
+/// The request log's suffix for a node selector.
+fn selector_suffix(node: Option<&str>) -> String {
+    node.map(|n| format!(" spec.nodeName={n}"))
+        .unwrap_or_default()
 }
 
 #[derive(Default)]
 struct State {
     resource_version: u64,
     collections: HashMap<&'static str, Collection>,
-    /// Every request: "LIST <path>" or "WATCH <path> rv=<resourceVersion>".
+    /// Every request: "LIST <path>" or "WATCH <path> rv=<resourceVersion>", each followed
+    /// by " spec.nodeName=<node>" when field-selected.
     requests: Vec<String>,
 }
 
@@ -124,21 +148,29 @@ impl FakeApiServer {
         else {
             return json_response(404, json!({"kind": "Status", "code": 404}));
         };
+        let node = selected_node(&query);
+        let suffix = selector_suffix(node.as_deref());
         if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
             let from: u64 = query
                 .get("resourceVersion")
                 .and_then(|rv| rv.parse().ok())
                 .unwrap_or(current);
-            state.requests.push(format!("WATCH {path} rv={from}"));
+            state
+                .requests
+                .push(format!("WATCH {path} rv={from}{suffix}"));
             let collection = state.collections.get_mut(key).unwrap();
             let (tx, rx) = mpsc::unbounded_channel();
             if from < collection.compacted_below {
                 let _ = tx.send(WatchMessage::Event(gone(from)));
             } else {
-                for (_, event) in collection.log.iter().filter(|(rv, _)| *rv > from) {
+                for (_, event) in collection
+                    .log
+                    .iter()
+                    .filter(|(rv, event)| *rv > from && on_node(node.as_deref(), &event["object"]))
+                {
                     let _ = tx.send(WatchMessage::Event(event.clone()));
                 }
-                collection.watchers.push(tx);
+                collection.watchers.push(Watcher { node, tx });
             }
             let stream = futures_util::stream::unfold(rx, |mut rx| async move {
                 match rx.recv().await {
@@ -156,8 +188,13 @@ impl FakeApiServer {
                 .body(BoxBody::new(StreamBody::new(stream)))
                 .unwrap();
         }
-        state.requests.push(format!("LIST {path}"));
-        let items: Vec<Value> = state.collections[key].objects.values().cloned().collect();
+        state.requests.push(format!("LIST {path}{suffix}"));
+        let items: Vec<Value> = state.collections[key]
+            .objects
+            .values()
+            .filter(|object| on_node(node.as_deref(), object))
+            .cloned()
+            .collect();
         json_response(
             200,
             json!({
@@ -190,9 +227,10 @@ impl FakeApiServer {
         }
         let event = json!({"type": event_type, "object": object});
         collection.log.push((rv, event.clone()));
-        collection
-            .watchers
-            .retain(|w| w.send(WatchMessage::Event(event.clone())).is_ok());
+        collection.watchers.retain(|w| {
+            !on_node(w.node.as_deref(), &object)
+                || w.tx.send(WatchMessage::Event(event.clone())).is_ok()
+        });
     }
 
     fn apply<T: serde::Serialize>(&self, path: &'static str, object: &T) {
@@ -227,7 +265,7 @@ impl FakeApiServer {
         let collection = state.collections.get_mut(path).unwrap();
         collection
             .watchers
-            .retain(|w| w.send(WatchMessage::Event(event.clone())).is_ok());
+            .retain(|w| w.tx.send(WatchMessage::Event(event.clone())).is_ok());
         rv
     }
 
@@ -237,8 +275,8 @@ impl FakeApiServer {
         let rv = state.resource_version;
         let collection = state.collections.get_mut(path).unwrap();
         for watcher in collection.watchers.drain(..) {
-            let _ = watcher.send(WatchMessage::Event(gone(rv)));
-            let _ = watcher.send(WatchMessage::Reset);
+            let _ = watcher.tx.send(WatchMessage::Event(gone(rv)));
+            let _ = watcher.tx.send(WatchMessage::Reset);
         }
     }
 
@@ -246,7 +284,7 @@ impl FakeApiServer {
         let mut state = self.state.lock().unwrap();
         let collection = state.collections.get_mut(path).unwrap();
         for watcher in collection.watchers.drain(..) {
-            let _ = watcher.send(WatchMessage::Reset);
+            let _ = watcher.tx.send(WatchMessage::Reset);
         }
     }
 
@@ -258,6 +296,11 @@ impl FakeApiServer {
             .filter(|r| r.starts_with(prefix))
             .cloned()
             .collect()
+    }
+
+    fn count(&self, request: &str) -> usize {
+        let state = self.state.lock().unwrap();
+        state.requests.iter().filter(|r| *r == request).count()
     }
 }
 
@@ -349,6 +392,18 @@ async fn converge(
     }
 }
 
+/// Polls `done` every 10 ms for 10 s at most.
+async fn eventually(done: impl Fn() -> bool) -> Result<(), ()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 fn pod_names(snapshot: &ClusterSnapshot) -> Vec<&str> {
     snapshot
         .pods
@@ -367,11 +422,19 @@ async fn watchers_converge_through_events_bookmarks_410_gone_and_resets() {
     api.apply(PODS, &pod("a", "node1", "10.0.1.1"));
 
     let (tx, mut changes) = mpsc::channel(1);
-    let watch = ApiWatch::start(api.client(), tx);
+    let watch = ApiWatch::start(api.client(), "node1", tx);
     watch
         .wait_synced(Duration::from_secs(10))
         .await
         .expect("initial list");
+    assert_eq!(
+        (
+            api.count("LIST /api/v1/pods"),
+            api.count("LIST /api/v1/pods spec.nodeName=node1")
+        ),
+        (1, 1),
+        "every pod for the workload index, this node's pods field-selected for enrolment"
+    );
     let (snapshot, errors) = watch.snapshot();
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(pod_names(&snapshot), ["a"]);
@@ -408,7 +471,13 @@ async fn watchers_converge_through_events_bookmarks_410_gone_and_resets() {
         pod_names(s) == ["a", "c"]
     })
     .await;
-    let lists_before = api.requests("LIST /api/v1/pods").len();
+    let lists = || {
+        (
+            api.count("LIST /api/v1/pods"),
+            api.count("LIST /api/v1/pods spec.nodeName=node1"),
+        )
+    };
+    let lists_before = lists();
     let bookmark = api.bookmark(PODS);
     api.reset_watches(PODS);
     api.apply(PODS, &pod("d", "node1", "10.0.1.4"));
@@ -416,26 +485,34 @@ async fn watchers_converge_through_events_bookmarks_410_gone_and_resets() {
         pod_names(s) == ["a", "c", "d"]
     })
     .await;
-    let watches = api.requests("WATCH /api/v1/pods");
+    // Both watches resume from the bookmark (the local one delivered d above; wait for the
+    // cluster-wide one's request too).
+    let resumed = [
+        format!("WATCH /api/v1/pods rv={bookmark}"),
+        format!("WATCH /api/v1/pods rv={bookmark} spec.nodeName=node1"),
+    ];
+    eventually(|| {
+        let watches = api.requests("WATCH /api/v1/pods");
+        resumed.iter().all(|r| watches.contains(r))
+    })
+    .await
+    .unwrap_or_else(|()| panic!("{:?}", api.requests("WATCH /api/v1/pods")));
     assert_eq!(
-        watches.last().cloned(),
-        Some(format!("WATCH /api/v1/pods rv={bookmark}")),
-        "{watches:?}"
-    );
-    assert_eq!(
-        api.requests("LIST /api/v1/pods").len(),
+        lists(),
         lists_before,
-        "a reset resumes the watch without relisting"
+        "a reset resumes the watches without relisting"
     );
 
-    // 410 Gone: the watcher relists, and a deletion it never saw an event for takes effect.
+    // 410 Gone: the watchers relist, and a deletion they never saw an event for takes effect.
     api.delete_unseen_and_compact(PODS, &pod("c", "node1", "10.0.1.3"));
     api.expire_watches(PODS);
     converge(&watch, &mut changes, "relist after 410", |s| {
         pod_names(s) == ["a", "d"]
     })
     .await;
-    assert_eq!(api.requests("LIST /api/v1/pods").len(), lists_before + 1);
+    eventually(|| lists() == (lists_before.0 + 1, lists_before.1 + 1))
+        .await
+        .unwrap_or_else(|()| panic!("both watches relist once: {:?}", lists()));
 
     // A namespace relabelled with an invalid value keeps its last good version.
     api.apply(
@@ -471,14 +548,14 @@ async fn readiness_waits_for_the_initial_list_of_every_kind() {
     drop(unreachable);
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
     let (tx, _changes) = mpsc::channel(1);
-    let watch = ApiWatch::start(client, tx);
+    let watch = ApiWatch::start(client, "node1", tx);
     let error = watch
         .wait_synced(Duration::from_millis(500))
         .await
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("Namespaces, Pods, Services, EndpointSlices"),
+        error.contains("Namespaces, Pods, this node's Pods, Services, EndpointSlices"),
         "{error}"
     );
 }
