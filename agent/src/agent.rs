@@ -156,9 +156,40 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         }
         reconciler.sync().await;
     }
+    if uninstalling(&config).await {
+        tracing::info!(
+            "the agent's DaemonSet is gone: uninstalling, removing everything from the node"
+        );
+        reconciler.enrolments.unenroll_all();
+        crate::datapath::remove_pinned(&config.bpffs)?;
+        return Ok(());
+    }
     // Programs and maps stay pinned: while no agent runs, the fail mode decides.
     tracing::info!("agent stopping; capture stays attached and follows --fail-mode");
     Ok(())
+}
+
+/// Whether this stop is an uninstall: the agent's DaemonSet is gone or being deleted. When
+/// that cannot be known (no --daemonset, API unreachable), the answer is no: removing capture
+/// by mistake would open meshed pods up, keeping it costs nothing.
+async fn uninstalling(config: &AgentConfig) -> bool {
+    let Some(daemonset) = &config.daemonset else {
+        return false;
+    };
+    let client = match crate::k8s::api::ApiWatch::infer_client().await {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::warn!(%error, "cannot tell whether this is an uninstall; keeping capture");
+            return false;
+        }
+    };
+    match crate::k8s::api::daemonset_is_going(client, daemonset).await {
+        Ok(going) => going,
+        Err(error) => {
+            tracing::warn!(%error, %daemonset, "cannot tell whether this is an uninstall; keeping capture");
+            false
+        }
+    }
 }
 
 /// Everything one pass from cluster state to enrolment and identities touches.

@@ -26,6 +26,12 @@ pub struct AgentArgs {
     /// Watch the Kubernetes API server (in-cluster service account, or KUBECONFIG).
     #[arg(long)]
     pub kubernetes: bool,
+    /// `<namespace>/<name>` of the agent's own DaemonSet (with --kubernetes): when the agent
+    /// is stopped while it is gone or being deleted, that is an uninstall, and the agent
+    /// removes everything it put on the node (pinned programs and maps, pods' policy routing).
+    /// Any other stop keeps capture attached (restarts, upgrades, drains).
+    #[arg(long, requires = "kubernetes")]
+    pub daemonset: Option<String>,
     /// How long the initial list from the API server may take before the agent gives up.
     #[arg(long, default_value_t = 60)]
     pub kubernetes_sync_timeout_seconds: u64,
@@ -101,6 +107,8 @@ impl From<FailModeArg> for FailMode {
 pub struct AgentConfig {
     pub node_name: String,
     pub cluster_source: ClusterSourceConfig,
+    /// The agent's DaemonSet, whose deletion makes a stop an uninstall.
+    pub daemonset: Option<String>,
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
     pub fail_mode: FailMode,
@@ -227,6 +235,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             trust_domain: args.trust_domain,
             node_name: args.node_name,
             cluster_source,
+            daemonset: args.daemonset,
             cgroup_root: args.cgroup_root,
             bpffs: args.bpffs,
             fail_mode: args.fail_mode.into(),

@@ -414,6 +414,36 @@ fn fail_closed_refuses_connections_at_once_after_the_agent_is_killed() {
         ],
     );
     assert!(ok, "{summary}");
+
+    // `nodemesh datapath remove` (what an uninstall runs) detaches everything: the meshed
+    // pod connects directly again and no pin is left.
+    let bpffs = tb.bpffs_dir("node1");
+    let removed = std::process::Command::new(tb.nodemesh_bin())
+        .args(["datapath", "remove", "--bpffs"])
+        .arg(&bpffs)
+        .output()
+        .expect("nodemesh datapath remove");
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    assert!(!bpffs.exists(), "{} is gone", bpffs.display());
+    let (summary, ok) = run_client(
+        &tb,
+        "mesh",
+        "client-a",
+        &[
+            "echo-client",
+            "--target",
+            &target,
+            "--bytes",
+            "10",
+            "--connections",
+            "1",
+        ],
+    );
+    assert!(ok, "no capture after datapath remove: {summary}");
 }
 
 #[test]

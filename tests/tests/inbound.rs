@@ -308,3 +308,49 @@ fn mtls_connections_reach_the_application_from_the_client_pods_address() {
         Some(serde_json::json!({"ipv4": true, "ipv6": true}))
     );
 }
+
+/// The pod's policy routing for source preservation, as `ip rule` and the sysctl show it.
+fn pod_routing(pod: &Pod) -> (bool, String) {
+    let rules = Command::new("ip")
+        .args(["netns", "exec", pod.netns(), "ip", "rule", "show"])
+        .output()
+        .expect("ip rule");
+    let accept = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            pod.netns(),
+            "cat",
+            "/proc/sys/net/ipv4/tcp_fwmark_accept",
+        ])
+        .output()
+        .expect("sysctl");
+    (
+        String::from_utf8_lossy(&rules.stdout).contains("lookup 20045"),
+        String::from_utf8_lossy(&accept.stdout).trim().to_owned(),
+    )
+}
+
+#[test]
+fn leaving_the_mesh_removes_the_pods_policy_routing() {
+    let mut mesh = meshed_testbed();
+    let server = mesh.tb.pod("mesh", "server-b").clone();
+    assert_eq!(
+        pod_routing(&server),
+        (true, "1".to_owned()),
+        "set up at enrolment"
+    );
+
+    let labels = BTreeMap::new();
+    mesh.tb
+        .set_namespace_labels("mesh", labels)
+        .expect("unlabel namespace");
+    mesh.tb
+        .wait_pod_enrolled(&server, false)
+        .expect("un-enrolled");
+    assert_eq!(
+        pod_routing(&server),
+        (false, "0".to_owned()),
+        "nothing of the mesh stays in the pod"
+    );
+}

@@ -281,7 +281,7 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
         apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
         policy::v1::PodDisruptionBudget,
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     };
     let mut count = 0;
     let mut kinds = BTreeMap::<String, usize>::new();
@@ -301,9 +301,21 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
             "Namespace" => round_trip::<Namespace>(&value),
             "ServiceAccount" => round_trip::<ServiceAccount>(&value),
             "ConfigMap" => round_trip::<ConfigMap>(&value),
-            "ClusterRole" => round_trip::<ClusterRole>(&value)
-                .and_then(|()| check_cluster_role(&serde_json::from_value(value.clone())?, &name)),
+            "ClusterRole" => round_trip::<ClusterRole>(&value).and_then(|()| {
+                let role: ClusterRole = serde_json::from_value(value.clone())?;
+                let allowed: &[&str] = match name.as_str() {
+                    "nodemesh-agent" => &["get", "list", "watch"],
+                    "nodemesh-ca" => &["create", "get"],
+                    other => bail!("unexpected ClusterRole {other}"),
+                };
+                check_rules(role.rules.as_deref().unwrap_or_default(), &name, allowed)
+            }),
             "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(&value),
+            "Role" => round_trip::<Role>(&value).and_then(|()| {
+                let role: Role = serde_json::from_value(value.clone())?;
+                check_rules(role.rules.as_deref().unwrap_or_default(), &name, &["get"])
+            }),
+            "RoleBinding" => round_trip::<RoleBinding>(&value),
             "Service" => round_trip::<Service>(&value),
             "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(&value),
             "DaemonSet" => round_trip::<DaemonSet>(&value)
@@ -487,17 +499,14 @@ fn check_pod(pod: Option<k8s_openapi::api::core::v1::PodSpec>, name: &str) -> an
     Ok(())
 }
 
-/// Least privilege: the agent only reads; the CA only creates TokenReviews and gets pods.
-fn check_cluster_role(
-    role: &k8s_openapi::api::rbac::v1::ClusterRole,
+/// Least privilege: the agent only reads (and, in its namespace, only gets its DaemonSet);
+/// the CA only creates TokenReviews and gets pods. No wildcards.
+fn check_rules(
+    rules: &[k8s_openapi::api::rbac::v1::PolicyRule],
     name: &str,
+    allowed: &[&str],
 ) -> anyhow::Result<()> {
-    let allowed: &[&str] = match name {
-        "nodemesh-agent" => &["get", "list", "watch"],
-        "nodemesh-ca" => &["create", "get"],
-        other => bail!("unexpected ClusterRole {other}"),
-    };
-    for rule in role.rules.iter().flatten() {
+    for rule in rules {
         if let Some(verb) = rule.verbs.iter().find(|v| !allowed.contains(&v.as_str())) {
             bail!("{name} may not {verb}");
         }

@@ -199,6 +199,16 @@ impl ApiWatch {
     }
 }
 
+/// Whether the DaemonSet `namespace/name` is gone or being deleted: the agent's SIGTERM is
+/// then an uninstall, not a restart or an upgrade.
+pub async fn daemonset_is_going(client: Client, daemonset: &str) -> Result<bool, kube::Error> {
+    let (namespace, name) = daemonset.split_once('/').unwrap_or(("default", daemonset));
+    let found = Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client, namespace)
+        .get_opt(name)
+        .await?;
+    Ok(found.is_none_or(|ds| ds.metadata.deletion_timestamp.is_some()))
+}
+
 /// Whether the store has completed its first list (it then answers `wait_until_ready` at once).
 fn synced<K>(store: &Store<K>) -> bool
 where

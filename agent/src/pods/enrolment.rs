@@ -368,6 +368,14 @@ impl Enrolments {
         Ok(enrolled)
     }
 
+    /// Un-enrols every pod (uninstall): nothing of the mesh stays in any pod.
+    pub fn unenroll_all(&mut self) {
+        let uids: Vec<String> = self.enrolled.keys().cloned().collect();
+        for uid in uids {
+            self.unenroll(&uid);
+        }
+    }
+
     fn unenroll(&mut self, uid: &str) {
         if let Some(enrolled) = self.enrolled.remove(uid) {
             if let Err(error) = self.datapath.unenroll_cgroup(enrolled.view.cgroup_id) {
@@ -375,6 +383,17 @@ impl Enrolments {
             }
             if let Err(error) = self.datapath.release_inbound(uid, &enrolled.pod.ips) {
                 tracing::error!(pod = %enrolled.pod.display_name(), %error, "removing inbound capture failed");
+            }
+            let preserved = enrolled.view.source_preservation;
+            if let (Some(destination), Some(inbound)) = (&enrolled.destination, &self.inbound)
+                && (preserved.ipv4 || preserved.ipv6)
+                && let Err(error) = routing::disable_source_preservation(
+                    &destination.sockets,
+                    inbound.transparent_mark,
+                    preserved.ipv6,
+                )
+            {
+                tracing::warn!(pod = %enrolled.pod.display_name(), %error, "removing the pod's policy routing failed");
             }
             tracing::info!(pod = %enrolled.pod.display_name(), "pod un-enrolled");
         }

@@ -81,14 +81,14 @@ pub fn enable_source_preservation(
         ] {
             std::fs::write(path, "1").map_err(|source| RoutingError::Sysctl { path, source })?;
         }
-        add_family(libc::AF_INET as u8, 4, mark)?;
+        family_entries(libc::AF_INET as u8, 4, mark, Op::Create)?;
         let ipv6 = with_ipv6
             && match std::fs::write("/proc/sys/net/ipv6/fwmark_reflect", "1")
                 .map_err(|source| RoutingError::Sysctl {
                     path: "/proc/sys/net/ipv6/fwmark_reflect",
                     source,
                 })
-                .and_then(|()| add_family(libc::AF_INET6 as u8, 6, mark))
+                .and_then(|()| family_entries(libc::AF_INET6 as u8, 6, mark, Op::Create))
             {
                 Ok(()) => true,
                 Err(error) => {
@@ -100,11 +100,48 @@ pub fn enable_source_preservation(
     })?
 }
 
-fn add_family(family: u8, version: u8, mark: u32) -> Result<(), RoutingError> {
+/// Removes what [`enable_source_preservation`] installed and puts the sysctls back to the
+/// kernel's defaults, so an un-enrolled pod keeps nothing of the mesh. Entries already gone
+/// are fine.
+pub fn disable_source_preservation(
+    sockets: &NetnsSockets,
+    mark: u32,
+    with_ipv6: bool,
+) -> Result<(), RoutingError> {
+    sockets.run_inside(|| {
+        family_entries(libc::AF_INET as u8, 4, mark, Op::Delete)?;
+        let mut sysctls = vec![
+            "/proc/sys/net/ipv4/tcp_fwmark_accept",
+            "/proc/sys/net/ipv4/fwmark_reflect",
+        ];
+        if with_ipv6 {
+            family_entries(libc::AF_INET6 as u8, 6, mark, Op::Delete)?;
+            sysctls.push("/proc/sys/net/ipv6/fwmark_reflect");
+        }
+        for path in sysctls {
+            std::fs::write(path, "0").map_err(|source| RoutingError::Sysctl { path, source })?;
+        }
+        Ok(())
+    })?
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Create,
+    Delete,
+}
+
+/// The rule and the route of one family, created or deleted.
+fn family_entries(family: u8, version: u8, mark: u32, op: Op) -> Result<(), RoutingError> {
+    let (rule_kind, route_kind) = match op {
+        Op::Create => (libc::RTM_NEWRULE, libc::RTM_NEWROUTE),
+        Op::Delete => (libc::RTM_DELRULE, libc::RTM_DELROUTE),
+    };
     // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action, flags.
     let rule = [family, 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL, 0, 0, 0, 0];
-    netlink_create(
-        libc::RTM_NEWRULE,
+    netlink_request(
+        rule_kind,
+        op,
         &rule,
         &[
             (FRA_PRIORITY, RULE_PRIORITY),
@@ -133,8 +170,9 @@ fn add_family(family: u8, version: u8, mark: u32) -> Result<(), RoutingError> {
         0,
         0,
     ];
-    netlink_create(
-        libc::RTM_NEWROUTE,
+    netlink_request(
+        route_kind,
+        op,
         &route,
         &[
             (libc::RTA_TABLE, ROUTE_TABLE),
@@ -148,15 +186,24 @@ fn add_family(family: u8, version: u8, mark: u32) -> Result<(), RoutingError> {
     })
 }
 
-/// Sends one create request (with u32 attributes) on a new NETLINK_ROUTE socket of the current
-/// network namespace and waits for the kernel's answer; "exists already" counts as success.
-fn netlink_create(kind: u16, header: &[u8; 12], attributes: &[(u16, u32)]) -> io::Result<()> {
+/// Sends one create or delete request (with u32 attributes) on a new NETLINK_ROUTE socket of
+/// the current network namespace and waits for the kernel's answer; "exists already" (for a
+/// create) and "does not exist" (for a delete) count as success.
+fn netlink_request(
+    kind: u16,
+    op: Op,
+    header: &[u8; 12],
+    attributes: &[(u16, u32)],
+) -> io::Result<()> {
     const NLMSG_HEADER: usize = 16;
     let length = NLMSG_HEADER + header.len() + attributes.len() * 8;
     let mut message = Vec::with_capacity(length);
     message.extend_from_slice(&(length as u32).to_ne_bytes());
     message.extend_from_slice(&kind.to_ne_bytes());
-    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    let flags = match op {
+        Op::Create => NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        Op::Delete => NLM_F_REQUEST | NLM_F_ACK,
+    };
     message.extend_from_slice(&flags.to_ne_bytes());
     message.extend_from_slice(&1u32.to_ne_bytes()); // sequence number
     message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
@@ -200,7 +247,7 @@ fn netlink_create(kind: u16, header: &[u8; 12], attributes: &[(u16, u32)]) -> io
         if received < 0 {
             return Err(io::Error::last_os_error());
         }
-        parse_ack(&answer[..received as usize])
+        parse_ack(&answer[..received as usize], op)
     })();
     // SAFETY: fd is ours.
     unsafe { libc::close(fd) };
@@ -209,7 +256,7 @@ fn netlink_create(kind: u16, header: &[u8; 12], attributes: &[(u16, u32)]) -> io
 
 /// The kernel's answer to a request with NLM_F_ACK: an NLMSG_ERROR whose code is 0 (done)
 /// or a negative errno.
-fn parse_ack(answer: &[u8]) -> io::Result<()> {
+fn parse_ack(answer: &[u8], op: Op) -> io::Result<()> {
     let malformed = || io::Error::new(io::ErrorKind::InvalidData, "malformed netlink answer");
     let kind = u16::from_ne_bytes(
         answer
@@ -228,9 +275,9 @@ fn parse_ack(answer: &[u8]) -> io::Result<()> {
             .try_into()
             .map_err(|_| malformed())?,
     );
-    match -code {
-        0 | libc::EEXIST => Ok(()),
-        errno => Err(io::Error::from_raw_os_error(errno)),
+    match (-code, op) {
+        (0, _) | (libc::EEXIST, Op::Create) | (libc::ENOENT | libc::ESRCH, Op::Delete) => Ok(()),
+        (errno, _) => Err(io::Error::from_raw_os_error(errno)),
     }
 }
 
@@ -248,10 +295,13 @@ mod tests {
 
     #[test]
     fn acks_and_existing_entries_succeed_other_errors_do_not() {
-        assert!(parse_ack(&ack(0)).is_ok());
-        assert!(parse_ack(&ack(-libc::EEXIST)).is_ok());
-        let error = parse_ack(&ack(-libc::EPERM)).unwrap_err();
+        assert!(parse_ack(&ack(0), Op::Create).is_ok());
+        assert!(parse_ack(&ack(-libc::EEXIST), Op::Create).is_ok());
+        assert!(parse_ack(&ack(-libc::ENOENT), Op::Delete).is_ok());
+        assert!(parse_ack(&ack(-libc::ENOENT), Op::Create).is_err());
+        assert!(parse_ack(&ack(-libc::EEXIST), Op::Delete).is_err());
+        let error = parse_ack(&ack(-libc::EPERM), Op::Create).unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::EPERM));
-        assert!(parse_ack(&[0u8; 8]).is_err(), "truncated");
+        assert!(parse_ack(&[0u8; 8], Op::Create).is_err(), "truncated");
     }
 }

@@ -77,6 +77,8 @@ fn selector_suffix(node: Option<&str>) -> String {
 struct State {
     resource_version: u64,
     collections: HashMap<&'static str, Collection>,
+    /// DaemonSets by `namespace/name`, answered to GETs.
+    daemonsets: BTreeMap<String, Value>,
     /// Every request: "LIST <path>" or "WATCH <path> rv=<resourceVersion>", each followed
     /// by " spec.nodeName=<node>" when field-selected.
     requests: Vec<String>,
@@ -142,6 +144,17 @@ impl FakeApiServer {
             .collect();
         let mut state = self.state.lock().unwrap();
         let current = state.resource_version;
+        if let Some(rest) = path.strip_prefix("/apis/apps/v1/namespaces/") {
+            let key = rest.replacen("/daemonsets/", "/", 1);
+            return match state.daemonsets.get(&key) {
+                Some(daemonset) => json_response(200, daemonset.clone()),
+                None => json_response(
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+            };
+        }
         let Some(key) = [NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES]
             .into_iter()
             .find(|p| *p == path)
@@ -538,6 +551,37 @@ async fn watchers_converge_through_events_bookmarks_410_gone_and_resets() {
     );
     let labels = snapshot.namespaces["shop"].metadata.labels.clone().unwrap();
     assert!(!labels.contains_key("nodemesh.io/peer-authentication"));
+}
+
+#[tokio::test]
+async fn a_stop_is_an_uninstall_only_when_the_daemonset_is_gone_or_being_deleted() {
+    let api = FakeApiServer::start().await;
+    let daemonset = "nodemesh-system/nodemesh-agent";
+    let going = || super::daemonset_is_going(api.client(), daemonset);
+    assert!(going().await.unwrap(), "deleted (background deletion)");
+
+    let mut object = json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "nodemesh-agent", "namespace": "nodemesh-system"},
+        "spec": {"selector": {"matchLabels": {"app": "a"}},
+                 "template": {"metadata": {"labels": {"app": "a"}},
+                              "spec": {"containers": [{"name": "agent", "image": "x"}]}}},
+    });
+    let put = |object: &Value| {
+        api.state
+            .lock()
+            .unwrap()
+            .daemonsets
+            .insert(daemonset.to_owned(), object.clone());
+    };
+    put(&object);
+    assert!(!going().await.unwrap(), "present: a restart or an upgrade");
+    object["metadata"]["deletionTimestamp"] = json!("2026-11-22T23:00:00Z");
+    put(&object);
+    assert!(
+        going().await.unwrap(),
+        "being deleted (foreground deletion)"
+    );
 }
 
 #[tokio::test]
