@@ -2,6 +2,11 @@
 //! on the same testbed, with the same programs. Prints a markdown report; `--write` also
 //! replaces the generated section of docs/benchmarks.md.
 //!
+//! Direct traffic goes from the non-meshed pod `plain/outsider` to servers in non-meshed pods
+//! on the same nodes as the meshed servers (`plain/direct-a` on node1, `plain/direct-b` on
+//! node2): traffic to a meshed pod is captured at the destination too, so only a destination
+//! outside the mesh gives a direct baseline.
+//!
 //! Scenarios (each repeated `--runs` times; the report gives the median and the spread):
 //! - connect()+close() rate from a non-meshed pod vs a meshed pod to a port excluded from
 //!   capture (the hook runs its whole decision but passes: the hook's own cost).
@@ -107,53 +112,66 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         )?;
     }
     let workload = tb.workload_bin().display().to_string();
+    // Meshed servers, and the same servers in non-meshed pods on the same nodes: traffic to a
+    // meshed pod is captured at the destination too (inbound capture), so a direct baseline
+    // needs a destination outside the mesh.
     let server_a = tb.pod("mesh", "server-a").clone();
     let server_b = tb.pod("mesh", "server-b").clone();
-    let mut echo = Command::new(&workload);
-    echo.args([
-        "echo-server",
-        "--ports",
-        &format!("{ECHO_PORT},{EXCLUDED_PORT}"),
-    ]);
-    tb.spawn_in_pod(&server_a, echo)?.detach();
-    let mut http = Command::new(&workload);
-    http.args([
-        "http-server",
-        "--port",
-        &HTTP_PORT.to_string(),
-        "--body-bytes",
-        "1024",
-    ]);
-    tb.spawn_in_pod(&server_b, http)?.detach();
-    let mut bulk_echo = Command::new(&workload);
-    bulk_echo.args(["echo-server", "--ports", &ECHO_PORT.to_string()]);
-    tb.spawn_in_pod(&server_b, bulk_echo)?.detach();
-    tb.wait_listening(&server_b, ECHO_PORT)?;
-    tb.wait_listening(&server_a, ECHO_PORT)?;
-    tb.wait_listening(&server_a, EXCLUDED_PORT)?;
-    tb.wait_listening(&server_b, HTTP_PORT)?;
+    let direct_a = tb.add_pod("node1", nodemesh_testbed::PodSpec::new("plain", "direct-a"))?;
+    let direct_b = tb.add_pod("node2", nodemesh_testbed::PodSpec::new("plain", "direct-b"))?;
+    for pod in [&server_a, &direct_a] {
+        let mut echo = Command::new(&workload);
+        echo.args([
+            "echo-server",
+            "--ports",
+            &format!("{ECHO_PORT},{EXCLUDED_PORT}"),
+        ]);
+        tb.spawn_in_pod(pod, echo)?.detach();
+        tb.wait_listening(pod, ECHO_PORT)?;
+        tb.wait_listening(pod, EXCLUDED_PORT)?;
+    }
+    for pod in [&server_b, &direct_b] {
+        let mut http = Command::new(&workload);
+        http.args([
+            "http-server",
+            "--port",
+            &HTTP_PORT.to_string(),
+            "--body-bytes",
+            "1024",
+        ]);
+        tb.spawn_in_pod(pod, http)?.detach();
+        let mut bulk_echo = Command::new(&workload);
+        bulk_echo.args(["echo-server", "--ports", &ECHO_PORT.to_string()]);
+        tb.spawn_in_pod(pod, bulk_echo)?.detach();
+        tb.wait_listening(pod, ECHO_PORT)?;
+        tb.wait_listening(pod, HTTP_PORT)?;
+    }
 
-    let connect_rate =
-        |tb: &Testbed, from: (&str, &str), port: u16, echo_bytes: u16| -> anyhow::Result<f64> {
-            let target = format!("{}:{port}", server_a.ipv4());
-            let echo_bytes = echo_bytes.to_string();
-            let out = run_json(
-                tb,
-                from,
-                &workload,
-                &[
-                    "connect-loop",
-                    "--target",
-                    &target,
-                    "--count",
-                    &args.connects.to_string(),
-                    "--echo-bytes",
-                    &echo_bytes,
-                ],
-            )?;
-            let per_connect_ns = out["per_connect_ns"].as_f64().context("per_connect_ns")?;
-            Ok(1e9 / per_connect_ns)
-        };
+    let connect_rate = |tb: &Testbed,
+                        from: (&str, &str),
+                        to: &nodemesh_testbed::Pod,
+                        port: u16,
+                        echo_bytes: u16|
+     -> anyhow::Result<f64> {
+        let target = format!("{}:{port}", to.ipv4());
+        let echo_bytes = echo_bytes.to_string();
+        let out = run_json(
+            tb,
+            from,
+            &workload,
+            &[
+                "connect-loop",
+                "--target",
+                &target,
+                "--count",
+                &args.connects.to_string(),
+                "--echo-bytes",
+                &echo_bytes,
+            ],
+        )?;
+        let per_connect_ns = out["per_connect_ns"].as_f64().context("per_connect_ns")?;
+        Ok(1e9 / per_connect_ns)
+    };
     let (mut direct, mut hooked) = (Vec::new(), Vec::new());
     let (mut direct_tx, mut captured_tx) = (Vec::new(), Vec::new());
     let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -168,51 +186,59 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             p99_ms: Vec::new(),
         })
         .collect();
-    let bulk_target = format!("{}:{ECHO_PORT}", server_b.ipv4());
     let bulk_bytes = (args.bulk_mib * 1024 * 1024).to_string();
-    let bulk = |tb: &Testbed, from: (&str, &str)| -> anyhow::Result<f64> {
-        let started = Instant::now();
-        run_json(
-            tb,
-            from,
-            &workload,
-            &[
-                "echo-client",
-                "--target",
-                &bulk_target,
-                "--bytes",
-                &bulk_bytes,
-                "--connections",
-                "1",
-            ],
-        )?;
-        Ok(args.bulk_mib as f64 / started.elapsed().as_secs_f64())
-    };
+    let bulk =
+        |tb: &Testbed, from: (&str, &str), to: &nodemesh_testbed::Pod| -> anyhow::Result<f64> {
+            let bulk_target = format!("{}:{ECHO_PORT}", to.ipv4());
+            let started = Instant::now();
+            run_json(
+                tb,
+                from,
+                &workload,
+                &[
+                    "echo-client",
+                    "--target",
+                    &bulk_target,
+                    "--bytes",
+                    &bulk_bytes,
+                    "--connections",
+                    "1",
+                ],
+            )?;
+            Ok(args.bulk_mib as f64 / started.elapsed().as_secs_f64())
+        };
     for run in 0..args.runs {
         eprintln!("bench run {}/{}", run + 1, args.runs);
-        direct.push(connect_rate(tb, ("plain", "outsider"), ECHO_PORT, 0)?);
-        hooked.push(connect_rate(tb, ("mesh", "client-a"), EXCLUDED_PORT, 0)?);
-        direct_tx.push(connect_rate(tb, ("plain", "outsider"), ECHO_PORT, 64)?);
-        captured_tx.push(connect_rate(tb, ("mesh", "client-a"), ECHO_PORT, 64)?);
+        let outsider = ("plain", "outsider");
+        let client = ("mesh", "client-a");
+        direct.push(connect_rate(tb, outsider, &direct_a, ECHO_PORT, 0)?);
+        hooked.push(connect_rate(tb, client, &direct_a, EXCLUDED_PORT, 0)?);
+        direct_tx.push(connect_rate(tb, outsider, &direct_a, ECHO_PORT, 64)?);
+        captured_tx.push(connect_rate(tb, client, &server_a, ECHO_PORT, 64)?);
 
-        let target = format!("{}:{HTTP_PORT}", server_b.ipv4());
-        let bench = [
-            "http-bench",
-            "--target",
-            &target,
-            "--requests",
-            &args.requests.to_string(),
-            "--concurrency",
-            "1",
-        ];
-        let plain = run_json(tb, ("plain", "outsider"), &workload, &bench)?;
-        let meshed = run_json(tb, ("mesh", "client-a"), &workload, &bench)?;
+        let http_bench = |to: &nodemesh_testbed::Pod| {
+            [
+                "http-bench".to_owned(),
+                "--target".to_owned(),
+                format!("{}:{HTTP_PORT}", to.ipv4()),
+                "--requests".to_owned(),
+                args.requests.to_string(),
+                "--concurrency".to_owned(),
+                "1".to_owned(),
+            ]
+        };
+        let direct_http = http_bench(&direct_b);
+        let meshed_http = http_bench(&server_b);
+        let direct_args: Vec<&str> = direct_http.iter().map(String::as_str).collect();
+        let meshed_args: Vec<&str> = meshed_http.iter().map(String::as_str).collect();
+        let plain = run_json(tb, outsider, &workload, &direct_args)?;
+        let meshed = run_json(tb, client, &workload, &meshed_args)?;
         d50.push(plain["p50_us"].as_f64().context("p50_us")?);
         d99.push(plain["p99_us"].as_f64().context("p99_us")?);
         m50.push(meshed["p50_us"].as_f64().context("p50_us")?);
         m99.push(meshed["p99_us"].as_f64().context("p99_us")?);
-        bulk_direct.push(bulk(tb, ("plain", "outsider"))?);
-        bulk_meshed.push(bulk(tb, ("mesh", "client-a"))?);
+        bulk_direct.push(bulk(tb, outsider, &direct_b)?);
+        bulk_meshed.push(bulk(tb, client, &server_b)?);
         for level in &mut issuance {
             let out = run_json(
                 tb,
@@ -269,9 +295,13 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     ));
     out.push_str("### Hook cost: connect() + close(), same node\n\n| source | connects/s | ratio to direct |\n|---|---:|---:|\n");
     for (name, samples, baseline) in [
-        ("non-meshed pod (direct)", &direct, &direct),
         (
-            "meshed pod, excluded port (hook runs its whole decision, passes)",
+            "non-meshed pod to non-meshed pod (direct)",
+            &direct,
+            &direct,
+        ),
+        (
+            "meshed pod to non-meshed pod, excluded port (hook runs its whole decision, passes)",
             &hooked,
             &direct,
         ),
@@ -285,7 +315,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     }
     out.push_str("\n### Short-lived connections: connect() + 64-byte echo + close(), same node\n\n| source | transactions/s | ratio to direct |\n|---|---:|---:|\n");
     for (name, samples) in [
-        ("non-meshed pod (direct)", &direct_tx),
+        ("non-meshed pod to non-meshed pod (direct)", &direct_tx),
         (
             "meshed pod to meshed pod, captured (HBONE mTLS, same node)",
             &captured_tx,
@@ -300,7 +330,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     }
     out.push_str("\n### 1 KiB keep-alive HTTP/1.1, cross-node, concurrency 1\n\n| path | p50 µs | p99 µs | p50 ratio | p99 ratio |\n|---|---:|---:|---:|---:|\n");
     out.push_str(&format!(
-        "| direct (non-meshed pod) | {:.1} ({}) | {:.1} ({}) | 1.000 | 1.000 |\n",
+        "| direct (non-meshed pods) | {:.1} ({}) | {:.1} ({}) | 1.000 | 1.000 |\n",
         d50.median(),
         d50.spread(),
         d99.median(),
@@ -324,7 +354,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         args.bulk_mib
     ));
     for (name, samples) in [
-        ("direct (non-meshed pod)", &bulk_direct),
+        ("direct (non-meshed pods)", &bulk_direct),
         ("meshed pod to meshed pod: HBONE mTLS", &bulk_meshed),
     ] {
         out.push_str(&format!(
