@@ -59,6 +59,31 @@ fn echo_server(tb: &Testbed, ns: &str, name: &str, ports: &str, first_port: u16)
 }
 
 /// Runs a workload client in a pod; returns its JSON summary and whether it exited 0.
+/// `echo-client` from the pod: `connections` connections each echoing `bytes` bytes.
+fn echo(
+    tb: &Testbed,
+    ns: &str,
+    name: &str,
+    target: &str,
+    bytes: usize,
+    connections: usize,
+) -> (Value, bool) {
+    run_client(
+        tb,
+        ns,
+        name,
+        &[
+            "echo-client",
+            "--target",
+            target,
+            "--bytes",
+            &bytes.to_string(),
+            "--connections",
+            &connections.to_string(),
+        ],
+    )
+}
+
 fn run_client(tb: &Testbed, ns: &str, name: &str, args: &[&str]) -> (Value, bool) {
     let pod = tb.pod(ns, name).clone();
     let output = tb.run_in_pod(&pod, workload(tb, args)).expect("run client");
@@ -137,20 +162,7 @@ fn meshed_pod_traffic_across_nodes_goes_through_the_proxy_byte_exact() {
     echo_server(&tb, "mesh", "server-b", "7000", ECHO_PORT);
     let target = addr(tb.pod("mesh", "server-b").ipv4(), ECHO_PORT);
 
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "client-a",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "1048576",
-            "--connections",
-            "4",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 1048576, 4);
     assert!(ok, "echo through the mesh failed: {summary}");
     assert_eq!(summary["ok"], 4, "{summary}");
 
@@ -181,20 +193,7 @@ fn ipv6_is_captured_and_reports_the_dialled_peer() {
     let target = addr(tb.pod("mesh", "server-b").ipv6(), ECHO_PORT);
 
     // echo-client fails if getpeername() differs from the target.
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "client-a",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "65536",
-            "--connections",
-            "3",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 65536, 3);
     assert!(ok, "{summary}");
     assert_eq!(summary["peer_mismatch"], 0, "{summary}");
     let counters = wait_closed(&tb, "node1", "mesh/client-a", &target, 3);
@@ -208,20 +207,7 @@ fn pods_outside_the_mesh_bypass_the_proxy() {
     echo_server(&tb, "mesh", "server-b", "7000", ECHO_PORT);
     let target = addr(tb.pod("mesh", "server-b").ipv4(), ECHO_PORT);
 
-    let (summary, ok) = run_client(
-        &tb,
-        "plain",
-        "outsider",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "4096",
-            "--connections",
-            "3",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "plain", "outsider", &target, 4096, 3);
     assert!(ok, "{summary}");
     assert_eq!(
         total_opened(&tb, "node1"),
@@ -252,20 +238,7 @@ fn the_proxys_own_connections_are_never_captured_again() {
     // more than one proxied connection per client connection, or as a failure.
     echo_server(&tb, "mesh", "server-a", "7000", ECHO_PORT);
     let target = addr(tb.pod("mesh", "server-a").ipv4(), ECHO_PORT);
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "client-a",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "1000",
-            "--connections",
-            "1",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 1000, 1);
     assert!(ok, "{summary}");
     wait_closed(&tb, "node1", "mesh/client-a", &target, 1);
     assert_eq!(
@@ -321,20 +294,7 @@ fn fail_open_lets_connections_through_after_the_agent_is_killed() {
     tb.kill_agent("node1", Signal::SIGKILL).expect("kill -9");
 
     let started = Instant::now();
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "client-a",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "4096",
-            "--connections",
-            "2",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 4096, 2);
     assert!(
         ok,
         "fail-open must pass traffic through untouched: {summary}"
@@ -352,20 +312,7 @@ fn fail_closed_refuses_connections_at_once_after_the_agent_is_killed() {
     start_agents(&tb, &options);
     echo_server(&tb, "mesh", "server-b", "7000", ECHO_PORT);
     let target = addr(tb.pod("mesh", "server-b").ipv4(), ECHO_PORT);
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "client-a",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "10",
-            "--connections",
-            "1",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 10, 1);
     assert!(
         ok,
         "with the agent running, fail-closed captures normally: {summary}"
@@ -373,20 +320,7 @@ fn fail_closed_refuses_connections_at_once_after_the_agent_is_killed() {
 
     tb.kill_agent("node1", Signal::SIGKILL).expect("kill -9");
     let started = Instant::now();
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "client-a",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "10",
-            "--connections",
-            "1",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 10, 1);
     assert!(!ok, "fail-closed must refuse: {summary}");
     assert!(
         summary.to_string().contains("Operation not permitted"),
@@ -399,20 +333,7 @@ fn fail_closed_refuses_connections_at_once_after_the_agent_is_killed() {
     );
 
     // A pod outside the mesh is not affected by the fail mode.
-    let (summary, ok) = run_client(
-        &tb,
-        "plain",
-        "outsider",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "10",
-            "--connections",
-            "1",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "plain", "outsider", &target, 10, 1);
     assert!(ok, "{summary}");
 
     // `nodemesh datapath remove` (what an uninstall runs) detaches everything: the meshed
@@ -429,20 +350,7 @@ fn fail_closed_refuses_connections_at_once_after_the_agent_is_killed() {
         String::from_utf8_lossy(&removed.stderr)
     );
     assert!(!bpffs.exists(), "{} is gone", bpffs.display());
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "client-a",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "10",
-            "--connections",
-            "1",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 10, 1);
     assert!(ok, "no capture after datapath remove: {summary}");
 }
 
@@ -472,20 +380,7 @@ fn removing_the_namespace_label_unenrols_within_a_second() {
         started.elapsed()
     );
 
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "client-a",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "100",
-            "--connections",
-            "2",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 100, 2);
     assert!(ok, "{summary}");
     assert_eq!(
         total_opened(&tb, "node1"),
@@ -509,20 +404,7 @@ fn a_pod_label_opts_one_pod_out_and_new_pods_are_enrolled() {
     )
     .expect("label pod");
     tb.wait_pod_enrolled(&client, false).expect("opted out");
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "client-a",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "100",
-            "--connections",
-            "1",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 100, 1);
     assert!(ok, "{summary}");
     assert_eq!(
         total_opened(&tb, "node1"),
@@ -539,20 +421,7 @@ fn a_pod_label_opts_one_pod_out_and_new_pods_are_enrolled() {
         .expect("add pod");
     tb.wait_pod_enrolled(&newcomer, true)
         .expect("new pod enrolled");
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "newcomer",
-        &[
-            "echo-client",
-            "--target",
-            &target,
-            "--bytes",
-            "100",
-            "--connections",
-            "1",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "newcomer", &target, 100, 1);
     assert!(ok, "{summary}");
     wait_closed(&tb, "node1", "mesh/newcomer", &target, 1);
 }
@@ -576,20 +445,7 @@ fn excluded_ports_and_cidrs_are_not_captured() {
     let server_a = tb.pod("mesh", "server-a").ipv4().to_string();
 
     for target in [addr(&server_a, 7001), addr(&server_b, 7000)] {
-        let (summary, ok) = run_client(
-            &tb,
-            "mesh",
-            "client-a",
-            &[
-                "echo-client",
-                "--target",
-                &target,
-                "--bytes",
-                "100",
-                "--connections",
-                "1",
-            ],
-        );
+        let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 100, 1);
         assert!(ok, "{target}: {summary}");
     }
     assert_eq!(
@@ -599,20 +455,7 @@ fn excluded_ports_and_cidrs_are_not_captured() {
         proxied(&tb, "node1")
     );
     let captured = addr(&server_a, 7000);
-    let (summary, ok) = run_client(
-        &tb,
-        "mesh",
-        "client-a",
-        &[
-            "echo-client",
-            "--target",
-            &captured,
-            "--bytes",
-            "100",
-            "--connections",
-            "1",
-        ],
-    );
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &captured, 100, 1);
     assert!(ok, "{summary}");
     wait_closed(&tb, "node1", "mesh/client-a", &captured, 1);
 }
