@@ -30,7 +30,7 @@ pub struct MapOccupancy {
 }
 
 fn delivery_key(source: SocketAddr) -> DeliveryKey {
-    let InboundKey { addr, family, .. } = inbound_key(source.ip());
+    let (addr, family) = address_words(source.ip());
     DeliveryKey {
         addr,
         port: source.port(),
@@ -39,21 +39,24 @@ fn delivery_key(source: SocketAddr) -> DeliveryKey {
 }
 
 /// The key of a pod address in the inbound maps.
-pub fn inbound_key(addr: IpAddr) -> InboundKey {
-    match addr {
-        IpAddr::V4(v4) => InboundKey {
-            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-            family: FAMILY_V4,
-            _pad: 0,
-        },
+pub fn inbound_key(ip: IpAddr) -> InboundKey {
+    let (addr, family) = address_words(ip);
+    InboundKey {
+        addr,
+        family,
+        _pad: 0,
+    }
+}
+
+/// An address as the kernel hands it to programs (see agent-common's crate docs): IPv4 in
+/// the first word, network byte order; IPv6 as four network-order words; and its family tag.
+pub fn address_words(ip: IpAddr) -> ([u32; 4], u16) {
+    match ip {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
         IpAddr::V6(v6) => {
             let o = v6.octets();
             let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            InboundKey {
-                addr: [word(0), word(4), word(8), word(12)],
-                family: FAMILY_V6,
-                _pad: 0,
-            }
+            ([word(0), word(4), word(8), word(12)], FAMILY_V6)
         }
     }
 }
@@ -76,6 +79,17 @@ where
 {
     let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
     T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+/// A removal that found nothing to remove is done too.
+fn removed(
+    result: Result<(), aya::maps::MapError>,
+    map: &'static str,
+) -> Result<(), DatapathError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(DatapathError::Map { map, source }),
+    }
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -173,13 +187,10 @@ impl DatapathMaps {
     }
 
     pub(super) fn unenroll(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
-        match self.enrolled.remove(&cgroup_id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DatapathError::Map {
-                map: map_names::ENROLLED_CGROUPS,
-                source,
-            }),
-        }
+        removed(
+            self.enrolled.remove(&cgroup_id),
+            map_names::ENROLLED_CGROUPS,
+        )
     }
 
     pub(super) fn enrolled_cgroups(&self) -> Result<Vec<u64>, DatapathError> {
@@ -221,22 +232,11 @@ impl DatapathMaps {
     }
 
     pub(super) fn remove_inbound(&mut self, key: &InboundKey) -> Result<(), DatapathError> {
-        match self.inbound_pods.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(DatapathError::Map {
-                    map: map_names::INBOUND_PODS,
-                    source,
-                });
-            }
-        }
-        match self.inbound_listeners.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DatapathError::Map {
-                map: map_names::INBOUND_LISTENERS,
-                source,
-            }),
-        }
+        removed(self.inbound_pods.remove(key), map_names::INBOUND_PODS)?;
+        removed(
+            self.inbound_listeners.remove(key),
+            map_names::INBOUND_LISTENERS,
+        )
     }
 
     pub(super) fn add_delivery(&mut self, source: SocketAddr) -> Result<(), DatapathError> {

@@ -15,7 +15,7 @@ use std::{
 use aya::{Ebpf, EbpfLoader};
 use nodemesh_common::{ConnectionKey, InboundPod, OriginalDst};
 
-pub use self::maps::{MapOccupancy, inbound_key};
+pub use self::maps::{MapOccupancy, address_words, inbound_key};
 use crate::config::AgentConfig;
 
 /// The compiled programs, built by build.rs from agent-ebpf.

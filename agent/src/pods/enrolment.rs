@@ -273,7 +273,6 @@ impl Enrolments {
                 ))
             })
             .collect();
-        let mut inbound_capture = false;
         let mut inbound_side = None;
         let mut source_preservation = SourcePreservation::default();
         if let (Some(inbound), Some(identity)) = (&self.inbound, identity) {
@@ -330,7 +329,6 @@ impl Enrolments {
                 inbound_pod(pod.peer_authentication),
                 &by_address,
             )?;
-            inbound_capture = true;
             inbound_side = Some(Arc::clone(&destination));
             let plaintext = std::iter::once((v4, plaintext_v4))
                 .chain(plaintext_v6.map(|listener| (v6, listener)));
@@ -357,7 +355,7 @@ impl Enrolments {
                 netns_cookie,
                 listeners: addrs,
                 peer_authentication: pod.peer_authentication,
-                inbound_capture,
+                inbound_capture: inbound_side.is_some(),
                 source_preservation,
             },
             destination: inbound_side,

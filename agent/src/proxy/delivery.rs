@@ -13,10 +13,13 @@ use std::{
     os::fd::AsRawFd,
 };
 
-use socket2::{Domain, Socket};
-use tokio::net::{TcpSocket, TcpStream};
+use socket2::Socket;
+use tokio::net::TcpStream;
 
-use super::inbound::{DestinationPod, InboundContext};
+use super::{
+    dial::{connect_within, pod_socket},
+    inbound::{DestinationPod, InboundContext},
+};
 
 /// Connects to `target` (an address of the pod), from `client` when given and possible.
 /// Returns the stream and whether the client's address was kept.
@@ -64,15 +67,7 @@ async fn connect_transparent(
 }
 
 fn new_socket(pod: &DestinationPod, mark: u32, target: SocketAddr) -> io::Result<Socket> {
-    let domain = if target.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket = pod.sockets.tcp_socket(domain).map_err(io::Error::other)?;
-    socket.set_mark(mark)?;
-    socket.set_tcp_nodelay(true)?;
-    Ok(socket)
+    pod_socket(&pod.sockets, target, mark).map_err(io::Error::other)
 }
 
 async fn connect(
@@ -80,8 +75,7 @@ async fn connect(
     target: SocketAddr,
     ctx: &InboundContext,
 ) -> io::Result<TcpStream> {
-    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    tokio::time::timeout(ctx.connect_timeout, socket.connect(target))
+    connect_within(socket, target, ctx.connect_timeout)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }

@@ -1,7 +1,8 @@
 //! HBONE client: a captured connection to a meshed pod travels as an HTTP/2 CONNECT stream
 //! (`:authority` = original `ip:port`) inside mutual TLS to the destination pod's HBONE
 //! listener (port 15008), as Istio ambient defines it. Streams share pooled connections per
-//! (source identity, destination HBONE address), renewed when the source certificate is.
+//! (source pod, source identity, destination HBONE address), renewed when the source
+//! certificate is.
 
 use std::{
     collections::HashMap,
@@ -17,11 +18,12 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
-use socket2::Domain;
-use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 
-use super::outbound::SourcePod;
+use super::{
+    dial::{connect_within, pod_socket},
+    outbound::SourcePod,
+};
 use crate::{
     identity::{
         manager::{IdentityManager, WorkloadCertificate},
@@ -176,20 +178,11 @@ impl HboneClient {
         mark: u32,
         timeout: Duration,
     ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
-        let domain = if addr.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        };
-        let socket = source.sockets.tcp_socket(domain)?;
-        let io_error = |source| HboneError::Connect { addr, source };
-        socket.set_mark(mark).map_err(io_error)?;
-        socket.set_tcp_nodelay(true).map_err(io_error)?;
-        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-        let tcp = tokio::time::timeout(timeout, socket.connect(addr))
+        let socket = pod_socket(&source.sockets, addr, mark)?;
+        let tcp = connect_within(socket, addr, timeout)
             .await
             .map_err(|_| HboneError::Timeout { addr, timeout })?
-            .map_err(io_error)?;
+            .map_err(|source| HboneError::Connect { addr, source })?;
         let (chain, key) = certificate.tls_material()?;
         let config =
             tls::hbone_client_config(chain, key, Arc::clone(&self.roots), destination.clone())?;

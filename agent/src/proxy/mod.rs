@@ -3,6 +3,7 @@
 
 mod counting;
 mod delivery;
+mod dial;
 pub mod hbone;
 pub mod inbound;
 mod listener;

@@ -11,16 +11,17 @@ use std::{
 };
 
 use nodemesh_common::{ConnectionKey, FAMILY_V4, OriginalDst};
-use socket2::Domain;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 use super::{
+    delivery::canonical,
+    dial::{connect_within, pod_socket},
     hbone::HboneClient,
     listener::accept_loop,
     relay::{relay, reset},
 };
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, address_words},
     identity::spiffe::SpiffeId,
     pods::netns::{NetnsError, NetnsSockets},
     state::{
@@ -174,20 +175,8 @@ async fn connect_upstream(
     ctx: &OutboundContext,
     destination: SocketAddr,
 ) -> Result<TcpStream, OutboundError> {
-    let domain = if destination.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let socket = pod.sockets.tcp_socket(domain)?;
-    socket
-        .set_mark(ctx.proxy_mark)
-        .map_err(|e| OutboundError::Connect(destination, e))?;
-    socket
-        .set_tcp_nodelay(true)
-        .map_err(|e| OutboundError::Connect(destination, e))?;
-    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    match tokio::time::timeout(ctx.connect_timeout, socket.connect(destination)).await {
+    let socket = pod_socket(&pod.sockets, destination, ctx.proxy_mark)?;
+    match connect_within(socket, destination, ctx.connect_timeout).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(error)) => Err(OutboundError::Connect(destination, error)),
         Err(_) => Err(OutboundError::ConnectTimeout(
@@ -197,15 +186,10 @@ async fn connect_upstream(
     }
 }
 
-/// The key under which sock_ops published the connection whose client end is `peer`.
+/// The key under which sock_ops published the connection whose client end is `peer`
+/// (v4-mapped peers are keyed as IPv4, as the kernel keys them).
 pub fn connection_key(netns_cookie: u64, peer: SocketAddr) -> ConnectionKey {
-    let (addr, family) = match peer.ip() {
-        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
-            None => (words(&v6), nodemesh_common::FAMILY_V6),
-        },
-    };
+    let (addr, family) = address_words(canonical(peer.ip()));
     ConnectionKey {
         netns_cookie,
         addr,
@@ -213,13 +197,6 @@ pub fn connection_key(netns_cookie: u64, peer: SocketAddr) -> ConnectionKey {
         family,
         _pad: 0,
     }
-}
-
-fn words(v6: &Ipv6Addr) -> [u32; 4] {
-    let o = v6.octets();
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
-    })
 }
 
 /// The original destination as a socket address.
@@ -254,7 +231,7 @@ mod tests {
 
         let v6 = OriginalDst {
             netns_cookie: 1,
-            addr: words(&"fd77:2::10".parse().unwrap()),
+            addr: address_words("fd77:2::10".parse().unwrap()).0,
             port: 80,
             family: nodemesh_common::FAMILY_V6,
             _pad: 0,
