@@ -19,7 +19,8 @@ use crate::{
     datapath::Datapath,
     identity::manager::{IdentityManager, IdentityView},
     pods::enrolment::{EnrolledPodView, PendingPodView},
-    state::services::ServicePortView,
+    proxy::http::balance::{Balancer, EndpointView},
+    state::{authorization::PolicyView, routes::RouteView, services::ServicePortView},
     telemetry::connections::ConnectionStats,
 };
 
@@ -32,6 +33,9 @@ pub struct AdminState {
     pub pending: RwLock<Vec<PendingPodView>>,
     pub config_errors: RwLock<Vec<String>>,
     pub services: RwLock<Vec<ServicePortView>>,
+    pub routes: RwLock<Vec<RouteView>>,
+    pub policies: RwLock<Vec<PolicyView>>,
+    pub balancer: Arc<Balancer>,
     pub identities: Option<Arc<IdentityManager>>,
     pub stats: Arc<ConnectionStats>,
     pub datapath: Arc<Datapath>,
@@ -48,6 +52,12 @@ struct ConfigDump<'a> {
     config_errors: Vec<String>,
     /// Service virtual addresses the proxy resolves, with their ready endpoints.
     services: Vec<ServicePortView>,
+    /// HTTPRoutes in force (the last good version of a rejected one).
+    http_routes: Vec<RouteView>,
+    /// Endpoints the L7 proxy has sent requests to: latency estimate, load, ejection.
+    http_endpoints: Vec<EndpointView>,
+    /// AuthorizationPolicies in force and the local pods each selects.
+    authorization_policies: Vec<PolicyView>,
     /// Workload certificates held by this node; null when the agent runs without a CA.
     identities: Option<Vec<IdentityView>>,
     datapath_maps: crate::datapath::MapOccupancy,
@@ -112,12 +122,16 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             pending_pods: read(&state.pending),
             config_errors: read(&state.config_errors),
             services: read(&state.services),
+            http_routes: read(&state.routes),
+            http_endpoints: state.balancer.views(),
+            authorization_policies: read(&state.policies),
             identities: state.identities.as_ref().map(|m| m.views()),
             datapath_maps: state.datapath.occupancy(),
         }),
         "/stats" => json(&serde_json::json!({
             "connections": state.stats.snapshot(),
             "inbound_plaintext": state.stats.plaintext(),
+            "protocol_detection": state.stats.detection(),
         })),
         _ => text(
             StatusCode::NOT_FOUND,

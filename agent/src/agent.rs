@@ -24,9 +24,18 @@ use crate::{
     k8s::source::ClusterSource,
     pods::enrolment::EnrolledPodView,
     pods::{cgroup, enrolment::Enrolments},
-    proxy::{hbone::HboneClient, inbound::InboundContext, outbound::OutboundContext, plaintext},
+    proxy::{
+        hbone::HboneClient,
+        http::{HttpProxy, balance::Balancer},
+        inbound::InboundContext,
+        outbound::OutboundContext,
+        plaintext,
+    },
     state::membership,
-    state::{services::ServiceIndex, workloads::WorkloadIndex},
+    state::{
+        authorization::AuthorizationIndex, routes::RouteTable, services::ServiceIndex,
+        workloads::WorkloadIndex,
+    },
     telemetry::connections::ConnectionStats,
 };
 
@@ -67,6 +76,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         }
     };
     let (identities, roots) = identities.unzip();
+    let balancer = Arc::new(Balancer::default());
     let admin_state = Arc::new(AdminState {
         node_name: config.node_name.clone(),
         fail_mode: match config.fail_mode {
@@ -78,6 +88,9 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         pending: RwLock::default(),
         config_errors: RwLock::default(),
         services: RwLock::default(),
+        routes: RwLock::default(),
+        policies: RwLock::default(),
+        balancer: Arc::clone(&balancer),
         identities: identities.clone(),
         stats: Arc::clone(&stats),
         datapath: Arc::clone(&datapath),
@@ -97,6 +110,8 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             .map(|(identities, roots)| Arc::new(HboneClient::new(identities, roots))),
         workloads: RwLock::default(),
         services: RwLock::default(),
+        routes: RwLock::default(),
+        http: HttpProxy::new(config.protocol_detection_timeout, balancer),
     });
     let inbound = mesh_tls.map(|(identities, roots)| {
         Arc::new(InboundContext {
@@ -109,6 +124,8 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             connect_timeout: config.connect_timeout,
             datapath: Arc::clone(&datapath),
             node_addresses: plaintext::node_addresses(),
+            authorization: RwLock::default(),
+            detect_wait: config.protocol_detection_timeout,
         })
     });
     let mut enrolments = Enrolments::new(
@@ -117,7 +134,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         config.proxy_mark,
         config.trust_domain.clone(),
         Arc::clone(&outbound),
-        inbound,
+        inbound.clone(),
     );
     let (mut cluster, mut changes) = match &config.cluster_source {
         ClusterSourceConfig::Manifests(dir) => ClusterSource::manifests(dir)?,
@@ -133,6 +150,8 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         admin: &admin_state,
         identities: identities.as_deref(),
         outbound: &outbound,
+        inbound: inbound.as_deref(),
+        authorization: Arc::default(),
     };
     reconciler.sync().await;
     reconciler.enrolments.remove_stale_map_entries()?;
@@ -200,6 +219,10 @@ struct Reconciler<'a> {
     admin: &'a AdminState,
     identities: Option<&'a IdentityManager>,
     outbound: &'a OutboundContext,
+    /// Present when the node holds identities (the HBONE server enforces policies).
+    inbound: Option<&'a InboundContext>,
+    /// The last index built, whose good policies survive a bad update.
+    authorization: Arc<AuthorizationIndex>,
 }
 
 impl Reconciler<'_> {
@@ -224,7 +247,52 @@ impl Reconciler<'_> {
                 .unwrap_or_else(|p| p.into_inner());
             *services = Arc::new(ServiceIndex::build(&snapshot).continuing(&services));
             publish(self.admin.services.write(), services.views());
+            // Balancer state and idle connections of endpoints that are gone.
+            let live = services.all_endpoints();
+            let http = &self.outbound.http;
+            http.balancer.retain(|endpoint| live.contains(endpoint));
+            http.upstreams.retain(|endpoint| live.contains(endpoint));
         }
+        let route_errors = {
+            let mut routes = self
+                .outbound
+                .routes
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            let (table, route_errors) = RouteTable::build(&snapshot.http_routes, &routes);
+            *routes = Arc::new(table);
+            publish(self.admin.routes.write(), routes.views());
+            route_errors
+        };
+        for error in &route_errors {
+            tracing::warn!(%error, "HTTPRoute rejected; its last good version keeps serving");
+        }
+        let local_pods = snapshot.pods.values().filter(|pod| {
+            pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                == Some(self.config.node_name.as_str())
+        });
+        let (authorization, policy_errors) = AuthorizationIndex::build(
+            &snapshot.authorization_policies,
+            local_pods,
+            &self.authorization,
+        );
+        for error in &policy_errors {
+            tracing::warn!(%error, "AuthorizationPolicy rejected; its last good version keeps applying");
+        }
+        let authorization = Arc::new(authorization);
+        publish(self.admin.policies.write(), authorization.views());
+        if let Some(inbound) = self.inbound {
+            *inbound
+                .authorization
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = Arc::clone(&authorization);
+        }
+        self.authorization = authorization;
+        let errors: Vec<String> = errors
+            .into_iter()
+            .chain(route_errors.iter().map(ToString::to_string))
+            .chain(policy_errors.iter().map(ToString::to_string))
+            .collect();
         let desired = membership::local_meshed_pods(&snapshot, &self.config.node_name);
         self.enrolments.reconcile(&desired).await;
         let enrolled = self.enrolments.enrolled_views();

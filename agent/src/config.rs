@@ -68,6 +68,11 @@ pub struct AgentArgs {
     /// How long the proxy waits for an upstream TCP handshake, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
+    /// How long the proxy waits for the first bytes of a connection to a Service port without
+    /// an HTTP `appProtocol` before treating it as opaque TCP, in milliseconds. It is the most
+    /// a server-speaks-first protocol's first bytes are delayed.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub protocol_detection_timeout_ms: u64,
     /// Address of the nodemesh CA as `host:port` (a DNS name is resolved at each request);
     /// without it the agent holds no workload certificates.
     #[arg(long)]
@@ -119,6 +124,7 @@ pub struct AgentConfig {
     pub proxy_mark: u32,
     pub transparent_mark: u32,
     pub connect_timeout: Duration,
+    pub protocol_detection_timeout: Duration,
     pub identity: Option<IdentityConfig>,
     pub trust_domain: String,
 }
@@ -246,6 +252,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             proxy_mark: args.proxy_mark,
             transparent_mark: args.transparent_mark,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+            protocol_detection_timeout: Duration::from_millis(args.protocol_detection_timeout_ms),
         })
     }
 }

@@ -80,7 +80,13 @@ impl Testbed {
     /// Starts the workload's HTTP server on `port` in `pod` and waits until it listens.
     pub fn start_http_server(&self, pod: &crate::Pod, port: u16) -> Result<()> {
         let mut http = std::process::Command::new(self.workload_bin());
-        http.args(["http-server", "--port", &port.to_string()]);
+        http.args([
+            "http-server",
+            "--port",
+            &port.to_string(),
+            "--name",
+            pod.name(),
+        ]);
         self.spawn_in_pod(pod, http)?.detach();
         self.wait_listening(pod, port)
     }

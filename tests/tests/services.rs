@@ -1,7 +1,8 @@
 //! Service resolution on the testbed: a meshed pod dials a Service's ClusterIP (there is no
 //! kube-proxy here, so nothing else could answer it), the connect hook captures it before
 //! any translation, and the node proxy picks a ready endpoint from the EndpointSlice and
-//! carries the connection there over HBONE. Needs root.
+//! carries the connection there over HBONE. The Service port is declared `appProtocol: tcp`,
+//! so connections are relayed at L4 (tests/l7.rs covers HTTP per request). Needs root.
 
 use std::process::Command;
 
@@ -28,7 +29,13 @@ fn meshed_testbed() -> (Testbed, MeshCa) {
 
 /// Writes the Service and its EndpointSlice (server-a on node1, server-b on node2).
 fn apply_service(tb: &Testbed, server_b_terminating: bool) {
-    let service = cluster_state::service_object("mesh", "web", CLUSTER_IP, SERVICE_PORT, "http");
+    let mut service =
+        cluster_state::service_object("mesh", "web", CLUSTER_IP, SERVICE_PORT, "http");
+    // appProtocol tcp: this file tests L4 Service resolution (an endpoint per connection,
+    // round-robin); per-request HTTP balancing is tests/l7.rs's.
+    if let Some(ports) = service.spec.as_mut().and_then(|s| s.ports.as_mut()) {
+        ports[0].app_protocol = Some("tcp".into());
+    }
     tb.apply_object("service-mesh-web.yaml", &service)
         .expect("service");
     let a = tb.pod("mesh", "server-a").clone();

@@ -283,6 +283,7 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
         policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     };
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let mut count = 0;
     let mut kinds = BTreeMap::<String, usize>::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -316,6 +317,7 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
                 check_rules(role.rules.as_deref().unwrap_or_default(), &name, &["get"])
             }),
             "RoleBinding" => round_trip::<RoleBinding>(&value),
+            "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(&value),
             "Service" => round_trip::<Service>(&value),
             "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(&value),
             "DaemonSet" => round_trip::<DaemonSet>(&value)

@@ -1,5 +1,9 @@
 //! Cluster state from the Kubernetes API server: one kube-rs reflector per kind (Namespaces,
-//! Pods, Services, EndpointSlices), each a list followed by a watch.
+//! Pods, Services, EndpointSlices, Gateway API HTTPRoutes, nodemesh AuthorizationPolicies),
+//! each a list followed by a watch. HTTPRoutes are not part of the initial sync: a cluster
+//! without the Gateway API CRDs has no routes, and the mesh must not wait for them (their
+//! watch retries with backoff and logs). AuthorizationPolicies are: an agent that served
+//! before knowing them would allow what a policy denies (the chart installs their CRD).
 //!
 //! The list/watch protocol is kube-rs's watcher: it lists, then watches from the list's
 //! resourceVersion with bookmarks on, resumes from the last resourceVersion (or bookmark)
@@ -34,7 +38,7 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::snapshot::ClusterSnapshot;
-use crate::state::membership;
+use crate::state::{authorization::AuthorizationPolicyObject, membership, routes::HttpRouteObject};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -56,6 +60,8 @@ pub struct ApiWatch {
     local_pods: Store<Pod>,
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
+    http_routes: Store<HttpRouteObject>,
+    authorization_policies: Store<AuthorizationPolicyObject>,
     /// The last version of each namespace that passed validation.
     last_good_namespaces: Mutex<BTreeMap<String, Namespace>>,
     tasks: Vec<JoinHandle<()>>,
@@ -109,9 +115,23 @@ impl ApiWatch {
             &mut tasks,
         );
         let endpoint_slices = reflect(
+            Api::all(client.clone()),
+            everything.clone(),
+            trim_metadata::<EndpointSlice>,
+            &changes,
+            &mut tasks,
+        );
+        let http_routes = reflect(
+            Api::all(client.clone()),
+            everything.clone(),
+            trim_metadata::<HttpRouteObject>,
+            &changes,
+            &mut tasks,
+        );
+        let authorization_policies = reflect(
             Api::all(client),
             everything,
-            trim_metadata::<EndpointSlice>,
+            trim_metadata::<AuthorizationPolicyObject>,
             &changes,
             &mut tasks,
         );
@@ -122,6 +142,8 @@ impl ApiWatch {
             local_pods,
             services,
             endpoint_slices,
+            http_routes,
+            authorization_policies,
             last_good_namespaces: Mutex::default(),
             tasks,
         }
@@ -135,6 +157,7 @@ impl ApiWatch {
             let _ = self.local_pods.wait_until_ready().await;
             let _ = self.services.wait_until_ready().await;
             let _ = self.endpoint_slices.wait_until_ready().await;
+            let _ = self.authorization_policies.wait_until_ready().await;
         };
         tokio::time::timeout(timeout, all)
             .await
@@ -151,6 +174,10 @@ impl ApiWatch {
             ("this node's Pods", synced(&self.local_pods)),
             ("Services", synced(&self.services)),
             ("EndpointSlices", synced(&self.endpoint_slices)),
+            (
+                "AuthorizationPolicies",
+                synced(&self.authorization_policies),
+            ),
         ]
         .into_iter()
         .filter(|(_, synced)| !synced)
@@ -194,6 +221,8 @@ impl ApiWatch {
             pods,
             services: by_namespaced_name(&self.services),
             endpoint_slices: by_namespaced_name(&self.endpoint_slices),
+            http_routes: by_namespaced_name(&self.http_routes),
+            authorization_policies: by_namespaced_name(&self.authorization_policies),
         };
         (snapshot, errors)
     }
@@ -273,6 +302,57 @@ where
         }
     }));
     reader
+}
+
+/// HTTPRoute (gateway.networking.k8s.io/v1) as kube-rs sees it; its spec is converted by
+/// `state::routes`, which reports what is wrong with it.
+impl Resource for HttpRouteObject {
+    type DynamicType = ();
+    type Scope = kube::core::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "HTTPRoute".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "gateway.networking.k8s.io".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "httproutes".into()
+    }
+    fn meta(&self) -> &kube::core::ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut kube::core::ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// AuthorizationPolicy (nodemesh.io/v1alpha1), converted by `state::authorization`.
+impl Resource for AuthorizationPolicyObject {
+    type DynamicType = ();
+    type Scope = kube::core::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "AuthorizationPolicy".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "nodemesh.io".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1alpha1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "authorizationpolicies".into()
+    }
+    fn meta(&self) -> &kube::core::ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut kube::core::ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 fn trim_metadata<K: Resource>(object: &mut K) {

@@ -1,8 +1,8 @@
 //! Cluster state from a directory of Kubernetes YAML manifests, watched for changes.
 //!
 //! Every `*.yaml`/`*.yml` file (dotfiles ignored, so writers can rename temporaries into
-//! place) may hold several documents. Namespaces, Pods, Services and EndpointSlices are kept;
-//! other kinds are ignored.
+//! place) may hold several documents. Namespaces, Pods, Services, EndpointSlices, Gateway
+//! API HTTPRoutes and nodemesh AuthorizationPolicies are kept; other kinds are ignored.
 //! A file that fails to parse is reported with its path and position, and the objects it
 //! held last time it parsed are kept: bad input never drops good state.
 
@@ -23,6 +23,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 pub use super::snapshot::ClusterSnapshot;
+use crate::state::{authorization::AuthorizationPolicyObject, routes::HttpRouteObject};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -78,12 +79,16 @@ enum Object {
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    HttpRoute(Box<HttpRouteObject>),
+    AuthorizationPolicy(Box<AuthorizationPolicyObject>),
 }
 
 #[derive(Deserialize)]
 struct TypeMeta {
     #[serde(default)]
     kind: String,
+    #[serde(default, rename = "apiVersion")]
+    api_version: String,
 }
 
 /// Reads the directory again on each `refresh`, keeping the last good objects of bad files.
@@ -145,6 +150,16 @@ impl ClusterStateDir {
                     snapshot
                         .endpoint_slices
                         .insert(namespaced_key(&slice.metadata), (**slice).clone());
+                }
+                Object::HttpRoute(route) => {
+                    snapshot
+                        .http_routes
+                        .insert(namespaced_key(&route.metadata), (**route).clone());
+                }
+                Object::AuthorizationPolicy(policy) => {
+                    snapshot
+                        .authorization_policies
+                        .insert(namespaced_key(&policy.metadata), (**policy).clone());
                 }
             }
         }
@@ -273,6 +288,23 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError
                 "EndpointSlice",
                 value,
                 |s: &EndpointSlice| &s.metadata,
+            )?))),
+            // Only nodemesh's own: Istio has a kind of the same name.
+            "AuthorizationPolicy" if meta.api_version.starts_with("nodemesh.io/") => {
+                objects.push(Object::AuthorizationPolicy(Box::new(namespaced(
+                    path,
+                    document_number,
+                    "AuthorizationPolicy",
+                    value,
+                    |p: &AuthorizationPolicyObject| &p.metadata,
+                )?)))
+            }
+            "HTTPRoute" => objects.push(Object::HttpRoute(Box::new(namespaced(
+                path,
+                document_number,
+                "HTTPRoute",
+                value,
+                |r: &HttpRouteObject| &r.metadata,
             )?))),
             other => tracing::debug!(path = %path.display(), kind = other, "ignoring manifest"),
         }

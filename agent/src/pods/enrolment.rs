@@ -259,6 +259,7 @@ impl Enrolments {
         let identity = SpiffeId::new(&self.trust_domain, &pod.namespace, &pod.service_account).ok();
         let source = Arc::new(SourcePod {
             display_name: pod.display_name(),
+            namespace: pod.namespace.clone(),
             identity: identity.clone(),
             sockets: Arc::clone(&sockets),
         });

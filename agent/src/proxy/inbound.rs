@@ -7,7 +7,7 @@ use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     delivery::connect_to_application,
+    http::authorize::{self, Check},
     listener::accept_loop,
     relay::{relay, reset},
 };
@@ -29,7 +30,10 @@ use crate::{
     datapath::Datapath,
     identity::{manager::IdentityManager, spiffe::SpiffeId, tls},
     pods::{netns::NetnsSockets, routing::SourcePreservation},
-    state::membership::PeerAuthentication,
+    state::{
+        authorization::{AuthorizationIndex, Decision, Policy, RequestAttributes, decide},
+        membership::PeerAuthentication,
+    },
     telemetry::connections::ConnectionStats,
 };
 
@@ -45,6 +49,19 @@ pub struct InboundContext {
     pub datapath: Arc<Datapath>,
     /// The node's own addresses: plaintext from them (kubelet probes) passes STRICT too.
     pub node_addresses: Vec<IpAddr>,
+    /// AuthorizationPolicies by local pod, replaced on every change in the cluster.
+    pub authorization: RwLock<Arc<AuthorizationIndex>>,
+    /// How long a stream that authorization must parse may take to show it is HTTP.
+    pub detect_wait: Duration,
+}
+
+impl InboundContext {
+    pub fn policies_of(&self, pod: &DestinationPod) -> Vec<Arc<Policy>> {
+        self.authorization
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .for_pod(&pod.display_name)
+    }
 }
 
 /// One meshed pod as its inbound listeners (HBONE and plaintext) see it.
@@ -186,6 +203,19 @@ async fn handle_connect(
         tracing::warn!(pod = %pod.display_name, %peer_id, %target, "HBONE: CONNECT to an address that is not this meshed pod");
         return status(StatusCode::FORBIDDEN);
     }
+    let policies = ctx.policies_of(&pod);
+    let inspects_http = policies.iter().any(|p| p.inspects_http(target.port()));
+    if !inspects_http {
+        let attributes = RequestAttributes {
+            source: Some(&peer_id),
+            port: target.port(),
+            http: None,
+        };
+        if let Decision::Deny(by) = decide(&policies, &attributes) {
+            tracing::warn!(pod = %pod.display_name, %peer_id, %target, policy = %by, "authorization: connection denied");
+            return status(StatusCode::FORBIDDEN);
+        }
+    }
     let upstream = match connect_to_application(&pod, &ctx, target, Some(peer.ip())).await {
         Ok((upstream, _)) => upstream,
         Err(error) => {
@@ -197,11 +227,17 @@ async fn handle_connect(
     ctx.stats.opened(&source, target);
     tokio::spawn(async move {
         let (sent, received) = match hyper::upgrade::on(request).await {
-            Ok(upgraded) => {
-                let (from_tunnel, from_app) =
-                    relay(TokioIo::new(upgraded), upstream, |_, app| reset(app)).await;
-                (from_tunnel, from_app)
+            Ok(upgraded) if inspects_http => {
+                let check = Check {
+                    pod: pod.display_name.clone(),
+                    policies,
+                    peer: peer_id,
+                    port: target.port(),
+                    detect_wait: ctx.detect_wait,
+                };
+                authorize::serve(TokioIo::new(upgraded), upstream, check).await
             }
+            Ok(upgraded) => relay(TokioIo::new(upgraded), upstream, |_, app| reset(app)).await,
             Err(error) => {
                 tracing::info!(%peer, %error, "HBONE upgrade failed");
                 (0, 0)

@@ -5,6 +5,7 @@ mod counting;
 mod delivery;
 mod dial;
 pub mod hbone;
+pub mod http;
 pub mod inbound;
 mod listener;
 pub mod outbound;

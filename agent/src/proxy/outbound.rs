@@ -2,21 +2,33 @@
 //! the pod's loopback, forwarded to their original destination from the pod's own network
 //! namespace (so from the pod's own address). A destination that is a meshed pod goes
 //! through HBONE (mutual TLS) when the node has identities; anything else passes through.
+//! A connection to a Service port whose first bytes are HTTP goes to the L7 proxy
+//! (`proxy::http`) instead, which routes and balances each request.
 
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    pin::Pin,
     sync::{Arc, RwLock},
+    task::{Context, Poll},
     time::Duration,
 };
 
 use nodemesh_common::{ConnectionKey, FAMILY_V4, OriginalDst};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
 
 use super::{
+    counting::{Meter, MeteredStream},
     delivery::canonical,
     dial::{connect_within, pod_socket},
-    hbone::HboneClient,
+    hbone::{HboneClient, HboneError, Tunnel},
+    http::{
+        self, ClientConnection, Detection, HttpProxy,
+        detect::{Prefixed, Protocol},
+    },
     listener::accept_loop,
     relay::{relay, reset},
 };
@@ -25,6 +37,7 @@ use crate::{
     identity::spiffe::SpiffeId,
     pods::netns::{NetnsError, NetnsSockets},
     state::{
+        routes::RouteTable,
         services::{Resolution, ServiceIndex},
         workloads::WorkloadIndex,
     },
@@ -41,6 +54,8 @@ pub struct OutboundContext {
     pub hbone: Option<Arc<HboneClient>>,
     pub workloads: RwLock<Arc<WorkloadIndex>>,
     pub services: RwLock<Arc<ServiceIndex>>,
+    pub routes: RwLock<Arc<RouteTable>>,
+    pub http: HttpProxy,
 }
 
 impl OutboundContext {
@@ -61,17 +76,96 @@ impl OutboundContext {
         let index = self.workloads.read().unwrap_or_else(|p| p.into_inner());
         index.identity_of(ip).cloned()
     }
+
+    /// Connects `pod` to `target` the way the mesh carries its traffic: HBONE to a meshed
+    /// pod, plain TCP from the pod's network namespace to anything else.
+    pub async fn dial(&self, pod: &SourcePod, target: SocketAddr) -> Result<Upstream, DialError> {
+        match self.hbone.as_ref().zip(self.hbone_destination(target.ip())) {
+            Some((mesh, destination)) => {
+                let source_id = pod.identity.as_ref().ok_or(DialError::NoIdentity)?;
+                let tunnel = mesh
+                    .open(
+                        pod,
+                        source_id,
+                        &destination,
+                        target,
+                        self.proxy_mark,
+                        self.connect_timeout,
+                    )
+                    .await?;
+                Ok(Upstream::Mesh(tunnel))
+            }
+            None => Ok(Upstream::Direct(connect_upstream(pod, self, target).await?)),
+        }
+    }
+}
+
+/// A connection to a destination, made by `OutboundContext::dial`.
+pub enum Upstream {
+    Mesh(Tunnel),
+    Direct(TcpStream),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("this pod has no identity; refusing to send mesh traffic in the clear")]
+    NoIdentity,
+    #[error("HBONE: {0}")]
+    Hbone(#[from] HboneError),
+    #[error(transparent)]
+    Direct(#[from] OutboundError),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Mesh(tunnel) => Pin::new(tunnel).poll_read(cx, buf),
+            Self::Direct(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Mesh(tunnel) => Pin::new(tunnel).poll_write(cx, buf),
+            Self::Direct(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Mesh(tunnel) => Pin::new(tunnel).poll_flush(cx),
+            Self::Direct(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Mesh(tunnel) => Pin::new(tunnel).poll_shutdown(cx),
+            Self::Direct(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
 }
 
 /// One meshed pod as the proxy sees it.
 pub struct SourcePod {
     pub display_name: String,
+    pub namespace: String,
     pub identity: Option<SpiffeId>,
     pub sockets: Arc<NetnsSockets>,
 }
 
 #[derive(Debug, thiserror::Error)]
-enum OutboundError {
+pub enum OutboundError {
     #[error(
         "no original destination recorded for peer {0} (connection not made through the connect hook?)"
     )]
@@ -94,7 +188,12 @@ pub async fn serve(listener: TcpListener, pod: Arc<SourcePod>, ctx: Arc<Outbound
     .await
 }
 
-async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &OutboundContext) {
+async fn forward(
+    client: TcpStream,
+    peer: SocketAddr,
+    pod: &Arc<SourcePod>,
+    ctx: &Arc<OutboundContext>,
+) {
     // The proxy forwards what it reads at once; Nagle would only add delay.
     let _ = client.set_nodelay(true);
     let key = connection_key(pod.sockets.cookie(), peer);
@@ -108,63 +207,88 @@ async fn forward(client: TcpStream, peer: SocketAddr, pod: &SourcePod, ctx: &Out
         return;
     };
     ctx.stats.opened(&pod.display_name, original);
+    let frontend = ctx
+        .services
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .frontend(original);
+    let mut prefix = Vec::new();
+    let mut client = client;
+    if let Some(frontend) = frontend {
+        let wait = match http::detection_for(frontend.app_protocol.as_deref(), ctx.http.detect_wait)
+        {
+            Detection::Skip => {
+                ctx.stats.detected(|c| c.skipped += 1);
+                None
+            }
+            Detection::Unbounded => Some(None),
+            Detection::Bounded(wait) => Some(Some(wait)),
+        };
+        if let Some(wait) = wait {
+            let detected = match http::detect::detect(&mut client, wait).await {
+                Ok(detected) => detected,
+                Err(error) => {
+                    tracing::debug!(pod = %pod.display_name, destination = %original, %error, "client failed before sending");
+                    ctx.stats.closed(&pod.display_name, original, 0, 0);
+                    return;
+                }
+            };
+            let protocol = detected.protocol;
+            ctx.stats.detected(|c| match protocol {
+                _ if detected.timed_out => c.timed_out += 1,
+                Protocol::Http1 => c.http1 += 1,
+                Protocol::Http2 => c.http2 += 1,
+                Protocol::Tls => c.tls += 1,
+                Protocol::Opaque => c.opaque += 1,
+            });
+            tracing::debug!(pod = %pod.display_name, destination = %original, ?protocol, timed_out = detected.timed_out, "protocol detected");
+            if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
+                let meter = Arc::new(Meter::default());
+                let stream =
+                    MeteredStream::new(Prefixed::new(detected.prefix, client), Arc::clone(&meter));
+                let connection = ClientConnection {
+                    pod: Arc::clone(pod),
+                    ctx: Arc::clone(ctx),
+                    frontend,
+                    original,
+                    protocol,
+                };
+                http::serve(stream, connection).await;
+                ctx.stats
+                    .closed(&pod.display_name, original, meter.read(), meter.written());
+                return;
+            }
+            prefix = detected.prefix;
+        }
+    }
+    let client = Prefixed::new(prefix, client);
     let target = match ctx.route(original) {
         Ok(target) => target,
         Err(service) => {
             tracing::info!(pod = %pod.display_name, destination = %original, %service, "Service has no ready endpoint; refusing");
             ctx.stats.failed(&pod.display_name, original);
-            reset(&client);
+            reset(client.inner());
             return;
         }
     };
-    let hbone = ctx.hbone.as_ref().zip(ctx.hbone_destination(target.ip()));
-    let counts = match hbone {
-        Some((client_of_mesh, destination)) => {
-            let Some(source_id) = pod.identity.as_ref() else {
-                tracing::warn!(pod = %pod.display_name, "no identity for this pod; refusing to send mesh traffic in the clear");
-                ctx.stats.failed(&pod.display_name, original);
-                reset(&client);
-                return;
-            };
-            match client_of_mesh
-                .open(
-                    pod,
-                    source_id,
-                    &destination,
-                    target,
-                    ctx.proxy_mark,
-                    ctx.connect_timeout,
-                )
-                .await
-            {
-                Ok(tunnel) => relay(client, tunnel, |client, _| reset(client)).await,
-                Err(error) => {
-                    tracing::warn!(pod = %pod.display_name, destination = %original, %target, %error, "HBONE failed");
-                    ctx.stats.failed(&pod.display_name, original);
-                    reset(&client);
-                    return;
-                }
-            }
+    let upstream = match ctx.dial(pod, target).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::info!(pod = %pod.display_name, destination = %original, %target, %error, "upstream connect failed");
+            ctx.stats.failed(&pod.display_name, original);
+            // The application's connect() already succeeded against the proxy: a reset
+            // is the closest thing to the refusal it would have seen.
+            reset(client.inner());
+            return;
         }
-        None => match connect_upstream(pod, ctx, target).await {
-            Ok(upstream) => {
-                relay(client, upstream, |client, upstream| {
-                    reset(client);
-                    reset(upstream);
-                })
-                .await
-            }
-            Err(error) => {
-                tracing::info!(pod = %pod.display_name, destination = %original, %target, %error, "upstream connect failed");
-                ctx.stats.failed(&pod.display_name, original);
-                // The application's connect() already succeeded against the proxy: a reset
-                // is the closest thing to the refusal it would have seen.
-                reset(&client);
-                return;
-            }
-        },
     };
-    let (sent, received) = counts;
+    let (sent, received) = relay(client, upstream, |client, upstream| {
+        reset(client.inner());
+        if let Upstream::Direct(stream) = upstream {
+            reset(stream);
+        }
+    })
+    .await;
     ctx.stats
         .closed(&pod.display_name, original, sent, received);
     tracing::debug!(pod = %pod.display_name, destination = %original, %target, sent, received, "connection closed");

@@ -2,8 +2,9 @@
 //! sk_lookup program (agent-ebpf/src/inbound.rs) hands every such connection to this
 //! listener inside the pod; the accepted socket's local address is where the client was
 //! going. The namespace's peer-authentication mode decides: STRICT resets the connection,
-//! PERMISSIVE delivers it to the application and counts it. Connections from the node's own
-//! addresses (the kubelet's probes) are delivered in both modes.
+//! PERMISSIVE delivers it to the application and counts it, unless an AuthorizationPolicy
+//! denies it: plaintext has no identity, and its HTTP requests are not parsed here. Connections
+//! from the node's own addresses (the kubelet's probes) are delivered in both modes.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -18,7 +19,10 @@ use super::{
     listener::accept_loop,
     relay::{relay, reset},
 };
-use crate::state::membership::PeerAuthentication;
+use crate::state::{
+    authorization::{Decision, RequestAttributes, decide},
+    membership::PeerAuthentication,
+};
 
 /// The source label of plaintext connections in the connection counters.
 pub const PLAINTEXT_SOURCE: &str = "plaintext";
@@ -55,6 +59,19 @@ async fn serve_connection(
         );
         reset(&client);
         return;
+    }
+    if !from_node {
+        let attributes = RequestAttributes {
+            source: None,
+            port: target.port(),
+            http: None,
+        };
+        if let Decision::Deny(by) = decide(&ctx.policies_of(&pod), &attributes) {
+            ctx.stats.plaintext_refused();
+            tracing::warn!(pod = %pod.display_name, %peer, %target, policy = %by, "plaintext refused by authorization policy");
+            reset(&client);
+            return;
+        }
     }
     ctx.stats.plaintext_permitted();
     tracing::debug!(pod = %pod.display_name, %peer, %target, from_node, "plaintext permitted");

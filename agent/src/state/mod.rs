@@ -1,5 +1,7 @@
 //! What the mesh should look like on this node, computed from the cluster state.
 
+pub mod authorization;
 pub mod membership;
+pub mod routes;
 pub mod services;
 pub mod workloads;

@@ -11,7 +11,7 @@
 //! round-robin; latency-aware balancing belongs to the L7 proxy.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -28,8 +28,19 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 struct ServicePort {
     /// `namespace/name`.
     service: String,
+    /// The Service port's `appProtocol`, which overrides protocol detection.
+    app_protocol: Option<String>,
     endpoints: Vec<SocketAddr>,
     next: AtomicUsize,
+}
+
+/// A Service port as the L7 proxy sees it: what the client addressed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// `namespace/name`.
+    pub service: String,
+    pub port: u16,
+    pub app_protocol: Option<String>,
 }
 
 /// One Service virtual address:port as the config dump shows it.
@@ -58,11 +69,14 @@ pub enum Resolution<'a> {
 #[derive(Debug, Default)]
 pub struct ServiceIndex {
     by_vip: HashMap<SocketAddr, ServicePort>,
+    /// Ready endpoints by (`namespace/name`, port, IPv4?), for HTTPRoute backends.
+    by_name: HashMap<(String, u16, bool), Vec<SocketAddr>>,
 }
 
 impl ServiceIndex {
     pub fn build(snapshot: &ClusterSnapshot) -> Self {
         let mut by_vip = HashMap::new();
+        let mut by_name = HashMap::new();
         for ((namespace, name), service) in &snapshot.services {
             let slices: Vec<&EndpointSlice> = snapshot
                 .endpoint_slices
@@ -79,12 +93,15 @@ impl ServiceIndex {
                 .map(|(_, slice)| slice)
                 .collect();
             for vip in virtual_addresses(service) {
-                for (port_name, port) in tcp_ports(service) {
+                for (port_name, port, app_protocol) in tcp_ports(service) {
                     let endpoints = ready_endpoints(&slices, vip, port_name);
+                    let service = format!("{namespace}/{name}");
+                    by_name.insert((service.clone(), port, vip.is_ipv4()), endpoints.clone());
                     by_vip.insert(
                         SocketAddr::new(vip, port),
                         ServicePort {
-                            service: format!("{namespace}/{name}"),
+                            service,
+                            app_protocol: app_protocol.map(str::to_owned),
                             endpoints,
                             next: AtomicUsize::new(0),
                         },
@@ -92,7 +109,7 @@ impl ServiceIndex {
                 }
             }
         }
-        Self { by_vip }
+        Self { by_vip, by_name }
     }
 
     /// Carries each virtual port's round-robin position over from `previous`, so rebuilding
@@ -123,6 +140,27 @@ impl ServiceIndex {
             service: &port.service,
             addr: port.endpoints[index],
         }
+    }
+
+    /// The Service port behind a virtual address, if `destination` is one.
+    pub fn frontend(&self, destination: SocketAddr) -> Option<Frontend> {
+        self.by_vip.get(&destination).map(|port| Frontend {
+            service: port.service.clone(),
+            port: destination.port(),
+            app_protocol: port.app_protocol.clone(),
+        })
+    }
+
+    /// The ready endpoints of `service` (`namespace/name`) on `port`, in one address family.
+    pub fn endpoints(&self, service: &str, port: u16, ipv4: bool) -> &[SocketAddr] {
+        self.by_name
+            .get(&(service.to_owned(), port, ipv4))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Every ready endpoint of every Service.
+    pub fn all_endpoints(&self) -> HashSet<SocketAddr> {
+        self.by_name.values().flatten().copied().collect()
     }
 
     /// Every virtual address:port with its ready endpoints, for the config dump.
@@ -156,8 +194,9 @@ fn virtual_addresses(service: &Service) -> Vec<IpAddr> {
     ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
-/// (port name, port) of the Service's TCP ports; the unnamed port has the empty name.
-fn tcp_ports(service: &Service) -> Vec<(&str, u16)> {
+/// (port name, port, appProtocol) of the Service's TCP ports; the unnamed port has the
+/// empty name.
+fn tcp_ports(service: &Service) -> Vec<(&str, u16, Option<&str>)> {
     service
         .spec
         .iter()
@@ -165,7 +204,11 @@ fn tcp_ports(service: &Service) -> Vec<(&str, u16)> {
         .filter(|port| port.protocol.as_deref().unwrap_or("TCP") == "TCP")
         .filter_map(|port| {
             let number = u16::try_from(port.port).ok()?;
-            Some((port.name.as_deref().unwrap_or(""), number))
+            Some((
+                port.name.as_deref().unwrap_or(""),
+                number,
+                port.app_protocol.as_deref(),
+            ))
         })
         .collect()
 }

@@ -43,9 +43,24 @@ pub struct PlaintextCounters {
     pub refused: u64,
 }
 
+/// Outcomes of protocol detection on connections to Service ports.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct DetectionCounters {
+    pub http1: u64,
+    pub http2: u64,
+    pub tls: u64,
+    /// Bytes arrived and were not HTTP or TLS.
+    pub opaque: u64,
+    /// Nothing conclusive arrived within the wait (server-speaks-first protocols).
+    pub timed_out: u64,
+    /// The Service port's appProtocol says it is not HTTP: no detection.
+    pub skipped: u64,
+}
+
 #[derive(Default)]
 pub struct ConnectionStats {
     series: Mutex<BTreeMap<(String, String), ConnectionCounters>>,
+    detection: Mutex<DetectionCounters>,
     plaintext_permitted: AtomicU64,
     plaintext_refused: AtomicU64,
 }
@@ -64,6 +79,17 @@ impl ConnectionStats {
             permitted: self.plaintext_permitted.load(Ordering::Relaxed),
             refused: self.plaintext_refused.load(Ordering::Relaxed),
         }
+    }
+
+    pub fn detected(&self, count: impl FnOnce(&mut DetectionCounters)) {
+        count(&mut self.detection.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    pub fn detection(&self) -> DetectionCounters {
+        self.detection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn opened(&self, source_pod: &str, destination: SocketAddr) {

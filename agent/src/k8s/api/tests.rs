@@ -33,6 +33,8 @@ const NAMESPACES: &str = "/api/v1/namespaces";
 const PODS: &str = "/api/v1/pods";
 const SERVICES: &str = "/api/v1/services";
 const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+const AUTHORIZATION_POLICIES: &str = "/apis/nodemesh.io/v1alpha1/authorizationpolicies";
 
 enum WatchMessage {
     Event(Value),
@@ -95,7 +97,14 @@ impl FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
-        for path in [NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES] {
+        for path in [
+            NAMESPACES,
+            PODS,
+            SERVICES,
+            ENDPOINT_SLICES,
+            HTTP_ROUTES,
+            AUTHORIZATION_POLICIES,
+        ] {
             state
                 .lock()
                 .unwrap()
@@ -155,10 +164,16 @@ impl FakeApiServer {
                 ),
             };
         }
-        let Some(key) = [NAMESPACES, PODS, SERVICES, ENDPOINT_SLICES]
-            .into_iter()
-            .find(|p| *p == path)
-        else {
+        let Some(key) = [
+            NAMESPACES,
+            PODS,
+            SERVICES,
+            ENDPOINT_SLICES,
+            HTTP_ROUTES,
+            AUTHORIZATION_POLICIES,
+        ]
+        .into_iter()
+        .find(|p| *p == path) else {
             return json_response(404, json!({"kind": "Status", "code": 404}));
         };
         let node = selected_node(&query);
@@ -599,7 +614,52 @@ async fn readiness_waits_for_the_initial_list_of_every_kind() {
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("Namespaces, Pods, this node's Pods, Services, EndpointSlices"),
+        error.contains(
+            "Namespaces, Pods, this node's Pods, Services, EndpointSlices, AuthorizationPolicies"
+        ),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn http_routes_and_authorization_policies_are_watched_like_the_rest() {
+    let api = FakeApiServer::start().await;
+    api.apply(
+        AUTHORIZATION_POLICIES,
+        &json!({
+            "apiVersion": "nodemesh.io/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-ssh", "namespace": "shop"},
+            "spec": {"action": "DENY", "rules": [{"to": [{"ports": [22]}]}]},
+        }),
+    );
+    let (tx, mut changes) = mpsc::channel(1);
+    let watch = ApiWatch::start(api.client(), "node1", tx);
+    watch
+        .wait_synced(Duration::from_secs(10))
+        .await
+        .expect("initial list");
+    let (snapshot, _) = watch.snapshot();
+    assert_eq!(
+        snapshot.authorization_policies[&("shop".into(), "deny-ssh".into())].spec["action"],
+        "DENY",
+        "policies are part of the initial sync"
+    );
+
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]},
+    });
+    api.apply(HTTP_ROUTES, &route);
+    converge(&watch, &mut changes, "route added", |s| {
+        s.http_routes.contains_key(&("shop".into(), "web".into()))
+    })
+    .await;
+    api.delete(HTTP_ROUTES, &route);
+    converge(&watch, &mut changes, "route deleted", |s| {
+        s.http_routes.is_empty()
+    })
+    .await;
 }

@@ -5,9 +5,9 @@
 //! and exit 0 only if everything checked out.
 
 mod ca_load;
+mod http_app;
 
 use std::{
-    convert::Infallible,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     str::FromStr,
     sync::Arc,
@@ -16,9 +16,6 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use http_body_util::Full;
-use hyper::{Response, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use socket2::{Domain, Socket, Type};
 use tokio::{
@@ -129,6 +126,55 @@ enum Cmd {
         port: u16,
         #[arg(long, default_value_t = 1024)]
         body_bytes: usize,
+        /// Sent back in `x-served-by`.
+        #[arg(long, default_value = "http-server")]
+        name: String,
+        /// Answer every request with this status (a failing endpoint).
+        #[arg(long)]
+        fail_status: Option<u16>,
+        /// Delay every response by this much (a slow endpoint).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// A server-speaks-first server: writes a banner line on accept, then echoes.
+    BannerServer {
+        #[arg(long)]
+        port: u16,
+    },
+    /// Connects, sends nothing, and reads the server's first line; prints how long it took.
+    ReadBanner {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// GETs on one keep-alive connection; prints statuses and servers (x-served-by) counted.
+    HttpGet {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// `name:value`, repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// One unary gRPC call (HTTP/2 prior knowledge) to the http-server's echo method.
+    GrpcCall {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "hello")]
+        message: String,
+    },
+    /// A WebSocket echo exchange with the http-server's /ws.
+    WsEcho {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 3)]
+        messages: usize,
     },
     /// Keep-alive HTTP/1.1 GETs over `concurrency` connections; prints latency percentiles.
     HttpBench {
@@ -262,7 +308,49 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             let load = ca_load::Load::new(ca, &server_name, &trust_bundle, &token_file, &pod)?;
             load.run(requests, concurrency).await
         }
-        Cmd::HttpServer { port, body_bytes } => http_server(port, body_bytes).await,
+        Cmd::HttpServer {
+            port,
+            body_bytes,
+            name,
+            fail_status,
+            delay_ms,
+        } => {
+            let behaviour = http_app::Behaviour {
+                fail_status,
+                delay: Duration::from_millis(delay_ms),
+            };
+            http_app::serve(port, body_bytes, name, behaviour).await
+        }
+        Cmd::BannerServer { port } => banner_server(port).await,
+        Cmd::ReadBanner { target, timeout_ms } => {
+            read_banner(target, Duration::from_millis(timeout_ms)).await
+        }
+        Cmd::HttpGet {
+            target,
+            path,
+            count,
+            headers,
+            timeout_ms,
+        } => {
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    h.split_once(':')
+                        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+                        .with_context(|| format!("--header {h:?} is not name:value"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            http_app::get_many(
+                target,
+                &path,
+                count,
+                &headers,
+                Duration::from_millis(timeout_ms),
+            )
+            .await
+        }
+        Cmd::GrpcCall { target, message } => http_app::grpc_call(target, &message).await,
+        Cmd::WsEcho { url, messages } => http_app::websocket_echo_client(&url, messages).await,
         Cmd::HttpBench {
             target,
             requests,
@@ -645,31 +733,48 @@ async fn soak(
     )
 }
 
-async fn http_server(port: u16, body_bytes: usize) -> anyhow::Result<()> {
+/// The banner a `banner-server` writes first.
+const BANNER: &[u8] = b"220 nodemesh-workload banner\r\n";
+
+async fn banner_server(port: u16) -> anyhow::Result<()> {
     let listener = listen_dual_stack(port)?;
-    let body = Bytes::from(vec![b'x'; body_bytes]);
-    eprintln!("http-server: listening on [::]:{port}, {body_bytes}-byte bodies");
+    eprintln!("banner-server: listening on [::]:{port}");
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                eprintln!("http-server: accept: {error}");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let body = body.clone();
+        let (mut stream, _) = listener.accept().await.context("accept")?;
         tokio::spawn(async move {
-            let service = service_fn(move |_request| {
-                let body = body.clone();
-                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
-            });
-            let _ = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            if stream.write_all(BANNER).await.is_ok() {
+                echo_connection(stream).await;
+            }
         });
     }
+}
+
+async fn read_banner(target: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let exchange = async {
+        let mut stream = TcpStream::connect(target).await.context("connect")?;
+        let connected = started.elapsed();
+        let mut banner = vec![0u8; BANNER.len()];
+        stream
+            .read_exact(&mut banner)
+            .await
+            .context("reading the banner")?;
+        anyhow::Ok((connected, banner))
+    };
+    let (connected, banner) = tokio::time::timeout(timeout, exchange)
+        .await
+        .with_context(|| format!("no banner within {timeout:?}"))??;
+    if banner != BANNER {
+        bail!("unexpected banner {:?}", String::from_utf8_lossy(&banner));
+    }
+    println!(
+        "{}",
+        json!({
+            "connect_ms": connected.as_secs_f64() * 1e3,
+            "banner_ms": started.elapsed().as_secs_f64() * 1e3,
+        })
+    );
+    Ok(())
 }
 
 /// Sends one GET on a keep-alive connection and reads the whole response.

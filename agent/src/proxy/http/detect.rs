@@ -1,0 +1,256 @@
+//! Protocol detection on the first bytes a client sends: HTTP/1.x, HTTP/2 with prior
+//! knowledge, a TLS ClientHello, or anything else (opaque TCP).
+//!
+//! The bytes read are kept and replayed (`Prefixed`), so nothing is lost whatever the answer.
+//! A client that sends nothing — because the protocol has the server speak first (SMTP,
+//! MySQL, SSH banners) — must not stall: detection gives up after a bounded wait and the
+//! connection is relayed as opaque TCP, so the server's first bytes are late by at most that
+//! wait. A Service port's `appProtocol` saying HTTP lifts the bound (the client must speak
+//! first), one saying anything else skips detection altogether.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Enough for the longest method below plus a space.
+const LONGEST_METHOD: usize = 8;
+const METHODS: &[&[u8]] = &[
+    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tls,
+    /// Not recognised, or nothing arrived within the wait.
+    Opaque,
+}
+
+/// What the first bytes say, if they say enough yet.
+pub fn classify(bytes: &[u8]) -> Option<Protocol> {
+    if bytes.is_empty() {
+        return None;
+    }
+    let common = bytes.len().min(H2_PREFACE.len());
+    if bytes[..common] == H2_PREFACE[..common] {
+        return (common == H2_PREFACE.len()).then_some(Protocol::Http2);
+    }
+    // TLS record: handshake (22), version 3.x.
+    if bytes[0] == 0x16 {
+        return match bytes.get(1) {
+            None => None,
+            Some(3) => Some(Protocol::Tls),
+            Some(_) => Some(Protocol::Opaque),
+        };
+    }
+    let mut undecided = false;
+    for method in METHODS {
+        let wanted_len = method.len() + 1;
+        let mut wanted = method.to_vec();
+        wanted.push(b' ');
+        let n = bytes.len().min(wanted_len);
+        if bytes[..n] == wanted[..n] {
+            if n == wanted_len {
+                return Some(Protocol::Http1);
+            }
+            undecided = true;
+        }
+    }
+    if undecided && bytes.len() < LONGEST_METHOD {
+        None
+    } else {
+        Some(Protocol::Opaque)
+    }
+}
+
+/// What detection found.
+#[derive(Debug)]
+pub struct Detected {
+    pub protocol: Protocol,
+    /// The bytes read, to be replayed.
+    pub prefix: Vec<u8>,
+    /// The wait passed before the bytes said enough (the protocol is then `Opaque`).
+    pub timed_out: bool,
+}
+
+/// Reads from `stream` until the protocol is known, the stream ends, or `wait` passes
+/// (`None`: no bound).
+pub async fn detect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    wait: Option<Duration>,
+) -> io::Result<Detected> {
+    let mut buffer = Vec::with_capacity(64);
+    let reading = async {
+        let mut chunk = [0u8; 64];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<_, io::Error>(Protocol::Opaque);
+            }
+            buffer.extend_from_slice(&chunk[..n]);
+            if let Some(protocol) = classify(&buffer) {
+                return Ok(protocol);
+            }
+        }
+    };
+    let (protocol, timed_out) = match wait {
+        Some(wait) => match tokio::time::timeout(wait, reading).await {
+            Ok(protocol) => (protocol?, false),
+            Err(_) => (Protocol::Opaque, true),
+        },
+        None => (reading.await?, false),
+    };
+    Ok(Detected {
+        protocol,
+        prefix: buffer,
+        timed_out,
+    })
+}
+
+/// A stream whose first reads return `prefix`: the bytes detection consumed.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    offset: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            offset: 0,
+            inner,
+        }
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.offset < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.offset);
+            let start = self.offset;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.offset += n;
+            if self.offset == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.offset = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    #[test]
+    fn first_bytes_classify() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"OPTIONS "), Some(Protocol::Http1));
+        assert_eq!(classify(b"GE"), None, "could still be GET");
+        assert_eq!(classify(b"GETX"), Some(Protocol::Opaque));
+        assert_eq!(
+            classify(b"get / HTTP/1.1"),
+            Some(Protocol::Opaque),
+            "methods are case-sensitive"
+        );
+        assert_eq!(
+            classify(b"PRI * HTTP/2.0\r\n"),
+            None,
+            "a partial preface waits"
+        );
+        assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(classify(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(&[0x16, 0x03, 0x01]), Some(Protocol::Tls));
+        assert_eq!(classify(&[0x16]), None);
+        assert_eq!(classify(b"SSH-2.0-OpenSSH\r\n"), Some(Protocol::Opaque));
+        assert_eq!(classify(b"\x00\x00\x00\x01"), Some(Protocol::Opaque));
+        assert_eq!(classify(b""), None);
+    }
+
+    #[tokio::test]
+    async fn bytes_split_across_reads_are_detected_and_replayed() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            client.write_all(b"PO").await.unwrap();
+            tokio::task::yield_now().await;
+            client.write_all(b"ST /x HTTP/1.1\r\n\r\n").await.unwrap();
+            client
+        });
+        let detected = detect(&mut server, None).await.unwrap();
+        assert_eq!(
+            (detected.protocol, detected.timed_out),
+            (Protocol::Http1, false)
+        );
+        let _client = writer.await.unwrap();
+        let mut replayed = Prefixed::new(detected.prefix, server);
+        let mut all = vec![0u8; 20];
+        replayed.read_exact(&mut all).await.unwrap();
+        assert_eq!(&all, b"POST /x HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_opaque_after_the_wait() {
+        let (_client, mut server) = tokio::io::duplex(64);
+        let started = tokio::time::Instant::now();
+        let detected = detect(&mut server, Some(Duration::from_millis(100)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (detected.protocol, detected.prefix.len(), detected.timed_out),
+            (Protocol::Opaque, 0, true)
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+    }
+}

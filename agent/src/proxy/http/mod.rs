@@ -1,0 +1,120 @@
+//! The L7 proxy: HTTP/1.1 and HTTP/2 connections to Services, detected on their first bytes,
+//! served per request with hyper: HTTPRoute rules, a backend by weight, an endpoint by the
+//! balancer, sent over pooled upstream connections (HBONE to meshed pods).
+
+pub mod authorize;
+pub mod balance;
+pub mod detect;
+mod request;
+pub mod upstream;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::combinators::BoxBody;
+use hyper::{body::Bytes, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use self::{balance::Balancer, detect::Protocol, upstream::UpstreamPool};
+use super::outbound::{OutboundContext, SourcePod};
+use crate::state::services::Frontend;
+
+/// Every HTTP body the proxy sends or forwards.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest request head accepted (request line and headers); larger gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// A client must finish sending a request head within this time (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent HTTP/2 streams per client connection.
+pub const MAX_STREAMS: u32 = 1024;
+
+/// Node-wide L7 state.
+pub struct HttpProxy {
+    /// Shared with the admin server, which shows it.
+    pub balancer: Arc<Balancer>,
+    pub upstreams: UpstreamPool,
+    /// How long detection waits for a client's first bytes.
+    pub detect_wait: Duration,
+}
+
+impl HttpProxy {
+    pub fn new(detect_wait: Duration, balancer: Arc<Balancer>) -> Self {
+        Self {
+            balancer,
+            upstreams: UpstreamPool::default(),
+            detect_wait,
+        }
+    }
+}
+
+/// How to detect the protocol of a connection to a Service port.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Detection {
+    /// `appProtocol` names something that is not HTTP: opaque TCP, no waiting.
+    Skip,
+    /// `appProtocol` says HTTP: the client speaks first, wait for it.
+    Unbounded,
+    /// Nothing declared: wait at most this long.
+    Bounded(Duration),
+}
+
+/// The Service port's `appProtocol` decides; unset means detect with the bounded wait.
+pub fn detection_for(app_protocol: Option<&str>, wait: Duration) -> Detection {
+    match app_protocol {
+        None => Detection::Bounded(wait),
+        Some("http" | "http2" | "h2c" | "grpc" | "kubernetes.io/h2c" | "kubernetes.io/ws") => {
+            Detection::Unbounded
+        }
+        Some(_) => Detection::Skip,
+    }
+}
+
+/// One client connection the L7 proxy serves.
+pub struct ClientConnection {
+    pub pod: Arc<SourcePod>,
+    pub ctx: Arc<OutboundContext>,
+    pub frontend: Frontend,
+    /// The Service address the client dialled.
+    pub original: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// Serves HTTP requests on `stream` until the client closes it.
+pub async fn serve<S>(stream: S, connection: ClientConnection)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let protocol = connection.protocol;
+    let connection = Arc::new(connection);
+    let service = service_fn(move |request| {
+        let connection = Arc::clone(&connection);
+        async move { Ok::<_, Infallible>(request::handle(request, &connection).await) }
+    });
+    let io = TokioIo::new(stream);
+    let result = match protocol {
+        Protocol::Http2 => {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .serve_connection(io, service)
+                .await
+        }
+        _ => {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                // A client that shuts down its write side after its request still gets the
+                // response (`printf … | nc` does that).
+                .half_close(true)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "HTTP client connection ended with an error");
+    }
+}

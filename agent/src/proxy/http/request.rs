@@ -1,0 +1,528 @@
+//! One HTTP request through the L7 proxy: route, filters, backend and endpoint choice,
+//! timeouts and retries, and the answers the proxy gives itself (404, 503, 504, redirects).
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode, Uri, Version as HttpVersion,
+    body::{Bytes, Incoming},
+    header::{self, HeaderValue},
+    http::uri::{Authority, PathAndQuery, Scheme},
+};
+use hyper_util::rt::TokioIo;
+
+use super::{
+    Body, ClientConnection,
+    balance::Outcome,
+    detect::Protocol,
+    upstream::{UpstreamError, Version},
+};
+use crate::{
+    proxy::{hbone::HboneError, outbound::DialError},
+    state::routes::{Backend, RequestMatch, RequestView, RouteDecision, Rule},
+};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub async fn handle(request: Request<Incoming>, connection: &ClientConnection) -> Response<Body> {
+    let routes = Arc::clone(
+        &connection
+            .ctx
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    let view = RequestView {
+        method: request.method(),
+        path: request.uri().path(),
+        query: request.uri().query(),
+        headers: request.headers(),
+    };
+    let frontend = &connection.frontend;
+    let default_rule;
+    let (rule, matcher, route): (&Rule, Option<&RequestMatch>, &str) = match routes.decide(
+        &frontend.service,
+        frontend.port,
+        &connection.pod.namespace,
+        &view,
+    ) {
+        RouteDecision::Matched {
+            route,
+            matcher,
+            rule,
+        } => (rule.as_ref(), Some(matcher), route),
+        RouteDecision::NoMatch => {
+            return answer(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "nodemesh: no HTTPRoute rule for {} matches {} {}\n",
+                    frontend.service,
+                    request.method(),
+                    request.uri().path()
+                ),
+            );
+        }
+        RouteDecision::Unrouted => {
+            default_rule = Rule {
+                backends: vec![Backend {
+                    service: frontend.service.clone(),
+                    port: frontend.port,
+                    weight: 1,
+                }],
+                ..Default::default()
+            };
+            (&default_rule, None, "")
+        }
+    };
+    if let Some(redirect) = &rule.redirect {
+        return redirect_response(&request, matcher, redirect, connection.original);
+    }
+    let deadline = rule.request_timeout;
+    let forwarding = forward(request, rule, matcher, connection);
+    let mut response = match deadline {
+        Some(limit) => match tokio::time::timeout(limit, forwarding).await {
+            Ok(response) => response,
+            Err(_) => answer(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("nodemesh: upstream request timeout ({limit:?}, route {route})\n"),
+            ),
+        },
+        None => forwarding.await,
+    };
+    if let Some(modifier) = &rule.response_headers {
+        modifier.apply(response.headers_mut());
+    }
+    response
+}
+
+async fn forward(
+    mut request: Request<Incoming>,
+    rule: &Rule,
+    matcher: Option<&RequestMatch>,
+    connection: &ClientConnection,
+) -> Response<Body> {
+    let upgrade = is_upgrade(&request);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+    if let Some(modifier) = &rule.request_headers {
+        modifier.apply(&mut parts.headers);
+    }
+    let authority = request_authority(&parts.uri, &parts.headers, connection.original);
+    let mut path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", PathAndQuery::as_str)
+        .to_owned();
+    let mut authority = authority;
+    if let Some(rewrite) = &rule.rewrite {
+        if let Some(hostname) = &rewrite.hostname {
+            authority = hostname.to_str().unwrap_or_default().to_owned();
+        }
+        if let (Some(modifier), Some(matcher)) = (&rewrite.path, matcher) {
+            let (old_path, query) = match path.split_once('?') {
+                Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+                None => (path.clone(), None),
+            };
+            let new_path = matcher.rewrite_path(modifier, &old_path);
+            path = match query {
+                Some(q) => format!("{new_path}?{q}"),
+                None => new_path,
+            };
+        }
+    }
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let version = match connection.protocol {
+        Protocol::Http2 => Version::Http2,
+        _ => Version::Http1,
+    };
+    // A request is sent again only when that is safe: an idempotent method without a body.
+    let bodiless = is_bodiless(&parts.headers, &body);
+    let retry = rule
+        .retry
+        .as_ref()
+        .filter(|_| bodiless && is_idempotent(&parts.method) && !upgrade);
+    let attempts = 1 + retry.map_or(0, |r| r.attempts);
+    let mut body = Some(body);
+    let mut last = None;
+    for attempt in 0..attempts {
+        if attempt > 0
+            && let Some(retry) = retry
+        {
+            tokio::time::sleep(retry.backoff * attempt).await;
+        }
+        let outgoing_body: Body = match body.take() {
+            Some(body) if !bodiless => body.boxed(),
+            _ => Empty::new().map_err(|never| match never {}).boxed(),
+        };
+        let Some(backend) = rule.backend(fastrand::u64(..)) else {
+            return answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "nodemesh: every backend of the matched rule has weight 0\n".into(),
+            );
+        };
+        let mut outgoing = Request::new(outgoing_body);
+        *outgoing.method_mut() = parts.method.clone();
+        *outgoing.headers_mut() = parts.headers.clone();
+        let response = send_to_backend(
+            connection,
+            backend,
+            version,
+            &authority,
+            &path,
+            outgoing,
+            rule.backend_timeout,
+        )
+        .await;
+        let retryable = match &response {
+            Ok(r) => retry.is_some_and(|retry| retry.codes.contains(&r.status().as_u16())),
+            Err(refusal) => refusal.status == StatusCode::SERVICE_UNAVAILABLE && retry.is_some(),
+        };
+        if retryable && attempt + 1 < attempts {
+            tracing::debug!(attempt, backend = %backend.service, "retrying");
+            last = Some(response);
+            continue;
+        }
+        return match response {
+            Ok(mut upstream) => {
+                if upgrade && upstream.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    bridge_upgrade(downstream_upgrade, hyper::upgrade::on(&mut upstream));
+                } else {
+                    strip_hop_by_hop(upstream.headers_mut(), false);
+                }
+                upstream.map(|b| b.boxed())
+            }
+            Err(refusal) => refusal.into_response(),
+        };
+    }
+    match last {
+        Some(Ok(upstream)) => upstream.map(|b| b.boxed()),
+        Some(Err(refusal)) => refusal.into_response(),
+        None => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "nodemesh: no attempt made\n".into(),
+        ),
+    }
+}
+
+/// Sends one attempt to an endpoint of `backend`. Err is what the proxy answers instead.
+async fn send_to_backend(
+    connection: &ClientConnection,
+    backend: &Backend,
+    version: Version,
+    authority: &str,
+    path: &str,
+    mut request: Request<Body>,
+    timeout: Option<Duration>,
+) -> Result<Response<Incoming>, Refusal> {
+    let ctx = &connection.ctx;
+    let endpoints = {
+        let services = ctx.services.read().unwrap_or_else(|p| p.into_inner());
+        services
+            .endpoints(
+                &backend.service,
+                backend.port,
+                connection.original.is_ipv4(),
+            )
+            .to_vec()
+    };
+    let Some(endpoint) = ctx
+        .http
+        .balancer
+        .pick(&endpoints, (fastrand::u64(..), fastrand::u64(..)))
+    else {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "nodemesh: no ready endpoint for {}:{}\n",
+                backend.service, backend.port
+            ),
+        ));
+    };
+    *request.uri_mut() = match upstream_uri(version, authority, path) {
+        Ok(uri) => uri,
+        Err(message) => return Err(Refusal::new(StatusCode::BAD_REQUEST, message)),
+    };
+    if version == Version::Http1 {
+        if let Ok(host) = HeaderValue::from_str(authority) {
+            request.headers_mut().insert(header::HOST, host);
+        }
+    } else {
+        request.headers_mut().remove(header::HOST);
+    }
+    *request.version_mut() = match version {
+        Version::Http1 => HttpVersion::HTTP_11,
+        Version::Http2 => HttpVersion::HTTP_2,
+    };
+    let started = Instant::now();
+    let pod = Arc::clone(&connection.pod);
+    let sending = ctx.http.upstreams.send(
+        connection.pod.sockets.cookie(),
+        endpoint,
+        version,
+        request,
+        || ctx.dial(&pod, endpoint),
+    );
+    let result = match timeout {
+        Some(limit) => match tokio::time::timeout(limit, sending).await {
+            Ok(result) => result,
+            Err(_) => {
+                ctx.http
+                    .balancer
+                    .finish(endpoint, started.elapsed(), Outcome::Failure);
+                return Err(Refusal::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("nodemesh: backend request timeout ({limit:?}) from {endpoint}\n"),
+                ));
+            }
+        },
+        None => sending.await,
+    };
+    let latency = started.elapsed();
+    match result {
+        Ok(response) => {
+            let outcome = if response.status().is_server_error() {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
+            ctx.http.balancer.finish(endpoint, latency, outcome);
+            Ok(response)
+        }
+        Err(UpstreamError::Dial(DialError::Hbone(HboneError::Refused {
+            status: StatusCode::FORBIDDEN,
+            ..
+        }))) => {
+            // The destination's authorization policy, not the endpoint's health.
+            ctx.http
+                .balancer
+                .finish(endpoint, latency, Outcome::Success);
+            Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "nodemesh: {endpoint} refused the connection from {}: denied by its authorization policy\n",
+                    connection.pod.display_name
+                ),
+            ))
+        }
+        Err(error) => {
+            ctx.http
+                .balancer
+                .finish(endpoint, latency, Outcome::Failure);
+            tracing::info!(pod = %connection.pod.display_name, %endpoint, %error, "upstream request failed");
+            let status = match error {
+                UpstreamError::Dial(_) | UpstreamError::Handshake(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                UpstreamError::Request(_) => StatusCode::BAD_GATEWAY,
+            };
+            Err(Refusal::new(
+                status,
+                format!("nodemesh: upstream {endpoint} failed: {error}\n"),
+            ))
+        }
+    }
+}
+
+/// HTTP/1.1 carries the origin form (`/path?query`, Host separately); HTTP/2 the absolute
+/// form, from which hyper takes `:scheme` and `:authority`.
+fn upstream_uri(version: Version, authority: &str, path: &str) -> Result<Uri, String> {
+    let path = PathAndQuery::try_from(path).map_err(|e| format!("nodemesh: bad path: {e}\n"))?;
+    match version {
+        Version::Http1 => Ok(Uri::from(path)),
+        Version::Http2 => {
+            let authority = Authority::try_from(authority)
+                .map_err(|e| format!("nodemesh: bad authority {authority:?}: {e}\n"))?;
+            Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(authority)
+                .path_and_query(path)
+                .build()
+                .map_err(|e| format!("nodemesh: {e}\n"))
+        }
+    }
+}
+
+/// What the client addressed: the URI's authority (HTTP/2), the Host header (HTTP/1.1), or
+/// the Service address it dialled.
+fn request_authority(uri: &Uri, headers: &HeaderMap, original: SocketAddr) -> String {
+    uri.authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| original.to_string())
+}
+
+fn is_upgrade(request: &Request<Incoming>) -> bool {
+    request.version() == HttpVersion::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        if keep_upgrade && (name == "connection" || name == "upgrade") {
+            continue;
+        }
+        // TE: trailers is the one TE value that is end-to-end in practice (gRPC needs it).
+        if name == "te" {
+            let trailers_only = headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+            if trailers_only {
+                continue;
+            }
+        }
+        headers.remove(name);
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn is_bodiless(headers: &HeaderMap, body: &Incoming) -> bool {
+    use hyper::body::Body as _;
+    body.is_end_stream()
+        || (headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v == "0")
+            && !headers.contains_key(header::TRANSFER_ENCODING))
+}
+
+pub fn bridge_upgrade(
+    downstream: Option<hyper::upgrade::OnUpgrade>,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    let Some(downstream) = downstream else {
+        return;
+    };
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((client, server)) => {
+                let mut client = TokioIo::new(client);
+                let mut server = TokioIo::new(server);
+                if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                    tracing::debug!(%error, "upgraded connection ended with an error");
+                }
+            }
+            Err(error) => tracing::debug!(%error, "upgrade did not complete"),
+        }
+    });
+}
+
+fn redirect_response(
+    request: &Request<Incoming>,
+    matcher: Option<&RequestMatch>,
+    redirect: &crate::state::routes::Redirect,
+    original: SocketAddr,
+) -> Response<Body> {
+    let authority = request_authority(request.uri(), request.headers(), original);
+    let (host, port) = match Authority::try_from(authority.as_str()) {
+        Ok(parsed) => (parsed.host().to_owned(), parsed.port_u16()),
+        Err(_) => (authority, None),
+    };
+    let scheme = redirect.scheme.clone().unwrap_or_else(|| "http".into());
+    let host = redirect.hostname.clone().unwrap_or(host);
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let port = redirect
+        .port
+        .or(if redirect.scheme.is_some() {
+            None
+        } else {
+            port
+        })
+        .filter(|p| *p != default_port);
+    let path = match (&redirect.path, matcher) {
+        (Some(modifier), Some(matcher)) => matcher.rewrite_path(modifier, request.uri().path()),
+        _ => request.uri().path().to_owned(),
+    };
+    let query = request
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let location = match port {
+        Some(port) => format!("{scheme}://{host}:{port}{path}{query}"),
+        None => format!("{scheme}://{host}{path}{query}"),
+    };
+    let mut response = answer(
+        StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::FOUND),
+        String::new(),
+    );
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// What the proxy answers instead of an upstream response.
+pub struct Refusal {
+    status: StatusCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: String) -> Self {
+        Self { status, message }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        answer(self.status, self.message)
+    }
+}
+
+/// A response the proxy makes itself, with a plain-text body that says why.
+pub fn answer(status: StatusCode, message: String) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(message))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
