@@ -33,7 +33,9 @@ use crate::{
     },
     state::membership,
     state::{
-        authorization::AuthorizationIndex, routes::RouteTable, services::ServiceIndex,
+        authorization::AuthorizationIndex,
+        routes::{self, RouteTable},
+        services::ServiceIndex,
         workloads::WorkloadIndex,
     },
     telemetry::connections::ConnectionStats,
@@ -266,6 +268,22 @@ impl Reconciler<'_> {
         };
         for error in &route_errors {
             tracing::warn!(%error, "HTTPRoute rejected; its last good version keeps serving");
+        }
+        if self.cluster.writes_status() {
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let updates = routes::status_updates(
+                &snapshot.http_routes,
+                &route_errors,
+                |service| {
+                    service.split_once('/').is_some_and(|(ns, name)| {
+                        snapshot
+                            .services
+                            .contains_key(&(ns.to_owned(), name.to_owned()))
+                    })
+                },
+                &now,
+            );
+            self.cluster.write_route_statuses(updates);
         }
         let local_pods = snapshot.pods.values().filter(|pod| {
             pod.spec.as_ref().and_then(|s| s.node_name.as_deref())

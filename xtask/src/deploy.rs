@@ -305,7 +305,7 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
             "ClusterRole" => round_trip::<ClusterRole>(&value).and_then(|()| {
                 let role: ClusterRole = serde_json::from_value(value.clone())?;
                 let allowed: &[&str] = match name.as_str() {
-                    "nodemesh-agent" => &["get", "list", "watch"],
+                    "nodemesh-agent" => &["get", "list", "watch", "patch"],
                     "nodemesh-ca" => &["create", "get"],
                     other => bail!("unexpected ClusterRole {other}"),
                 };
@@ -501,8 +501,9 @@ fn check_pod(pod: Option<k8s_openapi::api::core::v1::PodSpec>, name: &str) -> an
     Ok(())
 }
 
-/// Least privilege: the agent only reads (and, in its namespace, only gets its DaemonSet);
-/// the CA only creates TokenReviews and gets pods. No wildcards.
+/// Least privilege: the agent only reads (and, in its namespace, only gets its DaemonSet),
+/// writing only HTTPRoute status; the CA only creates TokenReviews and gets pods. No
+/// wildcards.
 fn check_rules(
     rules: &[k8s_openapi::api::rbac::v1::PolicyRule],
     name: &str,
@@ -511,6 +512,17 @@ fn check_rules(
     for rule in rules {
         if let Some(verb) = rule.verbs.iter().find(|v| !allowed.contains(&v.as_str())) {
             bail!("{name} may not {verb}");
+        }
+        // The one write the agent makes: the status of the routes it serves.
+        let writes = rule.verbs.iter().any(|v| v == "patch");
+        if writes
+            && rule
+                .resources
+                .iter()
+                .flatten()
+                .any(|r| r != "httproutes/status")
+        {
+            bail!("{name} may patch only httproutes/status");
         }
         if rule.resources.iter().flatten().any(|r| r == "*")
             || rule.api_groups.iter().flatten().any(|g| g == "*")

@@ -28,6 +28,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource,
+    api::{Patch, PatchParams},
     runtime::{
         WatchStreamExt,
         reflector::{self, Store},
@@ -38,7 +39,11 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::snapshot::ClusterSnapshot;
-use crate::state::{authorization::AuthorizationPolicyObject, membership, routes::HttpRouteObject};
+use crate::state::{
+    authorization::AuthorizationPolicyObject,
+    membership,
+    routes::{HttpRouteObject, RouteStatusUpdate},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -52,6 +57,7 @@ pub enum ApiError {
 
 /// The reflector stores, kept current by background tasks until dropped.
 pub struct ApiWatch {
+    client: Client,
     node: String,
     namespaces: Store<Namespace>,
     /// Every pod of the cluster (the workload index).
@@ -84,6 +90,7 @@ impl ApiWatch {
 
     /// Starts the watches; `changes` gets a message (coalesced) after every event.
     pub fn start(client: Client, node: &str, changes: mpsc::Sender<()>) -> Self {
+        let client_for_writes = client.clone();
         let mut tasks = Vec::new();
         let everything = watcher::Config::default();
         let namespaces = reflect(
@@ -136,6 +143,7 @@ impl ApiWatch {
             &mut tasks,
         );
         Self {
+            client: client_for_writes,
             node: node.to_owned(),
             namespaces,
             pods,
@@ -225,6 +233,41 @@ impl ApiWatch {
             authorization_policies: by_namespaced_name(&self.authorization_policies),
         };
         (snapshot, errors)
+    }
+}
+
+impl ApiWatch {
+    /// Writes route status in the background. Every agent computes the same status; each
+    /// write is conditional on the resourceVersion it was computed from, so when several
+    /// agents race, one wins, the others get 409 Conflict, and their next pass sees the
+    /// status already there and writes nothing.
+    pub fn write_route_statuses(&self, updates: Vec<RouteStatusUpdate>) {
+        if updates.is_empty() {
+            return;
+        }
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            for update in updates {
+                let api: Api<HttpRouteObject> = Api::namespaced(client.clone(), &update.namespace);
+                let patch = serde_json::json!({
+                    "metadata": {"resourceVersion": update.resource_version},
+                    "status": {"parents": update.parents},
+                });
+                let route = format!("{}/{}", update.namespace, update.name);
+                match api
+                    .patch_status(&update.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => tracing::info!(%route, "HTTPRoute status written"),
+                    Err(kube::Error::Api(status)) if status.code == 409 => {
+                        tracing::debug!(%route, "HTTPRoute changed meanwhile; its status is written on the next pass")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%route, %error, "writing HTTPRoute status failed")
+                    }
+                }
+            }
+        });
     }
 }
 

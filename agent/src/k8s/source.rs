@@ -5,6 +5,8 @@ use std::{path::Path, time::Duration};
 
 use tokio::sync::mpsc;
 
+use crate::state::routes::RouteStatusUpdate;
+
 use super::{
     api::{ApiError, ApiWatch},
     cluster_state::{ClusterStateDir, ManifestError},
@@ -46,6 +48,19 @@ impl ClusterSource {
         watch.wait_synced(sync_timeout).await?;
         tracing::info!("initial list from the Kubernetes API server complete");
         Ok((Self::Api(watch), changes))
+    }
+
+    /// Reports route status to the API server; a manifest directory has nowhere to write it
+    /// (the agent's log and /config_dump carry the same errors).
+    pub fn write_route_statuses(&self, updates: Vec<RouteStatusUpdate>) {
+        if let Self::Api(watch) = self {
+            watch.write_route_statuses(updates);
+        }
+    }
+
+    /// Whether statuses are written anywhere (computing them is wasted work otherwise).
+    pub fn writes_status(&self) -> bool {
+        matches!(self, Self::Api(_))
     }
 
     pub fn refresh(&mut self) -> (ClusterSnapshot, Vec<String>) {

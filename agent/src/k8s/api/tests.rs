@@ -120,9 +120,17 @@ impl FakeApiServer {
                 };
                 let handler = handler.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |request| {
+                    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                         let handler = handler.clone();
-                        async move { Ok::<_, Infallible>(handler.serve(request)) }
+                        async move {
+                            if request.method() == hyper::Method::PATCH {
+                                let path = request.uri().path().to_owned();
+                                let body = request.into_body().collect().await.unwrap().to_bytes();
+                                let patch = serde_json::from_slice(&body).unwrap();
+                                return Ok::<_, Infallible>(handler.patch_status(&path, patch));
+                            }
+                            Ok::<_, Infallible>(handler.serve(request))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -324,6 +332,41 @@ impl FakeApiServer {
             .filter(|r| r.starts_with(prefix))
             .cloned()
             .collect()
+    }
+
+    /// A JSON merge patch of an HTTPRoute's status, conditional on the resourceVersion the
+    /// patch carries (as the API server does): 409 when it is stale.
+    fn patch_status(&self, path: &str, patch: Value) -> Response<BoxBody<Bytes, Infallible>> {
+        let key = path
+            .strip_prefix("/apis/gateway.networking.k8s.io/v1/namespaces/")
+            .and_then(|rest| rest.strip_suffix("/status"))
+            .map(|rest| rest.replacen("/httproutes/", "/", 1));
+        let current = key.as_ref().and_then(|key| {
+            self.state.lock().unwrap().collections[HTTP_ROUTES]
+                .objects
+                .get(key)
+                .cloned()
+        });
+        let Some(mut object) = current else {
+            return json_response(404, json!({"kind": "Status", "code": 404}));
+        };
+        let wanted = &patch["metadata"]["resourceVersion"];
+        let conflict = !wanted.is_null() && *wanted != object["metadata"]["resourceVersion"];
+        self.state
+            .lock()
+            .unwrap()
+            .requests
+            .push(format!("PATCH {path} {}", if conflict { 409 } else { 200 }));
+        if conflict {
+            return json_response(
+                409,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+            );
+        }
+        object["status"] = patch["status"].clone();
+        self.change(HTTP_ROUTES, "APPLY", object.clone());
+        json_response(200, object)
     }
 
     fn count(&self, request: &str) -> usize {
@@ -662,4 +705,68 @@ async fn http_routes_and_authorization_policies_are_watched_like_the_rest() {
         s.http_routes.is_empty()
     })
     .await;
+}
+
+#[tokio::test]
+async fn route_status_is_written_once_and_a_stale_write_is_refused() {
+    use crate::state::routes::{CONTROLLER_NAME, status_updates};
+
+    let api = FakeApiServer::start().await;
+    api.apply(
+        SERVICES,
+        &json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "web", "namespace": "shop"}, "spec": {}}),
+    );
+    api.apply(
+        HTTP_ROUTES,
+        &json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop", "generation": 3},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                "rules": [{"backendRefs": [{"name": "web-v2", "port": 80}]}],
+            },
+        }),
+    );
+    let (tx, mut changes) = mpsc::channel(1);
+    let watch = ApiWatch::start(api.client(), "node1", tx);
+    watch
+        .wait_synced(Duration::from_secs(10))
+        .await
+        .expect("sync");
+    converge(&watch, &mut changes, "route listed", |s| {
+        !s.http_routes.is_empty()
+    })
+    .await;
+
+    let (snapshot, _) = watch.snapshot();
+    let exists = |service: &str| service == "shop/web";
+    let updates = status_updates(&snapshot.http_routes, &[], exists, "2026-11-29T00:00:00Z");
+    assert_eq!(updates.len(), 1);
+    let stale = status_updates(&snapshot.http_routes, &[], exists, "2026-11-29T00:00:00Z");
+    watch.write_route_statuses(updates);
+    converge(&watch, &mut changes, "status written", |s| {
+        s.http_routes.values().any(|r| r.status.is_some())
+    })
+    .await;
+    let (snapshot, _) = watch.snapshot();
+    let route = &snapshot.http_routes[&("shop".into(), "web".into())];
+    let ours = &route.status.as_ref().unwrap()["parents"][0];
+    assert_eq!(ours["controllerName"], CONTROLLER_NAME);
+    assert_eq!(ours["conditions"][0]["status"], "True");
+    assert_eq!(ours["conditions"][1]["reason"], "BackendNotFound");
+    assert_eq!(ours["conditions"][1]["observedGeneration"], 3);
+    assert!(
+        status_updates(&snapshot.http_routes, &[], exists, "2026-11-30T00:00:00Z").is_empty(),
+        "nothing to write once the status is there"
+    );
+
+    // Another agent's write computed from the old version is refused, not applied.
+    watch.write_route_statuses(stale);
+    let path = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web/status";
+    eventually(|| api.count(&format!("PATCH {path} 409")) == 1)
+        .await
+        .expect("the stale write is refused");
+    assert_eq!(api.count(&format!("PATCH {path} 200")), 1);
 }

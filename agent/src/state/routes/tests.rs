@@ -11,6 +11,7 @@ fn route(namespace: &str, name: &str, yaml: &str) -> ((String, String), HttpRout
                 ..Default::default()
             },
             spec,
+            status: None,
         },
     )
 }
@@ -237,4 +238,55 @@ fn durations_and_rewrites() {
     assert_eq!(replace("/", "/old/x"), "/x");
     assert_eq!(replace("/", "/old"), "/");
     assert_eq!(replace("/new/", "/old"), "/new");
+}
+
+#[test]
+fn status_reports_acceptance_and_missing_backends_and_is_written_only_when_it_changes() {
+    let good = format!(
+        "{PARENT}rules: [{{backendRefs: [{{name: v1, port: 80}}, {{name: gone, port: 80}}]}}]\n"
+    );
+    let routes: BTreeMap<_, _> = [route("shop", "web", &good)].into_iter().collect();
+    let exists = |service: &str| service == "shop/v1";
+    let updates = status_updates(&routes, &[], exists, "2026-11-29T00:00:00Z");
+    assert_eq!(updates.len(), 1);
+    let ours = &updates[0].parents[0];
+    assert_eq!(ours["controllerName"], CONTROLLER_NAME);
+    assert_eq!(ours["parentRef"]["name"], "web");
+    assert_eq!(ours["conditions"][0]["type"], "Accepted");
+    assert_eq!(ours["conditions"][0]["status"], "True");
+    assert_eq!(ours["conditions"][1]["reason"], "BackendNotFound");
+    assert_eq!(
+        ours["conditions"][1]["message"],
+        "no such Service: shop/gone"
+    );
+
+    // Once the route carries that status (at any time), there is nothing to write; another
+    // controller's entry is kept.
+    let mut written = routes.clone();
+    let other =
+        serde_json::json!({"controllerName": "example.com/other", "parentRef": {"name": "x"}});
+    written.values_mut().next().unwrap().status =
+        Some(serde_json::json!({"parents": [other.clone(), updates[0].parents[0].clone()]}));
+    assert!(status_updates(&written, &[], exists, "2026-11-30T00:00:00Z").is_empty());
+
+    // A conversion error flips Accepted and keeps the other controller's entry.
+    let error = RouteError {
+        route: "shop/web".into(),
+        field: "spec.rules[0].timeouts.request".into(),
+        message: "bad".into(),
+    };
+    let updates = status_updates(&written, &[error], exists, "2026-11-30T00:00:00Z");
+    assert_eq!(updates.len(), 1);
+    assert_eq!(updates[0].parents[0], other);
+    let accepted = &updates[0].parents[1]["conditions"][0];
+    assert_eq!(
+        (accepted["status"].as_str(), accepted["reason"].as_str()),
+        (Some("False"), Some("UnsupportedValue"))
+    );
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.rules[0].timeouts.request: bad")
+    );
 }
