@@ -20,7 +20,7 @@ pub enum ClusterSource {
         _watcher: notify::RecommendedWatcher,
     },
     /// The API server (`--kubernetes`).
-    Api(ApiWatch),
+    Api(Box<ApiWatch>),
 }
 
 impl ClusterSource {
@@ -47,7 +47,7 @@ impl ClusterSource {
         let watch = ApiWatch::start(client, node, tx);
         watch.wait_synced(sync_timeout).await?;
         tracing::info!("initial list from the Kubernetes API server complete");
-        Ok((Self::Api(watch), changes))
+        Ok((Self::Api(Box::new(watch)), changes))
     }
 
     /// Reports route status to the API server; a manifest directory has nowhere to write it
