@@ -14,7 +14,11 @@
 //!   pod vs a meshed pod whose connections are captured and proxied. (A captured connect()
 //!   alone completes against the in-pod listener and says nothing about the proxy.)
 //! - 1 KiB keep-alive HTTP/1.1 request latency, cross-node, from a non-meshed pod (direct) vs
-//!   a meshed pod to a meshed pod (through both node proxies, HBONE mutual TLS).
+//!   a meshed pod to a meshed pod: to the pod's address (L4: both node proxies relay bytes over
+//!   HBONE mutual TLS) and to a Service with an HTTPRoute (L7: the client's node proxy parses,
+//!   routes and balances every request).
+//! - HTTP/2 (h2load, prior knowledge): one connection with 10 concurrent streams, requests/s
+//!   and per-request latency from h2load's log, direct vs through the L7 proxy.
 //! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs HBONE mTLS.
 //! - Enrolment: a pod appears on node1 (cgroup, sandbox process, then its manifest with a
 //!   podIP, in the order the kubelet and the API server produce them); the time until the
@@ -35,6 +39,20 @@ use nodemesh_testbed::{AgentOptions, Testbed};
 use serde_json::Value;
 
 const HTTP_PORT: u16 = 8080;
+/// The Service (with an HTTPRoute) in front of server-b that the L7 scenarios use.
+const L7_SERVICE_IP: &str = "198.18.201.10";
+const L7_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bench-web, namespace: mesh}
+spec:
+  parentRefs: [{group: '', kind: Service, name: bench-web, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-bench, value: l7}]}
+      backendRefs: [{name: bench-web, port: 80}]
+";
 const ECHO_PORT: u16 = 7000;
 const EXCLUDED_PORT: u16 = 7001;
 const REPORT_START: &str = "<!-- bench:start -->";
@@ -146,6 +164,29 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         tb.wait_listening(pod, ECHO_PORT)?;
         tb.wait_listening(pod, HTTP_PORT)?;
     }
+    let service = nodemesh_testbed::cluster_state::service_object(
+        "mesh",
+        "bench-web",
+        L7_SERVICE_IP,
+        80,
+        "http",
+    );
+    tb.apply_object("service-bench-web.yaml", &service)?;
+    let slice = nodemesh_testbed::cluster_state::endpoint_slice_object(
+        "bench-web",
+        "http",
+        HTTP_PORT,
+        &[(&server_b, false)],
+    );
+    tb.apply_object("endpointslice-bench-web.yaml", &slice)?;
+    let route: serde_yaml::Value = serde_yaml::from_str(L7_ROUTE)?;
+    tb.apply_object("httproute-bench-web.yaml", &route)?;
+    nodemesh_testbed::wait_until(Duration::from_secs(10), "L7 Service and route", || {
+        let dump = tb.admin_json("node1", "/config_dump")?;
+        Ok(dump["http_routes"].as_array().map(Vec::len) == Some(1)
+            && dump["services"].as_array().map(Vec::len) == Some(1))
+    })?;
+    let l7_target = format!("{L7_SERVICE_IP}:80");
 
     let connect_rate = |tb: &Testbed,
                         from: (&str, &str),
@@ -175,6 +216,8 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let (mut direct, mut hooked) = (Vec::new(), Vec::new());
     let (mut direct_tx, mut captured_tx) = (Vec::new(), Vec::new());
     let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut l50, mut l99) = (Vec::new(), Vec::new());
+    let (mut h2_direct, mut h2_l7) = (Vec::new(), Vec::new());
     let (mut bulk_direct, mut bulk_meshed) = (Vec::new(), Vec::new());
     let mut enrolment_ms: Vec<f64> = Vec::new();
     let mut issuance: Vec<Issuance> = [1, 8]
@@ -216,27 +259,39 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         direct_tx.push(connect_rate(tb, outsider, &direct_a, ECHO_PORT, 64)?);
         captured_tx.push(connect_rate(tb, client, &server_a, ECHO_PORT, 64)?);
 
-        let http_bench = |to: &nodemesh_testbed::Pod| {
+        let http_bench = |target: &str| {
             [
                 "http-bench".to_owned(),
                 "--target".to_owned(),
-                format!("{}:{HTTP_PORT}", to.ipv4()),
+                target.to_owned(),
                 "--requests".to_owned(),
                 args.requests.to_string(),
                 "--concurrency".to_owned(),
                 "1".to_owned(),
             ]
         };
-        let direct_http = http_bench(&direct_b);
-        let meshed_http = http_bench(&server_b);
+        let direct_http = http_bench(&format!("{}:{HTTP_PORT}", direct_b.ipv4()));
+        let meshed_http = http_bench(&format!("{}:{HTTP_PORT}", server_b.ipv4()));
+        let l7_http = http_bench(&l7_target);
         let direct_args: Vec<&str> = direct_http.iter().map(String::as_str).collect();
         let meshed_args: Vec<&str> = meshed_http.iter().map(String::as_str).collect();
+        let l7_args: Vec<&str> = l7_http.iter().map(String::as_str).collect();
         let plain = run_json(tb, outsider, &workload, &direct_args)?;
         let meshed = run_json(tb, client, &workload, &meshed_args)?;
+        let l7 = run_json(tb, client, &workload, &l7_args)?;
         d50.push(plain["p50_us"].as_f64().context("p50_us")?);
         d99.push(plain["p99_us"].as_f64().context("p99_us")?);
         m50.push(meshed["p50_us"].as_f64().context("p50_us")?);
         m99.push(meshed["p99_us"].as_f64().context("p99_us")?);
+        l50.push(l7["p50_us"].as_f64().context("p50_us")?);
+        l99.push(l7["p99_us"].as_f64().context("p99_us")?);
+        h2_direct.push(h2load(
+            tb,
+            outsider,
+            &format!("{}:{HTTP_PORT}", direct_b.ipv4()),
+            args.requests,
+        )?);
+        h2_l7.push(h2load(tb, client, &l7_target, args.requests)?);
         bulk_direct.push(bulk(tb, outsider, &direct_b)?);
         bulk_meshed.push(bulk(tb, client, &server_b)?);
         for level in &mut issuance {
@@ -285,6 +340,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let (direct, hooked) = (Samples(direct), Samples(hooked));
     let (direct_tx, captured_tx) = (Samples(direct_tx), Samples(captured_tx));
     let (d50, d99, m50, m99) = (Samples(d50), Samples(d99), Samples(m50), Samples(m99));
+    let (l50, l99) = (Samples(l50), Samples(l99));
     let (bulk_direct, bulk_meshed) = (Samples(bulk_direct), Samples(bulk_meshed));
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = String::new();
@@ -346,9 +402,45 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         m99.median() / d99.median()
     ));
     out.push_str(&format!(
-        "\nAdded p50 latency through two proxies with mTLS: {:.1} µs.\n",
-        m50.median() - d50.median()
+        "| meshed pod to a Service with an HTTPRoute: L7 proxy (parse, route, balance) + HBONE mTLS | {:.1} ({}) | {:.1} ({}) | {:.3} | {:.3} |\n",
+        l50.median(),
+        l50.spread(),
+        l99.median(),
+        l99.spread(),
+        l50.median() / d50.median(),
+        l99.median() / d99.median()
     ));
+    out.push_str(&format!(
+        "\nAdded p50 latency through two proxies with mTLS: {:.1} µs at L4, {:.1} µs with L7 routing.\n",
+        m50.median() - d50.median(),
+        l50.median() - d50.median()
+    ));
+    out.push_str(&format!(
+        "\n### HTTP/2 (h2load, prior knowledge), cross-node: {} requests on 1 connection, 10 streams in flight\n\n| path | requests/s | p50 µs | p99 µs | requests/s ratio | p50 ratio | p99 ratio |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        args.requests
+    ));
+    let h2_base = H2Samples::of(&h2_direct);
+    for (name, runs) in [
+        ("direct (non-meshed pods)", &h2_direct),
+        (
+            "meshed pod to a Service with an HTTPRoute: L7 proxy + HBONE mTLS",
+            &h2_l7,
+        ),
+    ] {
+        let s = H2Samples::of(runs);
+        out.push_str(&format!(
+            "| {name} | {:.0} ({}) | {:.0} ({}) | {:.0} ({}) | {:.3} | {:.3} | {:.3} |\n",
+            s.rps.median(),
+            s.rps.spread(),
+            s.p50.median(),
+            s.p50.spread(),
+            s.p99.median(),
+            s.p99.spread(),
+            s.rps.median() / h2_base.rps.median(),
+            s.p50.median() / h2_base.p50.median(),
+            s.p99.median() / h2_base.p99.median()
+        ));
+    }
     out.push_str(&format!(
         "\n### Bulk: one connection echoing {} MiB, cross-node\n\n| path | MiB/s echoed | ratio to direct |\n|---|---:|---:|\n",
         args.bulk_mib
@@ -399,6 +491,71 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         ));
     }
     Ok(out)
+}
+
+/// One h2load run: requests/s and per-request latency percentiles (µs).
+struct H2Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+struct H2Samples {
+    rps: Samples,
+    p50: Samples,
+    p99: Samples,
+}
+
+impl H2Samples {
+    fn of(runs: &[H2Run]) -> Self {
+        Self {
+            rps: Samples(runs.iter().map(|r| r.rps).collect()),
+            p50: Samples(runs.iter().map(|r| r.p50_us).collect()),
+            p99: Samples(runs.iter().map(|r| r.p99_us).collect()),
+        }
+    }
+}
+
+/// `requests` HTTP/2 requests from `from` to `target` with h2load: one connection, 10
+/// streams in flight. Latencies come from its per-request log (third column, µs).
+fn h2load(tb: &Testbed, from: (&str, &str), target: &str, requests: u64) -> anyhow::Result<H2Run> {
+    let pod = tb.pod(from.0, from.1).clone();
+    let log = std::env::temp_dir().join(format!("{}-h2load-{}.log", tb.name(), from.1));
+    let mut h2load = Command::new("h2load");
+    h2load.args(["-n", &requests.to_string(), "-c", "1", "-m", "10"]);
+    h2load.arg(format!("--log-file={}", log.display()));
+    h2load.arg(format!("http://{target}/"));
+    let output = tb.run_in_pod(&pod, h2load)?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() || !stdout.contains(&format!("{requests} succeeded")) {
+        bail!("h2load from {}/{} to {target}: {stdout}", from.0, from.1);
+    }
+    // "finished in 1.23s, 16260.16 req/s, 18.57MB/s"
+    let rps = stdout
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|s| s.strip_suffix(" req/s"))
+        .and_then(|s| s.parse::<f64>().ok())
+        .with_context(|| format!("no req/s in h2load's output: {stdout}"))?;
+    let text = std::fs::read_to_string(&log).context("h2load's log")?;
+    let _ = std::fs::remove_file(&log);
+    let mut latencies: Vec<f64> = text
+        .lines()
+        .filter_map(|line| line.split('\t').nth(2)?.trim().parse::<f64>().ok())
+        .collect();
+    if latencies.is_empty() {
+        bail!("h2load's log has no latencies");
+    }
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1]
+    };
+    Ok(H2Run {
+        rps,
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+    })
 }
 
 /// Adds `count` meshed pods to node1 one by one and measures how long each takes to show up
