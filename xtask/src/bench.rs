@@ -19,6 +19,9 @@
 //!   routes and balances every request).
 //! - HTTP/2 (h2load, prior knowledge): one connection with 10 concurrent streams, requests/s
 //!   and per-request latency from h2load's log, direct vs through the L7 proxy.
+//! - Server-first protocols: time from connect() to a server's banner when the client sends
+//!   nothing, direct vs through a Service port without `appProtocol` (protocol detection
+//!   waits its bounded time) vs one declared `tcp` (no detection): detection's added delay.
 //! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs HBONE mTLS.
 //! - Enrolment: a pod appears on node1 (cgroup, sandbox process, then its manifest with a
 //!   podIP, in the order the kubelet and the API server produce them); the time until the
@@ -39,6 +42,12 @@ use nodemesh_testbed::{AgentOptions, Testbed};
 use serde_json::Value;
 
 const HTTP_PORT: u16 = 8080;
+const BANNER_PORT: u16 = 2525;
+/// Services in front of server-b's banner server: detected, and declared `appProtocol: tcp`.
+const BANNER_DETECTED_IP: &str = "198.18.201.20";
+const BANNER_DECLARED_IP: &str = "198.18.201.21";
+/// Banner reads per run and path.
+const BANNER_READS: usize = 20;
 /// The Service (with an HTTPRoute) in front of server-b that the L7 scenarios use.
 const L7_SERVICE_IP: &str = "198.18.201.10";
 const L7_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
@@ -179,12 +188,36 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         &[(&server_b, false)],
     );
     tb.apply_object("endpointslice-bench-web.yaml", &slice)?;
+    for pod in [&server_b, &direct_b] {
+        let mut banner = Command::new(&workload);
+        banner.args(["banner-server", "--port", &BANNER_PORT.to_string()]);
+        tb.spawn_in_pod(pod, banner)?.detach();
+        tb.wait_listening(pod, BANNER_PORT)?;
+    }
+    for (name, ip, app_protocol) in [
+        ("bench-banner", BANNER_DETECTED_IP, None),
+        ("bench-banner-tcp", BANNER_DECLARED_IP, Some("tcp")),
+    ] {
+        let mut service =
+            nodemesh_testbed::cluster_state::service_object("mesh", name, ip, 80, "banner");
+        if let Some(ports) = service.spec.as_mut().and_then(|s| s.ports.as_mut()) {
+            ports[0].app_protocol = app_protocol.map(str::to_owned);
+        }
+        tb.apply_object(&format!("service-{name}.yaml"), &service)?;
+        let slice = nodemesh_testbed::cluster_state::endpoint_slice_object(
+            name,
+            "banner",
+            BANNER_PORT,
+            &[(&server_b, false)],
+        );
+        tb.apply_object(&format!("endpointslice-{name}.yaml"), &slice)?;
+    }
     let route: serde_yaml::Value = serde_yaml::from_str(L7_ROUTE)?;
     tb.apply_object("httproute-bench-web.yaml", &route)?;
     nodemesh_testbed::wait_until(Duration::from_secs(10), "L7 Service and route", || {
         let dump = tb.admin_json("node1", "/config_dump")?;
         Ok(dump["http_routes"].as_array().map(Vec::len) == Some(1)
-            && dump["services"].as_array().map(Vec::len) == Some(1))
+            && dump["services"].as_array().map(Vec::len) == Some(3))
     })?;
     let l7_target = format!("{L7_SERVICE_IP}:80");
 
@@ -218,6 +251,8 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut l50, mut l99) = (Vec::new(), Vec::new());
     let (mut h2_direct, mut h2_l7) = (Vec::new(), Vec::new());
+    let (mut banner_direct, mut banner_detected, mut banner_declared) =
+        (Vec::new(), Vec::new(), Vec::new());
     let (mut bulk_direct, mut bulk_meshed) = (Vec::new(), Vec::new());
     let mut enrolment_ms: Vec<f64> = Vec::new();
     let mut issuance: Vec<Issuance> = [1, 8]
@@ -292,6 +327,28 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             args.requests,
         )?);
         h2_l7.push(h2load(tb, client, &l7_target, args.requests)?);
+        for (samples, from, target) in [
+            (
+                &mut banner_direct,
+                outsider,
+                format!("{}:{BANNER_PORT}", direct_b.ipv4()),
+            ),
+            (
+                &mut banner_detected,
+                client,
+                format!("{BANNER_DETECTED_IP}:80"),
+            ),
+            (
+                &mut banner_declared,
+                client,
+                format!("{BANNER_DECLARED_IP}:80"),
+            ),
+        ] {
+            for _ in 0..BANNER_READS {
+                let out = run_json(tb, from, &workload, &["read-banner", "--target", &target])?;
+                samples.push(out["banner_ms"].as_f64().context("banner_ms")?);
+            }
+        }
         bulk_direct.push(bulk(tb, outsider, &direct_b)?);
         bulk_meshed.push(bulk(tb, client, &server_b)?);
         for level in &mut issuance {
@@ -439,6 +496,31 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             s.rps.median() / h2_base.rps.median(),
             s.p50.median() / h2_base.p50.median(),
             s.p99.median() / h2_base.p99.median()
+        ));
+    }
+    out.push_str(&format!(
+        "\n### Server-first protocol: connect() → the server's banner, the client sending nothing, cross-node ({} reads per path)\n\n\
+         | path | p50 ms | max ms | added max over direct ms |\n|---|---:|---:|---:|\n",
+        BANNER_READS * args.runs
+    ));
+    let banner_max = |samples: &[f64]| samples.iter().copied().fold(0.0, f64::max);
+    let banner_p50 = |samples: &[f64]| Samples(samples.to_vec()).median();
+    for (name, samples) in [
+        ("direct (non-meshed pods)", &banner_direct),
+        (
+            "meshed pod to a Service port without appProtocol (detection waits, then relays)",
+            &banner_detected,
+        ),
+        (
+            "meshed pod to a Service port with appProtocol: tcp (no detection)",
+            &banner_declared,
+        ),
+    ] {
+        out.push_str(&format!(
+            "| {name} | {:.1} | {:.1} | {:.1} |\n",
+            banner_p50(samples),
+            banner_max(samples),
+            banner_max(samples) - banner_max(&banner_direct)
         ));
     }
     out.push_str(&format!(
