@@ -21,7 +21,7 @@ use crate::{
     pods::enrolment::{EnrolledPodView, PendingPodView},
     proxy::http::balance::{Balancer, EndpointView},
     state::{authorization::PolicyView, routes::RouteView, services::ServicePortView},
-    telemetry::connections::ConnectionStats,
+    telemetry::{connections::ConnectionStats, metrics::Metrics},
 };
 
 /// What the admin server shows, updated by the agent as things change.
@@ -36,6 +36,7 @@ pub struct AdminState {
     pub routes: RwLock<Vec<RouteView>>,
     pub policies: RwLock<Vec<PolicyView>>,
     pub balancer: Arc<Balancer>,
+    pub metrics: Arc<Metrics>,
     pub identities: Option<Arc<IdentityManager>>,
     pub stats: Arc<ConnectionStats>,
     pub datapath: Arc<Datapath>,
@@ -128,6 +129,7 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             identities: state.identities.as_ref().map(|m| m.views()),
             datapath_maps: state.datapath.occupancy(),
         }),
+        "/metrics" => metrics(state),
         "/stats" => json(&serde_json::json!({
             "connections": state.stats.snapshot(),
             "inbound_plaintext": state.stats.plaintext(),
@@ -135,7 +137,7 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
         })),
         _ => text(
             StatusCode::NOT_FOUND,
-            "unknown path; try /healthz /readyz /config_dump /stats\n",
+            "unknown path; try /healthz /readyz /config_dump /metrics /stats\n",
         ),
     }
 }
@@ -154,6 +156,44 @@ fn read<T: Clone>(lock: &RwLock<Vec<T>>) -> Vec<T> {
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
+    response
+}
+
+/// Prometheus text, with the agent's own gauges brought up to date first.
+fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
+    let enrolled = read(&state.enrolled).len();
+    let maps: Vec<(String, u64)> = match serde_json::to_value(state.datapath.occupancy()) {
+        Ok(serde_json::Value::Object(maps)) => maps
+            .into_iter()
+            .filter_map(|(name, entries)| Some((name, entries.as_u64()?)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let expiry: Vec<(String, i64)> = state
+        .identities
+        .as_ref()
+        .map(|m| m.views())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|view| {
+            let not_after = view.not_after_unix? as i64;
+            Some((view.spiffe_id.to_string(), not_after - now))
+        })
+        .collect();
+    let errors = read(&state.config_errors).len();
+    state
+        .metrics
+        .set_agent_state(enrolled, &maps, &expiry, errors);
+    let mut response = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
     response
 }
 

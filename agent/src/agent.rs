@@ -36,9 +36,9 @@ use crate::{
         authorization::AuthorizationIndex,
         routes::{self, RouteTable},
         services::ServiceIndex,
-        workloads::WorkloadIndex,
+        workloads::{SharedWorkloads, WorkloadIndex},
     },
-    telemetry::connections::ConnectionStats,
+    telemetry::{access::AccessLog, connections::ConnectionStats, metrics::Metrics, otlp::Tracer},
 };
 
 /// How often pods that could not be enrolled yet (no cgroup or process) are retried.
@@ -79,6 +79,13 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
     };
     let (identities, roots) = identities.unzip();
     let balancer = Arc::new(Balancer::default());
+    let metrics = Arc::new(Metrics::default());
+    let access_log = AccessLog::new(config.access_log_sample_rate);
+    let tracer = match &config.otlp_endpoint {
+        Some(endpoint) => Tracer::start(endpoint, &config.node_name)?,
+        None => Tracer::default(),
+    };
+    let workloads: SharedWorkloads = Arc::default();
     let admin_state = Arc::new(AdminState {
         node_name: config.node_name.clone(),
         fail_mode: match config.fail_mode {
@@ -93,6 +100,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         routes: RwLock::default(),
         policies: RwLock::default(),
         balancer: Arc::clone(&balancer),
+        metrics: Arc::clone(&metrics),
         identities: identities.clone(),
         stats: Arc::clone(&stats),
         datapath: Arc::clone(&datapath),
@@ -110,10 +118,13 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         hbone: mesh_tls
             .clone()
             .map(|(identities, roots)| Arc::new(HboneClient::new(identities, roots))),
-        workloads: RwLock::default(),
+        workloads: Arc::clone(&workloads),
         services: RwLock::default(),
         routes: RwLock::default(),
         http: HttpProxy::new(config.protocol_detection_timeout, balancer),
+        metrics: Arc::clone(&metrics),
+        access_log,
+        tracer,
     });
     let inbound = mesh_tls.map(|(identities, roots)| {
         Arc::new(InboundContext {
@@ -128,6 +139,9 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             node_addresses: plaintext::node_addresses(),
             authorization: RwLock::default(),
             detect_wait: config.protocol_detection_timeout,
+            workloads: Arc::clone(&workloads),
+            metrics: Arc::clone(&metrics),
+            access_log,
         })
     });
     let mut enrolments = Enrolments::new(

@@ -73,6 +73,14 @@ pub struct AgentArgs {
     /// a server-speaks-first protocol's first bytes are delayed.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub protocol_detection_timeout_ms: u64,
+    /// Fraction of connections and HTTP requests written to the access log (JSON lines on
+    /// stdout): 1 logs every one, 0 none.
+    #[arg(long, default_value_t = 1.0, value_parser = sample_rate)]
+    pub access_log_sample_rate: f64,
+    /// OTLP/HTTP traces endpoint (e.g. http://otel-collector:4318/v1/traces); without it no
+    /// spans are exported (traceparent is propagated either way).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     /// Address of the nodemesh CA as `host:port` (a DNS name is resolved at each request);
     /// without it the agent holds no workload certificates.
     #[arg(long)]
@@ -125,6 +133,8 @@ pub struct AgentConfig {
     pub transparent_mark: u32,
     pub connect_timeout: Duration,
     pub protocol_detection_timeout: Duration,
+    pub access_log_sample_rate: f64,
+    pub otlp_endpoint: Option<String>,
     pub identity: Option<IdentityConfig>,
     pub trust_domain: String,
 }
@@ -253,6 +263,8 @@ impl TryFrom<AgentArgs> for AgentConfig {
             transparent_mark: args.transparent_mark,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             protocol_detection_timeout: Duration::from_millis(args.protocol_detection_timeout_ms),
+            access_log_sample_rate: args.access_log_sample_rate,
+            otlp_endpoint: args.otlp_endpoint,
         })
     }
 }
@@ -328,6 +340,18 @@ impl Cidr {
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// A fraction in [0, 1].
+fn sample_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("{rate} is not between 0 and 1"))
     }
 }
 

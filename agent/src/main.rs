@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod agent;
+mod cli;
 mod config;
 mod datapath;
 mod identity;
@@ -39,6 +40,18 @@ enum Command {
     Datapath {
         #[command(subcommand)]
         command: DatapathCommand,
+    },
+    /// This node's enrolled pods, identities and their expiry, and the agent's health.
+    Status {
+        /// The agent's admin API.
+        #[arg(long, default_value = cli::DEFAULT_ADMIN)]
+        admin: std::net::SocketAddr,
+    },
+    /// Live requests/s, success rate and p50/p99 per source → destination (q quits).
+    Top {
+        /// The agent's admin API.
+        #[arg(long, default_value = cli::DEFAULT_ADMIN)]
+        admin: std::net::SocketAddr,
     },
 }
 
@@ -107,6 +120,15 @@ fn main() -> ExitCode {
         Command::Datapath {
             command: DatapathCommand::Remove { bpffs },
         } => datapath::remove_pinned(&bpffs).map_err(anyhow::Error::from),
+        Command::Status { admin } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            cli::status::report(admin, now)
+                .map(|report| print!("{report}"))
+                .map_err(anyhow::Error::from)
+        }
+        Command::Top { admin } => cli::top::run(admin),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

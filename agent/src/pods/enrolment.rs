@@ -34,6 +34,7 @@ use crate::{
         plaintext,
     },
     state::membership::{MeshedPod, PeerAuthentication},
+    telemetry::metrics::Peer,
 };
 
 /// Port of the plaintext inbound listener on each meshed pod's loopback (as Istio's 15006).
@@ -260,6 +261,7 @@ impl Enrolments {
         let source = Arc::new(SourcePod {
             display_name: pod.display_name(),
             namespace: pod.namespace.clone(),
+            workload: pod.workload.clone(),
             identity: identity.clone(),
             sockets: Arc::clone(&sockets),
         });
@@ -286,6 +288,11 @@ impl Enrolments {
                     });
             let destination = Arc::new(DestinationPod::new(
                 pod.display_name(),
+                Peer {
+                    workload: pod.workload.clone(),
+                    namespace: pod.namespace.clone(),
+                    principal: identity.to_string(),
+                },
                 identity,
                 pod.ips.clone(),
                 Arc::clone(&sockets),
@@ -423,10 +430,12 @@ impl Enrolments {
 }
 
 /// Two desired states of a pod that differ at most in peer authentication (which is changed
-/// in place rather than by re-enrolling).
+/// in place rather than by re-enrolling) and workload name (a metrics label: relabelling a
+/// pod must not interrupt its traffic).
 fn same_but_mode(a: &MeshedPod, b: &MeshedPod) -> bool {
     MeshedPod {
         peer_authentication: b.peer_authentication,
+        workload: b.workload.clone(),
         ..a.clone()
     } == *b
 }

@@ -30,11 +30,16 @@ use crate::{
     datapath::Datapath,
     identity::{manager::IdentityManager, spiffe::SpiffeId, tls},
     pods::{netns::NetnsSockets, routing::SourcePreservation},
+    state::workloads::SharedWorkloads,
     state::{
         authorization::{AuthorizationIndex, Decision, Policy, RequestAttributes, decide},
         membership::PeerAuthentication,
     },
-    telemetry::connections::ConnectionStats,
+    telemetry::{
+        access::AccessLog,
+        connections::ConnectionStats,
+        metrics::{Metrics, Peer, Reporter, Traffic, UNKNOWN},
+    },
 };
 
 /// What every inbound handler needs, shared by the node.
@@ -53,9 +58,33 @@ pub struct InboundContext {
     pub authorization: RwLock<Arc<AuthorizationIndex>>,
     /// How long a stream that authorization must parse may take to show it is HTTP.
     pub detect_wait: Duration,
+    pub workloads: SharedWorkloads,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
 }
 
 impl InboundContext {
+    /// The client of a connection from `ip`: its workload when it is a meshed pod, and the
+    /// principal it proved (`verified`), or `unknown` for plaintext.
+    pub fn source_peer(&self, ip: IpAddr, verified: Option<&SpiffeId>) -> Peer {
+        let known = self
+            .workloads
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .peer_of(crate::proxy::delivery::canonical(ip));
+        match verified {
+            Some(id) => Peer {
+                workload: known.workload,
+                namespace: id.namespace().to_owned(),
+                principal: id.to_string(),
+            },
+            None => Peer {
+                principal: UNKNOWN.to_owned(),
+                ..known
+            },
+        }
+    }
+
     pub fn policies_of(&self, pod: &DestinationPod) -> Vec<Arc<Policy>> {
         self.authorization
             .read()
@@ -67,6 +96,8 @@ impl InboundContext {
 /// One meshed pod as its inbound listeners (HBONE and plaintext) see it.
 pub struct DestinationPod {
     pub display_name: String,
+    /// Who it is, for metrics and access logs.
+    pub peer: Peer,
     pub identity: SpiffeId,
     pub ips: Vec<IpAddr>,
     pub sockets: Arc<NetnsSockets>,
@@ -79,6 +110,7 @@ pub struct DestinationPod {
 impl DestinationPod {
     pub fn new(
         display_name: String,
+        peer: Peer,
         identity: SpiffeId,
         ips: Vec<IpAddr>,
         sockets: Arc<NetnsSockets>,
@@ -87,6 +119,7 @@ impl DestinationPod {
     ) -> Self {
         let pod = Self {
             display_name,
+            peer,
             identity,
             ips,
             sockets,
@@ -225,7 +258,15 @@ async fn handle_connect(
     };
     let source = peer_id.to_string();
     ctx.stats.opened(&source, target);
+    let traffic = Traffic {
+        reporter: Reporter::Destination,
+        source: ctx.source_peer(peer.ip(), Some(&peer_id)),
+        destination: pod.peer.clone(),
+        destination_service: UNKNOWN.to_owned(),
+        mutual_tls: true,
+    };
     tokio::spawn(async move {
+        let started = std::time::Instant::now();
         let (sent, received) = match hyper::upgrade::on(request).await {
             Ok(upgraded) if inspects_http => {
                 let check = Check {
@@ -234,10 +275,26 @@ async fn handle_connect(
                     peer: peer_id,
                     port: target.port(),
                     detect_wait: ctx.detect_wait,
+                    traffic,
+                    metrics: Arc::clone(&ctx.metrics),
+                    access_log: ctx.access_log,
                 };
                 authorize::serve(TokioIo::new(upgraded), upstream, check).await
             }
-            Ok(upgraded) => relay(TokioIo::new(upgraded), upstream, |_, app| reset(app)).await,
+            Ok(upgraded) => {
+                ctx.metrics.tcp_opened(&traffic);
+                let (sent, received) =
+                    relay(TokioIo::new(upgraded), upstream, |_, app| reset(app)).await;
+                ctx.metrics.tcp_closed(&traffic, sent, received);
+                ctx.access_log.connection(
+                    &traffic,
+                    &target.to_string(),
+                    sent,
+                    received,
+                    started.elapsed(),
+                );
+                (sent, received)
+            }
             Err(error) => {
                 tracing::info!(%peer, %error, "HBONE upgrade failed");
                 (0, 0)

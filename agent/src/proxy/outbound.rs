@@ -39,9 +39,14 @@ use crate::{
     state::{
         routes::RouteTable,
         services::{Resolution, ServiceIndex},
-        workloads::WorkloadIndex,
+        workloads::SharedWorkloads,
     },
-    telemetry::connections::ConnectionStats,
+    telemetry::{
+        access::AccessLog,
+        connections::ConnectionStats,
+        metrics::{self, Metrics, Peer, Reporter, Traffic},
+        otlp::Tracer,
+    },
 };
 
 /// What every outbound connection handler needs, shared by all pods of the node.
@@ -52,10 +57,13 @@ pub struct OutboundContext {
     pub connect_timeout: Duration,
     /// Present when the node holds workload identities (a CA is configured).
     pub hbone: Option<Arc<HboneClient>>,
-    pub workloads: RwLock<Arc<WorkloadIndex>>,
+    pub workloads: SharedWorkloads,
     pub services: RwLock<Arc<ServiceIndex>>,
     pub routes: RwLock<Arc<RouteTable>>,
     pub http: HttpProxy,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
+    pub tracer: Tracer,
 }
 
 impl OutboundContext {
@@ -75,6 +83,14 @@ impl OutboundContext {
         self.hbone.as_ref()?;
         let index = self.workloads.read().unwrap_or_else(|p| p.into_inner());
         index.identity_of(ip).cloned()
+    }
+
+    /// Who owns `ip`, for metrics and access logs.
+    pub fn peer_of(&self, ip: IpAddr) -> Peer {
+        self.workloads
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .peer_of(ip)
     }
 
     /// Connects `pod` to `target` the way the mesh carries its traffic: HBONE to a meshed
@@ -156,10 +172,25 @@ impl AsyncWrite for Upstream {
     }
 }
 
+impl SourcePod {
+    /// This pod as the source of traffic, for metrics and access logs.
+    pub fn peer(&self) -> Peer {
+        Peer {
+            workload: self.workload.clone(),
+            namespace: self.namespace.clone(),
+            principal: self
+                .identity
+                .as_ref()
+                .map_or_else(|| metrics::UNKNOWN.to_owned(), ToString::to_string),
+        }
+    }
+}
+
 /// One meshed pod as the proxy sees it.
 pub struct SourcePod {
     pub display_name: String,
     pub namespace: String,
+    pub workload: String,
     pub identity: Option<SpiffeId>,
     pub sockets: Arc<NetnsSockets>,
 }
@@ -214,11 +245,16 @@ async fn forward(
         .frontend(original);
     let mut prefix = Vec::new();
     let mut client = client;
+    let destination_service = frontend.as_ref().map_or_else(
+        || metrics::UNKNOWN.to_owned(),
+        |f| metrics::service_fqdn(&f.service),
+    );
     if let Some(frontend) = frontend {
         let wait = match http::detection_for(frontend.app_protocol.as_deref(), ctx.http.detect_wait)
         {
             Detection::Skip => {
                 ctx.stats.detected(|c| c.skipped += 1);
+                ctx.metrics.detected("skipped");
                 None
             }
             Detection::Unbounded => Some(None),
@@ -240,6 +276,13 @@ async fn forward(
                 Protocol::Http2 => c.http2 += 1,
                 Protocol::Tls => c.tls += 1,
                 Protocol::Opaque => c.opaque += 1,
+            });
+            ctx.metrics.detected(match protocol {
+                _ if detected.timed_out => "timed_out",
+                Protocol::Http1 => "http1",
+                Protocol::Http2 => "http2",
+                Protocol::Tls => "tls",
+                Protocol::Opaque => "opaque",
             });
             tracing::debug!(pod = %pod.display_name, destination = %original, ?protocol, timed_out = detected.timed_out, "protocol detected");
             if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
@@ -282,6 +325,15 @@ async fn forward(
             return;
         }
     };
+    let traffic = Traffic {
+        reporter: Reporter::Source,
+        source: pod.peer(),
+        destination: ctx.peer_of(target.ip()),
+        destination_service,
+        mutual_tls: matches!(upstream, Upstream::Mesh(_)),
+    };
+    ctx.metrics.tcp_opened(&traffic);
+    let started = std::time::Instant::now();
     let (sent, received) = relay(client, upstream, |client, upstream| {
         reset(client.inner());
         if let Upstream::Direct(stream) = upstream {
@@ -291,6 +343,14 @@ async fn forward(
     .await;
     ctx.stats
         .closed(&pod.display_name, original, sent, received);
+    ctx.metrics.tcp_closed(&traffic, sent, received);
+    ctx.access_log.connection(
+        &traffic,
+        &target.to_string(),
+        sent,
+        received,
+        started.elapsed(),
+    );
     tracing::debug!(pod = %pod.display_name, destination = %original, %target, sent, received, "connection closed");
 }
 

@@ -23,6 +23,7 @@ use crate::state::{
     authorization::{Decision, RequestAttributes, decide},
     membership::PeerAuthentication,
 };
+use crate::telemetry::metrics::{Reporter, Traffic, UNKNOWN};
 
 /// The source label of plaintext connections in the connection counters.
 pub const PLAINTEXT_SOURCE: &str = "plaintext";
@@ -85,12 +86,29 @@ async fn serve_connection(
         }
     };
     ctx.stats.opened(PLAINTEXT_SOURCE, target);
+    let traffic = Traffic {
+        reporter: Reporter::Destination,
+        source: ctx.source_peer(peer.ip(), None),
+        destination: pod.peer.clone(),
+        destination_service: UNKNOWN.to_owned(),
+        mutual_tls: false,
+    };
+    ctx.metrics.tcp_opened(&traffic);
+    let started = std::time::Instant::now();
     let (sent, received) = relay(client, upstream, |client, app| {
         reset(client);
         reset(app);
     })
     .await;
     ctx.stats.closed(PLAINTEXT_SOURCE, target, sent, received);
+    ctx.metrics.tcp_closed(&traffic, sent, received);
+    ctx.access_log.connection(
+        &traffic,
+        &target.to_string(),
+        sent,
+        received,
+        started.elapsed(),
+    );
 }
 
 fn is_node_address(node_addresses: &[IpAddr], peer: IpAddr) -> bool {

@@ -54,6 +54,9 @@ pub struct MeshedPod {
     pub namespace: String,
     pub name: String,
     pub service_account: String,
+    /// What metrics call the pod's workload: label `app.kubernetes.io/name`, else `app`,
+    /// else the pod's name.
+    pub workload: String,
     pub ips: Vec<IpAddr>,
     pub peer_authentication: PeerAuthentication,
 }
@@ -148,6 +151,10 @@ fn meshed_pod(pod: &Pod, peer_authentication: PeerAuthentication) -> Option<Mesh
             .service_account_name
             .clone()
             .unwrap_or_else(|| "default".to_owned()),
+        workload: label(&pod.metadata, "app.kubernetes.io/name")
+            .or_else(|| label(&pod.metadata, "app"))
+            .or(pod.metadata.name.as_deref())?
+            .to_owned(),
         ips,
         peer_authentication,
     })

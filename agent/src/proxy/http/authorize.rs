@@ -33,6 +33,10 @@ use crate::{
         relay::{relay, reset},
     },
     state::authorization::{Decision, Policy, RequestAttributes, decide},
+    telemetry::{
+        access::{AccessLog, RequestRecord},
+        metrics::{Metrics, Traffic},
+    },
 };
 
 /// Who is asking what, for every request on one stream.
@@ -42,6 +46,10 @@ pub struct Check {
     pub peer: SpiffeId,
     pub port: u16,
     pub detect_wait: Duration,
+    /// The stream's labels, reported by the destination.
+    pub traffic: Traffic,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
 }
 
 impl Check {
@@ -75,7 +83,17 @@ where
         }
         _ => match check.decide(None) {
             Decision::Allow => {
-                relay(stream, app, |_, app| reset(app)).await;
+                let started = std::time::Instant::now();
+                check.metrics.tcp_opened(&check.traffic);
+                let (sent, received) = relay(stream, app, |_, app| reset(app)).await;
+                check.metrics.tcp_closed(&check.traffic, sent, received);
+                check.access_log.connection(
+                    &check.traffic,
+                    &check.pod,
+                    sent,
+                    received,
+                    started.elapsed(),
+                );
             }
             Decision::Deny(by) => {
                 tracing::warn!(pod = %check.pod, peer = %check.peer, port = check.port, policy = %by, "authorization: non-HTTP stream denied");
@@ -155,14 +173,47 @@ where
     }
 }
 
+/// Decides on one request, forwards it if allowed, and reports it.
 async fn authorize(
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
     sender: &AppSender,
     check: &Check,
 ) -> Response<Body> {
+    let started = std::time::Instant::now();
     let method = request.method().as_str().to_owned();
     let path = request.uri().path().to_owned();
-    if let Decision::Deny(by) = check.decide(Some((&method, &path))) {
+    let protocol = super::request::protocol_of(request.headers());
+    let trace_id = super::trace::trace_id_of(request.headers());
+    let response = decide_and_forward(request, sender, check, &method, &path).await;
+    let took = started.elapsed();
+    let status = response.status().as_u16();
+    check
+        .metrics
+        .request(&check.traffic, protocol, status, took);
+    check.access_log.request(
+        &check.traffic,
+        &RequestRecord {
+            method: &method,
+            path: &path,
+            protocol,
+            status,
+            route: "",
+            endpoint: None,
+            duration: took,
+            trace_id: &trace_id,
+        },
+    );
+    response
+}
+
+async fn decide_and_forward(
+    mut request: Request<Incoming>,
+    sender: &AppSender,
+    check: &Check,
+    method: &str,
+    path: &str,
+) -> Response<Body> {
+    if let Decision::Deny(by) = check.decide(Some((method, path))) {
         tracing::warn!(pod = %check.pod, peer = %check.peer, port = check.port, %method, %path, policy = %by, "authorization: request denied");
         return answer(
             StatusCode::FORBIDDEN,

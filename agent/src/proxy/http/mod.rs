@@ -6,6 +6,7 @@ pub mod authorize;
 pub mod balance;
 pub mod detect;
 mod request;
+pub mod trace;
 pub mod upstream;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};

@@ -20,11 +20,16 @@ use super::{
     Body, ClientConnection,
     balance::Outcome,
     detect::Protocol,
+    trace,
     upstream::{UpstreamError, Version},
 };
 use crate::{
     proxy::{hbone::HboneError, outbound::DialError},
     state::routes::{Backend, RequestMatch, RequestView, RouteDecision, Rule},
+    telemetry::{
+        access::RequestRecord,
+        metrics::{self, Peer, Reporter, Traffic},
+    },
 };
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
@@ -40,7 +45,76 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-pub async fn handle(request: Request<Incoming>, connection: &ClientConnection) -> Response<Body> {
+/// Where a request went, as far as it got.
+#[derive(Default)]
+pub struct Reached {
+    /// `namespace/name` of the matched HTTPRoute, if any.
+    route: String,
+    /// `namespace/name` of the backend Service chosen.
+    backend: Option<String>,
+    endpoint: Option<SocketAddr>,
+}
+
+/// Serves one request and reports it (metrics, access log, trace span).
+pub async fn handle(
+    mut request: Request<Incoming>,
+    connection: &ClientConnection,
+) -> Response<Body> {
+    let started = Instant::now();
+    let span = trace::propagate(request.headers_mut());
+    let method = request.method().as_str().to_owned();
+    let path = request.uri().path().to_owned();
+    let protocol = protocol_of(request.headers());
+    let mut reached = Reached::default();
+    let response = route_and_forward(request, connection, &mut reached).await;
+    let took = started.elapsed();
+    let ctx = &connection.ctx;
+    let destination = reached
+        .endpoint
+        .map_or_else(Peer::unknown, |endpoint| ctx.peer_of(endpoint.ip()));
+    let traffic = Traffic {
+        reporter: Reporter::Source,
+        source: connection.pod.peer(),
+        mutual_tls: ctx.hbone.is_some() && destination.principal != metrics::UNKNOWN,
+        destination,
+        destination_service: metrics::service_fqdn(
+            reached
+                .backend
+                .as_deref()
+                .unwrap_or(&connection.frontend.service),
+        ),
+    };
+    let status = response.status().as_u16();
+    ctx.metrics.request(&traffic, protocol, status, took);
+    let trace_id = span.trace_id_hex();
+    let record = RequestRecord {
+        method: &method,
+        path: &path,
+        protocol,
+        status,
+        route: &reached.route,
+        endpoint: reached.endpoint,
+        duration: took,
+        trace_id: &trace_id,
+    };
+    ctx.access_log.request(&traffic, &record);
+    ctx.tracer.export(&span, &record, &traffic);
+    response
+}
+
+/// `grpc` for gRPC requests, `http` for the rest (Istio's `request_protocol`).
+pub fn protocol_of(headers: &HeaderMap) -> &'static str {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc { "grpc" } else { "http" }
+}
+
+async fn route_and_forward(
+    request: Request<Incoming>,
+    connection: &ClientConnection,
+    reached: &mut Reached,
+) -> Response<Body> {
     let routes = Arc::clone(
         &connection
             .ctx
@@ -66,7 +140,10 @@ pub async fn handle(request: Request<Incoming>, connection: &ClientConnection) -
             route,
             matcher,
             rule,
-        } => (rule.as_ref(), Some(matcher), route),
+        } => {
+            reached.route = route.to_owned();
+            (rule.as_ref(), Some(matcher), route)
+        }
         RouteDecision::NoMatch => {
             return answer(
                 StatusCode::NOT_FOUND,
@@ -94,7 +171,7 @@ pub async fn handle(request: Request<Incoming>, connection: &ClientConnection) -
         return redirect_response(&request, matcher, redirect, connection.original);
     }
     let deadline = rule.request_timeout;
-    let forwarding = forward(request, rule, matcher, connection);
+    let forwarding = forward(request, rule, matcher, connection, reached);
     let mut response = match deadline {
         Some(limit) => match tokio::time::timeout(limit, forwarding).await {
             Ok(response) => response,
@@ -116,6 +193,7 @@ async fn forward(
     rule: &Rule,
     matcher: Option<&RequestMatch>,
     connection: &ClientConnection,
+    reached: &mut Reached,
 ) -> Response<Body> {
     let upgrade = is_upgrade(&request);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -179,16 +257,16 @@ async fn forward(
         let mut outgoing = Request::new(outgoing_body);
         *outgoing.method_mut() = parts.method.clone();
         *outgoing.headers_mut() = parts.headers.clone();
-        let response = send_to_backend(
-            connection,
+        reached.backend = Some(backend.service.clone());
+        let this_attempt = Attempt {
             backend,
             version,
-            &authority,
-            &path,
-            outgoing,
-            rule.backend_timeout,
-        )
-        .await;
+            authority: &authority,
+            path: &path,
+            timeout: rule.backend_timeout,
+        };
+        let response =
+            send_to_backend(connection, &this_attempt, outgoing, &mut reached.endpoint).await;
         let retryable = match &response {
             Ok(r) => retry.is_some_and(|retry| retry.codes.contains(&r.status().as_u16())),
             Err(refusal) => refusal.status == StatusCode::SERVICE_UNAVAILABLE && retry.is_some(),
@@ -220,16 +298,32 @@ async fn forward(
     }
 }
 
-/// Sends one attempt to an endpoint of `backend`. Err is what the proxy answers instead.
+/// Where and how one attempt of a request goes.
+struct Attempt<'a> {
+    backend: &'a Backend,
+    version: Version,
+    /// What the client addressed (after any rewrite), for Host / `:authority`.
+    authority: &'a str,
+    path: &'a str,
+    /// `timeouts.backendRequest`.
+    timeout: Option<Duration>,
+}
+
+/// Sends one attempt to an endpoint of its backend, recording the endpoint in `chosen`.
+/// Err is what the proxy answers instead.
 async fn send_to_backend(
     connection: &ClientConnection,
-    backend: &Backend,
-    version: Version,
-    authority: &str,
-    path: &str,
+    attempt: &Attempt<'_>,
     mut request: Request<Body>,
-    timeout: Option<Duration>,
+    chosen: &mut Option<SocketAddr>,
 ) -> Result<Response<Incoming>, Refusal> {
+    let Attempt {
+        backend,
+        version,
+        authority,
+        path,
+        timeout,
+    } = *attempt;
     let ctx = &connection.ctx;
     let endpoints = {
         let services = ctx.services.read().unwrap_or_else(|p| p.into_inner());
@@ -254,6 +348,7 @@ async fn send_to_backend(
             ),
         ));
     };
+    *chosen = Some(endpoint);
     *request.uri_mut() = match upstream_uri(version, authority, path) {
         Ok(uri) => uri,
         Err(message) => return Err(Refusal::new(StatusCode::BAD_REQUEST, message)),

@@ -1,0 +1,144 @@
+//! `nodemesh status`: what the agent on this node is doing, from its admin API.
+
+use std::{fmt::Write, net::SocketAddr};
+
+use serde_json::Value;
+
+use super::admin_client::{self, AdminError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error("/config_dump is not the JSON this nodemesh understands: {0}")]
+    Dump(serde_json::Error),
+}
+
+/// The status report, as printed.
+pub fn report(admin: SocketAddr, now_unix: u64) -> Result<String, StatusError> {
+    let (ready, _) = admin_client::get(admin, "/readyz")?;
+    let (_, body) = admin_client::get(admin, "/config_dump")?;
+    let dump: Value = serde_json::from_str(&body).map_err(StatusError::Dump)?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node {}: {} (fail mode {}, programs at {})",
+        dump["node"].as_str().unwrap_or("?"),
+        if ready == 200 { "ready" } else { "NOT READY" },
+        dump["fail_mode"].as_str().unwrap_or("?"),
+        dump["attach_point"].as_str().unwrap_or("?"),
+    );
+    let pods = dump["enrolled_pods"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let _ = writeln!(out, "\nENROLLED PODS ({})", pods.len());
+    let _ = writeln!(
+        out,
+        "  {:<32} {:<28} {:<11} {:<10} IDENTITY",
+        "POD", "ADDRESSES", "PEER AUTH", "CGROUP"
+    );
+    for pod in &pods {
+        let ips: Vec<&str> = pod["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {:<32} {:<28} {:<11} {:<10} sa/{}",
+            format!(
+                "{}/{}",
+                pod["namespace"].as_str().unwrap_or("?"),
+                pod["name"].as_str().unwrap_or("?")
+            ),
+            ips.join(","),
+            pod["peer_authentication"].as_str().unwrap_or("?"),
+            pod["cgroup_id"],
+            pod["service_account"].as_str().unwrap_or("?"),
+        );
+    }
+    let pending = dump["pending_pods"].as_array().cloned().unwrap_or_default();
+    if !pending.is_empty() {
+        let _ = writeln!(out, "\nPENDING PODS ({})", pending.len());
+        for pod in &pending {
+            let _ = writeln!(out, "  {pod}");
+        }
+    }
+    match dump["identities"].as_array() {
+        None => {
+            let _ = writeln!(out, "\nIDENTITIES: none (the agent runs without a CA)");
+        }
+        Some(identities) => {
+            let _ = writeln!(out, "\nIDENTITIES ({})", identities.len());
+            for identity in identities {
+                let expiry = identity["not_after_unix"].as_u64().map_or(
+                    "no certificate yet".to_owned(),
+                    |at| {
+                        if at > now_unix {
+                            format!("expires in {}", human(at - now_unix))
+                        } else {
+                            format!("EXPIRED {} ago", human(now_unix - at))
+                        }
+                    },
+                );
+                let renewal = identity["renew_at_unix"]
+                    .as_u64()
+                    .filter(|at| *at > now_unix)
+                    .map(|at| format!(", renews in {}", human(at - now_unix)))
+                    .unwrap_or_default();
+                let error = identity["last_error"]
+                    .as_str()
+                    .map(|e| format!("  last error: {e}"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {:<56} {expiry}{renewal}{error}",
+                    identity["spiffe_id"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
+    let count = |key: &str| dump[key].as_array().map_or(0, Vec::len);
+    let _ = writeln!(
+        out,
+        "\nSERVICES {}   HTTP ROUTES {}   AUTHORIZATION POLICIES {}   L7 ENDPOINTS {} ({} ejected)",
+        count("services"),
+        count("http_routes"),
+        count("authorization_policies"),
+        count("http_endpoints"),
+        dump["http_endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["ejected"] == true)
+            .count(),
+    );
+    let errors = dump["config_errors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if errors.is_empty() {
+        let _ = writeln!(out, "CONFIG ERRORS none");
+    } else {
+        let _ = writeln!(
+            out,
+            "CONFIG ERRORS ({}; the last good version of each is in use)",
+            errors.len()
+        );
+        for error in &errors {
+            let _ = writeln!(out, "  {}", error.as_str().unwrap_or("?"));
+        }
+    }
+    Ok(out)
+}
+
+/// 3h12m, 4m05s, 9s.
+fn human(seconds: u64) -> String {
+    match seconds {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}

@@ -1,0 +1,447 @@
+//! Prometheus metrics (`/metrics` on the admin port), with prometheus-client.
+//!
+//! Traffic metrics use Istio's names and standard labels, so dashboards built for Istio
+//! (Kiali, the Istio Grafana dashboards) read them unchanged:
+//! `istio_requests_total` and `istio_request_duration_milliseconds` for HTTP requests the
+//! proxy parsed, and `istio_tcp_{sent,received}_bytes_total` and
+//! `istio_tcp_connections_{opened,closed}_total` for connections relayed as opaque TCP.
+//! `reporter` is `source` for what the client's node proxy saw and `destination` for what
+//! the destination's saw (HBONE streams, plaintext, and requests authorization parsed).
+//! Bytes are application payload bytes, as the applications sent them.
+//!
+//! Cardinality is bounded: every label value comes from the cluster (workloads, namespaces,
+//! identities, Services, status codes), never from an address outside it (unknown peers are
+//! `unknown`), and each family holds at most `MAX_SERIES` label sets; past that, new ones
+//! are counted with the destination labels set to `other`, so a pod scanning the cluster
+//! cannot grow the agent's memory without bound.
+//!
+//! The agent's own metrics are `nodemesh_*`: enrolled pods, datapath map occupancy,
+//! certificate expiry, protocol detection outcomes, configuration errors.
+
+use std::{
+    collections::HashSet,
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Mutex,
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Label sets per family before new ones are folded into `other`.
+pub const MAX_SERIES: usize = 10_000;
+pub const UNKNOWN: &str = "unknown";
+const OTHER: &str = "other";
+
+/// Who is at one end of a connection or request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    /// SPIFFE ID, or `unknown`.
+    pub principal: String,
+}
+
+/// A Service's name as Istio labels it: `name.namespace.svc.cluster.local`, from
+/// `namespace/name`.
+pub fn service_fqdn(service: &str) -> String {
+    match service.split_once('/') {
+        Some((namespace, name)) => format!("{name}.{namespace}.svc.cluster.local"),
+        None => service.to_owned(),
+    }
+}
+
+impl Peer {
+    pub fn unknown() -> Self {
+        Self {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            principal: UNKNOWN.into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// What one connection or request is, for its labels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Traffic {
+    pub reporter: Reporter,
+    pub source: Peer,
+    pub destination: Peer,
+    /// `name.namespace.svc.cluster.local`, or `unknown`.
+    pub destination_service: String,
+    /// Mutual TLS (HBONE) or not.
+    pub mutual_tls: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_service: String,
+    request_protocol: &'static str,
+    response_code: String,
+    connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_service: String,
+    request_protocol: &'static str,
+    connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RequestLabels, Histogram>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    enrolled_pods: Gauge,
+    map_entries: Family<MapLabels, Gauge>,
+    certificate_expiry: Family<IdentityLabels, Gauge>,
+    detection: Family<OutcomeLabels, Counter>,
+    config_errors: Gauge,
+    /// Hashes of the label sets in use, per kind (requests, tcp), for the bound.
+    seen: Mutex<[HashSet<u64>; 2]>,
+}
+
+fn duration_histogram() -> Histogram {
+    // Istio's default buckets for istio_request_duration_milliseconds.
+    Histogram::new([
+        1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+        60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration = Family::<RequestLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        let tcp_sent = Family::<TcpLabels, Counter>::default();
+        let tcp_received = Family::<TcpLabels, Counter>::default();
+        let tcp_opened = Family::<TcpLabels, Counter>::default();
+        let tcp_closed = Family::<TcpLabels, Counter>::default();
+        let enrolled_pods = Gauge::default();
+        let map_entries = Family::<MapLabels, Gauge>::default();
+        let certificate_expiry = Family::<IdentityLabels, Gauge>::default();
+        let detection = Family::<OutcomeLabels, Counter>::default();
+        let config_errors = Gauge::default();
+        // prometheus-client appends `_total` to counters.
+        registry.register("istio_requests", "HTTP requests", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "HTTP request duration, from the request head to the response head",
+            request_duration.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes from source to destination",
+            tcp_sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes from destination to source",
+            tcp_received.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            tcp_closed.clone(),
+        );
+        registry.register(
+            "nodemesh_enrolled_pods",
+            "Pods enrolled on this node",
+            enrolled_pods.clone(),
+        );
+        registry.register(
+            "nodemesh_datapath_map_entries",
+            "Entries in each pinned eBPF map",
+            map_entries.clone(),
+        );
+        registry.register(
+            "nodemesh_certificate_expiry_seconds",
+            "Seconds until each workload certificate held by this node expires",
+            certificate_expiry.clone(),
+        );
+        registry.register(
+            "nodemesh_protocol_detection",
+            "Protocol detection outcomes on connections to Service ports",
+            detection.clone(),
+        );
+        registry.register(
+            "nodemesh_config_errors",
+            "Cluster objects currently rejected (their last good version is in use)",
+            config_errors.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            tcp_sent,
+            tcp_received,
+            tcp_opened,
+            tcp_closed,
+            enrolled_pods,
+            map_entries,
+            certificate_expiry,
+            detection,
+            config_errors,
+            seen: Mutex::default(),
+        }
+    }
+}
+
+impl Traffic {
+    fn bounded(&self, kind: usize, metrics: &Metrics) -> Traffic {
+        let mut hasher = DefaultHasher::new();
+        self.hash(&mut hasher);
+        let key = hasher.finish();
+        let mut seen = metrics.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let set = &mut seen[kind];
+        if set.contains(&key) || set.len() < MAX_SERIES {
+            set.insert(key);
+            return self.clone();
+        }
+        Traffic {
+            destination: Peer {
+                workload: OTHER.into(),
+                namespace: OTHER.into(),
+                principal: OTHER.into(),
+            },
+            destination_service: OTHER.into(),
+            ..self.clone()
+        }
+    }
+
+    fn reporter(&self) -> &'static str {
+        match self.reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+
+    fn security(&self) -> &'static str {
+        if self.mutual_tls {
+            "mutual_tls"
+        } else {
+            "none"
+        }
+    }
+
+    fn tcp_labels(&self) -> TcpLabels {
+        TcpLabels {
+            reporter: self.reporter(),
+            source_workload: self.source.workload.clone(),
+            source_workload_namespace: self.source.namespace.clone(),
+            source_principal: self.source.principal.clone(),
+            destination_workload: self.destination.workload.clone(),
+            destination_workload_namespace: self.destination.namespace.clone(),
+            destination_principal: self.destination.principal.clone(),
+            destination_service: self.destination_service.clone(),
+            request_protocol: "tcp",
+            connection_security_policy: self.security(),
+        }
+    }
+
+    fn request_labels(&self, protocol: &'static str, status: u16) -> RequestLabels {
+        let tcp = self.tcp_labels();
+        RequestLabels {
+            reporter: tcp.reporter,
+            source_workload: tcp.source_workload,
+            source_workload_namespace: tcp.source_workload_namespace,
+            source_principal: tcp.source_principal,
+            destination_workload: tcp.destination_workload,
+            destination_workload_namespace: tcp.destination_workload_namespace,
+            destination_principal: tcp.destination_principal,
+            destination_service: tcp.destination_service,
+            request_protocol: protocol,
+            response_code: status.to_string(),
+            connection_security_policy: tcp.connection_security_policy,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn tcp_opened(&self, traffic: &Traffic) {
+        let labels = traffic.bounded(1, self).tcp_labels();
+        self.tcp_opened.get_or_create(&labels).inc();
+    }
+
+    /// A relayed connection ended having carried `sent` bytes from the source and
+    /// `received` bytes back.
+    pub fn tcp_closed(&self, traffic: &Traffic, sent: u64, received: u64) {
+        let labels = traffic.bounded(1, self).tcp_labels();
+        self.tcp_sent.get_or_create(&labels).inc_by(sent);
+        self.tcp_received.get_or_create(&labels).inc_by(received);
+        self.tcp_closed.get_or_create(&labels).inc();
+    }
+
+    /// One HTTP request; `protocol` is `http` or `grpc`.
+    pub fn request(&self, traffic: &Traffic, protocol: &'static str, status: u16, took: Duration) {
+        let labels = traffic.bounded(0, self).request_labels(protocol, status);
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64() * 1000.0);
+    }
+
+    pub fn detected(&self, outcome: &'static str) {
+        self.detection
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// The agent's own state, set just before each scrape.
+    pub fn set_agent_state(
+        &self,
+        enrolled_pods: usize,
+        map_entries: &[(String, u64)],
+        certificate_expiry: &[(String, i64)],
+        config_errors: usize,
+    ) {
+        self.enrolled_pods.set(enrolled_pods as i64);
+        for (map, entries) in map_entries {
+            self.map_entries
+                .get_or_create(&MapLabels { map: map.clone() })
+                .set(*entries as i64);
+        }
+        self.certificate_expiry.clear();
+        for (identity, seconds) in certificate_expiry {
+            self.certificate_expiry
+                .get_or_create(&IdentityLabels {
+                    identity: identity.clone(),
+                })
+                .set(*seconds);
+        }
+        self.config_errors.set(config_errors as i64);
+    }
+
+    /// The Prometheus text exposition (OpenMetrics).
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            tracing::warn!("encoding metrics failed");
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn traffic(destination: &str) -> Traffic {
+        Traffic {
+            reporter: Reporter::Source,
+            source: Peer {
+                workload: "client".into(),
+                namespace: "shop".into(),
+                principal: "spiffe://cluster.local/ns/shop/sa/client".into(),
+            },
+            destination: Peer {
+                workload: destination.into(),
+                namespace: "shop".into(),
+                principal: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            },
+            destination_service: "web.shop.svc.cluster.local".into(),
+            mutual_tls: true,
+        }
+    }
+
+    #[test]
+    fn istio_names_and_labels_and_exact_counts() {
+        let metrics = Metrics::default();
+        for _ in 0..3 {
+            metrics.request(&traffic("web"), "http", 200, Duration::from_millis(7));
+        }
+        metrics.request(&traffic("web"), "http", 503, Duration::from_millis(1));
+        metrics.tcp_opened(&traffic("db"));
+        metrics.tcp_closed(&traffic("db"), 100, 2000);
+        metrics.detected("http1");
+        let text = metrics.encode();
+        let labels = "connection_security_policy=\"mutual_tls\"";
+        assert!(text.contains("istio_requests_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"shop\",source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",destination_workload=\"web\",destination_workload_namespace=\"shop\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"web.shop.svc.cluster.local\",request_protocol=\"http\",response_code=\"200\","), "{text}");
+        assert!(
+            text.contains(&format!("response_code=\"200\",{labels}}} 3")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("response_code=\"503\",{labels}}} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains("istio_request_duration_milliseconds_bucket{"),
+            "{text}"
+        );
+        assert!(text.contains("istio_tcp_sent_bytes_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"shop\",source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",destination_workload=\"db\""), "{text}");
+        assert!(
+            text.contains(&format!("request_protocol=\"tcp\",{labels}}} 2000")),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodemesh_protocol_detection_total{outcome=\"http1\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn label_sets_are_bounded() {
+        let metrics = Metrics::default();
+        for i in 0..(MAX_SERIES + 10) {
+            metrics.tcp_opened(&traffic(&format!("w{i}")));
+        }
+        let text = metrics.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .count();
+        assert_eq!(series, MAX_SERIES + 1, "the rest is counted under `other`");
+        assert!(text.contains("destination_workload=\"other\""));
+    }
+}
