@@ -64,10 +64,23 @@ struct ConfigDump<'a> {
     datapath_maps: crate::datapath::MapOccupancy,
 }
 
-/// Binds the admin address (so a port clash fails start-up) and serves it in the background.
-pub async fn start(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<()> {
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// Everything: health, readiness, config dump, metrics, stats (on loopback).
+    All,
+    /// `/metrics` only, for a listener Prometheus can reach from outside the node.
+    MetricsOnly,
+}
+
+/// Binds `addr` (so a port clash fails start-up) and serves `endpoints` in the background.
+pub async fn start(
+    addr: SocketAddr,
+    state: Arc<AdminState>,
+    endpoints: Endpoints,
+) -> std::io::Result<()> {
     let listener = bind_shared(addr)?;
-    tracing::info!(%addr, "admin server listening");
+    tracing::info!(%addr, ?endpoints, "admin server listening");
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -77,7 +90,15 @@ pub async fn start(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<
             tokio::spawn(async move {
                 let service = service_fn(move |request| {
                     let state = Arc::clone(&state);
-                    async move { Ok::<_, Infallible>(route(&request, &state)) }
+                    async move {
+                        let response = match endpoints {
+                            Endpoints::MetricsOnly if request.uri().path() != "/metrics" => {
+                                text(StatusCode::NOT_FOUND, "only /metrics here\n")
+                            }
+                            _ => route(&request, &state),
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)

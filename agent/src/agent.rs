@@ -12,7 +12,7 @@ use nodemesh_common::FailMode;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    admin::{self, AdminState},
+    admin::{self, AdminState, Endpoints},
     config::{AgentConfig, ClusterSourceConfig},
     datapath::Datapath,
     identity::{
@@ -105,9 +105,14 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         stats: Arc::clone(&stats),
         datapath: Arc::clone(&datapath),
     });
-    admin::start(config.admin_addr, Arc::clone(&admin_state))
+    admin::start(config.admin_addr, Arc::clone(&admin_state), Endpoints::All)
         .await
         .with_context(|| format!("binding the admin server to {}", config.admin_addr))?;
+    if let Some(addr) = config.metrics_addr {
+        admin::start(addr, Arc::clone(&admin_state), Endpoints::MetricsOnly)
+            .await
+            .with_context(|| format!("binding the metrics listener to {addr}"))?;
+    }
 
     let mesh_tls = identities.clone().zip(roots);
     let outbound = Arc::new(OutboundContext {

@@ -73,6 +73,10 @@ pub struct AgentArgs {
     /// a server-speaks-first protocol's first bytes are delayed.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub protocol_detection_timeout_ms: u64,
+    /// Also serve `/metrics` (only) here, for Prometheus from outside the node, e.g.
+    /// 0.0.0.0:15090; the admin address stays on loopback.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
     /// Fraction of connections and HTTP requests written to the access log (JSON lines on
     /// stdout): 1 logs every one, 0 none.
     #[arg(long, default_value_t = 1.0, value_parser = sample_rate)]
@@ -135,6 +139,7 @@ pub struct AgentConfig {
     pub protocol_detection_timeout: Duration,
     pub access_log_sample_rate: f64,
     pub otlp_endpoint: Option<String>,
+    pub metrics_addr: Option<SocketAddr>,
     pub identity: Option<IdentityConfig>,
     pub trust_domain: String,
 }
@@ -265,6 +270,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             protocol_detection_timeout: Duration::from_millis(args.protocol_detection_timeout_ms),
             access_log_sample_rate: args.access_log_sample_rate,
             otlp_endpoint: args.otlp_endpoint,
+            metrics_addr: args.metrics_addr,
         })
     }
 }

@@ -431,6 +431,41 @@ mod tests {
     }
 
     #[test]
+    fn the_grafana_dashboard_uses_only_metrics_the_agent_exports() {
+        let metrics = Metrics::default();
+        metrics.request(&traffic("web"), "http", 200, Duration::from_millis(1));
+        metrics.tcp_opened(&traffic("db"));
+        metrics.tcp_closed(&traffic("db"), 1, 1);
+        metrics.detected("http1");
+        metrics.set_agent_state(1, &[("enrolled_cgroups".into(), 1)], &[("id".into(), 1)], 0);
+        let exported = metrics.encode();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/nodemesh-dashboard.json"
+        );
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+        let names = regex::Regex::new(r"\b(?:istio|nodemesh)_[a-z_]+").unwrap();
+        let mut checked = 0;
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for name in names.find_iter(expr) {
+                    let name = name.as_str();
+                    assert!(
+                        exported.lines().any(|l| l.starts_with(&format!("{name}{{"))
+                            || l.starts_with(&format!("{name} "))),
+                        "panel {:?} uses {name}, which the agent does not export",
+                        panel["title"]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 12, "{checked}");
+    }
+
+    #[test]
     fn label_sets_are_bounded() {
         let metrics = Metrics::default();
         for i in 0..(MAX_SERIES + 10) {

@@ -369,3 +369,48 @@ pub async fn websocket_echo_client(url: &str, messages: usize) -> anyhow::Result
     );
     Ok(())
 }
+
+/// Accepts OTLP/HTTP exports and appends each body, as one line, to `out`; answers 200.
+pub async fn otlp_receiver(port: u16, out: &std::path::Path) -> anyhow::Result<()> {
+    let listener = listen_dual_stack(port)?;
+    let out = Arc::new(out.to_owned());
+    eprintln!(
+        "otlp-receiver: listening on [::]:{port}, writing to {}",
+        out.display()
+    );
+    loop {
+        let (stream, _) = listener.accept().await.context("accept")?;
+        let out = Arc::clone(&out);
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let out = Arc::clone(&out);
+                async move {
+                    let body = request
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let mut line = body.to_vec();
+                    line.retain(|b| *b != b'\n');
+                    line.push(b'\n');
+                    use std::io::Write;
+                    let written = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(out.as_path())
+                        .and_then(|mut file| file.write_all(&line));
+                    let status = if written.is_ok() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    };
+                    Ok::<_, Infallible>(full(status, String::new()))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -136,6 +136,13 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// An OTLP/HTTP collector stand-in: appends every POSTed body as one line to `--out`.
+    OtlpReceiver {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// A server-speaks-first server: writes a banner line on accept, then echoes.
     BannerServer {
         #[arg(long)]
@@ -322,6 +329,7 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             http_app::serve(port, body_bytes, name, behaviour).await
         }
         Cmd::BannerServer { port } => banner_server(port).await,
+        Cmd::OtlpReceiver { port, out } => http_app::otlp_receiver(port, &out).await,
         Cmd::ReadBanner { target, timeout_ms } => {
             read_banner(target, Duration::from_millis(timeout_ms)).await
         }
