@@ -444,8 +444,10 @@ fn status_and_top_show_the_node() {
     let _ = Command::new("tmux")
         .args(["send-keys", "-t", &session, "q"])
         .status();
+    // `q` ends top and with it the session; this is for when it did not.
     let _ = Command::new("tmux")
         .args(["kill-session", "-t", &session])
+        .stderr(std::process::Stdio::null())
         .status();
     assert!(
         shown.is_ok(),
