@@ -40,6 +40,13 @@ if ! command -v bpf-linker >/dev/null || ! bpf-linker --version | grep -q "^bpf-
       --no-default-features --features llvm-${LLVM}
 fi
 
+# cargo-fuzz for the targets in fuzz/ (`cargo xtask fuzz`).
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -q "${CARGO_FUZZ_VERSION}"; then
+  log "cargo install cargo-fuzz ${CARGO_FUZZ_VERSION} (takes ~2 minutes)"
+  cargo +"$STABLE" install --locked cargo-fuzz --version "${CARGO_FUZZ_VERSION}"
+fi
+
 # Offline validation of deploy/ against the Kubernetes JSON schemas it ships (PyPI).
 KUBERNETES_VALIDATE_VERSION=1.37.0
 if ! command -v kubernetes-validate >/dev/null \

@@ -4,17 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod admin;
-mod agent;
-mod cli;
-mod config;
-mod datapath;
-mod identity;
-mod k8s;
-mod pods;
-mod proxy;
-mod state;
-mod telemetry;
+use nodemesh::{agent, cli, config, datapath, identity, telemetry};
 
 #[derive(Parser)]
 #[command(

@@ -12,6 +12,7 @@ use nodemesh_testbed::{Testbed, TestbedConfig, TopologySpec};
 mod bench;
 mod demo;
 mod deploy;
+mod fuzz;
 mod vm;
 
 #[derive(Parser)]
@@ -37,6 +38,8 @@ enum Task {
     /// Render the Helm chart into deploy/manifests, or check the manifests.
     #[command(subcommand)]
     Deploy(deploy::DeployTask),
+    /// Runs the cargo-fuzz targets in fuzz/ on their corpus.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::VmTest(args) => vm::run(&args),
         Task::Deploy(task) => deploy::run(&task),
+        Task::Fuzz(args) => fuzz::run(&args),
     }
 }
 

@@ -206,6 +206,17 @@ fn is_change(event: &notify::Event) -> bool {
     }
 }
 
+/// Parses the text of one manifest file (named `path` in errors) into the objects the agent
+/// keeps, as a snapshot.
+pub fn parse_text(path: &Path, text: &str) -> Result<ClusterSnapshot, ManifestError> {
+    let objects = parse_manifests(path, text)?;
+    let dir = ClusterStateDir {
+        dir: PathBuf::new(),
+        files: BTreeMap::from([(path.to_owned(), objects)]),
+    };
+    Ok(dir.snapshot())
+}
+
 fn manifest_paths(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     let entries = std::fs::read_dir(dir).map_err(|source| ManifestError::Read {
         path: dir.to_owned(),

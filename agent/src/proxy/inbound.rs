@@ -224,11 +224,7 @@ async fn handle_connect(
         tracing::warn!(pod = %pod.display_name, %peer_id, method = %request.method(), "HBONE: only CONNECT is served");
         return status(StatusCode::METHOD_NOT_ALLOWED);
     }
-    let Some(target) = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
+    let Some(target) = connect_target(request.uri()) else {
         tracing::warn!(pod = %pod.display_name, %peer_id, uri = %request.uri(), "HBONE: CONNECT authority is not ip:port");
         return status(StatusCode::BAD_REQUEST);
     };
@@ -303,6 +299,18 @@ async fn handle_connect(
         ctx.stats.closed(&source, target, sent, received);
     });
     status(StatusCode::OK)
+}
+
+/// The `ip:port` a CONNECT names (HBONE's `:authority`); None for anything else (a host
+/// name, a missing port, a path).
+pub fn connect_target(uri: &hyper::Uri) -> Option<SocketAddr> {
+    if uri
+        .path_and_query()
+        .is_some_and(|p| !p.as_str().is_empty() && p.as_str() != "/")
+    {
+        return None;
+    }
+    uri.authority()?.as_str().parse().ok()
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {

@@ -1,0 +1,39 @@
+//! HTTPRoute conversion from arbitrary JSON specs, then routing an arbitrary request through
+//! whatever converted: errors, never panics; a rejected route keeps the previous version.
+#![no_main]
+
+use std::collections::BTreeMap;
+
+use hyper::{HeaderMap, Method};
+use libfuzzer_sys::fuzz_target;
+use nodemesh::state::routes::{HttpRouteObject, RequestView, RouteTable};
+
+fuzz_target!(|data: &[u8]| {
+    let mut parts = data.splitn(2, |b| *b == 0);
+    let (Some(spec), request) = (parts.next(), parts.next().unwrap_or_default()) else {
+        return;
+    };
+    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(spec) else {
+        return;
+    };
+    let object: HttpRouteObject = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "r", "namespace": "ns"},
+        "spec": spec,
+    }))
+    .expect("metadata");
+    let routes = BTreeMap::from([(("ns".to_owned(), "r".to_owned()), object)]);
+    let (table, errors) = RouteTable::build(&routes, &RouteTable::default());
+    for error in &errors {
+        assert!(error.to_string().starts_with("HTTPRoute ns/r: spec"));
+    }
+    let text = String::from_utf8_lossy(request);
+    let (path, query) = text.split_once('?').unwrap_or((&text, ""));
+    let headers = HeaderMap::new();
+    let view = RequestView {
+        method: &Method::GET,
+        path,
+        query: Some(query),
+        headers: &headers,
+    };
+    let _ = table.decide("ns/web", 80, "ns", &view);
+});
