@@ -27,12 +27,21 @@ fuzz_target!(|data: &[u8]| {
     }))
     .expect("pod");
     let policies = BTreeMap::from([(("ns".to_owned(), "p".to_owned()), object)]);
-    let (index, errors) =
-        AuthorizationIndex::build(&policies, std::iter::once(&pod), &AuthorizationIndex::default());
+    let (index, errors) = AuthorizationIndex::build(
+        &policies,
+        std::iter::once(&pod),
+        &AuthorizationIndex::default(),
+    );
     for error in &errors {
-        assert!(error.to_string().starts_with("AuthorizationPolicy ns/p: spec"));
+        assert!(
+            error
+                .to_string()
+                .starts_with("AuthorizationPolicy ns/p: spec")
+        );
     }
-    let peer: SpiffeId = "spiffe://cluster.local/ns/ns/sa/client".parse().expect("id");
+    let peer: SpiffeId = "spiffe://cluster.local/ns/ns/sa/client"
+        .parse()
+        .expect("id");
     let applied = index.for_pod("ns/web");
     if !errors.is_empty() {
         // Rejected with no earlier version: nothing applies, the mesh default (allow) holds.
@@ -43,7 +52,14 @@ fuzz_target!(|data: &[u8]| {
         (Some(&peer), None),
         (None, None),
     ] {
-        let decision = decide(&applied, &RequestAttributes { source, port: 8080, http });
+        let decision = decide(
+            &applied,
+            &RequestAttributes {
+                source,
+                port: 8080,
+                http,
+            },
+        );
         if applied.is_empty() {
             assert_eq!(decision, Decision::Allow);
         }
