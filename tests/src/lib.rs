@@ -13,6 +13,7 @@ mod ca;
 mod cgroup;
 mod cleanup;
 pub mod cluster_state;
+pub mod docs;
 mod error;
 mod exec;
 mod http;

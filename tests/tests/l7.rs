@@ -3,7 +3,6 @@
 //! HTTPRoutes applied are the examples in docs/l7.md, read from it verbatim. Needs root.
 
 use std::{
-    path::Path,
     process::{Command, Output},
     time::{Duration, Instant},
 };
@@ -16,17 +15,9 @@ const WEB_A: &str = "198.18.200.21";
 const WEB_B: &str = "198.18.200.22";
 const APP_PORT: u16 = 8080;
 
-/// The YAML block of docs/l7.md that starts with `# example: <name>`.
+/// The example `name` of docs/l7.md.
 fn example(name: &str) -> serde_yaml::Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/l7.md");
-    let doc = std::fs::read_to_string(&path).expect("docs/l7.md");
-    let marker = format!("```yaml\n# example: {name}\n");
-    let start = doc
-        .find(&marker)
-        .unwrap_or_else(|| panic!("no example {name:?} in docs/l7.md"))
-        + "```yaml\n".len();
-    let end = start + doc[start..].find("```").expect("closing fence");
-    serde_yaml::from_str(&doc[start..end]).expect("example YAML")
+    nodemesh_testbed::docs::example("l7.md", name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A meshed testbed with HTTP servers on server-a (node1) and server-b (node2), and three

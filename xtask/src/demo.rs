@@ -301,19 +301,6 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The YAML block of docs/l7.md that starts with `# example: <name>`.
-fn l7_example(name: &str) -> anyhow::Result<serde_yaml::Value> {
-    let path = crate::workspace_root().join("docs/l7.md");
-    let doc = std::fs::read_to_string(&path).context("reading docs/l7.md")?;
-    let marker = format!("```yaml\n# example: {name}\n");
-    let start = doc
-        .find(&marker)
-        .with_context(|| format!("docs/l7.md has no example {name:?}"))?
-        + "```yaml\n".len();
-    let end = start + doc[start..].find("```").context("unclosed example")?;
-    Ok(serde_yaml::from_str(&doc[start..end])?)
-}
-
 /// Services `web` (both servers), `web-a`, `web-b`; the weighted-split route and the policy
 /// denying `/admin` on server-b; then requests from client-a.
 fn l7(tb: &Testbed, workload: &str) -> anyhow::Result<()> {
@@ -333,8 +320,14 @@ fn l7(tb: &Testbed, workload: &str) -> anyhow::Result<()> {
         );
         tb.apply_object(&format!("endpointslice-{name}.yaml"), &slice)?;
     }
-    tb.apply_object("httproute-web-split.yaml", &l7_example("split")?)?;
-    tb.apply_object("policy-server-b-no-admin.yaml", &l7_example("policy-deny")?)?;
+    tb.apply_object(
+        "httproute-web-split.yaml",
+        &nodemesh_testbed::docs::example("l7.md", "split")?,
+    )?;
+    tb.apply_object(
+        "policy-server-b-no-admin.yaml",
+        &nodemesh_testbed::docs::example("l7.md", "policy-deny")?,
+    )?;
     nodemesh_testbed::wait_until(
         Duration::from_secs(10),
         "routes and policies loaded",

@@ -39,6 +39,7 @@ use crate::{
         access::AccessLog,
         connections::ConnectionStats,
         metrics::{Metrics, Peer, Reporter, Traffic, UNKNOWN},
+        report::ConnectionReport,
     },
 };
 
@@ -262,7 +263,6 @@ async fn handle_connect(
         mutual_tls: true,
     };
     tokio::spawn(async move {
-        let started = std::time::Instant::now();
         let (sent, received) = match hyper::upgrade::on(request).await {
             Ok(upgraded) if inspects_http => {
                 let check = Check {
@@ -278,17 +278,10 @@ async fn handle_connect(
                 authorize::serve(TokioIo::new(upgraded), upstream, check).await
             }
             Ok(upgraded) => {
-                ctx.metrics.tcp_opened(&traffic);
+                let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
                 let (sent, received) =
                     relay(TokioIo::new(upgraded), upstream, |_, app| reset(app)).await;
-                ctx.metrics.tcp_closed(&traffic, sent, received);
-                ctx.access_log.connection(
-                    &traffic,
-                    &target.to_string(),
-                    sent,
-                    received,
-                    started.elapsed(),
-                );
+                report.close(sent, received);
                 (sent, received)
             }
             Err(error) => {

@@ -43,9 +43,10 @@ use crate::{
     },
     telemetry::{
         access::AccessLog,
-        connections::ConnectionStats,
+        connections::{ConnectionStats, DetectionOutcome},
         metrics::{self, Metrics, Peer, Reporter, Traffic},
         otlp::Tracer,
+        report::ConnectionReport,
     },
 };
 
@@ -253,8 +254,8 @@ async fn forward(
         let wait = match http::detection_for(frontend.app_protocol.as_deref(), ctx.http.detect_wait)
         {
             Detection::Skip => {
-                ctx.stats.detected(|c| c.skipped += 1);
-                ctx.metrics.detected("skipped");
+                ctx.stats.detected(DetectionOutcome::Skipped);
+                ctx.metrics.detected(DetectionOutcome::Skipped);
                 None
             }
             Detection::Unbounded => Some(None),
@@ -270,20 +271,15 @@ async fn forward(
                 }
             };
             let protocol = detected.protocol;
-            ctx.stats.detected(|c| match protocol {
-                _ if detected.timed_out => c.timed_out += 1,
-                Protocol::Http1 => c.http1 += 1,
-                Protocol::Http2 => c.http2 += 1,
-                Protocol::Tls => c.tls += 1,
-                Protocol::Opaque => c.opaque += 1,
-            });
-            ctx.metrics.detected(match protocol {
-                _ if detected.timed_out => "timed_out",
-                Protocol::Http1 => "http1",
-                Protocol::Http2 => "http2",
-                Protocol::Tls => "tls",
-                Protocol::Opaque => "opaque",
-            });
+            let outcome = match protocol {
+                _ if detected.timed_out => DetectionOutcome::TimedOut,
+                Protocol::Http1 => DetectionOutcome::Http1,
+                Protocol::Http2 => DetectionOutcome::Http2,
+                Protocol::Tls => DetectionOutcome::Tls,
+                Protocol::Opaque => DetectionOutcome::Opaque,
+            };
+            ctx.stats.detected(outcome);
+            ctx.metrics.detected(outcome);
             tracing::debug!(pod = %pod.display_name, destination = %original, ?protocol, timed_out = detected.timed_out, "protocol detected");
             if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
                 let meter = Arc::new(Meter::default());
@@ -332,8 +328,7 @@ async fn forward(
         destination_service,
         mutual_tls: matches!(upstream, Upstream::Mesh(_)),
     };
-    ctx.metrics.tcp_opened(&traffic);
-    let started = std::time::Instant::now();
+    let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
     let (sent, received) = relay(client, upstream, |client, upstream| {
         reset(client.inner());
         if let Upstream::Direct(stream) = upstream {
@@ -343,14 +338,7 @@ async fn forward(
     .await;
     ctx.stats
         .closed(&pod.display_name, original, sent, received);
-    ctx.metrics.tcp_closed(&traffic, sent, received);
-    ctx.access_log.connection(
-        &traffic,
-        &target.to_string(),
-        sent,
-        received,
-        started.elapsed(),
-    );
+    report.close(sent, received);
     tracing::debug!(pod = %pod.display_name, destination = %original, %target, sent, received, "connection closed");
 }
 

@@ -23,7 +23,10 @@ use crate::state::{
     authorization::{Decision, RequestAttributes, decide},
     membership::PeerAuthentication,
 };
-use crate::telemetry::metrics::{Reporter, Traffic, UNKNOWN};
+use crate::telemetry::{
+    metrics::{Reporter, Traffic, UNKNOWN},
+    report::ConnectionReport,
+};
 
 /// The source label of plaintext connections in the connection counters.
 pub const PLAINTEXT_SOURCE: &str = "plaintext";
@@ -93,22 +96,14 @@ async fn serve_connection(
         destination_service: UNKNOWN.to_owned(),
         mutual_tls: false,
     };
-    ctx.metrics.tcp_opened(&traffic);
-    let started = std::time::Instant::now();
+    let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
     let (sent, received) = relay(client, upstream, |client, app| {
         reset(client);
         reset(app);
     })
     .await;
     ctx.stats.closed(PLAINTEXT_SOURCE, target, sent, received);
-    ctx.metrics.tcp_closed(&traffic, sent, received);
-    ctx.access_log.connection(
-        &traffic,
-        &target.to_string(),
-        sent,
-        received,
-        started.elapsed(),
-    );
+    report.close(sent, received);
 }
 
 fn is_node_address(node_addresses: &[IpAddr], peer: IpAddr) -> bool {

@@ -43,6 +43,31 @@ pub struct PlaintextCounters {
     pub refused: u64,
 }
 
+/// What protocol detection concluded for one connection to a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DetectionOutcome {
+    Http1,
+    Http2,
+    Tls,
+    Opaque,
+    TimedOut,
+    Skipped,
+}
+
+impl DetectionOutcome {
+    /// The name in `/stats` and in `nodemesh_protocol_detection_total{outcome}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Http2 => "http2",
+            Self::Tls => "tls",
+            Self::Opaque => "opaque",
+            Self::TimedOut => "timed_out",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
 /// Outcomes of protocol detection on connections to Service ports.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct DetectionCounters {
@@ -81,8 +106,17 @@ impl ConnectionStats {
         }
     }
 
-    pub fn detected(&self, count: impl FnOnce(&mut DetectionCounters)) {
-        count(&mut self.detection.lock().unwrap_or_else(|p| p.into_inner()));
+    pub fn detected(&self, outcome: DetectionOutcome) {
+        let mut counters = self.detection.lock().unwrap_or_else(|p| p.into_inner());
+        let counter = match outcome {
+            DetectionOutcome::Http1 => &mut counters.http1,
+            DetectionOutcome::Http2 => &mut counters.http2,
+            DetectionOutcome::Tls => &mut counters.tls,
+            DetectionOutcome::Opaque => &mut counters.opaque,
+            DetectionOutcome::TimedOut => &mut counters.timed_out,
+            DetectionOutcome::Skipped => &mut counters.skipped,
+        };
+        *counter += 1;
     }
 
     pub fn detection(&self) -> DetectionCounters {

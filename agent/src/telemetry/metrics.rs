@@ -25,6 +25,7 @@ use std::{
     time::Duration,
 };
 
+use super::connections::DetectionOutcome;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -331,9 +332,11 @@ impl Metrics {
             .observe(took.as_secs_f64() * 1000.0);
     }
 
-    pub fn detected(&self, outcome: &'static str) {
+    pub fn detected(&self, outcome: DetectionOutcome) {
         self.detection
-            .get_or_create(&OutcomeLabels { outcome })
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
             .inc();
     }
 
@@ -403,7 +406,7 @@ mod tests {
         metrics.request(&traffic("web"), "http", 503, Duration::from_millis(1));
         metrics.tcp_opened(&traffic("db"));
         metrics.tcp_closed(&traffic("db"), 100, 2000);
-        metrics.detected("http1");
+        metrics.detected(DetectionOutcome::Http1);
         let text = metrics.encode();
         let labels = "connection_security_policy=\"mutual_tls\"";
         assert!(text.contains("istio_requests_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"shop\",source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",destination_workload=\"web\",destination_workload_namespace=\"shop\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"web.shop.svc.cluster.local\",request_protocol=\"http\",response_code=\"200\","), "{text}");
@@ -436,7 +439,7 @@ mod tests {
         metrics.request(&traffic("web"), "http", 200, Duration::from_millis(1));
         metrics.tcp_opened(&traffic("db"));
         metrics.tcp_closed(&traffic("db"), 1, 1);
-        metrics.detected("http1");
+        metrics.detected(DetectionOutcome::Http1);
         metrics.set_agent_state(1, &[("enrolled_cgroups".into(), 1)], &[("id".into(), 1)], 0);
         let exported = metrics.encode();
         let path = concat!(

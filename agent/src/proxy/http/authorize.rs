@@ -5,16 +5,15 @@
 //! A stream that turns out not to be HTTP is decided with its HTTP attributes unknown
 //! (`state::authorization` explains what that means) and relayed or refused as a whole.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use http_body_util::BodyExt;
 use hyper::{
     Request, Response, StatusCode,
     body::Incoming,
     client::conn::{http1, http2},
-    service::service_fn,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -22,7 +21,7 @@ use tokio::{
 };
 
 use super::{
-    Body, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES, MAX_STREAMS,
+    Body,
     detect::{self, Prefixed, Protocol},
     request::{answer, bridge_upgrade},
 };
@@ -36,6 +35,7 @@ use crate::{
     telemetry::{
         access::{AccessLog, RequestRecord},
         metrics::{Metrics, Traffic},
+        report::ConnectionReport,
     },
 };
 
@@ -83,17 +83,14 @@ where
         }
         _ => match check.decide(None) {
             Decision::Allow => {
-                let started = std::time::Instant::now();
-                check.metrics.tcp_opened(&check.traffic);
-                let (sent, received) = relay(stream, app, |_, app| reset(app)).await;
-                check.metrics.tcp_closed(&check.traffic, sent, received);
-                check.access_log.connection(
+                let report = ConnectionReport::open(
+                    &check.metrics,
+                    check.access_log,
                     &check.traffic,
                     &check.pod,
-                    sent,
-                    received,
-                    started.elapsed(),
                 );
+                let (sent, received) = relay(stream, app, |_, app| reset(app)).await;
+                report.close(sent, received);
             }
             Decision::Deny(by) => {
                 tracing::warn!(pod = %check.pod, peer = %check.peer, port = check.port, policy = %by, "authorization: non-HTTP stream denied");
@@ -143,32 +140,11 @@ where
     };
     let sender = Arc::new(sender);
     let pod = check.pod.clone();
-    let service = service_fn(move |request| {
+    let handler = move |request| {
         let (sender, check) = (Arc::clone(&sender), Arc::clone(&check));
-        async move { Ok::<_, Infallible>(authorize(request, &sender, &check).await) }
-    });
-    let io = TokioIo::new(stream);
-    let result = match protocol {
-        Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(MAX_STREAMS)
-                .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(io, service)
-                .await
-        }
-        _ => {
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .half_close(true)
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await
-        }
+        async move { authorize(request, &sender, &check).await }
     };
-    if let Err(error) = result {
+    if let Err(error) = super::serve_requests(stream, protocol, handler).await {
         tracing::debug!(%pod, %error, "authorized HTTP stream ended with an error");
     }
 }

@@ -12,7 +12,11 @@ pub mod upstream;
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use http_body_util::combinators::BoxBody;
-use hyper::{body::Bytes, service::service_fn};
+use hyper::{
+    Request, Response,
+    body::{Bytes, Incoming},
+    service::service_fn,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -88,12 +92,34 @@ where
 {
     let protocol = connection.protocol;
     let connection = Arc::new(connection);
-    let service = service_fn(move |request| {
+    let handler = move |request| {
         let connection = Arc::clone(&connection);
-        async move { Ok::<_, Infallible>(request::handle(request, &connection).await) }
+        async move { request::handle(request, &connection).await }
+    };
+    if let Err(error) = serve_requests(stream, protocol, handler).await {
+        tracing::debug!(%error, "HTTP client connection ended with an error");
+    }
+}
+
+/// Runs `handle` for every request on `stream`, HTTP/2 or HTTP/1.1 (with upgrades), under
+/// the proxy's limits: head size, head read timeout (slowloris), concurrent streams. Both
+/// the outbound L7 proxy and authorization at the destination serve clients with it.
+pub async fn serve_requests<S, F, Fut>(
+    stream: S,
+    protocol: Protocol,
+    handle: F,
+) -> Result<(), hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let response = handle(request);
+        async move { Ok::<_, Infallible>(response.await) }
     });
     let io = TokioIo::new(stream);
-    let result = match protocol {
+    match protocol {
         Protocol::Http2 => {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -114,8 +140,5 @@ where
                 .with_upgrades()
                 .await
         }
-    };
-    if let Err(error) = result {
-        tracing::debug!(%error, "HTTP client connection ended with an error");
     }
 }
