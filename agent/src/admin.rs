@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
     datapath::Datapath,
@@ -73,15 +73,16 @@ pub enum Endpoints {
     MetricsOnly,
 }
 
-/// Binds `addr` (so a port clash fails start-up) and serves `endpoints` in the background.
+/// Binds `addr` (so a port clash fails start-up) and serves `endpoints` in the background
+/// until the returned task is aborted.
 pub async fn start(
     addr: SocketAddr,
     state: Arc<AdminState>,
     endpoints: Endpoints,
-) -> std::io::Result<()> {
+) -> std::io::Result<JoinHandle<()>> {
     let listener = bind_shared(addr)?;
     tracing::info!(%addr, ?endpoints, "admin server listening");
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
@@ -105,12 +106,13 @@ pub async fn start(
                     .await;
             });
         }
-    });
-    Ok(())
+    }))
 }
 
 /// SO_REUSEPORT: during a DaemonSet surge the new agent binds the admin port while the old
-/// one still serves it, so the new pod can start and report ready before the old one stops.
+/// one still serves it, so the new pod can start before the old one stops. While a successor
+/// takes over, the old agent answers `/readyz` with 503 and closes its admin listeners once
+/// the successor has taken over, so the probe of either pod tells the successor's truth.
 fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -132,7 +134,11 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if state.ready.load(Ordering::Acquire) && certificates_held(state) => {
-            text(StatusCode::OK, "ready\n")
+            // The pid tells which agent answered: during a surge upgrade two share the port.
+            text(
+                StatusCode::OK,
+                format!("ready pid={}\n", std::process::id()),
+            )
         }
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/config_dump" => json(&ConfigDump {
@@ -164,7 +170,7 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
 }
 
 /// Every identity of the node's pods has a valid certificate (true without a CA).
-fn certificates_held(state: &AdminState) -> bool {
+pub fn certificates_held(state: &AdminState) -> bool {
     state.identities.as_ref().is_none_or(|m| m.all_held())
 }
 
@@ -174,8 +180,8 @@ fn read<T: Clone>(lock: &RwLock<Vec<T>>) -> Vec<T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
 }

@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::Context;
 use nodemesh_common::FailMode;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
 
 use crate::{
     admin::{self, AdminState, Endpoints},
@@ -22,7 +25,11 @@ use crate::{
         tls,
     },
     k8s::source::ClusterSource,
-    pods::enrolment::EnrolledPodView,
+    lifecycle::{
+        drain,
+        handoff::{self, HandoffAddress},
+    },
+    pods::enrolment::{Adoption, EnrolledPodView},
     pods::{cgroup, enrolment::Enrolments},
     proxy::{
         hbone::HboneClient,
@@ -45,6 +52,10 @@ use crate::{
 const PENDING_RETRY: Duration = Duration::from_millis(100);
 /// Full re-read of the cluster state even without a change notification.
 const RESYNC: Duration = Duration::from_secs(30);
+/// How often a successor checks whether it can take over (it waits for its certificates).
+const TAKEOVER_CHECK: Duration = Duration::from_millis(20);
+/// After SIGTERM, how long the agent keeps serving in case a successor is about to connect.
+const SUCCESSOR_WAIT: Duration = Duration::from_secs(2);
 
 pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
@@ -55,6 +66,9 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
 }
 
 async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
+    // First of all: a running agent answers /readyz with 503 from the moment we say hello,
+    // so a probe on the shared admin port does not mistake it for us.
+    let (mut predecessor, inherited) = inherit_listeners(&config.handoff_socket).await;
     let pods_root = cgroup::pods_root(&config.cgroup_root)?;
     let datapath = Arc::new(Datapath::load(&config, &pods_root)?);
     let stats = Arc::new(ConnectionStats::default());
@@ -105,13 +119,23 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         stats: Arc::clone(&stats),
         datapath: Arc::clone(&datapath),
     });
-    admin::start(config.admin_addr, Arc::clone(&admin_state), Endpoints::All)
-        .await
-        .with_context(|| format!("binding the admin server to {}", config.admin_addr))?;
-    if let Some(addr) = config.metrics_addr {
-        admin::start(addr, Arc::clone(&admin_state), Endpoints::MetricsOnly)
+    let mut admin_servers = vec![
+        admin::start(config.admin_addr, Arc::clone(&admin_state), Endpoints::All)
             .await
-            .with_context(|| format!("binding the metrics listener to {addr}"))?;
+            .with_context(|| format!("binding the admin server to {}", config.admin_addr))?,
+    ];
+    if let Some(addr) = config.metrics_addr {
+        admin_servers.push(
+            admin::start(addr, Arc::clone(&admin_state), Endpoints::MetricsOnly)
+                .await
+                .with_context(|| format!("binding the metrics listener to {addr}"))?,
+        );
+    }
+    let (taken_over, taken_over_rx) = watch::channel(predecessor.is_none());
+    let (handoff_events, mut successor) = mpsc::channel(4);
+    let mut handoff_server = None;
+    if predecessor.is_none() {
+        handoff_server = serve_successors(&config.handoff_socket, handoff_events.clone());
     }
 
     let mesh_tls = identities.clone().zip(roots);
@@ -156,6 +180,10 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         config.trust_domain.clone(),
         Arc::clone(&outbound),
         inbound.clone(),
+        Adoption {
+            listeners: inherited,
+            taken_over: taken_over_rx,
+        },
     );
     let (mut cluster, mut changes) = match &config.cluster_source {
         ClusterSourceConfig::Manifests(dir) => ClusterSource::manifests(dir)?,
@@ -176,13 +204,19 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
     };
     reconciler.sync().await;
     reconciler.enrolments.remove_stale_map_entries()?;
-    admin_state.ready.store(true, Ordering::Release);
-    tracing::info!(node = %config.node_name, "agent ready");
+    if predecessor.is_none() {
+        admin_state.ready.store(true, Ordering::Release);
+        tracing::info!(node = %config.node_name, "agent ready");
+    }
 
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    loop {
+    let mut takeover_check = tokio::time::interval(TAKEOVER_CHECK);
+    // Set at SIGTERM while a successor may still come: serve on until then.
+    let mut stop_at: Option<tokio::time::Instant> = None;
+    let mut successor_connected = false;
+    let handed_over = loop {
         let retry = if reconciler.enrolments.has_pending() {
             PENDING_RETRY
         } else {
@@ -191,10 +225,89 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = changes.recv() => {}
             _ = tokio::time::sleep(retry) => {}
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = takeover_check.tick(), if predecessor.is_some() => {
+                if admin::certificates_held(&admin_state)
+                    && let Some(predecessor) = predecessor.take()
+                {
+                    // Accept first, then tell the predecessor to stop: no moment without an
+                    // agent accepting.
+                    taken_over.send_replace(true);
+                    reconciler.enrolments.drop_unclaimed_listeners();
+                    take_over(predecessor).await;
+                    handoff_server =
+                        serve_successors(&config.handoff_socket, handoff_events.clone());
+                    admin_state.ready.store(true, Ordering::Release);
+                    tracing::info!(node = %config.node_name, "agent ready");
+                }
+                continue;
+            }
+            Some(event) = successor.recv() => match event {
+                handoff::Event::Hello(reply) => {
+                    successor_connected = true;
+                    admin_state.ready.store(false, Ordering::Release);
+                    let _ = reply.send(reconciler.enrolments.handed_listeners());
+                    if let Some(stop) = &mut stop_at {
+                        // Stopping, but a successor is starting: serve until it takes over.
+                        *stop = tokio::time::Instant::now() + config.drain_grace;
+                    }
+                    continue;
+                }
+                handoff::Event::Abandoned => {
+                    successor_connected = false;
+                    if stop_at.is_some() {
+                        break false;
+                    }
+                    admin_state.ready.store(true, Ordering::Release);
+                    continue;
+                }
+                handoff::Event::TakeOver(reply) => {
+                    reconciler.enrolments.release_listeners();
+                    drain::begin();
+                    let _ = reply.send(drain::active());
+                    break true;
+                }
+            },
+            () = sleep_until(stop_at) => break false,
+            _ = terminate.recv() => {
+                if handoff_server.is_none() || stop_at.is_some() {
+                    break false;
+                }
+                // In a surge rollout the SIGTERM can come before the successor has said
+                // hello (a probe of the shared admin port answered for it): give it a moment.
+                let wait = if successor_connected { config.drain_grace } else { SUCCESSOR_WAIT };
+                tracing::info!(?wait, "SIGTERM: serving on while a successor may take over");
+                stop_at = Some(tokio::time::Instant::now() + wait);
+                continue;
+            }
+            _ = interrupt.recv() => break false,
         }
         reconciler.sync().await;
+    };
+    // A successor that starts from now on finds nobody to answer it and opens its own
+    // listeners (ours are closed or handed over by then).
+    // (After a takeover the handoff task ends by itself, once it has confirmed it.)
+    if let Some(server) = handoff_server.filter(|_| !handed_over) {
+        server.abort();
+    }
+    drop(successor);
+    // The admin port is shared (SO_REUSEPORT) with the successor, whose answers count now.
+    admin_state.ready.store(false, Ordering::Release);
+    for server in &admin_servers {
+        server.abort();
+    }
+    if handed_over {
+        tracing::info!(
+            connections = drain::active(),
+            "a successor took over; serving the connections in flight until they end or SIGTERM"
+        );
+        if stop_at.is_none() {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        }
+        finish_connections(config.drain_grace).await;
+        return Ok(());
     }
     if uninstalling(&config).await {
         tracing::info!(
@@ -205,8 +318,91 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         return Ok(());
     }
     // Programs and maps stay pinned: while no agent runs, the fail mode decides.
-    tracing::info!("agent stopping; capture stays attached and follows --fail-mode");
+    reconciler.enrolments.stop_capture_and_release().await;
+    drain::begin();
+    tracing::info!(
+        connections = drain::active(),
+        "agent stopping; capture stays attached and follows --fail-mode"
+    );
+    finish_connections(config.drain_grace).await;
     Ok(())
+}
+
+/// Asks a running agent for its in-pod listeners. Without one (or when it cannot hand them
+/// over) this agent opens its own.
+async fn inherit_listeners(
+    address: &HandoffAddress,
+) -> (Option<handoff::Predecessor>, Vec<handoff::HandedListener>) {
+    let address = address.clone();
+    let result = tokio::task::spawn_blocking(move || handoff::inherit(&address)).await;
+    match result {
+        Ok(Ok(Some((predecessor, listeners)))) => {
+            tracing::info!(
+                listeners = listeners.len(),
+                "a running agent handed its listeners over; taking over when ready"
+            );
+            (Some(predecessor), listeners)
+        }
+        Ok(Ok(None)) => (None, Vec::new()),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "could not take the running agent's listeners over; opening new ones");
+            (None, Vec::new())
+        }
+        Err(error) => {
+            tracing::error!(%error, "the handoff task failed; opening new listeners");
+            (None, Vec::new())
+        }
+    }
+}
+
+async fn take_over(predecessor: handoff::Predecessor) {
+    match tokio::task::spawn_blocking(move || predecessor.take_over()).await {
+        Ok(Ok(connections)) => {
+            tracing::info!(
+                predecessor_connections = connections,
+                "took over from the previous agent; it drains its connections"
+            )
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "the previous agent did not confirm the takeover; serving anyway")
+        }
+        Err(error) => tracing::error!(%error, "the takeover task failed; serving anyway"),
+    }
+}
+
+/// Serves the handoff socket for a future successor; without it, restarts open new
+/// listeners (the fail mode covers the gap).
+fn serve_successors(
+    address: &HandoffAddress,
+    events: mpsc::Sender<handoff::Event>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    handoff::serve(address, events)
+        .inspect_err(|error| {
+            tracing::warn!(%error, "no listener handoff for a successor: a restart will have a gap")
+        })
+        .ok()
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the connections in flight to end, `grace` at most.
+async fn finish_connections(grace: Duration) {
+    let left = drain::settle(grace).await;
+    if left == 0 {
+        tracing::info!("all connections finished; exiting");
+    } else {
+        tracing::warn!(
+            connections = left,
+            ?grace,
+            "drain grace period over; closing the connections left"
+        );
+    }
 }
 
 /// Whether this stop is an uninstall: the agent's DaemonSet is gone or being deleted. When

@@ -10,6 +10,8 @@ use std::{
 
 use nodemesh_common::FailMode;
 
+use crate::lifecycle::handoff::HandoffAddress;
+
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
     /// Name of the Kubernetes node this agent serves (pods with this spec.nodeName).
@@ -102,6 +104,16 @@ pub struct AgentArgs {
     /// SPIFFE trust domain of this mesh.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Unix socket over which a running agent hands its in-pod listeners to its successor
+    /// (restart, DaemonSet surge upgrade): `@name` for an abstract socket in the node's
+    /// network namespace, or a path.
+    #[arg(long, default_value = "@nodemesh/handoff")]
+    pub handoff_socket: HandoffAddress,
+    /// After SIGTERM, how long the agent keeps serving the connections it has (new ones go
+    /// to its successor, or follow --fail-mode) before it exits. Keep it below the pod's
+    /// terminationGracePeriodSeconds.
+    #[arg(long, default_value_t = 20)]
+    pub drain_grace_seconds: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +154,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<SocketAddr>,
     pub identity: Option<IdentityConfig>,
     pub trust_domain: String,
+    pub handoff_socket: HandoffAddress,
+    pub drain_grace: Duration,
 }
 
 /// Where the agent learns the cluster state from.
@@ -271,6 +285,8 @@ impl TryFrom<AgentArgs> for AgentConfig {
             access_log_sample_rate: args.access_log_sample_rate,
             otlp_endpoint: args.otlp_endpoint,
             metrics_addr: args.metrics_addr,
+            handoff_socket: args.handoff_socket,
+            drain_grace: Duration::from_secs(args.drain_grace_seconds),
         })
     }
 }

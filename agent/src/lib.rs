@@ -8,6 +8,7 @@ pub mod config;
 pub mod datapath;
 pub mod identity;
 pub mod k8s;
+pub mod lifecycle;
 pub mod pods;
 pub mod proxy;
 pub mod state;

@@ -84,9 +84,6 @@ impl Testbed {
 
     /// Starts the agent of `node` in the node's netns and `system` cgroup; waits for `/readyz`.
     pub fn start_agent(&self, node: &str, options: &AgentOptions) -> Result<()> {
-        let netns = self.node(node)?.netns.clone();
-        let args = self.agent_args(node, options)?;
-        let log_path = self.agent_log_path(node);
         {
             let mut res = lock(&self.shared);
             if let Some(agent) = res.agents.get_mut(node) {
@@ -96,6 +93,75 @@ impl Testbed {
                 res.agents.remove(node);
             }
         }
+        self.spawn_agent(node, options)
+    }
+
+    /// Starts a second agent on `node` while the first still runs, as a DaemonSet surge
+    /// upgrade does; waits for the new one's `/readyz` (it has taken over by then). The first
+    /// becomes the node's *previous* agent: signal it and wait for it with the
+    /// `previous_agent` calls; the new one is the node's agent for every other call.
+    pub fn start_successor_agent(&self, node: &str, options: &AgentOptions) -> Result<()> {
+        self.retire_agent(node)?;
+        self.spawn_agent(node, options)
+    }
+
+    /// Makes the running agent of `node` its previous agent (to be signalled and waited for
+    /// with the `previous_agent` calls) so that a new one can be started while it drains.
+    pub fn retire_agent(&self, node: &str) -> Result<()> {
+        let mut res = lock(&self.shared);
+        let running = res
+            .agents
+            .remove(node)
+            .ok_or_else(|| self.agent_error(node, "no agent runs"))?;
+        if let Some(mut older) = res.previous_agents.insert(node.to_owned(), running) {
+            let _ = kill_and_reap(&mut older);
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` to the previous agent of `node` without waiting for it.
+    pub fn signal_previous_agent(&self, node: &str, signal: Signal) -> Result<()> {
+        let res = lock(&self.shared);
+        let agent = res
+            .previous_agents
+            .get(node)
+            .ok_or_else(|| self.agent_error(node, "no previous agent"))?;
+        let pid = Pid::from_raw(i32::try_from(agent.id()).unwrap_or(i32::MAX));
+        kill(pid, signal).io_context(|| format!("sending {signal} to the previous agent of {node}"))
+    }
+
+    /// Waits (at most `timeout`) for the previous agent of `node` to exit, and reaps it.
+    pub fn wait_previous_agent(&self, node: &str, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut res = lock(&self.shared);
+                let agent = res
+                    .previous_agents
+                    .get_mut(node)
+                    .ok_or_else(|| self.agent_error(node, "no previous agent"))?;
+                if let Some(status) = agent
+                    .try_wait()
+                    .io_context(|| format!("waiting for the previous agent of {node}"))?
+                {
+                    res.previous_agents.remove(node);
+                    return Ok(status);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(self.agent_error(
+                    node,
+                    &format!("the previous agent still runs after {timeout:?}"),
+                ));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    fn spawn_agent(&self, node: &str, options: &AgentOptions) -> Result<()> {
+        let netns = self.node(node)?.netns.clone();
+        let args = self.agent_args(node, options)?;
+        let log_path = self.agent_log_path(node);
         std::fs::create_dir_all(&self.log_dir)
             .io_context(|| format!("creating {}", self.log_dir.display()))?;
         let mut log = OpenOptions::new()
@@ -158,7 +224,10 @@ impl Testbed {
                 return Err(self.agent_error(node, "not running"));
             }
             let last = match self.admin_get_within(node, "/readyz", Duration::from_millis(500)) {
-                Ok((200, _)) => return Ok(()),
+                // During an upgrade-style overlap two agents share the admin port: only the
+                // one started here counts.
+                Ok((200, body)) if self.answered_by_agent(node, &body) => return Ok(()),
+                Ok((200, body)) => format!("/readyz answered by another agent: {}", body.trim()),
                 Ok((status, body)) => format!("/readyz answered {status}: {}", body.trim()),
                 Err(error) => error.to_string(),
             };
@@ -172,6 +241,15 @@ impl Testbed {
             }
             std::thread::sleep(POLL_INTERVAL);
         }
+    }
+
+    /// Whether a `/readyz` body (`ready pid=N`) names the agent of `node` started here.
+    fn answered_by_agent(&self, node: &str, body: &str) -> bool {
+        let pid = body
+            .trim()
+            .strip_prefix("ready pid=")
+            .and_then(|pid| pid.parse::<u32>().ok());
+        pid.is_some() && pid == self.agent_pid(node)
     }
 
     /// Sends `signal` to the agent of `node` and reaps it (SIGKILL after 10 s if it lingers).

@@ -33,6 +33,8 @@ pub(crate) struct Resources {
     pub netns: Vec<String>,
     pub children: Vec<Tracked>,
     pub agents: BTreeMap<String, Child>,
+    /// Agents a successor was started next to (upgrade-style overlap), still draining.
+    pub previous_agents: BTreeMap<String, Child>,
     pub torn_down: bool,
 }
 
@@ -72,6 +74,7 @@ pub(crate) fn register(name: &str) -> Shared {
         netns: Vec::new(),
         children: Vec::new(),
         agents: BTreeMap::new(),
+        previous_agents: BTreeMap::new(),
         torn_down: false,
     }));
     let mut registry = lock(&REGISTRY);
@@ -106,7 +109,8 @@ pub(crate) fn teardown(shared: &Shared) -> TeardownReport {
     let mut errors = Vec::new();
     if !res.torn_down {
         tracing::debug!(testbed = %name, "tearing down");
-        for (node, mut agent) in std::mem::take(&mut res.agents) {
+        let previous = std::mem::take(&mut res.previous_agents);
+        for (node, mut agent) in std::mem::take(&mut res.agents).into_iter().chain(previous) {
             if let Err(error) = kill_and_reap(&mut agent) {
                 errors.push(format!("killing the agent of {node}: {error}"));
             }

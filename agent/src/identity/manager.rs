@@ -10,7 +10,7 @@ use std::{
 
 use rcgen::{CertificateParams, KeyPair};
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use super::{ca_client::CaClient, ca_server::SignRequest, spiffe::SpiffeId, tls};
 
@@ -97,6 +97,8 @@ pub struct IdentityManager {
     client: CaClient,
     slots: Mutex<BTreeMap<SpiffeId, Slot>>,
     wake: Notify,
+    /// Bumped whenever a certificate is stored, for `wait_held`.
+    issued: watch::Sender<u64>,
 }
 
 impl IdentityManager {
@@ -105,6 +107,7 @@ impl IdentityManager {
             client,
             slots: Mutex::default(),
             wake: Notify::new(),
+            issued: watch::Sender::new(0),
         })
     }
 
@@ -133,6 +136,17 @@ impl IdentityManager {
         }
         drop(slots);
         self.wake.notify_one();
+    }
+
+    /// Resolves once a certificate of `id` is held.
+    pub async fn wait_held(&self, id: &SpiffeId) {
+        let mut issued = self.issued.subscribe();
+        while self.certificate(id).is_none() {
+            // The sender lives as long as `self`.
+            if issued.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// The current certificate of an identity, if one is held.
@@ -211,6 +225,7 @@ impl IdentityManager {
                 slot.failures = 0;
                 slot.retry_at = None;
                 slot.last_error = None;
+                self.issued.send_modify(|n| *n += 1);
             }
             Err(error) => {
                 let backoff = RETRY_MIN

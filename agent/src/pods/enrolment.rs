@@ -4,20 +4,26 @@
 //! HBONE on :15008, plaintext inbound on its loopback), then attaches inbound capture to its
 //! network namespace and last adds its cgroup to the enrolment map, so no hook ever sends a
 //! connection to a listener that does not exist yet. Un-enrolling does the reverse.
+//!
+//! After a restart or upgrade the listeners are not opened but adopted: the previous agent
+//! handed them over (`lifecycle::handoff`), and they start accepting only once this agent
+//! takes over, while the previous one keeps serving them until then.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
+    future::Future,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsFd,
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
+    time::Duration,
 };
 
 use nodemesh_common::{INBOUND_STRICT, InboundPod};
 
 use serde::Serialize;
 use socket2::Domain;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use super::{
     cgroup::{self, CgroupError},
@@ -26,7 +32,8 @@ use super::{
 };
 use crate::{
     datapath::{Datapath, DatapathError},
-    identity::spiffe::SpiffeId,
+    identity::{manager::IdentityManager, spiffe::SpiffeId},
+    lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
     proxy::{
         hbone::HBONE_PORT,
         inbound::{self, DestinationPod, InboundContext},
@@ -36,6 +43,12 @@ use crate::{
     state::membership::{MeshedPod, PeerAuthentication},
     telemetry::metrics::Peer,
 };
+
+/// How long a stopping agent waits for its outbound listeners' accept queues to empty.
+const QUEUE_DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
+/// How long a newly enrolled pod's listeners wait for its certificate before serving anyway.
+const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 
 /// Port of the plaintext inbound listener on each meshed pod's loopback (as Istio's 15006).
 /// Nothing dials it: the inbound sk_lookup program hands connections to it.
@@ -91,6 +104,8 @@ struct Enrolled {
     /// The inbound side, when the node holds identities.
     destination: Option<Arc<DestinationPod>>,
     accept_loops: Vec<JoinHandle<()>>,
+    /// A duplicate of each listening socket, to hand to a successor.
+    listeners: Vec<(ListenerName, OwnedFd)>,
 }
 
 impl Drop for Enrolled {
@@ -100,6 +115,13 @@ impl Drop for Enrolled {
             task.abort();
         }
     }
+}
+
+/// What a starting agent took over from its predecessor: its listeners, to adopt, and the
+/// signal that this agent has taken over (true from the start when there was none).
+pub struct Adoption {
+    pub listeners: Vec<HandedListener>,
+    pub taken_over: watch::Receiver<bool>,
 }
 
 /// The enrolled pods of this node.
@@ -114,6 +136,11 @@ pub struct Enrolments {
     outbound: Arc<OutboundContext>,
     enrolled: BTreeMap<String, Enrolled>,
     pending: BTreeMap<String, PendingPodView>,
+    /// Listeners the previous agent handed over and no pod has adopted yet.
+    inherited: HashMap<(String, ListenerRole, SocketAddr), HandedListener>,
+    /// Becomes true when this agent takes over from the previous one (at once when there was
+    /// none); adopted listeners accept only from then on.
+    taken_over: watch::Receiver<bool>,
 }
 
 impl Enrolments {
@@ -124,6 +151,7 @@ impl Enrolments {
         trust_domain: String,
         outbound: Arc<OutboundContext>,
         inbound: Option<Arc<InboundContext>>,
+        adoption: Adoption,
     ) -> Self {
         Self {
             pods_root,
@@ -135,6 +163,78 @@ impl Enrolments {
             outbound,
             enrolled: BTreeMap::new(),
             pending: BTreeMap::new(),
+            inherited: adoption
+                .listeners
+                .into_iter()
+                .map(|l| ((l.name.pod_uid.clone(), l.name.role, l.name.addr), l))
+                .collect(),
+            taken_over: adoption.taken_over,
+        }
+    }
+
+    /// Duplicates of every in-pod listening socket, for a successor.
+    pub fn handed_listeners(&self) -> Vec<HandedListener> {
+        self.enrolled
+            .values()
+            .flat_map(|enrolled| &enrolled.listeners)
+            .filter_map(|(name, fd)| match fd.try_clone() {
+                Ok(fd) => Some(HandedListener {
+                    name: name.clone(),
+                    fd,
+                }),
+                Err(error) => {
+                    tracing::error!(?name, %error, "duplicating a listener for the successor");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Stops accepting on every pod's listeners without un-enrolling anything: a successor
+    /// serves them now. Connections in flight carry on.
+    pub fn release_listeners(&mut self) {
+        self.enrolled.clear();
+        self.pending.clear();
+        self.inherited.clear();
+    }
+
+    /// Stops the pods' outbound capture before closing the listeners, so that no connection
+    /// is left in a listener's accept queue to be reset when it closes (a stop without a
+    /// successor). Clearing a listener's mark makes the connect hook treat it as absent, so
+    /// new connects follow the fail mode at once; the accept loops take what is queued; then
+    /// the listeners close.
+    pub async fn stop_capture_and_release(&mut self) {
+        let outbound: Vec<&OwnedFd> = self
+            .enrolled
+            .values()
+            .flat_map(|enrolled| &enrolled.listeners)
+            .filter(|(name, _)| name.role == ListenerRole::Outbound)
+            .map(|(_, fd)| fd)
+            .collect();
+        for fd in &outbound {
+            if let Err(error) = socket2::SockRef::from(fd).set_mark(0) {
+                tracing::warn!(%error, "unmarking an outbound listener");
+            }
+        }
+        // A connect that passed the hook just before completes within its own system call;
+        // two empty looks in a row, a millisecond apart, see it accepted.
+        let deadline = tokio::time::Instant::now() + QUEUE_DRAIN_LIMIT;
+        let mut empty_looks = 0;
+        while empty_looks < 2 && tokio::time::Instant::now() < deadline {
+            if outbound.iter().all(|fd| accept_queue_length(fd) == 0) {
+                empty_looks += 1;
+            } else {
+                empty_looks = 0;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.release_listeners();
+    }
+
+    /// Closes inherited listeners of pods that were not enrolled again (gone meanwhile).
+    pub fn drop_unclaimed_listeners(&mut self) {
+        for ((uid, role, addr), _) in self.inherited.drain() {
+            tracing::info!(pod_uid = %uid, ?role, %addr, "inherited listener of a pod no longer here; closed");
         }
     }
 
@@ -238,18 +338,19 @@ impl Enrolments {
         self.pending.values().cloned().collect()
     }
 
-    async fn enroll(&self, pod: &MeshedPod) -> Result<Enrolled, EnrolError> {
+    async fn enroll(&mut self, pod: &MeshedPod) -> Result<Enrolled, EnrolError> {
         let cgroup = cgroup::find_pod_cgroup(&self.pods_root, &pod.uid)?;
         let cgroup_id = cgroup::cgroup_id(&cgroup)?;
         let pid = cgroup::any_process(&cgroup)?;
         let sockets = NetnsSockets::for_process(pid)?;
         let (netns_cookie, netns_inode) = (sockets.cookie(), sockets.inode());
 
+        let mut opened = Opened::new(&pod.uid, netns_inode);
         let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port));
-        let mut listeners = vec![(v4, self.listen(&sockets, v4).await?)];
+        let mut listeners = vec![self.listen(&mut opened, &sockets, ListenerRole::Outbound, v4)?];
         let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, self.outbound_port));
-        match self.listen(&sockets, v6).await {
-            Ok(listener) => listeners.push((v6, listener)),
+        match self.listen(&mut opened, &sockets, ListenerRole::Outbound, v6) {
+            Ok(listener) => listeners.push(listener),
             // A pod without IPv6 has no ::1; its IPv6 connects fail anyway.
             Err(error) => {
                 tracing::info!(pod = %pod.display_name(), %error, "no IPv6 outbound listener")
@@ -265,20 +366,23 @@ impl Enrolments {
             identity: identity.clone(),
             sockets: Arc::clone(&sockets),
         });
-        let mut addrs: Vec<SocketAddr> = listeners.iter().map(|(addr, _)| *addr).collect();
+        let certificate = self
+            .inbound
+            .as_ref()
+            .zip(identity.clone())
+            .map(|(inbound, id)| (Arc::clone(&inbound.identities), id));
+        let mut addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
         let mut accept_loops: Vec<JoinHandle<()>> = listeners
             .into_iter()
-            .map(|(_, listener)| {
-                tokio::spawn(outbound::serve(
-                    listener,
-                    Arc::clone(&source),
-                    Arc::clone(&self.outbound),
-                ))
+            .map(|l| {
+                let serve =
+                    outbound::serve(l.listener, Arc::clone(&source), Arc::clone(&self.outbound));
+                self.start(l.adopted, certificate.as_ref(), serve)
             })
             .collect();
         let mut inbound_side = None;
         let mut source_preservation = SourcePreservation::default();
-        if let (Some(inbound), Some(identity)) = (&self.inbound, identity) {
+        if let (Some(inbound), Some(identity)) = (self.inbound.clone(), identity) {
             let has_v6 = pod.ips.iter().any(IpAddr::is_ipv6);
             source_preservation =
                 routing::enable_source_preservation(&sockets, inbound.transparent_mark, has_v6)
@@ -301,24 +405,22 @@ impl Enrolments {
             ));
             let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
             let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT));
-            let mut hbone = vec![(v4, self.listen(&sockets, v4).await?)];
+            let mut hbone = vec![self.listen(&mut opened, &sockets, ListenerRole::Hbone, v4)?];
             if has_v6 {
-                hbone.push((v6, self.listen(&sockets, v6).await?));
+                hbone.push(self.listen(&mut opened, &sockets, ListenerRole::Hbone, v6)?);
             }
-            for (addr, listener) in hbone {
-                addrs.push(addr);
-                accept_loops.push(tokio::spawn(inbound::serve(
-                    listener,
-                    Arc::clone(&destination),
-                    Arc::clone(inbound),
-                )));
+            for l in hbone {
+                addrs.push(l.addr);
+                let serve =
+                    inbound::serve(l.listener, Arc::clone(&destination), Arc::clone(&inbound));
+                accept_loops.push(self.start(l.adopted, certificate.as_ref(), serve));
             }
 
             let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, PLAINTEXT_INBOUND_PORT));
             let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, PLAINTEXT_INBOUND_PORT));
-            let plaintext_v4 = self.listen(&sockets, v4).await?;
+            let plaintext_v4 = self.listen(&mut opened, &sockets, ListenerRole::Plaintext, v4)?;
             let plaintext_v6 = if has_v6 {
-                Some(self.listen(&sockets, v6).await?)
+                Some(self.listen(&mut opened, &sockets, ListenerRole::Plaintext, v6)?)
             } else {
                 None
             };
@@ -326,8 +428,8 @@ impl Enrolments {
                 .ips
                 .iter()
                 .filter_map(|ip| match (ip, &plaintext_v6) {
-                    (IpAddr::V4(_), _) => Some((*ip, plaintext_v4.as_fd())),
-                    (IpAddr::V6(_), Some(v6)) => Some((*ip, v6.as_fd())),
+                    (IpAddr::V4(_), _) => Some((*ip, plaintext_v4.listener.as_fd())),
+                    (IpAddr::V6(_), Some(v6)) => Some((*ip, v6.listener.as_fd())),
                     (IpAddr::V6(_), None) => None,
                 })
                 .collect();
@@ -338,15 +440,11 @@ impl Enrolments {
                 &by_address,
             )?;
             inbound_side = Some(Arc::clone(&destination));
-            let plaintext = std::iter::once((v4, plaintext_v4))
-                .chain(plaintext_v6.map(|listener| (v6, listener)));
-            for (addr, listener) in plaintext {
-                addrs.push(addr);
-                accept_loops.push(tokio::spawn(plaintext::serve(
-                    listener,
-                    Arc::clone(&destination),
-                    Arc::clone(inbound),
-                )));
+            for l in std::iter::once(plaintext_v4).chain(plaintext_v6) {
+                addrs.push(l.addr);
+                let serve =
+                    plaintext::serve(l.listener, Arc::clone(&destination), Arc::clone(&inbound));
+                accept_loops.push(self.start(l.adopted, certificate.as_ref(), serve));
             }
         }
         let enrolled = Enrolled {
@@ -368,6 +466,7 @@ impl Enrolments {
             },
             destination: inbound_side,
             accept_loops,
+            listeners: opened.duplicates,
         };
         // Last step: from here on the pod's connects are captured.
         self.datapath.enroll_cgroup(cgroup_id)?;
@@ -405,7 +504,74 @@ impl Enrolments {
         }
     }
 
-    async fn listen(
+    /// Runs an accept loop. One on an adopted listener waits until this agent takes over
+    /// (the previous agent serves it until then); any waits for the pod's certificate,
+    /// `CERTIFICATE_WAIT` at most, so that the pod's first connections queue in the backlog
+    /// for the few milliseconds the CA takes instead of failing for want of a certificate.
+    fn start(
+        &self,
+        adopted: bool,
+        certificate: Option<&(Arc<IdentityManager>, SpiffeId)>,
+        serve: impl Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<()> {
+        let mut taken_over = self.taken_over.clone();
+        let certificate = certificate.cloned();
+        tokio::spawn(async move {
+            if adopted && taken_over.wait_for(|taken| *taken).await.is_err() {
+                return;
+            }
+            if let Some((identities, id)) = certificate
+                && tokio::time::timeout(CERTIFICATE_WAIT, identities.wait_held(&id))
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(spiffe_id = %id, wait = ?CERTIFICATE_WAIT, "no certificate yet; serving the pod anyway (mesh connections fail until it arrives)");
+            }
+            serve.await;
+        })
+    }
+
+    /// The pod's listener for `role` at `addr`: the one the previous agent handed over if it
+    /// names this pod, namespace, role and address, else a new one.
+    fn listen(
+        &mut self,
+        opened: &mut Opened,
+        sockets: &NetnsSockets,
+        role: ListenerRole,
+        addr: SocketAddr,
+    ) -> Result<PodListener, EnrolError> {
+        let listen_error = |source| EnrolError::Listen { addr, source };
+        let name = ListenerName {
+            pod_uid: opened.pod_uid.clone(),
+            netns_inode: opened.netns_inode,
+            role,
+            addr,
+        };
+        let inherited = self
+            .inherited
+            .remove(&(name.pod_uid.clone(), role, addr))
+            .filter(|handed| handed.name.netns_inode == name.netns_inode);
+        let (listener, adopted) = match inherited {
+            Some(handed) => {
+                let listener = std::net::TcpListener::from(handed.fd);
+                listener.set_nonblocking(true).map_err(listen_error)?;
+                (TcpListener::from_std(listener).map_err(listen_error)?, true)
+            }
+            None => (self.open_listener(sockets, addr)?, false),
+        };
+        let duplicate = listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(listen_error)?;
+        opened.duplicates.push((name, duplicate));
+        Ok(PodListener {
+            addr,
+            listener,
+            adopted,
+        })
+    }
+
+    fn open_listener(
         &self,
         sockets: &NetnsSockets,
         addr: SocketAddr,
@@ -427,6 +593,50 @@ impl Enrolments {
         socket.listen(1024).map_err(listen_error)?;
         TcpListener::from_std(socket.into()).map_err(listen_error)
     }
+}
+
+/// Connections waiting in a listening socket's accept queue (TCP_INFO's `tcpi_unacked` is
+/// the accept backlog for a listener); 0 when it cannot be read.
+fn accept_queue_length(listener: &OwnedFd) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain old data; the kernel fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid descriptor and a buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 { info.tcpi_unacked } else { 0 }
+}
+
+/// The listeners of one pod being enrolled, for handing them over later.
+struct Opened {
+    pod_uid: String,
+    netns_inode: u64,
+    duplicates: Vec<(ListenerName, OwnedFd)>,
+}
+
+impl Opened {
+    fn new(pod_uid: &str, netns_inode: u64) -> Self {
+        Self {
+            pod_uid: pod_uid.to_owned(),
+            netns_inode,
+            duplicates: Vec::new(),
+        }
+    }
+}
+
+/// One listening socket of a pod, and whether the previous agent handed it over.
+struct PodListener {
+    addr: SocketAddr,
+    listener: TcpListener,
+    adopted: bool,
 }
 
 /// Two desired states of a pod that differ at most in peer authentication (which is changed

@@ -7,7 +7,9 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -78,7 +80,58 @@ pub struct HboneClient {
     pool: Mutex<Pool>,
 }
 
-pub type Tunnel = TokioIo<Upgraded>;
+/// One CONNECT stream, and the HTTP/2 connection that carries it.
+pub struct Tunnel {
+    io: TokioIo<Upgraded>,
+    carrier: Carrier,
+}
+
+impl Tunnel {
+    pub fn carrier(&self) -> Carrier {
+        self.carrier.clone()
+    }
+}
+
+/// The HTTP/2 connection a tunnel travels in.
+#[derive(Clone)]
+pub struct Carrier(SendRequest<Empty<Bytes>>);
+
+impl Carrier {
+    /// Whether the connection takes no new streams any more (its peer sent GOAWAY, as a
+    /// draining agent does, or it failed). Its tunnels still work; whoever keeps one for
+    /// reuse should let it go, so that the draining agent's connections can end.
+    pub fn closing(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+impl tokio::io::AsyncRead for Tunnel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tunnel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
 
 /// Pooled HTTP/2 connections by (source pod, source identity, HBONE address), with the
 /// certificate each was made with. The source pod (its network namespace cookie) is part of
@@ -112,30 +165,50 @@ impl HboneClient {
             .ok_or_else(|| HboneError::NoCertificate(source_id.clone()))?;
         let addr = SocketAddr::new(target.ip(), HBONE_PORT);
         let key = (source.sockets.cookie(), source_id.clone(), addr);
-        let mut sender = match self.pooled(&key, &certificate) {
+        let connect_request = || {
+            Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .body(Empty::<Bytes>::new())
+                .map_err(|_| HboneError::Refused {
+                    addr,
+                    target,
+                    status: StatusCode::BAD_REQUEST,
+                })
+        };
+        let pooled = self.pooled(&key, &certificate);
+        let reused = pooled.is_some();
+        let mut sender = match pooled {
             Some(sender) => sender,
             None => {
-                let sender = self
-                    .connect(source, &certificate, destination, addr, mark, timeout)
-                    .await?;
-                self.lock()
-                    .insert(key, (Arc::clone(&certificate), sender.clone()));
-                sender
+                self.fresh(
+                    key.clone(),
+                    &certificate,
+                    source,
+                    destination,
+                    mark,
+                    timeout,
+                )
+                .await?
             }
         };
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|_| HboneError::Refused {
-                addr,
-                target,
-                status: StatusCode::BAD_REQUEST,
-            })?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|source| HboneError::Http { addr, source })?;
+        let response = match sender.send_request(connect_request()?).await {
+            Ok(response) => response,
+            // A pooled connection whose peer has just sent GOAWAY (a draining agent) or
+            // died: the stream was never processed, so it goes out on a new connection.
+            Err(error) if reused => {
+                tracing::debug!(%addr, %error, "pooled HBONE connection took no new stream; opening a new one");
+                self.lock().remove(&key);
+                sender = self
+                    .fresh(key, &certificate, source, destination, mark, timeout)
+                    .await?;
+                sender
+                    .send_request(connect_request()?)
+                    .await
+                    .map_err(|source| HboneError::Http { addr, source })?
+            }
+            Err(source) => return Err(HboneError::Http { addr, source }),
+        };
         if response.status() != StatusCode::OK {
             return Err(HboneError::Refused {
                 addr,
@@ -146,7 +219,28 @@ impl HboneClient {
         let upgraded = hyper::upgrade::on(response)
             .await
             .map_err(|source| HboneError::Http { addr, source })?;
-        Ok(TokioIo::new(upgraded))
+        Ok(Tunnel {
+            io: TokioIo::new(upgraded),
+            carrier: Carrier(sender),
+        })
+    }
+
+    /// A new pooled connection for `key`.
+    async fn fresh(
+        &self,
+        key: PoolKey,
+        certificate: &Arc<WorkloadCertificate>,
+        source: &SourcePod,
+        destination: &SpiffeId,
+        mark: u32,
+        timeout: Duration,
+    ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
+        let sender = self
+            .connect(source, certificate, destination, key.2, mark, timeout)
+            .await?;
+        self.lock()
+            .insert(key, (Arc::clone(certificate), sender.clone()));
+        Ok(sender)
     }
 
     /// A live pooled connection made with the current certificate.

@@ -29,6 +29,7 @@ use super::{
 use crate::{
     datapath::Datapath,
     identity::{manager::IdentityManager, spiffe::SpiffeId, tls},
+    lifecycle::drain,
     pods::{netns::NetnsSockets, routing::SourcePreservation},
     state::workloads::SharedWorkloads,
     state::{
@@ -206,10 +207,11 @@ async fn serve_connection(
         let (pod, ctx, peer_id) = (Arc::clone(&pod), Arc::clone(&ctx), peer_id.clone());
         async move { Ok::<_, Infallible>(handle_connect(request, pod, ctx, peer_id, peer).await) }
     });
-    if let Err(error) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), service)
-        .await
-    {
+    // Draining sends GOAWAY: source nodes open their next tunnels to the successor, and
+    // this connection ends when its last tunnel does.
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), service);
+    if let Err(error) = drain::serve_until_drained(connection, |c| c.graceful_shutdown()).await {
         tracing::debug!(%peer, %error, "HBONE connection ended");
     }
 }

@@ -4,8 +4,11 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::lifecycle::drain;
+
 /// Accepts connections until the task running it is dropped, handing each to `handle` in a
-/// task of its own. `what` and `pod` name the listener in logs.
+/// task of its own, tracked until it ends (a draining agent waits for it). `what` and `pod`
+/// name the listener in logs.
 pub async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, pod: &str, handle: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
@@ -14,7 +17,7 @@ where
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer));
+                tokio::spawn(drain::tracked(handle(stream, peer)));
             }
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.

@@ -24,7 +24,7 @@ use super::{
     counting::{Meter, MeteredStream},
     delivery::canonical,
     dial::{connect_within, pod_socket},
-    hbone::{HboneClient, HboneError, Tunnel},
+    hbone::{Carrier, HboneClient, HboneError, Tunnel},
     http::{
         self, ClientConnection, Detection, HttpProxy,
         detect::{Prefixed, Protocol},
@@ -121,6 +121,16 @@ impl OutboundContext {
 pub enum Upstream {
     Mesh(Tunnel),
     Direct(TcpStream),
+}
+
+impl Upstream {
+    /// The HBONE connection a mesh upstream travels in.
+    pub fn carrier(&self) -> Option<Carrier> {
+        match self {
+            Self::Mesh(tunnel) => Some(tunnel.carrier()),
+            Self::Direct(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use self::{balance::Balancer, detect::Protocol, upstream::UpstreamPool};
 use super::outbound::{OutboundContext, SourcePod};
-use crate::state::services::Frontend;
+use crate::{lifecycle::drain, state::services::Frontend};
 
 /// Every HTTP body the proxy sends or forwards.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -119,17 +119,19 @@ where
         async move { Ok::<_, Infallible>(response.await) }
     });
     let io = TokioIo::new(stream);
+    // A draining agent finishes the requests in flight and lets clients move on: HTTP/2
+    // gets GOAWAY, HTTP/1.1 is closed after the response in flight (at once when idle).
     match protocol {
         Protocol::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(io, service)
-                .await
+                .serve_connection(io, service);
+            drain::serve_until_drained(connection, |c| c.graceful_shutdown()).await
         }
         _ => {
-            hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_buf_size(MAX_HEADER_BYTES)
@@ -137,8 +139,8 @@ where
                 // response (`printf … | nc` does that).
                 .half_close(true)
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            drain::serve_until_drained(connection, |c| c.graceful_shutdown()).await
         }
     }
 }

@@ -7,6 +7,11 @@
 //! pool once its response body has been read, and one the server closed meanwhile is
 //! detected before use; a request that found its connection closed before it was written is
 //! sent again on a new connection, so servers closing idle connections do not cause errors.
+//!
+//! A connection that travels in an HBONE tunnel is not reused once the HTTP/2 connection
+//! carrying the tunnel takes no new streams (the destination's agent is draining after an
+//! upgrade): the next request opens a new tunnel, to the successor, and the old connection
+//! closes, so the draining agent's tunnels end instead of living on as idle keep-alives.
 
 use std::{
     collections::HashMap,
@@ -22,7 +27,10 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::Body;
-use crate::proxy::outbound::{DialError, Upstream};
+use crate::proxy::{
+    hbone::Carrier,
+    outbound::{DialError, Upstream},
+};
 
 const MAX_IDLE_H1: usize = 64;
 
@@ -44,11 +52,26 @@ pub enum UpstreamError {
 
 type Key = (u64, SocketAddr);
 
+/// A pooled connection and the HBONE connection it travels in, if any.
+struct Pooled<S> {
+    sender: S,
+    carrier: Option<Carrier>,
+}
+
+impl<S> Pooled<S> {
+    fn carrier_open(&self) -> bool {
+        self.carrier.as_ref().is_none_or(|c| !c.closing())
+    }
+}
+
+/// Idle HTTP/1.1 connections by pod and endpoint.
+type IdleH1 = HashMap<Key, Vec<Pooled<http1::SendRequest<Body>>>>;
+
 #[derive(Default)]
 pub struct UpstreamPool {
     /// Shared with the tasks that return connections to it.
-    h1: Arc<Mutex<HashMap<Key, Vec<http1::SendRequest<Body>>>>>,
-    h2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    h1: Arc<Mutex<IdleH1>>,
+    h2: Mutex<HashMap<Key, Pooled<http2::SendRequest<Body>>>>,
 }
 
 impl UpstreamPool {
@@ -72,7 +95,9 @@ impl UpstreamPool {
                 let mut sender = match self.pooled_h2(&key) {
                     Some(sender) => sender,
                     None => {
-                        let io = TokioIo::new(dial().await?);
+                        let upstream = dial().await?;
+                        let carrier = upstream.carrier();
+                        let io = TokioIo::new(upstream);
                         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                             .handshake(io)
                             .await
@@ -82,7 +107,11 @@ impl UpstreamPool {
                                 tracing::debug!(%endpoint, %error, "upstream HTTP/2 connection ended");
                             }
                         });
-                        lock(&self.h2).insert(key, sender.clone());
+                        let pooled = Pooled {
+                            sender: sender.clone(),
+                            carrier,
+                        };
+                        lock(&self.h2).insert(key, pooled);
                         sender
                     }
                 };
@@ -95,10 +124,10 @@ impl UpstreamPool {
                 let mut request = request;
                 // A pooled connection first; if the server had closed it before the request
                 // was written, the request comes back and goes out on a new connection.
-                if let Some(mut sender) = self.pooled_h1(&key) {
-                    match sender.try_send_request(request).await {
+                if let Some(mut pooled) = self.pooled_h1(&key) {
+                    match pooled.sender.try_send_request(request).await {
                         Ok(response) => {
-                            self.recycle_h1(key, sender);
+                            self.recycle_h1(key, pooled);
                             return Ok(response);
                         }
                         Err(mut failed) => match failed.take_message() {
@@ -107,7 +136,9 @@ impl UpstreamPool {
                         },
                     }
                 }
-                let io = TokioIo::new(dial().await?);
+                let upstream = dial().await?;
+                let carrier = upstream.carrier();
+                let io = TokioIo::new(upstream);
                 let (mut sender, connection) = http1::handshake(io)
                     .await
                     .map_err(UpstreamError::Handshake)?;
@@ -120,7 +151,7 @@ impl UpstreamPool {
                     .send_request(request)
                     .await
                     .map_err(UpstreamError::Request)?;
-                self.recycle_h1(key, sender);
+                self.recycle_h1(key, Pooled { sender, carrier });
                 Ok(response)
             }
         }
@@ -129,7 +160,9 @@ impl UpstreamPool {
     fn pooled_h2(&self, key: &Key) -> Option<http2::SendRequest<Body>> {
         let mut pool = lock(&self.h2);
         match pool.get(key) {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(pooled) if !pooled.sender.is_closed() && pooled.carrier_open() => {
+                Some(pooled.sender.clone())
+            }
             Some(_) => {
                 pool.remove(key);
                 None
@@ -138,12 +171,12 @@ impl UpstreamPool {
         }
     }
 
-    fn pooled_h1(&self, key: &Key) -> Option<http1::SendRequest<Body>> {
+    fn pooled_h1(&self, key: &Key) -> Option<Pooled<http1::SendRequest<Body>>> {
         let mut pool = lock(&self.h1);
         let idle = pool.get_mut(key)?;
-        while let Some(sender) = idle.pop() {
-            if sender.is_ready() {
-                return Some(sender);
+        while let Some(pooled) = idle.pop() {
+            if pooled.sender.is_ready() && pooled.carrier_open() {
+                return Some(pooled);
             }
         }
         None
@@ -151,14 +184,14 @@ impl UpstreamPool {
 
     /// Returns `sender` to the pool once its connection can take another request (after the
     /// response body has been read; never, for an upgraded or closed connection).
-    fn recycle_h1(&self, key: Key, mut sender: http1::SendRequest<Body>) {
+    fn recycle_h1(&self, key: Key, mut pooled: Pooled<http1::SendRequest<Body>>) {
         let pool = Arc::clone(&self.h1);
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
+            if pooled.sender.ready().await.is_ok() && pooled.carrier_open() {
                 let mut idle = lock(&pool);
                 let list = idle.entry(key).or_default();
                 if list.len() < MAX_IDLE_H1 {
-                    list.push(sender);
+                    list.push(pooled);
                 }
             }
         });

@@ -99,6 +99,12 @@ enum Cmd {
         duration_ms: u64,
         #[arg(long, default_value_t = 50)]
         interval_ms: u64,
+        /// Also GET / from this HTTP server over one keep-alive connection, back to back, as
+        /// an HTTP client library does: a connection the server closed (or announced to close
+        /// with `Connection: close`) before any byte of the response is replaced by a new one
+        /// and the request sent again (RFC 9110 §9.2.2, idempotent); anything else fails.
+        #[arg(long)]
+        http_target: Option<SocketAddr>,
     },
     /// Load on `nodemesh ca serve` as agents make it: per request a new key pair, a CSR, a
     /// new TLS connection and a POST; `concurrency` requests in flight. Prints the rate and
@@ -294,12 +300,14 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             long_lived,
             duration_ms,
             interval_ms,
+            http_target,
         } => {
             soak(
                 target,
                 long_lived,
                 Duration::from_millis(duration_ms),
                 Duration::from_millis(interval_ms),
+                http_target,
             )
             .await
         }
@@ -652,9 +660,11 @@ async fn soak(
     long_lived: usize,
     duration: Duration,
     interval: Duration,
+    http_target: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(5);
     let deadline = tokio::time::Instant::now() + duration;
+    let http = http_target.map(|target| tokio::spawn(http_soak(target, deadline, timeout)));
     let mut tasks = JoinSet::new();
     for index in 0..long_lived {
         tasks.spawn(async move {
@@ -728,9 +738,22 @@ async fn soak(
         }
     }
     let failed_short = tally.failed - long_failed;
+    let mut http_summary = HttpSoak::default();
+    if let Some(http) = http {
+        http_summary = http.await.context("the HTTP loop panicked")?;
+        for (index, error) in http_summary.errors.iter().enumerate() {
+            tally.record(
+                &format!("HTTP error {index}"),
+                Err(Failure::Other(error.clone())),
+            );
+        }
+    }
     tally.finish(
-        short + long_lived,
+        short + long_lived + http_summary.errors.len(),
         json!({
+            "http_requests": http_summary.requests,
+            "http_reconnects": http_summary.reconnects,
+            "http_failed": http_summary.errors.len(),
             "short_connections": short,
             "short_failed": failed_short,
             "long_lived": long_lived,
@@ -739,6 +762,65 @@ async fn soak(
             "long_lived_exchanges_each": exchanges,
         }),
     )
+}
+
+#[derive(Default)]
+struct HttpSoak {
+    requests: usize,
+    reconnects: usize,
+    errors: Vec<String>,
+}
+
+/// Keep-alive GETs back to back until `deadline` (see `Cmd::Soak`).
+async fn http_soak(
+    target: SocketAddr,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> HttpSoak {
+    let request =
+        format!("GET / HTTP/1.1\r\nHost: {target}\r\nUser-Agent: nodemesh-workload\r\n\r\n")
+            .into_bytes();
+    let mut soak = HttpSoak::default();
+    let mut connection: Option<BufReader<TcpStream>> = None;
+    let (mut line, mut body) = (String::new(), Vec::new());
+    let mut retried = false;
+    while tokio::time::Instant::now() < deadline {
+        let reader = match &mut connection {
+            Some(reader) => reader,
+            None => match connect_checked(target, timeout).await {
+                Ok(stream) => connection.insert(BufReader::new(stream)),
+                Err(Failure::PeerMismatch(error) | Failure::Other(error)) => {
+                    soak.errors
+                        .push(format!("request {}: {error}", soak.requests));
+                    soak.requests += 1;
+                    continue;
+                }
+            },
+        };
+        let outcome =
+            tokio::time::timeout(timeout, one_request(reader, &request, &mut line, &mut body))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
+        match outcome {
+            Ok(Reply::KeepAlive) => {}
+            Ok(Reply::Close) => connection = None,
+            Err(error) if error.is::<ClosedBeforeResponse>() && !retried => {
+                // A stale keep-alive connection: send the request again on a new one.
+                soak.reconnects += 1;
+                connection = None;
+                retried = true;
+                continue;
+            }
+            Err(error) => {
+                soak.errors
+                    .push(format!("request {}: {error:#}", soak.requests));
+                connection = None;
+            }
+        }
+        retried = false;
+        soak.requests += 1;
+    }
+    soak
 }
 
 /// The banner a `banner-server` writes first.
@@ -786,22 +868,38 @@ async fn read_banner(target: SocketAddr, timeout: Duration) -> anyhow::Result<()
 }
 
 /// Sends one GET on a keep-alive connection and reads the whole response.
+/// The connection closed (or failed) before any byte of the response arrived.
+#[derive(Debug)]
+struct ClosedBeforeResponse;
+
+impl std::fmt::Display for ClosedBeforeResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the connection closed before the response")
+    }
+}
+
+impl std::error::Error for ClosedBeforeResponse {}
+
+/// Whether the connection may carry another request.
+enum Reply {
+    KeepAlive,
+    Close,
+}
+
 async fn one_request(
     reader: &mut BufReader<TcpStream>,
     request: &[u8],
     line: &mut String,
     body: &mut Vec<u8>,
-) -> anyhow::Result<()> {
-    reader
-        .get_mut()
-        .write_all(request)
-        .await
-        .context("sending")?;
+) -> anyhow::Result<Reply> {
+    if reader.get_mut().write_all(request).await.is_err() {
+        return Err(ClosedBeforeResponse.into());
+    }
     line.clear();
-    reader
-        .read_line(line)
-        .await
-        .context("reading the status line")?;
+    match reader.read_line(line).await {
+        Ok(0) | Err(_) => return Err(ClosedBeforeResponse.into()),
+        Ok(_) => {}
+    }
     let status = line
         .split_whitespace()
         .nth(1)
@@ -811,6 +909,7 @@ async fn one_request(
         bail!("status line {:?}", line.trim());
     }
     let mut content_length = None;
+    let mut reply = Reply::KeepAlive;
     loop {
         line.clear();
         if reader.read_line(line).await.context("reading headers")? == 0 {
@@ -820,16 +919,21 @@ async fn one_request(
         if header.is_empty() {
             break;
         }
-        if let Some((name, value)) = header.split_once(':')
-            && name.trim().eq_ignore_ascii_case("content-length")
-        {
-            content_length = value.trim().parse::<usize>().ok();
+        if let Some((name, value)) = header.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("content-length") {
+                content_length = value.trim().parse::<usize>().ok();
+            }
+            if name.trim().eq_ignore_ascii_case("connection")
+                && value.trim().eq_ignore_ascii_case("close")
+            {
+                reply = Reply::Close;
+            }
         }
     }
     let length = content_length.context("no Content-Length")?;
     body.resize(length, 0);
     reader.read_exact(body).await.context("reading the body")?;
-    Ok(())
+    Ok(reply)
 }
 
 async fn http_bench(

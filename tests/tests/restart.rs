@@ -1,0 +1,227 @@
+//! Restarting and upgrading the agent under load (docs/lifecycle.md). A soak runs in
+//! client-a (node1) against server-b (node2), through the mesh with mTLS: short connections
+//! back to back, each a 64-byte echo; long-lived connections that exchange 1 KiB every 50 ms
+//! and must end with a clean close; and keep-alive HTTP/1.1 requests back to back to a
+//! Service (the L7 proxy, with pooled upstream connections in HBONE tunnels). Needs root.
+
+use std::{process::Command, thread, time::Duration};
+
+use nix::sys::signal::Signal;
+use nodemesh_testbed::{AgentOptions, MeshCa, Testbed, cluster_state, is_root, wait_until};
+use serde_json::Value;
+
+const SOAK_MS: u64 = 12_000;
+const LONG_LIVED: usize = 4;
+/// The Service in front of server-b's HTTP server.
+const WEB: &str = "198.18.200.30";
+const HTTP_PORT: u16 = 8080;
+
+fn meshed(prefix: &str) -> (Testbed, MeshCa) {
+    assert!(
+        is_root(),
+        "kernel tests need root: run `cargo xtask test` as root"
+    );
+    let (tb, ca) = Testbed::create_meshed(prefix, 3600).expect("meshed testbed");
+    let server = tb.pod("mesh", "server-b").clone();
+    let mut echo = Command::new(tb.workload_bin());
+    echo.args(["echo-server", "--ports", "7000"]);
+    tb.spawn_in_pod(&server, echo)
+        .expect("echo server")
+        .detach();
+    tb.wait_listening(&server, 7000)
+        .expect("echo server listening");
+    tb.start_http_server(&server, HTTP_PORT)
+        .expect("HTTP server");
+    let service = cluster_state::service_object("mesh", "web", WEB, 80, "http");
+    tb.apply_object("service-web.yaml", &service)
+        .expect("service");
+    let slice = cluster_state::endpoint_slice_object("web", "http", HTTP_PORT, &[(&server, false)]);
+    tb.apply_object("endpointslice-web.yaml", &slice)
+        .expect("endpoint slice");
+    wait_until(Duration::from_secs(10), "node1 to know the Service", || {
+        let dump = tb.admin_json("node1", "/config_dump")?;
+        Ok(dump["services"].as_array().is_some_and(|s| !s.is_empty()))
+    })
+    .expect("service known");
+    (tb, ca)
+}
+
+fn options(ca: &MeshCa, node: &str) -> AgentOptions {
+    AgentOptions {
+        extra_args: ca.agent_args(node),
+        ..Default::default()
+    }
+}
+
+/// Connections a node's agent has accepted so far (all sources and destinations).
+fn opened(tb: &Testbed, node: &str) -> nodemesh_testbed::Result<u64> {
+    let stats = tb.admin_json(node, "/stats")?;
+    Ok(stats["connections"]
+        .as_array()
+        .map(|series| {
+            series
+                .iter()
+                .map(|s| s["opened"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0))
+}
+
+/// Runs the soak in client-a on a thread (with HTTP requests to the Service when `http`);
+/// `during` runs meanwhile, once traffic flows through node1's agent. Returns the soak's
+/// summary.
+fn soak_while(tb: &Testbed, http: bool, during: impl FnOnce()) -> Value {
+    let client = tb.pod("mesh", "client-a").clone();
+    let server = tb.pod("mesh", "server-b").clone();
+    let target = format!("{}:7000", server.ipv4());
+    let before = opened(tb, "node1").expect("stats");
+    let output = thread::scope(|scope| {
+        let soak = scope.spawn(|| {
+            let mut command = Command::new(tb.workload_bin());
+            command.args([
+                "soak",
+                "--target",
+                &target,
+                "--long-lived",
+                &LONG_LIVED.to_string(),
+                "--duration-ms",
+                &SOAK_MS.to_string(),
+            ]);
+            if http {
+                command.args(["--http-target", &format!("{WEB}:80")]);
+            }
+            tb.run_in_pod_timeout(&client, command, Duration::from_secs(60))
+                .expect("soak")
+        });
+        wait_until(
+            Duration::from_secs(10),
+            "traffic through node1's agent",
+            || Ok(opened(tb, "node1")? >= before + 20),
+        )
+        .expect("soak started");
+        during();
+        soak.join().expect("soak thread")
+    });
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+        panic!(
+            "soak output: {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    eprintln!("soak: {summary}");
+    summary
+}
+
+/// Nothing failed, and every long-lived connection kept exchanging for the whole soak and
+/// then closed cleanly (the soak checks the close): none was reset by the restart.
+fn assert_nothing_dropped(summary: &Value) {
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["long_lived_failed"], 0, "{summary}");
+    let each = summary["long_lived_exchanges_each"]
+        .as_array()
+        .expect("each");
+    assert_eq!(each.len(), LONG_LIVED, "{summary}");
+    // 12 s at one exchange per 50 ms plus its round trip: well over 100 for a connection
+    // that never stalled.
+    assert!(
+        each.iter().all(|n| n.as_u64().unwrap_or(0) >= 100),
+        "every long-lived connection kept exchanging: {summary}"
+    );
+}
+
+#[test]
+fn an_upgrade_with_overlap_drops_no_connection_on_either_side() {
+    let (tb, ca) = meshed("nmup");
+    let summary = soak_while(&tb, true, || {
+        // The destination's node first (HBONE clients move to the successor on GOAWAY),
+        // then the source's (the pods' outbound listeners change hands).
+        for node in ["node2", "node1"] {
+            let served_before = opened(&tb, node).expect("stats");
+            tb.start_successor_agent(node, &options(&ca, node))
+                .expect("successor ready");
+            // As the DaemonSet controller does once the new pod is ready.
+            tb.signal_previous_agent(node, Signal::SIGTERM)
+                .expect("SIGTERM the previous agent");
+            wait_until(
+                Duration::from_secs(10),
+                &format!("the successor on {node} serving new connections"),
+                || Ok(opened(&tb, node)? > 10),
+            )
+            .unwrap_or_else(|e| panic!("{e}; before the upgrade it had served {served_before}"));
+        }
+    });
+    assert_nothing_dropped(&summary);
+    assert_eq!(summary["http_failed"], 0, "{summary}");
+    assert!(
+        summary["http_requests"].as_u64().unwrap_or(0) >= 500,
+        "HTTP requests flowed the whole time: {summary}"
+    );
+    for node in ["node1", "node2"] {
+        // The previous agent served its long-lived connections to their end, then exited.
+        let status = tb
+            .wait_previous_agent(node, Duration::from_secs(30))
+            .expect("the previous agent exits once its connections are done");
+        assert!(
+            status.success(),
+            "{node}: previous agent exited with {status}"
+        );
+        let log = tb.agent_log(node);
+        for needle in [
+            "handed the in-pod listeners to a successor",
+            "took over from the previous agent",
+            "a successor took over",
+            "all connections finished",
+        ] {
+            assert!(
+                log.contains(needle),
+                "{node} agent log lacks {needle:?}:\n{log}"
+            );
+        }
+        assert!(
+            !log.contains("drain grace period over"),
+            "{node}: connections were cut at the end of the grace period:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_stop_without_successor_drains_its_connections_and_fails_open_meanwhile() {
+    let (tb, ca) = meshed("nmstop");
+    // No HTTP to the Service here: in the gap its connects go out untouched (fail open), and
+    // the testbed has no kube-proxy to route a Service address; pod addresses work.
+    let summary = soak_while(&tb, false, || {
+        // A plain stop (a pod deleted without surge): SIGTERM, and only later a new agent.
+        tb.retire_agent("node1").expect("retire");
+        tb.signal_previous_agent("node1", Signal::SIGTERM)
+            .expect("SIGTERM the agent");
+        wait_until(
+            Duration::from_secs(5),
+            "the stopped agent to close its listeners",
+            || Ok(tb.agent_log("node1").contains("agent stopping")),
+        )
+        .expect("stopping");
+        // New connections meanwhile follow --fail-mode open: straight to server-b, whose
+        // namespace is PERMISSIVE, so they still succeed.
+        tb.start_agent("node1", &options(&ca, "node1"))
+            .expect("a new agent while the old one drains");
+        wait_until(
+            Duration::from_secs(10),
+            "the new agent serving new connections",
+            || Ok(opened(&tb, "node1")? > 10),
+        )
+        .expect("new agent serving");
+    });
+    assert_nothing_dropped(&summary);
+    let status = tb
+        .wait_previous_agent("node1", Duration::from_secs(30))
+        .expect("the stopped agent exits once its connections are done");
+    assert!(status.success(), "stopped agent exited with {status}");
+    let log = tb.agent_log("node1");
+    for needle in [
+        "agent stopping; capture stays attached",
+        "all connections finished",
+    ] {
+        assert!(log.contains(needle), "agent log lacks {needle:?}:\n{log}");
+    }
+}
