@@ -154,6 +154,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
         access_log,
         tracer,
+        max_connections_per_pod: config.max_connections_per_pod,
     });
     let inbound = mesh_tls.map(|(identities, roots)| {
         Arc::new(InboundContext {

@@ -114,6 +114,12 @@ pub struct AgentArgs {
     /// terminationGracePeriodSeconds.
     #[arg(long, default_value_t = 20)]
     pub drain_grace_seconds: u64,
+    /// Connections one pod may have through the proxy at once, in each direction (outbound,
+    /// and plaintext arriving at it); more are reset, counted and logged, so that one pod
+    /// cannot exhaust the proxy for the others. Size it with the agent's memory limit: a
+    /// held connection costs the agent about 40 KiB (docs/security.md).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections_per_pod: u64,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,6 +162,7 @@ pub struct AgentConfig {
     pub trust_domain: String,
     pub handoff_socket: HandoffAddress,
     pub drain_grace: Duration,
+    pub max_connections_per_pod: usize,
 }
 
 /// Where the agent learns the cluster state from.
@@ -287,6 +294,8 @@ impl TryFrom<AgentArgs> for AgentConfig {
             metrics_addr: args.metrics_addr,
             handoff_socket: args.handoff_socket,
             drain_grace: Duration::from_secs(args.drain_grace_seconds),
+            max_connections_per_pod: usize::try_from(args.max_connections_per_pod)
+                .unwrap_or(usize::MAX),
         })
     }
 }

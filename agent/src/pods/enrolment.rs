@@ -37,6 +37,7 @@ use crate::{
     proxy::{
         hbone::HBONE_PORT,
         inbound::{self, DestinationPod, InboundContext},
+        limits::Budget,
         outbound::{self, OutboundContext, SourcePod},
         plaintext,
     },
@@ -365,6 +366,10 @@ impl Enrolments {
             workload: pod.workload.clone(),
             identity: identity.clone(),
             sockets: Arc::clone(&sockets),
+            connections: Budget::new(
+                "pod_outbound_connections",
+                self.outbound.max_connections_per_pod,
+            ),
         });
         let certificate = self
             .inbound
@@ -390,19 +395,22 @@ impl Enrolments {
                         tracing::warn!(pod = %pod.display_name(), %error, "applications in this pod will see connections from its own address");
                         SourcePreservation::default()
                     });
-            let destination = Arc::new(DestinationPod::new(
-                pod.display_name(),
-                Peer {
-                    workload: pod.workload.clone(),
-                    namespace: pod.namespace.clone(),
-                    principal: identity.to_string(),
-                },
-                identity,
-                pod.ips.clone(),
-                Arc::clone(&sockets),
-                source_preservation,
-                pod.peer_authentication,
-            ));
+            let destination = Arc::new(
+                DestinationPod::new(
+                    pod.display_name(),
+                    Peer {
+                        workload: pod.workload.clone(),
+                        namespace: pod.namespace.clone(),
+                        principal: identity.to_string(),
+                    },
+                    identity,
+                    pod.ips.clone(),
+                    Arc::clone(&sockets),
+                    source_preservation,
+                    pod.peer_authentication,
+                )
+                .with_connection_limit(self.outbound.max_connections_per_pod),
+            );
             let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
             let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT));
             let mut hbone = vec![self.listen(&mut opened, &sockets, ListenerRole::Hbone, v4)?];

@@ -8,7 +8,10 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -36,6 +39,10 @@ use crate::{
 };
 
 pub use nodemesh_common::HBONE_PORT;
+
+/// Concurrent streams the HBONE server allows on one connection (clients of this agent
+/// open another connection after `MAX_STREAMS_PER_CONNECTION`).
+pub const HBONE_SERVER_MAX_STREAMS: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
@@ -78,12 +85,33 @@ pub struct HboneClient {
     pub identities: Arc<IdentityManager>,
     pub roots: Arc<RootCertStore>,
     pool: Mutex<Pool>,
+    /// One lock per pool key, held while a connection for it is being made: concurrent
+    /// tunnels wait for that connection instead of each opening its own (a burst would
+    /// otherwise start a burst of TLS handshakes at the destination).
+    connecting: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// One CONNECT stream, and the HTTP/2 connection that carries it.
 pub struct Tunnel {
     io: TokioIo<Upgraded>,
     carrier: Carrier,
+    _stream: StreamCount,
+}
+
+/// Counts a tunnel against its pooled connection while it lives.
+struct StreamCount(Arc<AtomicUsize>);
+
+impl StreamCount {
+    fn take(streams: &Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(streams))
+    }
+}
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Tunnel {
@@ -138,7 +166,20 @@ impl tokio::io::AsyncWrite for Tunnel {
 /// the key because the connection leaves from that pod's address: the destination delivers
 /// with it as the source, and NetworkPolicies see it.
 type PoolKey = (u64, SpiffeId, SocketAddr);
-type Pool = HashMap<PoolKey, (Arc<WorkloadCertificate>, SendRequest<Empty<Bytes>>)>;
+type Pool = HashMap<PoolKey, Vec<Pooled>>;
+
+/// Tunnels one pooled connection carries at once; beyond, another connection is opened.
+/// (A connection's streams share one TCP window and one TLS session; the HBONE server
+/// allows `HBONE_SERVER_MAX_STREAMS` on each.)
+const MAX_STREAMS_PER_CONNECTION: usize = 100;
+
+/// One pooled connection, the certificate it was made with, and its open tunnels.
+#[derive(Clone)]
+struct Pooled {
+    certificate: Arc<WorkloadCertificate>,
+    sender: SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+}
 
 impl HboneClient {
     pub fn new(identities: Arc<IdentityManager>, roots: Arc<RootCertStore>) -> Self {
@@ -146,6 +187,7 @@ impl HboneClient {
             identities,
             roots,
             pool: Mutex::default(),
+            connecting: Mutex::default(),
         }
     }
 
@@ -176,33 +218,44 @@ impl HboneClient {
                     status: StatusCode::BAD_REQUEST,
                 })
         };
-        let pooled = self.pooled(&key, &certificate);
-        let reused = pooled.is_some();
-        let mut sender = match pooled {
-            Some(sender) => sender,
+        let mut reused = true;
+        let mut connection = match self.pooled(&key, &certificate) {
+            Some(connection) => connection,
             None => {
-                self.fresh(
-                    key.clone(),
-                    &certificate,
-                    source,
-                    destination,
-                    mark,
-                    timeout,
-                )
-                .await?
+                let turn = self.connecting_lock(&key);
+                let _turn = turn.lock().await;
+                // Whoever held the lock before may have made the connection we need.
+                match self.pooled(&key, &certificate) {
+                    Some(connection) => connection,
+                    None => {
+                        reused = false;
+                        self.fresh(
+                            key.clone(),
+                            &certificate,
+                            source,
+                            destination,
+                            mark,
+                            timeout,
+                        )
+                        .await?
+                    }
+                }
             }
         };
-        let response = match sender.send_request(connect_request()?).await {
+        let mut stream = StreamCount::take(&connection.streams);
+        let response = match connection.sender.send_request(connect_request()?).await {
             Ok(response) => response,
             // A pooled connection whose peer has just sent GOAWAY (a draining agent) or
             // died: the stream was never processed, so it goes out on a new connection.
             Err(error) if reused => {
                 tracing::debug!(%addr, %error, "pooled HBONE connection took no new stream; opening a new one");
-                self.lock().remove(&key);
-                sender = self
+                self.forget(&key, &connection);
+                connection = self
                     .fresh(key, &certificate, source, destination, mark, timeout)
                     .await?;
-                sender
+                stream = StreamCount::take(&connection.streams);
+                connection
+                    .sender
                     .send_request(connect_request()?)
                     .await
                     .map_err(|source| HboneError::Http { addr, source })?
@@ -221,7 +274,8 @@ impl HboneClient {
             .map_err(|source| HboneError::Http { addr, source })?;
         Ok(Tunnel {
             io: TokioIo::new(upgraded),
-            carrier: Carrier(sender),
+            carrier: Carrier(connection.sender),
+            _stream: stream,
         })
     }
 
@@ -234,33 +288,55 @@ impl HboneClient {
         destination: &SpiffeId,
         mark: u32,
         timeout: Duration,
-    ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
+    ) -> Result<Pooled, HboneError> {
         let sender = self
             .connect(source, certificate, destination, key.2, mark, timeout)
             .await?;
-        self.lock()
-            .insert(key, (Arc::clone(certificate), sender.clone()));
-        Ok(sender)
+        let pooled = Pooled {
+            certificate: Arc::clone(certificate),
+            sender,
+            streams: Arc::default(),
+        };
+        self.lock().entry(key).or_default().push(pooled.clone());
+        Ok(pooled)
     }
 
-    /// A live pooled connection made with the current certificate.
-    fn pooled(
-        &self,
-        key: &PoolKey,
-        certificate: &Arc<WorkloadCertificate>,
-    ) -> Option<SendRequest<Empty<Bytes>>> {
+    fn connecting_lock(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut connecting = self
+            .connecting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Locks nobody holds or waits for are dropped on the way.
+        connecting.retain(|_, lock| Arc::strong_count(lock) > 1);
+        Arc::clone(connecting.entry(key.clone()).or_default())
+    }
+
+    /// Drops `connection` from the pool.
+    fn forget(&self, key: &PoolKey, connection: &Pooled) {
         let mut pool = self.lock();
-        match pool.get(key) {
-            Some((used, sender)) if Arc::ptr_eq(used, certificate) && !sender.is_closed() => {
-                Some(sender.clone())
-            }
-            Some(_) => {
-                // Closed, or made with a certificate that has since been renewed.
+        if let Some(connections) = pool.get_mut(key) {
+            connections.retain(|c| !Arc::ptr_eq(&c.streams, &connection.streams));
+            if connections.is_empty() {
                 pool.remove(key);
-                None
             }
-            None => None,
         }
+    }
+
+    /// A live pooled connection made with the current certificate that has room for
+    /// another tunnel; connections that are closed or made with a renewed certificate are
+    /// dropped from the pool on the way.
+    fn pooled(&self, key: &PoolKey, certificate: &Arc<WorkloadCertificate>) -> Option<Pooled> {
+        let mut pool = self.lock();
+        let connections = pool.get_mut(key)?;
+        connections.retain(|c| Arc::ptr_eq(&c.certificate, certificate) && !c.sender.is_closed());
+        let found = connections
+            .iter()
+            .find(|c| c.streams.load(Ordering::Acquire) < MAX_STREAMS_PER_CONNECTION)
+            .cloned();
+        if connections.is_empty() {
+            pool.remove(key);
+        }
+        found
     }
 
     async fn connect(

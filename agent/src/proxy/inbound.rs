@@ -22,7 +22,9 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     delivery::connect_to_application,
+    hbone::HBONE_SERVER_MAX_STREAMS,
     http::authorize::{self, Check},
+    limits::{self, Budget, PerClient},
     listener::accept_loop,
     relay::{relay, reset},
 };
@@ -107,6 +109,10 @@ pub struct DestinationPod {
     pub source_preservation: SourcePreservation,
     /// The namespace's mode; changes in place when the namespace is relabelled.
     strict: AtomicBool,
+    /// Plaintext connections to it through the proxy at once.
+    pub plaintext_connections: Arc<Budget>,
+    /// TLS handshakes in progress at its HBONE listener.
+    pub handshakes: Arc<PerClient>,
 }
 
 impl DestinationPod {
@@ -127,9 +133,21 @@ impl DestinationPod {
             sockets,
             source_preservation,
             strict: AtomicBool::new(false),
+            plaintext_connections: Budget::new("pod_plaintext_connections", usize::MAX),
+            handshakes: PerClient::new(
+                "pod_pending_handshakes",
+                limits::MAX_PENDING_HANDSHAKES_PER_CLIENT,
+                limits::MAX_PENDING_HANDSHAKES,
+            ),
         };
         pod.set_peer_authentication(mode);
         pod
+    }
+
+    /// Bounds the plaintext connections to this pod through the proxy at once.
+    pub fn with_connection_limit(mut self, limit: usize) -> Self {
+        self.plaintext_connections = Budget::new("pod_plaintext_connections", limit);
+        self
     }
 
     pub fn peer_authentication(&self) -> PeerAuthentication {
@@ -163,6 +181,15 @@ async fn serve_connection(
 ) {
     // Small HTTP/2 frames (a CONNECT's 200, a short reply) must not wait for Nagle.
     let _ = stream.set_nodelay(true);
+    let Some(handshake) = pod.handshakes.try_acquire(peer.ip()) else {
+        limits::refuse(
+            &stream,
+            pod.handshakes.budget(),
+            &pod.display_name,
+            &ctx.metrics,
+        );
+        return;
+    };
     let Some(certificate) = ctx.identities.certificate(&pod.identity) else {
         tracing::warn!(pod = %pod.display_name, %peer, "HBONE refused: this pod holds no certificate yet");
         return;
@@ -177,14 +204,20 @@ async fn serve_connection(
             return;
         }
     };
-    let tls = match TlsAcceptor::from(Arc::new(config)).accept(stream).await {
-        Ok(tls) => tls,
-        Err(error) => {
+    let accept = TlsAcceptor::from(Arc::new(config)).accept(stream);
+    let tls = match tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
             // No client certificate, another CA, expired, garbage: all end here.
             tracing::warn!(pod = %pod.display_name, %peer, %error, "HBONE mTLS handshake rejected");
             return;
         }
+        Err(_) => {
+            tracing::warn!(pod = %pod.display_name, %peer, timeout = ?limits::HANDSHAKE_TIMEOUT, "HBONE mTLS handshake not completed in time; closed");
+            return;
+        }
     };
+    drop(handshake);
     let peer_id = match tls
         .get_ref()
         .1
@@ -210,6 +243,7 @@ async fn serve_connection(
     // Draining sends GOAWAY: source nodes open their next tunnels to the successor, and
     // this connection ends when its last tunnel does.
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(HBONE_SERVER_MAX_STREAMS)
         .serve_connection(TokioIo::new(tls), service);
     if let Err(error) = drain::serve_until_drained(connection, |c| c.graceful_shutdown()).await {
         tracing::debug!(%peer, %error, "HBONE connection ended");

@@ -7,6 +7,7 @@ mod dial;
 pub mod hbone;
 pub mod http;
 pub mod inbound;
+pub mod limits;
 mod listener;
 pub mod outbound;
 pub mod plaintext;

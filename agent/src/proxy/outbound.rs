@@ -29,6 +29,7 @@ use super::{
         self, ClientConnection, Detection, HttpProxy,
         detect::{Prefixed, Protocol},
     },
+    limits::{self, Budget},
     listener::accept_loop,
     relay::{relay, reset},
 };
@@ -65,6 +66,8 @@ pub struct OutboundContext {
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
     pub tracer: Tracer,
+    /// `--max-connections-per-pod`.
+    pub max_connections_per_pod: usize,
 }
 
 impl OutboundContext {
@@ -204,6 +207,8 @@ pub struct SourcePod {
     pub workload: String,
     pub identity: Option<SpiffeId>,
     pub sockets: Arc<NetnsSockets>,
+    /// Its connections through the proxy at once.
+    pub connections: Arc<Budget>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +251,10 @@ async fn forward(
     else {
         tracing::warn!(pod = %pod.display_name, error = %OutboundError::NoOriginalDestination(peer), "dropping connection");
         reset(&client);
+        return;
+    };
+    let Some(_slot) = pod.connections.try_acquire() else {
+        limits::refuse(&client, &pod.connections, &pod.display_name, &ctx.metrics);
         return;
     };
     ctx.stats.opened(&pod.display_name, original);

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     delivery::{canonical, connect_to_application},
     inbound::{DestinationPod, InboundContext},
+    limits,
     listener::accept_loop,
     relay::{relay, reset},
 };
@@ -47,6 +48,15 @@ async fn serve_connection(
     ctx: Arc<InboundContext>,
 ) {
     let _ = client.set_nodelay(true);
+    let Some(_slot) = pod.plaintext_connections.try_acquire() else {
+        limits::refuse(
+            &client,
+            &pod.plaintext_connections,
+            &pod.display_name,
+            &ctx.metrics,
+        );
+        return;
+    };
     let target = match client.local_addr() {
         Ok(target) => target,
         Err(error) => {

@@ -127,6 +127,12 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    reason: &'static str,
+    pod: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -139,6 +145,7 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     certificate_expiry: Family<IdentityLabels, Gauge>,
     detection: Family<OutcomeLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     config_errors: Gauge,
     /// Hashes of the label sets in use, per kind (requests, tcp), for the bound.
     seen: Mutex<[HashSet<u64>; 2]>,
@@ -215,6 +222,12 @@ impl Default for Metrics {
             "Protocol detection outcomes on connections to Service ports",
             detection.clone(),
         );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "nodemesh_connections_refused",
+            "Connections reset because their pod was over one of its bounds (proxy/limits.rs)",
+            refused.clone(),
+        );
         registry.register(
             "nodemesh_config_errors",
             "Cluster objects currently rejected (their last good version is in use)",
@@ -232,6 +245,7 @@ impl Default for Metrics {
             map_entries,
             certificate_expiry,
             detection,
+            refused,
             config_errors,
             seen: Mutex::default(),
         }
@@ -336,6 +350,17 @@ impl Metrics {
         self.detection
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// A connection of `pod` reset for being over the bound `reason`. (The pods of one node
+    /// bound the label's values.)
+    pub fn refused(&self, reason: &'static str, pod: &str) {
+        self.refused
+            .get_or_create(&RefusedLabels {
+                reason,
+                pod: pod.to_owned(),
             })
             .inc();
     }

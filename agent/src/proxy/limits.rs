@@ -1,0 +1,204 @@
+//! Per-pod bounds on the proxy's work, so that one pod cannot exhaust the node proxy for the
+//! others: the connections a pod has through the proxy at once (outbound, and plaintext
+//! arriving at it), and the TLS handshakes in progress at its HBONE listener, per client
+//! address and in all (each also bounded in time). A connection over a bound is reset at
+//! once, counted in `nodemesh_connections_refused_total{reason, pod}` and logged at most
+//! every 10 s per pod and bound; nothing else notices.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::net::TcpStream;
+
+use super::relay::reset;
+use crate::telemetry::metrics::Metrics;
+
+/// TLS handshakes in progress at one pod's HBONE listener, in all.
+pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// TLS handshakes in progress at one pod's HBONE listener from one client address: a client
+/// that opens connections and never completes them holds up only its own.
+pub const MAX_PENDING_HANDSHAKES_PER_CLIENT: usize = 32;
+/// How long an HBONE client may take to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one log line per pod and bound in this long.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One bound of one pod.
+pub struct Budget {
+    /// Names the bound in metrics and logs.
+    pub reason: &'static str,
+    limit: usize,
+    active: AtomicUsize,
+    last_logged: Mutex<Option<Instant>>,
+}
+
+/// Held while the connection (or handshake) it was taken for lasts.
+pub struct Slot(Arc<Budget>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Budget {
+    pub fn new(reason: &'static str, limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            reason,
+            limit,
+            active: AtomicUsize::new(0),
+            last_logged: Mutex::new(None),
+        })
+    }
+
+    /// A slot, unless `limit` are taken.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        self.active
+            .try_update(Ordering::AcqRel, Ordering::Acquire, |active| {
+                (active < self.limit).then_some(active + 1)
+            })
+            .ok()
+            .map(|_| Slot(Arc::clone(self)))
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Whether a refusal should be logged now (rate-limited).
+    pub fn log_refusal(&self) -> bool {
+        let mut last = self.last_logged.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < LOG_INTERVAL) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// A bound per client address (`limit` each), itself within `total`.
+pub struct PerClient {
+    total: Arc<Budget>,
+    limit: usize,
+    by_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Held while the handshake it was taken for lasts.
+pub struct ClientSlot {
+    owner: Arc<PerClient>,
+    client: IpAddr,
+    _total: Slot,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut by_client = self.owner.lock();
+        if let Some(count) = by_client.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                by_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+impl PerClient {
+    pub fn new(reason: &'static str, limit: usize, total: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total: Budget::new(reason, total),
+            limit,
+            by_client: Mutex::default(),
+        })
+    }
+
+    /// A slot for `client`, unless it holds `limit` already or `total` are taken.
+    pub fn try_acquire(self: &Arc<Self>, client: IpAddr) -> Option<ClientSlot> {
+        let mut by_client = self.lock();
+        let count = by_client.entry(client).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        let total = self.total.try_acquire()?;
+        *count += 1;
+        Some(ClientSlot {
+            owner: Arc::clone(self),
+            client,
+            _total: total,
+        })
+    }
+
+    /// The bound as a whole, for refusing.
+    pub fn budget(&self) -> &Budget {
+        &self.total
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.by_client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Resets `stream`, a connection of `pod` over `budget`; counts it, and logs it unless that
+/// was done less than 10 s ago.
+pub fn refuse(stream: &TcpStream, budget: &Budget, pod: &str, metrics: &Metrics) {
+    metrics.refused(budget.reason, pod);
+    if budget.log_refusal() {
+        tracing::warn!(
+            pod,
+            bound = budget.reason,
+            limit = budget.limit,
+            "connection reset: the pod is at its bound (logged at most every 10 s)"
+        );
+    }
+    reset(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_bounded_and_come_back_when_dropped() {
+        let budget = Budget::new("test", 2);
+        let first = budget.try_acquire().expect("first");
+        let second = budget.try_acquire().expect("second");
+        assert!(budget.try_acquire().is_none(), "a third over a limit of 2");
+        drop(first);
+        let third = budget.try_acquire().expect("a slot came back");
+        drop((second, third));
+        assert_eq!(budget.active.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn one_client_cannot_take_the_slots_of_others() {
+        let handshakes = PerClient::new("test", 2, 3);
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.3".parse().unwrap(),
+        );
+        let a1 = handshakes.try_acquire(a).expect("a 1");
+        let a2 = handshakes.try_acquire(a).expect("a 2");
+        assert!(handshakes.try_acquire(a).is_none(), "a is at its own bound");
+        let b1 = handshakes.try_acquire(b).expect("b is not affected by a");
+        assert!(handshakes.try_acquire(c).is_none(), "the total bound holds");
+        drop(a1);
+        let c1 = handshakes.try_acquire(c).expect("a slot came back");
+        drop((a2, b1, c1));
+        assert!(handshakes.lock().is_empty(), "no entry left behind");
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_once_per_interval() {
+        let budget = Budget::new("test", 0);
+        assert!(budget.log_refusal());
+        assert!(!budget.log_refusal());
+    }
+}

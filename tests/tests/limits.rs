@@ -1,0 +1,207 @@
+//! Bounded resources (agent/src/proxy/limits.rs, docs/security.md): a connection flood from
+//! one pod is cut at its bound without touching another pod's traffic; clients that open
+//! HBONE connections and never complete the TLS handshake hold up only themselves. The
+//! agent's memory under the flood is measured and printed. Needs root.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use nodemesh_testbed::{
+    AgentOptions, MeshCa, Testbed, TestbedConfig, TopologySpec, is_root, wait_until,
+};
+use serde_json::Value;
+
+/// `--max-connections-per-pod` for these tests.
+const LIMIT: usize = 300;
+
+fn meshed_with_limit() -> (Testbed, MeshCa) {
+    assert!(
+        is_root(),
+        "kernel tests need root: run `cargo xtask test` as root"
+    );
+    let config = TestbedConfig::from_workspace("nmlim").expect("config");
+    let tb = Testbed::create(config, TopologySpec::standard_with_ca()).expect("testbed");
+    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
+    let ca = tb.start_ca(&ca_pod, 3600).expect("CA");
+    for node in ["node1", "node2"] {
+        let mut extra_args = ca.agent_args(node);
+        extra_args.extend(["--max-connections-per-pod".to_owned(), LIMIT.to_string()]);
+        let options = AgentOptions {
+            extra_args,
+            ..Default::default()
+        };
+        tb.start_agent(node, &options).expect("agent");
+    }
+    let server = tb.pod("mesh", "server-b").clone();
+    let mut echo = Command::new(tb.workload_bin());
+    echo.args(["echo-server", "--ports", "7000"]);
+    tb.spawn_in_pod(&server, echo)
+        .expect("echo server")
+        .detach();
+    tb.wait_listening(&server, 7000)
+        .expect("echo server listening");
+    (tb, ca)
+}
+
+/// Resident memory of the agent of `node`, in KiB.
+fn agent_rss_kib(tb: &Testbed, node: &str) -> u64 {
+    let pid = tb.agent_pid(node).expect("agent pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Starts a flood in `pod` and waits for its report.
+fn flood(tb: &Testbed, ns: &str, pod: &str, args: &[&str], report: &Path) -> Value {
+    let pod = tb.pod(ns, pod).clone();
+    let mut command = Command::new(tb.workload_bin());
+    command
+        .arg("flood")
+        .args(args)
+        .arg("--report")
+        .arg(report)
+        .args(["--hold-ms", "30000"]);
+    tb.spawn_in_pod(&pod, command).expect("flood").detach();
+    wait_until(Duration::from_secs(60), "the flood's report", || {
+        Ok(report.exists())
+    })
+    .expect("flood report");
+    let text = std::fs::read_to_string(report).expect("report");
+    serde_json::from_str(&text).expect("report JSON")
+}
+
+fn refused_metric(tb: &Testbed, node: &str, reason: &str, pod: &str) -> u64 {
+    let (_, metrics) = tb.admin_get(node, "/metrics").expect("metrics");
+    let series =
+        format!("nodemesh_connections_refused_total{{reason=\"{reason}\",pod=\"{pod}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_connection_flood_from_one_pod_is_cut_at_its_bound_and_another_pod_is_unaffected() {
+    let (tb, _ca) = meshed_with_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = format!("{}:7000", tb.pod("mesh", "server-b").ipv4());
+    let idle_rss = agent_rss_kib(&tb, "node1");
+
+    // client-a asks for twice its bound, and holds what it gets.
+    let report = flood(
+        &tb,
+        "mesh",
+        "client-a",
+        &[
+            "--target",
+            &target,
+            "--connections",
+            &(2 * LIMIT).to_string(),
+        ],
+        &dir.path().join("flood.json"),
+    );
+    eprintln!("flood from client-a: {report}");
+    assert_eq!(report["established"], LIMIT, "{report}");
+    assert_eq!(report["refused"], LIMIT, "{report}");
+    let flood_rss = agent_rss_kib(&tb, "node1");
+
+    // Meanwhile server-a, on the same node, works as if nothing happened.
+    let server_a = tb.pod("mesh", "server-a").clone();
+    let mut soak = Command::new(tb.workload_bin());
+    soak.args([
+        "soak",
+        "--target",
+        &target,
+        "--long-lived",
+        "2",
+        "--duration-ms",
+        "3000",
+    ]);
+    let output = tb.run_in_pod(&server_a, soak).expect("soak");
+    let summary: Value = serde_json::from_slice(&output.stdout).expect("soak JSON");
+    eprintln!("server-a during the flood: {summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert!(
+        summary["short_connections"].as_u64().unwrap_or(0) >= 50,
+        "{summary}"
+    );
+
+    assert_eq!(
+        refused_metric(&tb, "node1", "pod_outbound_connections", "mesh/client-a"),
+        LIMIT as u64
+    );
+    assert_eq!(
+        refused_metric(&tb, "node1", "pod_outbound_connections", "mesh/server-a"),
+        0
+    );
+    let log = tb.agent_log("node1");
+    let logged = log
+        .matches("connection reset: the pod is at its bound")
+        .count();
+    assert!(
+        (1..=3).contains(&logged),
+        "300 refusals are logged once every 10 s at most, not each: {logged} lines"
+    );
+    // Memory: printed for docs/security.md; bounded generously (what a held connection
+    // costs is the relay's buffers and two sockets' bookkeeping).
+    let per_connection = flood_rss.saturating_sub(idle_rss) * 1024 / LIMIT as u64;
+    eprintln!(
+        "agent RSS ({}): {idle_rss} KiB idle, {flood_rss} KiB holding {LIMIT} flood \
+         connections (~{per_connection} B each)",
+        tb.nodemesh_bin().display()
+    );
+    assert!(
+        flood_rss < idle_rss + 64 * 1024,
+        "RSS grew from {idle_rss} to {flood_rss} KiB for {LIMIT} connections"
+    );
+}
+
+#[test]
+fn clients_that_never_finish_the_tls_handshake_hold_up_only_themselves() {
+    let (tb, _ca) = meshed_with_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hbone = format!("{}:15008", tb.pod("mesh", "server-b").ipv4());
+    // outsider (not meshed) opens 40 connections to server-b's HBONE port and sends nothing.
+    let report = flood(
+        &tb,
+        "plain",
+        "outsider",
+        &["--target", &hbone, "--connections", "40", "--silent"],
+        &dir.path().join("silent.json"),
+    );
+    eprintln!("silent connections from outsider: {report}");
+    assert_eq!(
+        report["established"], 32,
+        "32 pending handshakes per client: {report}"
+    );
+    assert_eq!(report["refused"], 8, "{report}");
+    assert_eq!(
+        refused_metric(&tb, "node2", "pod_pending_handshakes", "mesh/server-b"),
+        8
+    );
+
+    // Mesh traffic to the same pod from client-a is not held up.
+    let client = tb.pod("mesh", "client-a").clone();
+    let target = format!("{}:7000", tb.pod("mesh", "server-b").ipv4());
+    let mut echo = Command::new(tb.workload_bin());
+    echo.args(["connect-many", "--target-ip"])
+        .arg(tb.pod("mesh", "server-b").ipv4().to_string())
+        .args(["--ports", "7000", "--connections", "20"]);
+    let output = tb.run_in_pod(&client, echo).expect("client-a");
+    assert!(
+        output.status.success(),
+        "client-a to {target} during the silent flood: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+
+    // The silent connections are closed when the handshake time runs out.
+    wait_until(Duration::from_secs(15), "the handshake timeout", || {
+        Ok(tb
+            .agent_log("node2")
+            .contains("HBONE mTLS handshake not completed in time"))
+    })
+    .expect("silent handshakes timed out");
+}
