@@ -10,15 +10,20 @@ use std::{
 use crate::{
     Pod, Testbed,
     error::{IoContext, Result, TestbedError},
+    workload::PodProcess,
 };
 
 /// Port the CA listens on.
 pub const CA_PORT: u16 = 15012;
 
-/// A running CA and the files agents need to talk to it (removed on drop).
+/// A running CA and the files agents need to talk to it (removed on drop, and the CA
+/// stopped).
 pub struct MeshCa {
     dir: tempfile::TempDir,
     addr: SocketAddr,
+    pod: Pod,
+    cert_ttl_seconds: u64,
+    process: Option<PodProcess>,
 }
 
 impl MeshCa {
@@ -62,6 +67,14 @@ impl MeshCa {
     /// What the CA logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir().join("ca.log")).unwrap_or_default()
+    }
+
+    /// Stops the CA (an outage); `Testbed::restart_ca` brings the same CA back.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(process) = self.process.take() {
+            process.kill()?;
+        }
+        Ok(())
     }
 }
 
@@ -138,8 +151,27 @@ impl Testbed {
         }
         std::fs::write(path.join("tokens"), tokens)
             .io_context(|| "writing the token file".into())?;
-        let log =
-            std::fs::File::create(path.join("ca.log")).io_context(|| "creating ca.log".into())?;
+        let mut ca = MeshCa {
+            dir,
+            addr: SocketAddr::new(pod.ipv4().into(), CA_PORT),
+            pod: pod.clone(),
+            cert_ttl_seconds,
+            process: None,
+        };
+        self.restart_ca(&mut ca)?;
+        Ok(ca)
+    }
+
+    /// Starts `ca` again after `MeshCa::stop` (same root, issuer and tokens); returns once it
+    /// listens.
+    pub fn restart_ca(&self, ca: &mut MeshCa) -> Result<()> {
+        ca.stop()?;
+        let path = ca.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path.join("ca.log"))
+            .io_context(|| "opening ca.log".into())?;
         let mut serve = Command::new(self.nodemesh_bin());
         serve
             .args(["ca", "serve", "--listen", &format!("0.0.0.0:{CA_PORT}")])
@@ -151,13 +183,9 @@ impl Testbed {
             .arg(path.join("tokens"))
             .arg("--cluster-state")
             .arg(self.cluster_state_dir())
-            .args(["--cert-ttl-seconds", &cert_ttl_seconds.to_string()])
+            .args(["--cert-ttl-seconds", &ca.cert_ttl_seconds.to_string()])
             .stderr(log);
-        self.spawn_in_pod(pod, serve)?.detach();
-        self.wait_listening(pod, CA_PORT)?;
-        Ok(MeshCa {
-            dir,
-            addr: SocketAddr::new(pod.ipv4().into(), CA_PORT),
-        })
+        ca.process = Some(self.spawn_in_pod(&ca.pod, serve)?);
+        self.wait_listening(&ca.pod, CA_PORT)
     }
 }

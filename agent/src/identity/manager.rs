@@ -149,11 +149,15 @@ impl IdentityManager {
         }
     }
 
-    /// The current certificate of an identity, if one is held.
+    /// The current certificate of an identity, if one is held and has not expired. (After
+    /// a CA outage longer than a certificate's remaining life there is none: nothing is sent
+    /// or accepted with an expired identity; docs/security.md.)
     pub fn certificate(&self, id: &SpiffeId) -> Option<Arc<WorkloadCertificate>> {
+        let now = SystemTime::now();
         self.lock()
             .get(id)
             .and_then(|slot| slot.certificate.clone())
+            .filter(|certificate| certificate.not_after > now)
     }
 
     /// True when every wanted identity has a valid certificate.

@@ -46,7 +46,9 @@ pub const HBONE_SERVER_MAX_STREAMS: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HboneError {
-    #[error("source {0} holds no certificate yet; refusing to send mesh traffic in the clear")]
+    #[error(
+        "source {0} holds no valid certificate (none issued yet, or expired without renewal: is the CA reachable?); refusing to send mesh traffic in the clear"
+    )]
     NoCertificate(SpiffeId),
     #[error(transparent)]
     Tls(#[from] TlsError),

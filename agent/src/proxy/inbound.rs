@@ -191,7 +191,7 @@ async fn serve_connection(
         return;
     };
     let Some(certificate) = ctx.identities.certificate(&pod.identity) else {
-        tracing::warn!(pod = %pod.display_name, %peer, "HBONE refused: this pod holds no certificate yet");
+        tracing::warn!(pod = %pod.display_name, %peer, "HBONE refused: this pod holds no valid certificate (none issued yet, or expired without renewal: is the CA reachable?)");
         return;
     };
     let config = match certificate

@@ -82,8 +82,10 @@ struct State {
     /// DaemonSets by `namespace/name`, answered to GETs.
     daemonsets: BTreeMap<String, Value>,
     /// Every request: "LIST <path>" or "WATCH <path> rv=<resourceVersion>", each followed
-    /// by " spec.nodeName=<node>" when field-selected.
+    /// by " spec.nodeName=<node>" when field-selected; "REFUSED <path>" during an outage.
     requests: Vec<String>,
+    /// While set, every list and watch is answered 503 (the API server is down).
+    outage: bool,
 }
 
 #[derive(Clone)]
@@ -184,6 +186,14 @@ impl FakeApiServer {
         .find(|p| *p == path) else {
             return json_response(404, json!({"kind": "Status", "code": 404}));
         };
+        if state.outage {
+            state.requests.push(format!("REFUSED {path}"));
+            return json_response(
+                503,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "reason": "ServiceUnavailable", "code": 503, "message": "down"}),
+            );
+        }
         let node = selected_node(&query);
         let suffix = selector_suffix(node.as_deref());
         if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
@@ -313,6 +323,17 @@ impl FakeApiServer {
         for watcher in collection.watchers.drain(..) {
             let _ = watcher.tx.send(WatchMessage::Event(gone(rv)));
             let _ = watcher.tx.send(WatchMessage::Reset);
+        }
+    }
+
+    /// Takes the API server down (open watches are cut, every request fails) or back up.
+    fn set_outage(&self, down: bool) {
+        let mut state = self.state.lock().unwrap();
+        state.outage = down;
+        for collection in state.collections.values_mut() {
+            for watcher in collection.watchers.drain(..) {
+                let _ = watcher.tx.send(WatchMessage::Reset);
+            }
         }
     }
 
@@ -769,4 +790,42 @@ async fn route_status_is_written_once_and_a_stale_write_is_refused() {
         .await
         .expect("the stale write is refused");
     assert_eq!(api.count(&format!("PATCH {path} 200")), 1);
+}
+
+#[tokio::test]
+async fn an_api_server_outage_keeps_the_last_state_and_catches_up_when_it_ends() {
+    let api = FakeApiServer::start().await;
+    api.apply(
+        NAMESPACES,
+        &namespace("shop", &[("nodemesh.io/mesh", "enabled")]),
+    );
+    api.apply(PODS, &pod("a", "node1", "10.0.1.1"));
+    api.apply(PODS, &pod("b", "node1", "10.0.1.2"));
+    let (tx, mut changes) = mpsc::channel(1);
+    let watch = ApiWatch::start(api.client(), "node1", tx);
+    watch
+        .wait_synced(Duration::from_secs(10))
+        .await
+        .expect("initial list");
+    assert_eq!(pod_names(&watch.snapshot().0), ["a", "b"]);
+
+    // Down: every watch is cut and every retry refused. A pod leaves meanwhile.
+    api.set_outage(true);
+    api.delete_unseen_and_compact(PODS, &pod("b", "node1", "10.0.1.2"));
+    api.apply(PODS, &pod("c", "node1", "10.0.1.3"));
+    eventually(|| api.count("REFUSED /api/v1/pods") >= 2)
+        .await
+        .unwrap_or_else(|()| panic!("the watchers retried: {:?}", api.requests("REFUSED")));
+    // What the agent serves with is the last state it knew: nothing is un-enrolled because
+    // the API server cannot be reached.
+    let (snapshot, _) = watch.snapshot();
+    assert_eq!(pod_names(&snapshot), ["a", "b"]);
+    assert!(snapshot.namespaces.contains_key("shop"));
+
+    // Up again: the watchers relist (their resume point was compacted) and catch up.
+    api.set_outage(false);
+    converge(&watch, &mut changes, "caught up after the outage", |s| {
+        pod_names(s) == ["a", "c"]
+    })
+    .await;
 }

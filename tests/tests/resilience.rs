@@ -1,4 +1,6 @@
-//! Restarting and upgrading the agent under load (docs/lifecycle.md). A soak runs in
+//! The mesh under load while its parts fail or change: agent upgrades and restarts
+//! (docs/lifecycle.md), `kill -9`, and the CA down for longer than a certificate's life
+//! (docs/security.md). A soak runs in
 //! client-a (node1) against server-b (node2), through the mesh with mTLS: short connections
 //! back to back, each a 64-byte echo; long-lived connections that exchange 1 KiB every 50 ms
 //! and must end with a clean close; and keep-alive HTTP/1.1 requests back to back to a
@@ -224,4 +226,139 @@ fn a_stop_without_successor_drains_its_connections_and_fails_open_meanwhile() {
     ] {
         assert!(log.contains(needle), "agent log lacks {needle:?}:\n{log}");
     }
+}
+
+/// `kill -9` under load, in both fail modes. There is no drain without a process: what the
+/// agent carried is reset (by design, docs/lifecycle.md); new connections follow the fail
+/// mode until a new agent runs.
+fn kill_9_under_load(prefix: &str, fail_mode: &str) -> Value {
+    let (tb, ca) = meshed(prefix);
+    let options = AgentOptions {
+        fail_mode: fail_mode.to_owned(),
+        ..options(&ca, "node1")
+    };
+    tb.kill_agent("node1", Signal::SIGKILL).expect("stop");
+    tb.start_agent("node1", &options)
+        .expect("agent with the fail mode");
+    soak_while(&tb, false, || {
+        tb.kill_agent("node1", Signal::SIGKILL).expect("kill -9");
+        // The soak goes on without an agent while the new one starts (a few hundred ms).
+        tb.start_agent("node1", &options).expect("a new agent");
+        wait_until(Duration::from_secs(10), "the new agent serving", || {
+            Ok(opened(&tb, "node1")? > 10)
+        })
+        .expect("new agent serving");
+    })
+}
+
+#[test]
+fn kill_9_under_load_resets_what_the_agent_carried_and_fails_open_meanwhile() {
+    let summary = kill_9_under_load("nmkillo", "open");
+    // The long-lived connections were the killed agent's: reset, by design.
+    assert_eq!(summary["long_lived_failed"], LONG_LIVED, "{summary}");
+    // Short connections run one at a time: only the one in flight at the kill can fail;
+    // after it, connections go direct until the new agent serves them.
+    assert!(
+        summary["short_failed"].as_u64().unwrap_or(99) <= 1,
+        "{summary}"
+    );
+}
+
+#[test]
+fn kill_9_under_load_refuses_new_connections_at_once_when_failing_closed() {
+    let summary = kill_9_under_load("nmkillc", "closed");
+    assert_eq!(summary["long_lived_failed"], LONG_LIVED, "{summary}");
+    // Without an agent, connect() fails at once with EPERM (never a hang): the soak counts
+    // those until the new agent serves.
+    let failed = summary["short_failed"].as_u64().unwrap_or(0);
+    assert!(
+        failed >= 1,
+        "connects were refused while no agent ran: {summary}"
+    );
+    let errors = summary["errors"].as_array().expect("errors");
+    // The connections in flight at the kill (and a connect that met the dying listener)
+    // are reset; every later one is refused with EPERM.
+    let short: Vec<&str> = errors
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|e| e.starts_with("short connection"))
+        .collect();
+    let eperm = |e: &&str| e.contains("Operation not permitted");
+    let at_kill = short.iter().take_while(|e| !eperm(e)).count();
+    assert!(
+        at_kill <= 3 && short.len() > at_kill && short[at_kill..].iter().all(eperm),
+        "after the connections cut at the kill, refusals are EPERM: {summary}"
+    );
+}
+
+#[test]
+fn a_ca_outage_past_certificate_expiry_stops_new_mesh_connections_until_it_returns() {
+    // 4 s certificates: renewal is due at 2.8 s and expiry at 4 s.
+    let (tb, mut ca) = {
+        assert!(
+            is_root(),
+            "kernel tests need root: run `cargo xtask test` as root"
+        );
+        let (tb, ca) = Testbed::create_meshed("nmcaout", 4).expect("meshed testbed");
+        let server = tb.pod("mesh", "server-b").clone();
+        let mut echo = Command::new(tb.workload_bin());
+        echo.args(["echo-server", "--ports", "7000"]);
+        tb.spawn_in_pod(&server, echo)
+            .expect("echo server")
+            .detach();
+        tb.wait_listening(&server, 7000)
+            .expect("echo server listening");
+        (tb, ca)
+    };
+    let ready = |node: &str| -> nodemesh_testbed::Result<bool> {
+        Ok(tb.admin_get(node, "/readyz")?.0 == 200)
+    };
+    let summary = soak_while(&tb, false, || {
+        ca.stop().expect("CA down");
+        // Renewals fail; once the certificates expire both agents say they are not ready.
+        wait_until(Duration::from_secs(10), "certificates to expire", || {
+            Ok(!ready("node1")? && !ready("node2")?)
+        })
+        .expect("expired");
+        let log = tb.agent_log("node1");
+        assert!(log.contains("certificate request failed"), "{log}");
+        // New mesh connections are refused at once meanwhile (no plaintext fallback); the
+        // soak counts them. The CA comes back:
+        tb.restart_ca(&mut ca).expect("CA back");
+        wait_until(Duration::from_secs(20), "renewal after the outage", || {
+            Ok(ready("node1")? && ready("node2")?)
+        })
+        .expect("renewed");
+    });
+    // By design (docs/security.md): connections established before expiry keep their TLS
+    // session and run on; new ones fail fast while no valid certificate is held, and work
+    // again after renewal. None hangs (the soak would report a timeout).
+    assert_eq!(summary["long_lived_failed"], 0, "{summary}");
+    assert!(
+        summary["short_failed"].as_u64().unwrap_or(0) > 0,
+        "{summary}"
+    );
+    let errors = summary["errors"].to_string();
+    assert!(
+        !errors.contains("timed out"),
+        "failures are immediate: {summary}"
+    );
+    let log = tb.agent_log("node1");
+    assert!(
+        log.contains("holds no valid certificate"),
+        "the refusal names the cause: {log}"
+    );
+    // After the soak, new connections work again.
+    let client = tb.pod("mesh", "client-a").clone();
+    let mut again = Command::new(tb.workload_bin());
+    again
+        .args(["connect-many", "--target-ip"])
+        .arg(tb.pod("mesh", "server-b").ipv4().to_string())
+        .args(["--ports", "7000", "--connections", "20"]);
+    let output = tb.run_in_pod(&client, again).expect("after the outage");
+    assert!(
+        output.status.success(),
+        "after renewal: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
 }
