@@ -40,7 +40,7 @@ pub use pod::{Node, Pod};
 pub use testbed::{Testbed, TestbedConfig};
 pub use topology::{MESH_LABEL, NamespaceSpec, NodeSpec, PodSpec, TopologySpec};
 pub use util::is_root;
-pub use wait::{POLL_INTERVAL, wait_until};
+pub use wait::{POLL_INTERVAL, scaled, wait_until};
 pub use workload::{DEFAULT_RUN_TIMEOUT, PodProcess};
 
 /// Locates a workspace binary (`nodemesh`, `nodemesh-workload`); panics with advice if absent.

@@ -10,7 +10,7 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    AgentOptions, PodSpec, Signal, Testbed, TestbedConfig, TopologySpec, is_root, wait_until,
+    AgentOptions, PodSpec, Signal, Testbed, TestbedConfig, TopologySpec, is_root, scaled, wait_until,
     workspace_bin,
 };
 use serde_json::Value;
@@ -299,7 +299,7 @@ fn fail_open_lets_connections_through_after_the_agent_is_killed() {
         ok,
         "fail-open must pass traffic through untouched: {summary}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5), "no hang");
+    assert!(started.elapsed() < scaled(Duration::from_secs(5)), "no hang");
 }
 
 #[test]
@@ -327,7 +327,7 @@ fn fail_closed_refuses_connections_at_once_after_the_agent_is_killed() {
         "refused by the hook with EPERM: {summary}"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < scaled(Duration::from_secs(2)),
         "refused at once, took {:?}",
         started.elapsed()
     );
@@ -366,7 +366,7 @@ fn removing_the_namespace_label_unenrols_within_a_second() {
     tb.set_namespace_labels("mesh", BTreeMap::new())
         .expect("remove label");
     let started = Instant::now();
-    wait_until(Duration::from_secs(1), "client-a un-enrolled", || {
+    wait_until(scaled(Duration::from_secs(1)), "client-a un-enrolled", || {
         let dump = tb.admin_json("node1", "/config_dump")?;
         Ok(!dump["enrolled_pods"]
             .as_array()
