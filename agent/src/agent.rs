@@ -58,6 +58,7 @@ const TAKEOVER_CHECK: Duration = Duration::from_millis(20);
 const SUCCESSOR_WAIT: Duration = Duration::from_secs(2);
 
 pub fn run(config: AgentConfig) -> anyhow::Result<()> {
+    raise_open_files_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -382,6 +383,31 @@ fn serve_successors(
             tracing::warn!(%error, "no listener handoff for a successor: a restart will have a gap")
         })
         .ok()
+}
+
+/// Every proxied connection holds two descriptors (three with a delivery in the pod): the
+/// soft limit (often 1,024) would cap the node at a few hundred connections, so the agent
+/// raises it to the hard limit the container runtime grants, as proxies do.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a local struct.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        tracing::info!(
+            open_files = limit.rlim_cur,
+            "open file limit raised to the hard limit"
+        );
+    } else {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not raise the open file limit");
+    }
 }
 
 /// Resolves at `at`; never without one.

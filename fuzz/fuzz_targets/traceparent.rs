@@ -8,8 +8,11 @@ use nodemesh::proxy::http::trace::{TRACEPARENT, parse, propagate};
 
 fuzz_target!(|data: &[u8]| {
     let mut headers = HeaderMap::new();
-    let incoming = std::str::from_utf8(data).ok().and_then(parse);
+    // What the proxy sees is what a header can carry (no CR, LF or NUL): the incoming trace
+    // is parsed from that, as the proxy does.
+    let mut incoming = None;
     if let Ok(value) = HeaderValue::from_bytes(data) {
+        incoming = value.to_str().ok().and_then(parse);
         headers.insert(TRACEPARENT, value);
     }
     let span = propagate(&mut headers);

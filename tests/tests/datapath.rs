@@ -10,8 +10,8 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    AgentOptions, PodSpec, Signal, Testbed, TestbedConfig, TopologySpec, is_root, scaled, wait_until,
-    workspace_bin,
+    AgentOptions, PodSpec, Signal, Testbed, TestbedConfig, TopologySpec, is_root, scaled,
+    wait_until, workspace_bin,
 };
 use serde_json::Value;
 
@@ -299,7 +299,10 @@ fn fail_open_lets_connections_through_after_the_agent_is_killed() {
         ok,
         "fail-open must pass traffic through untouched: {summary}"
     );
-    assert!(started.elapsed() < scaled(Duration::from_secs(5)), "no hang");
+    assert!(
+        started.elapsed() < scaled(Duration::from_secs(5)),
+        "no hang"
+    );
 }
 
 #[test]
@@ -366,14 +369,18 @@ fn removing_the_namespace_label_unenrols_within_a_second() {
     tb.set_namespace_labels("mesh", BTreeMap::new())
         .expect("remove label");
     let started = Instant::now();
-    wait_until(scaled(Duration::from_secs(1)), "client-a un-enrolled", || {
-        let dump = tb.admin_json("node1", "/config_dump")?;
-        Ok(!dump["enrolled_pods"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|p| p["uid"] == client.uid()))
-    })
+    wait_until(
+        scaled(Duration::from_secs(1)),
+        "client-a un-enrolled",
+        || {
+            let dump = tb.admin_json("node1", "/config_dump")?;
+            Ok(!dump["enrolled_pods"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["uid"] == client.uid()))
+        },
+    )
     .expect("un-enrolled within 1 s of the label change");
     eprintln!(
         "un-enrolled {:?} after the label was removed",

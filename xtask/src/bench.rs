@@ -22,7 +22,14 @@
 //! - Server-first protocols: time from connect() to a server's banner when the client sends
 //!   nothing, direct vs through a Service port without `appProtocol` (protocol detection
 //!   waits its bounded time) vs one declared `tcp` (no detection): detection's added delay.
+//! - Open-loop HTTP/1.1 at fixed offered loads (`--loads`, 16 keep-alive connections,
+//!   wrk2-style: latency from when each request was due), direct vs L4 vs L7: achieved rate
+//!   and p50/p99/p999.
+//! - Agent CPU seconds per 10k requests of the keep-alive runs (both nodes' agents, from
+//!   /proc/<pid>/stat).
 //! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs HBONE mTLS.
+//! - Agent memory (RSS) idle, with 100 enrolled pods on a node, and holding 10,000 idle
+//!   proxied connections from one pod to a pod on the other node.
 //! - Enrolment: a pod appears on node1 (cgroup, sandbox process, then its manifest with a
 //!   podIP, in the order the kubelet and the API server produce them); the time until the
 //!   agent's admin API lists it as enrolled, polled every millisecond (an upper bound).
@@ -87,6 +94,14 @@ pub struct BenchArgs {
     /// Certificate requests per run and concurrency level.
     #[arg(long, default_value_t = 300)]
     ca_requests: usize,
+    /// Offered loads (requests/s) of the open-loop runs, each for `--load-seconds`.
+    #[arg(long, value_delimiter = ',', default_value = "1000,3000")]
+    loads: Vec<u64>,
+    #[arg(long, default_value_t = 3)]
+    load_seconds: u64,
+    /// Idle connections held for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
     /// Replace the generated section of docs/benchmarks.md with this run's report.
     #[arg(long)]
     write: bool,
@@ -128,7 +143,13 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let ca_pod = tb.pod("nodemesh-system", "ca").clone();
     let ca = tb.start_ca(&ca_pod, 24 * 3600)?;
     for node in ["node1", "node2"] {
-        let mut extra_args = vec!["--exclude-port".into(), EXCLUDED_PORT.to_string()];
+        let mut extra_args = vec![
+            "--exclude-port".into(),
+            EXCLUDED_PORT.to_string(),
+            // The memory scenario holds `--idle-connections` from one pod.
+            "--max-connections-per-pod".into(),
+            (args.idle_connections + 1000).to_string(),
+        ];
         extra_args.extend(ca.agent_args(node));
         tb.start_agent(
             node,
@@ -220,6 +241,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             && dump["services"].as_array().map(Vec::len) == Some(3))
     })?;
     let l7_target = format!("{L7_SERVICE_IP}:80");
+    let idle_rss = [agent_rss_mib(tb, "node1")?, agent_rss_mib(tb, "node2")?];
 
     let connect_rate = |tb: &Testbed,
                         from: (&str, &str),
@@ -250,6 +272,10 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let (mut direct_tx, mut captured_tx) = (Vec::new(), Vec::new());
     let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut l50, mut l99) = (Vec::new(), Vec::new());
+    let (mut d999, mut m999, mut l999) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_l4, mut cpu_l7) = (Vec::new(), Vec::new());
+    // Per offered load and path: (achieved rps, p50, p99, p999) per run.
+    let mut open_loop: Vec<Vec<Vec<[f64; 4]>>> = vec![vec![Vec::new(); 3]; args.loads.len()];
     let (mut h2_direct, mut h2_l7) = (Vec::new(), Vec::new());
     let (mut banner_direct, mut banner_detected, mut banner_declared) =
         (Vec::new(), Vec::new(), Vec::new());
@@ -312,8 +338,47 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         let meshed_args: Vec<&str> = meshed_http.iter().map(String::as_str).collect();
         let l7_args: Vec<&str> = l7_http.iter().map(String::as_str).collect();
         let plain = run_json(tb, outsider, &workload, &direct_args)?;
+        let cpu = agents_cpu_seconds(tb)?;
         let meshed = run_json(tb, client, &workload, &meshed_args)?;
+        let cpu_after_l4 = agents_cpu_seconds(tb)?;
         let l7 = run_json(tb, client, &workload, &l7_args)?;
+        let cpu_after_l7 = agents_cpu_seconds(tb)?;
+        let per_10k = 10_000.0 / args.requests as f64;
+        cpu_l4.push((cpu_after_l4 - cpu) * per_10k);
+        cpu_l7.push((cpu_after_l7 - cpu_after_l4) * per_10k);
+        d999.push(plain["p999_us"].as_f64().context("p999_us")?);
+        m999.push(meshed["p999_us"].as_f64().context("p999_us")?);
+        l999.push(l7["p999_us"].as_f64().context("p999_us")?);
+        let load_targets = [
+            (outsider, format!("{}:{HTTP_PORT}", direct_b.ipv4())),
+            (client, format!("{}:{HTTP_PORT}", server_b.ipv4())),
+            (client, l7_target.clone()),
+        ];
+        for (load_index, load) in args.loads.iter().enumerate() {
+            for (path, (from, target)) in load_targets.iter().enumerate() {
+                let out = run_json(
+                    tb,
+                    *from,
+                    &workload,
+                    &[
+                        "http-load",
+                        "--target",
+                        target,
+                        "--rate",
+                        &load.to_string(),
+                        "--duration-ms",
+                        &(args.load_seconds * 1000).to_string(),
+                    ],
+                )?;
+                let field = |name: &str| out[name].as_f64().with_context(|| name.to_owned());
+                open_loop[load_index][path].push([
+                    field("achieved_rps")?,
+                    field("p50_us")?,
+                    field("p99_us")?,
+                    field("p999_us")?,
+                ]);
+            }
+        }
         d50.push(plain["p50_us"].as_f64().context("p50_us")?);
         d99.push(plain["p99_us"].as_f64().context("p99_us")?);
         m50.push(meshed["p50_us"].as_f64().context("p50_us")?);
@@ -394,6 +459,11 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
                 .all(|s| s["opened"] == s["closed"]))
         })?;
     }
+    eprintln!(
+        "bench: memory with 100 pods and {} idle connections",
+        args.idle_connections
+    );
+    let memory = memory(tb, &workload, args.idle_connections)?;
     let (direct, hooked) = (Samples(direct), Samples(hooked));
     let (direct_tx, captured_tx) = (Samples(direct_tx), Samples(captured_tx));
     let (d50, d99, m50, m99) = (Samples(d50), Samples(d99), Samples(m50), Samples(m99));
@@ -441,37 +511,84 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             samples.median() / direct_tx.median()
         ));
     }
-    out.push_str("\n### 1 KiB keep-alive HTTP/1.1, cross-node, concurrency 1\n\n| path | p50 µs | p99 µs | p50 ratio | p99 ratio |\n|---|---:|---:|---:|---:|\n");
-    out.push_str(&format!(
-        "| direct (non-meshed pods) | {:.1} ({}) | {:.1} ({}) | 1.000 | 1.000 |\n",
-        d50.median(),
-        d50.spread(),
-        d99.median(),
-        d99.spread()
-    ));
-    out.push_str(&format!(
-        "| meshed pod to meshed pod: both node proxies, HBONE mTLS | {:.1} ({}) | {:.1} ({}) | {:.3} | {:.3} |\n",
-        m50.median(),
-        m50.spread(),
-        m99.median(),
-        m99.spread(),
-        m50.median() / d50.median(),
-        m99.median() / d99.median()
-    ));
-    out.push_str(&format!(
-        "| meshed pod to a Service with an HTTPRoute: L7 proxy (parse, route, balance) + HBONE mTLS | {:.1} ({}) | {:.1} ({}) | {:.3} | {:.3} |\n",
-        l50.median(),
-        l50.spread(),
-        l99.median(),
-        l99.spread(),
-        l50.median() / d50.median(),
-        l99.median() / d99.median()
-    ));
+    let (d999, m999, l999) = (Samples(d999), Samples(m999), Samples(l999));
+    out.push_str("\n### 1 KiB keep-alive HTTP/1.1, cross-node, concurrency 1 (closed loop)\n\n| path | p50 µs | p99 µs | p999 µs | p50 ratio | p99 ratio | p999 ratio |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    for (name, p50, p99, p999) in [
+        ("direct (non-meshed pods)", &d50, &d99, &d999),
+        (
+            "meshed pod to meshed pod: both node proxies, HBONE mTLS",
+            &m50,
+            &m99,
+            &m999,
+        ),
+        (
+            "meshed pod to a Service with an HTTPRoute: L7 proxy (parse, route, balance) + HBONE mTLS",
+            &l50,
+            &l99,
+            &l999,
+        ),
+    ] {
+        out.push_str(&format!(
+            "| {name} | {:.1} ({}) | {:.1} ({}) | {:.1} ({}) | {:.3} | {:.3} | {:.3} |\n",
+            p50.median(),
+            p50.spread(),
+            p99.median(),
+            p99.spread(),
+            p999.median(),
+            p999.spread(),
+            p50.median() / d50.median(),
+            p99.median() / d99.median(),
+            p999.median() / d999.median()
+        ));
+    }
     out.push_str(&format!(
         "\nAdded p50 latency through two proxies with mTLS: {:.1} µs at L4, {:.1} µs with L7 routing.\n",
         m50.median() - d50.median(),
         l50.median() - d50.median()
     ));
+    let (cpu_l4, cpu_l7) = (Samples(cpu_l4), Samples(cpu_l7));
+    out.push_str(&format!(
+        "\n### Agent CPU: seconds per 10k requests of the runs above (node1's and node2's agents together)\n\n\
+         | path | CPU s / 10k requests |\n|---|---:|\n\
+         | L4: HBONE mTLS through both proxies | {:.2} ({}) |\n\
+         | L7: HTTPRoute + HBONE mTLS | {:.2} ({}) |\n",
+        cpu_l4.median(),
+        cpu_l4.spread(),
+        cpu_l7.median(),
+        cpu_l7.spread()
+    ));
+    out.push_str(&format!(
+        "\n### Open loop: HTTP/1.1 at fixed offered loads, {} s each, 16 keep-alive connections, latency from when each request was due\n\n\
+         | offered req/s | path | achieved req/s | p50 µs | p99 µs | p999 µs | p99 ratio to direct |\n|---:|---|---:|---:|---:|---:|---:|\n",
+        args.load_seconds
+    ));
+    for (load, paths) in args.loads.iter().zip(&open_loop) {
+        let column = |path: usize, i: usize| Samples(paths[path].iter().map(|r| r[i]).collect());
+        let direct_p99 = column(0, 2).median();
+        for (path, name) in ["direct", "L4 (HBONE mTLS)", "L7 (HTTPRoute + HBONE mTLS)"]
+            .into_iter()
+            .enumerate()
+        {
+            let (rps, p50, p99, p999) = (
+                column(path, 0),
+                column(path, 1),
+                column(path, 2),
+                column(path, 3),
+            );
+            out.push_str(&format!(
+                "| {load} | {name} | {:.0} ({}) | {:.0} ({}) | {:.0} ({}) | {:.0} ({}) | {:.2} |\n",
+                rps.median(),
+                rps.spread(),
+                p50.median(),
+                p50.spread(),
+                p99.median(),
+                p99.spread(),
+                p999.median(),
+                p999.spread(),
+                p99.median() / direct_p99
+            ));
+        }
+    }
     out.push_str(&format!(
         "\n### HTTP/2 (h2load, prior knowledge), cross-node: {} requests on 1 connection, 10 streams in flight\n\n| path | requests/s | p50 µs | p99 µs | requests/s ratio | p50 ratio | p99 ratio |\n|---|---:|---:|---:|---:|---:|---:|\n",
         args.requests
@@ -550,6 +667,22 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         at(0.5),
         at(0.9),
         at(1.0)
+    ));
+    out.push_str(&format!(
+        "\n### Agent memory (RSS)\n\n| state | node1 agent MiB | node2 agent MiB |\n|---|---:|---:|\n\
+         | idle, after start-up (3 meshed pods on node1, 2 on node2) | {:.1} | {:.1} |\n\
+         | {} meshed pods enrolled on node1 (after the runs above) | {:.1} | – |\n\
+         | and {} idle proxied connections held from client-a (node1) to server-b (node2), HBONE mTLS | {:.1} | {:.1} |\n\
+         \nPer idle connection: {:.1} KiB on the source node's agent, {:.1} KiB on the destination's. Target: ≤ 40 MiB with 100 pods and 10k idle connections.\n",
+        idle_rss[0],
+        idle_rss[1],
+        memory.pods,
+        memory.with_pods,
+        memory.connections,
+        memory.node1_with_connections,
+        memory.node2_with_connections,
+        (memory.node1_with_connections - memory.with_pods) * 1024.0 / memory.connections as f64,
+        (memory.node2_with_connections - idle_rss[1]) * 1024.0 / memory.connections as f64,
     ));
     out.push_str(
         "\n### CA issuance: certificates signed by `nodemesh ca serve` (new key pair, CSR, TLS connection and POST per request)\n\n\
@@ -668,6 +801,101 @@ fn enrolment_latencies(tb: &mut Testbed, run: usize, count: usize) -> anyhow::Re
         tb.remove_pod(&pod)?;
     }
     Ok(latencies)
+}
+
+/// CPU time (user + system) both agents have used so far, in seconds.
+fn agents_cpu_seconds(tb: &Testbed) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for node in ["node1", "node2"] {
+        let pid = tb.agent_pid(node).context("agent pid")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces) start at field 3; utime and
+        // stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields
+                .get(i - 3)
+                .context("short /proc stat")?
+                .parse::<f64>()?)
+        };
+        total += (ticks(14)? + ticks(15)?) / 100.0;
+    }
+    Ok(total)
+}
+
+/// Resident memory of the agent of `node`, in MiB.
+fn agent_rss_mib(tb: &Testbed, node: &str) -> anyhow::Result<f64> {
+    let pid = tb.agent_pid(node).context("agent pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")?;
+    Ok(kib / 1024.0)
+}
+
+/// The agents' memory with 100 enrolled pods on node1, and with `connections` idle proxied
+/// connections held from client-a (node1) to server-b (node2).
+struct Memory {
+    pods: usize,
+    with_pods: f64,
+    connections: usize,
+    node1_with_connections: f64,
+    node2_with_connections: f64,
+}
+
+fn memory(tb: &mut Testbed, workload: &str, connections: usize) -> anyhow::Result<Memory> {
+    const PODS: usize = 100;
+    let enrolled = |tb: &Testbed| -> nodemesh_testbed::Result<usize> {
+        let dump = tb.admin_json("node1", "/config_dump")?;
+        Ok(dump["enrolled_pods"].as_array().map_or(0, Vec::len))
+    };
+    let mut index = 0;
+    while enrolled(tb)? + index < PODS {
+        tb.add_pod(
+            "node1",
+            nodemesh_testbed::PodSpec::new("mesh", &format!("mem-{index}")),
+        )?;
+        index += 1;
+    }
+    nodemesh_testbed::wait_until(
+        Duration::from_secs(60),
+        "100 pods enrolled on node1",
+        || Ok(enrolled(tb)? >= PODS),
+    )?;
+    let with_pods = agent_rss_mib(tb, "node1")?;
+    let report = tb.log_dir().join(format!("{}-flood.json", tb.name()));
+    let _ = std::fs::remove_file(&report);
+    let target = format!("{}:{ECHO_PORT}", tb.pod("mesh", "server-b").ipv4());
+    let mut flood = Command::new(workload);
+    flood
+        .args(["flood", "--target", &target, "--connections"])
+        .arg(connections.to_string())
+        .arg("--report")
+        .arg(&report)
+        .args(["--hold-ms", "600000"]);
+    let client = tb.pod("mesh", "client-a").clone();
+    let process = tb.spawn_in_pod(&client, flood)?;
+    nodemesh_testbed::wait_until(Duration::from_secs(300), "the idle connections", || {
+        Ok(report.exists())
+    })?;
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    if summary["established"].as_u64() != Some(connections as u64) {
+        bail!("holding {connections} idle connections: {summary}");
+    }
+    let memory = Memory {
+        pods: PODS,
+        with_pods,
+        connections,
+        node1_with_connections: agent_rss_mib(tb, "node1")?,
+        node2_with_connections: agent_rss_mib(tb, "node2")?,
+    };
+    process.kill()?;
+    Ok(memory)
 }
 
 fn run_json(

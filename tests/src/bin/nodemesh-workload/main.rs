@@ -205,6 +205,21 @@ enum Cmd {
         #[arg(long)]
         silent: bool,
     },
+    /// Open-loop load (wrk2-style): GET / at a fixed `rate` per second for `duration_ms`,
+    /// over `connections` keep-alive connections. Request i is due at start + i/rate, and its
+    /// latency is measured from when it was due, not from when a connection was free to
+    /// send it, so a slow server shows in the latency instead of lowering the offered load
+    /// (no coordinated omission). Prints the achieved rate and latency percentiles.
+    HttpLoad {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        rate: u64,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+    },
     /// Keep-alive HTTP/1.1 GETs over `concurrency` connections; prints latency percentiles.
     HttpBench {
         #[arg(long)]
@@ -393,6 +408,20 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
         }
         Cmd::GrpcCall { target, message } => http_app::grpc_call(target, &message).await,
         Cmd::WsEcho { url, messages } => http_app::websocket_echo_client(&url, messages).await,
+        Cmd::HttpLoad {
+            target,
+            rate,
+            duration_ms,
+            connections,
+        } => {
+            http_load(
+                target,
+                rate,
+                Duration::from_millis(duration_ms),
+                connections,
+            )
+            .await
+        }
         Cmd::HttpBench {
             target,
             requests,
@@ -847,6 +876,91 @@ async fn flood(
     println!("{summary}");
     tokio::time::sleep(hold).await;
     drop(held);
+    Ok(())
+}
+
+async fn http_load(
+    target: SocketAddr,
+    rate: u64,
+    duration: Duration,
+    connections: usize,
+) -> anyhow::Result<()> {
+    if rate == 0 || connections == 0 {
+        bail!("--rate and --connections must be positive");
+    }
+    let total = (rate as f64 * duration.as_secs_f64()).round() as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let request = Arc::new(
+        format!("GET / HTTP/1.1\r\nHost: {target}\r\nUser-Agent: nodemesh-workload\r\n\r\n")
+            .into_bytes(),
+    );
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Connections are opened before the clock starts.
+    let mut streams = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let stream = TcpStream::connect(target)
+            .await
+            .with_context(|| format!("connecting to {target}"))?;
+        stream.set_nodelay(true)?;
+        streams.push(BufReader::new(stream));
+    }
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let mut workers = JoinSet::new();
+    for mut reader in streams {
+        let (request, next) = (Arc::clone(&request), Arc::clone(&next));
+        workers.spawn(async move {
+            let (mut line, mut body) = (String::new(), Vec::new());
+            let (mut latencies, mut failed) = (Vec::new(), 0u64);
+            loop {
+                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if index >= total {
+                    break;
+                }
+                let due = start + interval * u32::try_from(index).unwrap_or(u32::MAX);
+                tokio::time::sleep_until(due).await;
+                match one_request(&mut reader, &request, &mut line, &mut body).await {
+                    Ok(_) => latencies.push(due.elapsed()),
+                    Err(_) => {
+                        failed += 1;
+                        match TcpStream::connect(target).await {
+                            Ok(stream) => reader = BufReader::new(stream),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            (latencies, failed)
+        });
+    }
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut failed = 0u64;
+    while let Some(joined) = workers.join_next().await {
+        let (mut done, worker_failed) = joined.context("a load worker panicked")?;
+        latencies.append(&mut done);
+        failed += worker_failed;
+    }
+    let elapsed = start.elapsed();
+    latencies.sort();
+    let percentile = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
+        latencies[rank - 1].as_secs_f64() * 1e6
+    };
+    println!(
+        "{}",
+        json!({
+            "offered_rps": rate,
+            "achieved_rps": latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+            "requests": total,
+            "ok": latencies.len(),
+            "failed": failed,
+            "p50_us": percentile(0.50),
+            "p99_us": percentile(0.99),
+            "p999_us": percentile(0.999),
+        })
+    );
     Ok(())
 }
 
