@@ -296,6 +296,20 @@ impl Testbed {
         lock(&self.shared).agents.get(node).map(|a| a.id())
     }
 
+    /// Resident memory of the agent of `node` (VmRSS), in KiB.
+    pub fn agent_rss_kib(&self, node: &str) -> Result<u64> {
+        let pid = self
+            .agent_pid(node)
+            .ok_or_else(|| self.agent_error(node, "no agent was started"))?;
+        let path = format!("/proc/{pid}/status");
+        let status = std::fs::read_to_string(&path).io_context(|| format!("reading {path}"))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| self.agent_error(node, &format!("no VmRSS in {path}")))
+    }
+
     /// Everything the agent of `node` has logged (across restarts).
     pub fn agent_log(&self, node: &str) -> String {
         std::fs::read(self.agent_log_path(node))

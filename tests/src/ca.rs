@@ -104,6 +104,14 @@ impl Testbed {
         self.wait_listening(pod, port)
     }
 
+    /// Starts the workload's echo server on `port` in `pod` and waits until it listens.
+    pub fn start_echo_server(&self, pod: &crate::Pod, port: u16) -> Result<()> {
+        let mut echo = std::process::Command::new(self.workload_bin());
+        echo.args(["echo-server", "--ports", &port.to_string()]);
+        self.spawn_in_pod(pod, echo)?.detach();
+        self.wait_listening(pod, port)
+    }
+
     /// Starts every node's agent using `ca` with the node's own token; returns once each is
     /// ready (which includes holding its pods' certificates).
     pub fn start_agents_with_ca(&self, ca: &MeshCa) -> Result<()> {

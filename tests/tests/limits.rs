@@ -32,25 +32,8 @@ fn meshed_with_limit() -> (Testbed, MeshCa) {
         tb.start_agent(node, &options).expect("agent");
     }
     let server = tb.pod("mesh", "server-b").clone();
-    let mut echo = Command::new(tb.workload_bin());
-    echo.args(["echo-server", "--ports", "7000"]);
-    tb.spawn_in_pod(&server, echo)
-        .expect("echo server")
-        .detach();
-    tb.wait_listening(&server, 7000)
-        .expect("echo server listening");
+    tb.start_echo_server(&server, 7000).expect("echo server");
     (tb, ca)
-}
-
-/// Resident memory of the agent of `node`, in KiB.
-fn agent_rss_kib(tb: &Testbed, node: &str) -> u64 {
-    let pid = tb.agent_pid(node).expect("agent pid");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 /// Starts a flood in `pod` and waits for its report.
@@ -88,7 +71,7 @@ fn a_connection_flood_from_one_pod_is_cut_at_its_bound_and_another_pod_is_unaffe
     let (tb, _ca) = meshed_with_limit();
     let dir = tempfile::tempdir().expect("tempdir");
     let target = format!("{}:7000", tb.pod("mesh", "server-b").ipv4());
-    let idle_rss = agent_rss_kib(&tb, "node1");
+    let idle_rss = tb.agent_rss_kib("node1").expect("RSS");
 
     // client-a asks for twice its bound, and holds what it gets.
     let report = flood(
@@ -106,7 +89,7 @@ fn a_connection_flood_from_one_pod_is_cut_at_its_bound_and_another_pod_is_unaffe
     eprintln!("flood from client-a: {report}");
     assert_eq!(report["established"], LIMIT, "{report}");
     assert_eq!(report["refused"], LIMIT, "{report}");
-    let flood_rss = agent_rss_kib(&tb, "node1");
+    let flood_rss = tb.agent_rss_kib("node1").expect("RSS");
 
     // Meanwhile server-a, on the same node, works as if nothing happened.
     let server_a = tb.pod("mesh", "server-a").clone();

@@ -25,13 +25,7 @@ fn meshed(prefix: &str) -> (Testbed, MeshCa) {
     );
     let (tb, ca) = Testbed::create_meshed(prefix, 3600).expect("meshed testbed");
     let server = tb.pod("mesh", "server-b").clone();
-    let mut echo = Command::new(tb.workload_bin());
-    echo.args(["echo-server", "--ports", "7000"]);
-    tb.spawn_in_pod(&server, echo)
-        .expect("echo server")
-        .detach();
-    tb.wait_listening(&server, 7000)
-        .expect("echo server listening");
+    tb.start_echo_server(&server, 7000).expect("echo server");
     tb.start_http_server(&server, HTTP_PORT)
         .expect("HTTP server");
     let service = cluster_state::service_object("mesh", "web", WEB, 80, "http");
@@ -301,13 +295,7 @@ fn a_ca_outage_past_certificate_expiry_stops_new_mesh_connections_until_it_retur
         );
         let (tb, ca) = Testbed::create_meshed("nmcaout", 4).expect("meshed testbed");
         let server = tb.pod("mesh", "server-b").clone();
-        let mut echo = Command::new(tb.workload_bin());
-        echo.args(["echo-server", "--ports", "7000"]);
-        tb.spawn_in_pod(&server, echo)
-            .expect("echo server")
-            .detach();
-        tb.wait_listening(&server, 7000)
-            .expect("echo server listening");
+        tb.start_echo_server(&server, 7000).expect("echo server");
         (tb, ca)
     };
     let ready = |node: &str| -> nodemesh_testbed::Result<bool> {

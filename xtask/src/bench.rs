@@ -828,14 +828,7 @@ fn agents_cpu_seconds(tb: &Testbed) -> anyhow::Result<f64> {
 
 /// Resident memory of the agent of `node`, in MiB.
 fn agent_rss_mib(tb: &Testbed, node: &str) -> anyhow::Result<f64> {
-    let pid = tb.agent_pid(node).context("agent pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS")?;
-    Ok(kib / 1024.0)
+    Ok(tb.agent_rss_kib(node)? as f64 / 1024.0)
 }
 
 /// The agents' memory with 100 enrolled pods on node1, and with `connections` idle proxied

@@ -49,15 +49,26 @@ fn main_loop(
     seen
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_successor_gets_the_same_listening_socket_and_takes_over() {
-    let address = unique_address("take-over");
+/// An agent serving `address` with one listener (returned with its address); its main loop
+/// runs on a thread whose result is the events it saw.
+fn agent_serving(
+    address: &HandoffAddress,
+) -> (SocketAddr, std::thread::JoinHandle<Vec<&'static str>>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (events_tx, events) = mpsc::channel(4);
-    serve(&address, events_tx).expect("serve");
+    serve(address, events_tx).expect("serve");
     let fd = OwnedFd::from(listener);
-    let agent = std::thread::spawn(move || main_loop(events, fd, addr));
+    (
+        addr,
+        std::thread::spawn(move || main_loop(events, fd, addr)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_gets_the_same_listening_socket_and_takes_over() {
+    let address = unique_address("take-over");
+    let (addr, agent) = agent_serving(&address);
 
     // A second agent cannot serve the same name while the first does.
     let (other, _) = mpsc::channel(1);
@@ -92,12 +103,7 @@ async fn a_successor_gets_the_same_listening_socket_and_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_that_leaves_before_taking_over_changes_nothing() {
     let address = unique_address("abandon");
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (events_tx, events) = mpsc::channel(4);
-    serve(&address, events_tx).expect("serve");
-    let fd = OwnedFd::from(listener);
-    let agent = std::thread::spawn(move || main_loop(events, fd, addr));
+    let (addr, agent) = agent_serving(&address);
 
     let (predecessor, listeners) = inherit(&address).expect("inherit").expect("a predecessor");
     drop((predecessor, listeners));

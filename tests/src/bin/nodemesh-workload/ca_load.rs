@@ -125,11 +125,7 @@ impl Load {
         }
         let elapsed = started.elapsed();
         latencies.sort();
-        let percentile = |p: f64| {
-            let index =
-                ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-            latencies[index].as_secs_f64() * 1e6
-        };
+        let percentile = |p: f64| crate::percentile_us(&latencies, p);
         println!(
             "{}",
             json!({

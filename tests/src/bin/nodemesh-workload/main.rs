@@ -941,13 +941,7 @@ async fn http_load(
     }
     let elapsed = start.elapsed();
     latencies.sort();
-    let percentile = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
-        latencies[rank - 1].as_secs_f64() * 1e6
-    };
+    let percentile = |p: f64| percentile_us(&latencies, p);
     println!(
         "{}",
         json!({
@@ -1068,6 +1062,16 @@ async fn read_banner(target: SocketAddr, timeout: Duration) -> anyhow::Result<()
 }
 
 /// Sends one GET on a keep-alive connection and reads the whole response.
+/// The `p` quantile of sorted `latencies` in µs by nearest rank: the smallest latency with
+/// at least `p` of all at or below it (0 when there are none).
+pub(crate) fn percentile_us(latencies: &[Duration], p: f64) -> f64 {
+    if latencies.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
+    latencies[rank - 1].as_secs_f64() * 1e6
+}
+
 /// The connection closed (or failed) before any byte of the response arrived.
 #[derive(Debug)]
 struct ClosedBeforeResponse;
@@ -1190,14 +1194,7 @@ async fn http_bench(
     }
     let elapsed = start.elapsed();
     latencies.sort();
-    let percentile = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        // Nearest rank: the smallest latency with at least p of all requests at or below it.
-        let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
-        latencies[rank - 1].as_secs_f64() * 1e6
-    };
+    let percentile = |p: f64| percentile_us(&latencies, p);
     let summary = json!({
         "requests": requests,
         "ok": latencies.len(),
