@@ -103,7 +103,7 @@ async fn a_successor_gets_the_same_listening_socket_and_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_that_leaves_before_taking_over_changes_nothing() {
     let address = unique_address("abandon");
-    let (addr, agent) = agent_serving(&address);
+    let (_, agent) = agent_serving(&address);
 
     let (predecessor, listeners) = inherit(&address).expect("inherit").expect("a predecessor");
     drop((predecessor, listeners));
