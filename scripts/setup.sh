@@ -13,7 +13,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 need_apt=()
 for pkg in llvm-${LLVM}-dev libpolly-${LLVM}-dev zlib1g-dev libzstd-dev iproute2 bpftool curl \
-           tcpdump procps psmisc socat nghttp2-client tmux; do
+           tcpdump procps psmisc socat nghttp2-client tmux \
+           librsvg2-bin fonts-dejavu-core; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

@@ -46,6 +46,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use nodemesh_testbed::{AgentOptions, Testbed};
+
+use crate::plot;
 use serde_json::Value;
 
 const HTTP_PORT: u16 = 8080;
@@ -273,6 +275,9 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut l50, mut l99) = (Vec::new(), Vec::new());
     let (mut d999, mut m999, mut l999) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut d_rps, mut m_rps, mut l_rps) = (Vec::new(), Vec::new(), Vec::new());
+    // The last run's latency distributions (quantile, µs), for the CDF plot.
+    let mut cdfs: [Vec<(f64, f64)>; 3] = Default::default();
     let (mut cpu_l4, mut cpu_l7) = (Vec::new(), Vec::new());
     // Per offered load and path: (achieved rps, p50, p99, p999) per run.
     let mut open_loop: Vec<Vec<Vec<[f64; 4]>>> = vec![vec![Vec::new(); 3]; args.loads.len()];
@@ -346,6 +351,19 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         let per_10k = 10_000.0 / args.requests as f64;
         cpu_l4.push((cpu_after_l4 - cpu) * per_10k);
         cpu_l7.push((cpu_after_l7 - cpu_after_l4) * per_10k);
+        for ((cdf, rps), out) in cdfs
+            .iter_mut()
+            .zip([&mut d_rps, &mut m_rps, &mut l_rps])
+            .zip([&plain, &meshed, &l7])
+        {
+            rps.push(out["rps"].as_f64().context("rps")?);
+            *cdf = out["cdf_us"]
+                .as_array()
+                .context("cdf_us")?
+                .iter()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                .collect();
+        }
         d999.push(plain["p999_us"].as_f64().context("p999_us")?);
         m999.push(meshed["p999_us"].as_f64().context("p999_us")?);
         l999.push(l7["p999_us"].as_f64().context("p999_us")?);
@@ -465,6 +483,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     );
     let memory = memory(tb, &workload, args.idle_connections)?;
     let (direct, hooked) = (Samples(direct), Samples(hooked));
+    let (d_rps, m_rps, l_rps) = (Samples(d_rps), Samples(m_rps), Samples(l_rps));
     let (direct_tx, captured_tx) = (Samples(direct_tx), Samples(captured_tx));
     let (d50, d99, m50, m99) = (Samples(d50), Samples(d99), Samples(m50), Samples(m99));
     let (l50, l99) = (Samples(l50), Samples(l99));
@@ -705,6 +724,71 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             p99s.spread()
         ));
     }
+    let h2 = (H2Samples::of(&h2_direct), H2Samples::of(&h2_l7));
+    let ratios = [
+        ("connect(), hook passes", hooked.median() / direct.median()),
+        (
+            "short-lived connection, mTLS",
+            captured_tx.median() / direct_tx.median(),
+        ),
+        ("HTTP/1.1 req/s, L4 mTLS", m_rps.median() / d_rps.median()),
+        ("HTTP/1.1 req/s, L7 + mTLS", l_rps.median() / d_rps.median()),
+        (
+            "HTTP/2 req/s, L7 + mTLS",
+            h2.1.rps.median() / h2.0.rps.median(),
+        ),
+        (
+            "bulk MiB/s, mTLS",
+            bulk_meshed.median() / bulk_direct.median(),
+        ),
+    ];
+    let names = [
+        "direct (non-meshed pods)",
+        "L4: both proxies, HBONE mTLS",
+        "L7: HTTPRoute + HBONE mTLS",
+    ];
+    let curves: Vec<plot::Curve> = names
+        .iter()
+        .zip(&cdfs)
+        .map(|(name, cdf)| plot::Curve {
+            name: (*name).to_owned(),
+            // Up to p99.9: the single slowest request would set the scale.
+            points: cdf
+                .iter()
+                .filter(|(q, _)| *q <= 0.999)
+                .map(|&(q, us)| (us, q))
+                .collect(),
+        })
+        .collect();
+    let plots_dir = if args.write {
+        crate::workspace_root().join("docs")
+    } else {
+        crate::target_dir().join("bench")
+    };
+    std::fs::create_dir_all(&plots_dir)?;
+    plot::write(
+        &plots_dir,
+        "bench-latency-cdf",
+        &plot::cdf(
+            "1 KiB keep-alive HTTP/1.1 latency, cross-node (last run)",
+            "latency (µs)",
+            &curves,
+        ),
+    )?;
+    plot::write(
+        &plots_dir,
+        "bench-throughput",
+        &plot::ratio_bars(
+            "Throughput through the mesh as a ratio to direct (median of runs)",
+            &ratios
+                .iter()
+                .map(|(name, ratio)| ((*name).to_owned(), *ratio))
+                .collect::<Vec<_>>(),
+        ),
+    )?;
+    out.push_str(
+        "\n### Plots\n\n![latency CDF](bench-latency-cdf.png)\n\n![throughput ratios](bench-throughput.png)\n",
+    );
     Ok(out)
 }
 

@@ -13,6 +13,7 @@ mod bench;
 mod demo;
 mod deploy;
 mod fuzz;
+mod plot;
 mod vm;
 
 #[derive(Parser)]

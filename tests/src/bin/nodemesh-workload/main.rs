@@ -1203,6 +1203,12 @@ async fn http_bench(
         "p50_us": percentile(0.50),
         "p99_us": percentile(0.99),
         "p999_us": percentile(0.999),
+        // For a CDF: the latency at each percent, and at 99.5, 99.9 and 100.
+        "cdf_us": (1..=99)
+            .map(|q| f64::from(q) / 100.0)
+            .chain([0.995, 0.999, 1.0])
+            .map(|q| [q, percentile(q)])
+            .collect::<Vec<_>>(),
         "rps": latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9),
         "errors": errors.iter().take(MAX_ERRORS).collect::<Vec<_>>(),
     });
