@@ -140,8 +140,9 @@ fn axes(svg: &mut String, x_label: &str, y_label: &str) {
 
 fn legend<'a>(svg: &mut String, names: impl Iterator<Item = &'a str>) {
     for (index, (name, colour)) in names.zip(COLOURS.iter().cycle()).enumerate() {
-        let y = TOP + 20.0 + index as f64 * 18.0;
-        let x = WIDTH - RIGHT - 300.0;
+        // Bottom right: a CDF's curves rise from the left.
+        let y = HEIGHT - BOTTOM - 60.0 + index as f64 * 18.0;
+        let x = WIDTH - RIGHT - 260.0;
         let _ = write!(
             svg,
             r#"<rect x="{x}" y="{ry}" width="14" height="4" fill="{colour}"/><text x="{tx}" y="{y}">{}</text>"#,
