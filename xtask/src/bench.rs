@@ -14,19 +14,18 @@
 //!   pod vs a meshed pod whose connections are captured and proxied. (A captured connect()
 //!   alone completes against the in-pod listener and says nothing about the proxy.)
 //! - 1 KiB keep-alive HTTP/1.1 request latency, cross-node, from a non-meshed pod (direct) vs
-//!   a meshed pod to a meshed pod: to the pod's address (L4: both node proxies relay bytes over
-//!   HBONE mutual TLS) and to a Service with an HTTPRoute (L7: the client's node proxy parses,
-//!   routes and balances every request).
+//!   a meshed pod: to a non-meshed pod (L4 without mTLS: the source's proxy relays plain
+//!   TCP), to a meshed pod's address (L4: both node proxies relay bytes over HBONE mutual
+//!   TLS) and to a Service with an HTTPRoute (L7: the client's node proxy parses, routes and
+//!   balances every request); with the agents' CPU time per 10k requests.
 //! - HTTP/2 (h2load, prior knowledge): one connection with 10 concurrent streams, requests/s
 //!   and per-request latency from h2load's log, direct vs through the L7 proxy.
 //! - Server-first protocols: time from connect() to a server's banner when the client sends
 //!   nothing, direct vs through a Service port without `appProtocol` (protocol detection
 //!   waits its bounded time) vs one declared `tcp` (no detection): detection's added delay.
 //! - Open-loop HTTP/1.1 at fixed offered loads (`--loads`, 16 keep-alive connections,
-//!   wrk2-style: latency from when each request was due), direct vs L4 vs L7: achieved rate
-//!   and p50/p99/p999.
-//! - Agent CPU seconds per 10k requests of the keep-alive runs (both nodes' agents, from
-//!   /proc/<pid>/stat).
+//!   wrk2-style: latency from when each request was due), the same four paths: achieved
+//!   rate and p50/p99/p999.
 //! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs HBONE mTLS.
 //! - Agent memory (RSS) idle, with 100 enrolled pods on a node, and holding 10,000 idle
 //!   proxied connections from one pod to a pod on the other node.
@@ -120,6 +119,87 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
 struct Samples(Vec<f64>);
 
+/// A path of the keep-alive HTTP/1.1 scenarios.
+#[derive(Clone, Copy, Debug)]
+enum HttpPath {
+    Direct,
+    PlainL4,
+    MtlsL4,
+    L7,
+}
+
+impl HttpPath {
+    fn description(self) -> &'static str {
+        match self {
+            Self::Direct => "direct (non-meshed pods)",
+            Self::PlainL4 => {
+                "meshed pod to non-meshed pod: the source's proxy only, plain TCP (L4, no mTLS)"
+            }
+            Self::MtlsL4 => "meshed pod to meshed pod: both node proxies, HBONE mTLS (L4)",
+            Self::L7 => {
+                "meshed pod to a Service with an HTTPRoute: L7 proxy (parse, route, balance) + HBONE mTLS"
+            }
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::PlainL4 => "L4, no mTLS",
+            Self::MtlsL4 => "L4, HBONE mTLS",
+            Self::L7 => "L7, HTTPRoute + HBONE mTLS",
+        }
+    }
+}
+
+/// The closed-loop runs of one path.
+#[derive(Default)]
+struct HttpRuns {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    p999: Vec<f64>,
+    rps: Vec<f64>,
+    cpu_per_10k: Vec<f64>,
+    /// The last run's latency distribution: (quantile, µs).
+    last_cdf: Vec<(f64, f64)>,
+}
+
+impl HttpRuns {
+    fn record(&mut self, out: &Value, cpu_per_10k: f64) -> anyhow::Result<()> {
+        let field = |name: &str| out[name].as_f64().with_context(|| name.to_owned());
+        self.p50.push(field("p50_us")?);
+        self.p99.push(field("p99_us")?);
+        self.p999.push(field("p999_us")?);
+        self.rps.push(field("rps")?);
+        self.cpu_per_10k.push(cpu_per_10k);
+        self.last_cdf = out["cdf_us"]
+            .as_array()
+            .context("cdf_us")?
+            .iter()
+            .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+            .collect();
+        Ok(())
+    }
+
+    fn summary(&self) -> HttpSummary {
+        HttpSummary {
+            p50: Samples(self.p50.clone()),
+            p99: Samples(self.p99.clone()),
+            p999: Samples(self.p999.clone()),
+            rps: Samples(self.rps.clone()),
+            cpu: Samples(self.cpu_per_10k.clone()),
+        }
+    }
+}
+
+struct HttpSummary {
+    p50: Samples,
+    p99: Samples,
+    p999: Samples,
+    rps: Samples,
+    cpu: Samples,
+}
+
 /// CA issuance samples at one level of requests in flight.
 struct Issuance {
     concurrency: usize,
@@ -134,6 +214,11 @@ impl Samples {
         sorted.sort_by(f64::total_cmp);
         sorted[sorted.len() / 2]
     }
+    /// "median (min–max)" with `decimals` decimals.
+    fn cell(&self, decimals: usize) -> String {
+        format!("{:.*} ({})", decimals, self.median(), self.spread())
+    }
+
     fn spread(&self) -> String {
         let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
         let max = self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -272,15 +357,29 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     };
     let (mut direct, mut hooked) = (Vec::new(), Vec::new());
     let (mut direct_tx, mut captured_tx) = (Vec::new(), Vec::new());
-    let (mut d50, mut d99, mut m50, mut m99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut l50, mut l99) = (Vec::new(), Vec::new());
-    let (mut d999, mut m999, mut l999) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut d_rps, mut m_rps, mut l_rps) = (Vec::new(), Vec::new(), Vec::new());
-    // The last run's latency distributions (quantile, µs), for the CDF plot.
-    let mut cdfs: [Vec<(f64, f64)>; 3] = Default::default();
-    let (mut cpu_l4, mut cpu_l7) = (Vec::new(), Vec::new());
+    // The keep-alive HTTP/1.1 paths, each from its client pod to its target.
+    let http_paths = [
+        (
+            HttpPath::Direct,
+            ("plain", "outsider"),
+            format!("{}:{HTTP_PORT}", direct_b.ipv4()),
+        ),
+        (
+            HttpPath::PlainL4,
+            ("mesh", "client-a"),
+            format!("{}:{HTTP_PORT}", direct_b.ipv4()),
+        ),
+        (
+            HttpPath::MtlsL4,
+            ("mesh", "client-a"),
+            format!("{}:{HTTP_PORT}", server_b.ipv4()),
+        ),
+        (HttpPath::L7, ("mesh", "client-a"), l7_target.clone()),
+    ];
+    let mut closed_loop: Vec<HttpRuns> = http_paths.iter().map(|_| HttpRuns::default()).collect();
     // Per offered load and path: (achieved rps, p50, p99, p999) per run.
-    let mut open_loop: Vec<Vec<Vec<[f64; 4]>>> = vec![vec![Vec::new(); 3]; args.loads.len()];
+    let mut open_loop: Vec<Vec<Vec<[f64; 4]>>> =
+        vec![vec![Vec::new(); http_paths.len()]; args.loads.len()];
     let (mut h2_direct, mut h2_l7) = (Vec::new(), Vec::new());
     let (mut banner_direct, mut banner_detected, mut banner_declared) =
         (Vec::new(), Vec::new(), Vec::new());
@@ -325,55 +424,28 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         direct_tx.push(connect_rate(tb, outsider, &direct_a, ECHO_PORT, 64)?);
         captured_tx.push(connect_rate(tb, client, &server_a, ECHO_PORT, 64)?);
 
-        let http_bench = |target: &str| {
-            [
-                "http-bench".to_owned(),
-                "--target".to_owned(),
-                target.to_owned(),
-                "--requests".to_owned(),
-                args.requests.to_string(),
-                "--concurrency".to_owned(),
-                "1".to_owned(),
-            ]
-        };
-        let direct_http = http_bench(&format!("{}:{HTTP_PORT}", direct_b.ipv4()));
-        let meshed_http = http_bench(&format!("{}:{HTTP_PORT}", server_b.ipv4()));
-        let l7_http = http_bench(&l7_target);
-        let direct_args: Vec<&str> = direct_http.iter().map(String::as_str).collect();
-        let meshed_args: Vec<&str> = meshed_http.iter().map(String::as_str).collect();
-        let l7_args: Vec<&str> = l7_http.iter().map(String::as_str).collect();
-        let plain = run_json(tb, outsider, &workload, &direct_args)?;
-        let cpu = agents_cpu_seconds(tb)?;
-        let meshed = run_json(tb, client, &workload, &meshed_args)?;
-        let cpu_after_l4 = agents_cpu_seconds(tb)?;
-        let l7 = run_json(tb, client, &workload, &l7_args)?;
-        let cpu_after_l7 = agents_cpu_seconds(tb)?;
-        let per_10k = 10_000.0 / args.requests as f64;
-        cpu_l4.push((cpu_after_l4 - cpu) * per_10k);
-        cpu_l7.push((cpu_after_l7 - cpu_after_l4) * per_10k);
-        for ((cdf, rps), out) in cdfs
-            .iter_mut()
-            .zip([&mut d_rps, &mut m_rps, &mut l_rps])
-            .zip([&plain, &meshed, &l7])
-        {
-            rps.push(out["rps"].as_f64().context("rps")?);
-            *cdf = out["cdf_us"]
-                .as_array()
-                .context("cdf_us")?
-                .iter()
-                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
-                .collect();
+        for ((path, from, target), runs) in http_paths.iter().zip(&mut closed_loop) {
+            let cpu_before = agents_cpu_seconds(tb)?;
+            let out = run_json(
+                tb,
+                *from,
+                &workload,
+                &[
+                    "http-bench",
+                    "--target",
+                    target,
+                    "--requests",
+                    &args.requests.to_string(),
+                    "--concurrency",
+                    "1",
+                ],
+            )?;
+            let cpu = agents_cpu_seconds(tb)? - cpu_before;
+            runs.record(&out, cpu * 10_000.0 / args.requests as f64)
+                .with_context(|| format!("{path:?}"))?;
         }
-        d999.push(plain["p999_us"].as_f64().context("p999_us")?);
-        m999.push(meshed["p999_us"].as_f64().context("p999_us")?);
-        l999.push(l7["p999_us"].as_f64().context("p999_us")?);
-        let load_targets = [
-            (outsider, format!("{}:{HTTP_PORT}", direct_b.ipv4())),
-            (client, format!("{}:{HTTP_PORT}", server_b.ipv4())),
-            (client, l7_target.clone()),
-        ];
         for (load_index, load) in args.loads.iter().enumerate() {
-            for (path, (from, target)) in load_targets.iter().enumerate() {
+            for (path, (_, from, target)) in http_paths.iter().enumerate() {
                 let out = run_json(
                     tb,
                     *from,
@@ -397,12 +469,6 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
                 ]);
             }
         }
-        d50.push(plain["p50_us"].as_f64().context("p50_us")?);
-        d99.push(plain["p99_us"].as_f64().context("p99_us")?);
-        m50.push(meshed["p50_us"].as_f64().context("p50_us")?);
-        m99.push(meshed["p99_us"].as_f64().context("p99_us")?);
-        l50.push(l7["p50_us"].as_f64().context("p50_us")?);
-        l99.push(l7["p99_us"].as_f64().context("p99_us")?);
         h2_direct.push(h2load(
             tb,
             outsider,
@@ -483,10 +549,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     );
     let memory = memory(tb, &workload, args.idle_connections)?;
     let (direct, hooked) = (Samples(direct), Samples(hooked));
-    let (d_rps, m_rps, l_rps) = (Samples(d_rps), Samples(m_rps), Samples(l_rps));
     let (direct_tx, captured_tx) = (Samples(direct_tx), Samples(captured_tx));
-    let (d50, d99, m50, m99) = (Samples(d50), Samples(d99), Samples(m50), Samples(m99));
-    let (l50, l99) = (Samples(l50), Samples(l99));
     let (bulk_direct, bulk_meshed) = (Samples(bulk_direct), Samples(bulk_meshed));
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = String::new();
@@ -530,51 +593,27 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             samples.median() / direct_tx.median()
         ));
     }
-    let (d999, m999, l999) = (Samples(d999), Samples(m999), Samples(l999));
-    out.push_str("\n### 1 KiB keep-alive HTTP/1.1, cross-node, concurrency 1 (closed loop)\n\n| path | p50 µs | p99 µs | p999 µs | p50 ratio | p99 ratio | p999 ratio |\n|---|---:|---:|---:|---:|---:|---:|\n");
-    for (name, p50, p99, p999) in [
-        ("direct (non-meshed pods)", &d50, &d99, &d999),
-        (
-            "meshed pod to meshed pod: both node proxies, HBONE mTLS",
-            &m50,
-            &m99,
-            &m999,
-        ),
-        (
-            "meshed pod to a Service with an HTTPRoute: L7 proxy (parse, route, balance) + HBONE mTLS",
-            &l50,
-            &l99,
-            &l999,
-        ),
-    ] {
+    let closed: Vec<HttpSummary> = closed_loop.iter().map(HttpRuns::summary).collect();
+    let direct_http = &closed[0];
+    out.push_str("\n### 1 KiB keep-alive HTTP/1.1, cross-node, concurrency 1 (closed loop)\n\n| path | p50 µs | p99 µs | p999 µs | p50 ratio | p99 ratio | p999 ratio | agent CPU s / 10k requests |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for ((path, _, _), summary) in http_paths.iter().zip(&closed) {
         out.push_str(&format!(
-            "| {name} | {:.1} ({}) | {:.1} ({}) | {:.1} ({}) | {:.3} | {:.3} | {:.3} |\n",
-            p50.median(),
-            p50.spread(),
-            p99.median(),
-            p99.spread(),
-            p999.median(),
-            p999.spread(),
-            p50.median() / d50.median(),
-            p99.median() / d99.median(),
-            p999.median() / d999.median()
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {} |\n",
+            path.description(),
+            summary.p50.cell(1),
+            summary.p99.cell(1),
+            summary.p999.cell(1),
+            summary.p50.median() / direct_http.p50.median(),
+            summary.p99.median() / direct_http.p99.median(),
+            summary.p999.median() / direct_http.p999.median(),
+            summary.cpu.cell(2),
         ));
     }
     out.push_str(&format!(
-        "\nAdded p50 latency through two proxies with mTLS: {:.1} µs at L4, {:.1} µs with L7 routing.\n",
-        m50.median() - d50.median(),
-        l50.median() - d50.median()
-    ));
-    let (cpu_l4, cpu_l7) = (Samples(cpu_l4), Samples(cpu_l7));
-    out.push_str(&format!(
-        "\n### Agent CPU: seconds per 10k requests of the runs above (node1's and node2's agents together)\n\n\
-         | path | CPU s / 10k requests |\n|---|---:|\n\
-         | L4: HBONE mTLS through both proxies | {:.2} ({}) |\n\
-         | L7: HTTPRoute + HBONE mTLS | {:.2} ({}) |\n",
-        cpu_l4.median(),
-        cpu_l4.spread(),
-        cpu_l7.median(),
-        cpu_l7.spread()
+        "\nAdded p50 latency over direct: {:.1} µs through the source's proxy alone (no mTLS), {:.1} µs through both proxies with mTLS, {:.1} µs with L7 routing. CPU: both nodes' agents together, from /proc/<pid>/stat.\n",
+        closed[1].p50.median() - direct_http.p50.median(),
+        closed[2].p50.median() - direct_http.p50.median(),
+        closed[3].p50.median() - direct_http.p50.median()
     ));
     out.push_str(&format!(
         "\n### Open loop: HTTP/1.1 at fixed offered loads, {} s each, 16 keep-alive connections, latency from when each request was due\n\n\
@@ -584,10 +623,8 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     for (load, paths) in args.loads.iter().zip(&open_loop) {
         let column = |path: usize, i: usize| Samples(paths[path].iter().map(|r| r[i]).collect());
         let direct_p99 = column(0, 2).median();
-        for (path, name) in ["direct", "L4 (HBONE mTLS)", "L7 (HTTPRoute + HBONE mTLS)"]
-            .into_iter()
-            .enumerate()
-        {
+        for (path, (name, _, _)) in http_paths.iter().enumerate() {
+            let name = name.short();
             let (rps, p50, p99, p999) = (
                 column(path, 0),
                 column(path, 1),
@@ -595,15 +632,11 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
                 column(path, 3),
             );
             out.push_str(&format!(
-                "| {load} | {name} | {:.0} ({}) | {:.0} ({}) | {:.0} ({}) | {:.0} ({}) | {:.2} |\n",
-                rps.median(),
-                rps.spread(),
-                p50.median(),
-                p50.spread(),
-                p99.median(),
-                p99.spread(),
-                p999.median(),
-                p999.spread(),
+                "| {load} | {name} | {} | {} | {} | {} | {:.2} |\n",
+                rps.cell(0),
+                p50.cell(0),
+                p99.cell(0),
+                p999.cell(0),
                 p99.median() / direct_p99
             ));
         }
@@ -731,8 +764,18 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             "short-lived connection, mTLS",
             captured_tx.median() / direct_tx.median(),
         ),
-        ("HTTP/1.1 req/s, L4 mTLS", m_rps.median() / d_rps.median()),
-        ("HTTP/1.1 req/s, L7 + mTLS", l_rps.median() / d_rps.median()),
+        (
+            "HTTP/1.1 req/s, L4 (no mTLS)",
+            closed[1].rps.median() / direct_http.rps.median(),
+        ),
+        (
+            "HTTP/1.1 req/s, L4 mTLS",
+            closed[2].rps.median() / direct_http.rps.median(),
+        ),
+        (
+            "HTTP/1.1 req/s, L7 + mTLS",
+            closed[3].rps.median() / direct_http.rps.median(),
+        ),
         (
             "HTTP/2 req/s, L7 + mTLS",
             h2.1.rps.median() / h2.0.rps.median(),
@@ -742,18 +785,14 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             bulk_meshed.median() / bulk_direct.median(),
         ),
     ];
-    let names = [
-        "direct (non-meshed pods)",
-        "L4: both proxies, HBONE mTLS",
-        "L7: HTTPRoute + HBONE mTLS",
-    ];
-    let curves: Vec<plot::Curve> = names
+    let curves: Vec<plot::Curve> = http_paths
         .iter()
-        .zip(&cdfs)
-        .map(|(name, cdf)| plot::Curve {
-            name: (*name).to_owned(),
+        .zip(&closed_loop)
+        .map(|((path, _, _), runs)| plot::Curve {
+            name: path.short().to_owned(),
             // Up to p99.9: the single slowest request would set the scale.
-            points: cdf
+            points: runs
+                .last_cdf
                 .iter()
                 .filter(|(q, _)| *q <= 0.999)
                 .map(|&(q, us)| (us, q))
