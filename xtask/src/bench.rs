@@ -329,6 +329,13 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     })?;
     let l7_target = format!("{L7_SERVICE_IP}:80");
     let idle_rss = [agent_rss_mib(tb, "node1")?, agent_rss_mib(tb, "node2")?];
+    // First, so that a failure here costs little: the agents' memory with 100 pods and with
+    // many idle connections; it puts the testbed back as it was.
+    eprintln!(
+        "bench: memory with 100 pods and {} idle connections",
+        args.idle_connections
+    );
+    let memory = memory(tb, &workload, args.idle_connections)?;
 
     let connect_rate = |tb: &Testbed,
                         from: (&str, &str),
@@ -543,11 +550,6 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
                 .all(|s| s["opened"] == s["closed"]))
         })?;
     }
-    eprintln!(
-        "bench: memory with 100 pods and {} idle connections",
-        args.idle_connections
-    );
-    let memory = memory(tb, &workload, args.idle_connections)?;
     let (direct, hooked) = (Samples(direct), Samples(hooked));
     let (direct_tx, captured_tx) = (Samples(direct_tx), Samples(captured_tx));
     let (bulk_direct, bulk_meshed) = (Samples(bulk_direct), Samples(bulk_meshed));
@@ -723,7 +725,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     out.push_str(&format!(
         "\n### Agent memory (RSS)\n\n| state | node1 agent MiB | node2 agent MiB |\n|---|---:|---:|\n\
          | idle, after start-up (3 meshed pods on node1, 2 on node2) | {:.1} | {:.1} |\n\
-         | {} meshed pods enrolled on node1 (after the runs above) | {:.1} | – |\n\
+         | {} meshed pods enrolled on node1 | {:.1} | – |\n\
          | and {} idle proxied connections held from client-a (node1) to server-b (node2), HBONE mTLS | {:.1} | {:.1} |\n\
          \nPer idle connection: {:.1} KiB on the source node's agent, {:.1} KiB on the destination's. Target: ≤ 40 MiB with 100 pods and 10k idle connections.\n",
         idle_rss[0],
@@ -970,13 +972,11 @@ fn memory(tb: &mut Testbed, workload: &str, connections: usize) -> anyhow::Resul
         let dump = tb.admin_json("node1", "/config_dump")?;
         Ok(dump["enrolled_pods"].as_array().map_or(0, Vec::len))
     };
-    let mut index = 0;
-    while enrolled(tb)? + index < PODS {
-        tb.add_pod(
-            "node1",
-            nodemesh_testbed::PodSpec::new("mesh", &format!("mem-{index}")),
-        )?;
-        index += 1;
+    let missing = PODS.saturating_sub(enrolled(tb)?);
+    let mut added = Vec::with_capacity(missing);
+    for index in 0..missing {
+        let spec = nodemesh_testbed::PodSpec::new("mesh", &format!("mem-{index}"));
+        added.push(tb.add_pod("node1", spec)?);
     }
     nodemesh_testbed::wait_until(
         Duration::from_secs(60),
@@ -1000,17 +1000,32 @@ fn memory(tb: &mut Testbed, workload: &str, connections: usize) -> anyhow::Resul
         Ok(report.exists())
     })?;
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
-    if summary["established"].as_u64() != Some(connections as u64) {
-        bail!("holding {connections} idle connections: {summary}");
+    let established = summary["established"].as_u64().unwrap_or(0) as usize;
+    if established != connections {
+        eprintln!(
+            "bench: asked for {connections} idle connections, holding {established}: {summary}"
+        );
     }
     let memory = Memory {
         pods: PODS,
         with_pods,
-        connections,
+        connections: established,
         node1_with_connections: agent_rss_mib(tb, "node1")?,
         node2_with_connections: agent_rss_mib(tb, "node2")?,
     };
     process.kill()?;
+    // Back to the state the other scenarios expect: their pods gone, the proxies idle.
+    for pod in &added {
+        tb.remove_pod(pod)?;
+    }
+    nodemesh_testbed::wait_until(Duration::from_secs(60), "idle connections closed", || {
+        let stats = tb.admin_json("node1", "/stats")?;
+        Ok(stats["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|s| s["opened"] == s["closed"]))
+    })?;
     Ok(memory)
 }
 
