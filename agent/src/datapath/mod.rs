@@ -24,6 +24,37 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// bpffs magic number (statfs f_type), see linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// The oldest kernel the datapath is proven on (`cargo xtask vm-test`, docs/vm-test.md), and
+/// the newest feature it needs below that.
+const KERNEL_FLOOR: (u32, u32) = (6, 1);
+const NEWEST_FEATURES: &str = "sk_lookup with sockhash assignment (5.9) and its 16-bit \
+    remote_port (5.19), SO_NETNS_COOKIE (5.14), bpf links for cgroup programs (5.7), \
+    getpeername hooks (5.8)";
+
+/// Says at start-up when the kernel is older than the documented floor, and what it needs;
+/// loading then fails on the first missing feature with the kernel's own error.
+fn check_kernel_floor() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    match kernel_version(&release) {
+        Some(version) if version < KERNEL_FLOOR => tracing::error!(
+            kernel = release.trim(),
+            floor = %format!("{}.{}", KERNEL_FLOOR.0, KERNEL_FLOOR.1),
+            needs = NEWEST_FEATURES,
+            "this kernel is older than nodemesh's floor; loading the datapath will likely fail"
+        ),
+        Some(_) => {}
+        None => tracing::warn!(kernel = release.trim(), "cannot read the kernel version"),
+    }
+}
+
+/// `(major, minor)` of a kernel release such as `6.1.0-57-amd64`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-', '+']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(
@@ -85,6 +116,7 @@ impl Datapath {
     /// Loads the programs, reuses or creates the pinned maps, writes the capture settings and
     /// attaches to `attach_point` (the node's pod cgroup root).
     pub fn load(config: &AgentConfig, attach_point: &Path) -> Result<Self, DatapathError> {
+        check_kernel_floor();
         ensure_bpffs(&config.bpffs)?;
         let map_dir = config.bpffs.join("maps");
         let link_dir = config.bpffs.join("links");
@@ -259,5 +291,20 @@ fn ensure_bpffs(path: &Path) -> Result<(), DatapathError> {
     match nix::sys::statfs::statfs(existing) {
         Ok(fs) if fs.filesystem_type().0 == BPF_FS_MAGIC => Ok(()),
         _ => Err(DatapathError::NotBpffs(path.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases_are_read_as_major_and_minor() {
+        assert_eq!(kernel_version("6.1.0-57-amd64\n"), Some((6, 1)));
+        assert_eq!(kernel_version("6.12.117+deb12-amd64"), Some((6, 12)));
+        assert_eq!(kernel_version("5.15.0"), Some((5, 15)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.19.0").is_some_and(|v| v < KERNEL_FLOOR));
+        assert!(kernel_version("6.18.44-fc").is_some_and(|v| v >= KERNEL_FLOOR));
     }
 }
