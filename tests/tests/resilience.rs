@@ -251,7 +251,7 @@ fn kill_9_under_load_resets_what_the_agent_carried_and_fails_open_meanwhile() {
     // The long-lived connections were the killed agent's: reset, by design.
     assert_eq!(summary["long_lived_failed"], LONG_LIVED, "{summary}");
     // Short connections run one at a time: only those cut at the kill fail (the one in
-    // flight, and one that reached the dying listener), reset rather than hung; after
+    // flight, and one that reached the dying listener), closed or reset, never hung; after
     // them, connections go direct until the new agent serves them.
     assert!(
         summary["short_failed"].as_u64().unwrap_or(99) <= 3,
@@ -264,7 +264,7 @@ fn kill_9_under_load_resets_what_the_agent_carried_and_fails_open_meanwhile() {
             .flatten()
             .filter_map(Value::as_str)
             .filter(|e| e.starts_with("short connection"))
-            .all(|e| e.contains("reset by peer")),
+            .all(|e| !e.contains("timed out")),
         "{summary}"
     );
 }
