@@ -541,14 +541,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         enrolment_ms.extend(enrolment_latencies(tb, run, args.enrolments)?);
         // The proxy finishes captured connections asynchronously: let them drain so runs do
         // not overlap.
-        nodemesh_testbed::wait_until(Duration::from_secs(10), "proxy drained", || {
-            let stats = tb.admin_json("node1", "/stats")?;
-            Ok(stats["connections"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .all(|s| s["opened"] == s["closed"]))
-        })?;
+        wait_proxy_idle(tb, Duration::from_secs(10))?;
     }
     let (direct, hooked) = (Samples(direct), Samples(hooked));
     let (direct_tx, captured_tx) = (Samples(direct_tx), Samples(captured_tx));
@@ -928,6 +921,19 @@ fn enrolment_latencies(tb: &mut Testbed, run: usize, count: usize) -> anyhow::Re
     Ok(latencies)
 }
 
+/// Waits (`timeout` at most) until node1's proxy has closed every connection it opened.
+fn wait_proxy_idle(tb: &Testbed, timeout: Duration) -> anyhow::Result<()> {
+    nodemesh_testbed::wait_until(timeout, "node1's proxy idle", || {
+        let stats = tb.admin_json("node1", "/stats")?;
+        Ok(stats["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|s| s["opened"] == s["closed"]))
+    })?;
+    Ok(())
+}
+
 /// CPU time (user + system) both agents have used so far, in seconds.
 fn agents_cpu_seconds(tb: &Testbed) -> anyhow::Result<f64> {
     let mut total = 0.0;
@@ -1018,14 +1024,7 @@ fn memory(tb: &mut Testbed, workload: &str, connections: usize) -> anyhow::Resul
     for pod in &added {
         tb.remove_pod(pod)?;
     }
-    nodemesh_testbed::wait_until(Duration::from_secs(60), "idle connections closed", || {
-        let stats = tb.admin_json("node1", "/stats")?;
-        Ok(stats["connections"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .all(|s| s["opened"] == s["closed"]))
-    })?;
+    wait_proxy_idle(tb, Duration::from_secs(60))?;
     Ok(memory)
 }
 

@@ -463,6 +463,17 @@ fn pod(name: &str, node: &str, ip: &str) -> Pod {
     }
 }
 
+/// A watch of `api` for node1, after its initial list, and its change signal.
+async fn synced_watch(api: &FakeApiServer) -> (ApiWatch, mpsc::Receiver<()>) {
+    let (tx, changes) = mpsc::channel(1);
+    let watch = ApiWatch::start(api.client(), "node1", tx);
+    watch
+        .wait_synced(Duration::from_secs(10))
+        .await
+        .expect("initial list");
+    (watch, changes)
+}
+
 /// Waits (10 s at most) for the watch to reach a state where `done` holds.
 async fn converge(
     watch: &ApiWatch,
@@ -513,12 +524,7 @@ async fn watchers_converge_through_events_bookmarks_410_gone_and_resets() {
     );
     api.apply(PODS, &pod("a", "node1", "10.0.1.1"));
 
-    let (tx, mut changes) = mpsc::channel(1);
-    let watch = ApiWatch::start(api.client(), "node1", tx);
-    watch
-        .wait_synced(Duration::from_secs(10))
-        .await
-        .expect("initial list");
+    let (watch, mut changes) = synced_watch(&api).await;
     assert_eq!(
         (
             api.count("LIST /api/v1/pods"),
@@ -697,12 +703,7 @@ async fn http_routes_and_authorization_policies_are_watched_like_the_rest() {
             "spec": {"action": "DENY", "rules": [{"to": [{"ports": [22]}]}]},
         }),
     );
-    let (tx, mut changes) = mpsc::channel(1);
-    let watch = ApiWatch::start(api.client(), "node1", tx);
-    watch
-        .wait_synced(Duration::from_secs(10))
-        .await
-        .expect("initial list");
+    let (watch, mut changes) = synced_watch(&api).await;
     let (snapshot, _) = watch.snapshot();
     assert_eq!(
         snapshot.authorization_policies[&("shop".into(), "deny-ssh".into())].spec["action"],
@@ -750,12 +751,7 @@ async fn route_status_is_written_once_and_a_stale_write_is_refused() {
             },
         }),
     );
-    let (tx, mut changes) = mpsc::channel(1);
-    let watch = ApiWatch::start(api.client(), "node1", tx);
-    watch
-        .wait_synced(Duration::from_secs(10))
-        .await
-        .expect("sync");
+    let (watch, mut changes) = synced_watch(&api).await;
     converge(&watch, &mut changes, "route listed", |s| {
         !s.http_routes.is_empty()
     })
@@ -801,12 +797,7 @@ async fn an_api_server_outage_keeps_the_last_state_and_catches_up_when_it_ends()
     );
     api.apply(PODS, &pod("a", "node1", "10.0.1.1"));
     api.apply(PODS, &pod("b", "node1", "10.0.1.2"));
-    let (tx, mut changes) = mpsc::channel(1);
-    let watch = ApiWatch::start(api.client(), "node1", tx);
-    watch
-        .wait_synced(Duration::from_secs(10))
-        .await
-        .expect("initial list");
+    let (watch, mut changes) = synced_watch(&api).await;
     assert_eq!(pod_names(&watch.snapshot().0), ["a", "b"]);
 
     // Down: every watch is cut and every retry refused. A pod leaves meanwhile.
