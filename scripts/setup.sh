@@ -12,9 +12,12 @@ LLVM=22
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 need_apt=()
+# musl-tools: the image's static binary (aws-lc's C for musl); umoci, skopeo: the OCI image;
+# containerd, runc: the tests run the image as a node's runtime does (`cargo xtask image`).
 for pkg in llvm-${LLVM}-dev libpolly-${LLVM}-dev zlib1g-dev libzstd-dev iproute2 bpftool curl \
            tcpdump procps psmisc socat nghttp2-client tmux \
-           librsvg2-bin fonts-dejavu-core; do
+           librsvg2-bin fonts-dejavu-core \
+           musl-tools umoci skopeo containerd runc; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
@@ -32,6 +35,12 @@ fi
 if ! have_toolchain "$NIGHTLY"; then
   log "rustup toolchain install $NIGHTLY"
   rustup toolchain install "$NIGHTLY" --profile minimal -c rust-src
+fi
+# The image's binary is static: built for musl.
+MUSL_TARGET=x86_64-unknown-linux-musl
+if ! rustup target list --installed --toolchain "$STABLE" | grep -qx "$MUSL_TARGET"; then
+  log "rustup target add $MUSL_TARGET (toolchain $STABLE)"
+  rustup target add --toolchain "$STABLE" "$MUSL_TARGET"
 fi
 
 if ! command -v bpf-linker >/dev/null || ! bpf-linker --version | grep -q "^bpf-linker ${BPF_LINKER_VERSION}"; then
@@ -71,4 +80,8 @@ else
   log "no cgroup v2 hierarchy mounted; mounting at /sys/fs/cgroup/unified"
   mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified
 fi
+# The real components the tests run beside the agents (kube-apiserver, etcd, Prometheus, an
+# OpenTelemetry Collector, the Gateway API CRDs, helm, kubectl): built once per machine.
+"$(dirname "$0")/testenv.sh"
+
 log "ready (cgroup v2 at ${cgroup2_root:-/sys/fs/cgroup/unified})"

@@ -6,6 +6,13 @@
 #![no_std]
 
 /// Names of the pinned maps, shared so the agent opens exactly what the programs declare.
+///
+/// A map's name is its layout version: agents that pin a map under the same name share it,
+/// so a map whose key, value, type, capacity, flags or meaning changes must get a new name
+/// (`NM_ENROLLED_CGROUPS_V2`, ...) in the same change. A successor then creates the new map
+/// next to the old one and unpins the old one once it is in charge (docs/lifecycle.md,
+/// "Upgrade compatibility"); the agent's `layout_fingerprint` test fails until the name is
+/// changed.
 pub mod map_names {
     pub const ENROLLED_CGROUPS: &str = "NM_ENROLLED_CGROUPS";
     pub const CAPTURE_CONFIG: &str = "NM_CAPTURE_CONFIG";
@@ -17,6 +24,21 @@ pub mod map_names {
     pub const INBOUND_PODS: &str = "NM_INBOUND_PODS";
     pub const INBOUND_LISTENERS: &str = "NM_INBOUND_LISTENERS";
     pub const DELIVERIES: &str = "NM_DELIVERIES";
+
+    /// Every map this version pins; anything else under the pin directory belongs to
+    /// another version (or to nobody) and is unpinned once the agent is in charge.
+    pub const ALL: [&str; 10] = [
+        ENROLLED_CGROUPS,
+        CAPTURE_CONFIG,
+        EXCLUDED_PORTS,
+        EXCLUDED_CIDRS_V4,
+        EXCLUDED_CIDRS_V6,
+        SOCKET_ORIGINAL_DST,
+        CONNECTION_ORIGINAL_DST,
+        INBOUND_PODS,
+        INBOUND_LISTENERS,
+        DELIVERIES,
+    ];
 }
 
 /// Names of the programs in the object file.
@@ -74,7 +96,8 @@ pub struct CaptureConfig {
     pub _pad: u16,
     /// A `FailMode` discriminant.
     pub fail_mode: u32,
-    /// SO_MARK carried by every socket the proxy owns; such sockets are never captured.
+    /// SO_MARK of the proxy's sockets: the connect hook captures only into a listener that
+    /// carries it (the mark exempts nothing: any pod with CAP_NET_ADMIN can set it).
     pub proxy_mark: u32,
     /// Non-zero once the agent has written this entry; until then nothing is captured.
     pub configured: u32,

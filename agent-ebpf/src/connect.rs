@@ -2,7 +2,7 @@
 //! listener on the pod's own loopback, remembering where they were going.
 
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, bpf_sock, bpf_sock_tuple},
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         generated::{bpf_sk_lookup_tcp, bpf_sk_release},
@@ -125,7 +125,9 @@ fn decide(
     let Some(config) = CAPTURE_CONFIG.get(0) else {
         return Verdict::PassThrough;
     };
-    if config.configured == 0 || is_proxy_socket(ctx, config) || !caller_is_enrolled() {
+    // The proxy's own sockets are not exempted by their mark, which any pod with
+    // CAP_NET_ADMIN could set: the agent runs in a cgroup that is never enrolled.
+    if config.configured == 0 || !caller_is_enrolled() {
         return Verdict::PassThrough;
     }
     if unsafe { EXCLUDED_PORTS.get(&dest.port) }.is_some() {
@@ -140,12 +142,6 @@ fn decide(
     } else {
         Verdict::PassThrough
     }
-}
-
-#[inline(always)]
-fn is_proxy_socket(ctx: &SockAddrContext, config: &CaptureConfig) -> bool {
-    let sk: *mut bpf_sock = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    !sk.is_null() && unsafe { (*sk).mark } == config.proxy_mark
 }
 
 /// The caller belongs to an enrolled pod when one of its cgroup's ancestors is enrolled

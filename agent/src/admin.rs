@@ -18,10 +18,17 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     datapath::Datapath,
     identity::manager::{IdentityManager, IdentityView},
+    k8s::{
+        snapshot::ClusterIndices,
+        status::{SourceStatus, WatchView},
+    },
     pods::enrolment::{EnrolledPodView, PendingPodView},
     proxy::http::balance::{Balancer, EndpointView},
     state::{authorization::PolicyView, routes::RouteView, services::ServicePortView},
-    telemetry::{connections::ConnectionStats, metrics::Metrics},
+    telemetry::{
+        connections::ConnectionStats,
+        metrics::{Exposition, Metrics},
+    },
 };
 
 /// What the admin server shows, updated by the agent as things change.
@@ -32,7 +39,9 @@ pub struct AdminState {
     pub enrolled: RwLock<Vec<EnrolledPodView>>,
     pub pending: RwLock<Vec<PendingPodView>>,
     pub config_errors: RwLock<Vec<String>>,
-    pub services: RwLock<Vec<ServicePortView>>,
+    /// The cluster-wide indices the source keeps current.
+    pub indices: ClusterIndices,
+    pub source_status: Arc<SourceStatus>,
     pub routes: RwLock<Vec<RouteView>>,
     pub policies: RwLock<Vec<PolicyView>>,
     pub balancer: Arc<Balancer>,
@@ -51,6 +60,8 @@ struct ConfigDump<'a> {
     enrolled_pods: Vec<EnrolledPodView>,
     pending_pods: Vec<PendingPodView>,
     config_errors: Vec<String>,
+    /// Where the cluster state comes from: each watch's state, and what the indices hold.
+    cluster_state: ClusterStateView,
     /// Service virtual addresses the proxy resolves, with their ready endpoints.
     services: Vec<ServicePortView>,
     /// HTTPRoutes in force (the last good version of a rejected one).
@@ -62,6 +73,46 @@ struct ConfigDump<'a> {
     /// Workload certificates held by this node; null when the agent runs without a CA.
     identities: Option<Vec<IdentityView>>,
     datapath_maps: crate::datapath::MapOccupancy,
+}
+
+#[derive(Serialize)]
+struct ClusterStateView {
+    watches: Vec<WatchView>,
+    /// Pods indexed cluster-wide (those that can own a meshed address).
+    pods_indexed: usize,
+    services: usize,
+    virtual_ports: usize,
+    ready_endpoints: usize,
+}
+
+impl ClusterStateView {
+    fn of(state: &AdminState) -> Self {
+        let pods_indexed = state
+            .indices
+            .workloads
+            .read()
+            .map_or_else(|p| p.into_inner().len(), |w| w.len());
+        let (services, virtual_ports, ready_endpoints) = state
+            .indices
+            .services
+            .read()
+            .map_or_else(|p| p.into_inner().counts(), |s| s.counts());
+        Self {
+            watches: state.source_status.views(),
+            pods_indexed,
+            services,
+            virtual_ports,
+            ready_endpoints,
+        }
+    }
+}
+
+fn service_views(state: &AdminState) -> Vec<ServicePortView> {
+    state
+        .indices
+        .services
+        .read()
+        .map_or_else(|p| p.into_inner().views(), |s| s.views())
 }
 
 /// What a listener serves.
@@ -149,14 +200,15 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             enrolled_pods: read(&state.enrolled),
             pending_pods: read(&state.pending),
             config_errors: read(&state.config_errors),
-            services: read(&state.services),
+            cluster_state: ClusterStateView::of(state),
+            services: service_views(state),
             http_routes: read(&state.routes),
             http_endpoints: state.balancer.views(),
             authorization_policies: read(&state.policies),
             identities: state.identities.as_ref().map(|m| m.views()),
             datapath_maps: state.datapath.occupancy(),
         }),
-        "/metrics" => metrics(state),
+        "/metrics" => metrics(state, exposition(request)),
         "/stats" => json(&serde_json::json!({
             "connections": state.stats.snapshot(),
             "inbound_plaintext": state.stats.plaintext(),
@@ -186,8 +238,18 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
+/// The metrics format the scraper's `Accept` header asks for.
+pub fn exposition(request: &Request<hyper::body::Incoming>) -> Exposition {
+    Exposition::negotiate(
+        request
+            .headers()
+            .get(hyper::header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
 /// Prometheus text, with the agent's own gauges brought up to date first.
-fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
+fn metrics(state: &AdminState, format: Exposition) -> Response<Full<Bytes>> {
     let enrolled = read(&state.enrolled).len();
     let maps: Vec<(String, u64)> = match serde_json::to_value(state.datapath.occupancy()) {
         Ok(serde_json::Value::Object(maps)) => maps
@@ -214,12 +276,11 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
     state
         .metrics
         .set_agent_state(enrolled, &maps, &expiry, errors);
-    let mut response = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+    state.metrics.set_pending_pods(read(&state.pending).len());
+    let mut response = Response::new(Full::new(Bytes::from(state.metrics.encode(format))));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        hyper::header::HeaderValue::from_static(format.content_type()),
     );
     response
 }

@@ -24,7 +24,12 @@ use crate::{
         spiffe::SpiffeId,
         tls,
     },
-    k8s::source::ClusterSource,
+    k8s::{
+        installation::{Installation, InstallationWatch},
+        snapshot::ClusterIndices,
+        source::ClusterSource,
+        status::SourceStatus,
+    },
     lifecycle::{
         drain,
         handoff::{self, HandoffAddress},
@@ -41,9 +46,8 @@ use crate::{
     state::membership,
     state::{
         authorization::AuthorizationIndex,
+        probes::ProbeIndex,
         routes::{self, RouteTable},
-        services::ServiceIndex,
-        workloads::{SharedWorkloads, WorkloadIndex},
     },
     telemetry::{access::AccessLog, connections::ConnectionStats, metrics::Metrics, otlp::Tracer},
 };
@@ -100,7 +104,8 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         Some(endpoint) => Tracer::start(endpoint, &config.node_name)?,
         None => Tracer::default(),
     };
-    let workloads: SharedWorkloads = Arc::default();
+    let indices = ClusterIndices::new(&config.trust_domain);
+    let source_status = Arc::new(SourceStatus::default());
     let admin_state = Arc::new(AdminState {
         node_name: config.node_name.clone(),
         fail_mode: match config.fail_mode {
@@ -111,7 +116,8 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         enrolled: RwLock::default(),
         pending: RwLock::default(),
         config_errors: RwLock::default(),
-        services: RwLock::default(),
+        indices: indices.clone(),
+        source_status: Arc::clone(&source_status),
         routes: RwLock::default(),
         policies: RwLock::default(),
         balancer: Arc::clone(&balancer),
@@ -148,8 +154,8 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         hbone: mesh_tls
             .clone()
             .map(|(identities, roots)| Arc::new(HboneClient::new(identities, roots))),
-        workloads: Arc::clone(&workloads),
-        services: RwLock::default(),
+        workloads: Arc::clone(&indices.workloads),
+        services: Arc::clone(&indices.services),
         routes: RwLock::default(),
         http: HttpProxy::new(config.protocol_detection_timeout, balancer),
         metrics: Arc::clone(&metrics),
@@ -165,12 +171,14 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             stats: Arc::clone(&stats),
             proxy_mark: config.proxy_mark,
             transparent_mark: config.transparent_mark,
+            proc_sys_net: config.proc_sys_net.clone(),
             connect_timeout: config.connect_timeout,
             datapath: Arc::clone(&datapath),
             node_addresses: plaintext::node_addresses(),
-            authorization: RwLock::default(),
+            authorization: watch::Sender::new(Arc::default()),
+            probes: RwLock::default(),
             detect_wait: config.protocol_detection_timeout,
-            workloads: Arc::clone(&workloads),
+            workloads: Arc::clone(&indices.workloads),
             metrics: Arc::clone(&metrics),
             access_log,
         })
@@ -187,10 +195,19 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             taken_over: taken_over_rx,
         },
     );
+    let installation = watch_installation(&config).await;
     let (mut cluster, mut changes) = match &config.cluster_source {
-        ClusterSourceConfig::Manifests(dir) => ClusterSource::manifests(dir)?,
+        ClusterSourceConfig::Manifests(dir) => {
+            ClusterSource::manifests(dir, &config.node_name, indices.clone(), &source_status)?
+        }
         ClusterSourceConfig::Kubernetes { sync_timeout } => {
-            ClusterSource::api(&config.node_name, *sync_timeout).await?
+            ClusterSource::api(
+                &config.node_name,
+                *sync_timeout,
+                indices.clone(),
+                Arc::clone(&source_status),
+            )
+            .await?
         }
     };
 
@@ -205,8 +222,8 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         authorization: Arc::default(),
     };
     reconciler.sync().await;
-    reconciler.enrolments.remove_stale_map_entries()?;
     if predecessor.is_none() {
+        take_charge(reconciler.enrolments, &datapath, true);
         admin_state.ready.store(true, Ordering::Release);
         tracing::info!(node = %config.node_name, "agent ready");
     }
@@ -236,6 +253,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
                     taken_over.send_replace(true);
                     reconciler.enrolments.drop_unclaimed_listeners();
                     take_over(predecessor).await;
+                    take_charge(reconciler.enrolments, &datapath, false);
                     handoff_server =
                         serve_successors(&config.handoff_socket, handoff_events.clone());
                     admin_state.ready.store(true, Ordering::Release);
@@ -311,7 +329,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         finish_connections(config.drain_grace).await;
         return Ok(());
     }
-    if uninstalling(&config).await {
+    if uninstalling(installation.as_ref()).await {
         tracing::info!(
             "the agent's DaemonSet is gone: uninstalling, removing everything from the node"
         );
@@ -370,6 +388,23 @@ async fn take_over(predecessor: handoff::Predecessor) {
         }
         Err(error) => tracing::error!(%error, "the takeover task failed; serving anyway"),
     }
+}
+
+/// Once this agent alone writes the node's datapath (at a start without a predecessor, or
+/// once it has taken over): the pinned state is made exactly what the enrolled and held pods
+/// imply, and what other agents pinned is retired. `alone`: no other agent runs at all, so
+/// nobody is delivering.
+fn take_charge(enrolments: &Enrolments, datapath: &Datapath, alone: bool) {
+    let mut repairs = enrolments.reconcile_datapath();
+    if alone {
+        repairs += datapath.clear_deliveries();
+    }
+    let retired = datapath.retire_other_versions();
+    tracing::info!(
+        repairs,
+        retired,
+        "pinned datapath reconciled with this node's pods"
+    );
 }
 
 /// Serves the handoff socket for a future successor; without it, restarts open new
@@ -432,24 +467,32 @@ async fn finish_connections(grace: Duration) {
     }
 }
 
+/// The watch of the agent's own DaemonSet (`--daemonset`), which tells an uninstall from a
+/// restart at the stop. None without `--daemonset` or without a client: every stop then keeps
+/// capture.
+async fn watch_installation(config: &AgentConfig) -> Option<InstallationWatch> {
+    let daemonset = config.daemonset.as_ref()?;
+    match crate::k8s::api::ApiWatch::infer_client().await {
+        Ok(client) => Some(InstallationWatch::start(client, daemonset)),
+        Err(error) => {
+            tracing::warn!(%error, %daemonset, "no Kubernetes client to watch the agent's DaemonSet; every stop keeps capture");
+            None
+        }
+    }
+}
+
 /// Whether this stop is an uninstall: the agent's DaemonSet is gone or being deleted. When
-/// that cannot be known (no --daemonset, API unreachable), the answer is no: removing capture
-/// by mistake would open meshed pods up, keeping it costs nothing.
-async fn uninstalling(config: &AgentConfig) -> bool {
-    let Some(daemonset) = &config.daemonset else {
+/// that cannot be known (no --daemonset, nothing learnt yet), the answer is no: removing
+/// capture by mistake would open meshed pods up, keeping it costs nothing.
+async fn uninstalling(installation: Option<&InstallationWatch>) -> bool {
+    let Some(installation) = installation else {
         return false;
     };
-    let client = match crate::k8s::api::ApiWatch::infer_client().await {
-        Ok(client) => client,
-        Err(error) => {
-            tracing::warn!(%error, "cannot tell whether this is an uninstall; keeping capture");
-            return false;
-        }
-    };
-    match crate::k8s::api::daemonset_is_going(client, daemonset).await {
-        Ok(going) => going,
-        Err(error) => {
-            tracing::warn!(%error, %daemonset, "cannot tell whether this is an uninstall; keeping capture");
+    match installation.at_stop().await {
+        Installation::Removed => true,
+        Installation::Installed => false,
+        Installation::Unknown => {
+            tracing::warn!("cannot tell whether this is an uninstall; keeping capture");
             false
         }
     }
@@ -477,25 +520,20 @@ impl Reconciler<'_> {
         for error in &errors {
             tracing::warn!(%error, "cluster state manifest rejected; keeping its last good contents");
         }
-        let index = Arc::new(WorkloadIndex::build(&snapshot, &self.config.trust_domain));
-        *self
-            .outbound
-            .workloads
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = index;
+        // The workload and Service indices are kept current by the source itself; what is
+        // left here is this node's share and the small kinds.
         {
-            let mut services = self
+            let services = self
                 .outbound
                 .services
-                .write()
+                .read()
                 .unwrap_or_else(|p| p.into_inner());
-            *services = Arc::new(ServiceIndex::build(&snapshot).continuing(&services));
-            publish(self.admin.services.write(), services.views());
             // Balancer state and idle connections of endpoints that are gone.
-            let live = services.all_endpoints();
             let http = &self.outbound.http;
-            http.balancer.retain(|endpoint| live.contains(endpoint));
-            http.upstreams.retain(|endpoint| live.contains(endpoint));
+            http.balancer
+                .retain(|endpoint| services.has_endpoint(endpoint));
+            http.upstreams
+                .retain(|endpoint| services.has_endpoint(endpoint));
         }
         let route_errors = {
             let mut routes = self
@@ -513,27 +551,23 @@ impl Reconciler<'_> {
         }
         if self.cluster.writes_status() {
             let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let services = self
+                .outbound
+                .services
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
             let updates = routes::status_updates(
                 &snapshot.http_routes,
                 &route_errors,
-                |service| {
-                    service.split_once('/').is_some_and(|(ns, name)| {
-                        snapshot
-                            .services
-                            .contains_key(&(ns.to_owned(), name.to_owned()))
-                    })
-                },
+                |service| services.contains(service),
                 &now,
             );
+            drop(services);
             self.cluster.write_route_statuses(updates);
         }
-        let local_pods = snapshot.pods.values().filter(|pod| {
-            pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
-                == Some(self.config.node_name.as_str())
-        });
         let (authorization, policy_errors) = AuthorizationIndex::build(
             &snapshot.authorization_policies,
-            local_pods,
+            snapshot.local_pods.values(),
             &self.authorization,
         );
         for error in &policy_errors {
@@ -542,10 +576,12 @@ impl Reconciler<'_> {
         let authorization = Arc::new(authorization);
         publish(self.admin.policies.write(), authorization.views());
         if let Some(inbound) = self.inbound {
-            *inbound
+            *inbound.probes.write().unwrap_or_else(|p| p.into_inner()) =
+                Arc::new(ProbeIndex::build(snapshot.local_pods.values()));
+            // Connections decided under the previous policies are decided again.
+            inbound
                 .authorization
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = Arc::clone(&authorization);
+                .send_replace(Arc::clone(&authorization));
         }
         self.authorization = authorization;
         let errors: Vec<String> = errors
@@ -553,7 +589,7 @@ impl Reconciler<'_> {
             .chain(route_errors.iter().map(ToString::to_string))
             .chain(policy_errors.iter().map(ToString::to_string))
             .collect();
-        let desired = membership::local_meshed_pods(&snapshot, &self.config.node_name);
+        let desired = membership::local_meshed_pods(&snapshot);
         self.enrolments.reconcile(&desired).await;
         let enrolled = self.enrolments.enrolled_views();
         if let Some(identities) = self.identities {

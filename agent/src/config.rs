@@ -43,6 +43,11 @@ pub struct AgentArgs {
     /// bpffs directory where this agent pins its programs and maps.
     #[arg(long, default_value = "/sys/fs/bpf/nodemesh")]
     pub bpffs: PathBuf,
+    /// The node's `/proc/sys/net`, writable, where the agent sets meshed pods' network
+    /// sysctls from inside each pod (the directory shows the writer's network namespace).
+    /// A container's own /proc/sys is read-only: the DaemonSet mounts the node's here.
+    #[arg(long, default_value = "/proc/sys/net")]
+    pub proc_sys_net: PathBuf,
     /// What a meshed pod's connect() does while no proxy listens: `open` lets it through
     /// untouched, `closed` refuses it at once.
     #[arg(long, value_enum, default_value_t = FailModeArg::Open)]
@@ -59,7 +64,8 @@ pub struct AgentArgs {
     /// Port of the outbound listener the agent opens on each meshed pod's loopback.
     #[arg(long, default_value_t = 15001)]
     pub outbound_port: u16,
-    /// SO_MARK put on every proxy socket; marked sockets are never captured.
+    /// SO_MARK put on every proxy socket; the connect hook captures only into a listener
+    /// carrying it. It exempts nothing from capture (the agent's cgroup is never enrolled).
     #[arg(long, default_value_t = 0x4e4d_0001)]
     pub proxy_mark: u32,
     /// SO_MARK of the proxy's connections to applications that carry the client's address;
@@ -146,6 +152,7 @@ pub struct AgentConfig {
     pub daemonset: Option<String>,
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
+    pub proc_sys_net: PathBuf,
     pub fail_mode: FailMode,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<Cidr>,
@@ -190,6 +197,8 @@ pub enum ConfigError {
     ClusterStateNotADirectory(PathBuf),
     #[error("--cgroup-root {0}: not a directory")]
     CgroupRootNotADirectory(PathBuf),
+    #[error("--proc-sys-net {0}: not the network sysctls (no ipv4/ in it)")]
+    ProcSysNet(PathBuf),
     #[error("--outbound-port must not be 0")]
     ZeroOutboundPort,
     #[error("--proxy-mark must not be 0 (unmarked sockets would count as the proxy's)")]
@@ -229,6 +238,9 @@ impl TryFrom<AgentArgs> for AgentConfig {
         };
         if !args.cgroup_root.is_dir() {
             return Err(ConfigError::CgroupRootNotADirectory(args.cgroup_root));
+        }
+        if !args.proc_sys_net.join("ipv4").is_dir() {
+            return Err(ConfigError::ProcSysNet(args.proc_sys_net));
         }
         if args.outbound_port == 0 {
             return Err(ConfigError::ZeroOutboundPort);
@@ -280,6 +292,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             daemonset: args.daemonset,
             cgroup_root: args.cgroup_root,
             bpffs: args.bpffs,
+            proc_sys_net: args.proc_sys_net,
             fail_mode: args.fail_mode.into(),
             exclude_ports: args.exclude_ports,
             exclude_cidrs: args.exclude_cidrs,

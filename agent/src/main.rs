@@ -9,10 +9,14 @@ use nodemesh::{agent, cli, config, datapath, identity, telemetry};
 #[derive(Parser)]
 #[command(
     name = "nodemesh",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (revision ", env!("NODEMESH_REVISION"), ")"),
     about = "Sidecarless service mesh node agent"
 )]
 struct Cli {
+    /// Logs on stderr as `json` lines or `text`; default json unless stderr is a terminal.
+    /// Access logs go to stdout as JSON lines either way.
+    #[arg(long, global = true, value_enum, env = "NODEMESH_LOG_FORMAT")]
+    log_format: Option<telemetry::logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,8 +81,10 @@ enum CaCommand {
 }
 
 fn main() -> ExitCode {
-    telemetry::logging::init();
     let cli = Cli::parse();
+    telemetry::logging::init(telemetry::logging::LogFormat::or_default_for_stderr(
+        cli.log_format,
+    ));
     let result = match cli.command {
         Command::Agent(args) => config::AgentConfig::try_from(args)
             .map_err(anyhow::Error::from)
@@ -146,4 +152,61 @@ fn run_ca(args: &identity::ca_server::CaServeArgs) -> anyhow::Result<()> {
         tracing::info!("CA stopping");
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+    use k8s_openapi::api::core::v1::Container;
+
+    use super::Cli;
+
+    /// Every container of the chart's rendering (deploy/manifests/nodemesh.yaml).
+    fn manifest_containers() -> Vec<Container> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/manifests/nodemesh.yaml"
+        );
+        let text = std::fs::read_to_string(path).expect("the rendered manifests");
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|document| serde::Deserialize::deserialize(document).expect("YAML"))
+            .filter_map(|value: serde_json::Value| {
+                let spec = value.pointer("/spec/template/spec/containers")?.clone();
+                Some(serde_json::from_value::<Vec<Container>>(spec).expect("containers"))
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// The DaemonSet's and the Deployment's args are this binary's command line, and every
+    /// environment variable they set is one a flag reads (the node name comes that way).
+    #[test]
+    fn the_manifests_args_parse_with_this_cli() {
+        let containers = manifest_containers();
+        assert_eq!(containers.len(), 2, "the agent and the CA");
+        let command = Cli::command();
+        for container in containers {
+            let args = container.args.clone().unwrap_or_default();
+            let subcommand = command
+                .find_subcommand(&args[0])
+                .unwrap_or_else(|| panic!("{}: no subcommand {}", container.name, args[0]));
+            let mut env_flags = Vec::new();
+            for variable in container.env.iter().flatten() {
+                let flag = subcommand
+                    .get_arguments()
+                    .find(|a| a.get_env().is_some_and(|e| e == variable.name.as_str()))
+                    .unwrap_or_else(|| {
+                        panic!("{}: no flag reads ${}", container.name, variable.name)
+                    });
+                // What the kubelet puts in the variable, given as the flag it stands for.
+                env_flags.push(format!("--{}=node1", flag.get_long().unwrap_or_default()));
+            }
+            let line = std::iter::once("nodemesh".to_owned())
+                .chain(args)
+                .chain(env_flags);
+            if let Err(error) = Cli::try_parse_from(line) {
+                panic!("{}'s args: {error}", container.name);
+            }
+        }
+    }
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
+use nodemesh::k8s::compact::local_pod;
 use libfuzzer_sys::fuzz_target;
 use nodemesh::{
     identity::spiffe::SpiffeId,
@@ -26,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         "metadata": {"name": "web", "namespace": "ns", "labels": {"app": "web"}},
     }))
     .expect("pod");
+    let pod = local_pod(&pod).expect("named");
     let policies = BTreeMap::from([(("ns".to_owned(), "p".to_owned()), object)]);
     let (index, errors) = AuthorizationIndex::build(
         &policies,

@@ -2,10 +2,10 @@
 
 use std::{
     fs::OpenOptions,
-    io::Write,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    io::{self, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
-    process::{Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -15,11 +15,13 @@ use nix::{
 };
 
 use crate::{
-    Pod, Testbed,
-    cleanup::{kill_and_reap, lock},
+    Pod, Testbed, api_cluster,
+    cleanup::{self, lock},
+    containerd::{Containerd, RunFiles},
     error::{IoContext, Result, TestbedError},
     exec::{Placement, wait_or_kill},
     http,
+    kubelet::KubeletPod,
     util::tail,
     wait::{POLL_INTERVAL, wait_until},
 };
@@ -41,6 +43,10 @@ pub struct AgentOptions {
     pub ready_timeout: Duration,
     /// Whether `start_agent` waits for readiness at all.
     pub wait_ready: bool,
+    /// Run the image through containerd as the chart's DaemonSet runs it, instead of the
+    /// binary in the node (then `fail_mode` and `extra_args` do not apply: the manifest's
+    /// args do).
+    pub container: Option<AgentContainer>,
 }
 
 impl Default for AgentOptions {
@@ -50,7 +56,89 @@ impl Default for AgentOptions {
             extra_args: Vec::new(),
             ready_timeout: Duration::from_secs(20),
             wait_ready: true,
+            container: None,
         }
+    }
+}
+
+/// The agent as the chart's DaemonSet runs it: its pod template, the image, the runtime.
+#[derive(Clone, Debug)]
+pub struct AgentContainer {
+    /// The testbed's containerd, with the image imported.
+    pub runtime: Containerd,
+    /// The image reference to run (the DaemonSet's, as installed).
+    pub image: String,
+    /// The DaemonSet's pod template spec (`ChartPods::agent`).
+    pub pod: k8s_openapi::api::core::v1::PodSpec,
+    /// Names the agent resolves through `/etc/hosts`, standing in for cluster DNS and the
+    /// Service's virtual IP (e.g. the CA's Service name to the CA pod's address).
+    pub hosts: Vec<(String, IpAddr)>,
+}
+
+/// An agent the testbed started: the process it spawned and, when that is a container
+/// runtime's client (`ctr run`, which exits with the container and forwards signals but
+/// SIGKILL), the file where the runtime wrote the agent's own pid.
+#[derive(Debug)]
+pub(crate) struct AgentProcess {
+    child: Child,
+    container: Option<RunFiles>,
+}
+
+impl AgentProcess {
+    /// The agent's pid as the host sees it (what `/readyz` reports with the host's PID
+    /// namespace); `None` until a container has started.
+    fn pid(&self) -> Option<u32> {
+        match &self.container {
+            None => Some(self.child.id()),
+            Some(container) => container.pid(),
+        }
+    }
+
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// Sends `signal` to the agent itself.
+    fn signal(&mut self, signal: Signal) -> io::Result<()> {
+        if self.try_wait()?.is_some() {
+            return Ok(());
+        }
+        let pid = self
+            .pid()
+            .ok_or_else(|| io::Error::other("the container has no pid yet"))?;
+        kill(
+            Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
+            signal,
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// Waits (at most `timeout`) for the agent to exit, then SIGKILLs it (the container's
+    /// process, not only its client); returns whether it had to.
+    fn wait_or_kill(&mut self, timeout: Duration) -> Result<bool> {
+        if self.container.is_none() {
+            return wait_or_kill(&mut self.child, timeout);
+        }
+        let exited = wait_until(timeout, "the agent's container to exit", || {
+            Ok(self.child.try_wait()?.is_some())
+        });
+        if exited.is_ok() {
+            return Ok(false);
+        }
+        self.kill_and_reap()
+            .io_context(|| "killing the agent's container".into())?;
+        Ok(true)
+    }
+
+    /// SIGKILLs the agent and reaps what the testbed spawned (a container's client exits
+    /// with the container, after removing it).
+    pub(crate) fn kill_and_reap(&mut self) -> io::Result<()> {
+        if self.container.is_none() {
+            return cleanup::kill_and_reap(&mut self.child);
+        }
+        let _ = self.signal(Signal::SIGKILL);
+        let _ = wait_or_kill(&mut self.child, Duration::from_secs(10));
+        self.child.wait().map(|_| ())
     }
 }
 
@@ -67,8 +155,24 @@ impl Testbed {
             "agent".to_owned(),
             "--node-name".to_owned(),
             node.to_owned(),
-            "--cluster-state".to_owned(),
-            self.cluster_state_dir.display().to_string(),
+        ];
+        match &self.control_plane {
+            // The kubeconfig comes through KUBECONFIG, as in-cluster config would.
+            Some(_) => args.extend([
+                "--kubernetes".to_owned(),
+                "--daemonset".to_owned(),
+                format!(
+                    "{}/{}",
+                    crate::api_cluster::SYSTEM_NAMESPACE,
+                    crate::api_cluster::AGENT_DAEMONSET
+                ),
+            ]),
+            None => args.extend([
+                "--cluster-state".to_owned(),
+                self.cluster_state_dir.display().to_string(),
+            ]),
+        }
+        args.extend([
             "--cgroup-root".to_owned(),
             self.cgroup_root(node).display().to_string(),
             "--bpffs".to_owned(),
@@ -77,7 +181,10 @@ impl Testbed {
             options.fail_mode.clone(),
             "--admin-addr".to_owned(),
             ADMIN_ADDR.to_string(),
-        ];
+            // The log is a file for people to read (the default there would be JSON).
+            "--log-format".to_owned(),
+            "text".to_owned(),
+        ]);
         args.extend(options.extra_args.iter().cloned());
         Ok(args)
     }
@@ -114,20 +221,21 @@ impl Testbed {
             .remove(node)
             .ok_or_else(|| self.agent_error(node, "no agent runs"))?;
         if let Some(mut older) = res.previous_agents.insert(node.to_owned(), running) {
-            let _ = kill_and_reap(&mut older);
+            let _ = older.kill_and_reap();
         }
         Ok(())
     }
 
     /// Sends `signal` to the previous agent of `node` without waiting for it.
     pub fn signal_previous_agent(&self, node: &str, signal: Signal) -> Result<()> {
-        let res = lock(&self.shared);
+        let mut res = lock(&self.shared);
         let agent = res
             .previous_agents
-            .get(node)
+            .get_mut(node)
             .ok_or_else(|| self.agent_error(node, "no previous agent"))?;
-        let pid = Pid::from_raw(i32::try_from(agent.id()).unwrap_or(i32::MAX));
-        kill(pid, signal).io_context(|| format!("sending {signal} to the previous agent of {node}"))
+        agent
+            .signal(signal)
+            .io_context(|| format!("sending {signal} to the previous agent of {node}"))
     }
 
     /// Waits (at most `timeout`) for the previous agent of `node` to exit, and reaps it.
@@ -159,16 +267,43 @@ impl Testbed {
     }
 
     fn spawn_agent(&self, node: &str, options: &AgentOptions) -> Result<()> {
-        let netns = self.node(node)?.netns.clone();
-        let args = self.agent_args(node, options)?;
         let log_path = self.agent_log_path(node);
         std::fs::create_dir_all(&self.log_dir)
             .io_context(|| format!("creating {}", self.log_dir.display()))?;
-        let mut log = OpenOptions::new()
+        let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .io_context(|| format!("opening {}", log_path.display()))?;
+        let mut process = match &options.container {
+            None => self.spawn_agent_process(node, options, log),
+            Some(container) => self.spawn_agent_container(node, container, log),
+        }
+        .map_err(|error| self.agent_error(node, &error.to_string()))?;
+        tracing::info!(testbed = %self.name, node, pid = process.child.id(), "agent started");
+        {
+            let mut res = lock(&self.shared);
+            if res.torn_down {
+                let _ = process.kill_and_reap();
+                return Err(self.agent_error(node, "the testbed was torn down"));
+            }
+            res.agents.insert(node.to_owned(), process);
+        }
+        if options.wait_ready {
+            self.wait_agent_ready(node, options.ready_timeout)?;
+        }
+        Ok(())
+    }
+
+    /// The binary in the node's network namespace and `system` cgroup.
+    fn spawn_agent_process(
+        &self,
+        node: &str,
+        options: &AgentOptions,
+        mut log: std::fs::File,
+    ) -> Result<AgentProcess> {
+        let netns = self.node(node)?.netns.clone();
+        let args = self.agent_args(node, options)?;
         let binary = &self.config.nodemesh_bin;
         writeln!(
             log,
@@ -177,10 +312,10 @@ impl Testbed {
             binary.display(),
             args.join(" ")
         )
-        .io_context(|| format!("writing {}", log_path.display()))?;
+        .io_context(|| "writing the agent log".into())?;
         let stderr = log
             .try_clone()
-            .io_context(|| format!("duplicating {}", log_path.display()))?;
+            .io_context(|| "duplicating the agent log".into())?;
         let mut command = Command::new(binary);
         command
             .args(&args)
@@ -188,29 +323,75 @@ impl Testbed {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
-            // The log is a file for people to read: no colour escapes.
-            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(stderr);
+        if self.control_plane.is_some() {
+            command.env("KUBECONFIG", self.agent_kubeconfig(node)?);
+        }
         let placement = Placement::new(&netns, &self.cgroup_root(node).join("system"))?;
-        let child = placement
-            .spawn(&mut command)
-            .map_err(|error| self.agent_error(node, &error.to_string()))?;
-        tracing::info!(testbed = %self.name, node, pid = child.id(), "agent started");
-        {
-            let mut res = lock(&self.shared);
-            if res.torn_down {
-                let mut child = child;
-                let _ = kill_and_reap(&mut child);
-                return Err(self.agent_error(node, "the testbed was torn down"));
-            }
-            res.agents.insert(node.to_owned(), child);
+        Ok(AgentProcess {
+            child: placement.spawn(&mut command)?,
+            container: None,
+        })
+    }
+
+    /// The image's container as the DaemonSet's pod on `node` (the testbed's agent Pod of
+    /// the node, its UID and cgroup), with the node's network namespace and paths.
+    fn spawn_agent_container(
+        &self,
+        node: &str,
+        container: &AgentContainer,
+        mut log: std::fs::File,
+    ) -> Result<AgentProcess> {
+        if container.pod.host_network != Some(true) {
+            return Err(TestbedError::Other(
+                "the agent's pod template is not hostNetwork: the testbed has no pod network for it".into(),
+            ));
         }
-        if options.wait_ready {
-            self.wait_agent_ready(node, options.ready_timeout)?;
-        }
-        Ok(())
+        let name = container
+            .pod
+            .containers
+            .first()
+            .map(|c| c.name.clone())
+            .ok_or_else(|| {
+                TestbedError::Other("the agent's pod template has no container".into())
+            })?;
+        let uid = self.agent_pod_uid(node)?.to_owned();
+        let pod_name = api_cluster::agent_pod_name(node);
+        let pod = KubeletPod {
+            namespace: api_cluster::SYSTEM_NAMESPACE,
+            name: &pod_name,
+            uid: &uid,
+            node,
+            spec: &container.pod,
+            netns: crate::netns::path(&self.node(node)?.netns),
+            cgroup: self.pod_cgroup(node, &container.pod, &uid)?,
+            host_paths: self.node_host_paths(node),
+            hosts: container.hosts.clone(),
+        };
+        writeln!(
+            log,
+            "=== testbed {}: starting {} as container {name} of pod {}/{pod_name}",
+            self.name,
+            container.image,
+            api_cluster::SYSTEM_NAMESPACE
+        )
+        .io_context(|| "writing the agent log".into())?;
+        let (mut command, files) = self.container_command(
+            &container.runtime,
+            &pod,
+            &name,
+            &container.image,
+            &self.agent_log_path(node),
+        )?;
+        // ctr's own errors; the container's output goes to the log through the runtime.
+        command.stdout(Stdio::null()).stderr(log);
+        let child = command.spawn().io_context(|| "spawning ctr run".into())?;
+        Ok(AgentProcess {
+            child,
+            container: Some(files),
+        })
     }
 
     /// Waits until the agent of `node` answers 200 on `/readyz`; fails early if it exits.
@@ -254,21 +435,25 @@ impl Testbed {
 
     /// Sends `signal` to the agent of `node` and reaps it (SIGKILL after 10 s if it lingers).
     pub fn kill_agent(&self, node: &str, signal: Signal) -> Result<ExitStatus> {
-        let mut child = lock(&self.shared)
+        let mut agent = lock(&self.shared)
             .agents
             .remove(node)
             .ok_or_else(|| self.agent_error(node, "no agent was started"))?;
-        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
         if signal == Signal::SIGKILL {
-            kill_and_reap(&mut child).io_context(|| format!("killing the agent of {node}"))?;
+            agent
+                .kill_and_reap()
+                .io_context(|| format!("killing the agent of {node}"))?;
         } else {
             // ESRCH cannot happen (unreaped); anything else is worth reporting.
-            kill(pid, signal).io_context(|| format!("sending {signal} to the agent of {node}"))?;
-            if wait_or_kill(&mut child, Duration::from_secs(10))? {
+            agent
+                .signal(signal)
+                .io_context(|| format!("sending {signal} to the agent of {node}"))?;
+            if agent.wait_or_kill(Duration::from_secs(10))? {
                 tracing::warn!(node, %signal, "agent ignored the signal for 10 s; SIGKILLed it");
             }
         }
-        let status = child
+        let status = agent
+            .child
             .wait()
             .io_context(|| format!("reaping the agent of {node}"))?;
         tracing::info!(testbed = %self.name, node, %status, "agent stopped");
@@ -291,9 +476,21 @@ impl Testbed {
             .and_then(|agent| agent.try_wait().ok().flatten())
     }
 
+    /// The container the agent of `node` runs in, if it runs from the image (for
+    /// `Containerd::exec`, as `kubectl exec` into the DaemonSet's pod).
+    pub fn agent_container_id(&self, node: &str) -> Option<String> {
+        lock(&self.shared)
+            .agents
+            .get(node)
+            .and_then(|agent| agent.container.as_ref().map(|c| c.id.clone()))
+    }
+
     /// The pid of the agent of `node`, if one was started.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
-        lock(&self.shared).agents.get(node).map(|a| a.id())
+        lock(&self.shared)
+            .agents
+            .get(node)
+            .and_then(AgentProcess::pid)
     }
 
     /// Resident memory of the agent of `node` (VmRSS), in KiB.
@@ -344,6 +541,22 @@ impl Testbed {
         }
         serde_json::from_str(&body)
             .map_err(|error| admin_error(format!("bad JSON ({error}): {body}")))
+    }
+
+    /// The Services a `/config_dump` lists that a test made: without those every cluster on
+    /// a real API server has, the API server's own `default/kubernetes` and the chart's
+    /// `nodemesh-system/nodemesh-ca`.
+    pub fn workload_services(dump: &serde_json::Value) -> Vec<&serde_json::Value> {
+        const INSTALLED: [&str; 2] = ["default/kubernetes", "nodemesh-system/nodemesh-ca"];
+        dump["services"]
+            .as_array()
+            .map(|services| {
+                services
+                    .iter()
+                    .filter(|s| !INSTALLED.iter().any(|name| s["service"] == *name))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Waits (15 s at most) until `/config_dump` of the pod's node lists the pod's UID, or no longer does.

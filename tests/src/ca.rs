@@ -8,8 +8,10 @@ use std::{
 };
 
 use crate::{
-    Pod, Testbed,
+    Pod, Testbed, api_cluster,
+    containerd::{Containerd, RunFiles},
     error::{IoContext, Result, TestbedError},
+    kubelet::KubeletPod,
     workload::PodProcess,
 };
 
@@ -24,6 +26,21 @@ pub struct MeshCa {
     pod: Pod,
     cert_ttl_seconds: u64,
     process: Option<PodProcess>,
+    /// Set when the CA runs from the image (`start_ca_container`).
+    container: Option<CaContainer>,
+    /// The running container, when it runs from the image.
+    running: Option<RunFiles>,
+}
+
+/// The CA as the chart's Deployment runs it: its pod template, the image, the runtime.
+#[derive(Clone, Debug)]
+pub struct CaContainer {
+    /// The testbed's containerd, with the image imported.
+    pub runtime: Containerd,
+    /// The image reference to run (the Deployment's, as installed).
+    pub image: String,
+    /// The Deployment's pod template spec (`ChartPods::ca`).
+    pub pod: k8s_openapi::api::core::v1::PodSpec,
 }
 
 impl MeshCa {
@@ -54,11 +71,16 @@ impl MeshCa {
 
     /// Agent arguments using the token of `token_node` (to test what the CA refuses).
     pub fn agent_args_with_token_of(&self, token_node: &str) -> Vec<String> {
+        self.agent_args_with_token_file(&self.token_file(token_node))
+    }
+
+    /// Agent arguments presenting the token in `token_file` to the CA.
+    pub fn agent_args_with_token_file(&self, token_file: &Path) -> Vec<String> {
         vec![
             "--ca-addr".into(),
             self.addr.to_string(),
             "--ca-token-file".into(),
-            self.token_file(token_node).display().to_string(),
+            token_file.display().to_string(),
             "--trust-bundle".into(),
             self.trust_bundle().display().to_string(),
         ]
@@ -71,10 +93,25 @@ impl MeshCa {
 
     /// Stops the CA (an outage); `Testbed::restart_ca` brings the same CA back.
     pub fn stop(&mut self) -> Result<()> {
-        if let Some(process) = self.process.take() {
+        if let Some(mut process) = self.process.take() {
+            // A container's client (`ctr run`) does not take the container along on SIGKILL.
+            if let Some(pid) = self.running.take().and_then(|running| running.pid())
+                && process.try_wait()?.is_none()
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             process.kill()?;
         }
         Ok(())
+    }
+
+    /// The CA's container id and pid while it runs from the image.
+    pub fn container(&self) -> Option<(String, Option<u32>)> {
+        let running = self.running.as_ref()?;
+        Some((running.id.clone(), running.pid()))
     }
 }
 
@@ -133,11 +170,70 @@ impl Testbed {
     /// Creates a root and issuer, a token per node, and runs `nodemesh ca serve` in `pod`,
     /// issuing certificates valid for `cert_ttl_seconds`; returns once it listens.
     pub fn start_ca(&self, pod: &Pod, cert_ttl_seconds: u64) -> Result<MeshCa> {
-        let dir = tempfile::tempdir().io_context(|| "creating the CA directory".into())?;
+        let dir = self.ca_init()?;
         let path = dir.path();
+        match &self.control_plane {
+            Some(api) => {
+                // Each agent's projected token for the CA: audience nodemesh, bound to the
+                // node's agent Pod; the CA's own, bound to its pod, reaches the API server.
+                for node in self.nodes() {
+                    api.project_token(
+                        api_cluster::SYSTEM_NAMESPACE,
+                        api_cluster::AGENT_SERVICE_ACCOUNT,
+                        (
+                            &api_cluster::agent_pod_name(node.name()),
+                            self.agent_pod_uid(node.name())?,
+                        ),
+                        &[api_cluster::CA_AUDIENCE],
+                        &path.join(format!("token-{}", node.name())),
+                    )?;
+                }
+                let token = api.project_token(
+                    pod.namespace(),
+                    pod.service_account(),
+                    (pod.name(), pod.uid()),
+                    &[],
+                    &path.join("api-token"),
+                )?;
+                let kubeconfig = api.write_kubeconfig(&format!("ca-{}", pod.name()), &token)?;
+                std::fs::copy(&kubeconfig, path.join("kubeconfig"))
+                    .io_context(|| "copying the CA's kubeconfig".into())?;
+            }
+            None => {
+                let mut tokens = String::new();
+                for node in self.nodes() {
+                    let token = format!("token-{}-{}", self.name(), node.name());
+                    tokens.push_str(&format!("{token} {}\n", node.name()));
+                    std::fs::write(
+                        path.join(format!("token-{}", node.name())),
+                        format!("{token}\n"),
+                    )
+                    .io_context(|| "writing a token".into())?;
+                }
+                std::fs::write(path.join("tokens"), tokens)
+                    .io_context(|| "writing the token file".into())?;
+            }
+        }
+        let mut ca = MeshCa {
+            dir,
+            addr: SocketAddr::new(pod.ipv4().into(), CA_PORT),
+            pod: pod.clone(),
+            cert_ttl_seconds,
+            process: None,
+            container: None,
+            running: None,
+        };
+        self.restart_ca(&mut ca)?;
+        Ok(ca)
+    }
+
+    /// `nodemesh ca init` (root and issuer) in a new directory, as an operator runs it
+    /// offline.
+    fn ca_init(&self) -> Result<tempfile::TempDir> {
+        let dir = tempfile::tempdir().io_context(|| "creating the CA directory".into())?;
         let init = Command::new(self.nodemesh_bin())
             .args(["ca", "init", "--dir"])
-            .arg(path)
+            .arg(dir.path())
             .output()
             .io_context(|| "running nodemesh ca init".into())?;
         if !init.status.success() {
@@ -147,24 +243,44 @@ impl Testbed {
                 stderr: String::from_utf8_lossy(&init.stderr).into_owned(),
             });
         }
-        let mut tokens = String::new();
-        for node in self.nodes() {
-            let token = format!("token-{}-{}", self.name(), node.name());
-            tokens.push_str(&format!("{token} {}\n", node.name()));
-            std::fs::write(
-                path.join(format!("token-{}", node.name())),
-                format!("{token}\n"),
-            )
-            .io_context(|| "writing a token".into())?;
-        }
-        std::fs::write(path.join("tokens"), tokens)
-            .io_context(|| "writing the token file".into())?;
+        Ok(dir)
+    }
+
+    /// The CA from the image in `pod`, as the chart's Deployment runs it: a root and
+    /// issuer from `nodemesh ca init`, the issuer Secret and the trust-bundle ConfigMap
+    /// created with the commands of deploy/README.md, then the container with the pod
+    /// template's args, user, volumes and security context. Returns once it listens.
+    pub fn start_ca_container(&self, pod: &Pod, container: CaContainer) -> Result<MeshCa> {
+        let dir = self.ca_init()?;
+        let file = |name: &str| dir.path().join(name).display().to_string();
+        let api = self.api()?;
+        let namespace = api_cluster::SYSTEM_NAMESPACE;
+        api.kubectl_ok(&[
+            "-n",
+            namespace,
+            "create",
+            "secret",
+            "generic",
+            "nodemesh-issuer",
+            &format!("--from-file=issuer-cert.pem={}", file("issuer-cert.pem")),
+            &format!("--from-file=issuer-key.pem={}", file("issuer-key.pem")),
+        ])?;
+        api.kubectl_ok(&[
+            "-n",
+            namespace,
+            "create",
+            "configmap",
+            "nodemesh-trust-bundle",
+            &format!("--from-file=trust-bundle.pem={}", file("trust-bundle.pem")),
+        ])?;
         let mut ca = MeshCa {
             dir,
             addr: SocketAddr::new(pod.ipv4().into(), CA_PORT),
             pod: pod.clone(),
-            cert_ttl_seconds,
+            cert_ttl_seconds: 0,
             process: None,
+            container: Some(container),
+            running: None,
         };
         self.restart_ca(&mut ca)?;
         Ok(ca)
@@ -174,6 +290,9 @@ impl Testbed {
     /// listens.
     pub fn restart_ca(&self, ca: &mut MeshCa) -> Result<()> {
         ca.stop()?;
+        if let Some(container) = ca.container.clone() {
+            return self.run_ca_container(ca, &container);
+        }
         let path = ca.dir.path();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -183,17 +302,65 @@ impl Testbed {
         let mut serve = Command::new(self.nodemesh_bin());
         serve
             .args(["ca", "serve", "--listen", &format!("0.0.0.0:{CA_PORT}")])
+            .args(["--log-format", "text"])
             .arg("--issuer-cert")
             .arg(path.join("issuer-cert.pem"))
             .arg("--issuer-key")
             .arg(path.join("issuer-key.pem"))
-            .arg("--token-file")
-            .arg(path.join("tokens"))
-            .arg("--cluster-state")
-            .arg(self.cluster_state_dir())
             .args(["--cert-ttl-seconds", &ca.cert_ttl_seconds.to_string()])
             .stderr(log);
+        if self.control_plane.is_some() {
+            // TokenReview and pod lookups in the API server, under the chart's CA RBAC.
+            serve
+                .arg("--kubernetes")
+                .env("KUBECONFIG", path.join("kubeconfig"));
+        } else {
+            serve
+                .arg("--token-file")
+                .arg(path.join("tokens"))
+                .arg("--cluster-state")
+                .arg(self.cluster_state_dir());
+        }
         ca.process = Some(self.spawn_in_pod(&ca.pod, serve)?);
+        self.wait_listening(&ca.pod, CA_PORT)
+    }
+
+    /// The CA's container in its pod (the pod's network namespace and cgroup), its output
+    /// in `ca.log`.
+    fn run_ca_container(&self, ca: &mut MeshCa, container: &CaContainer) -> Result<()> {
+        let name = container
+            .pod
+            .containers
+            .first()
+            .map(|c| c.name.clone())
+            .ok_or_else(|| TestbedError::Other("the CA's pod template has no container".into()))?;
+        let pod = KubeletPod {
+            namespace: ca.pod.namespace(),
+            name: ca.pod.name(),
+            uid: ca.pod.uid(),
+            node: ca.pod.node(),
+            spec: &container.pod,
+            netns: crate::netns::path(ca.pod.netns()),
+            cgroup: ca.pod.pod_cgroup.clone(),
+            host_paths: Default::default(),
+            hosts: Vec::new(),
+        };
+        let (mut command, running) = self.container_command(
+            &container.runtime,
+            &pod,
+            &name,
+            &container.image,
+            &ca.dir().join("ca.log"),
+        )?;
+        command.stdout(std::process::Stdio::null());
+        let child = command.spawn().io_context(|| "spawning ctr run".into())?;
+        ca.running = Some(running);
+        ca.process = Some(PodProcess::new(
+            child,
+            ca.pod.key(),
+            format!("{} (ctr run)", container.image),
+            self.shared_weak(),
+        ));
         self.wait_listening(&ca.pod, CA_PORT)
     }
 }

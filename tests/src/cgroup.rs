@@ -44,6 +44,21 @@ pub fn cgroup2_root() -> Result<PathBuf> {
     Ok(ROOT.get_or_init(|| root).clone())
 }
 
+/// Mount points of cgroup v1 hierarchies (a hybrid host has them next to the v2 one). A
+/// container runtime creates a container's cgroup in each, so a testbed's name is removed
+/// from them too.
+pub(crate) fn v1_hierarchies() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup").then(|| PathBuf::from(mount_point))
+        })
+        .collect()
+}
+
 /// Creates a cgroup directory and its parents.
 pub(crate) fn create(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).io_context(|| format!("creating cgroup {}", dir.display()))

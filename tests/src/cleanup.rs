@@ -13,7 +13,9 @@ use std::{
 };
 
 use crate::{
+    agent::AgentProcess,
     cgroup,
+    containerd::{Containerd, mounts_under},
     error::{IoContext, Result},
     naming, netns,
 };
@@ -32,9 +34,11 @@ pub(crate) struct Resources {
     pub name: String,
     pub netns: Vec<String>,
     pub children: Vec<Tracked>,
-    pub agents: BTreeMap<String, Child>,
+    pub agents: BTreeMap<String, AgentProcess>,
     /// Agents a successor was started next to (upgrade-style overlap), still draining.
-    pub previous_agents: BTreeMap<String, Child>,
+    pub previous_agents: BTreeMap<String, AgentProcess>,
+    /// The testbed's containerd, stopped first at teardown (its daemon is in `children`).
+    pub container_runtime: Option<Containerd>,
     pub torn_down: bool,
 }
 
@@ -75,6 +79,7 @@ pub(crate) fn register(name: &str) -> Shared {
         children: Vec::new(),
         agents: BTreeMap::new(),
         previous_agents: BTreeMap::new(),
+        container_runtime: None,
         torn_down: false,
     }));
     let mut registry = lock(&REGISTRY);
@@ -109,9 +114,13 @@ pub(crate) fn teardown(shared: &Shared) -> TeardownReport {
     let mut errors = Vec::new();
     if !res.torn_down {
         tracing::debug!(testbed = %name, "tearing down");
+        // Containers first, through their runtime, so that it removes what it made for them.
+        if let Some(runtime) = res.container_runtime.take() {
+            errors.extend(runtime.shutdown());
+        }
         let previous = std::mem::take(&mut res.previous_agents);
         for (node, mut agent) in std::mem::take(&mut res.agents).into_iter().chain(previous) {
-            if let Err(error) = kill_and_reap(&mut agent) {
+            if let Err(error) = agent.kill_and_reap() {
                 errors.push(format!("killing the agent of {node}: {error}"));
             }
         }
@@ -159,6 +168,24 @@ fn remove_by_name(name: &str, extra_netns: &[String]) -> (Vec<String>, Vec<Strin
         Ok(_) => {}
         Err(error) => errors.push(error.to_string()),
     }
+    // A container runtime made the containers' cgroups in the v1 hierarchies too.
+    for dir in cgroup::v1_hierarchies()
+        .iter()
+        .map(|hierarchy| hierarchy.join(name))
+        .filter(|dir| dir.exists())
+    {
+        match cgroup::remove_tree(&dir) {
+            Ok(()) => removed.push(format!("cgroup {}", dir.display())),
+            Err(error) => errors.push(error.to_string()),
+        }
+    }
+    // Images' root filesystems mounted for containers keep the runtime's directory busy.
+    let runtime_dir = naming::container_runtime_dir(name);
+    for mount in mounts_under(&runtime_dir) {
+        if let Err(error) = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH) {
+            errors.push(format!("unmounting {}: {error}", mount.display()));
+        }
+    }
     let mut namespaces = netns::list_with_prefix(&naming::netns_prefix(name));
     namespaces.extend(
         extra_netns
@@ -174,7 +201,12 @@ fn remove_by_name(name: &str, extra_netns: &[String]) -> (Vec<String>, Vec<Strin
             Err(error) => errors.push(error.to_string()),
         }
     }
-    for dir in [naming::bpffs_dir(name), naming::cluster_state_dir(name)] {
+    for dir in [
+        naming::bpffs_dir(name),
+        naming::cluster_state_dir(name),
+        naming::control_plane_dir(name),
+        runtime_dir,
+    ] {
         match remove_dir_all(&dir) {
             Ok(true) => removed.push(format!("directory {}", dir.display())),
             Ok(false) => {}
@@ -199,7 +231,17 @@ pub fn leftovers(name: &str) -> Vec<String> {
         .into_iter()
         .map(|ns| format!("netns {ns}"))
         .collect();
-    let mut dirs: Vec<PathBuf> = vec![naming::bpffs_dir(name), naming::cluster_state_dir(name)];
+    let mut dirs: Vec<PathBuf> = vec![
+        naming::bpffs_dir(name),
+        naming::cluster_state_dir(name),
+        naming::control_plane_dir(name),
+        naming::container_runtime_dir(name),
+    ];
+    dirs.extend(
+        cgroup::v1_hierarchies()
+            .iter()
+            .map(|hierarchy| hierarchy.join(name)),
+    );
     match naming::cgroup_dir(name) {
         Ok(dir) => dirs.insert(0, dir),
         Err(error) => found.push(format!("cgroup root unknown: {error}")),

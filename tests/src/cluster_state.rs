@@ -13,9 +13,9 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{
-            Container, ContainerState, ContainerStateRunning, ContainerStatus, HostIP, Namespace,
-            Pod as K8sPod, PodCondition, PodIP, PodSpec as K8sPodSpec, PodStatus, Service,
-            ServicePort, ServiceSpec,
+            Container, ContainerState, ContainerStateRunning, ContainerStatus, HTTPGetAction,
+            HostIP, Namespace, Pod as K8sPod, PodCondition, PodIP, PodSpec as K8sPodSpec,
+            PodStatus, Probe, Service, ServicePort, ServiceSpec,
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
@@ -75,6 +75,14 @@ pub fn pod_object(pod: &Pod) -> K8sPod {
             containers: vec![Container {
                 name: container.clone(),
                 image: Some(WORKLOAD_IMAGE.to_owned()),
+                readiness_probe: pod.http_probe.as_ref().map(|(port, path)| Probe {
+                    http_get: Some(HTTPGetAction {
+                        path: Some(path.clone()),
+                        port: IntOrString::Int(i32::from(*port)),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }],
             ..Default::default()

@@ -91,6 +91,14 @@ pub enum TestbedError {
     /// A binary the testbed needs was not found.
     #[error("{0}")]
     BinaryNotFound(String),
+    /// A request to the API server failed; `what` says which.
+    #[error("{what}: {source}")]
+    Kube {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: kube::Error,
+    },
     /// A plain I/O error without more context (lets `?` work in `wait_until` conditions).
     #[error(transparent)]
     PlainIo(#[from] io::Error),

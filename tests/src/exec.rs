@@ -25,9 +25,10 @@ use crate::{
     netns,
 };
 
-/// Where a process should run: a network namespace and a cgroup, both opened before fork.
+/// Where a process should run: a cgroup and (unless it stays in the host's) a network
+/// namespace, both opened before fork.
 pub(crate) struct Placement {
-    netns: File,
+    netns: Option<File>,
     cgroup_procs: File,
     description: String,
 }
@@ -36,15 +37,24 @@ impl Placement {
     /// Opens the named network namespace and the cgroup's `cgroup.procs`.
     pub(crate) fn new(netns_name: &str, cgroup_dir: &Path) -> Result<Self> {
         Ok(Self {
-            netns: netns::open(netns_name)?,
+            netns: Some(netns::open(netns_name)?),
             cgroup_procs: cgroup::open_procs_for_join(cgroup_dir)?,
             description: format!("netns {netns_name}, cgroup {}", cgroup_dir.display()),
         })
     }
 
+    /// The cgroup only: the process keeps the host's network namespace.
+    pub(crate) fn in_cgroup(cgroup_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            netns: None,
+            cgroup_procs: cgroup::open_procs_for_join(cgroup_dir)?,
+            description: format!("cgroup {}", cgroup_dir.display()),
+        })
+    }
+
     /// Spawns `command` so that it joins the cgroup and the network namespace before exec.
     pub(crate) fn spawn(&self, command: &mut Command) -> Result<Child> {
-        let netns_fd = self.netns.as_raw_fd();
+        let netns_fd = self.netns.as_ref().map(AsRawFd::as_raw_fd);
         let procs_fd = self.cgroup_procs.as_raw_fd();
         // SAFETY: the closure runs between fork and exec and only makes two async-signal-safe
         // system calls on fds that `self` keeps open until `spawn` has returned.
@@ -54,7 +64,9 @@ impl Placement {
                 if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(io::Error::last_os_error());
                 }
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                if let Some(netns_fd) = netns_fd
+                    && libc::setns(netns_fd, libc::CLONE_NEWNET) != 0
+                {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())

@@ -41,6 +41,35 @@ pub(crate) fn get_in_netns(
     })
 }
 
+/// Sends `GET path` on a kept-alive connection and reads one response (Content-Length
+/// framed): (status, body).
+pub fn get_on_connection(stream: &mut TcpStream, path: &str) -> Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: testbed\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .io_context(|| format!("sending GET {path}"))?;
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        stream
+            .read_exact(&mut byte)
+            .io_context(|| format!("reading the head of the answer to GET {path}"))?;
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .ok_or_else(|| TestbedError::Other(format!("no Content-Length in {head:?}")))?;
+    let mut body = vec![0u8; length];
+    stream
+        .read_exact(&mut body)
+        .io_context(|| format!("reading the body of the answer to GET {path}"))?;
+    raw.extend_from_slice(&body);
+    parse_response(&raw)
+}
+
 /// Parses a complete HTTP/1.1 response: status code and body (Content-Length or chunked).
 pub(crate) fn parse_response(raw: &[u8]) -> Result<(u16, String)> {
     let bad = |why: &str| TestbedError::Other(format!("malformed HTTP response: {why}"));

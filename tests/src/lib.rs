@@ -9,17 +9,25 @@
 #![warn(missing_docs)]
 
 mod agent;
+pub mod api_cluster;
 mod ca;
 mod cgroup;
 mod cleanup;
 pub mod cluster_state;
+mod containerd;
+pub mod control_plane;
 pub mod docs;
 mod error;
 mod exec;
 mod http;
+mod image;
+mod kubelet;
 mod naming;
 mod netns;
+pub mod observability;
+pub mod pinned;
 mod pod;
+mod runtime_spec;
 mod testbed;
 mod topology;
 mod util;
@@ -28,16 +36,21 @@ mod workload;
 
 use std::path::PathBuf;
 
-pub use agent::{ADMIN_ADDR, AgentOptions};
-pub use ca::{CA_PORT, MeshCa};
+pub use agent::{ADMIN_ADDR, AgentContainer, AgentOptions};
+pub use ca::{CA_PORT, CaContainer, MeshCa};
 pub use cgroup::cgroup2_root;
 pub use cleanup::{TeardownReport, leftovers, sweep_stale, teardown_all_registered};
+pub use containerd::Containerd;
+pub use control_plane::{ControlPlane, Testenv};
 pub use error::{Result, TestbedError};
+pub use http::get_on_connection;
+pub use image::ImageArchive;
+pub use kubelet::ChartPods;
 pub use naming::BPFFS_ROOT;
 pub use netns::NETNS_DIR;
 pub use nix::sys::signal::Signal;
 pub use pod::{Node, Pod};
-pub use testbed::{Testbed, TestbedConfig};
+pub use testbed::{ClusterMode, Testbed, TestbedConfig};
 pub use topology::{MESH_LABEL, NamespaceSpec, NodeSpec, PodSpec, TopologySpec};
 pub use util::is_root;
 pub use wait::{POLL_INTERVAL, scaled, wait_until};

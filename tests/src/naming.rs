@@ -55,6 +55,17 @@ pub(crate) fn bpffs_dir(name: &str) -> PathBuf {
     PathBuf::from(BPFFS_ROOT).join(name)
 }
 
+/// The testbed's control plane directory: certificates, tokens, kubeconfigs, etcd's data.
+pub(crate) fn control_plane_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{name}-control-plane"))
+}
+
+/// The testbed's container runtime directory: containerd's root, state and socket, runc's
+/// state, container specs and the images' root filesystems mounted for containers.
+pub(crate) fn container_runtime_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{name}-containerd"))
+}
+
 /// The testbed's cluster-state directory.
 pub(crate) fn cluster_state_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("{name}-cluster-state"))

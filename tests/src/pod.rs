@@ -2,9 +2,11 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
+
+use crate::error::IoContext;
 
 /// Node k's address on the bridge: 198.18.0.k.
 pub(crate) fn node_ipv4(k: u8) -> Ipv4Addr {
@@ -85,6 +87,7 @@ pub struct Pod {
     pub(crate) uid: String,
     pub(crate) service_account: String,
     pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) http_probe: Option<(u16, String)>,
     pub(crate) ipv4: Ipv4Addr,
     pub(crate) ipv6: Ipv6Addr,
     pub(crate) netns: String,
@@ -179,6 +182,26 @@ impl Pod {
     /// `<namespace>/<name>`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Every non-loopback address of the pod's network namespace as the kernel lists it
+    /// (`ip -o addr`): its IPv4 and IPv6 addresses, the IPv6 link-local ones, any secondary.
+    pub fn local_addresses(&self) -> crate::Result<Vec<IpAddr>> {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns, "ip", "-o", "addr", "show"])
+            .output()
+            .io_context(|| format!("listing the addresses of {}", self.netns))?;
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace().skip(2);
+                match (fields.next(), fields.next()) {
+                    (Some("inet" | "inet6"), Some(cidr)) => cidr.split('/').next()?.parse().ok(),
+                    _ => None,
+                }
+            })
+            .filter(|ip: &IpAddr| !ip.is_loopback())
+            .collect())
     }
 }
 

@@ -8,9 +8,10 @@ use std::{
 };
 
 use crate::{
-    cgroup,
+    api_cluster, cgroup,
     cleanup::{self, Shared, TeardownReport, Tracked, kill_and_reap, lock},
     cluster_state,
+    control_plane::{self, ControlPlane},
     error::{IoContext, Result, TestbedError},
     exec::Placement,
     naming, netns,
@@ -21,6 +22,30 @@ use crate::{
 
 /// Pods get 198.18.k.(10+i): at most this many per node.
 const MAX_PODS_PER_NODE: u8 = 245;
+/// Nodes are 198.18.0.k; 198.18.0.254 is the API server's.
+const MAX_NODES: usize = 253;
+
+/// Where the testbed keeps its cluster state, the thing the agents and the CA watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterMode {
+    /// A real kube-apiserver and etcd in the bridge namespace (see `control_plane.rs`): the
+    /// agents run with `--kubernetes`, the CA with TokenReview, under the chart's RBAC.
+    ApiServer,
+    /// A directory of Kubernetes YAML (`--cluster-state`): no control plane to start, so
+    /// quicker; the bench and the datapath suite in VMs use it.
+    Manifests,
+}
+
+impl ClusterMode {
+    /// `NODEMESH_TESTBED_CLUSTER` (`api-server` or `manifests`), else `default`.
+    pub fn from_env_or(default: ClusterMode) -> ClusterMode {
+        match std::env::var("NODEMESH_TESTBED_CLUSTER").as_deref() {
+            Ok("manifests") => ClusterMode::Manifests,
+            Ok("api-server") => ClusterMode::ApiServer,
+            _ => default,
+        }
+    }
+}
 
 /// Which binaries to use, how to name the testbed, where to keep agent logs.
 #[derive(Clone, Debug)]
@@ -35,6 +60,11 @@ pub struct TestbedConfig {
     /// an explicit `teardown()` and after a panic (to read), deleted when a testbed is dropped
     /// without either (a passing test).
     pub log_dir: Option<PathBuf>,
+    /// Where the cluster state lives.
+    pub cluster: ClusterMode,
+    /// Values files for the chart's `helm install` (API server mode), e.g. the one
+    /// `cargo xtask image` writes to pin the image.
+    pub chart_values: Vec<PathBuf>,
 }
 
 impl TestbedConfig {
@@ -45,7 +75,15 @@ impl TestbedConfig {
             nodemesh_bin: crate::try_workspace_bin("nodemesh")?,
             workload_bin: crate::try_workspace_bin("nodemesh-workload")?,
             log_dir: None,
+            cluster: ClusterMode::from_env_or(ClusterMode::ApiServer),
+            chart_values: Vec::new(),
         })
+    }
+
+    /// The same with the cluster state in `mode`.
+    pub fn with_cluster(mut self, mode: ClusterMode) -> Self {
+        self.cluster = mode;
+        self
     }
 }
 
@@ -61,6 +99,10 @@ pub struct Testbed {
     pub(crate) nodes: Vec<Node>,
     pub(crate) pods: Vec<Pod>,
     pub(crate) shared: Shared,
+    /// The API server, in [`ClusterMode::ApiServer`].
+    pub(crate) control_plane: Option<ControlPlane>,
+    /// The UID of each node's agent Pod (API server mode).
+    pub(crate) agent_pods: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Testbed {
@@ -102,6 +144,14 @@ fn ensure_bpffs() -> Result<()> {
     .io_context(|| format!("mounting bpffs at {}", naming::BPFFS_ROOT))
 }
 
+/// The chart the control plane installs (`deploy/helm/nodemesh` of this workspace).
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/helm/nodemesh")
+        .components()
+        .collect()
+}
+
 /// The prefix is followed by the owner pid, so it must not end in a digit.
 fn check_prefix(prefix: &str) -> Result<()> {
     let ok = (1..=20).contains(&prefix.len())
@@ -136,8 +186,10 @@ fn check_name(kind: &str, name: &str) -> Result<()> {
 }
 
 fn validate(topo: &TopologySpec) -> Result<()> {
-    if topo.nodes.is_empty() || topo.nodes.len() > 254 {
-        return Err(TestbedError::Topology("1 to 254 nodes are needed".into()));
+    if topo.nodes.is_empty() || topo.nodes.len() > MAX_NODES {
+        return Err(TestbedError::Topology(format!(
+            "1 to {MAX_NODES} nodes are needed"
+        )));
     }
     let mut namespaces = Vec::new();
     for ns in &topo.namespaces {
@@ -219,6 +271,8 @@ impl Testbed {
             nodes: Vec::new(),
             pods: Vec::new(),
             shared,
+            control_plane: None,
+            agent_pods: BTreeMap::new(),
         };
         // An error from here on drops `testbed`, whose Drop removes what was created.
         testbed.build(&topo)?;
@@ -230,9 +284,6 @@ impl Testbed {
         ensure_bpffs()?;
         std::fs::create_dir_all(&self.cluster_state_dir)
             .io_context(|| format!("creating {}", self.cluster_state_dir.display()))?;
-        for ns in &topo.namespaces {
-            self.add_namespace(ns.clone())?;
-        }
         let bridge = format!("{}-br", self.name);
         self.add_netns(&bridge, &[])?;
         let mut bridge_batch = vec![
@@ -294,12 +345,83 @@ impl Testbed {
             }
             netns::ip_batch(&node.netns, &batch)?;
         }
+        if self.config.cluster == ClusterMode::ApiServer {
+            self.start_control_plane(&bridge)?;
+        }
+        for ns in &topo.namespaces {
+            self.add_namespace(ns.clone())?;
+        }
         for node in &topo.nodes {
             for spec in &node.pods {
                 self.create_pod(&node.name, spec)?;
             }
         }
         Ok(())
+    }
+
+    /// Starts etcd and the API server in the bridge namespace, installs the chart and the
+    /// Gateway API CRDs, registers the nodes, and creates each node's agent Pod with its
+    /// projected token and kubeconfig (`agent_kubeconfig`).
+    fn start_control_plane(&mut self, bridge: &str) -> Result<()> {
+        let mut batch = vec![format!(
+            "addr add {}/24 dev br0",
+            control_plane::API_SERVER_IP
+        )];
+        // Pods (the CA) reach the API server through their node; answers go back the same way.
+        for node in &self.nodes {
+            batch.push(format!(
+                "route add 198.18.{}.0/24 via {}",
+                node.index,
+                node.ipv4()
+            ));
+        }
+        netns::ip_batch(bridge, &batch)?;
+        let cgroup = self.cgroup2_root.join(&self.name).join("control-plane");
+        cgroup::create(&cgroup)?;
+        let plane = ControlPlane::start(
+            &naming::control_plane_dir(&self.name),
+            &self.log_dir,
+            bridge,
+            &cgroup,
+            self.shared.clone(),
+        )?;
+        plane.install(&chart_dir(), &self.config.chart_values)?;
+        for node in &self.nodes {
+            plane.register_node(&node.name, node.ipv4())?;
+            let uid = plane.create_agent_pod(&node.name, node.ipv4())?;
+            let token = plane.dir().join(format!("agent-{}.token", node.name));
+            plane.project_token(
+                api_cluster::SYSTEM_NAMESPACE,
+                api_cluster::AGENT_SERVICE_ACCOUNT,
+                (&api_cluster::agent_pod_name(&node.name), &uid),
+                &[],
+                &token,
+            )?;
+            plane.write_kubeconfig(&format!("agent-{}", node.name), &token)?;
+            self.agent_pods.insert(node.name.clone(), uid);
+        }
+        self.control_plane = Some(plane);
+        Ok(())
+    }
+
+    /// The kubeconfig of `node`'s agent: the chart's agent ServiceAccount, with a token bound
+    /// to the node's agent Pod (API server mode).
+    pub fn agent_kubeconfig(&self, node: &str) -> Result<PathBuf> {
+        let path = self.api()?.dir().join(format!("agent-{node}.kubeconfig"));
+        if path.exists() {
+            Ok(path)
+        } else {
+            Err(TestbedError::UnknownNode(node.to_owned()))
+        }
+    }
+
+    /// The UID of `node`'s agent Pod (API server mode).
+    pub fn agent_pod_uid(&self, node: &str) -> Result<&str> {
+        self.api()?;
+        self.agent_pods
+            .get(node)
+            .map(String::as_str)
+            .ok_or_else(|| TestbedError::UnknownNode(node.to_owned()))
     }
 
     /// Creates a network namespace (recording it first), disables DAD, applies sysctls.
@@ -341,8 +463,7 @@ impl Testbed {
         let (k, i) = (node.index, node.next_pod);
         node.next_pod += 1;
         let node_netns = node.netns.clone();
-        let uid = util::uuid_v4()?;
-        let pod = Pod {
+        let mut pod = Pod {
             namespace: spec.namespace.clone(),
             name: spec.name.clone(),
             node: node_name.to_owned(),
@@ -350,20 +471,31 @@ impl Testbed {
             index: i,
             service_account: spec.service_account.clone(),
             labels: spec.labels.clone(),
+            http_probe: spec.http_probe.clone(),
             ipv4: pod::pod_ipv4(k, i),
             ipv6: pod::pod_ipv6(k, i),
             netns: format!("{}-{node_name}-{}-{}", self.name, spec.namespace, spec.name),
             host_veth: format!("p{i}"),
-            pod_cgroup: pod_cgroup_root.join(format!("pod{uid}")),
-            uid,
+            pod_cgroup: PathBuf::new(),
+            uid: String::new(),
             container_id: util::container_id()?,
             sandbox_id: util::container_id()?,
             sandbox_pid: 0,
         };
+        // The API server names the pod's UID; the kubelet then makes its cgroup from it.
+        pod.uid = match &self.control_plane {
+            Some(api) => api.apply_pod(&cluster_state::pod_object(&pod))?,
+            None => util::uuid_v4()?,
+        };
+        pod.pod_cgroup = pod_cgroup_root.join(format!("pod{}", pod.uid));
         self.wire_pod(&node_netns, &pod)?;
-        let mut pod = pod;
         pod.sandbox_pid = self.start_sandbox(&pod)?;
-        cluster_state::write_pod(&self.cluster_state_dir, &pod)?;
+        match &self.control_plane {
+            Some(api) => api.report_pod_status(&cluster_state::pod_object(&pod))?,
+            None => {
+                cluster_state::write_pod(&self.cluster_state_dir, &pod)?;
+            }
+        }
         tracing::debug!(testbed = %self.name, pod = %pod.key(), ip = %pod.ipv4, "pod created");
         self.pods.push(pod.clone());
         Ok(pod)
@@ -468,32 +600,64 @@ impl Testbed {
                 name: pod.name.clone(),
             })?;
         let pod = self.pods.remove(position);
-        cluster_state::delete_pod(&self.cluster_state_dir, &pod.namespace, &pod.name)?;
+        match &self.control_plane {
+            Some(api) => api.delete_pod(&pod, || self.stop_pod(&pod)),
+            None => {
+                cluster_state::delete_pod(&self.cluster_state_dir, &pod.namespace, &pod.name)?;
+                self.stop_pod(&pod)
+            }
+        }
+    }
+
+    /// Kills every process of a pod (its sandbox included) and keeps its cgroups, network
+    /// namespace and YAML: a pod whose containers all exited while the kubelet keeps its
+    /// cgroup. Processes started in it later ([`Testbed::spawn_in_pod`]) bring it back.
+    pub fn empty_pod(&self, pod: &Pod) -> Result<()> {
         cgroup::kill_all(&pod.pod_cgroup)?;
+        self.reap_pod_processes(pod)
+    }
+
+    fn reap_pod_processes(&self, pod: &Pod) -> Result<()> {
         let key = pod.key();
         let mut res = lock(&self.shared);
         let (ours, others): (Vec<Tracked>, Vec<Tracked>) = std::mem::take(&mut res.children)
             .into_iter()
             .partition(|t| t.pod.as_deref() == Some(key.as_str()));
         res.children = others;
-        res.netns.retain(|n| n != &pod.netns);
         drop(res);
         for mut tracked in ours {
             kill_and_reap(&mut tracked.child).io_context(|| format!("reaping {}", tracked.what))?;
         }
-        // Its veth pair (and the node's host routes through it) go with the namespace.
-        netns::delete(&pod.netns)?;
-        cgroup::remove_tree(&pod.pod_cgroup)?;
-        tracing::debug!(testbed = %self.name, pod = %key, "pod removed");
         Ok(())
     }
 
-    /// Adds a Kubernetes namespace and writes its YAML.
+    /// Kills a removed pod's processes and removes its netns and cgroups.
+    fn stop_pod(&self, pod: &Pod) -> Result<()> {
+        cgroup::kill_all(&pod.pod_cgroup)?;
+        self.reap_pod_processes(pod)?;
+        lock(&self.shared).netns.retain(|n| n != &pod.netns);
+        // Its veth pair (and the node's host routes through it) go with the namespace.
+        netns::delete(&pod.netns)?;
+        cgroup::remove_tree(&pod.pod_cgroup)?;
+        tracing::debug!(testbed = %self.name, pod = %pod.key(), "pod removed");
+        Ok(())
+    }
+
+    /// Adds a Kubernetes namespace (created in the API server, or its YAML written).
     pub fn add_namespace(&mut self, spec: NamespaceSpec) -> Result<()> {
         check_name("namespace", &spec.name)?;
-        cluster_state::write_namespace(&self.cluster_state_dir, &spec.name, &spec.labels)?;
+        self.write_namespace(&spec.name, &spec.labels)?;
         self.namespaces.insert(spec.name, spec.labels);
         Ok(())
+    }
+
+    fn write_namespace(&self, name: &str, labels: &BTreeMap<String, String>) -> Result<()> {
+        match &self.control_plane {
+            Some(api) => api.apply_namespace(name, labels),
+            None => {
+                cluster_state::write_namespace(&self.cluster_state_dir, name, labels).map(|_| ())
+            }
+        }
     }
 
     /// A TCP connection to `addr` made from inside `pod`'s network namespace by the test
@@ -509,9 +673,28 @@ impl Testbed {
         })
     }
 
-    /// Writes (or rewrites) any Kubernetes object into the cluster state as `file`.
+    /// Writes (or rewrites) any Kubernetes object into the cluster state: server-side
+    /// applied to the API server, or written to the manifest directory as `file`.
     pub fn apply_object<T: serde::Serialize>(&self, file: &str, object: &T) -> Result<()> {
-        cluster_state::write_any(&self.cluster_state_dir, file, object).map(|_| ())
+        match &self.control_plane {
+            Some(api) => api.apply(object).map(|_| ()),
+            None => cluster_state::write_any(&self.cluster_state_dir, file, object).map(|_| ()),
+        }
+    }
+
+    /// The real API server of a testbed in [`ClusterMode::ApiServer`].
+    pub fn api(&self) -> Result<&ControlPlane> {
+        self.control_plane.as_ref().ok_or_else(|| {
+            TestbedError::Other(format!(
+                "testbed {} keeps its cluster state in manifests, not in an API server",
+                self.name
+            ))
+        })
+    }
+
+    /// Which cluster state the testbed keeps.
+    pub fn cluster_mode(&self) -> ClusterMode {
+        self.config.cluster
     }
 
     /// Replaces a namespace's labels and rewrites its YAML.
@@ -520,12 +703,11 @@ impl Testbed {
         namespace: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<()> {
-        let current = self
-            .namespaces
-            .get_mut(namespace)
-            .ok_or_else(|| TestbedError::UnknownNamespace(namespace.to_owned()))?;
-        cluster_state::write_namespace(&self.cluster_state_dir, namespace, &labels)?;
-        *current = labels;
+        if !self.namespaces.contains_key(namespace) {
+            return Err(TestbedError::UnknownNamespace(namespace.to_owned()));
+        }
+        self.write_namespace(namespace, &labels)?;
+        self.namespaces.insert(namespace.to_owned(), labels);
         Ok(())
     }
 
@@ -541,8 +723,16 @@ impl Testbed {
                 name: pod.name.clone(),
             })?;
         current.labels = labels;
-        cluster_state::write_pod(&dir, current)?;
-        Ok(current.clone())
+        let updated = current.clone();
+        match &self.control_plane {
+            Some(api) => {
+                api.apply_pod(&cluster_state::pod_object(&updated))?;
+            }
+            None => {
+                cluster_state::write_pod(&dir, &updated)?;
+            }
+        }
+        Ok(updated)
     }
 
     /// Tears everything down now and reports what (if anything) was left behind.

@@ -46,6 +46,9 @@ pub struct PodSpec {
     pub service_account: String,
     /// The pod's labels.
     pub labels: BTreeMap<String, String>,
+    /// A readiness probe `httpGet` on (port, path) in its container spec: what the kubelet
+    /// of a real node would request from the node's address.
+    pub http_probe: Option<(u16, String)>,
 }
 
 impl PodSpec {
@@ -56,7 +59,14 @@ impl PodSpec {
             name: name.to_owned(),
             service_account: name.to_owned(),
             labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+            http_probe: None,
         }
+    }
+
+    /// Gives its container a readiness probe `httpGet` on `port` and `path`.
+    pub fn with_http_probe(mut self, port: u16, path: &str) -> Self {
+        self.http_probe = Some((port, path.to_owned()));
+        self
     }
 
     /// Adds a label.
@@ -102,7 +112,8 @@ pub struct TopologySpec {
 
 impl TopologySpec {
     /// [`TopologySpec::standard`] plus namespace `nodemesh-system` (not meshed) with pod `ca`
-    /// on node1, where [`crate::Testbed::start_ca`] runs the CA as its Deployment would.
+    /// (ServiceAccount `nodemesh-ca`, the chart's) on node1, where
+    /// [`crate::Testbed::start_ca`] runs the CA as its Deployment would.
     pub fn standard_with_ca() -> Self {
         let mut topology = Self::standard();
         topology
@@ -110,7 +121,7 @@ impl TopologySpec {
             .push(NamespaceSpec::new("nodemesh-system"));
         topology.nodes[0]
             .pods
-            .push(PodSpec::new("nodemesh-system", "ca"));
+            .push(PodSpec::new("nodemesh-system", "ca").with_service_account("nodemesh-ca"));
         topology
     }
 

@@ -265,6 +265,30 @@ impl crate::Testbed {
         collect_output(child, &process.program, &process.pod, timeout)
     }
 
+    /// A connection through the mesh that the test itself holds: a socat relay in `pod` (so
+    /// the connection is the pod's, and captured) from `relay_port` on the pod's loopback to
+    /// `target`, and the test's connection to that relay. Reads time out after 10 s.
+    pub fn hold_connection(
+        &self,
+        pod: &crate::Pod,
+        relay_port: u16,
+        target: std::net::SocketAddr,
+    ) -> Result<std::net::TcpStream> {
+        let mut socat = std::process::Command::new("socat");
+        socat.args([
+            format!("TCP-LISTEN:{relay_port},bind=127.0.0.1,reuseaddr"),
+            format!("TCP:{target}"),
+        ]);
+        self.spawn_in_pod(pod, socat)?.detach();
+        self.wait_listening(pod, relay_port)?;
+        let relay = std::net::SocketAddr::from(([127, 0, 0, 1], relay_port));
+        let stream = self.connect_from_pod(pod, relay)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .io_context(|| "setting a read timeout".to_owned())?;
+        Ok(stream)
+    }
+
     /// Waits (10 s at most) until something in the pod listens on TCP `port`.
     pub fn wait_listening(&self, pod: &crate::Pod, port: u16) -> Result<()> {
         self.wait_listening_within(pod, port, Duration::from_secs(10))

@@ -10,8 +10,8 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    AgentOptions, PodSpec, Signal, Testbed, TestbedConfig, TopologySpec, is_root, scaled,
-    wait_until, workspace_bin,
+    AgentOptions, ClusterMode, PodSpec, Signal, Testbed, TestbedConfig, TopologySpec, is_root,
+    scaled, wait_until, workspace_bin,
 };
 use serde_json::Value;
 
@@ -31,6 +31,8 @@ fn testbed_with(topology: TopologySpec) -> Testbed {
         nodemesh_bin: workspace_bin("nodemesh"),
         workload_bin: workspace_bin("nodemesh-workload"),
         log_dir: None,
+        cluster: ClusterMode::from_env_or(ClusterMode::ApiServer),
+        chart_values: Vec::new(),
     };
     Testbed::create(config, topology).expect("create testbed")
 }
@@ -247,6 +249,33 @@ fn the_proxys_own_connections_are_never_captured_again() {
         "exactly one proxied connection: {:?}",
         proxied(&tb, "node1")
     );
+}
+
+#[test]
+fn a_pod_cannot_escape_capture_by_marking_its_sockets_as_the_proxys() {
+    let tb = testbed();
+    start_agents(&tb, &AgentOptions::default());
+    echo_server(&tb, "mesh", "server-b", "7000", ECHO_PORT);
+    let target = addr(tb.pod("mesh", "server-b").ipv4(), ECHO_PORT);
+    let client = tb.pod("mesh", "client-a").clone();
+    // The testbed's pods hold every capability, so SO_MARK (CAP_NET_ADMIN) is theirs to set:
+    // the value is the agent's default --proxy-mark (0x4e4d0001).
+    for mark in ["", ",setsockopt-int=1:36:1313669121"] {
+        let mut socat = Command::new("sh");
+        socat.args([
+            "-c",
+            &format!("printf ping | socat -t 2 - TCP:{target}{mark}"),
+        ]);
+        let output = tb.run_in_pod(&client, socat).expect("socat");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "ping",
+            "{mark}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // Both went through the proxy: the unmarked one (capture is active) and the marked one.
+    wait_closed(&tb, "node1", "mesh/client-a", &target, 2);
 }
 
 #[test]

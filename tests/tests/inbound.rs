@@ -1,13 +1,14 @@
 //! Plaintext arriving at meshed pods from outside the mesh, on the testbed with real clients:
 //! the inbound sk_lookup program hands it to the node proxy, which follows the namespace's
-//! peer authentication (PERMISSIVE delivers and counts, STRICT resets; the node's own
-//! addresses, i.e. kubelet probes, always pass), and a dead agent leaves a STRICT pod
-//! closed. Needs root.
+//! peer authentication (PERMISSIVE delivers and counts, STRICT resets) and the pod's
+//! AuthorizationPolicies, at every address of the pod; from the node's own addresses only
+//! the kubelet's probes get past them; a dead agent leaves a STRICT pod closed. Needs root.
 
 use std::{collections::BTreeMap, net::IpAddr, process::Command, time::Duration};
 
 use nodemesh_testbed::{
-    AgentOptions, MESH_LABEL, MeshCa, Pod, Signal, Testbed, is_root, wait_until,
+    AgentOptions, MESH_LABEL, MeshCa, Pod, PodSpec, Signal, Testbed, TestbedConfig, TopologySpec,
+    get_on_connection, is_root, wait_until,
 };
 use serde_json::Value;
 
@@ -40,11 +41,22 @@ fn curl_from_pod(tb: &Testbed, pod: &Pod, url: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// The same from the node's own network namespace, as the kubelet probes a pod.
+/// The same from the node's own network namespace, as a hostNetwork pod (or NodePort
+/// traffic SNATed to the node) reaches a pod.
 fn curl_from_node(tb: &Testbed, node: &str, url: &str) -> String {
+    curl_from_node_with(tb, node, url, &[])
+}
+
+/// The kubelet's readiness probe of `url`, as it makes it: a GET from the node.
+fn kubelet_probe(tb: &Testbed, node: &str, url: &str) -> String {
+    curl_from_node_with(tb, node, url, &["-H", "User-Agent: kube-probe/1.36"])
+}
+
+fn curl_from_node_with(tb: &Testbed, node: &str, url: &str, extra: &[&str]) -> String {
     let netns = tb.node(node).expect("node").netns().to_owned();
     let output = Command::new("ip")
         .args(["netns", "exec", &netns, "curl"])
+        .args(extra)
         .args(curl_args(url))
         .output()
         .expect("curl in the node's netns");
@@ -89,6 +101,11 @@ fn set_peer_authentication(mesh: &mut Mesh, mode: &str) {
 
 /// Waits until node2's agent reports `expected` for mesh/server-b.
 fn wait_mode(tb: &Testbed, expected: &str) {
+    wait_pod_mode(tb, "server-b", expected);
+}
+
+/// Waits until node2's agent reports `expected` for mesh/`pod`.
+fn wait_pod_mode(tb: &Testbed, pod: &str, expected: &str) {
     wait_until(
         Duration::from_secs(5),
         "peer authentication applied",
@@ -98,7 +115,7 @@ fn wait_mode(tb: &Testbed, expected: &str) {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|p| p["name"] == "server-b" && p["peer_authentication"] == expected))
+                .any(|p| p["name"] == pod && p["peer_authentication"] == expected))
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -130,10 +147,22 @@ fn plaintext_to_meshed_pods_follows_the_namespace_peer_authentication() {
     );
     assert_eq!(series[0]["opened"], 1);
 
-    // STRICT: the outsider is reset at once, with a log line; meshed traffic and the node's
-    // own probes still get through.
+    // A plaintext connection the outsider holds through the switch to STRICT.
+    let mut held = mesh
+        .tb
+        .hold_connection(&outsider, 7100, (server.ipv4(), APP_PORT).into())
+        .expect("held connection");
+    let (code, _) = get_on_connection(&mut held, "/").expect("GET before STRICT");
+    assert_eq!(code, 200);
+
+    // STRICT: the outsider is reset at once, with a log line; meshed traffic still gets
+    // through, and so does nothing else from the node (server-b has no probes).
     set_peer_authentication(&mut mesh, "strict");
     wait_mode(&mesh.tb, "STRICT");
+    wait_until(Duration::from_secs(5), "the held connection reset", || {
+        Ok(get_on_connection(&mut held, "/").is_err())
+    })
+    .expect("the connection opened under PERMISSIVE is reset");
     assert_eq!(curl_from_pod(&mesh.tb, &outsider, &url), "000");
     assert_eq!(plaintext_counters(&mesh.tb, "node2").1, 1);
     let log = mesh.tb.agent_log("node2");
@@ -148,15 +177,10 @@ fn plaintext_to_meshed_pods_follows_the_namespace_peer_authentication() {
     );
     assert_eq!(
         curl_from_node(&mesh.tb, "node2", &url),
-        "200",
-        "kubelet probe"
+        "000",
+        "the node's address is no exemption"
     );
-    let (permitted, refused) = plaintext_counters(&mesh.tb, "node2");
-    assert_eq!(
-        (permitted, refused),
-        (2, 1),
-        "the probe counts as permitted"
-    );
+    assert_eq!(plaintext_counters(&mesh.tb, "node2"), (2, 2));
 
     // A typo keeps the last good mode and says where.
     set_peer_authentication(&mut mesh, "strikt");
@@ -353,4 +377,197 @@ fn leaving_the_mesh_removes_the_pods_policy_routing() {
         (false, "0".to_owned()),
         "nothing of the mesh stays in the pod"
     );
+}
+
+/// An AuthorizationPolicy `mesh/<name>` denying everything to the pods labelled `app`.
+fn deny_all(name: &str, app: &str) -> Value {
+    serde_json::json!({
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "mesh"},
+        "spec": {"selector": {"matchLabels": {"app": app}}, "action": "DENY", "rules": [{}]},
+    })
+}
+
+/// Waits until node2's agent applies `mesh/<policy>` to `mesh/<pod>`.
+fn wait_policy(tb: &Testbed, policy: &str, pod: &str) {
+    wait_until(Duration::from_secs(10), "policy loaded", || {
+        let dump = tb.admin_json("node2", "/config_dump")?;
+        Ok(dump["authorization_policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| {
+                p["policy"] == format!("mesh/{policy}")
+                    && p["selects"].to_string().contains(&format!("mesh/{pod}"))
+            }))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// What mesh/probed (probe `GET /healthz` on 8080, the application on 8081 too) lets in
+/// when STRICT or a policy refuses plaintext: the kubelet's probe, and nothing else.
+fn assert_only_the_probe_passes(tb: &Testbed, probed: &Pod, refused_by: &str) {
+    let url = |port: u16, path: &str| format!("http://{}:{port}{path}", probed.ipv4());
+    let from_node = |url: String, extra: &[&str]| curl_from_node_with(tb, "node2", &url, extra);
+    assert_eq!(
+        kubelet_probe(tb, "node2", &url(APP_PORT, "/healthz")),
+        "200"
+    );
+    assert_eq!(from_node(url(APP_PORT, "/admin"), &[]), "403");
+    assert_eq!(
+        from_node(url(APP_PORT, "/healthz/../admin"), &["--path-as-is"]),
+        "403",
+        "the probe's path is compared normalised"
+    );
+    assert_eq!(from_node(url(8081, "/"), &[]), "000");
+    let outsider = tb.pod("plain", "outsider");
+    assert_eq!(
+        curl_from_pod(tb, outsider, &url(APP_PORT, "/healthz")),
+        "000",
+        "the probe's path is no way in for anyone but the node"
+    );
+    let log = tb.agent_log("node2");
+    assert!(
+        log.contains("authorization: request denied") && log.contains(refused_by),
+        "{log}"
+    );
+}
+
+#[test]
+fn from_the_node_only_the_kubelets_probes_pass_strict_and_policies() {
+    let mut mesh = meshed_testbed();
+    let spec = PodSpec::new("mesh", "probed").with_http_probe(APP_PORT, "/healthz");
+    let probed = mesh.tb.add_pod("node2", spec).expect("pod with a probe");
+    mesh.tb.wait_pod_enrolled(&probed, true).expect("enrolled");
+    // The application on the probe's port, and on a port no probe uses.
+    for port in [APP_PORT, 8081] {
+        mesh.tb
+            .start_http_server(&probed, port)
+            .expect("http server");
+    }
+
+    // PERMISSIVE without a policy: a client on the node (a hostNetwork pod) reaches the
+    // application on any port, like any other plaintext client.
+    wait_pod_mode(&mesh.tb, "probed", "PERMISSIVE");
+    for port in [APP_PORT, 8081] {
+        let url = format!("http://{}:{port}/admin", probed.ipv4());
+        assert_eq!(curl_from_node(&mesh.tb, "node2", &url), "200", "{url}");
+    }
+
+    // STRICT refuses the node's requests as an outsider's, except the probe's.
+    set_peer_authentication(&mut mesh, "strict");
+    wait_pod_mode(&mesh.tb, "probed", "STRICT");
+    assert_only_the_probe_passes(&mesh.tb, &probed, "STRICT");
+
+    // So does a DENY-all policy under PERMISSIVE.
+    set_peer_authentication(&mut mesh, "permissive");
+    wait_pod_mode(&mesh.tb, "probed", "PERMISSIVE");
+    let policy = deny_all("probed-deny-all", "probed");
+    mesh.tb
+        .apply_object("policy-probed-deny-all.yaml", &policy)
+        .expect("policy");
+    wait_policy(&mesh.tb, "probed-deny-all", "probed");
+    assert_only_the_probe_passes(&mesh.tb, &probed, "mesh/probed-deny-all");
+}
+
+/// The link-local IPv6 address node2's agent captures for mesh/server-b.
+fn captured_link_local(tb: &Testbed) -> String {
+    let dump = tb.admin_json("node2", "/config_dump").expect("dump");
+    let server = dump["enrolled_pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "server-b")
+        .cloned()
+        .unwrap_or_default();
+    server["inbound_addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|a| a.starts_with("fe80:"))
+        .unwrap_or_else(|| panic!("no link-local address captured: {server}"))
+        .to_owned()
+}
+
+#[test]
+fn strict_covers_every_address_of_the_pod_link_local_and_secondary_too() {
+    assert!(
+        is_root(),
+        "kernel tests need root: run `cargo xtask test` as root"
+    );
+    let config = TestbedConfig::from_workspace("nmin").expect("config");
+    let tb = Testbed::create(config, TopologySpec::standard_with_ca()).expect("testbed");
+    let server = tb.pod("mesh", "server-b").clone();
+    // A second address on the pod (as a secondary interface brings one), routed by the node.
+    let secondary = "198.18.2.200";
+    for (netns, args) in [
+        (
+            server.netns(),
+            ["addr", "add", "198.18.2.200/32", "dev", "eth0"],
+        ),
+        (
+            tb.node("node2").expect("node").netns(),
+            ["route", "add", "198.18.2.200/32", "dev", server.host_veth()],
+        ),
+    ] {
+        let status = Command::new("ip")
+            .args(["netns", "exec", netns, "ip"])
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(status.success(), "ip {args:?} in {netns}");
+    }
+    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
+    let ca = tb.start_ca(&ca_pod, 3600).expect("CA");
+    tb.start_agents_with_ca(&ca).expect("agents");
+    tb.start_http_server(&server, APP_PORT)
+        .expect("http server");
+    let mut mesh = Mesh { tb, ca };
+    let link_local = captured_link_local(&mesh.tb);
+    let urls = [
+        format!("http://{secondary}:{APP_PORT}/"),
+        format!("http://[{link_local}%25{}]:{APP_PORT}/", server.host_veth()),
+    ];
+
+    // PERMISSIVE: both addresses reach the application, through the proxy (counted).
+    wait_mode(&mesh.tb, "PERMISSIVE");
+    for url in &urls {
+        assert_eq!(curl_from_node(&mesh.tb, "node2", url), "200", "{url}");
+    }
+    assert_eq!(plaintext_counters(&mesh.tb, "node2"), (2, 0));
+
+    // STRICT refuses plaintext at those addresses as at the pod's IPs.
+    set_peer_authentication(&mut mesh, "strict");
+    wait_mode(&mesh.tb, "STRICT");
+    for url in &urls {
+        assert_eq!(curl_from_node(&mesh.tb, "node2", url), "000", "{url}");
+    }
+    assert_eq!(plaintext_counters(&mesh.tb, "node2"), (2, 2));
+}
+
+#[test]
+fn the_plaintext_listener_refuses_connections_to_itself() {
+    let mesh = meshed_testbed();
+    let server = mesh.tb.pod("mesh", "server-b").clone();
+    let outsider = mesh.tb.pod("plain", "outsider").clone();
+    for url in ["http://127.0.0.1:15006/", "http://[::1]:15006/"] {
+        assert_eq!(curl_from_pod(&mesh.tb, &server, url), "000", "{url}");
+    }
+    // Both reached the listener (an absent one would count nothing), and went no further.
+    assert_eq!(plaintext_counters(&mesh.tb, "node2"), (0, 2));
+    let stats = mesh.tb.admin_json("node2", "/stats").expect("stats");
+    assert!(
+        !stats["connections"].to_string().contains(":15006"),
+        "no connection was proxied to the listener: {stats}"
+    );
+    let log = mesh.tb.agent_log("node2");
+    assert!(
+        log.contains("plaintext refused: not addressed to one of the pod's addresses"),
+        "{log}"
+    );
+    // The pod's plaintext budget is untouched: an outsider is served.
+    let url = format!("http://{}:{APP_PORT}/", server.ipv4());
+    assert_eq!(curl_from_pod(&mesh.tb, &outsider, &url), "200");
 }

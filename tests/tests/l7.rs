@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodemesh_testbed::{MeshCa, Pod, Testbed, cluster_state, is_root, wait_until};
+use nodemesh_testbed::{
+    MeshCa, Pod, Testbed, TestbedConfig, TopologySpec, cluster_state, is_root, wait_until,
+};
 use serde_json::Value;
 
 const WEB: &str = "198.18.200.20";
@@ -23,11 +25,34 @@ fn example(name: &str) -> serde_yaml::Value {
 /// A meshed testbed with HTTP servers on server-a (node1) and server-b (node2), and three
 /// Services: `web` (both), `web-a` and `web-b` (one each), port 80 → 8080.
 fn setup(prefix: &str) -> (Testbed, MeshCa) {
+    setup_with(prefix, GatewayApi::Standard)
+}
+
+/// Which channel of the Gateway API CRDs the cluster has.
+#[derive(PartialEq)]
+enum GatewayApi {
+    Standard,
+    /// With the experimental channel's HTTPRoute (`retry`), installed before the agents
+    /// start, as a cluster that chose that channel has it.
+    Experimental,
+}
+
+fn setup_with(prefix: &str, gateway_api: GatewayApi) -> (Testbed, MeshCa) {
     assert!(
         is_root(),
         "kernel tests need root: run `cargo xtask test` as root"
     );
-    let (tb, ca) = Testbed::create_meshed(prefix, 3600).expect("meshed testbed");
+    let config = TestbedConfig::from_workspace(prefix).expect("config");
+    let tb = Testbed::create(config, TopologySpec::standard_with_ca()).expect("testbed");
+    if gateway_api == GatewayApi::Experimental {
+        tb.api()
+            .expect("a real API server")
+            .install_experimental_http_routes()
+            .expect("experimental HTTPRoute CRD");
+    }
+    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
+    let ca = tb.start_ca(&ca_pod, 3600).expect("CA");
+    tb.start_agents_with_ca(&ca).expect("agents");
     let a = tb.pod("mesh", "server-a").clone();
     let b = tb.pod("mesh", "server-b").clone();
     for pod in [&a, &b] {
@@ -37,7 +62,7 @@ fn setup(prefix: &str) -> (Testbed, MeshCa) {
     apply_service(&tb, "web-a", WEB_A, None, &[&a], APP_PORT);
     apply_service(&tb, "web-b", WEB_B, None, &[&b], APP_PORT);
     wait_for_dump(&tb, "three Services", |dump| {
-        dump["services"].as_array().map(Vec::len) == Some(3)
+        Testbed::workload_services(dump).len() == 3
     });
     (tb, ca)
 }
@@ -69,10 +94,34 @@ fn apply_example(tb: &Testbed, name: &str) {
 
 /// Waits until node1's config dump satisfies `done`.
 fn wait_for_dump(tb: &Testbed, what: &str, done: impl Fn(&Value) -> bool) {
+    let mut last = Value::Null;
     wait_until(Duration::from_secs(10), what, || {
-        Ok(done(&tb.admin_json("node1", "/config_dump")?))
+        last = tb.admin_json("node1", "/config_dump")?;
+        Ok(done(&last))
     })
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap_or_else(|e| panic!("{e}; the last config dump: {last:#}"));
+}
+
+/// A condition of the status nodemesh wrote on HTTPRoute `mesh/<route>`, read back with
+/// kubectl: `status reason`.
+fn route_condition(tb: &Testbed, route: &str, kind: &str) -> String {
+    let path = format!(
+        r#"jsonpath={{.status.parents[?(@.controllerName=="nodemesh.io/mesh")].conditions[?(@.type=="{kind}")]['status','reason']}}"#
+    );
+    tb.api()
+        .expect("a real API server")
+        .kubectl_ok(&["-n", "mesh", "get", "httproute", route, "-o", &path])
+        .expect("kubectl get httproute")
+}
+
+/// Waits until `route`'s status, as kubectl shows it, has condition `kind` as `expected`.
+fn wait_route_condition(tb: &Testbed, route: &str, kind: &str, expected: &str) {
+    let mut last = String::new();
+    wait_until(Duration::from_secs(10), &format!("{route} {kind}"), || {
+        last = route_condition(tb, route, kind);
+        Ok(last == expected)
+    })
+    .unwrap_or_else(|e| panic!("{e}: status {last:?}"));
 }
 
 fn routes_loaded(tb: &Testbed, routes: usize) {
@@ -202,12 +251,18 @@ fn http1_http2_grpc_and_websocket_cross_the_mesh() {
 
 #[test]
 fn routes_split_match_rewrite_redirect_time_out_and_retry() {
-    let (tb, _ca) = setup("nml7r");
+    // `retry` is in Gateway API's experimental channel only (docs/l7.md).
+    let (tb, _ca) = setup_with("nml7r", GatewayApi::Experimental);
     let client = client(&tb);
     apply_example(&tb, "split");
     apply_example(&tb, "paths");
     apply_example(&tb, "resilience");
     routes_loaded(&tb, 3);
+    // The agents report each route's status to the API server, as kubectl shows it.
+    for route in ["web-split", "web-paths", "web-resilience"] {
+        wait_route_condition(&tb, route, "Accepted", "True Accepted");
+        wait_route_condition(&tb, route, "ResolvedRefs", "True ResolvedRefs");
+    }
 
     // Weighted split: 80/20 over 2,000 requests on one keep-alive connection.
     let (summary, ok) = workload(
@@ -329,6 +384,7 @@ fn routes_split_match_rewrite_redirect_time_out_and_retry() {
             })
         })
     });
+    wait_route_condition(&tb, "web-paths", "Accepted", "False UnsupportedValue");
     let (code, body) = curl(
         &tb,
         &client,
@@ -346,9 +402,10 @@ fn outlier_ejection_stops_sending_to_a_failing_endpoint() {
     let client = client(&tb);
     let a = tb.pod("mesh", "server-a").clone();
     let b = tb.pod("mesh", "server-b").clone();
-    // Port 9090: server-a fails every request with 500 at once, server-b answers after 30 ms.
-    // Latency-based choice prefers the fast failing endpoint: exactly the case outlier
-    // ejection exists for.
+    // Port 9090: server-a fails every request with 500 at once, server-b answers after 200 ms
+    // (far above what even a first request over a new HBONE connection costs on a loaded
+    // machine). Latency-based choice prefers the fast failing endpoint: exactly the case
+    // outlier ejection exists for.
     let mut bad = Command::new(tb.workload_bin());
     bad.args([
         "http-server",
@@ -368,7 +425,7 @@ fn outlier_ejection_stops_sending_to_a_failing_endpoint() {
         "--name",
         "server-b",
         "--delay-ms",
-        "30",
+        "200",
     ]);
     tb.spawn_in_pod(&b, good).expect("server").detach();
     tb.wait_listening(&a, 9090).expect("listening");
@@ -376,7 +433,7 @@ fn outlier_ejection_stops_sending_to_a_failing_endpoint() {
     const UNSTABLE: &str = "198.18.200.23";
     apply_service(&tb, "unstable", UNSTABLE, None, &[&a, &b], 9090);
     wait_for_dump(&tb, "four Services", |dump| {
-        dump["services"].as_array().map(Vec::len) == Some(4)
+        Testbed::workload_services(dump).len() == 4
     });
 
     let (summary, _) = workload(
@@ -387,13 +444,13 @@ fn outlier_ejection_stops_sending_to_a_failing_endpoint() {
             "--target",
             &format!("{UNSTABLE}:80"),
             "--count",
-            "60",
+            "30",
         ],
     );
-    // Five consecutive failures eject server-a (for 10 s, longer than the 55 requests left
-    // take); everything after goes to server-b.
+    // Five consecutive failures eject server-a (for 10 s, longer than the 25 requests left
+    // take at 200 ms); everything after goes to server-b.
     assert_eq!(summary["statuses"]["500"], 5, "{summary}");
-    assert_eq!(summary["statuses"]["200"], 55, "{summary}");
+    assert_eq!(summary["statuses"]["200"], 25, "{summary}");
     let dump = tb.admin_json("node1", "/config_dump").expect("dump");
     let a_endpoint = format!("{}:9090", a.ipv4());
     let ejected = dump["http_endpoints"]
@@ -424,7 +481,7 @@ fn server_first_protocols_never_stall_and_app_protocol_overrides_detection() {
     apply_service(&tb, "smtp", DETECTED, None, &[&b], 2525);
     apply_service(&tb, "smtp-tcp", DECLARED, Some("tcp"), &[&b], 2525);
     wait_for_dump(&tb, "five Services", |dump| {
-        dump["services"].as_array().map(Vec::len) == Some(5)
+        Testbed::workload_services(dump).len() == 5
     });
 
     let before = tb.admin_json("node1", "/stats").expect("stats")["protocol_detection"].clone();
@@ -625,9 +682,22 @@ fn authorization_allows_and_denies_by_identity_port_method_and_path() {
     );
     assert_eq!(code, 0, "plaintext refused");
 
-    // A bad update is reported and the last good version keeps applying.
+    // What the CRD's schema forbids, the API server refuses, naming the field.
+    let mut refused = example("policy-deny");
+    refused["spec"]["action"] = "REJECT".into();
+    let error = tb
+        .apply_object("example-policy-deny.yaml", &refused)
+        .expect_err("the API server validates the CRD's schema");
+    assert!(
+        error
+            .to_string()
+            .contains(r#"spec.action: Unsupported value: \"REJECT\""#),
+        "{error}"
+    );
+    // What passes the schema but not the agent's checks is reported, and the last good
+    // version keeps applying.
     let mut broken = example("policy-deny");
-    broken["spec"]["action"] = "REJECT".into();
+    broken["spec"]["rules"][0]["to"][0]["paths"][0] = "admin*".into();
     tb.apply_object("example-policy-deny.yaml", &broken)
         .expect("policy");
     wait_until(Duration::from_secs(10), "policy error reported", || {
@@ -636,7 +706,7 @@ fn authorization_allows_and_denies_by_identity_port_method_and_path() {
             errors.iter().any(|e| {
                 e.as_str().is_some_and(|e| {
                     e.starts_with(
-                        "AuthorizationPolicy mesh/server-b-no-admin: spec.action: \"REJECT\"",
+                        "AuthorizationPolicy mesh/server-b-no-admin: spec.rules[0].to[0].paths[0]: \"admin*\" must start with /",
                     )
                 })
             })

@@ -1,19 +1,25 @@
 //! Bounded resources (agent/src/proxy/limits.rs, docs/security.md): a connection flood from
 //! one pod is cut at its bound without touching another pod's traffic; clients that open
-//! HBONE connections and never complete the TLS handshake hold up only themselves. The
-//! agent's memory under the flood is measured and printed. Needs root.
+//! HBONE connections and never complete the TLS handshake hold up only themselves; one peer
+//! identity's tunnels to a pod are bounded, as is one client address's plaintext, and the
+//! kubelet's probes pass with the plaintext bound full. The agent's memory under the flood
+//! is measured and printed. Needs root.
 
 use std::{path::Path, process::Command, time::Duration};
 
 use nodemesh_testbed::{
-    AgentOptions, MeshCa, Testbed, TestbedConfig, TopologySpec, is_root, wait_until,
+    AgentOptions, MeshCa, PodSpec, Testbed, TestbedConfig, TopologySpec, is_root, wait_until,
 };
 use serde_json::Value;
 
 /// `--max-connections-per-pod` for these tests.
 const LIMIT: usize = 300;
 
-fn meshed_with_limit() -> (Testbed, MeshCa) {
+/// `--max-connections-per-pod` for the tests of the smaller bounds: one client address may
+/// hold a quarter of it in plaintext.
+const SMALL_LIMIT: usize = 40;
+
+fn meshed_with_limit(limit: usize) -> (Testbed, MeshCa) {
     assert!(
         is_root(),
         "kernel tests need root: run `cargo xtask test` as root"
@@ -24,7 +30,7 @@ fn meshed_with_limit() -> (Testbed, MeshCa) {
     let ca = tb.start_ca(&ca_pod, 3600).expect("CA");
     for node in ["node1", "node2"] {
         let mut extra_args = ca.agent_args(node);
-        extra_args.extend(["--max-connections-per-pod".to_owned(), LIMIT.to_string()]);
+        extra_args.extend(["--max-connections-per-pod".to_owned(), limit.to_string()]);
         let options = AgentOptions {
             extra_args,
             ..Default::default()
@@ -68,7 +74,7 @@ fn refused_metric(tb: &Testbed, node: &str, reason: &str, pod: &str) -> u64 {
 
 #[test]
 fn a_connection_flood_from_one_pod_is_cut_at_its_bound_and_another_pod_is_unaffected() {
-    let (tb, _ca) = meshed_with_limit();
+    let (tb, _ca) = meshed_with_limit(LIMIT);
     let dir = tempfile::tempdir().expect("tempdir");
     let target = format!("{}:7000", tb.pod("mesh", "server-b").ipv4());
     let idle_rss = tb.agent_rss_kib("node1").expect("RSS");
@@ -144,7 +150,7 @@ fn a_connection_flood_from_one_pod_is_cut_at_its_bound_and_another_pod_is_unaffe
 
 #[test]
 fn clients_that_never_finish_the_tls_handshake_hold_up_only_themselves() {
-    let (tb, _ca) = meshed_with_limit();
+    let (tb, _ca) = meshed_with_limit(LIMIT);
     let dir = tempfile::tempdir().expect("tempdir");
     let hbone = format!("{}:15008", tb.pod("mesh", "server-b").ipv4());
     // outsider (not meshed) opens 40 connections to server-b's HBONE port and sends nothing.
@@ -187,4 +193,127 @@ fn clients_that_never_finish_the_tls_handshake_hold_up_only_themselves() {
             .contains("HBONE mTLS handshake not completed in time"))
     })
     .expect("silent handshakes timed out");
+}
+
+#[test]
+fn tunnels_of_one_peer_identity_to_a_pod_are_bounded() {
+    let (mut tb, _ca) = meshed_with_limit(SMALL_LIMIT);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A second pod of client-a's service account: each pod stays within its own outbound
+    // bound, the identity together does not.
+    let twin = PodSpec::new("mesh", "client-a2").with_service_account("client-a");
+    let twin = tb.add_pod("node1", twin).expect("client-a2");
+    tb.wait_pod_enrolled(&twin, true).expect("enrolled");
+    let server = tb.pod("mesh", "server-b").ipv4();
+    let target = format!("{server}:7000");
+    let half = (SMALL_LIMIT * 3 / 4).to_string();
+    let args = ["--target", &target, "--connections", &half];
+    let first = flood(&tb, "mesh", "client-a", &args, &dir.path().join("a.json"));
+    assert_eq!(first["established"], SMALL_LIMIT * 3 / 4, "{first}");
+    let second = flood(&tb, "mesh", "client-a2", &args, &dir.path().join("a2.json"));
+    assert_eq!(second["established"], SMALL_LIMIT / 4, "{second}");
+    let over = SMALL_LIMIT / 2;
+    assert_eq!(second["refused"], over, "{second}");
+    assert_eq!(
+        refused_metric(&tb, "node2", "pod_tunnels_per_peer", "mesh/server-b"),
+        over as u64
+    );
+    for pod in ["mesh/client-a", "mesh/client-a2"] {
+        assert_eq!(
+            refused_metric(&tb, "node1", "pod_outbound_connections", pod),
+            0,
+            "{pod} stayed within its own bound"
+        );
+    }
+    // Another identity still gets its tunnels to the same pod.
+    let client_b = tb.pod("mesh", "client-b").clone();
+    let mut echo = Command::new(tb.workload_bin());
+    echo.args(["connect-many", "--target-ip", &server.to_string()])
+        .args(["--ports", "7000", "--connections", "10"]);
+    let output = tb.run_in_pod(&client_b, echo).expect("client-b");
+    assert!(
+        output.status.success(),
+        "client-b: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+#[test]
+fn plaintext_is_bounded_per_client_address_and_kubelet_probes_pass_a_full_bound() {
+    let (mut tb, _ca) = meshed_with_limit(SMALL_LIMIT);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let probed = PodSpec::new("mesh", "probed").with_http_probe(8080, "/healthz");
+    let probed = tb.add_pod("node2", probed).expect("probed");
+    tb.wait_pod_enrolled(&probed, true).expect("enrolled");
+    tb.start_http_server(&probed, 8080).expect("http server");
+    tb.start_echo_server(&probed, 7000).expect("echo server");
+    let outsiders: Vec<String> = (1..=4).map(|i| format!("outsider-{i}")).collect();
+    for name in &outsiders {
+        tb.add_pod("node1", PodSpec::new("plain", name))
+            .expect("outsider");
+    }
+    let target = format!("{}:7000", probed.ipv4());
+    let share = SMALL_LIMIT / 4;
+
+    // One address gets its share of the pod's plaintext bound, not the whole of it.
+    let greedy = (share + 5).to_string();
+    let args = ["--target", &target, "--connections", &greedy];
+    let report = flood(
+        &tb,
+        "plain",
+        &outsiders[0],
+        &args,
+        &dir.path().join("0.json"),
+    );
+    assert_eq!(
+        (report["established"].clone(), report["refused"].clone()),
+        (share.into(), 5.into()),
+        "{report}"
+    );
+    // Three more addresses fill the bound.
+    let args = ["--target", &target, "--connections", &share.to_string()];
+    for (i, name) in outsiders.iter().enumerate().skip(1) {
+        let report = flood(
+            &tb,
+            "plain",
+            name,
+            &args,
+            &dir.path().join(format!("{i}.json")),
+        );
+        assert_eq!(report["established"], share, "{name}: {report}");
+    }
+    // Full: a fifth client (the node, to a port no probe uses) is reset ...
+    let node = tb.node("node2").expect("node").netns().to_owned();
+    let echo = Command::new("ip")
+        .args(["netns", "exec", &node, "sh", "-c"])
+        .arg(format!("printf ping | socat -t 2 - TCP:{target}"))
+        .output()
+        .expect("socat from the node");
+    assert_eq!(
+        String::from_utf8_lossy(&echo.stdout),
+        "",
+        "the bound is full"
+    );
+    assert_eq!(
+        refused_metric(&tb, "node2", "pod_plaintext_connections", "mesh/probed"),
+        6
+    );
+    // ... while the kubelet's probe passes: probes have their own bound, taken first.
+    let probe = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node,
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["-H", "User-Agent: kube-probe/1.36", "--max-time", "5"])
+        .arg(format!("http://{}:8080/healthz", probed.ipv4()))
+        .output()
+        .expect("probe");
+    assert_eq!(String::from_utf8_lossy(&probe.stdout), "200");
 }

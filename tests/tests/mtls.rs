@@ -14,7 +14,8 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    AgentOptions, MeshCa, Testbed, TestbedConfig, TopologySpec, is_root, wait_until, workspace_bin,
+    AgentOptions, ClusterMode, MeshCa, Testbed, TestbedConfig, TopologySpec, is_root, wait_until,
+    workspace_bin,
 };
 use serde_json::Value;
 
@@ -35,6 +36,8 @@ fn mesh_with_ca(cert_ttl_seconds: u64) -> Mesh {
         nodemesh_bin: workspace_bin("nodemesh"),
         workload_bin: workspace_bin("nodemesh-workload"),
         log_dir: None,
+        cluster: ClusterMode::from_env_or(ClusterMode::ApiServer),
+        chart_values: Vec::new(),
     };
     let tb = Testbed::create(config, topology).expect("create testbed");
     let ca_pod = tb.pod("nodemesh-system", "ca").clone();
@@ -171,6 +174,103 @@ fn an_agent_cannot_obtain_another_nodes_identities() {
     assert!(
         ca_log(&mesh).contains("request refused"),
         "the CA logs the refusal: {}",
+        ca_log(&mesh)
+    );
+}
+
+/// Starts node2's agent presenting `token_file` to the CA and waits until every identity it
+/// wants was refused with `status` (the CA answers 401 for every token it does not accept); returns the
+/// refusal.
+fn refused_with_token(mesh: &Mesh, token_file: &Path, status: &str) -> String {
+    let options = AgentOptions {
+        wait_ready: false,
+        extra_args: mesh.ca.agent_args_with_token_file(token_file),
+        ..Default::default()
+    };
+    mesh.tb
+        .start_agent("node2", &options)
+        .expect("agent started");
+    wait_until(Duration::from_secs(10), "refusal reported", || {
+        let Ok(dump) = mesh.tb.admin_json("node2", "/config_dump") else {
+            return Ok(false);
+        };
+        let ids = identities_in(&dump);
+        Ok(!ids.is_empty()
+            && ids
+                .values()
+                .all(|i| i["last_error"].as_str().is_some_and(|e| e.contains(status))))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", identities(&mesh.tb, "node2")));
+    let node2 = identities(&mesh.tb, "node2");
+    assert!(
+        node2.values().all(|i| i["not_after_unix"].is_null()),
+        "no certificate held: {node2:?}"
+    );
+    let (readyz, _) = mesh.tb.admin_get("node2", "/readyz").expect("readyz");
+    assert_eq!(readyz, 503, "not ready without certificates");
+    mesh.tb
+        .kill_agent("node2", nodemesh_testbed::Signal::SIGKILL)
+        .expect("stop the agent");
+    node2
+        .values()
+        .next()
+        .and_then(|i| i["last_error"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// What the real API server's TokenReview tells the CA: a token of the agents' own
+/// ServiceAccount, bound to node2's agent Pod, but for the API server's audience instead of
+/// `nodemesh`, is refused; so is a token with the right audience of another ServiceAccount
+/// (a workload on node2 that minted one for itself).
+#[test]
+fn the_ca_refuses_tokens_for_another_audience_or_of_another_service_account() {
+    let mesh = mesh_with_ca(3600);
+    let api = mesh.tb.api().expect("a real API server");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let api_audience = api
+        .project_token(
+            "nodemesh-system",
+            "nodemesh-agent",
+            (
+                "nodemesh-agent-node2",
+                mesh.tb.agent_pod_uid("node2").expect("agent pod"),
+            ),
+            &[],
+            &dir.path().join("api-audience"),
+        )
+        .expect("token");
+    let error = refused_with_token(&mesh, &api_audience, "401 Unauthorized");
+    assert!(
+        error.contains("token rejected by the API server"),
+        "{error}"
+    );
+    assert!(
+        error.contains("is invalid for the target audiences [\"nodemesh\"]"),
+        "{error}"
+    );
+
+    let client_b = mesh.tb.pod("mesh", "client-b").clone();
+    let workload = api
+        .project_token(
+            "mesh",
+            client_b.service_account(),
+            (client_b.name(), client_b.uid()),
+            &["nodemesh"],
+            &dir.path().join("workload"),
+        )
+        .expect("token");
+    let error = refused_with_token(&mesh, &workload, "401 Unauthorized");
+    assert!(
+        error.contains(
+            "token belongs to system:serviceaccount:mesh:client-b, not to the agent's ServiceAccount"
+        ),
+        "{error}"
+    );
+    assert!(
+        ca_log(&mesh).contains("request refused"),
+        "the CA logs the refusals: {}",
         ca_log(&mesh)
     );
 }

@@ -83,13 +83,14 @@ fn curl_service(tb: &Testbed, client: &str, namespace: &str, count: usize) -> us
         .count()
 }
 
+/// Waits until the node's service index holds `entries` virtual addresses.
 fn wait_services(tb: &Testbed, node: &str, entries: usize) {
     wait_until(
         std::time::Duration::from_secs(5),
         "service index loaded",
         || {
             let dump: Value = tb.admin_json(node, "/config_dump")?;
-            Ok(dump["services"].as_array().map(Vec::len) == Some(entries))
+            Ok(Testbed::workload_services(&dump).len() == entries)
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -124,10 +125,8 @@ fn a_cluster_ip_reaches_ready_endpoints_on_both_nodes_through_the_mesh() {
     apply_service(&tb, true);
     wait_until(std::time::Duration::from_secs(5), "endpoint update", || {
         let dump: Value = tb.admin_json("node1", "/config_dump")?;
-        Ok(dump["services"][0]["ready_endpoints"]
-            .as_array()
-            .map(Vec::len)
-            == Some(1))
+        let web = Testbed::workload_services(&dump);
+        Ok(web.len() == 1 && web[0]["ready_endpoints"].as_array().map(Vec::len) == Some(1))
     })
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(curl_service(&tb, "client-a", "mesh", 6), 6);

@@ -13,8 +13,8 @@ use std::{
 
 use k8s_openapi::api::core::v1::{Namespace, Pod as K8sPod};
 use nodemesh_testbed::{
-    NETNS_DIR, Pod, PodSpec, Testbed, TestbedConfig, TopologySpec, cgroup2_root, cluster_state,
-    is_root, leftovers, sweep_stale,
+    ClusterMode, NETNS_DIR, Pod, PodSpec, Testbed, TestbedConfig, TopologySpec, cgroup2_root,
+    cluster_state, is_root, leftovers, sweep_stale,
 };
 use serde_json::Value;
 
@@ -27,6 +27,8 @@ fn config(prefix: &str) -> TestbedConfig {
         nodemesh_bin: PathBuf::from("/nonexistent/nodemesh"),
         workload_bin: PathBuf::from(WORKLOAD),
         log_dir: None,
+        cluster: ClusterMode::Manifests,
+        chart_values: Vec::new(),
     }
 }
 
@@ -424,4 +426,134 @@ fn sweep_stale_removes_a_dead_owners_leftovers() {
         !status.success(),
         "the orphan in the stale cgroup was killed"
     );
+}
+
+/// The testbed on a real API server: the chart's CRDs and RBAC and the Gateway API CRDs are
+/// installed, nodes and agent pods exist, every pod's object carries the UID of its cgroup
+/// and the status the testbed reported as kubelet, label changes and deletions reach the API
+/// server, and teardown stops the control plane with the rest.
+#[test]
+fn the_cluster_state_lives_in_a_real_api_server() {
+    require_root();
+    let tb = Testbed::create(
+        config("nmta").with_cluster(ClusterMode::ApiServer),
+        TopologySpec::standard(),
+    )
+    .expect("creating the testbed");
+    let name = tb.name().to_owned();
+    let api = tb.api().expect("an API server");
+    let kubectl = |args: &[&str]| api.kubectl_ok(args).expect("kubectl");
+
+    let crds = kubectl(&["get", "crd", "-o", "name"]);
+    for crd in [
+        "authorizationpolicies.nodemesh.io",
+        "httproutes.gateway.networking.k8s.io",
+        "grpcroutes.gateway.networking.k8s.io",
+    ] {
+        assert!(crds.contains(crd), "{crd} missing from {crds}");
+    }
+    let can_i = kubectl(&[
+        "auth",
+        "can-i",
+        "watch",
+        "pods",
+        "--as=system:serviceaccount:nodemesh-system:nodemesh-agent",
+    ]);
+    assert_eq!(
+        can_i.trim(),
+        "yes",
+        "the chart's RBAC lets the agent watch pods"
+    );
+    let cannot = api
+        .kubectl(&[
+            "auth",
+            "can-i",
+            "delete",
+            "pods",
+            "--as=system:serviceaccount:nodemesh-system:nodemesh-agent",
+        ])
+        .expect("kubectl");
+    assert_eq!(String::from_utf8_lossy(&cannot.stdout).trim(), "no");
+
+    let nodes = kubectl(&["get", "nodes", "-o", "jsonpath={.items[*].metadata.name}"]);
+    assert_eq!(nodes.trim(), "node1 node2");
+    for node in ["node1", "node2"] {
+        let agent_node = kubectl(&[
+            "-n",
+            "nodemesh-system",
+            "get",
+            "pod",
+            &format!("nodemesh-agent-{node}"),
+            "-o",
+            "jsonpath={.spec.nodeName}",
+        ]);
+        assert_eq!(agent_node, node);
+        assert!(tb.agent_kubeconfig(node).expect("kubeconfig").is_file());
+    }
+
+    let server = tb.pod("mesh", "server-a").clone();
+    let object: K8sPod = serde_json::from_str(&kubectl(&[
+        "-n", "mesh", "get", "pod", "server-a", "-o", "json",
+    ]))
+    .expect("pod JSON");
+    assert_eq!(object.metadata.uid.as_deref(), Some(server.uid()));
+    assert!(
+        server
+            .pod_cgroup()
+            .ends_with(format!("pod{}", server.uid()))
+    );
+    let status = object.status.expect("status");
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    assert_eq!(
+        status.pod_ip.as_deref(),
+        Some(server.ipv4().to_string().as_str())
+    );
+    assert_eq!(
+        object.spec.expect("spec").node_name.as_deref(),
+        Some("node1")
+    );
+
+    let mut tb = tb;
+    let relabelled = tb
+        .set_pod_labels(&server, BTreeMap::from([("tier".into(), "backend".into())]))
+        .expect("relabel");
+    let labels = tb
+        .api()
+        .unwrap()
+        .kubectl_ok(&[
+            "-n",
+            "mesh",
+            "get",
+            "pod",
+            "server-a",
+            "-o",
+            "jsonpath={.metadata.labels}",
+        ])
+        .unwrap();
+    assert_eq!(labels, r#"{"tier":"backend"}"#);
+    tb.set_namespace_labels("plain", BTreeMap::from([("team".into(), "x".into())]))
+        .expect("relabel namespace");
+    let ns_labels = tb
+        .api()
+        .unwrap()
+        .kubectl_ok(&[
+            "get",
+            "ns",
+            "plain",
+            "-o",
+            "jsonpath={.metadata.labels.team}",
+        ])
+        .unwrap();
+    assert_eq!(ns_labels, "x");
+    tb.remove_pod(&relabelled).expect("remove pod");
+    let gone = tb
+        .api()
+        .unwrap()
+        .kubectl(&["-n", "mesh", "get", "pod", "server-a"])
+        .unwrap();
+    assert!(!gone.status.success(), "the pod object is deleted");
+
+    let report = tb.teardown().expect("teardown");
+    assert!(report.is_clean(), "{report:?}");
+    assert!(leftovers(&name).is_empty(), "{:?}", leftovers(&name));
 }

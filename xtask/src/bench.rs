@@ -44,7 +44,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use nodemesh_testbed::{AgentOptions, Testbed};
+use nodemesh_testbed::{AgentOptions, ClusterMode, Testbed};
 
 use crate::plot;
 use serde_json::Value;
@@ -109,7 +109,9 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let report = crate::with_testbed("nmbench", true, |tb| measure(tb, args))?;
+    let report = crate::with_testbed("nmbench", true, ClusterMode::Manifests, |tb| {
+        measure(tb, args)
+    })?;
     println!("{report}");
     if args.write {
         write_report(&report)?;
@@ -325,7 +327,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     nodemesh_testbed::wait_until(Duration::from_secs(10), "L7 Service and route", || {
         let dump = tb.admin_json("node1", "/config_dump")?;
         Ok(dump["http_routes"].as_array().map(Vec::len) == Some(1)
-            && dump["services"].as_array().map(Vec::len) == Some(3))
+            && Testbed::workload_services(&dump).len() == 3)
     })?;
     let l7_target = format!("{L7_SERVICE_IP}:80");
     let idle_rss = [agent_rss_mib(tb, "node1")?, agent_rss_mib(tb, "node2")?];
@@ -938,23 +940,27 @@ fn wait_proxy_idle(tb: &Testbed, timeout: Duration) -> anyhow::Result<()> {
 fn agents_cpu_seconds(tb: &Testbed) -> anyhow::Result<f64> {
     let mut total = 0.0;
     for node in ["node1", "node2"] {
-        let pid = tb.agent_pid(node).context("agent pid")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name (which may hold spaces) start at field 3; utime and
-        // stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| -> anyhow::Result<f64> {
-            Ok(fields
-                .get(i - 3)
-                .context("short /proc stat")?
-                .parse::<f64>()?)
-        };
-        total += (ticks(14)? + ticks(15)?) / 100.0;
+        total += process_cpu_seconds(tb.agent_pid(node).context("agent pid")?)?;
     }
     Ok(total)
+}
+
+/// CPU time (user + system) the process `pid` has used so far, in seconds.
+pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3; utime and
+    // stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i - 3)
+            .context("short /proc stat")?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(14)? + ticks(15)?) / 100.0)
 }
 
 /// Resident memory of the agent of `node`, in MiB.
@@ -1052,20 +1058,18 @@ fn run_json(
 }
 
 fn write_report(report: &str) -> anyhow::Result<()> {
-    let path = crate::workspace_root().join("docs/benchmarks.md");
+    replace_section("docs/benchmarks.md", REPORT_START, REPORT_END, report)
+}
+
+/// Replaces what lies between the markers `start` and `end` of the workspace file `path`.
+pub fn replace_section(path: &str, start: &str, end: &str, report: &str) -> anyhow::Result<()> {
+    let path = crate::workspace_root().join(path);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let (Some(start), Some(end)) = (text.find(REPORT_START), text.find(REPORT_END)) else {
-        bail!(
-            "{} lacks the {REPORT_START} / {REPORT_END} markers",
-            path.display()
-        );
+    let (Some(from), Some(to)) = (text.find(start), text.find(end)) else {
+        bail!("{} lacks the {start} / {end} markers", path.display());
     };
-    let updated = format!(
-        "{}{REPORT_START}\n{report}\n{}",
-        &text[..start],
-        &text[end..]
-    );
+    let updated = format!("{}{start}\n{report}\n{}", &text[..from], &text[to..]);
     std::fs::write(&path, updated).with_context(|| format!("writing {}", path.display()))?;
     println!("updated {}", path.display());
     Ok(())

@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use anyhow::{Context, bail};
-use nodemesh_testbed::{AgentOptions, Testbed};
+use nodemesh_testbed::{AgentOptions, ClusterMode, Testbed};
 use serde_json::Value;
 
 const HTTP_PORT: u16 = 8080;
@@ -31,7 +31,9 @@ struct Flow {
 }
 
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    crate::with_testbed("nmdemo", false, |tb| exercise(tb, args))
+    crate::with_testbed("nmdemo", false, ClusterMode::ApiServer, |tb| {
+        exercise(tb, args)
+    })
 }
 
 fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
@@ -185,7 +187,8 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             label: "HTTP  outsider -> server-b (not meshed)",
             from: ("plain", "outsider"),
             program: curl(format!("http://{}:{HTTP_PORT}/", server_b.ipv4())),
-            expect_proxied_by: None,
+            // Not captured where it starts; node2's inbound capture takes it in (PERMISSIVE).
+            expect_proxied_by: Some("node2"),
         },
     ];
 
@@ -238,7 +241,8 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
          otherwise as plain TCP"
     );
     println!(
-        "   inbound: HBONE streams accepted for a local pod, by the peer's verified SPIFFE ID"
+        "   inbound: HBONE streams accepted for a local pod, by the peer's verified SPIFFE ID; \
+         plaintext from outside the mesh as `plaintext`"
     );
     println!(
         "   {:<6} {:<42} {:<26} {:>5} {:>10} {:>10}",
@@ -250,29 +254,46 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
         "bytes in"
     );
     let mut seen_sources = BTreeMap::new();
+    let mut plaintext_to_server_b = 0;
     for node in ["node1", "node2"] {
         let stats = tb.admin_json(node, "/stats")?;
         for series in stats["connections"].as_array().into_iter().flatten() {
             let source = series["source_pod"].as_str().unwrap_or("?").to_owned();
+            let destination = series["destination"].as_str().unwrap_or("?");
+            let opened = series["opened"].as_u64().unwrap_or(0);
             println!(
                 "   {:<6} {:<42} {:<26} {:>5} {:>10} {:>10}",
                 node,
                 source,
-                series["destination"].as_str().unwrap_or("?"),
-                series["opened"].as_u64().unwrap_or(0),
+                destination,
+                opened,
                 series["bytes_sent"].as_u64().unwrap_or(0),
                 series["bytes_received"].as_u64().unwrap_or(0)
             );
+            if node == "node2"
+                && source == "plaintext"
+                && destination == format!("{}:{HTTP_PORT}", server_b.ipv4())
+            {
+                plaintext_to_server_b += opened;
+            }
             seen_sources.insert(source, node);
         }
     }
-    let outsider_proxied = seen_sources.contains_key("plain/outsider");
+    let outsider_captured = seen_sources.contains_key("plain/outsider");
     println!(
-        "\n   plain/outsider is not meshed: its connection went {}",
-        if outsider_proxied {
-            "THROUGH a proxy (unexpected)"
+        "\n   plain/outsider is not meshed: {}; {}",
+        if outsider_captured {
+            "node1's proxy CAPTURED its connection (unexpected)"
         } else {
-            "directly, through no proxy"
+            "its connection left node1 uncaptured"
+        },
+        if plaintext_to_server_b > 0 {
+            format!(
+                "node2's proxy took it in for mesh/server-b and delivered it as plaintext \
+                 (PERMISSIVE): {plaintext_to_server_b} connection(s) from `plaintext`"
+            )
+        } else {
+            "node2's proxy did NOT take it in for mesh/server-b (unexpected)".to_owned()
         }
     );
     let encrypted = seen_sources.contains_key("spiffe://cluster.local/ns/mesh/sa/client-a")
@@ -286,7 +307,8 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
         }
     );
     if failures > 0
-        || outsider_proxied
+        || outsider_captured
+        || plaintext_to_server_b == 0
         || !encrypted
         || !seen_sources.contains_key("mesh/client-a")
         || !seen_sources.contains_key("mesh/client-b")
@@ -334,7 +356,7 @@ fn l7(tb: &Testbed, workload: &str) -> anyhow::Result<()> {
         || {
             let node1 = tb.admin_json("node1", "/config_dump")?;
             let node2 = tb.admin_json("node2", "/config_dump")?;
-            Ok(node1["services"].as_array().map(Vec::len) == Some(3)
+            Ok(Testbed::workload_services(&node1).len() == 3
                 && node1["http_routes"].as_array().map(Vec::len) == Some(1)
                 && node2["authorization_policies"][0]["selects"][0] == "mesh/server-b")
         },

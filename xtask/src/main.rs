@@ -7,13 +7,15 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use nodemesh_testbed::{Testbed, TestbedConfig, TopologySpec};
+use nodemesh_testbed::{ClusterMode, Testbed, TestbedConfig, TopologySpec};
 
 mod bench;
 mod demo;
 mod deploy;
 mod fuzz;
+mod image;
 mod plot;
+mod scale;
 mod vm;
 
 #[derive(Parser)]
@@ -34,6 +36,9 @@ enum Task {
     },
     /// Measure the datapath against direct traffic and print a markdown report.
     Bench(bench::BenchArgs),
+    /// Measure one agent's memory, sync time and churn CPU as the cluster grows (real API
+    /// server; needs root).
+    Scale(scale::ScaleArgs),
     /// Run the kernel test suite on a Debian kernel (6.1, 6.12) under qemu/KVM, or `host`.
     VmTest(vm::VmTestArgs),
     /// Render the Helm chart into deploy/manifests, or check the manifests.
@@ -41,6 +46,9 @@ enum Task {
     Deploy(deploy::DeployTask),
     /// Runs the cargo-fuzz targets in fuzz/ on their corpus.
     Fuzz(fuzz::FuzzArgs),
+    /// Build the OCI image (static binary, reproducible) as an archive under target/oci,
+    /// with a values file that pins its digest in the chart.
+    Image(image::ImageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,9 +56,11 @@ fn main() -> anyhow::Result<()> {
         Task::Demo(args) => demo::run(&args),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Bench(args) => bench::run(&args),
+        Task::Scale(args) => scale::run(&args),
         Task::VmTest(args) => vm::run(&args),
         Task::Deploy(task) => deploy::run(&task),
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Image(args) => image::run(&args),
     }
 }
 
@@ -60,6 +70,7 @@ fn main() -> anyhow::Result<()> {
 pub fn with_testbed<T>(
     prefix: &str,
     release: bool,
+    cluster: ClusterMode,
     work: impl FnOnce(&mut Testbed) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let (nodemesh_bin, workload_bin) = build_binaries(release)?;
@@ -77,6 +88,8 @@ pub fn with_testbed<T>(
         nodemesh_bin,
         workload_bin,
         log_dir: None,
+        cluster,
+        chart_values: Vec::new(),
     };
     let mut tb = Testbed::create(config, TopologySpec::standard_with_ca())
         .context("building the testbed")?;
@@ -115,7 +128,7 @@ pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((dir.join("nodemesh"), dir.join("nodemesh-workload")))
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
@@ -129,7 +142,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let mut cargo = Command::new(env!("CARGO"));
     cargo
         .current_dir(workspace_root())
-        .args(["test", "--workspace"])
+        .args(["test", "--workspace", "--no-fail-fast"])
         .env("NODEMESH_BIN", &nodemesh)
         .env("NODEMESH_WORKLOAD_BIN", &workload);
     if !extra.is_empty() {

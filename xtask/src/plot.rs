@@ -13,7 +13,8 @@ const TOP: f64 = 40.0;
 const BOTTOM: f64 = 60.0;
 const COLOURS: [&str; 4] = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a"];
 
-/// One curve of a CDF: its name and (latency µs, fraction of requests at or below it).
+/// One curve: its name and its points (for a CDF: latency µs, fraction of requests at or
+/// below it).
 pub struct Curve {
     pub name: String,
     pub points: Vec<(f64, f64)>,
@@ -21,6 +22,44 @@ pub struct Curve {
 
 /// A latency CDF, x from 0 to the largest latency shown, y from 0 to 1.
 pub fn cdf(title: &str, x_label: &str, curves: &[Curve]) -> String {
+    xy(title, x_label, "fraction of requests", 1.0, curves)
+}
+
+/// Measurements against a size: x and y from 0 to round numbers above the largest values,
+/// each measured point marked.
+pub fn lines(title: &str, x_label: &str, y_label: &str, curves: &[Curve]) -> String {
+    let y_max = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| p.1))
+        .fold(1.0, f64::max);
+    let mut svg = xy(title, x_label, y_label, nice_ceiling(y_max), curves);
+    svg.truncate(svg.len() - "</svg>\n".len());
+    let (x_max, y_max) = (
+        nice_ceiling(
+            curves
+                .iter()
+                .flat_map(|c| c.points.iter().map(|p| p.0))
+                .fold(1.0, f64::max),
+        ),
+        nice_ceiling(y_max),
+    );
+    let (plot_w, plot_h) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
+    for (curve, colour) in curves.iter().zip(COLOURS.iter().cycle()) {
+        for &(x, y) in &curve.points {
+            let _ = write!(
+                svg,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{colour}"/>"#,
+                LEFT + x / x_max * plot_w,
+                TOP + (1.0 - y / y_max) * plot_h,
+            );
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Curves on axes from 0 to the largest x shown and from 0 to `y_max`.
+fn xy(title: &str, x_label: &str, y_label: &str, y_max: f64, curves: &[Curve]) -> String {
     let x_max = curves
         .iter()
         .flat_map(|c| c.points.iter().map(|p| p.0))
@@ -28,22 +67,23 @@ pub fn cdf(title: &str, x_label: &str, curves: &[Curve]) -> String {
     let x_max = nice_ceiling(x_max);
     let (plot_w, plot_h) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
     let x = |v: f64| LEFT + v / x_max * plot_w;
-    let y = |v: f64| TOP + (1.0 - v) * plot_h;
+    let y = |v: f64| TOP + (1.0 - v / y_max) * plot_h;
+    let y_decimals = if y_max > 10.0 { 0 } else { 1 };
     let mut svg = header(title);
     for tick in 0..=5 {
         let value = x_max * f64::from(tick) / 5.0;
-        let fraction = f64::from(tick) / 5.0;
+        let level = y_max * f64::from(tick) / 5.0;
         let _ = write!(
             svg,
-            r##"<line x1="{x0}" y1="{top}" x2="{x0}" y2="{bottom}" stroke="#ddd"/><text x="{x0}" y="{label_y}" text-anchor="middle">{value:.0}</text><line x1="{LEFT}" y1="{y0}" x2="{right}" y2="{y0}" stroke="#ddd"/><text x="{ylx}" y="{yly}" text-anchor="end">{fraction:.1}</text>"##,
+            r##"<line x1="{x0}" y1="{top}" x2="{x0}" y2="{bottom}" stroke="#ddd"/><text x="{x0}" y="{label_y}" text-anchor="middle">{value:.0}</text><line x1="{LEFT}" y1="{y0}" x2="{right}" y2="{y0}" stroke="#ddd"/><text x="{ylx}" y="{yly}" text-anchor="end">{level:.y_decimals$}</text>"##,
             x0 = x(value),
             top = TOP,
             bottom = TOP + plot_h,
             label_y = TOP + plot_h + 18.0,
-            y0 = y(fraction),
+            y0 = y(level),
             right = LEFT + plot_w,
             ylx = LEFT - 6.0,
-            yly = y(fraction) + 4.0,
+            yly = y(level) + 4.0,
         );
     }
     for (curve, colour) in curves.iter().zip(COLOURS.iter().cycle()) {
@@ -59,7 +99,7 @@ pub fn cdf(title: &str, x_label: &str, curves: &[Curve]) -> String {
         );
     }
     legend(&mut svg, curves.iter().map(|c| c.name.as_str()));
-    axes(&mut svg, x_label, "fraction of requests");
+    axes(&mut svg, x_label, y_label);
     svg.push_str("</svg>\n");
     svg
 }
@@ -208,6 +248,8 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("L7 &lt;mTLS&gt;"));
+        let memory = lines("memory", "pods", "MiB", &curves);
+        assert_eq!(memory.matches("<circle").count(), 4, "every point marked");
         let bars = ratio_bars("ratios", &[("bulk".into(), 0.4), ("hook".into(), 0.9)]);
         assert_eq!(bars.matches("<rect x=\"330\"").count(), 2);
     }

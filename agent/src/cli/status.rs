@@ -28,6 +28,7 @@ pub fn report(admin: SocketAddr, now_unix: u64) -> Result<String, StatusError> {
         dump["fail_mode"].as_str().unwrap_or("?"),
         dump["attach_point"].as_str().unwrap_or("?"),
     );
+    cluster_state(&mut out, &dump["cluster_state"]);
     let pods = dump["enrolled_pods"]
         .as_array()
         .cloned()
@@ -48,11 +49,7 @@ pub fn report(admin: SocketAddr, now_unix: u64) -> Result<String, StatusError> {
         let _ = writeln!(
             out,
             "  {:<32} {:<28} {:<11} {:<10} sa/{}",
-            format!(
-                "{}/{}",
-                pod["namespace"].as_str().unwrap_or("?"),
-                pod["name"].as_str().unwrap_or("?")
-            ),
+            pod_name(pod),
             ips.join(","),
             pod["peer_authentication"].as_str().unwrap_or("?"),
             pod["cgroup_id"],
@@ -63,7 +60,14 @@ pub fn report(admin: SocketAddr, now_unix: u64) -> Result<String, StatusError> {
     if !pending.is_empty() {
         let _ = writeln!(out, "\nPENDING PODS ({})", pending.len());
         for pod in &pending {
-            let _ = writeln!(out, "  {pod}");
+            let _ = writeln!(
+                out,
+                "  {:<32} {}\n  {:<32} held: {}",
+                pod_name(pod),
+                pod["reason"].as_str().unwrap_or("?"),
+                "",
+                held(pod, dump["fail_mode"].as_str().unwrap_or("?")),
+            );
         }
     }
     match dump["identities"].as_array() {
@@ -134,11 +138,88 @@ pub fn report(admin: SocketAddr, now_unix: u64) -> Result<String, StatusError> {
     Ok(out)
 }
 
+/// Where the cluster state comes from, watch by watch (why one is retrying or disabled).
+fn cluster_state(out: &mut String, state: &Value) {
+    let number = |key: &str| state[key].as_u64().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "\nCLUSTER STATE: {} pods indexed, {} services ({} virtual ports, {} ready endpoints)",
+        number("pods_indexed"),
+        number("services"),
+        number("virtual_ports"),
+        number("ready_endpoints"),
+    );
+    let _ = writeln!(
+        out,
+        "  {:<22} {:<9} {:<10} DETAIL",
+        "WATCH", "STATE", "LIST"
+    );
+    for watch in state["watches"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<9} {:<10} {}",
+            watch["watch"].as_str().unwrap_or("?"),
+            watch["state"].as_str().unwrap_or("?"),
+            watch["initial_list"].as_str().unwrap_or("-"),
+            watch["detail"]
+                .as_str()
+                .unwrap_or(watch["resource"].as_str().unwrap_or("")),
+        );
+    }
+}
+
 /// 3h12m, 4m05s, 9s.
 fn human(seconds: u64) -> String {
     match seconds {
         s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
         s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
         s => format!("{s}s"),
+    }
+}
+
+/// `namespace/name` of a pod in the config dump.
+fn pod_name(pod: &Value) -> String {
+    format!(
+        "{}/{}",
+        pod["namespace"].as_str().unwrap_or("?"),
+        pod["name"].as_str().unwrap_or("?")
+    )
+}
+
+/// What keeps a pending pod closed meanwhile: its connects, and plaintext sent to it.
+fn held(pod: &Value, fail_mode: &str) -> String {
+    let outbound = match (pod["cgroup_id"].is_u64(), fail_mode) {
+        (false, _) => "no cgroup yet",
+        (true, "closed") => "connects refused (fail mode closed)",
+        (true, _) => "connects go direct (fail mode open)",
+    };
+    let inbound = match (
+        pod["inbound_held"].as_bool(),
+        pod["peer_authentication"].as_str(),
+    ) {
+        (Some(true), Some("STRICT")) => "plaintext dropped (STRICT)",
+        (Some(true), _) => "plaintext reaches the pod directly (PERMISSIVE)",
+        _ => "no inbound capture",
+    };
+    format!("{outbound}; {inbound}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_pod_says_what_holds_it_closed() {
+        let pod = serde_json::json!({
+            "cgroup_id": 4242, "inbound_held": true, "peer_authentication": "STRICT"
+        });
+        assert_eq!(
+            held(&pod, "closed"),
+            "connects refused (fail mode closed); plaintext dropped (STRICT)"
+        );
+        let unknown = serde_json::json!({
+            "cgroup_id": null, "inbound_held": false, "peer_authentication": "PERMISSIVE"
+        });
+        assert_eq!(held(&unknown, "open"), "no cgroup yet; no inbound capture");
     }
 }

@@ -1,10 +1,12 @@
 //! Attaching the programs to the pod cgroup root through pinned bpf links.
 //!
-//! Links are pinned as `links/<program>-<generation>` (bpffs refuses dots in names). A restarted agent attaches its new
-//! programs next to the old ones (multi-attach) before unpinning the old links, so capture
-//! never has a gap (bpf links always coexist with other links on a cgroup, which is why the
-//! attach mode is the plain one: the kernel rejects flags on link creation): while both run, the second connect hook sees the loopback address the
-//! first one wrote and leaves it alone.
+//! Links are pinned as `links/<program>-<generation>` (bpffs refuses dots in names). A
+//! starting agent attaches its programs next to the ones already there (bpf links always
+//! coexist on a cgroup, which is why the attach mode is the plain one: the kernel rejects
+//! flags on link creation), and unpins every other link only once it is in charge and has
+//! filled its maps ([`retire_other_links`]), so capture never has a gap, also when its maps
+//! are new ones of another layout. While both run, the second connect hook sees the loopback
+//! address the first one wrote and leaves it alone.
 
 use std::{
     fs::File,
@@ -50,11 +52,12 @@ macro_rules! attach_pinned {
     }};
 }
 
+/// Attaches every cgroup program and pins its link; returns the pins, this agent's links.
 pub(super) fn attach_all(
     ebpf: &mut Ebpf,
     cgroup: &Path,
     link_dir: &Path,
-) -> Result<(), DatapathError> {
+) -> Result<Vec<PathBuf>, DatapathError> {
     let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::OpenCgroup {
         path: cgroup.to_owned(),
         source,
@@ -64,19 +67,20 @@ pub(super) fn attach_all(
         .map(|d| d.as_nanos())
         .unwrap_or(0);
 
+    let mut pins = Vec::new();
     for name in SOCK_ADDR_PROGRAMS {
         let link = attach_pinned!(
             program_mut::<CgroupSockAddr>(ebpf, name)?,
             name,
             &cgroup_file
         );
-        replace_pinned(name, link, link_dir, generation)?;
+        pins.push(pin(name, link, link_dir, generation)?);
     }
     let name = program_names::SOCK_OPS;
     let link = attach_pinned!(program_mut::<SockOps>(ebpf, name)?, name, &cgroup_file);
-    replace_pinned(name, link, link_dir, generation)?;
+    pins.push(pin(name, link, link_dir, generation)?);
     tracing::info!(cgroup = %cgroup.display(), "eBPF programs attached");
-    Ok(())
+    Ok(pins)
 }
 
 /// Loads the inbound sk_lookup program; it is attached per pod by [`attach_inbound`].
@@ -133,45 +137,34 @@ where
         .map_err(|source| DatapathError::Program { name, source })
 }
 
-/// Pins the new link, then unpins (and so detaches) every older link of the same program.
-fn replace_pinned(
+/// Pins a new link at `links/<program>-<generation>`.
+fn pin(
     name: &'static str,
     link: FdLink,
     link_dir: &Path,
     generation: u128,
-) -> Result<(), DatapathError> {
+) -> Result<PathBuf, DatapathError> {
     let path = link_dir.join(format!("{name}-{generation}"));
     let pinned: PinnedLink = link.pin(&path).map_err(|source| DatapathError::PinLink {
         name,
         path: path.clone(),
         source,
     })?;
-    for old in older_links(link_dir, name, &path) {
-        std::fs::remove_file(&old).map_err(|source| DatapathError::Remove {
-            path: old.clone(),
-            source,
-        })?;
-        tracing::info!(link = %old.display(), "replaced the previous agent's link");
-    }
     // Dropping the PinnedLink closes our fd; the pin keeps the program attached.
     drop(pinned);
-    Ok(())
+    Ok(path)
 }
 
-fn older_links(link_dir: &Path, name: &str, current: &Path) -> Vec<PathBuf> {
-    let prefix = format!("{name}-");
-    let Ok(entries) = std::fs::read_dir(link_dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| path != current)
-        .filter(|path| {
-            path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.strip_prefix(&prefix)
-                    .is_some_and(|generation| generation.parse::<u128>().is_ok())
-            })
-        })
-        .collect()
+/// Unpins (and so detaches) every cgroup link in `link_dir` but `ours`: the previous
+/// agent's, and links of other agent versions whatever their program is called. The
+/// per-pod inbound links live in a directory of their own and stay.
+pub(super) fn retire_other_links(link_dir: &Path, ours: &[PathBuf]) -> usize {
+    super::unpin_others(
+        link_dir,
+        |name| {
+            ours.iter()
+                .any(|own| own.file_name().is_some_and(|n| n == name))
+        },
+        "unpinned the link of another agent (its program is detached)",
+    )
 }

@@ -6,11 +6,12 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{
-        Array, HashMap, MapData, SockHash,
+        Array, HashMap, MapData, MapError, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
+    sys::SyscallError,
 };
 use nodemesh_common::{
     CaptureConfig, ConnectionKey, DeliveryKey, EnrolledPod, FAMILY_V4, FAMILY_V6, FailMode,
@@ -48,6 +49,23 @@ pub fn inbound_key(ip: IpAddr) -> InboundKey {
     }
 }
 
+/// The pod address a key of the inbound maps names; `None` for a key the agent never
+/// writes (another family, bits outside the address), which reconciliation removes.
+pub fn key_address(key: &InboundKey) -> Option<IpAddr> {
+    let decoded = match key.family {
+        FAMILY_V4 => IpAddr::from(key.addr[0].to_ne_bytes()),
+        FAMILY_V6 => {
+            let mut octets = [0u8; 16];
+            for (chunk, word) in octets.as_chunks_mut::<4>().0.iter_mut().zip(key.addr) {
+                *chunk = word.to_ne_bytes();
+            }
+            IpAddr::from(octets)
+        }
+        _ => return None,
+    };
+    (inbound_key(decoded) == *key).then_some(decoded)
+}
+
 /// An address as the kernel hands it to programs (see agent-common's crate docs): IPv4 in
 /// the first word, network byte order; IPv6 as four network-order words; and its family tag.
 pub fn address_words(ip: IpAddr) -> ([u32; 4], u16) {
@@ -62,15 +80,15 @@ pub fn address_words(ip: IpAddr) -> ([u32; 4], u16) {
 }
 
 pub(super) struct DatapathMaps {
-    enrolled: HashMap<MapData, u64, EnrolledPod>,
+    pub(super) enrolled: HashMap<MapData, u64, EnrolledPod>,
     capture_config: Array<MapData, CaptureConfig>,
     excluded_ports: HashMap<MapData, u16, u8>,
     excluded_v4: LpmTrie<MapData, Ipv4Prefix, u8>,
     excluded_v6: LpmTrie<MapData, Ipv6Prefix, u8>,
     connections: HashMap<MapData, ConnectionKey, OriginalDst>,
-    inbound_pods: HashMap<MapData, InboundKey, InboundPod>,
-    inbound_listeners: SockHash<MapData, InboundKey>,
-    deliveries: HashMap<MapData, DeliveryKey, u8>,
+    pub(super) inbound_pods: HashMap<MapData, InboundKey, InboundPod>,
+    pub(super) inbound_listeners: SockHash<MapData, InboundKey>,
+    pub(super) deliveries: HashMap<MapData, DeliveryKey, u8>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -81,14 +99,53 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
 }
 
-/// A removal that found nothing to remove is done too.
-fn removed(
-    result: Result<(), aya::maps::MapError>,
-    map: &'static str,
-) -> Result<(), DatapathError> {
-    match result {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(source) => Err(DatapathError::Map { map, source }),
+/// A map the agent deletes keys from (aya's map types share no trait for it).
+pub(super) trait Delete<K> {
+    fn delete_key(&mut self, key: &K) -> Result<(), MapError>;
+}
+
+impl<K: Pod, V: Pod> Delete<K> for HashMap<MapData, K, V> {
+    fn delete_key(&mut self, key: &K) -> Result<(), MapError> {
+        self.remove(key)
+    }
+}
+
+impl<K: Pod> Delete<K> for SockHash<MapData, K> {
+    fn delete_key(&mut self, key: &K) -> Result<(), MapError> {
+        self.remove(key)
+    }
+}
+
+impl<K: Pod, V: Pod> Delete<Key<K>> for LpmTrie<MapData, K, V> {
+    fn delete_key(&mut self, key: &Key<K>) -> Result<(), MapError> {
+        self.remove(key)
+    }
+}
+
+/// Deletes `key` from `map`; every delete of the agent goes through here. A key that is not
+/// there counts as deleted (`Ok(false)`): the kernel drops a sockhash entry when its socket
+/// closes, LRU maps evict, and another agent may have been first, so a missing key is never
+/// an error that could stop the agent.
+pub(super) fn delete<K>(
+    map: &mut impl Delete<K>,
+    key: &K,
+    name: &'static str,
+) -> Result<bool, DatapathError> {
+    match map.delete_key(key) {
+        Ok(()) => Ok(true),
+        Err(error) if is_missing_key(&error) => Ok(false),
+        Err(source) => Err(DatapathError::Map { map: name, source }),
+    }
+}
+
+/// `bpf_map_delete_elem` answers ENOENT for a key that is not in the map.
+fn is_missing_key(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(SyscallError { io_error, .. }) => {
+            io_error.raw_os_error() == Some(libc::ENOENT)
+        }
+        _ => false,
     }
 }
 
@@ -137,9 +194,9 @@ impl DatapathMaps {
     ) -> Result<(), DatapathError> {
         let stale_ports: Vec<u16> = self.excluded_ports.keys().filter_map(Result::ok).collect();
         for port in stale_ports.iter().filter(|p| !ports.contains(p)) {
-            self.excluded_ports
-                .remove(port)
-                .map_err(map_err(map_names::EXCLUDED_PORTS))?;
+            if delete(&mut self.excluded_ports, port, map_names::EXCLUDED_PORTS)? {
+                tracing::info!(port, "removed an excluded port no --exclude-port asks for");
+            }
         }
         for port in ports {
             self.excluded_ports
@@ -149,16 +206,12 @@ impl DatapathMaps {
         let stale_v4: Vec<Key<Ipv4Prefix>> =
             self.excluded_v4.keys().filter_map(Result::ok).collect();
         for key in &stale_v4 {
-            self.excluded_v4
-                .remove(key)
-                .map_err(map_err(map_names::EXCLUDED_CIDRS_V4))?;
+            delete(&mut self.excluded_v4, key, map_names::EXCLUDED_CIDRS_V4)?;
         }
         let stale_v6: Vec<Key<Ipv6Prefix>> =
             self.excluded_v6.keys().filter_map(Result::ok).collect();
         for key in &stale_v6 {
-            self.excluded_v6
-                .remove(key)
-                .map_err(map_err(map_names::EXCLUDED_CIDRS_V6))?;
+            delete(&mut self.excluded_v6, key, map_names::EXCLUDED_CIDRS_V6)?;
         }
         for cidr in cidrs {
             let prefix_len = u32::from(cidr.prefix_len);
@@ -181,29 +234,34 @@ impl DatapathMaps {
     }
 
     pub(super) fn enroll(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+        let wanted = EnrolledPod::default();
+        if let Ok(pinned) = self.enrolled.get(&cgroup_id, 0)
+            && pinned != wanted
+        {
+            tracing::info!(
+                cgroup_id,
+                flags = pinned.flags,
+                pad = pinned._pad,
+                "rewrote a corrupt enrolment entry"
+            );
+        }
         self.enrolled
-            .insert(&cgroup_id, &EnrolledPod::default(), 0)
+            .insert(&cgroup_id, &wanted, 0)
             .map_err(map_err(map_names::ENROLLED_CGROUPS))
     }
 
     pub(super) fn unenroll(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
-        removed(
-            self.enrolled.remove(&cgroup_id),
-            map_names::ENROLLED_CGROUPS,
-        )
-    }
-
-    pub(super) fn enrolled_cgroups(&self) -> Result<Vec<u64>, DatapathError> {
-        self.enrolled
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(map_names::ENROLLED_CGROUPS))
+        delete(&mut self.enrolled, &cgroup_id, map_names::ENROLLED_CGROUPS).map(drop)
     }
 
     pub(super) fn take_original_destination(&mut self, key: &ConnectionKey) -> Option<OriginalDst> {
         let found = self.connections.get(key, 0).ok()?;
         // Ignore a failed delete: the LRU map evicts the entry eventually anyway.
-        let _ = self.connections.remove(key);
+        let _ = delete(
+            &mut self.connections,
+            key,
+            map_names::CONNECTION_ORIGINAL_DST,
+        );
         Some(found)
     }
 
@@ -214,11 +272,19 @@ impl DatapathMaps {
         pod: InboundPod,
         listener: BorrowedFd<'_>,
     ) -> Result<(), DatapathError> {
-        let key = inbound_key(addr);
-        self.inbound_listeners
-            .insert(&key, listener.as_raw_fd(), 0)
-            .map_err(map_err(map_names::INBOUND_LISTENERS))?;
+        self.set_listener(addr, listener)?;
         self.set_inbound_pod(addr, pod)
+    }
+
+    /// Hands plaintext arriving for `addr` to `listener`, whatever mode the pod has.
+    pub(super) fn set_listener(
+        &mut self,
+        addr: IpAddr,
+        listener: BorrowedFd<'_>,
+    ) -> Result<(), DatapathError> {
+        self.inbound_listeners
+            .insert(&inbound_key(addr), listener.as_raw_fd(), 0)
+            .map_err(map_err(map_names::INBOUND_LISTENERS))
     }
 
     pub(super) fn set_inbound_pod(
@@ -226,17 +292,30 @@ impl DatapathMaps {
         addr: IpAddr,
         pod: InboundPod,
     ) -> Result<(), DatapathError> {
+        let key = inbound_key(addr);
+        if let Ok(pinned) = self.inbound_pods.get(&key, 0)
+            && pinned != pod
+        {
+            tracing::info!(
+                address = %addr,
+                pinned_flags = pinned.flags,
+                flags = pod.flags,
+                "rewrote the inbound mode of an address"
+            );
+        }
         self.inbound_pods
-            .insert(&inbound_key(addr), &pod, 0)
+            .insert(&key, &pod, 0)
             .map_err(map_err(map_names::INBOUND_PODS))
     }
 
     pub(super) fn remove_inbound(&mut self, key: &InboundKey) -> Result<(), DatapathError> {
-        removed(self.inbound_pods.remove(key), map_names::INBOUND_PODS)?;
-        removed(
-            self.inbound_listeners.remove(key),
+        delete(&mut self.inbound_pods, key, map_names::INBOUND_PODS)?;
+        delete(
+            &mut self.inbound_listeners,
+            key,
             map_names::INBOUND_LISTENERS,
         )
+        .map(drop)
     }
 
     pub(super) fn add_delivery(&mut self, source: SocketAddr) -> Result<(), DatapathError> {
@@ -247,11 +326,11 @@ impl DatapathMaps {
 
     pub(super) fn remove_delivery(&mut self, source: SocketAddr) {
         // A failed delete is harmless: the LRU map evicts the entry eventually.
-        let _ = self.deliveries.remove(&delivery_key(source));
-    }
-
-    pub(super) fn inbound_keys(&self) -> Vec<InboundKey> {
-        self.inbound_pods.keys().filter_map(Result::ok).collect()
+        let _ = delete(
+            &mut self.deliveries,
+            &delivery_key(source),
+            map_names::DELIVERIES,
+        );
     }
 
     pub(super) fn occupancy(&self) -> MapOccupancy {

@@ -3,6 +3,7 @@
 
 mod attach;
 mod maps;
+mod reconcile;
 
 use std::{
     fs::File,
@@ -12,17 +13,17 @@ use std::{
     sync::Mutex,
 };
 
-use aya::{Ebpf, EbpfLoader};
-use nodemesh_common::{ConnectionKey, InboundPod, OriginalDst};
+use aya::{Ebpf, EbpfError, EbpfLoader, maps::MapError};
+use nodemesh_common::{ConnectionKey, InboundPod, OriginalDst, map_names};
 
-pub use self::maps::{MapOccupancy, address_words, inbound_key};
+pub use self::{
+    maps::{MapOccupancy, address_words, inbound_key, key_address},
+    reconcile::Expected,
+};
 use crate::config::AgentConfig;
 
 /// The compiled programs, built by build.rs from agent-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodemesh-ebpf"));
-
-/// bpffs magic number (statfs f_type), see linux/magic.h.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The oldest kernel the datapath is proven on (`cargo xtask vm-test`, docs/vm-test.md), and
 /// the newest feature it needs below that.
@@ -62,7 +63,7 @@ pub enum DatapathError {
          and point --bpffs below it"
     )]
     NotBpffs(PathBuf),
-    #[error("creating pin directory {path}: {source}")]
+    #[error("creating pin directory {path}: {source} (is --bpffs on a writable bpffs mount?)")]
     PinDirectory {
         path: PathBuf,
         source: std::io::Error,
@@ -73,17 +74,23 @@ pub enum DatapathError {
     MissingProgram(&'static str),
     #[error("eBPF map {0} missing from the object")]
     MissingMap(&'static str),
-    #[error("eBPF program {name}: {source}")]
+    #[error(
+        "eBPF program {name}: {source} (the agent needs CAP_BPF and CAP_NET_ADMIN and a \
+         kernel >= 6.1 with BTF)"
+    )]
     Program {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("opening cgroup {path} to attach programs: {source}")]
+    #[error(
+        "opening cgroup {path} to attach programs: {source} (is --cgroup-root the node's \
+         cgroup v2 root?)"
+    )]
     OpenCgroup {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("pinning link of {name} at {path}: {source}")]
+    #[error("pinning link of {name} at {path}: {source} (is --bpffs on a writable bpffs mount?)")]
     PinLink {
         name: &'static str,
         path: PathBuf,
@@ -105,6 +112,10 @@ pub enum DatapathError {
 pub struct Datapath {
     maps: Mutex<maps::DatapathMaps>,
     attach_point: PathBuf,
+    map_dir: PathBuf,
+    link_dir: PathBuf,
+    /// This agent's pinned cgroup links; others are retired once it is in charge.
+    own_links: Vec<PathBuf>,
     /// Pinned per-pod links of the inbound program, one file per pod UID.
     inbound_link_dir: PathBuf,
     // Keeps the programs loaded for as long as the agent runs (the pinned links outlive it),
@@ -127,20 +138,64 @@ impl Datapath {
                 source,
             })?;
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&map_dir)
-            .load(EBPF_OBJECT)?;
+        let mut ebpf = load_reusing_pinned_maps(&map_dir)?;
         let mut maps = maps::DatapathMaps::take(&mut ebpf)?;
         maps.write_exclusions(&config.exclude_ports, &config.exclude_cidrs)?;
         maps.write_capture_config(config.outbound_port, config.fail_mode, config.proxy_mark)?;
-        attach::attach_all(&mut ebpf, attach_point, &link_dir)?;
+        let own_links = attach::attach_all(&mut ebpf, attach_point, &link_dir)?;
         attach::load_inbound(&mut ebpf)?;
         Ok(Self {
             maps: Mutex::new(maps),
             attach_point: attach_point.to_owned(),
+            map_dir,
+            link_dir,
+            own_links,
             inbound_link_dir,
             ebpf: Mutex::new(ebpf),
         })
+    }
+
+    /// Makes the maps and the inbound links hold exactly `expected`, repairing (and logging)
+    /// every difference; returns how many there were. Never fails: an entry that cannot be
+    /// repaired is logged and left for the next pass.
+    pub fn reconcile(&self, expected: &Expected<'_>) -> usize {
+        let mut repairs = self.lock().reconcile(expected);
+        repairs +=
+            reconcile::remove_stale_inbound_links(&self.inbound_link_dir, &expected.inbound_links);
+        for (uid, netns) in &expected.inbound_links {
+            let Some(netns) = netns else { continue };
+            if self.inbound_link_dir.join(uid).exists() {
+                continue;
+            }
+            match self.attach_inbound_link(uid, netns) {
+                Ok(()) => {
+                    repairs += 1;
+                    tracing::info!(pod_uid = %uid, "restored a missing inbound capture link");
+                }
+                Err(error) => {
+                    tracing::error!(pod_uid = %uid, %error, "restoring an inbound capture link")
+                }
+            }
+        }
+        repairs
+    }
+
+    /// Once this agent is in charge with its maps filled: unpins every link but its own (the
+    /// previous agent's, other versions') and every map this version does not use (another
+    /// layout's, or nobody's). Programs still attached until then kept capture going.
+    pub fn retire_other_versions(&self) -> usize {
+        attach::retire_other_links(&self.link_dir, &self.own_links)
+            + unpin_others(
+                &self.map_dir,
+                |name| map_names::ALL.contains(&name),
+                "unpinned a map of another layout version (or not ours)",
+            )
+    }
+
+    /// Clears what a previous agent left of transparent deliveries in progress (only safe
+    /// when no other agent runs).
+    pub fn clear_deliveries(&self) -> usize {
+        self.lock().clear_deliveries()
     }
 
     /// The cgroup the programs are attached to.
@@ -158,11 +213,6 @@ impl Datapath {
         self.lock().unenroll(cgroup_id)
     }
 
-    /// Cgroup ids currently in the enrolment map (including ones a previous agent left).
-    pub fn enrolled_cgroups(&self) -> Result<Vec<u64>, DatapathError> {
-        self.lock().enrolled_cgroups()
-    }
-
     /// Starts handing plaintext that arrives at the pod `uid` (network namespace `netns`,
     /// addresses `listeners`' keys) to the proxy's plaintext listeners in it.
     pub fn capture_inbound(
@@ -178,6 +228,12 @@ impl Datapath {
                 maps.set_inbound(*addr, pod, *listener)?;
             }
         }
+        self.attach_inbound_link(uid, netns)
+    }
+
+    /// Attaches the inbound program to the network namespace of the pod `uid`, replacing the
+    /// link pinned for it before (atomically: capture has no gap).
+    pub fn attach_inbound_link(&self, uid: &str, netns: &File) -> Result<(), DatapathError> {
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
         attach::attach_inbound(&mut ebpf, netns, &self.inbound_link_dir.join(uid))
     }
@@ -203,46 +259,10 @@ impl Datapath {
 
     /// Stops inbound capture for the pod `uid` with these addresses.
     pub fn release_inbound(&self, uid: &str, addrs: &[IpAddr]) -> Result<(), DatapathError> {
-        let link = self.inbound_link_dir.join(uid);
-        match std::fs::remove_file(&link) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(DatapathError::Remove { path: link, source }),
-        }
+        remove_pin(&self.inbound_link_dir.join(uid))?;
         let mut maps = self.lock();
         for addr in addrs {
             maps.remove_inbound(&inbound_key(*addr))?;
-        }
-        Ok(())
-    }
-
-    /// Removes inbound links and map entries whose pod is not in `keep` (UIDs and addresses
-    /// of the enrolled pods): what a previous agent left for pods that have gone since.
-    pub fn remove_stale_inbound(
-        &self,
-        keep_uids: &[&str],
-        keep_addrs: &[IpAddr],
-    ) -> Result<(), DatapathError> {
-        let entries =
-            std::fs::read_dir(&self.inbound_link_dir).map_err(|source| DatapathError::Remove {
-                path: self.inbound_link_dir.clone(),
-                source,
-            })?;
-        for entry in entries.filter_map(Result::ok) {
-            let name = entry.file_name();
-            if !keep_uids.iter().any(|uid| name.to_str() == Some(uid)) {
-                let path = entry.path();
-                std::fs::remove_file(&path)
-                    .map_err(|source| DatapathError::Remove { path, source })?;
-                tracing::info!(link = ?name, "removed stale inbound capture link");
-            }
-        }
-        let keep: Vec<_> = keep_addrs.iter().map(|a| inbound_key(*a)).collect();
-        let mut maps = self.lock();
-        for key in maps.inbound_keys() {
-            if !keep.contains(&key) {
-                maps.remove_inbound(&key)?;
-            }
         }
         Ok(())
     }
@@ -264,6 +284,73 @@ impl Datapath {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Loads the object, reusing the maps pinned in `map_dir`. A pinned map whose layout differs
+/// from this agent's (a version that forgot to rename it, or not ours) is unpinned and
+/// created anew: the programs still using it keep it until they are replaced.
+fn load_reusing_pinned_maps(map_dir: &Path) -> Result<Ebpf, DatapathError> {
+    let mut replaced = Vec::new();
+    loop {
+        let loaded = EbpfLoader::new()
+            .default_map_pin_directory(map_dir)
+            .load(EBPF_OBJECT);
+        match loaded {
+            Err(EbpfError::MapError(MapError::IncompatiblePinnedMap {
+                name,
+                property,
+                expected,
+                actual,
+            })) if !replaced.contains(&name) => {
+                tracing::warn!(
+                    map = %name, property, pinned = actual, expected,
+                    "a pinned map has another layout than this agent's: replacing it"
+                );
+                remove_pin(&map_dir.join(&name))?;
+                replaced.push(name);
+            }
+            loaded => return Ok(loaded?),
+        }
+    }
+}
+
+/// Unpins `path`; one that is already gone is unpinned too.
+fn remove_pin(path: &Path) -> Result<(), DatapathError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Remove {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Unpins every pin in `dir` whose name `keep` refuses (directories stay), logging each with
+/// `what`; one that cannot be unpinned is logged and left. Returns how many went.
+fn unpin_others(dir: &Path, keep: impl Fn(&str) -> bool, what: &str) -> usize {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) => {
+            tracing::error!(dir = %dir.display(), %error, "cannot list the pins; they stay");
+            return 0;
+        }
+    };
+    let mut unpinned = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) || name.to_str().is_some_and(&keep) {
+            continue;
+        }
+        match remove_pin(&entry.path()) {
+            Ok(()) => {
+                unpinned += 1;
+                tracing::info!(pin = %entry.path().display(), "{what}");
+            }
+            Err(error) => tracing::error!(%error, "{what}: failed, the pin stays"),
+        }
+    }
+    unpinned
 }
 
 /// Detaches everything an agent pinned under `bpffs` and deletes its maps.
@@ -289,7 +376,7 @@ fn ensure_bpffs(path: &Path) -> Result<(), DatapathError> {
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     match nix::sys::statfs::statfs(existing) {
-        Ok(fs) if fs.filesystem_type().0 == BPF_FS_MAGIC => Ok(()),
+        Ok(fs) if fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Ok(()),
         _ => Err(DatapathError::NotBpffs(path.to_owned())),
     }
 }
@@ -297,6 +384,51 @@ fn ensure_bpffs(path: &Path) -> Result<(), DatapathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every map as the object defines it: (name, type, key size, value size, capacity,
+    /// flags). Agents that pin a map under the same name share it, so a layout change must
+    /// come with a new name (`map_names`, docs/lifecycle.md): update this list only together
+    /// with the name.
+    const LAYOUTS: [(&str, u32, u32, u32, u32, u32); 10] = [
+        ("NM_CAPTURE_CONFIG", 2, 4, 16, 1, 0),
+        ("NM_CONN_ORIG_DST", 9, 32, 32, 65536, 0),
+        ("NM_DELIVERIES", 9, 20, 1, 65536, 0),
+        ("NM_ENROLLED_CGROUPS", 1, 8, 8, 4096, 0),
+        ("NM_EXCLUDED_PORTS", 1, 2, 1, 256, 0),
+        ("NM_EXCLUDED_V4", 11, 8, 1, 1024, 1),
+        ("NM_EXCLUDED_V6", 11, 20, 1, 1024, 1),
+        ("NM_INBOUND_LISTENERS", 18, 20, 4, 8192, 0),
+        ("NM_INBOUND_PODS", 1, 20, 8, 8192, 0),
+        ("NM_SOCKET_ORIG_DST", 9, 8, 32, 65536, 0),
+    ];
+
+    #[test]
+    fn a_map_layout_changes_only_with_the_maps_name() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded eBPF object");
+        let mut found: Vec<_> = object
+            .maps
+            .iter()
+            .map(|(name, map)| {
+                (
+                    name.as_str(),
+                    map.map_type(),
+                    map.key_size(),
+                    map.value_size(),
+                    map.max_entries(),
+                    map.map_flags(),
+                )
+            })
+            .collect();
+        found.sort();
+        assert_eq!(
+            found, LAYOUTS,
+            "a map's layout changed: give it a new name in map_names and agent-ebpf \
+             (NM_<NAME>_V2), then update LAYOUTS"
+        );
+        let mut names = map_names::ALL;
+        names.sort();
+        assert_eq!(names.to_vec(), LAYOUTS.map(|l| l.0).to_vec());
+    }
 
     #[test]
     fn kernel_releases_are_read_as_major_and_minor() {

@@ -13,7 +13,6 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::Mutex,
 };
 
 use k8s_openapi::api::{
@@ -22,7 +21,7 @@ use k8s_openapi::api::{
 };
 use kube::{Api, api::PostParams};
 
-use crate::k8s::cluster_state::ClusterStateDir;
+use crate::k8s::cluster_state;
 
 /// TokenReview `user.extra` keys of a token bound to a pod.
 const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
@@ -165,25 +164,19 @@ async fn review(
 
 /// Where the CA looks pods up.
 pub enum PodDirectory {
-    Manifests(Mutex<ClusterStateDir>),
+    Manifests(PathBuf),
     Api(kube::Client),
 }
 
 impl PodDirectory {
     pub fn manifests(dir: &Path) -> Self {
-        Self::Manifests(Mutex::new(ClusterStateDir::new(dir)))
+        Self::Manifests(dir.to_owned())
     }
 
     /// The pod, or None when it does not exist.
     pub async fn pod(&self, namespace: &str, name: &str) -> Result<Option<Pod>, kube::Error> {
         match self {
-            Self::Manifests(dir) => {
-                let (snapshot, _) = dir.lock().unwrap_or_else(|p| p.into_inner()).refresh();
-                Ok(snapshot
-                    .pods
-                    .get(&(namespace.to_owned(), name.to_owned()))
-                    .cloned())
-            }
+            Self::Manifests(dir) => Ok(cluster_state::find_pod(dir, namespace, name)),
             Self::Api(client) => {
                 Api::<Pod>::namespaced(client.clone(), namespace)
                     .get_opt(name)

@@ -1,49 +1,60 @@
-//! Cluster state from the Kubernetes API server: one kube-rs reflector per kind (Namespaces,
-//! Pods, Services, EndpointSlices, Gateway API HTTPRoutes, nodemesh AuthorizationPolicies),
-//! each a list followed by a watch. HTTPRoutes are not part of the initial sync: a cluster
-//! without the Gateway API CRDs has no routes, and the mesh must not wait for them (their
-//! watch retries with backoff and logs). AuthorizationPolicies are: an agent that served
-//! before knowing them would allow what a policy denies (the chart installs their CRD).
+//! Cluster state from the Kubernetes API server: one watch per kind (Namespaces, Pods,
+//! Services, EndpointSlices, Gateway API HTTPRoutes, nodemesh AuthorizationPolicies), each
+//! feeding its compact index or table event by event (`watch.rs`, `sinks.rs`).
 //!
-//! The list/watch protocol is kube-rs's watcher: it lists, then watches from the list's
-//! resourceVersion with bookmarks on, resumes from the last resourceVersion (or bookmark)
-//! after a dropped connection, relists when the server answers 410 Gone, and backs off
-//! exponentially while the server is unreachable. The reflector stores replace their contents
-//! on each relist, so objects deleted while the watch was down disappear too. The agent only
-//! counts as synced once every store has completed its first list.
+//! Pods are watched twice: this node's pods with a `spec.nodeName` field selector, which alone
+//! decides enrolment (a small watch, so a new pod's event arrives without waiting behind the
+//! whole cluster's, and the only pods kept whole enough to enrol), and every pod cluster-wide
+//! for the workload index (who owns each meshed address), kept in compact form and read live
+//! by the proxies.
 //!
-//! Pods are watched twice, both trimmed to the fields the mesh reads: this node's pods with a
-//! `spec.nodeName` field selector, which alone decides enrolment (a small watch, so a new
-//! pod's event arrives without waiting behind the whole cluster's), and every pod
-//! cluster-wide for the workload index (every meshed pod's address and identity). The
-//! snapshot takes this node's pods from the first and all others from the second, so the two
-//! can never disagree about a local pod.
+//! Readiness: the agent counts as synced once Namespaces, both Pod watches, Services,
+//! EndpointSlices and AuthorizationPolicies have completed their first list: an agent that
+//! served before knowing the policies would allow what a policy denies. HTTPRoutes are not
+//! waited for, and neither is either optional resource while the API server does not serve
+//! it (`discovery.rs`).
 
-use std::{collections::BTreeMap, fmt::Debug, hash::Hash, sync::Mutex, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use futures_util::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, PodSpec, PodStatus, Service},
+    core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Client, Resource,
     api::{Patch, PatchParams},
-    runtime::{
-        WatchStreamExt,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::watcher,
 };
-use serde::de::DeserializeOwned;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 
-use super::snapshot::ClusterSnapshot;
+use super::{
+    compact::LocalPod,
+    discovery::{self, Optional},
+    intern::Interner,
+    sinks::{LocalPodSink, NamespaceSink, ObjectSink, ServiceSink, SliceSink, WorkloadSink, lock},
+    snapshot::{ClusterIndices, ClusterSnapshot},
+    status::SourceStatus,
+    table::{NamespaceTable, Table},
+    watch::{self as watches, Ended, Unsynced, WatchContext},
+};
 use crate::state::{
     authorization::AuthorizationPolicyObject,
-    membership,
     routes::{HttpRouteObject, RouteStatusUpdate},
 };
+
+const NAMESPACES: &str = "Namespaces";
+const PODS: &str = "Pods (cluster-wide)";
+const LOCAL_PODS: &str = "this node's Pods";
+const SERVICES: &str = "Services";
+const ENDPOINT_SLICES: &str = "EndpointSlices";
+const HTTP_ROUTES: &str = "HTTPRoutes";
+const AUTHORIZATION_POLICIES: &str = "AuthorizationPolicies";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -55,21 +66,18 @@ pub enum ApiError {
     SyncTimeout { kinds: String, timeout: Duration },
 }
 
-/// The reflector stores, kept current by background tasks until dropped.
+type Objects<K> = Arc<Mutex<Table<(String, String), K>>>;
+
+/// The watches' tables, kept current by background tasks until dropped. (The large kinds
+/// live in the [`ClusterIndices`], which the proxies read.)
 pub struct ApiWatch {
     client: Client,
-    node: String,
-    namespaces: Store<Namespace>,
-    /// Every pod of the cluster (the workload index).
-    pods: Store<Pod>,
-    /// This node's pods (enrolment), field-selected by `spec.nodeName`.
-    local_pods: Store<Pod>,
-    services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
-    http_routes: Store<HttpRouteObject>,
-    authorization_policies: Store<AuthorizationPolicyObject>,
-    /// The last version of each namespace that passed validation.
-    last_good_namespaces: Mutex<BTreeMap<String, Namespace>>,
+    namespaces: Arc<Mutex<NamespaceTable>>,
+    /// This node's pods by `namespace/name`.
+    local_pods: Arc<Mutex<Table<String, LocalPod>>>,
+    http_routes: Objects<HttpRouteObject>,
+    authorization_policies: Objects<AuthorizationPolicyObject>,
+    unsynced: watch::Receiver<Vec<&'static str>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -88,151 +96,217 @@ impl ApiWatch {
         Ok(Client::try_from(config)?)
     }
 
-    /// Starts the watches; `changes` gets a message (coalesced) after every event.
-    pub fn start(client: Client, node: &str, changes: mpsc::Sender<()>) -> Self {
-        let client_for_writes = client.clone();
-        let mut tasks = Vec::new();
+    /// Starts the watches; `changes` gets a message (coalesced) after every change the
+    /// reconciler must see; `status` follows each watch; resources the server does not serve
+    /// are looked for again every `recheck` ([`discovery::RECHECK`] in the agent).
+    pub fn start(
+        client: Client,
+        node: &str,
+        indices: &ClusterIndices,
+        status: Arc<SourceStatus>,
+        changes: mpsc::Sender<()>,
+        recheck: Duration,
+    ) -> Self {
+        let (unsynced_tx, unsynced_rx) = watch::channel(vec![
+            NAMESPACES,
+            PODS,
+            LOCAL_PODS,
+            SERVICES,
+            ENDPOINT_SLICES,
+            AUTHORIZATION_POLICIES,
+        ]);
+        let unsynced: Unsynced = Arc::new(unsynced_tx);
+        let ctx = |name: &'static str, resource: String, notify: bool| WatchContext {
+            name,
+            resource,
+            status: Arc::clone(&status),
+            unsynced: Arc::clone(&unsynced),
+            changes: notify.then(|| changes.clone()),
+            optional: false,
+        };
         let everything = watcher::Config::default();
-        let namespaces = reflect(
-            Api::all(client.clone()),
-            everything.clone(),
-            trim_metadata::<Namespace>,
-            &changes,
-            &mut tasks,
-        );
-        let pods = reflect(
-            Api::all(client.clone()),
-            everything.clone(),
-            trim_pod,
-            &changes,
-            &mut tasks,
-        );
-        let local_pods = reflect(
-            Api::all(client.clone()),
-            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
-            trim_pod,
-            &changes,
-            &mut tasks,
-        );
-        let services = reflect(
-            Api::all(client.clone()),
-            everything.clone(),
-            trim_metadata::<Service>,
-            &changes,
-            &mut tasks,
-        );
-        let endpoint_slices = reflect(
-            Api::all(client.clone()),
-            everything.clone(),
-            trim_metadata::<EndpointSlice>,
-            &changes,
-            &mut tasks,
-        );
-        let http_routes = reflect(
-            Api::all(client.clone()),
-            everything.clone(),
-            trim_metadata::<HttpRouteObject>,
-            &changes,
-            &mut tasks,
-        );
-        let authorization_policies = reflect(
-            Api::all(client),
-            everything,
-            trim_metadata::<AuthorizationPolicyObject>,
-            &changes,
-            &mut tasks,
-        );
+        let namespaces = Arc::new(Mutex::new(NamespaceTable::default()));
+        let local_pods = Arc::new(Mutex::new(Table::default()));
+        let http_routes: Objects<HttpRouteObject> = Arc::default();
+        let authorization_policies: Objects<AuthorizationPolicyObject> = Arc::default();
+        let local_selector = format!("spec.nodeName={node}");
+        let tasks = vec![
+            spawn(watches::run(
+                Api::<Namespace>::all(client.clone()),
+                everything.clone(),
+                NamespaceSink {
+                    table: Arc::clone(&namespaces),
+                    workloads: Arc::clone(&indices.workloads),
+                    listing: false,
+                },
+                ctx(NAMESPACES, "/api/v1/namespaces".into(), true),
+            )),
+            spawn(watches::run(
+                Api::<Pod>::all(client.clone()),
+                everything.clone(),
+                WorkloadSink {
+                    index: Arc::clone(&indices.workloads),
+                    strings: Interner::default(),
+                },
+                // The proxies read the index live: nothing to recompute.
+                ctx(PODS, "/api/v1/pods".into(), false),
+            )),
+            spawn(watches::run(
+                Api::<Pod>::all(client.clone()),
+                everything.clone().fields(&local_selector),
+                LocalPodSink {
+                    table: Arc::clone(&local_pods),
+                },
+                ctx(
+                    LOCAL_PODS,
+                    format!("/api/v1/pods?fieldSelector={local_selector}"),
+                    true,
+                ),
+            )),
+            spawn(watches::run(
+                Api::<Service>::all(client.clone()),
+                everything.clone(),
+                ServiceSink {
+                    index: Arc::clone(&indices.services),
+                    strings: Interner::default(),
+                },
+                ctx(SERVICES, "/api/v1/services".into(), true),
+            )),
+            spawn(watches::run(
+                Api::<EndpointSlice>::all(client.clone()),
+                everything.clone(),
+                SliceSink {
+                    index: Arc::clone(&indices.services),
+                    strings: Interner::default(),
+                },
+                ctx(
+                    ENDPOINT_SLICES,
+                    "/apis/discovery.k8s.io/v1/endpointslices".into(),
+                    true,
+                ),
+            )),
+            tokio::spawn(discovery::run(
+                client.clone(),
+                recheck,
+                vec![
+                    optional(
+                        &client,
+                        WatchContext {
+                            optional: true,
+                            ..ctx(
+                                HTTP_ROUTES,
+                                "/apis/gateway.networking.k8s.io/v1/httproutes".into(),
+                                true,
+                            )
+                        },
+                        ("gateway.networking.k8s.io/v1", "httproutes"),
+                        "Service traffic is not routed by HTTPRoutes",
+                        &http_routes,
+                    ),
+                    optional(
+                        &client,
+                        WatchContext {
+                            optional: true,
+                            ..ctx(
+                                AUTHORIZATION_POLICIES,
+                                "/apis/nodemesh.io/v1alpha1/authorizationpolicies".into(),
+                                true,
+                            )
+                        },
+                        ("nodemesh.io/v1alpha1", "authorizationpolicies"),
+                        "no AuthorizationPolicy applies (the mesh allows by default)",
+                        &authorization_policies,
+                    ),
+                ],
+            )),
+        ];
         Self {
-            client: client_for_writes,
-            node: node.to_owned(),
+            client,
             namespaces,
-            pods,
             local_pods,
-            services,
-            endpoint_slices,
             http_routes,
             authorization_policies,
-            last_good_namespaces: Mutex::default(),
+            unsynced: unsynced_rx,
             tasks,
         }
     }
 
-    /// Waits until every kind has been listed once.
+    /// Waits until every kind the agent needs has been listed once.
     pub async fn wait_synced(&self, timeout: Duration) -> Result<(), ApiError> {
-        let all = async {
-            let _ = self.namespaces.wait_until_ready().await;
-            let _ = self.pods.wait_until_ready().await;
-            let _ = self.local_pods.wait_until_ready().await;
-            let _ = self.services.wait_until_ready().await;
-            let _ = self.endpoint_slices.wait_until_ready().await;
-            let _ = self.authorization_policies.wait_until_ready().await;
-        };
-        tokio::time::timeout(timeout, all)
-            .await
-            .map_err(|_| ApiError::SyncTimeout {
-                kinds: self.unsynced().join(", "),
+        let mut unsynced = self.unsynced.clone();
+        let synced = unsynced.wait_for(Vec::is_empty);
+        match tokio::time::timeout(timeout, synced).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(ApiError::SyncTimeout {
+                kinds: self.unsynced.borrow().join(", "),
                 timeout,
-            })
-    }
-
-    fn unsynced(&self) -> Vec<&'static str> {
-        [
-            ("Namespaces", synced(&self.namespaces)),
-            ("Pods", synced(&self.pods)),
-            ("this node's Pods", synced(&self.local_pods)),
-            ("Services", synced(&self.services)),
-            ("EndpointSlices", synced(&self.endpoint_slices)),
-            (
-                "AuthorizationPolicies",
-                synced(&self.authorization_policies),
-            ),
-        ]
-        .into_iter()
-        .filter(|(_, synced)| !synced)
-        .map(|(kind, _)| kind)
-        .collect()
-    }
-
-    /// The current state, and the objects rejected (whose last good version is used).
-    pub fn snapshot(&self) -> (ClusterSnapshot, Vec<String>) {
-        let mut errors = Vec::new();
-        let mut last_good = self
-            .last_good_namespaces
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut namespaces = BTreeMap::new();
-        for namespace in self.namespaces.state() {
-            let name = namespace.metadata.name.clone().unwrap_or_default();
-            match membership::peer_authentication(&namespace) {
-                Ok(_) => {
-                    last_good.insert(name.clone(), (*namespace).clone());
-                    namespaces.insert(name, (*namespace).clone());
-                }
-                Err(error) => {
-                    errors.push(format!(
-                        "Namespace {name} (API server): {error}; keeping its last good version"
-                    ));
-                    if let Some(good) = last_good.get(&name) {
-                        namespaces.insert(name, good.clone());
-                    }
-                }
-            }
+            }),
         }
-        last_good.retain(|name, _| namespaces.contains_key(name));
-        let mut pods = by_namespaced_name(&self.pods);
-        pods.retain(|_, pod| {
-            pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(self.node.as_str())
-        });
-        pods.extend(by_namespaced_name(&self.local_pods));
+    }
+
+    /// The current state of the small kinds, and the objects rejected (whose last good
+    /// version is used).
+    pub fn snapshot(&self) -> (ClusterSnapshot, Vec<String>) {
+        let namespaces = lock(&self.namespaces);
         let snapshot = ClusterSnapshot {
-            namespaces,
-            pods,
-            services: by_namespaced_name(&self.services),
-            endpoint_slices: by_namespaced_name(&self.endpoint_slices),
-            http_routes: by_namespaced_name(&self.http_routes),
-            authorization_policies: by_namespaced_name(&self.authorization_policies),
+            namespaces: namespaces.to_map(),
+            local_pods: lock(&self.local_pods).to_map(),
+            http_routes: lock(&self.http_routes).to_map(),
+            authorization_policies: lock(&self.authorization_policies).to_map(),
         };
-        (snapshot, errors)
+        (snapshot, namespaces.errors())
+    }
+}
+
+fn spawn(watch: impl std::future::Future<Output = Ended> + Send + 'static) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        watch.await;
+    })
+}
+
+/// An optional resource kept whole in `table`; its objects are dropped when its watch ends
+/// (the server stopped serving it).
+fn optional<K>(
+    client: &Client,
+    ctx: WatchContext,
+    (group_version, plural): (&'static str, &'static str),
+    without_it: &'static str,
+    table: &Objects<K>,
+) -> Optional
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (client, start_ctx, table) = (client.clone(), ctx.clone(), Arc::clone(table));
+    Optional {
+        ctx,
+        group_version,
+        plural,
+        without_it,
+        start: Box::new(move || {
+            let (api, ctx, table) = (
+                Api::<K>::all(client.clone()),
+                start_ctx.clone(),
+                Arc::clone(&table),
+            );
+            Box::pin(async move {
+                let changes = ctx.changes.clone();
+                let sink = ObjectSink {
+                    table: Arc::clone(&table),
+                };
+                let ended = watches::run(api, watcher::Config::default(), sink, ctx).await;
+                lock(&table).clear();
+                if let Some(changes) = changes {
+                    let _ = changes.try_send(());
+                }
+                ended
+            })
+        }),
     }
 }
 
@@ -248,22 +322,15 @@ impl ApiWatch {
         let client = self.client.clone();
         tokio::spawn(async move {
             for update in updates {
-                let api: Api<HttpRouteObject> = Api::namespaced(client.clone(), &update.namespace);
-                let patch = serde_json::json!({
-                    "metadata": {"resourceVersion": update.resource_version},
-                    "status": {"parents": update.parents},
-                });
                 let route = format!("{}/{}", update.namespace, update.name);
-                match api
-                    .patch_status(&update.name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
-                    Ok(_) => tracing::info!(%route, "HTTPRoute status written"),
+                match write_route_status(&client, &update).await {
+                    Ok(()) => tracing::info!(%route, "HTTPRoute status written"),
                     Err(kube::Error::Api(status)) if status.code == 409 => {
                         tracing::debug!(%route, "HTTPRoute changed meanwhile; its status is written on the next pass")
                     }
                     Err(error) => {
-                        tracing::warn!(%route, %error, "writing HTTPRoute status failed")
+                        let error = watches::client_error(&error);
+                        tracing::warn!(%route, "writing the status of HTTPRoute {route} failed: {error}; it is written again on a later pass")
                     }
                 }
             }
@@ -271,80 +338,20 @@ impl ApiWatch {
     }
 }
 
-/// Whether the DaemonSet `namespace/name` is gone or being deleted: the agent's SIGTERM is
-/// then an uninstall, not a restart or an upgrade.
-pub async fn daemonset_is_going(client: Client, daemonset: &str) -> Result<bool, kube::Error> {
-    let (namespace, name) = daemonset.split_once('/').unwrap_or(("default", daemonset));
-    let found = Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client, namespace)
-        .get_opt(name)
-        .await?;
-    Ok(found.is_none_or(|ds| ds.metadata.deletion_timestamp.is_some()))
-}
-
-/// Whether the store has completed its first list (it then answers `wait_until_ready` at once).
-fn synced<K>(store: &Store<K>) -> bool
-where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + Hash + Clone,
-{
-    futures_util::FutureExt::now_or_never(store.wait_until_ready()).is_some()
-}
-
-fn by_namespaced_name<K>(store: &Store<K>) -> BTreeMap<(String, String), K>
-where
-    K: Resource + Clone + 'static,
-    K::DynamicType: Eq + Hash + Clone,
-{
-    store
-        .state()
-        .into_iter()
-        .map(|object| {
-            let meta = object.meta();
-            (
-                (
-                    meta.namespace.clone().unwrap_or_default(),
-                    meta.name.clone().unwrap_or_default(),
-                ),
-                (*object).clone(),
-            )
-        })
-        .collect()
-}
-
-/// Runs one reflector in the background and returns its store.
-fn reflect<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    trim: fn(&mut K),
-    changes: &mpsc::Sender<()>,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> Store<K>
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
-{
-    let kind = K::kind(&K::DynamicType::default()).into_owned();
-    let (reader, writer) = reflector::store();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(trim)
-        .reflect(writer);
-    let changes = changes.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                // A full channel already holds a wake-up: nothing is lost.
-                Ok(_) => {
-                    let _ = changes.try_send(());
-                }
-                Err(error) => {
-                    tracing::warn!(%kind, %error, "Kubernetes watch failed; retrying with backoff")
-                }
-            }
-        }
-    }));
-    reader
+/// Writes one route's status, on condition that the route is still at the resourceVersion
+/// the status was computed from (409 Conflict otherwise).
+pub async fn write_route_status(
+    client: &Client,
+    update: &RouteStatusUpdate,
+) -> Result<(), kube::Error> {
+    let api: Api<HttpRouteObject> = Api::namespaced(client.clone(), &update.namespace);
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": update.resource_version},
+        "status": {"parents": update.parents},
+    });
+    api.patch_status(&update.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
 }
 
 /// HTTPRoute (gateway.networking.k8s.io/v1) as kube-rs sees it; its spec is converted by
@@ -396,33 +403,6 @@ impl Resource for AuthorizationPolicyObject {
     fn meta_mut(&mut self) -> &mut kube::core::ObjectMeta {
         &mut self.metadata
     }
-}
-
-fn trim_metadata<K: Resource>(object: &mut K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
-/// Keeps only what membership and the workload index read.
-fn trim_pod(pod: &mut Pod) {
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
-    pod.metadata.owner_references = None;
-    pod.spec = pod.spec.take().map(|spec| PodSpec {
-        node_name: spec.node_name,
-        service_account_name: spec.service_account_name,
-        host_network: spec.host_network,
-        ..Default::default()
-    });
-    pod.status = pod.status.take().map(|status| PodStatus {
-        phase: status.phase,
-        pod_ip: status.pod_ip,
-        pod_ips: status.pod_ips,
-        ..Default::default()
-    });
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! place) may hold several documents. Namespaces, Pods, Services, EndpointSlices, Gateway
 //! API HTTPRoutes and nodemesh AuthorizationPolicies are kept; other kinds are ignored.
 //! A file that fails to parse is reported with its path and position, and the objects it
-//! held last time it parsed are kept: bad input never drops good state.
+//! held last time it parsed are kept: bad input never drops good state. Objects are held in
+//! the same compact forms as the API watches keep (`compact.rs`), and each refresh feeds the
+//! same indices.
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +24,11 @@ use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-pub use super::snapshot::ClusterSnapshot;
+use super::{
+    compact::{self, LocalPod, NamespaceInfo, ServiceInfo, SliceInfo, WorkloadPod},
+    intern::Interner,
+    snapshot::{ClusterIndices, ClusterSnapshot},
+};
 use crate::state::{authorization::AuthorizationPolicyObject, routes::HttpRouteObject};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +79,30 @@ pub enum ManifestError {
     },
 }
 
+/// One object of a manifest, as parsed.
 #[derive(Clone, Debug)]
-enum Object {
+enum Manifest {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    HttpRoute(Box<HttpRouteObject>),
+    AuthorizationPolicy(Box<AuthorizationPolicyObject>),
+}
+
+/// One object as the agent keeps it.
+#[derive(Clone, Debug)]
+enum Object {
+    Namespace(NamespaceInfo),
+    /// A pod: for the workload index when it can own a meshed address, and whole enough to
+    /// enrol when it is on this node.
+    Pod {
+        key: String,
+        workload: Option<WorkloadPod>,
+        local: Option<Box<LocalPod>>,
+    },
+    Service(ServiceInfo),
+    EndpointSlice(SliceInfo),
     HttpRoute(Box<HttpRouteObject>),
     AuthorizationPolicy(Box<AuthorizationPolicyObject>),
 }
@@ -94,62 +118,101 @@ struct TypeMeta {
 /// Reads the directory again on each `refresh`, keeping the last good objects of bad files.
 pub struct ClusterStateDir {
     dir: PathBuf,
+    /// This node: its pods are kept whole enough to enrol.
+    node: String,
     files: BTreeMap<PathBuf, Vec<Object>>,
+    strings: Interner,
 }
 
 impl ClusterStateDir {
-    pub fn new(dir: &Path) -> Self {
+    pub fn new(dir: &Path, node: &str) -> Self {
         Self {
             dir: dir.to_owned(),
+            node: node.to_owned(),
             files: BTreeMap::new(),
+            strings: Interner::default(),
         }
     }
 
-    /// Re-reads every manifest; returns the merged snapshot and the errors of files that
-    /// could not be read (whose previous contents stay in the snapshot).
-    pub fn refresh(&mut self) -> (ClusterSnapshot, Vec<ManifestError>) {
+    /// Re-reads every manifest and brings `indices` in line with it; returns the small kinds
+    /// and the errors of files that could not be read (whose previous contents stay).
+    pub fn refresh(&mut self, indices: &ClusterIndices) -> (ClusterSnapshot, Vec<ManifestError>) {
         let mut errors = Vec::new();
-        let paths = match manifest_paths(&self.dir) {
-            Ok(paths) => paths,
-            Err(error) => {
-                errors.push(error);
-                return (self.snapshot(), errors);
-            }
-        };
-        self.files.retain(|path, _| paths.contains(path));
-        for path in paths {
-            match parse_file(&path) {
-                Ok(objects) => {
-                    self.files.insert(path, objects);
+        match manifest_paths(&self.dir) {
+            Ok(paths) => {
+                self.files.retain(|path, _| paths.contains(path));
+                for path in paths {
+                    match parse_file(&path) {
+                        Ok(manifests) => {
+                            let objects = manifests
+                                .into_iter()
+                                .filter_map(|m| self.compact(m))
+                                .collect();
+                            self.files.insert(path, objects);
+                        }
+                        Err(error) => errors.push(error),
+                    }
                 }
-                Err(error) => errors.push(error),
             }
+            Err(error) => errors.push(error),
         }
-        (self.snapshot(), errors)
+        (self.publish(indices), errors)
     }
 
-    fn snapshot(&self) -> ClusterSnapshot {
+    fn compact(&mut self, manifest: Manifest) -> Option<Object> {
+        Some(match manifest {
+            // The reader rejects a namespace with invalid labels (with its file).
+            Manifest::Namespace(ns) => Object::Namespace(compact::namespace_info(&ns)?.ok()?),
+            Manifest::Pod(pod) => {
+                let here = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                    == Some(self.node.as_str());
+                Object::Pod {
+                    key: compact::object_key(&pod.metadata)?,
+                    workload: compact::workload_pod(&pod, &mut self.strings),
+                    local: here
+                        .then(|| compact::local_pod(&pod).map(Box::new))
+                        .flatten(),
+                }
+            }
+            Manifest::Service(service) => {
+                Object::Service(compact::service_info(&service, &mut self.strings)?)
+            }
+            Manifest::EndpointSlice(slice) => {
+                Object::EndpointSlice(compact::slice_info(&slice, &mut self.strings)?)
+            }
+            Manifest::HttpRoute(route) => Object::HttpRoute(route),
+            Manifest::AuthorizationPolicy(policy) => Object::AuthorizationPolicy(policy),
+        })
+    }
+
+    /// The small kinds, and the indices relisted from every file's objects.
+    fn publish(&self, indices: &ClusterIndices) -> ClusterSnapshot {
         let mut snapshot = ClusterSnapshot::default();
+        let mut workloads = indices.workloads.write().unwrap_or_else(|p| p.into_inner());
+        let mut services = indices.services.write().unwrap_or_else(|p| p.into_inner());
+        workloads.begin_relist();
+        services.begin_service_relist();
+        services.begin_slice_relist();
         for object in self.files.values().flatten() {
             match object {
                 Object::Namespace(ns) => {
-                    let name = ns.metadata.name.clone().unwrap_or_default();
-                    snapshot.namespaces.insert(name, (**ns).clone());
+                    snapshot.namespaces.insert(ns.name.clone(), ns.clone());
                 }
-                Object::Pod(pod) => {
-                    snapshot
-                        .pods
-                        .insert(namespaced_key(&pod.metadata), (**pod).clone());
+                Object::Pod {
+                    key,
+                    workload,
+                    local,
+                } => {
+                    workloads.upsert(key, workload.clone());
+                    if let Some(local) = local {
+                        snapshot.local_pods.insert(key.clone(), (**local).clone());
+                    }
                 }
                 Object::Service(service) => {
-                    snapshot
-                        .services
-                        .insert(namespaced_key(&service.metadata), (**service).clone());
+                    services.upsert_service(&service.key.clone(), Some(service.clone()));
                 }
                 Object::EndpointSlice(slice) => {
-                    snapshot
-                        .endpoint_slices
-                        .insert(namespaced_key(&slice.metadata), (**slice).clone());
+                    services.upsert_slice(&slice.key.clone(), Some(slice.clone()));
                 }
                 Object::HttpRoute(route) => {
                     snapshot
@@ -163,6 +226,17 @@ impl ClusterStateDir {
                 }
             }
         }
+        workloads.end_relist();
+        services.end_service_relist();
+        services.end_slice_relist();
+        workloads.set_meshed_namespaces(
+            snapshot
+                .namespaces
+                .values()
+                .filter(|ns| ns.meshed)
+                .map(|ns| ns.name.clone())
+                .collect(),
+        );
         snapshot
     }
 
@@ -206,15 +280,29 @@ fn is_change(event: &notify::Event) -> bool {
     }
 }
 
-/// Parses the text of one manifest file (named `path` in errors) into the objects the agent
-/// keeps, as a snapshot.
-pub fn parse_text(path: &Path, text: &str) -> Result<ClusterSnapshot, ManifestError> {
-    let objects = parse_manifests(path, text)?;
-    let dir = ClusterStateDir {
-        dir: PathBuf::new(),
-        files: BTreeMap::from([(path.to_owned(), objects)]),
-    };
-    Ok(dir.snapshot())
+/// Parses the text of one manifest file (named `path` in errors); returns how many objects
+/// the agent would keep.
+pub fn parse_text(path: &Path, text: &str) -> Result<usize, ManifestError> {
+    parse_manifests(path, text).map(|manifests| manifests.len())
+}
+
+/// The pod `namespace/name` as the directory holds it, whole (the CA reads its node and
+/// service account); files that do not parse are skipped.
+pub fn find_pod(dir: &Path, namespace: &str, name: &str) -> Option<Pod> {
+    let paths = manifest_paths(dir).ok()?;
+    paths
+        .iter()
+        .filter_map(|path| parse_file(path).ok())
+        .flatten()
+        .find_map(|manifest| match manifest {
+            Manifest::Pod(pod)
+                if pod.metadata.namespace.as_deref() == Some(namespace)
+                    && pod.metadata.name.as_deref() == Some(name) =>
+            {
+                Some(*pod)
+            }
+            _ => None,
+        })
 }
 
 fn manifest_paths(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
@@ -236,7 +324,7 @@ fn manifest_paths(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     Ok(paths)
 }
 
-fn parse_file(path: &Path) -> Result<Vec<Object>, ManifestError> {
+fn parse_file(path: &Path) -> Result<Vec<Manifest>, ManifestError> {
     let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
         path: path.to_owned(),
         source,
@@ -245,7 +333,7 @@ fn parse_file(path: &Path) -> Result<Vec<Object>, ManifestError> {
 }
 
 /// Parses every document of one manifest file.
-fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
+fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Manifest>, ManifestError> {
     let mut objects = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let document_number = index + 1;
@@ -277,23 +365,23 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError
                         source,
                     });
                 }
-                objects.push(Object::Namespace(Box::new(ns)));
+                objects.push(Manifest::Namespace(Box::new(ns)));
             }
-            "Pod" => objects.push(Object::Pod(Box::new(namespaced(
+            "Pod" => objects.push(Manifest::Pod(Box::new(namespaced(
                 path,
                 document_number,
                 "Pod",
                 value,
                 |p: &Pod| &p.metadata,
             )?))),
-            "Service" => objects.push(Object::Service(Box::new(namespaced(
+            "Service" => objects.push(Manifest::Service(Box::new(namespaced(
                 path,
                 document_number,
                 "Service",
                 value,
                 |s: &Service| &s.metadata,
             )?))),
-            "EndpointSlice" => objects.push(Object::EndpointSlice(Box::new(namespaced(
+            "EndpointSlice" => objects.push(Manifest::EndpointSlice(Box::new(namespaced(
                 path,
                 document_number,
                 "EndpointSlice",
@@ -302,7 +390,7 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError
             )?))),
             // Only nodemesh's own: Istio has a kind of the same name.
             "AuthorizationPolicy" if meta.api_version.starts_with("nodemesh.io/") => {
-                objects.push(Object::AuthorizationPolicy(Box::new(namespaced(
+                objects.push(Manifest::AuthorizationPolicy(Box::new(namespaced(
                     path,
                     document_number,
                     "AuthorizationPolicy",
@@ -310,7 +398,7 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError
                     |p: &AuthorizationPolicyObject| &p.metadata,
                 )?)))
             }
-            "HTTPRoute" => objects.push(Object::HttpRoute(Box::new(namespaced(
+            "HTTPRoute" => objects.push(Manifest::HttpRoute(Box::new(namespaced(
                 path,
                 document_number,
                 "HTTPRoute",
@@ -389,13 +477,19 @@ mod tests {
         );
         std::fs::write(dir.path().join("all.yaml"), text).unwrap();
         std::fs::write(dir.path().join(".hidden.yaml"), "not: [valid").unwrap();
-        let (snapshot, errors) = ClusterStateDir::new(dir.path()).refresh();
+        let indices = ClusterIndices::new("cluster.local");
+        let (snapshot, errors) = ClusterStateDir::new(dir.path(), "node1").refresh(&indices);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(snapshot.namespaces.len(), 1);
-        let pod = &snapshot.pods[&("shop".to_owned(), "web".to_owned())];
+        assert_eq!(snapshot.local_pods["shop/web"].name, "web");
+        let workloads = indices.workloads.read().unwrap();
         assert_eq!(
-            pod.spec.as_ref().unwrap().node_name.as_deref(),
-            Some("node1")
+            workloads
+                .identity_of("198.18.1.10".parse().unwrap())
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("spiffe://cluster.local/ns/shop/sa/default"),
+            "the same compact index as the API watches feed"
         );
     }
 
@@ -404,16 +498,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pod.yaml");
         std::fs::write(&file, POD).unwrap();
-        let mut state = ClusterStateDir::new(dir.path());
-        assert_eq!(state.refresh().0.pods.len(), 1);
+        let indices = ClusterIndices::new("cluster.local");
+        let mut state = ClusterStateDir::new(dir.path(), "node1");
+        assert_eq!(state.refresh(&indices).0.local_pods.len(), 1);
 
         std::fs::write(
             &file,
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: [oops\n",
         )
         .unwrap();
-        let (snapshot, errors) = state.refresh();
-        assert_eq!(snapshot.pods.len(), 1, "last good pod kept");
+        let (snapshot, errors) = state.refresh(&indices);
+        assert_eq!(snapshot.local_pods.len(), 1, "last good pod kept");
         let message = errors[0].to_string();
         assert!(
             message.contains("pod.yaml")
@@ -427,7 +522,7 @@ mod tests {
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: nameless-ns\n",
         )
         .unwrap();
-        let (_, errors) = state.refresh();
+        let (_, errors) = state.refresh(&indices);
         assert!(
             errors[0].to_string().contains("without metadata.namespace"),
             "{}",
@@ -435,10 +530,10 @@ mod tests {
         );
 
         std::fs::remove_file(&file).unwrap();
-        let (snapshot, errors) = state.refresh();
+        let (snapshot, errors) = state.refresh(&indices);
         assert!(errors.is_empty());
         assert!(
-            snapshot.pods.is_empty(),
+            snapshot.local_pods.is_empty() && indices.workloads.read().unwrap().is_empty(),
             "deleting the file deletes its objects"
         );
     }
@@ -472,15 +567,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ns.yaml");
         std::fs::write(&file, NAMESPACE).unwrap();
-        let mut state = ClusterStateDir::new(dir.path());
-        assert_eq!(state.refresh().0.namespaces.len(), 1);
+        let indices = ClusterIndices::new("cluster.local");
+        let mut state = ClusterStateDir::new(dir.path(), "node1");
+        assert_eq!(state.refresh(&indices).0.namespaces.len(), 1);
 
         std::fs::write(
             &file,
             format!("{NAMESPACE}    nodemesh.io/peer-authentication: strikt\n"),
         )
         .unwrap();
-        let (snapshot, errors) = state.refresh();
+        let (snapshot, errors) = state.refresh(&indices);
         let message = errors[0].to_string();
         assert!(
             message.contains("ns.yaml")
@@ -489,13 +585,9 @@ mod tests {
             "{message}"
         );
         let shop = &snapshot.namespaces["shop"];
-        assert!(
-            !shop
-                .metadata
-                .labels
-                .as_ref()
-                .unwrap()
-                .contains_key("nodemesh.io/peer-authentication"),
+        assert_eq!(
+            shop.peer_authentication,
+            crate::state::membership::PeerAuthentication::Permissive,
             "the last good namespace is kept"
         );
     }

@@ -1,7 +1,8 @@
-//! Where the agent's cluster state comes from, behind one interface: a change signal and a
-//! snapshot with the errors of rejected objects (whose last good version is in the snapshot).
+//! Where the agent's cluster state comes from, behind one interface: a change signal, the
+//! indices the source keeps current, and a snapshot of the small kinds with the errors of
+//! rejected objects (whose last good version is in the snapshot).
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 
@@ -10,13 +11,16 @@ use crate::state::routes::RouteStatusUpdate;
 use super::{
     api::{ApiError, ApiWatch},
     cluster_state::{ClusterStateDir, ManifestError},
-    snapshot::ClusterSnapshot,
+    discovery,
+    snapshot::{ClusterIndices, ClusterSnapshot},
+    status::{SourceStatus, WatchState},
 };
 
 pub enum ClusterSource {
     /// A directory of manifests (`--cluster-state`), watched with inotify.
     Manifests {
         dir: ClusterStateDir,
+        indices: ClusterIndices,
         _watcher: notify::RecommendedWatcher,
     },
     /// The API server (`--kubernetes`).
@@ -24,12 +28,26 @@ pub enum ClusterSource {
 }
 
 impl ClusterSource {
-    pub fn manifests(dir: &Path) -> Result<(Self, mpsc::Receiver<()>), ManifestError> {
-        let dir = ClusterStateDir::new(dir);
-        let (watcher, changes) = dir.watch()?;
+    pub fn manifests(
+        dir: &Path,
+        node: &str,
+        indices: ClusterIndices,
+        status: &SourceStatus,
+    ) -> Result<(Self, mpsc::Receiver<()>), ManifestError> {
+        let state = ClusterStateDir::new(dir, node);
+        let (watcher, changes) = state.watch()?;
+        let resource = dir.display().to_string();
+        status.set(
+            "manifest directory",
+            &resource,
+            WatchState::Watching,
+            None,
+            None,
+        );
         Ok((
             Self::Manifests {
-                dir,
+                dir: state,
+                indices,
                 _watcher: watcher,
             },
             changes,
@@ -41,12 +59,25 @@ impl ClusterSource {
     pub async fn api(
         node: &str,
         sync_timeout: Duration,
+        indices: ClusterIndices,
+        status: Arc<SourceStatus>,
     ) -> Result<(Self, mpsc::Receiver<()>), ApiError> {
         let client = ApiWatch::infer_client().await?;
         let (tx, changes) = mpsc::channel(1);
-        let watch = ApiWatch::start(client, node, tx);
+        let started = std::time::Instant::now();
+        let watch = ApiWatch::start(client, node, &indices, status, tx, discovery::RECHECK);
         watch.wait_synced(sync_timeout).await?;
-        tracing::info!("initial list from the Kubernetes API server complete");
+        let (pods, services) = {
+            let workloads = indices.workloads.read().unwrap_or_else(|p| p.into_inner());
+            let services = indices.services.read().unwrap_or_else(|p| p.into_inner());
+            (workloads.len(), services.counts().0)
+        };
+        tracing::info!(
+            pods,
+            services,
+            seconds = started.elapsed().as_secs_f64(),
+            "initial list from the Kubernetes API server complete"
+        );
         Ok((Self::Api(Box::new(watch)), changes))
     }
 
@@ -65,8 +96,8 @@ impl ClusterSource {
 
     pub fn refresh(&mut self) -> (ClusterSnapshot, Vec<String>) {
         match self {
-            Self::Manifests { dir, .. } => {
-                let (snapshot, errors) = dir.refresh();
+            Self::Manifests { dir, indices, .. } => {
+                let (snapshot, errors) = dir.refresh(indices);
                 (snapshot, errors.iter().map(ToString::to_string).collect())
             }
             Self::Api(watch) => watch.snapshot(),

@@ -25,13 +25,17 @@ use serde::Serialize;
 use socket2::Domain;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
+pub use super::pending::PendingPodView;
 use super::{
+    addresses,
     cgroup::{self, CgroupError},
+    listeners::{Opened, PodListener, accept_queue_length},
     netns::{NetnsError, NetnsSockets},
+    pending::{Failed, Pending},
     routing::{self, SourcePreservation},
 };
 use crate::{
-    datapath::{Datapath, DatapathError},
+    datapath::{Datapath, DatapathError, Expected},
     identity::{manager::IdentityManager, spiffe::SpiffeId},
     lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
     proxy::{
@@ -86,17 +90,11 @@ pub struct EnrolledPodView {
     pub peer_authentication: PeerAuthentication,
     /// Whether plaintext arriving at the pod is captured (the node holds identities).
     pub inbound_capture: bool,
+    /// The addresses whose plaintext is captured: `ips` and the other non-loopback addresses
+    /// its network namespace had at enrolment (IPv6 link-local, secondary interfaces).
+    pub inbound_addresses: Vec<IpAddr>,
     /// Whether mTLS traffic reaches the application with the client pod's address.
     pub source_preservation: SourcePreservation,
-}
-
-/// A meshed pod that could not be enrolled yet, and why.
-#[derive(Clone, Debug, Serialize)]
-pub struct PendingPodView {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub reason: String,
 }
 
 struct Enrolled {
@@ -104,15 +102,25 @@ struct Enrolled {
     view: EnrolledPodView,
     /// The inbound side, when the node holds identities.
     destination: Option<Arc<DestinationPod>>,
-    accept_loops: Vec<JoinHandle<()>>,
+    _accept_loops: AcceptLoops,
     /// A duplicate of each listening socket, to hand to a successor.
     listeners: Vec<(ListenerName, OwnedFd)>,
 }
 
-impl Drop for Enrolled {
+/// The accept loops of one pod's listeners; dropping them (un-enrolment, or an enrolment
+/// that failed half-way) closes the listeners, while proxied connections carry on.
+#[derive(Default)]
+struct AcceptLoops(Vec<JoinHandle<()>>);
+
+impl AcceptLoops {
+    fn push(&mut self, task: JoinHandle<()>) {
+        self.0.push(task);
+    }
+}
+
+impl Drop for AcceptLoops {
     fn drop(&mut self) {
-        // Dropping the accept loops closes the listeners; proxied connections carry on.
-        for task in &self.accept_loops {
+        for task in &self.0 {
             task.abort();
         }
     }
@@ -136,7 +144,7 @@ pub struct Enrolments {
     datapath: Arc<Datapath>,
     outbound: Arc<OutboundContext>,
     enrolled: BTreeMap<String, Enrolled>,
-    pending: BTreeMap<String, PendingPodView>,
+    pending: BTreeMap<String, Pending>,
     /// Listeners the previous agent handed over and no pod has adopted yet.
     inherited: HashMap<(String, ListenerRole, SocketAddr), HandedListener>,
     /// Becomes true when this agent takes over from the previous one (at once when there was
@@ -262,34 +270,35 @@ impl Enrolments {
                 Self::change_mode(&self.datapath, enrolled, pod.peer_authentication);
             }
         }
-        self.pending.retain(|uid, _| desired.contains_key(uid));
+        let gone: Vec<String> = (self.pending.keys())
+            .filter(|uid| !desired.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in gone {
+            if let Some(pending) = self.pending.remove(&uid) {
+                pending.release(&self.datapath);
+            }
+        }
         for (uid, pod) in desired {
             if self.enrolled.contains_key(uid) {
                 continue;
             }
+            let previous = self.pending.remove(uid);
             match self.enroll(pod).await {
                 Ok(enrolled) => {
                     tracing::info!(
                         pod = %pod.display_name(), cgroup = %enrolled.view.cgroup.display(),
                         netns_inode = enrolled.view.netns_inode, "pod enrolled"
                     );
-                    self.pending.remove(uid);
+                    if let Some(previous) = previous {
+                        previous.enrolled(&self.datapath, enrolled.view.cgroup_id);
+                    }
                     self.enrolled.insert(uid.clone(), enrolled);
                 }
-                Err(error) => {
-                    let reason = error.to_string();
-                    if self.pending.get(uid).is_none_or(|p| p.reason != reason) {
-                        tracing::info!(pod = %pod.display_name(), %reason, "pod not enrolled yet; will retry");
-                    }
-                    self.pending.insert(
-                        uid.clone(),
-                        PendingPodView {
-                            namespace: pod.namespace.clone(),
-                            name: pod.name.clone(),
-                            uid: uid.clone(),
-                            reason,
-                        },
-                    );
+                Err(failed) => {
+                    let inbound = self.inbound.is_some();
+                    let held = Pending::hold(&self.datapath, pod, *failed, previous, inbound);
+                    self.pending.insert(uid.clone(), held);
                 }
             }
         }
@@ -304,27 +313,46 @@ impl Enrolments {
             destination.set_peer_authentication(mode);
         }
         if enrolled.view.inbound_capture
-            && let Err(error) = datapath.set_inbound_mode(&enrolled.pod.ips, inbound_pod(mode))
+            && let Err(error) =
+                datapath.set_inbound_mode(&enrolled.view.inbound_addresses, inbound_pod(mode))
         {
             tracing::error!(pod = %enrolled.pod.display_name(), %error, "updating the inbound mode in the kernel failed");
         }
         tracing::info!(pod = %enrolled.pod.display_name(), ?mode, "peer authentication changed");
     }
 
-    /// Removes enrolment map entries and inbound capture that no enrolled pod owns (left by
-    /// a previous agent).
-    pub fn remove_stale_map_entries(&self) -> Result<(), DatapathError> {
-        let ours: Vec<u64> = self.enrolled.values().map(|e| e.view.cgroup_id).collect();
-        for cgroup_id in self.datapath.enrolled_cgroups()? {
-            if !ours.contains(&cgroup_id) {
-                self.datapath.unenroll_cgroup(cgroup_id)?;
-                tracing::info!(cgroup_id, "removed stale enrolment");
+    /// Makes the pinned state exactly what the enrolled and held pods imply, repairing what
+    /// a previous agent, another version or anything else left; returns how many repairs.
+    pub fn reconcile_datapath(&self) -> usize {
+        let mut expected = Expected::default();
+        for enrolled in self.enrolled.values() {
+            expected.cgroups.insert(enrolled.view.cgroup_id);
+            let Some(destination) = enrolled.destination.as_ref() else {
+                continue;
+            };
+            let mode = inbound_pod(enrolled.pod.peer_authentication);
+            expected
+                .inbound_links
+                .insert(enrolled.pod.uid.clone(), Some(destination.sockets.netns()));
+            for ip in &enrolled.view.inbound_addresses {
+                expected.inbound.insert(*ip, mode);
+                let plaintext = enrolled.listeners.iter().find(|(name, _)| {
+                    name.role == ListenerRole::Plaintext && name.addr.is_ipv4() == ip.is_ipv4()
+                });
+                if let Some((_, fd)) = plaintext {
+                    expected.listeners.insert(*ip, fd.as_fd());
+                }
             }
         }
-        let captured = self.enrolled.values().filter(|e| e.view.inbound_capture);
-        let uids: Vec<&str> = captured.clone().map(|e| e.pod.uid.as_str()).collect();
-        let addrs: Vec<IpAddr> = captured.flat_map(|e| e.pod.ips.iter().copied()).collect();
-        self.datapath.remove_stale_inbound(&uids, &addrs)
+        for pending in self.pending.values() {
+            expected.cgroups.extend(pending.view.cgroup_id);
+            if pending.view.inbound_held {
+                let mode = inbound_pod(pending.pod.peer_authentication);
+                (expected.inbound).extend(pending.held_addresses().iter().map(|ip| (*ip, mode)));
+                (expected.inbound_links).insert(pending.pod.uid.clone(), pending.held_netns());
+            }
+        }
+        self.datapath.reconcile(&expected)
     }
 
     pub fn has_pending(&self) -> bool {
@@ -336,14 +364,34 @@ impl Enrolments {
     }
 
     pub fn pending_views(&self) -> Vec<PendingPodView> {
-        self.pending.values().cloned().collect()
+        self.pending.values().map(|p| p.view.clone()).collect()
     }
 
-    async fn enroll(&mut self, pod: &MeshedPod) -> Result<Enrolled, EnrolError> {
-        let cgroup = cgroup::find_pod_cgroup(&self.pods_root, &pod.uid)?;
-        let cgroup_id = cgroup::cgroup_id(&cgroup)?;
-        let pid = cgroup::any_process(&cgroup)?;
-        let sockets = NetnsSockets::for_process(pid)?;
+    /// Enrols `pod`; on failure says what was found of it, to hold it closed meanwhile.
+    async fn enroll(&mut self, pod: &MeshedPod) -> Result<Enrolled, Box<Failed>> {
+        let cgroup = cgroup::find_pod_cgroup(&self.pods_root, &pod.uid)
+            .map_err(|error| Failed::boxed(error, None, None))?;
+        let cgroup_id =
+            cgroup::cgroup_id(&cgroup).map_err(|error| Failed::boxed(error, None, None))?;
+        let found = Some(cgroup_id);
+        let pid =
+            cgroup::any_process(&cgroup).map_err(|error| Failed::boxed(error, found, None))?;
+        let sockets = NetnsSockets::for_process(pid)
+            .map(Arc::new)
+            .map_err(|error| Failed::boxed(error, found, None))?;
+        self.enroll_in(pod, cgroup, cgroup_id, Arc::clone(&sockets))
+            .await
+            .map_err(|error| Failed::boxed(error, found, Some(sockets)))
+    }
+
+    /// Opens (or adopts) the pod's listeners, attaches inbound capture and enrols its cgroup.
+    async fn enroll_in(
+        &mut self,
+        pod: &MeshedPod,
+        cgroup: PathBuf,
+        cgroup_id: u64,
+        sockets: Arc<NetnsSockets>,
+    ) -> Result<Enrolled, EnrolError> {
         let (netns_cookie, netns_inode) = (sockets.cookie(), sockets.inode());
 
         let mut opened = Opened::new(&pod.uid, netns_inode);
@@ -358,7 +406,6 @@ impl Enrolments {
             }
         }
 
-        let sockets = Arc::new(sockets);
         let identity = SpiffeId::new(&self.trust_domain, &pod.namespace, &pod.service_account).ok();
         let source = Arc::new(SourcePod {
             display_name: pod.display_name(),
@@ -377,20 +424,24 @@ impl Enrolments {
             .zip(identity.clone())
             .map(|(inbound, id)| (Arc::clone(&inbound.identities), id));
         let mut addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
-        let mut accept_loops: Vec<JoinHandle<()>> = listeners
-            .into_iter()
-            .map(|l| {
-                let serve =
-                    outbound::serve(l.listener, Arc::clone(&source), Arc::clone(&self.outbound));
-                self.start(l.adopted, certificate.as_ref(), serve)
-            })
-            .collect();
+        let mut accept_loops = AcceptLoops::default();
+        for l in listeners {
+            let serve =
+                outbound::serve(l.listener, Arc::clone(&source), Arc::clone(&self.outbound));
+            accept_loops.push(self.start(l.adopted, certificate.as_ref(), serve));
+        }
         let mut inbound_side = None;
+        let mut inbound_addresses = Vec::new();
         let mut source_preservation = SourcePreservation::default();
         if let (Some(inbound), Some(identity)) = (self.inbound.clone(), identity) {
             let has_v6 = pod.ips.iter().any(IpAddr::is_ipv6);
             source_preservation =
-                routing::enable_source_preservation(&sockets, inbound.transparent_mark, has_v6)
+                routing::enable_source_preservation(
+                    &sockets,
+                    inbound.transparent_mark,
+                    &inbound.proc_sys_net,
+                    has_v6,
+                )
                     .unwrap_or_else(|error| {
                         tracing::warn!(pod = %pod.display_name(), %error, "applications in this pod will see connections from its own address");
                         SourcePreservation::default()
@@ -409,8 +460,18 @@ impl Enrolments {
                     source_preservation,
                     pod.peer_authentication,
                 )
-                .with_connection_limit(self.outbound.max_connections_per_pod),
+                .with_connection_limit(self.outbound.max_connections_per_pod)
+                .with_inbound_addresses(addresses::inbound_addresses(
+                    pod,
+                    sockets.local_addresses(),
+                    |address| {
+                        (self.enrolled.values())
+                            .find(|e| e.view.inbound_addresses.contains(address))
+                            .map(|e| e.pod.display_name())
+                    },
+                )),
             );
+            inbound_addresses.clone_from(&destination.inbound_addresses);
             let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
             let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT));
             let mut hbone = vec![self.listen(&mut opened, &sockets, ListenerRole::Hbone, v4)?];
@@ -427,13 +488,12 @@ impl Enrolments {
             let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, PLAINTEXT_INBOUND_PORT));
             let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, PLAINTEXT_INBOUND_PORT));
             let plaintext_v4 = self.listen(&mut opened, &sockets, ListenerRole::Plaintext, v4)?;
-            let plaintext_v6 = if has_v6 {
+            let plaintext_v6 = if inbound_addresses.iter().any(IpAddr::is_ipv6) {
                 Some(self.listen(&mut opened, &sockets, ListenerRole::Plaintext, v6)?)
             } else {
                 None
             };
-            let by_address: Vec<_> = pod
-                .ips
+            let by_address: Vec<_> = inbound_addresses
                 .iter()
                 .filter_map(|ip| match (ip, &plaintext_v6) {
                     (IpAddr::V4(_), _) => Some((*ip, plaintext_v4.listener.as_fd())),
@@ -470,10 +530,11 @@ impl Enrolments {
                 listeners: addrs,
                 peer_authentication: pod.peer_authentication,
                 inbound_capture: inbound_side.is_some(),
+                inbound_addresses,
                 source_preservation,
             },
             destination: inbound_side,
-            accept_loops,
+            _accept_loops: accept_loops,
             listeners: opened.duplicates,
         };
         // Last step: from here on the pod's connects are captured.
@@ -494,7 +555,10 @@ impl Enrolments {
             if let Err(error) = self.datapath.unenroll_cgroup(enrolled.view.cgroup_id) {
                 tracing::error!(pod = %enrolled.pod.display_name(), %error, "removing enrolment failed");
             }
-            if let Err(error) = self.datapath.release_inbound(uid, &enrolled.pod.ips) {
+            if let Err(error) = self
+                .datapath
+                .release_inbound(uid, &enrolled.view.inbound_addresses)
+            {
                 tracing::error!(pod = %enrolled.pod.display_name(), %error, "removing inbound capture failed");
             }
             let preserved = enrolled.view.source_preservation;
@@ -503,6 +567,7 @@ impl Enrolments {
                 && let Err(error) = routing::disable_source_preservation(
                     &destination.sockets,
                     inbound.transparent_mark,
+                    &inbound.proc_sys_net,
                     preserved.ipv6,
                 )
             {
@@ -603,50 +668,6 @@ impl Enrolments {
     }
 }
 
-/// Connections waiting in a listening socket's accept queue (TCP_INFO's `tcpi_unacked` is
-/// the accept backlog for a listener); 0 when it cannot be read.
-fn accept_queue_length(listener: &OwnedFd) -> u32 {
-    use std::os::fd::AsRawFd;
-    // SAFETY: tcp_info is plain old data; the kernel fills at most `len` bytes of it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid descriptor and a buffer of the size passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 { info.tcpi_unacked } else { 0 }
-}
-
-/// The listeners of one pod being enrolled, for handing them over later.
-struct Opened {
-    pod_uid: String,
-    netns_inode: u64,
-    duplicates: Vec<(ListenerName, OwnedFd)>,
-}
-
-impl Opened {
-    fn new(pod_uid: &str, netns_inode: u64) -> Self {
-        Self {
-            pod_uid: pod_uid.to_owned(),
-            netns_inode,
-            duplicates: Vec::new(),
-        }
-    }
-}
-
-/// One listening socket of a pod, and whether the previous agent handed it over.
-struct PodListener {
-    addr: SocketAddr,
-    listener: TcpListener,
-    adopted: bool,
-}
-
 /// Two desired states of a pod that differ at most in peer authentication (which is changed
 /// in place rather than by re-enrolling) and workload name (a metrics label: relabelling a
 /// pod must not interrupt its traffic).
@@ -658,7 +679,7 @@ fn same_but_mode(a: &MeshedPod, b: &MeshedPod) -> bool {
     } == *b
 }
 
-fn inbound_pod(mode: PeerAuthentication) -> InboundPod {
+pub(super) fn inbound_pod(mode: PeerAuthentication) -> InboundPod {
     let flags = match mode {
         PeerAuthentication::Strict => INBOUND_STRICT,
         PeerAuthentication::Permissive => 0,

@@ -1,7 +1,10 @@
 //! Local pods as the node sees them: their cgroups, their network namespaces, and the
 //! enrolment that ties a meshed pod to the datapath and the proxy.
 
+pub mod addresses;
 pub mod cgroup;
 pub mod enrolment;
+mod listeners;
 pub mod netns;
+mod pending;
 pub mod routing;

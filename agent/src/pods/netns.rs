@@ -8,6 +8,7 @@
 use std::{
     fs::File,
     io,
+    net::IpAddr,
     os::{fd::AsFd, unix::fs::MetadataExt},
     path::PathBuf,
     sync::{Arc, OnceLock},
@@ -31,6 +32,8 @@ pub enum NetnsError {
     Cookie(io::Error),
     #[error("creating a socket in the pod's network namespace: {0}")]
     Socket(io::Error),
+    #[error("listing the addresses of the pod's network namespace: {0}")]
+    Addresses(io::Error),
 }
 
 /// The agent's own network namespace, to return to after creating a pod's socket.
@@ -101,6 +104,17 @@ impl NetnsSockets {
             .map_err(NetnsError::Socket)
     }
 
+    /// The non-loopback addresses of the namespace's interfaces.
+    pub fn local_addresses(&self) -> Result<Vec<IpAddr>, NetnsError> {
+        let addrs = self
+            .run_inside(nix::ifaddrs::getifaddrs)?
+            .map_err(|error| NetnsError::Addresses(error.into()))?;
+        let mut found = non_loopback(addrs);
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+
     /// Runs `f` on this thread while it is inside the pod's network namespace, then returns
     /// to the agent's. `f` must be short and must not await: it holds the thread.
     pub fn run_inside<R>(&self, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
@@ -113,6 +127,19 @@ impl NetnsSockets {
         }
         Ok(result)
     }
+}
+
+/// The non-loopback IP addresses among `addrs` (of the node's namespace, or of a pod's).
+pub fn non_loopback(addrs: nix::ifaddrs::InterfaceAddressIterator) -> Vec<IpAddr> {
+    addrs
+        .filter_map(|ifaddr| ifaddr.address)
+        .filter_map(|addr| {
+            addr.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect()
 }
 
 /// The network namespace cookie of the namespace `socket` lives in.

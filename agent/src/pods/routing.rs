@@ -11,9 +11,16 @@
 //!   and IPv6): marked packets are delivered locally, to the proxy's transparent socket.
 //!
 //! Netlink messages are built here directly: two message types with three attributes each
-//! do not justify a netlink library.
+//! do not justify a netlink library. The sysctls are written under the node's
+//! `/proc/sys/net` as the agent has it mounted (`--proc-sys-net`): the files there show the
+//! network namespace of the thread that opens them, here the pod's.
 
-use std::{io, mem::size_of, net::IpAddr};
+use std::{
+    io,
+    mem::size_of,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use super::netns::{NetnsError, NetnsSockets};
 
@@ -38,11 +45,8 @@ const LOOPBACK_IFINDEX: u32 = 1;
 pub enum RoutingError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
-    #[error("setting {path} in the pod: {source}")]
-    Sysctl {
-        path: &'static str,
-        source: io::Error,
-    },
+    #[error("setting {} in the pod: {source}", path.display())]
+    Sysctl { path: PathBuf, source: io::Error },
     #[error("adding the IPv{version} {what} in the pod: {source}")]
     Netlink {
         version: u8,
@@ -72,22 +76,16 @@ impl SourcePreservation {
 pub fn enable_source_preservation(
     sockets: &NetnsSockets,
     mark: u32,
+    proc_sys_net: &Path,
     with_ipv6: bool,
 ) -> Result<SourcePreservation, RoutingError> {
     sockets.run_inside(|| {
-        for path in [
-            "/proc/sys/net/ipv4/tcp_fwmark_accept",
-            "/proc/sys/net/ipv4/fwmark_reflect",
-        ] {
-            std::fs::write(path, "1").map_err(|source| RoutingError::Sysctl { path, source })?;
+        for sysctl in ["ipv4/tcp_fwmark_accept", "ipv4/fwmark_reflect"] {
+            write_sysctl(proc_sys_net, sysctl, "1")?;
         }
         family_entries(libc::AF_INET as u8, 4, mark, Op::Create)?;
         let ipv6 = with_ipv6
-            && match std::fs::write("/proc/sys/net/ipv6/fwmark_reflect", "1")
-                .map_err(|source| RoutingError::Sysctl {
-                    path: "/proc/sys/net/ipv6/fwmark_reflect",
-                    source,
-                })
+            && match write_sysctl(proc_sys_net, "ipv6/fwmark_reflect", "1")
                 .and_then(|()| family_entries(libc::AF_INET6 as u8, 6, mark, Op::Create))
             {
                 Ok(()) => true,
@@ -106,23 +104,27 @@ pub fn enable_source_preservation(
 pub fn disable_source_preservation(
     sockets: &NetnsSockets,
     mark: u32,
+    proc_sys_net: &Path,
     with_ipv6: bool,
 ) -> Result<(), RoutingError> {
     sockets.run_inside(|| {
         family_entries(libc::AF_INET as u8, 4, mark, Op::Delete)?;
-        let mut sysctls = vec![
-            "/proc/sys/net/ipv4/tcp_fwmark_accept",
-            "/proc/sys/net/ipv4/fwmark_reflect",
-        ];
+        let mut sysctls = vec!["ipv4/tcp_fwmark_accept", "ipv4/fwmark_reflect"];
         if with_ipv6 {
             family_entries(libc::AF_INET6 as u8, 6, mark, Op::Delete)?;
-            sysctls.push("/proc/sys/net/ipv6/fwmark_reflect");
+            sysctls.push("ipv6/fwmark_reflect");
         }
-        for path in sysctls {
-            std::fs::write(path, "0").map_err(|source| RoutingError::Sysctl { path, source })?;
+        for sysctl in sysctls {
+            write_sysctl(proc_sys_net, sysctl, "0")?;
         }
         Ok(())
     })?
+}
+
+/// Writes `proc_sys_net/<sysctl>` (in the calling thread's network namespace).
+fn write_sysctl(proc_sys_net: &Path, sysctl: &str, value: &str) -> Result<(), RoutingError> {
+    let path = proc_sys_net.join(sysctl);
+    std::fs::write(&path, value).map_err(|source| RoutingError::Sysctl { path, source })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

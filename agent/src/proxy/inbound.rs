@@ -6,10 +6,8 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    path::PathBuf,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -17,16 +15,20 @@ use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::RootCertStore;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
     delivery::connect_to_application,
     hbone::HBONE_SERVER_MAX_STREAMS,
-    http::authorize::{self, Check},
+    http::authorize::{self, Check, Source},
     limits::{self, Budget, PerClient},
     listener::accept_loop,
-    relay::{relay, reset},
+    relay::{relay_until, reset},
+    revocation::withdrawn,
 };
 use crate::{
     datapath::Datapath,
@@ -35,8 +37,11 @@ use crate::{
     pods::{netns::NetnsSockets, routing::SourcePreservation},
     state::workloads::SharedWorkloads,
     state::{
-        authorization::{AuthorizationIndex, Decision, Policy, RequestAttributes, decide},
+        authorization::{
+            AuthorizationIndex, Decision, PodPolicies, Policy, RequestAttributes, decide,
+        },
         membership::PeerAuthentication,
+        probes::{ProbeIndex, ProbePort},
     },
     telemetry::{
         access::AccessLog,
@@ -54,12 +59,17 @@ pub struct InboundContext {
     pub stats: Arc<ConnectionStats>,
     pub proxy_mark: u32,
     pub transparent_mark: u32,
+    /// The node's /proc/sys/net as the agent can write it (pods' sysctls are set through it).
+    pub proc_sys_net: PathBuf,
     pub connect_timeout: Duration,
     pub datapath: Arc<Datapath>,
-    /// The node's own addresses: plaintext from them (kubelet probes) passes STRICT too.
+    /// The node's own addresses: the kubelet probes from them.
     pub node_addresses: Vec<IpAddr>,
-    /// AuthorizationPolicies by local pod, replaced on every change in the cluster.
-    pub authorization: RwLock<Arc<AuthorizationIndex>>,
+    /// AuthorizationPolicies by local pod, replaced on every change in the cluster; watched
+    /// by the connections they were decided for.
+    pub authorization: watch::Sender<Arc<AuthorizationIndex>>,
+    /// The kubelet's probes of each local pod, replaced with the cluster state.
+    pub probes: RwLock<Arc<ProbeIndex>>,
     /// How long a stream that authorization must parse may take to show it is HTTP.
     pub detect_wait: Duration,
     pub workloads: SharedWorkloads,
@@ -89,11 +99,17 @@ impl InboundContext {
         }
     }
 
-    pub fn policies_of(&self, pod: &DestinationPod) -> Vec<Arc<Policy>> {
-        self.authorization
+    /// The AuthorizationPolicies of `pod`, as they are now and as they change.
+    pub fn policies(&self, pod: &DestinationPod) -> PodPolicies {
+        PodPolicies::new(self.authorization.subscribe(), &pod.display_name)
+    }
+
+    /// What the kubelet's probes of `pod` do on `port`, if any use it.
+    pub fn probe_port(&self, pod: &DestinationPod, port: u16) -> Option<ProbePort> {
+        self.probes
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .for_pod(&pod.display_name)
+            .port(&pod.display_name, port)
     }
 }
 
@@ -103,14 +119,24 @@ pub struct DestinationPod {
     /// Who it is, for metrics and access logs.
     pub peer: Peer,
     pub identity: SpiffeId,
+    /// Its addresses from the API server: what an HBONE CONNECT may name.
     pub ips: Vec<IpAddr>,
+    /// Every address whose plaintext is captured for it: `ips` and the other non-loopback
+    /// addresses of its network namespace (IPv6 link-local, secondary interfaces).
+    pub inbound_addresses: Vec<IpAddr>,
     pub sockets: Arc<NetnsSockets>,
     /// Which families can be delivered with the client's address.
     pub source_preservation: SourcePreservation,
-    /// The namespace's mode; changes in place when the namespace is relabelled.
-    strict: AtomicBool,
-    /// Plaintext connections to it through the proxy at once.
-    pub plaintext_connections: Arc<Budget>,
+    /// The namespace's mode; changes in place when the namespace is relabelled, and
+    /// plaintext connections watch it.
+    mode: watch::Sender<PeerAuthentication>,
+    /// Plaintext connections to it through the proxy at once, per client address and in all.
+    pub plaintext_connections: Arc<PerClient<IpAddr>>,
+    /// Connections from the node to its kubelet probe ports, apart from other plaintext so
+    /// that no outsider holding the plaintext bound can get its probes reset.
+    pub probe_connections: Arc<Budget>,
+    /// HBONE tunnels to it at once, per peer identity.
+    pub tunnels: Arc<PerClient<SpiffeId>>,
     /// TLS handshakes in progress at its HBONE listener.
     pub handshakes: Arc<PerClient>,
 }
@@ -125,42 +151,63 @@ impl DestinationPod {
         source_preservation: SourcePreservation,
         mode: PeerAuthentication,
     ) -> Self {
-        let pod = Self {
+        Self {
             display_name,
             peer,
             identity,
+            inbound_addresses: ips.clone(),
             ips,
             sockets,
             source_preservation,
-            strict: AtomicBool::new(false),
-            plaintext_connections: Budget::new("pod_plaintext_connections", usize::MAX),
+            mode: watch::Sender::new(mode),
+            plaintext_connections: PerClient::new(
+                "pod_plaintext_connections",
+                usize::MAX,
+                usize::MAX,
+            ),
+            probe_connections: Budget::new("pod_probe_connections", limits::MAX_PROBE_CONNECTIONS),
+            tunnels: PerClient::new("pod_tunnels_per_peer", usize::MAX, usize::MAX),
             handshakes: PerClient::new(
                 "pod_pending_handshakes",
                 limits::MAX_PENDING_HANDSHAKES_PER_CLIENT,
                 limits::MAX_PENDING_HANDSHAKES,
             ),
-        };
-        pod.set_peer_authentication(mode);
-        pod
+        }
     }
 
-    /// Bounds the plaintext connections to this pod through the proxy at once.
+    /// Bounds the plaintext connections to this pod through the proxy at once (one client
+    /// address may hold a share of them), and the HBONE tunnels of each peer identity.
     pub fn with_connection_limit(mut self, limit: usize) -> Self {
-        self.plaintext_connections = Budget::new("pod_plaintext_connections", limit);
+        self.plaintext_connections = PerClient::new(
+            "pod_plaintext_connections",
+            limits::per_client_share(limit),
+            limit,
+        );
+        self.tunnels = PerClient::new("pod_tunnels_per_peer", limit, usize::MAX);
+        self
+    }
+
+    /// Captures plaintext to these addresses of its network namespace too.
+    pub fn with_inbound_addresses(mut self, addresses: Vec<IpAddr>) -> Self {
+        self.inbound_addresses = addresses;
         self
     }
 
     pub fn peer_authentication(&self) -> PeerAuthentication {
-        if self.strict.load(Ordering::Relaxed) {
-            PeerAuthentication::Strict
-        } else {
-            PeerAuthentication::Permissive
-        }
+        *self.mode.borrow()
     }
 
     pub fn set_peer_authentication(&self, mode: PeerAuthentication) {
-        self.strict
-            .store(mode == PeerAuthentication::Strict, Ordering::Relaxed);
+        self.mode.send_if_modified(|current| {
+            let changed = *current != mode;
+            *current = mode;
+            changed
+        });
+    }
+
+    /// Follows the namespace's mode as it changes.
+    pub fn watch_peer_authentication(&self) -> watch::Receiver<PeerAuthentication> {
+        self.mode.subscribe()
     }
 }
 
@@ -181,7 +228,7 @@ async fn serve_connection(
 ) {
     // Small HTTP/2 frames (a CONNECT's 200, a short reply) must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let Some(handshake) = pod.handshakes.try_acquire(peer.ip()) else {
+    let Some(handshake) = pod.handshakes.try_acquire(&peer.ip()) else {
         limits::refuse(
             &stream,
             pod.handshakes.budget(),
@@ -269,19 +316,33 @@ async fn handle_connect(
         tracing::warn!(pod = %pod.display_name, %peer_id, %target, "HBONE: CONNECT to an address that is not this meshed pod");
         return status(StatusCode::FORBIDDEN);
     }
-    let policies = ctx.policies_of(&pod);
-    let inspects_http = policies.iter().any(|p| p.inspects_http(target.port()));
-    if !inspects_http {
-        let attributes = RequestAttributes {
-            source: Some(&peer_id),
-            port: target.port(),
-            http: None,
-        };
-        if let Decision::Deny(by) = decide(&policies, &attributes) {
-            tracing::warn!(pod = %pod.display_name, %peer_id, %target, policy = %by, "authorization: connection denied");
-            return status(StatusCode::FORBIDDEN);
+    let policies = ctx.policies(&pod);
+    let port = target.port();
+    let in_force = policies.current();
+    let inspects_http = in_force.iter().any(|p| p.inspects_http(port));
+    let decide_tunnel = {
+        let peer_id = peer_id.clone();
+        move |current: &[Arc<Policy>]| {
+            let attributes = RequestAttributes {
+                source: Some(&peer_id),
+                port,
+                http: None,
+            };
+            decide(current, &attributes)
         }
+    };
+    if !inspects_http && let Decision::Deny(by) = decide_tunnel(&in_force) {
+        tracing::warn!(pod = %pod.display_name, %peer_id, %target, policy = %by, "authorization: connection denied");
+        return status(StatusCode::FORBIDDEN);
     }
+    let Some(tunnel) = pod.tunnels.try_acquire(&peer_id) else {
+        ctx.metrics
+            .refused(pod.tunnels.budget().reason, &pod.display_name);
+        if pod.tunnels.budget().log_refusal() {
+            tracing::warn!(pod = %pod.display_name, %peer_id, limit = pod.tunnels.limit_per_client(), "HBONE tunnel refused: the peer identity is at its bound for this pod (logged at most every 10 s)");
+        }
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    };
     let upstream = match connect_to_application(&pod, &ctx, target, Some(peer.ip())).await {
         Ok((upstream, _)) => upstream,
         Err(error) => {
@@ -299,13 +360,14 @@ async fn handle_connect(
         mutual_tls: true,
     };
     tokio::spawn(async move {
+        let _tunnel = tunnel;
         let (sent, received) = match hyper::upgrade::on(request).await {
             Ok(upgraded) if inspects_http => {
                 let check = Check {
                     pod: pod.display_name.clone(),
                     policies,
-                    peer: peer_id,
-                    port: target.port(),
+                    source: Source::Mesh(peer_id),
+                    port,
                     detect_wait: ctx.detect_wait,
                     traffic,
                     metrics: Arc::clone(&ctx.metrics),
@@ -315,8 +377,18 @@ async fn handle_connect(
             }
             Ok(upgraded) => {
                 let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
-                let (sent, received) =
-                    relay(TokioIo::new(upgraded), upstream, |_, app| reset(app)).await;
+                let name = pod.display_name.clone();
+                let withdrawal = async {
+                    let by = withdrawn(policies, None, decide_tunnel).await;
+                    tracing::warn!(pod = %name, %peer_id, %target, policy = %by, "authorization withdrawn by a policy change: tunnel reset");
+                };
+                let (sent, received) = relay_until(
+                    TokioIo::new(upgraded),
+                    upstream,
+                    |_, app| reset(app),
+                    withdrawal,
+                )
+                .await;
                 report.close(sent, received);
                 (sent, received)
             }

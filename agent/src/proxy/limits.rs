@@ -1,12 +1,15 @@
 //! Per-pod bounds on the proxy's work, so that one pod cannot exhaust the node proxy for the
-//! others: the connections a pod has through the proxy at once (outbound, and plaintext
-//! arriving at it), and the TLS handshakes in progress at its HBONE listener, per client
-//! address and in all (each also bounded in time). A connection over a bound is reset at
-//! once, counted in `nodemesh_connections_refused_total{reason, pod}` and logged at most
-//! every 10 s per pod and bound; nothing else notices.
+//! others: the connections a pod has through the proxy at once (outbound; plaintext arriving
+//! at it, per client address and in all; HBONE tunnels to it, per peer identity), the TLS
+//! handshakes in progress at its HBONE listener, per client address and in all (each also
+//! bounded in time), and the node's connections to its kubelet probe ports, kept apart from
+//! other plaintext. A connection over a bound is reset at once, counted in
+//! `nodemesh_connections_refused_total{reason, pod}` and logged at most every 10 s per pod
+//! and bound; nothing else notices.
 
 use std::{
     collections::HashMap,
+    hash::Hash,
     net::IpAddr,
     sync::{
         Arc, Mutex,
@@ -25,6 +28,12 @@ pub const MAX_PENDING_HANDSHAKES: usize = 1024;
 /// TLS handshakes in progress at one pod's HBONE listener from one client address: a client
 /// that opens connections and never completes them holds up only its own.
 pub const MAX_PENDING_HANDSHAKES_PER_CLIENT: usize = 32;
+/// Connections from the node to one pod's kubelet probe ports at once (the kubelet runs a
+/// few probes per container, each one short connection).
+pub const MAX_PROBE_CONNECTIONS: usize = 64;
+/// One client address may hold at most this fraction of a pod's plaintext bound, so that it
+/// takes at least this many clients to fill it.
+const PLAINTEXT_SHARES: usize = 4;
 /// How long an HBONE client may take to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one log line per pod and bound in this long.
@@ -84,21 +93,21 @@ impl Budget {
     }
 }
 
-/// A bound per client address (`limit` each), itself within `total`.
-pub struct PerClient {
+/// A bound per client (an address, a peer identity): `limit` each, within `total`.
+pub struct PerClient<K = IpAddr> {
     total: Arc<Budget>,
     limit: usize,
-    by_client: Mutex<HashMap<IpAddr, usize>>,
+    by_client: Mutex<HashMap<K, usize>>,
 }
 
-/// Held while the handshake it was taken for lasts.
-pub struct ClientSlot {
-    owner: Arc<PerClient>,
-    client: IpAddr,
+/// Held while the connection (or handshake) it was taken for lasts.
+pub struct ClientSlot<K: Hash + Eq = IpAddr> {
+    owner: Arc<PerClient<K>>,
+    client: K,
     _total: Slot,
 }
 
-impl Drop for ClientSlot {
+impl<K: Hash + Eq> Drop for ClientSlot<K> {
     fn drop(&mut self) {
         let mut by_client = self.owner.lock();
         if let Some(count) = by_client.get_mut(&self.client) {
@@ -110,7 +119,7 @@ impl Drop for ClientSlot {
     }
 }
 
-impl PerClient {
+impl<K: Hash + Eq + Clone> PerClient<K> {
     pub fn new(reason: &'static str, limit: usize, total: usize) -> Arc<Self> {
         Arc::new(Self {
             total: Budget::new(reason, total),
@@ -120,17 +129,22 @@ impl PerClient {
     }
 
     /// A slot for `client`, unless it holds `limit` already or `total` are taken.
-    pub fn try_acquire(self: &Arc<Self>, client: IpAddr) -> Option<ClientSlot> {
+    pub fn try_acquire(self: &Arc<Self>, client: &K) -> Option<ClientSlot<K>> {
         let mut by_client = self.lock();
-        let count = by_client.entry(client).or_insert(0);
+        let count = by_client.entry(client.clone()).or_insert(0);
         if *count >= self.limit {
             return None;
         }
-        let total = self.total.try_acquire()?;
+        let Some(total) = self.total.try_acquire() else {
+            if *count == 0 {
+                by_client.remove(client);
+            }
+            return None;
+        };
         *count += 1;
         Some(ClientSlot {
             owner: Arc::clone(self),
-            client,
+            client: client.clone(),
             _total: total,
         })
     }
@@ -140,9 +154,21 @@ impl PerClient {
         &self.total
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+    /// What one client may hold.
+    pub fn limit_per_client(&self) -> usize {
+        self.limit
+    }
+}
+
+impl<K: Hash + Eq> PerClient<K> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, usize>> {
         self.by_client.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// What one client address may hold of a pod's plaintext bound `limit`.
+pub fn per_client_share(limit: usize) -> usize {
+    (limit / PLAINTEXT_SHARES).max(1)
 }
 
 /// Resets `stream`, a connection of `pod` over `budget`; counts it, and logs it unless that
@@ -184,13 +210,23 @@ mod tests {
             "10.0.0.2".parse().unwrap(),
             "10.0.0.3".parse().unwrap(),
         );
-        let a1 = handshakes.try_acquire(a).expect("a 1");
-        let a2 = handshakes.try_acquire(a).expect("a 2");
-        assert!(handshakes.try_acquire(a).is_none(), "a is at its own bound");
-        let b1 = handshakes.try_acquire(b).expect("b is not affected by a");
-        assert!(handshakes.try_acquire(c).is_none(), "the total bound holds");
+        let a1 = handshakes.try_acquire(&a).expect("a 1");
+        let a2 = handshakes.try_acquire(&a).expect("a 2");
+        assert!(
+            handshakes.try_acquire(&a).is_none(),
+            "a is at its own bound"
+        );
+        let b1 = handshakes.try_acquire(&b).expect("b is not affected by a");
+        assert!(
+            handshakes.try_acquire(&c).is_none(),
+            "the total bound holds"
+        );
+        assert!(
+            !handshakes.lock().contains_key(&c),
+            "a refused client leaves no entry"
+        );
         drop(a1);
-        let c1 = handshakes.try_acquire(c).expect("a slot came back");
+        let c1 = handshakes.try_acquire(&c).expect("a slot came back");
         drop((a2, b1, c1));
         assert!(handshakes.lock().is_empty(), "no entry left behind");
     }

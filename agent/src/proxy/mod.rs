@@ -12,3 +12,4 @@ mod listener;
 pub mod outbound;
 pub mod plaintext;
 mod relay;
+mod revocation;

@@ -39,7 +39,7 @@ use crate::{
     pods::netns::{NetnsError, NetnsSockets},
     state::{
         routes::RouteTable,
-        services::{Resolution, ServiceIndex},
+        services::{Resolution, SharedServices},
         workloads::SharedWorkloads,
     },
     telemetry::{
@@ -60,7 +60,7 @@ pub struct OutboundContext {
     /// Present when the node holds workload identities (a CA is configured).
     pub hbone: Option<Arc<HboneClient>>,
     pub workloads: SharedWorkloads,
-    pub services: RwLock<Arc<ServiceIndex>>,
+    pub services: SharedServices,
     pub routes: RwLock<Arc<RouteTable>>,
     pub http: HttpProxy,
     pub metrics: Arc<Metrics>,

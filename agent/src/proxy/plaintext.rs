@@ -1,10 +1,18 @@
 //! Plaintext TCP that reaches a meshed pod from outside the mesh. The kernel's inbound
 //! sk_lookup program (agent-ebpf/src/inbound.rs) hands every such connection to this
 //! listener inside the pod; the accepted socket's local address is where the client was
-//! going. The namespace's peer-authentication mode decides: STRICT resets the connection,
-//! PERMISSIVE delivers it to the application and counts it, unless an AuthorizationPolicy
-//! denies it: plaintext has no identity, and its HTTP requests are not parsed here. Connections
-//! from the node's own addresses (the kubelet's probes) are delivered in both modes.
+//! going, and must be one of the pod's own addresses (a connection to the listener itself
+//! would loop). The namespace's peer-authentication mode decides: STRICT resets the
+//! connection, PERMISSIVE delivers it to the application and counts it, unless an
+//! AuthorizationPolicy denies it: plaintext has no identity, and its HTTP requests are not
+//! parsed here. A change of mode or policy that denies an established connection resets it.
+//!
+//! The node's own addresses get no more than anyone else, except for the kubelet's probes:
+//! a connection from the node to a port the pod's probes use, which the mode or a policy
+//! refuses, is served as HTTP where only the probes' requests (method and path) reach the
+//! application (`http::authorize`); a TCP-only probe port gets its handshake and is closed
+//! without a byte either way; an HTTPS probe port is delivered (its requests are inside the
+//! application's TLS). Probe connections have their own bound, taken before any other.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -15,14 +23,21 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     delivery::{canonical, connect_to_application},
+    http::{
+        HEADER_READ_TIMEOUT,
+        authorize::{self, Check, Source},
+    },
     inbound::{DestinationPod, InboundContext},
     limits,
     listener::accept_loop,
-    relay::{relay, reset},
+    relay::{relay_until, reset},
+    revocation::withdrawn,
 };
+use crate::pods::netns::non_loopback;
 use crate::state::{
-    authorization::{Decision, RequestAttributes, decide},
+    authorization::{Decision, Policy, RequestAttributes, decide},
     membership::PeerAuthentication,
+    probes::ProbePort,
 };
 use crate::telemetry::{
     metrics::{Reporter, Traffic, UNKNOWN},
@@ -31,6 +46,10 @@ use crate::telemetry::{
 
 /// The source label of plaintext connections in the connection counters.
 pub const PLAINTEXT_SOURCE: &str = "plaintext";
+
+/// Why STRICT refuses plaintext, in logs and answers.
+const STRICT_REFUSAL: &str =
+    "the namespace's peer authentication is STRICT, only mTLS from meshed pods is accepted";
 
 pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {
     let name = pod.display_name.clone();
@@ -48,15 +67,6 @@ async fn serve_connection(
     ctx: Arc<InboundContext>,
 ) {
     let _ = client.set_nodelay(true);
-    let Some(_slot) = pod.plaintext_connections.try_acquire() else {
-        limits::refuse(
-            &client,
-            &pod.plaintext_connections,
-            &pod.display_name,
-            &ctx.metrics,
-        );
-        return;
-    };
     let target = match client.local_addr() {
         Ok(target) => target,
         Err(error) => {
@@ -64,56 +74,182 @@ async fn serve_connection(
             return;
         }
     };
-    let from_node = is_node_address(&ctx.node_addresses, peer.ip());
-    if pod.peer_authentication() == PeerAuthentication::Strict && !from_node {
+    if !pod.inbound_addresses.contains(&canonical(target.ip())) {
         ctx.stats.plaintext_refused();
-        tracing::warn!(
-            pod = %pod.display_name, %peer, %target,
-            "plaintext refused: the namespace's peer authentication is STRICT, only mTLS from meshed pods is accepted"
-        );
+        tracing::warn!(pod = %pod.display_name, %peer, %target, "plaintext refused: not addressed to one of the pod's addresses (a connection to the proxy's own listener)");
         reset(&client);
         return;
     }
-    if !from_node {
-        let attributes = RequestAttributes {
-            source: None,
-            port: target.port(),
-            http: None,
-        };
-        if let Decision::Deny(by) = decide(&ctx.policies_of(&pod), &attributes) {
+    let peer_ip = canonical(peer.ip());
+    let probe = is_node_address(&ctx.node_addresses, peer_ip)
+        .then(|| ctx.probe_port(&pod, target.port()))
+        .flatten();
+    // Probes first, from their own bound: an outsider holding the plaintext bound cannot get
+    // the kubelet's probes reset (and the pod restarted).
+    let probe_slot = probe
+        .as_ref()
+        .and_then(|_| pod.probe_connections.try_acquire());
+    let plaintext_slot = match probe_slot {
+        Some(_) => None,
+        None => match pod.plaintext_connections.try_acquire(&peer_ip) {
+            Some(slot) => Some(slot),
+            None => {
+                let budget = pod.plaintext_connections.budget();
+                limits::refuse(&client, budget, &pod.display_name, &ctx.metrics);
+                return;
+            }
+        },
+    };
+    let _slots = (probe_slot, plaintext_slot);
+    let decision = plaintext_decision(&pod, &ctx.policies(&pod).current(), target.port());
+    match (decision, probe) {
+        (Decision::Allow, _) => {
+            ctx.stats.plaintext_permitted();
+            tracing::debug!(pod = %pod.display_name, %peer, %target, "plaintext permitted");
+            deliver(client, peer, target, pod, ctx).await;
+        }
+        (Decision::Deny(refusal), Some(probe)) => {
+            ctx.stats.plaintext_permitted();
+            tracing::debug!(pod = %pod.display_name, %peer, %target, "plaintext from the node to a probe port: only the probes pass");
+            let refused = Refused { probe, refusal };
+            serve_probe(client, peer, target, refused, pod, ctx).await;
+        }
+        (Decision::Deny(refusal), None) => {
             ctx.stats.plaintext_refused();
-            tracing::warn!(pod = %pod.display_name, %peer, %target, policy = %by, "plaintext refused by authorization policy");
+            tracing::warn!(pod = %pod.display_name, %peer, %target, refused_by = %refusal, "plaintext refused");
             reset(&client);
-            return;
         }
     }
-    ctx.stats.plaintext_permitted();
-    tracing::debug!(pod = %pod.display_name, %peer, %target, from_node, "plaintext permitted");
-    let upstream = match connect_to_application(&pod, &ctx, target, None).await {
-        Ok((upstream, _)) => upstream,
+}
+
+/// STRICT refuses plaintext; otherwise the pod's policies decide, for a client without an
+/// identity. `Deny` says which.
+fn plaintext_decision(pod: &DestinationPod, policies: &[Arc<Policy>], port: u16) -> Decision {
+    if pod.peer_authentication() == PeerAuthentication::Strict {
+        return Decision::Deny(STRICT_REFUSAL.to_owned());
+    }
+    let attributes = RequestAttributes {
+        source: None,
+        port,
+        http: None,
+    };
+    match decide(policies, &attributes) {
+        Decision::Deny(by) => Decision::Deny(format!("authorization policy {by}")),
+        allow => allow,
+    }
+}
+
+/// Relays an allowed plaintext connection to the application, until either end closes or a
+/// change of mode or policy denies it.
+async fn deliver(
+    client: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    pod: Arc<DestinationPod>,
+    ctx: Arc<InboundContext>,
+) {
+    let Some(upstream) = connect(&client, peer, target, &pod, &ctx).await else {
+        return;
+    };
+    let traffic = plaintext_traffic(&ctx, &pod, peer);
+    let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
+    let watched = Arc::clone(&pod);
+    let withdrawal = async {
+        let decide = |current: &[Arc<Policy>]| plaintext_decision(&watched, current, target.port());
+        let mode = Some(pod.watch_peer_authentication());
+        let by = withdrawn(ctx.policies(&pod), mode, decide).await;
+        tracing::warn!(pod = %pod.display_name, %peer, %target, refused_by = %by, "plaintext connection reset: a change of mode or policy denies it now");
+    };
+    let (sent, received) = relay_until(
+        client,
+        upstream,
+        |client, app| {
+            reset(client);
+            reset(app);
+        },
+        withdrawal,
+    )
+    .await;
+    ctx.stats.closed(PLAINTEXT_SOURCE, target, sent, received);
+    report.close(sent, received);
+}
+
+/// A connection from the node to a probe port, which `refusal` refuses otherwise.
+struct Refused {
+    probe: ProbePort,
+    refusal: String,
+}
+
+/// Serves the node's connection to a probe port: only the probes pass.
+async fn serve_probe(
+    client: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    Refused { probe, refusal }: Refused,
+    pod: Arc<DestinationPod>,
+    ctx: Arc<InboundContext>,
+) {
+    if probe.tls {
+        // The kubelet's requests are inside the application's TLS: it cannot be told apart.
+        return deliver(client, peer, target, pod, ctx).await;
+    }
+    if !probe.has_http_probes() {
+        // A TCP probe succeeds at the handshake, done by now: close without carrying a byte.
+        return;
+    }
+    let Some(upstream) = connect(&client, peer, target, &pod, &ctx).await else {
+        return;
+    };
+    let check = Check {
+        pod: pod.display_name.clone(),
+        policies: ctx.policies(&pod),
+        source: Source::NodeProbe {
+            peer: peer.ip(),
+            probe,
+            refusal,
+        },
+        port: target.port(),
+        // The kubelet speaks first, but on a busy node maybe later than a mesh client.
+        detect_wait: HEADER_READ_TIMEOUT,
+        traffic: plaintext_traffic(&ctx, &pod, peer),
+        metrics: Arc::clone(&ctx.metrics),
+        access_log: ctx.access_log,
+    };
+    let (sent, received) = authorize::serve(client, upstream, check).await;
+    ctx.stats.closed(PLAINTEXT_SOURCE, target, sent, received);
+}
+
+/// Connects to the application for `client`, counting the connection; None (the client
+/// reset) when the application does not accept.
+async fn connect(
+    client: &TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    pod: &DestinationPod,
+    ctx: &InboundContext,
+) -> Option<TcpStream> {
+    match connect_to_application(pod, ctx, target, None).await {
+        Ok((upstream, _)) => {
+            ctx.stats.opened(PLAINTEXT_SOURCE, target);
+            Some(upstream)
+        }
         Err(error) => {
             tracing::info!(pod = %pod.display_name, %peer, %target, %error, "plaintext: the application did not accept");
             ctx.stats.failed(PLAINTEXT_SOURCE, target);
-            reset(&client);
-            return;
+            reset(client);
+            None
         }
-    };
-    ctx.stats.opened(PLAINTEXT_SOURCE, target);
-    let traffic = Traffic {
+    }
+}
+
+fn plaintext_traffic(ctx: &InboundContext, pod: &DestinationPod, peer: SocketAddr) -> Traffic {
+    Traffic {
         reporter: Reporter::Destination,
         source: ctx.source_peer(peer.ip(), None),
         destination: pod.peer.clone(),
         destination_service: UNKNOWN.to_owned(),
         mutual_tls: false,
-    };
-    let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
-    let (sent, received) = relay(client, upstream, |client, app| {
-        reset(client);
-        reset(app);
-    })
-    .await;
-    ctx.stats.closed(PLAINTEXT_SOURCE, target, sent, received);
-    report.close(sent, received);
+    }
 }
 
 fn is_node_address(node_addresses: &[IpAddr], peer: IpAddr) -> bool {
@@ -129,15 +265,7 @@ pub fn node_addresses() -> Vec<IpAddr> {
         );
         return Vec::new();
     };
-    let mut found: Vec<IpAddr> = addrs
-        .filter_map(|ifaddr| ifaddr.address)
-        .filter_map(|addr| {
-            addr.as_sockaddr_in()
-                .map(|v4| IpAddr::V4(v4.ip()))
-                .or_else(|| addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-        })
-        .filter(|ip| !ip.is_loopback())
-        .collect();
+    let mut found = non_loopback(addrs);
     found.sort();
     found.dedup();
     found

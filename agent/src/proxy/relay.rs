@@ -20,10 +20,30 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_until(a, b, on_error, std::future::pending()).await
+}
+
+/// `relay`, cut short when `until` resolves (the connection's authorization was withdrawn):
+/// then `on_error` runs too, so the ends are reset rather than closed.
+pub async fn relay_until<A, B>(
+    a: A,
+    b: B,
+    on_error: impl FnOnce(&A, &B),
+    until: impl Future<Output = ()>,
+) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let mut a = CountingStream::new(a);
     let mut b = CountingStream::new(b);
-    if let Err(error) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
-        tracing::debug!(%error, "proxied connection ended with an error");
+    let failed = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut a, &mut b) => copied
+            .inspect_err(|error| tracing::debug!(%error, "proxied connection ended with an error"))
+            .is_err(),
+        () = until => true,
+    };
+    if failed {
         on_error(a.inner(), b.inner());
     }
     (a.bytes_read(), b.bytes_read())

@@ -21,10 +21,11 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
+use tokio::sync::watch;
 
-use crate::identity::spiffe::SpiffeId;
+use crate::{identity::spiffe::SpiffeId, k8s::compact::LocalPod};
 
 /// An AuthorizationPolicy as read from the cluster, converted on each rebuild.
 #[derive(Clone, Debug, Deserialize)]
@@ -295,6 +296,37 @@ pub struct AuthorizationIndex {
     by_pod: HashMap<String, Vec<Arc<Policy>>>,
 }
 
+/// The policies in force for one local pod, followed as they change: decisions made per
+/// request read the current ones, and connections decided once watch for changes.
+#[derive(Clone)]
+pub struct PodPolicies {
+    index: watch::Receiver<Arc<AuthorizationIndex>>,
+    pod: Arc<str>,
+}
+
+impl PodPolicies {
+    /// The policies of the pod `namespace/name` in the index `index` follows.
+    pub fn new(index: watch::Receiver<Arc<AuthorizationIndex>>, pod: &str) -> Self {
+        Self {
+            index,
+            pod: Arc::from(pod),
+        }
+    }
+
+    /// The policies in force now.
+    pub fn current(&self) -> Vec<Arc<Policy>> {
+        self.index.borrow().for_pod(&self.pod)
+    }
+
+    /// Resolves at the next change of the index (of any pod's policies); never when no
+    /// change can come any more.
+    pub async fn changed(&mut self) {
+        if self.index.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// A policy as the config dump shows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PolicyView {
@@ -310,7 +342,7 @@ impl AuthorizationIndex {
     /// policies of every pod in `pods`.
     pub fn build<'a>(
         policies: &BTreeMap<(String, String), AuthorizationPolicyObject>,
-        pods: impl Iterator<Item = &'a Pod>,
+        pods: impl Iterator<Item = &'a LocalPod>,
         previous: &AuthorizationIndex,
     ) -> (Self, Vec<PolicyError>) {
         let mut errors = Vec::new();
@@ -331,16 +363,13 @@ impl AuthorizationIndex {
         }
         let mut by_pod = HashMap::new();
         for pod in pods {
-            let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
-            let name = pod.metadata.name.as_deref().unwrap_or_default();
-            let labels = pod.metadata.labels.clone().unwrap_or_default();
             let selecting: Vec<Arc<Policy>> = converted
                 .values()
-                .filter(|p| p.selects(namespace, &labels))
+                .filter(|p| p.selects(&pod.namespace, &pod.labels))
                 .cloned()
                 .collect();
             if !selecting.is_empty() {
-                by_pod.insert(format!("{namespace}/{name}"), selecting);
+                by_pod.insert(format!("{}/{}", pod.namespace, pod.name), selecting);
             }
         }
         (Self { converted, by_pod }, errors)

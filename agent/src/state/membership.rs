@@ -2,9 +2,12 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 
-use crate::k8s::cluster_state::ClusterSnapshot;
+use crate::k8s::{
+    compact::{LocalPod, ProbeTarget},
+    snapshot::ClusterSnapshot,
+};
 
 /// Label on a Namespace (`enabled`) or a Pod (`disabled`) that opts in or out.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
@@ -47,6 +50,18 @@ pub fn peer_authentication(
     }
 }
 
+/// Whether a pod stays out of the mesh whatever its namespace says: opted out with
+/// `nodemesh.io/mesh=disabled`, on the host network, or finished.
+pub fn excluded(
+    labels: Option<&BTreeMap<String, String>>,
+    host_network: Option<bool>,
+    phase: Option<&str>,
+) -> bool {
+    labels.and_then(|l| l.get(MESH_LABEL)).map(String::as_str) == Some("disabled")
+        || host_network == Some(true)
+        || matches!(phase, Some("Succeeded" | "Failed"))
+}
+
 /// A pod of this node that belongs in the mesh.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshedPod {
@@ -59,6 +74,8 @@ pub struct MeshedPod {
     pub workload: String,
     pub ips: Vec<IpAddr>,
     pub peer_authentication: PeerAuthentication,
+    /// Where the kubelet probes the pod (from its containers' probes).
+    pub probes: Vec<ProbeTarget>,
 }
 
 impl MeshedPod {
@@ -68,38 +85,20 @@ impl MeshedPod {
     }
 }
 
-/// The meshed pods of `node`, keyed by UID.
-pub fn local_meshed_pods(snapshot: &ClusterSnapshot, node: &str) -> BTreeMap<String, MeshedPod> {
-    meshed_pods(snapshot, Some(node))
-        .map(|pod| (pod.uid.clone(), pod))
-        .collect()
-}
-
-/// Every meshed pod of the cluster, or of `node` only when given.
-pub fn meshed_pods<'a>(
-    snapshot: &'a ClusterSnapshot,
-    node: Option<&'a str>,
-) -> impl Iterator<Item = MeshedPod> + 'a {
+/// The meshed pods of this node (the snapshot's local pods), keyed by UID.
+pub fn local_meshed_pods(snapshot: &ClusterSnapshot) -> BTreeMap<String, MeshedPod> {
     snapshot
-        .pods
+        .local_pods
         .values()
-        .filter(move |pod| {
-            node.is_none() || pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == node
-        })
         .filter_map(|pod| {
-            let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
             let namespace = snapshot
                 .namespaces
-                .get(namespace)
-                .filter(|ns| namespace_is_meshed(ns))?;
-            // The manifest reader rejects invalid labels, so the default is only a fallback.
-            let mode = peer_authentication(namespace).unwrap_or_default();
-            meshed_pod(pod, mode)
+                .get(&pod.namespace)
+                .filter(|ns| ns.meshed)?;
+            meshed_pod(pod, namespace.peer_authentication)
         })
-}
-
-fn namespace_is_meshed(namespace: &Namespace) -> bool {
-    label(&namespace.metadata, MESH_LABEL) == Some("enabled")
+        .map(|pod| (pod.uid.clone(), pod))
+        .collect()
 }
 
 fn label<'a>(
@@ -114,60 +113,36 @@ fn label<'a>(
 
 /// The pod as a mesh member, or None when it must not be captured: opted out, host network,
 /// finished, or not yet given an IP or UID.
-fn meshed_pod(pod: &Pod, peer_authentication: PeerAuthentication) -> Option<MeshedPod> {
-    if label(&pod.metadata, MESH_LABEL) == Some("disabled") {
-        return None;
-    }
-    let spec = pod.spec.as_ref()?;
-    if spec.host_network == Some(true) {
-        return None;
-    }
-    let status = pod.status.as_ref()?;
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return None;
-    }
-    let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .filter_map(|ip| ip.ip.parse().ok())
-        .collect();
-    if ips.is_empty() {
-        ips.extend(
-            status
-                .pod_ip
-                .as_deref()
-                .and_then(|ip| ip.parse::<IpAddr>().ok()),
-        );
-    }
-    if ips.is_empty() {
+fn meshed_pod(pod: &LocalPod, peer_authentication: PeerAuthentication) -> Option<MeshedPod> {
+    if excluded(
+        Some(&pod.labels),
+        Some(pod.host_network),
+        pod.phase.as_deref(),
+    ) || pod.ips.is_empty()
+    {
         return None;
     }
     Some(MeshedPod {
-        uid: pod.metadata.uid.clone()?,
-        namespace: pod.metadata.namespace.clone()?,
-        name: pod.metadata.name.clone()?,
-        service_account: spec
-            .service_account_name
-            .clone()
-            .unwrap_or_else(|| "default".to_owned()),
-        workload: label(&pod.metadata, "app.kubernetes.io/name")
-            .or_else(|| label(&pod.metadata, "app"))
-            .or(pod.metadata.name.as_deref())?
-            .to_owned(),
-        ips,
+        uid: pod.uid.clone()?,
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        service_account: pod.service_account.clone(),
+        workload: pod.workload().to_owned(),
+        ips: pod.ips.clone(),
         peer_authentication,
+        probes: pod.probes.clone(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
-        api::core::v1::{PodIP, PodSpec, PodStatus},
+        api::core::v1::{Pod, PodIP, PodSpec, PodStatus},
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
     };
 
     use super::*;
+    use crate::k8s::compact;
 
     fn namespace(name: &str, meshed: bool) -> Namespace {
         let labels = meshed.then(|| [(MESH_LABEL.to_owned(), "enabled".to_owned())].into());
@@ -210,22 +185,22 @@ mod tests {
         }
     }
 
+    /// The snapshot the sources make of these objects, for node1.
     fn snapshot(namespaces: Vec<Namespace>, pods: Vec<Pod>) -> ClusterSnapshot {
         ClusterSnapshot {
             namespaces: namespaces
-                .into_iter()
-                .map(|n| (n.metadata.name.clone().unwrap(), n))
+                .iter()
+                .map(|n| {
+                    let info = compact::namespace_info(n).unwrap().unwrap();
+                    (info.name.clone(), info)
+                })
                 .collect(),
-            pods: pods
-                .into_iter()
+            local_pods: pods
+                .iter()
+                .filter(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some("node1"))
                 .map(|p| {
-                    (
-                        (
-                            p.metadata.namespace.clone().unwrap(),
-                            p.metadata.name.clone().unwrap(),
-                        ),
-                        p,
-                    )
+                    let pod = compact::local_pod(p).unwrap();
+                    (format!("{}/{}", pod.namespace, pod.name), pod)
                 })
                 .collect(),
             ..Default::default()
@@ -243,7 +218,7 @@ mod tests {
                 pod("ghost", "d", "node1"),
             ],
         );
-        let meshed = local_meshed_pods(&state, "node1");
+        let meshed = local_meshed_pods(&state);
         assert_eq!(meshed.keys().collect::<Vec<_>>(), ["uid-a"]);
         let a = &meshed["uid-a"];
         assert_eq!(a.service_account, "sa");
@@ -263,7 +238,7 @@ mod tests {
             vec![strict, namespace("open", true)],
             vec![pod("locked", "a", "node1"), pod("open", "b", "node1")],
         );
-        let meshed = local_meshed_pods(&state, "node1");
+        let meshed = local_meshed_pods(&state);
         assert_eq!(
             meshed["uid-a"].peer_authentication,
             PeerAuthentication::Strict
@@ -299,9 +274,7 @@ mod tests {
             vec![opted_out, host, done, pending, pod("mesh", "ok", "node1")],
         );
         assert_eq!(
-            local_meshed_pods(&state, "node1")
-                .keys()
-                .collect::<Vec<_>>(),
+            local_meshed_pods(&state).keys().collect::<Vec<_>>(),
             ["uid-ok"]
         );
     }

@@ -10,27 +10,34 @@
 //! (`clusterIP: None`) have no virtual address: clients dial pod IPs directly. Choice is
 //! round-robin; latency-aware balancing belongs to the L7 proxy.
 
+//!
+//! The index is kept current event by event by the cluster source: a Service or EndpointSlice
+//! event recomputes that one Service's virtual ports (keeping each port's round-robin
+//! position), never the whole cluster's. A relist updates in place and then drops what it did
+//! not mention.
+
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use crate::k8s::compact::{ServiceInfo, SliceInfo};
 
-use crate::k8s::snapshot::ClusterSnapshot;
-
-/// EndpointSlice label naming the Service it belongs to.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The index as the proxies and the cluster source share it.
+pub type SharedServices = Arc<RwLock<ServiceIndex>>;
 
 /// One port of one virtual address.
 #[derive(Debug)]
 struct ServicePort {
     /// `namespace/name`.
-    service: String,
+    service: Arc<str>,
     /// The Service port's `appProtocol`, which overrides protocol detection.
-    app_protocol: Option<String>,
-    endpoints: Vec<SocketAddr>,
+    app_protocol: Option<Arc<str>>,
+    endpoints: Box<[SocketAddr]>,
     next: AtomicUsize,
 }
 
@@ -66,63 +73,31 @@ pub enum Resolution<'a> {
     },
 }
 
+/// A Service and its EndpointSlices, as last seen, with the relist that last mentioned each.
+#[derive(Debug, Default)]
+struct ServiceEntry {
+    service: Option<(ServiceInfo, u64)>,
+    slices: HashMap<Arc<str>, (SliceInfo, u64)>,
+    /// The virtual address:ports published for it.
+    published: Vec<SocketAddr>,
+}
+
 #[derive(Debug, Default)]
 pub struct ServiceIndex {
+    /// By `namespace/name` of the Service.
+    services: HashMap<Arc<str>, ServiceEntry>,
+    /// The Service each EndpointSlice (by `namespace/name`) belongs to.
+    slice_owner: HashMap<Arc<str>, Arc<str>>,
     by_vip: HashMap<SocketAddr, ServicePort>,
-    /// Ready endpoints by (`namespace/name`, port, IPv4?), for HTTPRoute backends.
-    by_name: HashMap<(String, u16, bool), Vec<SocketAddr>>,
+    /// How many virtual ports list each endpoint.
+    endpoint_refs: HashMap<SocketAddr, u32>,
+    service_epoch: u64,
+    slice_epoch: u64,
 }
 
 impl ServiceIndex {
-    pub fn build(snapshot: &ClusterSnapshot) -> Self {
-        let mut by_vip = HashMap::new();
-        let mut by_name = HashMap::new();
-        for ((namespace, name), service) in &snapshot.services {
-            let slices: Vec<&EndpointSlice> = snapshot
-                .endpoint_slices
-                .iter()
-                .filter(|((ns, _), slice)| {
-                    ns == namespace
-                        && slice
-                            .metadata
-                            .labels
-                            .as_ref()
-                            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                            == Some(name)
-                })
-                .map(|(_, slice)| slice)
-                .collect();
-            for vip in virtual_addresses(service) {
-                for (port_name, port, app_protocol) in tcp_ports(service) {
-                    let endpoints = ready_endpoints(&slices, vip, port_name);
-                    let service = format!("{namespace}/{name}");
-                    by_name.insert((service.clone(), port, vip.is_ipv4()), endpoints.clone());
-                    by_vip.insert(
-                        SocketAddr::new(vip, port),
-                        ServicePort {
-                            service,
-                            app_protocol: app_protocol.map(str::to_owned),
-                            endpoints,
-                            next: AtomicUsize::new(0),
-                        },
-                    );
-                }
-            }
-        }
-        Self { by_vip, by_name }
-    }
-
-    /// Carries each virtual port's round-robin position over from `previous`, so rebuilding
-    /// the index (on any change in the cluster) does not send the next connections to the
-    /// first endpoint again.
-    pub fn continuing(self, previous: &ServiceIndex) -> Self {
-        for (vip, port) in &self.by_vip {
-            if let Some(old) = previous.by_vip.get(vip) {
-                port.next
-                    .store(old.next.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
-        }
-        self
+    pub fn shared() -> SharedServices {
+        Arc::default()
     }
 
     /// Resolves `destination`, choosing the next ready endpoint when it is a Service port.
@@ -145,22 +120,45 @@ impl ServiceIndex {
     /// The Service port behind a virtual address, if `destination` is one.
     pub fn frontend(&self, destination: SocketAddr) -> Option<Frontend> {
         self.by_vip.get(&destination).map(|port| Frontend {
-            service: port.service.clone(),
+            service: port.service.to_string(),
             port: destination.port(),
-            app_protocol: port.app_protocol.clone(),
+            app_protocol: port.app_protocol.as_deref().map(str::to_owned),
         })
     }
 
     /// The ready endpoints of `service` (`namespace/name`) on `port`, in one address family.
     pub fn endpoints(&self, service: &str, port: u16, ipv4: bool) -> &[SocketAddr] {
-        self.by_name
-            .get(&(service.to_owned(), port, ipv4))
-            .map_or(&[], Vec::as_slice)
+        let Some((info, _)) = self.services.get(service).and_then(|e| e.service.as_ref()) else {
+            return &[];
+        };
+        info.virtual_ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == ipv4)
+            .and_then(|ip| self.by_vip.get(&SocketAddr::new(*ip, port)))
+            .map_or(&[], |p| &p.endpoints)
     }
 
-    /// Every ready endpoint of every Service.
-    pub fn all_endpoints(&self) -> HashSet<SocketAddr> {
-        self.by_name.values().flatten().copied().collect()
+    /// Whether the Service `namespace/name` exists.
+    pub fn contains(&self, service: &str) -> bool {
+        self.services
+            .get(service)
+            .is_some_and(|e| e.service.is_some())
+    }
+
+    /// Whether any Service port lists `endpoint` as ready.
+    pub fn has_endpoint(&self, endpoint: &SocketAddr) -> bool {
+        self.endpoint_refs.contains_key(endpoint)
+    }
+
+    /// (Services, virtual address:ports, ready endpoints listed).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let services = self
+            .services
+            .values()
+            .filter(|e| e.service.is_some())
+            .count();
+        let endpoints = self.by_vip.values().map(|p| p.endpoints.len()).sum();
+        (services, self.by_vip.len(), endpoints)
     }
 
     /// Every virtual address:port with its ready endpoints, for the config dump.
@@ -169,83 +167,159 @@ impl ServiceIndex {
             .by_vip
             .iter()
             .map(|(vip, port)| ServicePortView {
-                service: port.service.clone(),
+                service: port.service.to_string(),
                 virtual_address: *vip,
-                ready_endpoints: port.endpoints.clone(),
+                ready_endpoints: port.endpoints.to_vec(),
             })
             .collect();
         views.sort_by(|a, b| (&a.service, a.virtual_address).cmp(&(&b.service, b.virtual_address)));
         views
     }
-}
 
-fn virtual_addresses(service: &Service) -> Vec<IpAddr> {
-    let Some(spec) = &service.spec else {
-        return Vec::new();
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return Vec::new();
+    /// Adds or replaces the Service `key` (`namespace/name`); None removes it.
+    pub fn upsert_service(&mut self, key: &str, service: Option<ServiceInfo>) {
+        match service {
+            Some(service) => {
+                let entry = self.services.entry(Arc::clone(&service.key)).or_default();
+                entry.service = Some((service, self.service_epoch));
+            }
+            None => match self.services.get_mut(key) {
+                Some(entry) => entry.service = None,
+                None => return,
+            },
+        }
+        self.recompute(key);
     }
-    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
-    if ips.is_empty() {
-        ips.extend(spec.cluster_ip.as_ref());
+
+    /// Adds or replaces the EndpointSlice `key` (`namespace/name`); None removes it.
+    pub fn upsert_slice(&mut self, key: &str, slice: Option<SliceInfo>) {
+        if let Some(owner) = self.slice_owner.remove(key) {
+            if let Some(entry) = self.services.get_mut(&owner) {
+                entry.slices.remove(key);
+            }
+            self.recompute(&owner);
+        }
+        let Some(slice) = slice else {
+            return;
+        };
+        // A slice without its Service's label serves no Service.
+        let Some(owner) = slice.service.clone() else {
+            return;
+        };
+        self.slice_owner
+            .insert(Arc::clone(&slice.key), Arc::clone(&owner));
+        self.services
+            .entry(Arc::clone(&owner))
+            .or_default()
+            .slices
+            .insert(Arc::clone(&slice.key), (slice, self.slice_epoch));
+        self.recompute(&owner);
     }
-    // "None" (headless) and anything unparsable are not virtual addresses.
-    ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
+
+    /// A relist of Services starts: what it does not mention by `end_service_relist` is gone.
+    pub fn begin_service_relist(&mut self) {
+        self.service_epoch += 1;
+    }
+
+    pub fn end_service_relist(&mut self) {
+        let epoch = self.service_epoch;
+        let stale: Vec<Arc<str>> = self
+            .services
+            .iter()
+            .filter(|(_, e)| e.service.as_ref().is_some_and(|(_, at)| *at != epoch))
+            .map(|(key, _)| Arc::clone(key))
+            .collect();
+        for key in stale {
+            self.upsert_service(&key, None);
+        }
+    }
+
+    /// A relist of EndpointSlices starts: what it does not mention by `end_slice_relist` is
+    /// gone.
+    pub fn begin_slice_relist(&mut self) {
+        self.slice_epoch += 1;
+    }
+
+    pub fn end_slice_relist(&mut self) {
+        let epoch = self.slice_epoch;
+        let stale: Vec<Arc<str>> = self
+            .services
+            .values()
+            .flat_map(|e| e.slices.iter())
+            .filter(|(_, (_, at))| *at != epoch)
+            .map(|(key, _)| Arc::clone(key))
+            .collect();
+        for key in stale {
+            self.upsert_slice(&key, None);
+        }
+    }
+
+    /// Publishes the virtual ports of the Service `key` again from its spec and slices.
+    fn recompute(&mut self, key: &str) {
+        let Some(entry) = self.services.get_mut(key) else {
+            return;
+        };
+        let mut positions = HashMap::new();
+        for vip in std::mem::take(&mut entry.published) {
+            if let Some(port) = self.by_vip.remove(&vip) {
+                for endpoint in &port.endpoints {
+                    release(&mut self.endpoint_refs, endpoint);
+                }
+                positions.insert(vip, port.next.into_inner());
+            }
+        }
+        if entry.service.is_none() && entry.slices.is_empty() {
+            self.services.remove(key);
+            return;
+        }
+        let Some((service, _)) = &entry.service else {
+            return;
+        };
+        let slices: Vec<&SliceInfo> = entry.slices.values().map(|(slice, _)| slice).collect();
+        for vip in &service.virtual_ips {
+            for port in &service.ports {
+                let addr = SocketAddr::new(*vip, port.port);
+                let endpoints = ready_endpoints(&slices, *vip, &port.name);
+                for endpoint in &endpoints {
+                    *self.endpoint_refs.entry(*endpoint).or_default() += 1;
+                }
+                entry.published.push(addr);
+                self.by_vip.insert(
+                    addr,
+                    ServicePort {
+                        service: Arc::clone(&service.key),
+                        app_protocol: port.app_protocol.clone(),
+                        endpoints: endpoints.into_boxed_slice(),
+                        // The rotation goes on where it was: a change does not send the next
+                        // connections to the first endpoint again.
+                        next: AtomicUsize::new(positions.get(&addr).copied().unwrap_or(0)),
+                    },
+                );
+            }
+        }
+    }
 }
 
-/// (port name, port, appProtocol) of the Service's TCP ports; the unnamed port has the
-/// empty name.
-fn tcp_ports(service: &Service) -> Vec<(&str, u16, Option<&str>)> {
-    service
-        .spec
-        .iter()
-        .flat_map(|spec| spec.ports.iter().flatten())
-        .filter(|port| port.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        .filter_map(|port| {
-            let number = u16::try_from(port.port).ok()?;
-            Some((
-                port.name.as_deref().unwrap_or(""),
-                number,
-                port.app_protocol.as_deref(),
-            ))
-        })
-        .collect()
+fn release(refs: &mut HashMap<SocketAddr, u32>, endpoint: &SocketAddr) {
+    if let Some(count) = refs.get_mut(endpoint) {
+        *count -= 1;
+        if *count == 0 {
+            refs.remove(endpoint);
+        }
+    }
 }
 
-fn ready_endpoints(slices: &[&EndpointSlice], vip: IpAddr, port_name: &str) -> Vec<SocketAddr> {
-    let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+/// The ready endpoints for one virtual address and Service port: from the slices of the
+/// address's family, at the target port each slice gives the port's name.
+fn ready_endpoints(slices: &[&SliceInfo], vip: IpAddr, port_name: &str) -> Vec<SocketAddr> {
     let mut endpoints: Vec<SocketAddr> = slices
         .iter()
-        .filter(|slice| slice.address_type == family)
+        .filter(|slice| slice.ipv4 == vip.is_ipv4())
         .filter_map(|slice| {
-            let port = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| {
-                    p.name.as_deref().unwrap_or("") == port_name
-                        && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
-                })?
-                .port
-                .and_then(|p| u16::try_from(p).ok())?;
-            Some((*slice, port))
+            let (_, port) = slice.ports.iter().find(|(name, _)| &**name == port_name)?;
+            Some((slice, *port))
         })
-        .flat_map(|(slice, port)| {
-            slice
-                .endpoints
-                .iter()
-                .flatten()
-                .filter(|endpoint| {
-                    let conditions = endpoint.conditions.as_ref();
-                    // Unset `ready` means ready (API convention); terminating never is.
-                    conditions.and_then(|c| c.ready).unwrap_or(true)
-                        && !conditions.and_then(|c| c.terminating).unwrap_or(false)
-                })
-                .flat_map(|endpoint| endpoint.addresses.iter())
-                .filter_map(move |addr| addr.parse::<IpAddr>().ok())
-                .map(move |ip| SocketAddr::new(ip, port))
-        })
+        .flat_map(|(slice, port)| slice.ready.iter().map(move |ip| SocketAddr::new(*ip, port)))
         .collect();
     endpoints.sort();
     endpoints.dedup();
@@ -258,13 +332,17 @@ mod tests {
 
     use k8s_openapi::{
         api::{
-            core::v1::{ServicePort as K8sServicePort, ServiceSpec},
-            discovery::v1::{Endpoint, EndpointConditions, EndpointPort},
+            core::v1::{Service, ServicePort as K8sServicePort, ServiceSpec},
+            discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
         },
         apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
     };
 
     use super::*;
+    use crate::k8s::{
+        compact::{self, SERVICE_NAME_LABEL},
+        intern::Interner,
+    };
 
     fn service(name: &str, cluster_ips: &[&str], ports: &[(&str, i32, &str)]) -> Service {
         Service {
@@ -344,17 +422,23 @@ mod tests {
         }
     }
 
+    /// The index after these objects' watch events, through the sources' transforms.
     fn index(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ServiceIndex {
-        let mut snapshot = ClusterSnapshot::default();
+        let mut index = ServiceIndex::default();
+        apply(&mut index, services, slices);
+        index
+    }
+
+    fn apply(index: &mut ServiceIndex, services: Vec<Service>, slices: Vec<EndpointSlice>) {
+        let mut strings = Interner::default();
         for s in services {
-            let key = ("shop".to_owned(), s.metadata.name.clone().unwrap());
-            snapshot.services.insert(key, s);
+            let info = compact::service_info(&s, &mut strings).unwrap();
+            index.upsert_service(&info.key.clone(), Some(info));
         }
         for s in slices {
-            let key = ("shop".to_owned(), s.metadata.name.clone().unwrap());
-            snapshot.endpoint_slices.insert(key, s);
+            let info = compact::slice_info(&s, &mut strings).unwrap();
+            index.upsert_slice(&info.key.clone(), Some(info));
         }
-        ServiceIndex::build(&snapshot)
     }
 
     /// Every endpoint the index hands out for `vip` over many picks.
@@ -421,10 +505,10 @@ mod tests {
     }
 
     #[test]
-    fn a_rebuilt_index_continues_the_rotation() {
-        let build = || {
-            let web = service("web", &["10.96.0.10"], &[("", 80, "8080")]);
-            let endpoints = slice(
+    fn an_update_continues_the_rotation_and_a_relist_drops_what_it_missed() {
+        let web = || service("web", &["10.96.0.10"], &[("", 80, "8080")]);
+        let endpoints = || {
+            slice(
                 "web-a",
                 "web",
                 "IPv4",
@@ -433,19 +517,38 @@ mod tests {
                     ("10.0.1.1", true, false, "n"),
                     ("10.0.1.2", true, false, "n"),
                 ],
-            );
-            index(vec![web], vec![endpoints])
+            )
         };
         let vip = "10.96.0.10:80".parse().unwrap();
-        let first = build();
-        let Resolution::Endpoint { addr: before, .. } = first.resolve(vip) else {
+        let mut index = index(vec![web()], vec![endpoints()]);
+        let Resolution::Endpoint { addr: before, .. } = index.resolve(vip) else {
             panic!("resolves")
         };
-        let second = build().continuing(&first);
-        let Resolution::Endpoint { addr: after, .. } = second.resolve(vip) else {
+        apply(&mut index, vec![web()], vec![endpoints()]);
+        let Resolution::Endpoint { addr: after, .. } = index.resolve(vip) else {
             panic!("resolves")
         };
         assert_ne!(before, after);
+        assert!(index.has_endpoint(&after));
+
+        // A relist that mentions the Service but not its slice: no endpoint is left.
+        index.begin_service_relist();
+        index.begin_slice_relist();
+        apply(&mut index, vec![web()], vec![]);
+        index.end_service_relist();
+        index.end_slice_relist();
+        assert_eq!(
+            index.resolve(vip),
+            Resolution::NoReadyEndpoint {
+                service: "shop/web"
+            }
+        );
+        assert!(!index.has_endpoint(&after));
+
+        // The Service deleted: its address is no Service's any more.
+        index.upsert_service("shop/web", None);
+        assert_eq!(index.resolve(vip), Resolution::NotAService);
+        assert!(!index.contains("shop/web"));
     }
 
     #[test]

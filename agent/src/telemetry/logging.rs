@@ -1,6 +1,9 @@
-//! tracing set-up: `RUST_LOG` filters (default `info`); `NODEMESH_LOG_FORMAT=json` for JSON.
-//! Access logs (target `nodemesh::access`) always go to stdout as JSON lines, one object
-//! per line, whatever the format of the other logs, which go to stderr.
+//! tracing set-up: `RUST_LOG` filters (default `info`); the agent's own logs go to stderr as
+//! JSON lines or as text (`--log-format`; JSON unless stderr is a terminal, since cluster log
+//! pipelines expect JSON), with colours only on a terminal. Access logs (target
+//! `nodemesh::access`) always go to stdout as JSON lines, one object per line.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::{
     EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt,
@@ -8,25 +11,46 @@ use tracing_subscriber::{
 
 use super::access;
 
-pub fn init() {
+/// How the logs on stderr are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+impl LogFormat {
+    /// `requested`, or what suits stderr: text on a terminal, JSON otherwise.
+    pub fn or_default_for_stderr(requested: Option<LogFormat>) -> LogFormat {
+        requested.unwrap_or(if std::io::stderr().is_terminal() {
+            LogFormat::Text
+        } else {
+            LogFormat::Json
+        })
+    }
+}
+
+pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("NODEMESH_LOG_FORMAT").is_ok_and(|f| f == "json");
     let not_access = filter_fn(|meta| meta.target() != access::TARGET);
-    let logs = if json {
-        fmt::layer()
+    let logs = match format {
+        LogFormat::Json => fmt::layer()
             .json()
+            .with_ansi(false)
             .with_writer(std::io::stderr)
             .with_filter(not_access)
-            .boxed()
-    } else {
-        fmt::layer()
+            .boxed(),
+        LogFormat::Text => fmt::layer()
             .with_target(false)
+            .with_ansi(colours_on_stderr())
             .with_writer(std::io::stderr)
             .with_filter(not_access)
-            .boxed()
+            .boxed(),
     };
     let access_logs = fmt::layer()
         .json()
+        .with_ansi(false)
         .flatten_event(true)
         .with_current_span(false)
         .with_span_list(false)
@@ -37,4 +61,9 @@ pub fn init() {
         .with(logs)
         .with(access_logs)
         .init();
+}
+
+/// Colour escapes only for a person at a terminal who has not asked for none (`NO_COLOR`).
+fn colours_on_stderr() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

@@ -142,6 +142,7 @@ pub struct Metrics {
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
     enrolled_pods: Gauge,
+    pending_pods: Gauge,
     map_entries: Family<MapLabels, Gauge>,
     certificate_expiry: Family<IdentityLabels, Gauge>,
     detection: Family<OutcomeLabels, Counter>,
@@ -171,6 +172,7 @@ impl Default for Metrics {
         let tcp_opened = Family::<TcpLabels, Counter>::default();
         let tcp_closed = Family::<TcpLabels, Counter>::default();
         let enrolled_pods = Gauge::default();
+        let pending_pods = Gauge::default();
         let map_entries = Family::<MapLabels, Gauge>::default();
         let certificate_expiry = Family::<IdentityLabels, Gauge>::default();
         let detection = Family::<OutcomeLabels, Counter>::default();
@@ -208,6 +210,11 @@ impl Default for Metrics {
             enrolled_pods.clone(),
         );
         registry.register(
+            "nodemesh_pending_pods",
+            "Meshed pods of this node not enrolled yet, held closed meanwhile (reasons in /config_dump)",
+            pending_pods.clone(),
+        );
+        registry.register(
             "nodemesh_datapath_map_entries",
             "Entries in each pinned eBPF map",
             map_entries.clone(),
@@ -242,6 +249,7 @@ impl Default for Metrics {
             tcp_opened,
             tcp_closed,
             enrolled_pods,
+            pending_pods,
             map_entries,
             certificate_expiry,
             detection,
@@ -390,19 +398,103 @@ impl Metrics {
         self.config_errors.set(config_errors as i64);
     }
 
-    /// The Prometheus text exposition (OpenMetrics).
-    pub fn encode(&self) -> String {
+    /// Meshed pods not enrolled yet, set just before each scrape.
+    pub fn set_pending_pods(&self, pending_pods: usize) {
+        self.pending_pods.set(pending_pods as i64);
+    }
+
+    /// The exposition in `format`.
+    pub fn encode(&self, format: Exposition) -> String {
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             tracing::warn!("encoding metrics failed");
         }
-        text
+        match format {
+            Exposition::OpenMetrics => text,
+            Exposition::PrometheusText => openmetrics_to_prometheus_text(&text),
+        }
     }
+}
+
+/// The two text formats scrapers ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposition {
+    /// OpenMetrics 1.0 (`application/openmetrics-text`), what Prometheus asks for first.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (`text/plain`), for everything else: older scrapers,
+    /// `promtool check metrics`, curl.
+    PrometheusText,
+}
+
+impl Exposition {
+    /// The format an `Accept` header asks for: OpenMetrics only when it is named.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        match accept {
+            Some(accept) if accept.contains("application/openmetrics-text") => Self::OpenMetrics,
+            _ => Self::PrometheusText,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Self::PrometheusText => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// prometheus-client writes OpenMetrics only. In the 0.0.4 format a counter's HELP and TYPE
+/// name the sample (`x_total`, not the family `x`), and there is no UNIT or EOF line.
+fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(family) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.insert(family.to_owned());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (family, tail) = rest.split_once(' ')?;
+            counters
+                .contains(family)
+                .then(|| format!("{prefix}{family}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prometheus_text_format_names_counters_by_their_sample() {
+        let openmetrics = "# HELP istio_requests HTTP requests.\n# TYPE istio_requests counter\nistio_requests_total{a=\"b\"} 3\n# HELP up Up.\n# TYPE up gauge\n# UNIT up seconds\nup 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus_text(openmetrics),
+            "# HELP istio_requests_total HTTP requests.\n# TYPE istio_requests_total counter\nistio_requests_total{a=\"b\"} 3\n# HELP up Up.\n# TYPE up gauge\nup 1\n"
+        );
+        assert_eq!(Exposition::negotiate(None), Exposition::PrometheusText);
+        assert_eq!(
+            Exposition::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0;q=0.6,text/plain;version=0.0.4;q=0.5"
+            )),
+            Exposition::OpenMetrics
+        );
+    }
 
     fn traffic(destination: &str) -> Traffic {
         Traffic {
@@ -432,7 +524,7 @@ mod tests {
         metrics.tcp_opened(&traffic("db"));
         metrics.tcp_closed(&traffic("db"), 100, 2000);
         metrics.detected(DetectionOutcome::Http1);
-        let text = metrics.encode();
+        let text = metrics.encode(Exposition::OpenMetrics);
         let labels = "connection_security_policy=\"mutual_tls\"";
         assert!(text.contains("istio_requests_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"shop\",source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",destination_workload=\"web\",destination_workload_namespace=\"shop\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"web.shop.svc.cluster.local\",request_protocol=\"http\",response_code=\"200\","), "{text}");
         assert!(
@@ -466,7 +558,7 @@ mod tests {
         metrics.tcp_closed(&traffic("db"), 1, 1);
         metrics.detected(DetectionOutcome::Http1);
         metrics.set_agent_state(1, &[("enrolled_cgroups".into(), 1)], &[("id".into(), 1)], 0);
-        let exported = metrics.encode();
+        let exported = metrics.encode(Exposition::OpenMetrics);
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../deploy/grafana/nodemesh-dashboard.json"
@@ -499,7 +591,7 @@ mod tests {
         for i in 0..(MAX_SERIES + 10) {
             metrics.tcp_opened(&traffic(&format!("w{i}")));
         }
-        let text = metrics.encode();
+        let text = metrics.encode(Exposition::OpenMetrics);
         let series = text
             .lines()
             .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))

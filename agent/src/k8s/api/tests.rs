@@ -1,822 +1,624 @@
-//! The watchers against a list/watch test double: an HTTP server on loopback that speaks the
-//! API server's list and watch protocol with real Kubernetes JSON (k8s-openapi objects):
-//! lists carry a resourceVersion, watches replay the event log from the requested version,
-//! answer 410 Gone (as an ERROR event with a Status) for a compacted version, send BOOKMARKs,
-//! and can be cut mid-stream. No API server can run here; this is the same code path.
+//! The watches against a real kube-apiserver and etcd (the testbed's control plane, started on
+//! loopback without nodes, from /var/cache/nodemesh/testenv/bin): lists, watches, field
+//! selectors, streaming lists, API discovery of CRDs, conditional status writes and outages
+//! are the server's own. Tests share one control plane (each uses namespaces and a node name
+//! of its own); those that change what the server serves get one of their own. A test double
+//! remains for the two faults the real server cannot be made to produce at a chosen moment
+//! (`double.rs`).
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    convert::Infallible,
+    future::Future,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
-use hyper::{
-    Request, Response,
-    body::{Bytes, Frame},
-    service::service_fn,
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Namespace, Pod, ServiceAccount},
 };
-use hyper_util::rt::TokioIo;
-use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, PodIP, PodSpec, PodStatus},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+use kube::{
+    Api, Client,
+    api::{
+        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    },
+    config::{KubeConfigOptions, Kubeconfig},
 };
+use nodemesh_testbed::ControlPlane;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::mpsc};
 
 use super::ApiWatch;
-use crate::k8s::snapshot::ClusterSnapshot;
+use crate::k8s::{
+    snapshot::ClusterIndices,
+    status::{SourceStatus, WatchState},
+};
 
-const NAMESPACES: &str = "/api/v1/namespaces";
-const PODS: &str = "/api/v1/pods";
-const SERVICES: &str = "/api/v1/services";
-const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-const HTTP_ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
-const AUTHORIZATION_POLICIES: &str = "/apis/nodemesh.io/v1alpha1/authorizationpolicies";
+mod double;
 
-enum WatchMessage {
-    Event(Value),
-    /// Cut the connection without finishing the chunked body (a reset).
-    Reset,
-}
+/// Discovery looks for missing resources this often in tests (a minute in the agent).
+const RECHECK: Duration = Duration::from_millis(500);
 
-#[derive(Default)]
-struct Collection {
-    objects: BTreeMap<String, Value>,
-    /// (resourceVersion, watch event) for every change, for watches that resume.
-    log: Vec<(u64, Value)>,
-    /// Watches from a resourceVersion below this get 410 Gone.
-    compacted_below: u64,
-    watchers: Vec<Watcher>,
-}
-
-/// An open watch, with the node its field selector asks for (if any).
-struct Watcher {
-    node: Option<String>,
-    tx: mpsc::UnboundedSender<WatchMessage>,
-}
-
-/// `spec.nodeName=<node>` of a `fieldSelector` query parameter (URL-encoded).
-fn selected_node(query: &HashMap<String, String>) -> Option<String> {
-    let selector = query.get("fieldSelector")?.replace("%3D", "=");
-    selector.strip_prefix("spec.nodeName=").map(str::to_owned)
-}
-
-/// Whether an object passes a watch's or list's node selector.
-fn on_node(node: Option<&str>, object: &Value) -> bool {
-    node.is_none_or(|node| object["spec"]["nodeName"] == node)
-}
-
-/// The request log's suffix for a node selector.
-fn selector_suffix(node: Option<&str>) -> String {
-    node.map(|n| format!(" spec.nodeName={n}"))
-        .unwrap_or_default()
-}
-
-#[derive(Default)]
-struct State {
-    resource_version: u64,
-    collections: HashMap<&'static str, Collection>,
-    /// DaemonSets by `namespace/name`, answered to GETs.
-    daemonsets: BTreeMap<String, Value>,
-    /// Every request: "LIST <path>" or "WATCH <path> rv=<resourceVersion>", each followed
-    /// by " spec.nodeName=<node>" when field-selected; "REFUSED <path>" during an outage.
-    requests: Vec<String>,
-    /// While set, every list and watch is answered 503 (the API server is down).
-    outage: bool,
-}
-
-#[derive(Clone)]
-struct FakeApiServer {
-    addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-}
-
-impl FakeApiServer {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(Mutex::new(State::default()));
-        for path in [
-            NAMESPACES,
-            PODS,
-            SERVICES,
-            ENDPOINT_SLICES,
-            HTTP_ROUTES,
-            AUTHORIZATION_POLICIES,
-        ] {
-            state
-                .lock()
-                .unwrap()
-                .collections
-                .insert(path, Collection::default());
-        }
-        let server = Self { addr, state };
-        let handler = server.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let handler = handler.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                        let handler = handler.clone();
-                        async move {
-                            if request.method() == hyper::Method::PATCH {
-                                let path = request.uri().path().to_owned();
-                                let body = request.into_body().collect().await.unwrap().to_bytes();
-                                let patch = serde_json::from_slice(&body).unwrap();
-                                return Ok::<_, Infallible>(handler.patch_status(&path, patch));
-                            }
-                            Ok::<_, Infallible>(handler.serve(request))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        server
-    }
-
-    fn client(&self) -> kube::Client {
-        let url = format!("http://{}", self.addr).parse().unwrap();
-        kube::Client::try_from(kube::Config::new(url)).unwrap()
-    }
-
-    fn serve(
-        &self,
-        request: Request<hyper::body::Incoming>,
-    ) -> Response<BoxBody<Bytes, Infallible>> {
-        let path = request.uri().path().to_owned();
-        let query: HashMap<String, String> = request
-            .uri()
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .filter_map(|pair| pair.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        let mut state = self.state.lock().unwrap();
-        let current = state.resource_version;
-        if let Some(rest) = path.strip_prefix("/apis/apps/v1/namespaces/") {
-            let key = rest.replacen("/daemonsets/", "/", 1);
-            return match state.daemonsets.get(&key) {
-                Some(daemonset) => json_response(200, daemonset.clone()),
-                None => json_response(
-                    404,
-                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                           "reason": "NotFound", "code": 404, "message": "not found"}),
-                ),
-            };
-        }
-        let Some(key) = [
-            NAMESPACES,
-            PODS,
-            SERVICES,
-            ENDPOINT_SLICES,
-            HTTP_ROUTES,
-            AUTHORIZATION_POLICIES,
-        ]
-        .into_iter()
-        .find(|p| *p == path) else {
-            return json_response(404, json!({"kind": "Status", "code": 404}));
-        };
-        if state.outage {
-            state.requests.push(format!("REFUSED {path}"));
-            return json_response(
-                503,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                       "reason": "ServiceUnavailable", "code": 503, "message": "down"}),
-            );
-        }
-        let node = selected_node(&query);
-        let suffix = selector_suffix(node.as_deref());
-        if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-            let from: u64 = query
-                .get("resourceVersion")
-                .and_then(|rv| rv.parse().ok())
-                .unwrap_or(current);
-            state
-                .requests
-                .push(format!("WATCH {path} rv={from}{suffix}"));
-            let collection = state.collections.get_mut(key).unwrap();
-            let (tx, rx) = mpsc::unbounded_channel();
-            if from < collection.compacted_below {
-                let _ = tx.send(WatchMessage::Event(gone(from)));
-            } else {
-                for (_, event) in collection
-                    .log
-                    .iter()
-                    .filter(|(rv, event)| *rv > from && on_node(node.as_deref(), &event["object"]))
-                {
-                    let _ = tx.send(WatchMessage::Event(event.clone()));
-                }
-                collection.watchers.push(Watcher { node, tx });
-            }
-            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                match rx.recv().await {
-                    Some(WatchMessage::Event(event)) => {
-                        let mut line = serde_json::to_vec(&event).unwrap();
-                        line.push(b'\n');
-                        Some((Ok(Frame::data(Bytes::from(line))), rx))
-                    }
-                    Some(WatchMessage::Reset) | None => None,
-                }
-            });
-            // A reset ends the stream without the final chunk: hyper closes the connection.
-            return Response::builder()
-                .header("content-type", "application/json")
-                .body(BoxBody::new(StreamBody::new(stream)))
-                .unwrap();
-        }
-        state.requests.push(format!("LIST {path}{suffix}"));
-        let items: Vec<Value> = state.collections[key]
-            .objects
-            .values()
-            .filter(|object| on_node(node.as_deref(), object))
-            .cloned()
-            .collect();
-        json_response(
-            200,
-            json!({
-                "kind": "List",
-                "apiVersion": "v1",
-                "metadata": {"resourceVersion": current.to_string()},
-                "items": items,
-            }),
-        )
-    }
-
-    /// Applies a change and sends it to the open watches.
-    fn change(&self, path: &'static str, kind: &str, mut object: Value) {
-        let mut state = self.state.lock().unwrap();
-        state.resource_version += 1;
-        let rv = state.resource_version;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = object_key(&object);
-        let collection = state.collections.get_mut(path).unwrap();
-        let event_type = match kind {
-            "DELETED" => {
-                collection.objects.remove(&key);
-                "DELETED"
-            }
-            _ if collection.objects.contains_key(&key) => "MODIFIED",
-            _ => "ADDED",
-        };
-        if event_type != "DELETED" {
-            collection.objects.insert(key, object.clone());
-        }
-        let event = json!({"type": event_type, "object": object});
-        collection.log.push((rv, event.clone()));
-        collection.watchers.retain(|w| {
-            !on_node(w.node.as_deref(), &object)
-                || w.tx.send(WatchMessage::Event(event.clone())).is_ok()
-        });
-    }
-
-    fn apply<T: serde::Serialize>(&self, path: &'static str, object: &T) {
-        self.change(path, "APPLY", serde_json::to_value(object).unwrap());
-    }
-
-    fn delete<T: serde::Serialize>(&self, path: &'static str, object: &T) {
-        self.change(path, "DELETED", serde_json::to_value(object).unwrap());
-    }
-
-    /// Deletes without any watch event, as if it happened while nobody watched, and compacts
-    /// the log so a resuming watch must relist to learn about it.
-    fn delete_unseen_and_compact<T: serde::Serialize>(&self, path: &'static str, object: &T) {
-        let mut state = self.state.lock().unwrap();
-        state.resource_version += 1;
-        let rv = state.resource_version;
-        let key = object_key(&serde_json::to_value(object).unwrap());
-        let collection = state.collections.get_mut(path).unwrap();
-        collection.objects.remove(&key);
-        collection.log.clear();
-        collection.compacted_below = rv;
-    }
-
-    fn bookmark(&self, path: &'static str) -> u64 {
-        let mut state = self.state.lock().unwrap();
-        state.resource_version += 1;
-        let rv = state.resource_version;
-        let event = json!({
-            "type": "BOOKMARK",
-            "object": {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}},
-        });
-        let collection = state.collections.get_mut(path).unwrap();
-        collection
-            .watchers
-            .retain(|w| w.tx.send(WatchMessage::Event(event.clone())).is_ok());
-        rv
-    }
-
-    /// Sends 410 Gone on the open watches (what an API server does after compaction).
-    fn expire_watches(&self, path: &'static str) {
-        let mut state = self.state.lock().unwrap();
-        let rv = state.resource_version;
-        let collection = state.collections.get_mut(path).unwrap();
-        for watcher in collection.watchers.drain(..) {
-            let _ = watcher.tx.send(WatchMessage::Event(gone(rv)));
-            let _ = watcher.tx.send(WatchMessage::Reset);
-        }
-    }
-
-    /// Takes the API server down (open watches are cut, every request fails) or back up.
-    fn set_outage(&self, down: bool) {
-        let mut state = self.state.lock().unwrap();
-        state.outage = down;
-        for collection in state.collections.values_mut() {
-            for watcher in collection.watchers.drain(..) {
-                let _ = watcher.tx.send(WatchMessage::Reset);
-            }
-        }
-    }
-
-    fn reset_watches(&self, path: &'static str) {
-        let mut state = self.state.lock().unwrap();
-        let collection = state.collections.get_mut(path).unwrap();
-        for watcher in collection.watchers.drain(..) {
-            let _ = watcher.tx.send(WatchMessage::Reset);
-        }
-    }
-
-    fn requests(&self, prefix: &str) -> Vec<String> {
-        let state = self.state.lock().unwrap();
-        state
-            .requests
-            .iter()
-            .filter(|r| r.starts_with(prefix))
-            .cloned()
-            .collect()
-    }
-
-    /// A JSON merge patch of an HTTPRoute's status, conditional on the resourceVersion the
-    /// patch carries (as the API server does): 409 when it is stale.
-    fn patch_status(&self, path: &str, patch: Value) -> Response<BoxBody<Bytes, Infallible>> {
-        let key = path
-            .strip_prefix("/apis/gateway.networking.k8s.io/v1/namespaces/")
-            .and_then(|rest| rest.strip_suffix("/status"))
-            .map(|rest| rest.replacen("/httproutes/", "/", 1));
-        let current = key.as_ref().and_then(|key| {
-            self.state.lock().unwrap().collections[HTTP_ROUTES]
-                .objects
-                .get(key)
-                .cloned()
-        });
-        let Some(mut object) = current else {
-            return json_response(404, json!({"kind": "Status", "code": 404}));
-        };
-        let wanted = &patch["metadata"]["resourceVersion"];
-        let conflict = !wanted.is_null() && *wanted != object["metadata"]["resourceVersion"];
-        self.state
-            .lock()
-            .unwrap()
-            .requests
-            .push(format!("PATCH {path} {}", if conflict { 409 } else { 200 }));
-        if conflict {
-            return json_response(
-                409,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                       "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
-            );
-        }
-        object["status"] = patch["status"].clone();
-        self.change(HTTP_ROUTES, "APPLY", object.clone());
-        json_response(200, object)
-    }
-
-    fn count(&self, request: &str) -> usize {
-        let state = self.state.lock().unwrap();
-        state.requests.iter().filter(|r| *r == request).count()
-    }
-}
-
-fn gone(rv: u64) -> Value {
-    json!({
-        "type": "ERROR",
-        "object": {
-            "kind": "Status", "apiVersion": "v1", "status": "Failure",
-            "message": format!("too old resource version: {rv}"),
-            "reason": "Expired", "code": 410,
-        },
+/// The shared control plane, with the Gateway API and nodemesh CRDs installed.
+fn shared_plane() -> &'static ControlPlane {
+    static PLANE: OnceLock<ControlPlane> = OnceLock::new();
+    PLANE.get_or_init(|| {
+        let plane = ControlPlane::loopback(&[]).expect(
+            "a loopback control plane (scripts/setup.sh builds it into /var/cache/nodemesh/testenv)",
+        );
+        install_crds(&plane);
+        plane
     })
 }
 
-fn object_key(object: &Value) -> String {
-    format!(
-        "{}/{}",
-        object["metadata"]["namespace"].as_str().unwrap_or_default(),
-        object["metadata"]["name"].as_str().unwrap_or_default()
-    )
-}
-
-fn json_response(status: u16, body: Value) -> Response<BoxBody<Bytes, Infallible>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())).boxed())
-        .unwrap()
-}
-
-fn namespace(name: &str, labels: &[(&str, &str)]) -> Namespace {
-    Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: Some(
-                labels
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                    .collect(),
-            ),
-            ..Default::default()
-        },
-        ..Default::default()
+fn install_crds(plane: &ControlPlane) {
+    let gateway = plane.testenv().gateway_api_crds();
+    let http_routes = gateway.join("gateway.networking.k8s.io_httproutes.yaml");
+    let ours = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/helm/nodemesh/templates/crds.yaml"
+    );
+    for crd in [http_routes.display().to_string(), ours.to_owned()] {
+        plane
+            .kubectl_ok(&["apply", "--server-side", "-f", &crd])
+            .expect("installing a CRD");
     }
+    plane
+        .kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ])
+        .expect("CRDs established");
 }
 
-fn pod(name: &str, node: &str, ip: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("shop".into()),
-            uid: Some(format!("uid-{name}")),
-            managed_fields: Some(vec![Default::default()]),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            service_account_name: Some("web".into()),
-            containers: vec![Default::default()],
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".into()),
-            pod_ip: Some(ip.into()),
-            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
-            ..Default::default()
-        }),
+/// Runs an async test on a runtime of its own (the control plane's calls block).
+fn run(test: impl Future<Output = ()>) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(test);
+}
+
+async fn client(plane: &ControlPlane, server: Option<SocketAddr>) -> Client {
+    let mut kubeconfig = Kubeconfig::read_from(plane.admin_kubeconfig()).expect("kubeconfig");
+    if let Some(server) = server {
+        for cluster in &mut kubeconfig.clusters {
+            if let Some(cluster) = &mut cluster.cluster {
+                cluster.server = Some(format!("https://{server}"));
+            }
+        }
     }
-}
-
-/// A watch of `api` for node1, after its initial list, and its change signal.
-async fn synced_watch(api: &FakeApiServer) -> (ApiWatch, mpsc::Receiver<()>) {
-    let (tx, changes) = mpsc::channel(1);
-    let watch = ApiWatch::start(api.client(), "node1", tx);
-    watch
-        .wait_synced(Duration::from_secs(10))
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .expect("initial list");
-    (watch, changes)
+        .expect("client config");
+    Client::try_from(config).expect("client")
 }
 
-/// Waits (10 s at most) for the watch to reach a state where `done` holds.
-async fn converge(
-    watch: &ApiWatch,
-    changes: &mut mpsc::Receiver<()>,
-    what: &str,
-    done: impl Fn(&ClusterSnapshot) -> bool,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if done(&watch.snapshot().0) {
-            return;
+/// What one agent's watches hold.
+struct Watched {
+    watch: ApiWatch,
+    indices: ClusterIndices,
+    status: Arc<SourceStatus>,
+}
+
+impl Watched {
+    fn start(client: Client, node: &str) -> Self {
+        let indices = ClusterIndices::new("cluster.local");
+        let status = Arc::new(SourceStatus::default());
+        let (changes, _) = mpsc::channel(1);
+        let watch = ApiWatch::start(
+            client,
+            node,
+            &indices,
+            Arc::clone(&status),
+            changes,
+            RECHECK,
+        );
+        Self {
+            watch,
+            indices,
+            status,
         }
-        if tokio::time::timeout_at(deadline, changes.recv())
-            .await
-            .is_err()
-        {
-            panic!("{what}: not reached; state {:?}", watch.snapshot().0);
-        }
+    }
+
+    fn identity(&self, ip: &str) -> Option<String> {
+        let workloads = self.indices.workloads.read().unwrap();
+        workloads
+            .identity_of(ip.parse().unwrap())
+            .map(ToString::to_string)
+    }
+
+    fn workload(&self, ip: &str) -> String {
+        let workloads = self.indices.workloads.read().unwrap();
+        workloads.peer_of(ip.parse().unwrap()).workload
+    }
+
+    fn watch_state(&self, name: &str) -> Option<(WatchState, Option<&'static str>, String)> {
+        self.status
+            .views()
+            .into_iter()
+            .find(|w| w.watch == name)
+            .map(|w| (w.state, w.initial_list, w.detail.unwrap_or_default()))
     }
 }
 
-/// Polls `done` every 10 ms for 10 s at most.
-async fn eventually(done: impl Fn() -> bool) -> Result<(), ()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+/// Polls `done` every 20 ms until it holds, 30 s at most.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !done() {
-        if tokio::time::Instant::now() >= deadline {
-            return Err(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not reached"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(())
 }
 
-fn pod_names(snapshot: &ClusterSnapshot) -> Vec<&str> {
-    snapshot
-        .pods
-        .keys()
-        .map(|(_, name)| name.as_str())
-        .collect()
-}
-
-#[tokio::test]
-async fn watchers_converge_through_events_bookmarks_410_gone_and_resets() {
-    let api = FakeApiServer::start().await;
-    api.apply(
-        NAMESPACES,
-        &namespace("shop", &[("nodemesh.io/mesh", "enabled")]),
-    );
-    api.apply(PODS, &pod("a", "node1", "10.0.1.1"));
-
-    let (watch, mut changes) = synced_watch(&api).await;
-    assert_eq!(
-        (
-            api.count("LIST /api/v1/pods"),
-            api.count("LIST /api/v1/pods spec.nodeName=node1")
-        ),
-        (1, 1),
-        "every pod for the workload index, this node's pods field-selected for enrolment"
-    );
-    let (snapshot, errors) = watch.snapshot();
-    assert!(errors.is_empty(), "{errors:?}");
-    assert_eq!(pod_names(&snapshot), ["a"]);
-    assert!(snapshot.namespaces.contains_key("shop"));
-    let a = &snapshot.pods[&("shop".to_owned(), "a".to_owned())];
-    assert!(
-        a.metadata.managed_fields.is_none() && a.spec.as_ref().unwrap().containers.is_empty(),
-        "pods are trimmed to what the mesh reads"
-    );
-    assert_eq!(a.spec.as_ref().unwrap().node_name.as_deref(), Some("node1"));
-
-    // ADDED, MODIFIED, DELETED.
-    api.apply(PODS, &pod("b", "node2", "10.0.2.1"));
-    converge(&watch, &mut changes, "ADDED b", |s| {
-        pod_names(s) == ["a", "b"]
-    })
-    .await;
-    api.apply(PODS, &pod("b", "node2", "10.0.2.99"));
-    converge(&watch, &mut changes, "MODIFIED b", |s| {
-        s.pods
-            .get(&("shop".to_owned(), "b".to_owned()))
-            .and_then(|p| p.status.as_ref()?.pod_ip.clone())
-            .as_deref()
-            == Some("10.0.2.99")
-    })
-    .await;
-    api.delete(PODS, &pod("b", "node2", "10.0.2.99"));
-    converge(&watch, &mut changes, "DELETED b", |s| pod_names(s) == ["a"]).await;
-
-    // A bookmark moves the resume point: after a reset the watch resumes from exactly the
-    // bookmark's resourceVersion (it is the last line before the cut), without relisting.
-    api.apply(PODS, &pod("c", "node1", "10.0.1.3"));
-    converge(&watch, &mut changes, "ADDED c", |s| {
-        pod_names(s) == ["a", "c"]
-    })
-    .await;
-    let lists = || {
-        (
-            api.count("LIST /api/v1/pods"),
-            api.count("LIST /api/v1/pods spec.nodeName=node1"),
+/// A namespace (meshed or not) with the ServiceAccount `web` (pod admission requires it).
+async fn namespace(client: &Client, name: &str, labels: Value) {
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&ns),
         )
-    };
-    let lists_before = lists();
-    let bookmark = api.bookmark(PODS);
-    api.reset_watches(PODS);
-    api.apply(PODS, &pod("d", "node1", "10.0.1.4"));
-    converge(&watch, &mut changes, "ADDED d after a reset", |s| {
-        pod_names(s) == ["a", "c", "d"]
-    })
-    .await;
-    // Both watches resume from the bookmark (the local one delivered d above; wait for the
-    // cluster-wide one's request too).
-    let resumed = [
-        format!("WATCH /api/v1/pods rv={bookmark}"),
-        format!("WATCH /api/v1/pods rv={bookmark} spec.nodeName=node1"),
-    ];
-    eventually(|| {
-        let watches = api.requests("WATCH /api/v1/pods");
-        resumed.iter().all(|r| watches.contains(r))
-    })
+        .await
+        .expect("namespace");
+    let account: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "web", "namespace": name}})).unwrap();
+    let _ = Api::<ServiceAccount>::namespaced(client.clone(), name)
+        .create(&PostParams::default(), &account)
+        .await;
+}
+
+/// A running pod on `node` with address `ip`, as the scheduler and the kubelet leave it.
+async fn pod(client: &Client, namespace: &str, name: &str, node: &str, ip: &str, app: &str) {
+    let api = Api::<Pod>::namespaced(client.clone(), namespace);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": app}},
+        "spec": {"nodeName": node, "serviceAccountName": "web",
+                 "containers": [{"name": "app", "image": "registry.example/app:1"}]},
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &pod).await.expect("pod");
+    let status = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+    api.patch_status(
+        name,
+        &PatchParams::apply("kubelet").force(),
+        &Patch::Apply(&status),
+    )
     .await
-    .unwrap_or_else(|()| panic!("{:?}", api.requests("WATCH /api/v1/pods")));
-    assert_eq!(
-        lists(),
-        lists_before,
-        "a reset resumes the watches without relisting"
-    );
+    .expect("pod status");
+}
 
-    // 410 Gone: the watchers relist, and a deletion they never saw an event for takes effect.
-    api.delete_unseen_and_compact(PODS, &pod("c", "node1", "10.0.1.3"));
-    api.expire_watches(PODS);
-    converge(&watch, &mut changes, "relist after 410", |s| {
-        pod_names(s) == ["a", "d"]
-    })
-    .await;
-    eventually(|| lists() == (lists_before.0 + 1, lists_before.1 + 1))
+/// Server-side applies an HTTPRoute.
+async fn apply_route(client: &Client, route: &Value) {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+    ));
+    let namespace = route["metadata"]["namespace"].as_str().unwrap();
+    let name = route["metadata"]["name"].as_str().unwrap();
+    Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &resource)
+        .patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(route),
+        )
         .await
-        .unwrap_or_else(|()| panic!("both watches relist once: {:?}", lists()));
+        .expect("applying an HTTPRoute");
+}
 
-    // A namespace relabelled with an invalid value keeps its last good version.
-    api.apply(
-        NAMESPACES,
-        &namespace(
-            "shop",
-            &[
-                ("nodemesh.io/mesh", "enabled"),
-                ("nodemesh.io/peer-authentication", "strikt"),
-            ],
-        ),
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while watch.snapshot().1.is_empty() {
-        tokio::time::timeout_at(deadline, changes.recv())
+async fn delete_pod(client: &Client, namespace: &str, name: &str) {
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .delete(name, &DeleteParams::default().grace_period(0))
+        .await
+        .expect("deleting a pod");
+}
+
+#[test]
+fn watches_follow_the_cluster_with_this_nodes_pods_field_selected() {
+    let plane = shared_plane();
+    run(async {
+        let admin = client(plane, None).await;
+        namespace(&admin, "follow", json!({"nodemesh.io/mesh": "enabled"})).await;
+        pod(&admin, "follow", "a", "follow-node1", "10.91.1.1", "web").await;
+        pod(&admin, "follow", "b", "follow-node2", "10.91.2.1", "web").await;
+
+        let agent = Watched::start(client(plane, None).await, "follow-node1");
+        agent
+            .watch
+            .wait_synced(Duration::from_secs(30))
             .await
-            .expect("the invalid label is reported");
-    }
-    let (snapshot, errors) = watch.snapshot();
-    assert!(
-        errors[0].contains("Namespace shop") && errors[0].contains("strikt"),
-        "{errors:?}"
-    );
-    let labels = snapshot.namespaces["shop"].metadata.labels.clone().unwrap();
-    assert!(!labels.contains_key("nodemesh.io/peer-authentication"));
-}
+            .expect("synced");
+        let (snapshot, errors) = agent.watch.snapshot();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            snapshot.local_pods.keys().collect::<Vec<_>>(),
+            ["follow/a"],
+            "only this node's pods are kept whole (field selector)"
+        );
+        assert!(snapshot.namespaces["follow"].meshed);
+        for ip in ["10.91.1.1", "10.91.2.1"] {
+            assert_eq!(
+                agent.identity(ip).as_deref(),
+                Some("spiffe://cluster.local/ns/follow/sa/web"),
+                "every pod of the cluster is in the workload index"
+            );
+        }
+        for watch in [
+            "Namespaces",
+            "Pods (cluster-wide)",
+            "this node's Pods",
+            "Services",
+        ] {
+            let (state, list, _) = agent.watch_state(watch).expect(watch);
+            assert_eq!(
+                (state, list),
+                (WatchState::Watching, Some("streaming")),
+                "{watch}: a v1.36 server serves streaming lists"
+            );
+        }
 
-#[tokio::test]
-async fn a_stop_is_an_uninstall_only_when_the_daemonset_is_gone_or_being_deleted() {
-    let api = FakeApiServer::start().await;
-    let daemonset = "nodemesh-system/nodemesh-agent";
-    let going = || super::daemonset_is_going(api.client(), daemonset);
-    assert!(going().await.unwrap(), "deleted (background deletion)");
+        // ADDED, MODIFIED (relabelled), DELETED.
+        pod(&admin, "follow", "c", "follow-node2", "10.91.2.3", "web").await;
+        eventually("c indexed", || agent.identity("10.91.2.3").is_some()).await;
+        Api::<Pod>::namespaced(admin.clone(), "follow")
+            .patch(
+                "b",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"app": "web-v2"}}})),
+            )
+            .await
+            .unwrap();
+        eventually("b relabelled", || agent.workload("10.91.2.1") == "web-v2").await;
+        delete_pod(&admin, "follow", "b").await;
+        eventually("b gone", || agent.identity("10.91.2.1").is_none()).await;
 
-    let mut object = json!({
-        "apiVersion": "apps/v1", "kind": "DaemonSet",
-        "metadata": {"name": "nodemesh-agent", "namespace": "nodemesh-system"},
-        "spec": {"selector": {"matchLabels": {"app": "a"}},
-                 "template": {"metadata": {"labels": {"app": "a"}},
-                              "spec": {"containers": [{"name": "agent", "image": "x"}]}}},
+        // A namespace relabelled with an invalid value keeps its last good version.
+        namespace(
+            &admin,
+            "follow",
+            json!({"nodemesh.io/mesh": "enabled", "nodemesh.io/peer-authentication": "strikt"}),
+        )
+        .await;
+        eventually("the invalid label reported", || {
+            !agent.watch.snapshot().1.is_empty()
+        })
+        .await;
+        let (snapshot, errors) = agent.watch.snapshot();
+        assert!(
+            errors[0].contains("Namespace follow") && errors[0].contains("strikt"),
+            "{errors:?}"
+        );
+        assert!(
+            snapshot.namespaces["follow"].meshed,
+            "last good version kept"
+        );
+        assert!(agent.identity("10.91.1.1").is_some());
+
+        // Out of the mesh: the index keeps the pods, lookups no longer find them meshed.
+        namespace(&admin, "follow", json!({})).await;
+        eventually("follow unmeshed", || agent.identity("10.91.1.1").is_none()).await;
     });
-    let put = |object: &Value| {
-        api.state
-            .lock()
-            .unwrap()
-            .daemonsets
-            .insert(daemonset.to_owned(), object.clone());
-    };
-    put(&object);
-    assert!(!going().await.unwrap(), "present: a restart or an upgrade");
-    object["metadata"]["deletionTimestamp"] = json!("2026-11-22T23:00:00Z");
-    put(&object);
-    assert!(
-        going().await.unwrap(),
-        "being deleted (foreground deletion)"
-    );
 }
 
-#[tokio::test]
-async fn readiness_waits_for_the_initial_list_of_every_kind() {
-    // Nothing listens on this address yet: the list cannot complete.
-    let unreachable = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", unreachable.local_addr().unwrap());
-    drop(unreachable);
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    let (tx, _changes) = mpsc::channel(1);
-    let watch = ApiWatch::start(client, "node1", tx);
-    let error = watch
-        .wait_synced(Duration::from_millis(500))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains(
-            "Namespaces, Pods, this node's Pods, Services, EndpointSlices, AuthorizationPolicies"
-        ),
-        "{error}"
-    );
-}
+#[test]
+fn a_stop_is_an_uninstall_only_when_the_daemonset_is_gone_or_being_deleted() {
+    use crate::k8s::installation::{Installation, InstallationWatch};
+    let plane = shared_plane();
+    run(async {
+        let admin = client(plane, None).await;
+        namespace(&admin, "uninstall", json!({})).await;
+        let watch = InstallationWatch::start(admin.clone(), "uninstall/nodemesh-agent");
+        eventually("never installed: removed", || {
+            watch.watched() == Installation::Removed
+        })
+        .await;
+        assert_eq!(watch.at_stop().await, Installation::Removed);
 
-#[tokio::test]
-async fn http_routes_and_authorization_policies_are_watched_like_the_rest() {
-    let api = FakeApiServer::start().await;
-    api.apply(
-        AUTHORIZATION_POLICIES,
-        &json!({
-            "apiVersion": "nodemesh.io/v1alpha1",
-            "kind": "AuthorizationPolicy",
-            "metadata": {"name": "deny-ssh", "namespace": "shop"},
-            "spec": {"action": "DENY", "rules": [{"to": [{"ports": [22]}]}]},
-        }),
-    );
-    let (watch, mut changes) = synced_watch(&api).await;
-    let (snapshot, _) = watch.snapshot();
-    assert_eq!(
-        snapshot.authorization_policies[&("shop".into(), "deny-ssh".into())].spec["action"],
-        "DENY",
-        "policies are part of the initial sync"
-    );
-
-    let route = json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": {"name": "web", "namespace": "shop"},
-        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]},
+        let object: DaemonSet = serde_json::from_value(json!({
+            "metadata": {"name": "nodemesh-agent", "namespace": "uninstall"},
+            "spec": {"selector": {"matchLabels": {"app": "a"}},
+                     "template": {"metadata": {"labels": {"app": "a"}},
+                                  "spec": {"containers": [{"name": "agent", "image": "x"}]}}},
+        }))
+        .unwrap();
+        let api = Api::<DaemonSet>::namespaced(admin.clone(), "uninstall");
+        api.create(&PostParams::default(), &object).await.unwrap();
+        eventually("present: installed", || {
+            watch.watched() == Installation::Installed
+        })
+        .await;
+        assert_eq!(
+            watch.at_stop().await,
+            Installation::Installed,
+            "a restart or an upgrade"
+        );
+        // Foreground deletion: the object stays, being deleted, until the garbage collector
+        // (which no controller-manager runs here) finishes it.
+        api.delete("nodemesh-agent", &DeleteParams::foreground())
+            .await
+            .unwrap();
+        eventually("being deleted: removed", || {
+            watch.watched() == Installation::Removed
+        })
+        .await;
+        assert_eq!(watch.at_stop().await, Installation::Removed);
     });
-    api.apply(HTTP_ROUTES, &route);
-    converge(&watch, &mut changes, "route added", |s| {
-        s.http_routes.contains_key(&("shop".into(), "web".into()))
-    })
-    .await;
-    api.delete(HTTP_ROUTES, &route);
-    converge(&watch, &mut changes, "route deleted", |s| {
-        s.http_routes.is_empty()
-    })
-    .await;
 }
 
-#[tokio::test]
-async fn route_status_is_written_once_and_a_stale_write_is_refused() {
+#[test]
+fn readiness_waits_for_the_initial_list_of_every_kind() {
+    run(async {
+        // Nothing listens on this address: the list cannot complete (no server needed).
+        let unreachable = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", unreachable.local_addr().unwrap());
+        drop(unreachable);
+        let client = Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let agent = Watched::start(client, "node1");
+        let error = agent
+            .watch
+            .wait_synced(Duration::from_millis(1500))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "Namespaces, Pods (cluster-wide), this node's Pods, Services, EndpointSlices, AuthorizationPolicies"
+            ),
+            "{error}"
+        );
+        // Each failure says what it was doing and why, not just `client error (Connect)`.
+        let (state, _, detail) = agent.watch_state("Pods (cluster-wide)").unwrap();
+        assert_eq!(state, WatchState::Retrying);
+        assert!(
+            detail.contains("Connection refused") && detail.contains("retrying in"),
+            "{detail}"
+        );
+    });
+}
+
+#[test]
+fn route_status_is_written_once_and_a_stale_write_is_refused() {
     use crate::state::routes::{CONTROLLER_NAME, status_updates};
 
-    let api = FakeApiServer::start().await;
-    api.apply(
-        SERVICES,
-        &json!({"apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": "web", "namespace": "shop"}, "spec": {}}),
-    );
-    api.apply(
-        HTTP_ROUTES,
-        &json!({
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": {"name": "web", "namespace": "shop", "generation": 3},
-            "spec": {
-                "parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
-                "rules": [{"backendRefs": [{"name": "web-v2", "port": 80}]}],
-            },
-        }),
-    );
-    let (watch, mut changes) = synced_watch(&api).await;
-    converge(&watch, &mut changes, "route listed", |s| {
-        !s.http_routes.is_empty()
-    })
-    .await;
-
-    let (snapshot, _) = watch.snapshot();
-    let exists = |service: &str| service == "shop/web";
-    let updates = status_updates(&snapshot.http_routes, &[], exists, "2026-11-29T00:00:00Z");
-    assert_eq!(updates.len(), 1);
-    let stale = status_updates(&snapshot.http_routes, &[], exists, "2026-11-29T00:00:00Z");
-    watch.write_route_statuses(updates);
-    converge(&watch, &mut changes, "status written", |s| {
-        s.http_routes.values().any(|r| r.status.is_some())
-    })
-    .await;
-    let (snapshot, _) = watch.snapshot();
-    let route = &snapshot.http_routes[&("shop".into(), "web".into())];
-    let ours = &route.status.as_ref().unwrap()["parents"][0];
-    assert_eq!(ours["controllerName"], CONTROLLER_NAME);
-    assert_eq!(ours["conditions"][0]["status"], "True");
-    assert_eq!(ours["conditions"][1]["reason"], "BackendNotFound");
-    assert_eq!(ours["conditions"][1]["observedGeneration"], 3);
-    assert!(
-        status_updates(&snapshot.http_routes, &[], exists, "2026-11-30T00:00:00Z").is_empty(),
-        "nothing to write once the status is there"
-    );
-
-    // Another agent's write computed from the old version is refused, not applied.
-    watch.write_route_statuses(stale);
-    let path = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/web/status";
-    eventually(|| api.count(&format!("PATCH {path} 409")) == 1)
-        .await
-        .expect("the stale write is refused");
-    assert_eq!(api.count(&format!("PATCH {path} 200")), 1);
+    let plane = shared_plane();
+    run(async {
+        let admin = client(plane, None).await;
+        namespace(&admin, "routes", json!({})).await;
+        let route = json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "routes"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                     "rules": [{"backendRefs": [{"name": "web-v2", "port": 80}]}]},
+        });
+        apply_route(&admin, &route).await;
+        let agent = Watched::start(client(plane, None).await, "routes-node");
+        agent
+            .watch
+            .wait_synced(Duration::from_secs(30))
+            .await
+            .unwrap();
+        let key = ("routes".to_owned(), "web".to_owned());
+        eventually("route listed", || {
+            agent.watch.snapshot().0.http_routes.contains_key(&key)
+        })
+        .await;
+        let (snapshot, _) = agent.watch.snapshot();
+        let exists = |service: &str| service == "routes/web";
+        let mut updates =
+            status_updates(&snapshot.http_routes, &[], exists, "2026-11-29T00:00:00Z");
+        let mut stale = status_updates(&snapshot.http_routes, &[], exists, "2026-11-30T00:00:00Z");
+        let (update, stale) = (updates.remove(0), stale.remove(0));
+        super::write_route_status(&admin, &update)
+            .await
+            .expect("written");
+        eventually("status seen", || {
+            agent.watch.snapshot().0.http_routes[&key].status.is_some()
+        })
+        .await;
+        let (snapshot, _) = agent.watch.snapshot();
+        let ours = &snapshot.http_routes[&key].status.as_ref().unwrap()["parents"][0];
+        assert_eq!(ours["controllerName"], CONTROLLER_NAME);
+        assert_eq!(ours["conditions"][1]["reason"], "BackendNotFound");
+        assert!(
+            status_updates(&snapshot.http_routes, &[], exists, "2026-11-30T00:00:00Z").is_empty(),
+            "nothing to write once the status is there"
+        );
+        // Another agent's write computed from the old version is refused by the server.
+        match super::write_route_status(&admin, &stale).await {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 409),
+            other => panic!("a stale write must be refused: {other:?}"),
+        }
+    });
 }
 
-#[tokio::test]
-async fn an_api_server_outage_keeps_the_last_state_and_catches_up_when_it_ends() {
-    let api = FakeApiServer::start().await;
-    api.apply(
-        NAMESPACES,
-        &namespace("shop", &[("nodemesh.io/mesh", "enabled")]),
-    );
-    api.apply(PODS, &pod("a", "node1", "10.0.1.1"));
-    api.apply(PODS, &pod("b", "node1", "10.0.1.2"));
-    let (watch, mut changes) = synced_watch(&api).await;
-    assert_eq!(pod_names(&watch.snapshot().0), ["a", "b"]);
+/// A TCP relay on loopback in front of the API server that can be cut, as a network outage
+/// between one agent and the server (the server itself keeps serving everyone else).
+struct Relay {
+    addr: SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
 
-    // Down: every watch is cut and every retry refused. A pod leaves meanwhile.
-    api.set_outage(true);
-    api.delete_unseen_and_compact(PODS, &pod("b", "node1", "10.0.1.2"));
-    api.apply(PODS, &pod("c", "node1", "10.0.1.3"));
-    eventually(|| api.count("REFUSED /api/v1/pods") >= 2)
-        .await
-        .unwrap_or_else(|()| panic!("the watchers retried: {:?}", api.requests("REFUSED")));
-    // What the agent serves with is the last state it knew: nothing is un-enrolled because
-    // the API server cannot be reached.
-    let (snapshot, _) = watch.snapshot();
-    assert_eq!(pod_names(&snapshot), ["a", "b"]);
-    assert!(snapshot.namespaces.contains_key("shop"));
+impl Relay {
+    async fn start(to: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (flag, tasks) = (Arc::clone(&up), Arc::clone(&connections));
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // Dropped: the connection is reset.
+                }
+                tasks.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        Self {
+            addr,
+            up,
+            connections,
+        }
+    }
 
-    // Up again: the watchers relist (their resume point was compacted) and catch up.
-    api.set_outage(false);
-    converge(&watch, &mut changes, "caught up after the outage", |s| {
-        pod_names(s) == ["a", "c"]
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn an_outage_keeps_the_last_state_and_the_watches_catch_up_when_it_ends() {
+    let plane = shared_plane();
+    run(async {
+        let admin = client(plane, None).await;
+        namespace(&admin, "outage", json!({"nodemesh.io/mesh": "enabled"})).await;
+        pod(&admin, "outage", "a", "outage-node", "10.92.1.1", "web").await;
+        pod(&admin, "outage", "b", "outage-node", "10.92.1.2", "web").await;
+        let relay = Relay::start(plane.api_server_addr()).await;
+        let agent = Watched::start(client(plane, Some(relay.addr)).await, "outage-node");
+        agent
+            .watch
+            .wait_synced(Duration::from_secs(30))
+            .await
+            .unwrap();
+        let local = |agent: &Watched| -> Vec<String> {
+            agent.watch.snapshot().0.local_pods.into_keys().collect()
+        };
+        assert_eq!(local(&agent), ["outage/a", "outage/b"]);
+
+        // The agent cannot reach the server; the cluster changes meanwhile.
+        relay.cut();
+        delete_pod(&admin, "outage", "b").await;
+        pod(&admin, "outage", "c", "outage-node", "10.92.1.3", "web").await;
+        eventually("the watches notice", || {
+            agent
+                .watch_state("this node's Pods")
+                .is_some_and(|(s, _, _)| s == WatchState::Retrying)
+        })
+        .await;
+        // It serves with the last state it knew: nothing un-enrolled for want of a server.
+        assert_eq!(local(&agent), ["outage/a", "outage/b"]);
+        assert!(agent.identity("10.92.1.2").is_some());
+
+        relay.restore();
+        eventually("caught up", || local(&agent) == ["outage/a", "outage/c"]).await;
+        eventually("index caught up", || {
+            agent.identity("10.92.1.2").is_none() && agent.identity("10.92.1.3").is_some()
+        })
+        .await;
+    });
+}
+
+/// A control plane without WatchList and without the CRDs, for the tests that need the
+/// server to lack them.
+fn bare_plane() -> &'static ControlPlane {
+    static PLANE: OnceLock<ControlPlane> = OnceLock::new();
+    PLANE.get_or_init(|| {
+        ControlPlane::loopback(&["--feature-gates=WatchList=false"])
+            .expect("a loopback control plane")
     })
-    .await;
+}
+
+#[test]
+fn a_server_without_streaming_lists_is_listed_in_pages() {
+    let plane = bare_plane();
+    run(async {
+        let admin = client(plane, None).await;
+        namespace(&admin, "paged", json!({"nodemesh.io/mesh": "enabled"})).await;
+        pod(&admin, "paged", "a", "paged-node", "10.93.1.1", "web").await;
+        let agent = Watched::start(client(plane, None).await, "paged-node");
+        agent
+            .watch
+            .wait_synced(Duration::from_secs(30))
+            .await
+            .expect("synced");
+        assert!(agent.identity("10.93.1.1").is_some());
+        let (state, list, _) = agent.watch_state("Pods (cluster-wide)").unwrap();
+        assert_eq!((state, list), (WatchState::Watching, Some("paged")));
+    });
+}
+
+#[test]
+fn resources_the_server_does_not_serve_are_disabled_until_their_crd_appears() {
+    let plane = bare_plane();
+    run(async {
+        let agent = Watched::start(client(plane, None).await, "discovery-node");
+        agent
+            .watch
+            .wait_synced(Duration::from_secs(30))
+            .await
+            .expect("synced without waiting for resources that are not served");
+        for (watch, group) in [
+            (
+                "HTTPRoutes",
+                "gateway.networking.k8s.io/v1 httproutes is not served",
+            ),
+            (
+                "AuthorizationPolicies",
+                "nodemesh.io/v1alpha1 authorizationpolicies is not served",
+            ),
+        ] {
+            let (state, _, detail) = agent.watch_state(watch).expect(watch);
+            assert_eq!(state, WatchState::Disabled, "{watch}");
+            assert!(
+                detail.contains(group) && detail.contains("checking again"),
+                "{detail}"
+            );
+        }
+
+        // The Gateway API CRDs are installed: the routes are watched without a restart.
+        install_crds(plane);
+        let admin = client(plane, None).await;
+        namespace(&admin, "discovery", json!({})).await;
+        let route = json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "discovery"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]},
+        });
+        apply_route(&admin, &route).await;
+        let key = ("discovery".to_owned(), "web".to_owned());
+        eventually("the route watched", || {
+            agent.watch.snapshot().0.http_routes.contains_key(&key)
+        })
+        .await;
+        assert_eq!(
+            agent.watch_state("HTTPRoutes").unwrap().0,
+            WatchState::Watching
+        );
+
+        // The CRD deleted: its objects go with it and the resource is disabled again.
+        plane
+            .kubectl_ok(&["delete", "crd", "httproutes.gateway.networking.k8s.io"])
+            .expect("deleting the CRD");
+        eventually("routes dropped and disabled", || {
+            agent.watch.snapshot().0.http_routes.is_empty()
+                && agent
+                    .watch_state("HTTPRoutes")
+                    .is_some_and(|(s, _, _)| s == WatchState::Disabled)
+        })
+        .await;
+    });
 }

@@ -2,16 +2,25 @@
 //! AuthorizationPolicies look at HTTP methods or paths is parsed as HTTP, and each request
 //! is decided on (source identity, port, method, path) before it reaches the application;
 //! a denied request gets 403 with a body that says so, and the connection stays usable.
-//! A stream that turns out not to be HTTP is decided with its HTTP attributes unknown
-//! (`state::authorization` explains what that means) and relayed or refused as a whole.
+//!
+//! Each request is decided with the policies in force when it arrives, not those of the
+//! stream's start, and on its normalised path (`path`), which is also the path the
+//! application gets. An `h2c` upgrade is removed from the request (`hop`); any other upgrade
+//! turns the connection into bytes nothing inspects, so it passes only where the policies
+//! allow the peer with no HTTP attributes at all, and ends when a change withdraws that. A
+//! stream that turns out not to be HTTP is decided the same way, as a whole.
+//!
+//! The same serves plaintext from the node to a kubelet probe port that the pod's mode or a
+//! policy refuses: only the probes' own requests reach the application.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 
 use http_body_util::BodyExt;
 use hyper::{
-    Request, Response, StatusCode,
+    Request, Response, StatusCode, Uri,
     body::Incoming,
     client::conn::{http1, http2},
+    http::uri::PathAndQuery,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{
@@ -23,15 +32,20 @@ use tokio::{
 use super::{
     Body,
     detect::{self, Prefixed, Protocol},
+    hop, path,
     request::{answer, bridge_upgrade},
 };
 use crate::{
     identity::spiffe::SpiffeId,
     proxy::{
         counting::{Meter, MeteredStream},
-        relay::{relay, reset},
+        relay::{relay_until, reset},
+        revocation::withdrawn,
     },
-    state::authorization::{Decision, Policy, RequestAttributes, decide},
+    state::{
+        authorization::{Decision, PodPolicies, Policy, RequestAttributes, decide},
+        probes::{GRPC_HEALTH_CHECK, ProbePort},
+    },
     telemetry::{
         access::{AccessLog, RequestRecord},
         metrics::{Metrics, Traffic},
@@ -39,11 +53,11 @@ use crate::{
     },
 };
 
-/// Who is asking what, for every request on one stream.
+/// Who is asking, and what decides, for every request on one stream.
 pub struct Check {
     pub pod: String,
-    pub policies: Vec<Arc<Policy>>,
-    pub peer: SpiffeId,
+    pub policies: PodPolicies,
+    pub source: Source,
     pub port: u16,
     pub detect_wait: Duration,
     /// The stream's labels, reported by the destination.
@@ -52,17 +66,81 @@ pub struct Check {
     pub access_log: AccessLog,
 }
 
+/// Where a stream comes from.
+pub enum Source {
+    /// A meshed peer, by the identity mutual TLS verified: the policies decide.
+    Mesh(SpiffeId),
+    /// Plaintext from the node to a probe port, which `refusal` refuses otherwise.
+    NodeProbe {
+        peer: IpAddr,
+        probe: ProbePort,
+        refusal: String,
+    },
+}
+
 impl Check {
+    /// The decision on a request (`http` is its method and normalised path), or on the
+    /// stream as a whole when None.
     fn decide(&self, http: Option<(&str, &str)>) -> Decision {
-        decide(
-            &self.policies,
-            &RequestAttributes {
-                source: Some(&self.peer),
-                port: self.port,
-                http,
+        match &self.source {
+            Source::Mesh(peer) => decide(
+                &self.policies.current(),
+                &RequestAttributes {
+                    source: Some(peer),
+                    port: self.port,
+                    http,
+                },
+            ),
+            Source::NodeProbe { probe, refusal, .. } => match http {
+                Some((method, path)) if is_probe_request(probe, method, path) => Decision::Allow,
+                _ => Decision::Deny(refusal.clone()),
             },
-        )
+        }
     }
+
+    fn peer(&self) -> String {
+        match &self.source {
+            Source::Mesh(peer) => peer.to_string(),
+            Source::NodeProbe { peer, .. } => peer.to_string(),
+        }
+    }
+
+    /// Resolves when a policy change denies the stream as a whole (an upgraded or opaque
+    /// stream, which no request decision covers any more).
+    fn withdrawal(&self) -> impl Future<Output = ()> + Send + 'static {
+        let policies = self.policies.clone();
+        let (pod, port) = (self.pod.clone(), self.port);
+        let peer = match &self.source {
+            Source::Mesh(peer) => Some(peer.clone()),
+            Source::NodeProbe { .. } => None,
+        };
+        async move {
+            // Only mesh streams are ever allowed as a whole.
+            let Some(peer) = peer else { return };
+            let attributes = |current: &[Arc<Policy>]| {
+                decide(
+                    current,
+                    &RequestAttributes {
+                        source: Some(&peer),
+                        port,
+                        http: None,
+                    },
+                )
+            };
+            let by = withdrawn(policies, None, attributes).await;
+            tracing::warn!(%pod, %peer, port, policy = %by, "authorization withdrawn by a policy change: stream reset");
+        }
+    }
+}
+
+/// Whether a request is one the kubelet's probes on this port make.
+fn is_probe_request(probe: &ProbePort, method: &str, normalized: &str) -> bool {
+    let http = method == "GET"
+        && probe
+            .http_paths
+            .iter()
+            .any(|p| path::normalize(p).is_ok_and(|p| p == normalized));
+    http || (probe.grpc && method == "POST" && normalized == GRPC_HEALTH_CHECK)
 }
 
 /// Serves `tunnel` towards `app` under `check`; returns the bytes read from and written to
@@ -89,11 +167,12 @@ where
                     &check.traffic,
                     &check.pod,
                 );
-                let (sent, received) = relay(stream, app, |_, app| reset(app)).await;
+                let (sent, received) =
+                    relay_until(stream, app, |_, app| reset(app), check.withdrawal()).await;
                 report.close(sent, received);
             }
             Decision::Deny(by) => {
-                tracing::warn!(pod = %check.pod, peer = %check.peer, port = check.port, policy = %by, "authorization: non-HTTP stream denied");
+                tracing::warn!(pod = %check.pod, peer = %check.peer(), port = check.port, policy = %by, "authorization: non-HTTP stream denied");
                 reset(&app);
             }
         },
@@ -160,7 +239,7 @@ async fn authorize(
     let path = request.uri().path().to_owned();
     let protocol = super::request::protocol_of(request.headers());
     let trace_id = super::trace::trace_id_of(request.headers());
-    let response = decide_and_forward(request, sender, check, &method, &path).await;
+    let response = decide_and_forward(request, sender, check, &method).await;
     let took = started.elapsed();
     let status = response.status().as_u16();
     check
@@ -187,23 +266,50 @@ async fn decide_and_forward(
     sender: &AppSender,
     check: &Check,
     method: &str,
-    path: &str,
 ) -> Response<Body> {
-    if let Decision::Deny(by) = check.decide(Some((method, path))) {
-        tracing::warn!(pod = %check.pod, peer = %check.peer, port = check.port, %method, %path, policy = %by, "authorization: request denied");
+    let peer = check.peer();
+    let normalized = match path::normalize(request.uri().path()) {
+        Ok(normalized) => normalized,
+        Err(error) => {
+            tracing::warn!(pod = %check.pod, %peer, port = check.port, %method, path = %request.uri().path(), %error, "authorization: path refused");
+            return answer(StatusCode::BAD_REQUEST, format!("nodemesh: {error}\n"));
+        }
+    };
+    if let Decision::Deny(by) = check.decide(Some((method, &normalized))) {
+        tracing::warn!(pod = %check.pod, %peer, port = check.port, %method, path = %normalized, policy = %by, "authorization: request denied");
+        let why = match &check.source {
+            Source::Mesh(_) => "by authorization policy".to_owned(),
+            Source::NodeProbe { refusal, .. } => {
+                format!("({refusal}; from the node only the pod's kubelet probes pass)")
+            }
+        };
+        return answer(
+            StatusCode::FORBIDDEN,
+            format!("nodemesh: {method} {normalized} denied to {peer} {why}\n"),
+        );
+    }
+    let upgrade = hop::requested_upgrade(&mut request);
+    if let Some(protocol) = &upgrade
+        && let Decision::Deny(by) = check.decide(None)
+    {
+        tracing::warn!(pod = %check.pod, %peer, port = check.port, %protocol, policy = %by, "authorization: upgrade denied");
         return answer(
             StatusCode::FORBIDDEN,
             format!(
-                "nodemesh: {method} {path} denied to {} by authorization policy\n",
-                check.peer
+                "nodemesh: upgrade to {protocol} denied to {peer}: nothing after it can be inspected, and {by} does not allow {peer} without HTTP attributes\n"
             ),
         );
     }
-    let downstream_upgrade = request
-        .headers()
-        .contains_key(hyper::header::UPGRADE)
-        .then(|| hyper::upgrade::on(&mut request));
-    let request = request.map(|body| body.boxed());
+    let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+    hop::strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    if normalized != parts.uri.path() {
+        match with_path(&parts.uri, &normalized) {
+            Ok(uri) => parts.uri = uri,
+            Err(error) => return answer(StatusCode::BAD_REQUEST, format!("nodemesh: {error}\n")),
+        }
+    }
+    let request = Request::from_parts(parts, body.boxed());
     let result = match sender {
         AppSender::Http1(sender) => {
             let mut sender = sender.lock().await;
@@ -216,8 +322,14 @@ async fn decide_and_forward(
     };
     match result {
         Ok(mut response) => {
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                bridge_upgrade(downstream_upgrade, hyper::upgrade::on(&mut response));
+            if upgrade.is_some() && response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                bridge_upgrade(
+                    downstream_upgrade,
+                    hyper::upgrade::on(&mut response),
+                    check.withdrawal(),
+                );
+            } else {
+                hop::strip_hop_by_hop(response.headers_mut(), false);
             }
             response.map(|body| body.boxed())
         }
@@ -229,4 +341,15 @@ async fn decide_and_forward(
             )
         }
     }
+}
+
+/// `uri` with its path replaced by `path` (the query kept).
+fn with_path(uri: &Uri, path: &str) -> Result<Uri, hyper::http::Error> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(path_and_query)?);
+    Ok(Uri::from_parts(parts)?)
 }

@@ -5,6 +5,8 @@
 pub mod authorize;
 pub mod balance;
 pub mod detect;
+mod hop;
+pub mod path;
 mod request;
 pub mod trace;
 pub mod upstream;

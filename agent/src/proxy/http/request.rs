@@ -20,7 +20,7 @@ use super::{
     Body, ClientConnection,
     balance::Outcome,
     detect::Protocol,
-    trace,
+    hop, trace,
     upstream::{UpstreamError, Version},
 };
 use crate::{
@@ -31,19 +31,6 @@ use crate::{
         metrics::{self, Peer, Reporter, Traffic},
     },
 };
-
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Where a request went, as far as it got.
 #[derive(Default)]
@@ -195,7 +182,7 @@ async fn forward(
     connection: &ClientConnection,
     reached: &mut Reached,
 ) -> Response<Body> {
-    let upgrade = is_upgrade(&request);
+    let upgrade = hop::requested_upgrade(&mut request).is_some();
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     if let Some(modifier) = &rule.request_headers {
@@ -224,7 +211,7 @@ async fn forward(
             };
         }
     }
-    strip_hop_by_hop(&mut parts.headers, upgrade);
+    hop::strip_hop_by_hop(&mut parts.headers, upgrade);
     let version = match connection.protocol {
         Protocol::Http2 => Version::Http2,
         _ => Version::Http1,
@@ -279,9 +266,13 @@ async fn forward(
         return match response {
             Ok(mut upstream) => {
                 if upgrade && upstream.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    bridge_upgrade(downstream_upgrade, hyper::upgrade::on(&mut upstream));
+                    bridge_upgrade(
+                        downstream_upgrade,
+                        hyper::upgrade::on(&mut upstream),
+                        std::future::pending(),
+                    );
                 } else {
-                    strip_hop_by_hop(upstream.headers_mut(), false);
+                    hop::strip_hop_by_hop(upstream.headers_mut(), false);
                 }
                 upstream.map(|b| b.boxed())
             }
@@ -467,48 +458,6 @@ fn request_authority(uri: &Uri, headers: &HeaderMap, original: SocketAddr) -> St
         .unwrap_or_else(|| original.to_string())
 }
 
-fn is_upgrade(request: &Request<Incoming>) -> bool {
-    request.version() == HttpVersion::HTTP_11
-        && request.headers().contains_key(header::UPGRADE)
-        && request
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Headers the Connection header names are hop-by-hop too.
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect();
-    for name in HOP_BY_HOP
-        .iter()
-        .copied()
-        .chain(named.iter().map(String::as_str))
-    {
-        if keep_upgrade && (name == "connection" || name == "upgrade") {
-            continue;
-        }
-        // TE: trailers is the one TE value that is end-to-end in practice (gRPC needs it).
-        if name == "te" {
-            let trailers_only = headers
-                .get(header::TE)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-            if trailers_only {
-                continue;
-            }
-        }
-        headers.remove(name);
-    }
-}
-
 fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
@@ -525,9 +474,12 @@ fn is_bodiless(headers: &HeaderMap, body: &Incoming) -> bool {
             && !headers.contains_key(header::TRANSFER_ENCODING))
 }
 
+/// Copies an upgraded connection both ways once both ends have switched, until either
+/// closes or `until` resolves (its authorization was withdrawn).
 pub fn bridge_upgrade(
     downstream: Option<hyper::upgrade::OnUpgrade>,
     upstream: hyper::upgrade::OnUpgrade,
+    until: impl Future<Output = ()> + Send + 'static,
 ) {
     let Some(downstream) = downstream else {
         return;
@@ -537,8 +489,13 @@ pub fn bridge_upgrade(
             Ok((client, server)) => {
                 let mut client = TokioIo::new(client);
                 let mut server = TokioIo::new(server);
-                if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-                    tracing::debug!(%error, "upgraded connection ended with an error");
+                tokio::select! {
+                    copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {
+                        if let Err(error) = copied {
+                            tracing::debug!(%error, "upgraded connection ended with an error");
+                        }
+                    }
+                    () = until => {}
                 }
             }
             Err(error) => tracing::debug!(%error, "upgrade did not complete"),

@@ -18,21 +18,13 @@ fn policy(
     )
 }
 
-fn pod(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(namespace.into()),
-            labels: Some(
-                labels
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                    .collect(),
-            ),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
+fn pod(namespace: &str, name: &str, labels: &[(&str, &str)]) -> LocalPod {
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": labels.iter().copied().collect::<BTreeMap<_, _>>()},
+    }))
+    .expect("a pod");
+    crate::k8s::compact::local_pod(&pod).expect("named")
 }
 
 fn id(namespace: &str, account: &str) -> SpiffeId {
@@ -41,7 +33,7 @@ fn id(namespace: &str, account: &str) -> SpiffeId {
 
 fn index(
     policies: &[((String, String), AuthorizationPolicyObject)],
-    pods: &[Pod],
+    pods: &[LocalPod],
 ) -> AuthorizationIndex {
     let (index, errors) = AuthorizationIndex::build(
         &policies.iter().cloned().collect(),

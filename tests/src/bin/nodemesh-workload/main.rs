@@ -5,6 +5,8 @@
 //! and exit 0 only if everything checked out.
 
 mod ca_load;
+mod capture_watch;
+mod h2c;
 mod http_app;
 
 use std::{
@@ -86,10 +88,10 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = CloseMode::Rst)]
         close: CloseMode,
     },
-    /// For `duration_ms`: `long_lived` connections that each exchange a tagged chunk every
-    /// `interval_ms` and check its echo, then half-close and expect a clean close, while a
-    /// loop opens short connections (64-byte echo, close) back to back. Prints counts; fails
-    /// if anything failed.
+    /// For `duration_ms` (and then until `until_file` exists, when given): `long_lived`
+    /// connections that each exchange a tagged chunk every `interval_ms` and check its echo,
+    /// then half-close and expect a clean close, while a loop opens short connections (64-byte
+    /// echo, close) back to back. Prints counts; fails if anything failed.
     Soak {
         #[arg(long)]
         target: SocketAddr,
@@ -97,6 +99,10 @@ enum Cmd {
         long_lived: usize,
         #[arg(long)]
         duration_ms: u64,
+        /// Go on past `duration_ms` until this file exists: the test creates it once what it
+        /// does under load is done, however long that took.
+        #[arg(long)]
+        until_file: Option<std::path::PathBuf>,
         #[arg(long, default_value_t = 50)]
         interval_ms: u64,
         /// Also GET / from this HTTP server over one keep-alive connection, back to back, as
@@ -182,6 +188,22 @@ enum Cmd {
         #[arg(long, default_value = "hello")]
         message: String,
     },
+    /// A server that honours `Upgrade: h2c` (101, then HTTP/2 on the connection); every
+    /// answer names the path and protocol it was served on.
+    H2cServer {
+        #[arg(long)]
+        port: u16,
+    },
+    /// h2c smuggling: `GET upgrade_path` asking for h2c; once switched, `smuggled_path` over
+    /// HTTP/2. Prints the statuses; fails if the smuggled request is not answered 200.
+    H2cSmuggle {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        upgrade_path: String,
+        #[arg(long)]
+        smuggled_path: String,
+    },
     /// A WebSocket echo exchange with the http-server's /ws.
     WsEcho {
         #[arg(long)]
@@ -219,6 +241,22 @@ enum Cmd {
         duration_ms: u64,
         #[arg(long, default_value_t = 16)]
         connections: usize,
+    },
+    /// Connects to an echo server every `interval_ms` until `stop_file` exists (`limit_ms`
+    /// at most) and counts each connection as captured by the proxy, direct (capture
+    /// lapsed), refused (EPERM) or failed; prints the counts.
+    CaptureWatch {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        stop_file: std::path::PathBuf,
+        #[arg(long, default_value_t = 120_000)]
+        limit_ms: u64,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        /// For the connect and for the echo of each connection.
+        #[arg(long, default_value_t = 2_000)]
+        timeout_ms: u64,
     },
     /// Keep-alive HTTP/1.1 GETs over `concurrency` connections; prints latency percentiles.
     HttpBench {
@@ -285,6 +323,22 @@ fn main() -> anyhow::Result<()> {
     {
         return connect_loop(target, count, echo_bytes, close);
     }
+    if let Cmd::CaptureWatch {
+        target,
+        stop_file,
+        limit_ms,
+        interval_ms,
+        timeout_ms,
+    } = cli.command
+    {
+        return capture_watch::run(&capture_watch::Watch {
+            target,
+            stop_file: &stop_file,
+            limit: Duration::from_millis(limit_ms),
+            interval: Duration::from_millis(interval_ms),
+            step_timeout: Duration::from_millis(timeout_ms),
+        });
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -340,13 +394,18 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             target,
             long_lived,
             duration_ms,
+            until_file,
             interval_ms,
             http_target,
         } => {
+            let end = SoakEnd {
+                deadline: tokio::time::Instant::now() + Duration::from_millis(duration_ms),
+                until_file,
+            };
             soak(
                 target,
                 long_lived,
-                Duration::from_millis(duration_ms),
+                end,
                 Duration::from_millis(interval_ms),
                 http_target,
             )
@@ -407,6 +466,12 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             .await
         }
         Cmd::GrpcCall { target, message } => http_app::grpc_call(target, &message).await,
+        Cmd::H2cServer { port } => h2c::server(port).await,
+        Cmd::H2cSmuggle {
+            target,
+            upgrade_path,
+            smuggled_path,
+        } => h2c::smuggle(target, &upgrade_path, &smuggled_path).await,
         Cmd::WsEcho { url, messages } => http_app::websocket_echo_client(&url, messages).await,
         Cmd::HttpLoad {
             target,
@@ -436,7 +501,9 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             )
             .await
         }
-        Cmd::Pause | Cmd::ConnectLoop { .. } => unreachable!("handled before the runtime starts"),
+        Cmd::Pause | Cmd::ConnectLoop { .. } | Cmd::CaptureWatch { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
 
@@ -710,23 +777,37 @@ fn connect_loop(
     Ok(())
 }
 
+/// When a soak ends: at its deadline, or later, once its `until_file` exists.
+#[derive(Clone)]
+struct SoakEnd {
+    deadline: tokio::time::Instant,
+    until_file: Option<std::path::PathBuf>,
+}
+
+impl SoakEnd {
+    fn reached(&self) -> bool {
+        tokio::time::Instant::now() >= self.deadline
+            && self.until_file.as_ref().is_none_or(|file| file.exists())
+    }
+}
+
 async fn soak(
     target: SocketAddr,
     long_lived: usize,
-    duration: Duration,
+    end: SoakEnd,
     interval: Duration,
     http_target: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(5);
-    let deadline = tokio::time::Instant::now() + duration;
-    let http = http_target.map(|target| tokio::spawn(http_soak(target, deadline, timeout)));
+    let http = http_target.map(|target| tokio::spawn(http_soak(target, end.clone(), timeout)));
     let mut tasks = JoinSet::new();
     for index in 0..long_lived {
+        let end = end.clone();
         tasks.spawn(async move {
             let stream = connect_checked(target, timeout).await?;
             let (mut reader, mut writer) = stream.into_split();
             let mut exchanges = 0usize;
-            while tokio::time::Instant::now() < deadline {
+            while !end.reached() {
                 let chunk = tagged_payload(exchanges, index as u16, 1024);
                 let mut echoed = vec![0u8; chunk.len()];
                 let round = async {
@@ -769,7 +850,7 @@ async fn soak(
     }
     let mut tally = Tally::default();
     let mut short = 0usize;
-    while tokio::time::Instant::now() < deadline {
+    while !end.reached() {
         let payload = tagged_payload(short, target.port(), 64);
         let outcome = match connect_checked(target, timeout).await {
             Ok(stream) => exchange(stream, &payload, timeout).await,
@@ -965,12 +1046,8 @@ struct HttpSoak {
     errors: Vec<String>,
 }
 
-/// Keep-alive GETs back to back until `deadline` (see `Cmd::Soak`).
-async fn http_soak(
-    target: SocketAddr,
-    deadline: tokio::time::Instant,
-    timeout: Duration,
-) -> HttpSoak {
+/// Keep-alive GETs back to back until the soak's `end` (see `Cmd::Soak`).
+async fn http_soak(target: SocketAddr, end: SoakEnd, timeout: Duration) -> HttpSoak {
     let request =
         format!("GET / HTTP/1.1\r\nHost: {target}\r\nUser-Agent: nodemesh-workload\r\n\r\n")
             .into_bytes();
@@ -978,7 +1055,7 @@ async fn http_soak(
     let mut connection: Option<BufReader<TcpStream>> = None;
     let (mut line, mut body) = (String::new(), Vec::new());
     let mut retried = false;
-    while tokio::time::Instant::now() < deadline {
+    while !end.reached() {
         let reader = match &mut connection {
             Some(reader) => reader,
             None => match connect_checked(target, timeout).await {
