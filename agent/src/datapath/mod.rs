@@ -6,14 +6,20 @@ mod maps;
 mod reconcile;
 
 use std::{
+    collections::BTreeSet,
     fs::File,
     net::{IpAddr, SocketAddr},
     os::fd::BorrowedFd,
     path::{Path, PathBuf},
     sync::Mutex,
+    time::{Duration, Instant},
 };
 
-use aya::{Ebpf, EbpfError, EbpfLoader, maps::MapError};
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::MapError,
+    programs::links::{FdLink, PinnedLink},
+};
 use nodemesh_common::{ConnectionKey, InboundPod, OriginalDst, map_names};
 
 pub use self::{
@@ -101,6 +107,10 @@ pub enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{count} unpinned bpf link(s) still attached after {waited:?}: the programs stay in force"
+    )]
+    StillAttached { count: usize, waited: Duration },
     #[error("eBPF map {map}: {source}")]
     Map {
         map: &'static str,
@@ -353,20 +363,74 @@ fn unpin_others(dir: &Path, keep: impl Fn(&str) -> bool, what: &str) -> usize {
     unpinned
 }
 
-/// Detaches everything an agent pinned under `bpffs` and deletes its maps.
+/// How long [`remove_pinned`] waits for the kernel to release the unpinned links.
+const DETACH_WAIT: Duration = Duration::from_secs(10);
+
+/// Detaches everything an agent pinned under `bpffs` and deletes its maps; returns once the
+/// kernel has released every link, so that capture has ended when it returns.
 pub fn remove_pinned(bpffs: &Path) -> Result<(), DatapathError> {
     if !bpffs.exists() {
         tracing::info!(path = %bpffs.display(), "nothing pinned");
         return Ok(());
     }
     ensure_bpffs(bpffs)?;
-    // Unpinning a link drops its last reference, which detaches the program.
+    let links = pinned_link_ids(bpffs);
+    // Unpinning a link drops its last reference, which detaches the program: not at once,
+    // though. bpffs frees the inode after an RCU grace period and the link's release runs
+    // from a workqueue, so the programs stay attached a little while (long enough for a
+    // connect to be refused after `remove` returned, seen on a loaded machine).
     std::fs::remove_dir_all(bpffs).map_err(|source| DatapathError::Remove {
         path: bpffs.to_owned(),
         source,
     })?;
-    tracing::info!(path = %bpffs.display(), "datapath removed");
+    let started = Instant::now();
+    loop {
+        let attached = attached_links(&links);
+        if attached == 0 {
+            break;
+        }
+        if started.elapsed() >= DETACH_WAIT {
+            return Err(DatapathError::StillAttached {
+                count: attached,
+                waited: DETACH_WAIT,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    tracing::info!(
+        path = %bpffs.display(),
+        links = links.len(),
+        waited_ms = started.elapsed().as_millis() as u64,
+        "datapath removed, every link detached"
+    );
     Ok(())
+}
+
+/// The kernel ids of the bpf links pinned anywhere under `dir` (pins of maps are skipped).
+fn pinned_link_ids(dir: &Path) -> BTreeSet<u32> {
+    let mut ids = BTreeSet::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return ids;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            ids.extend(pinned_link_ids(&path));
+        } else if let Ok(link) = PinnedLink::from_pin(&path) {
+            if let Ok(info) = FdLink::from(link).info() {
+                ids.insert(info.id());
+            }
+        }
+    }
+    ids
+}
+
+/// How many of `links` the kernel still holds.
+fn attached_links(links: &BTreeSet<u32>) -> usize {
+    aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .filter(|info| links.contains(&info.id()))
+        .count()
 }
 
 fn ensure_bpffs(path: &Path) -> Result<(), DatapathError> {

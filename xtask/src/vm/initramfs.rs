@@ -13,7 +13,10 @@ use std::{
 
 use anyhow::{Context, bail};
 
-use super::{Binaries, GUEST_DIR, find_program, kernel::Kernel};
+use super::{
+    Binaries, GUEST_DIR, find_program,
+    kernel::{Kernel, MODULES},
+};
 
 /// Busybox applets the init script uses (`ip` is the real iproute2: the testbed needs
 /// `ip netns` and `-batch`, which busybox's `ip` lacks). `true` and `sleep` are for suites
@@ -95,7 +98,11 @@ pub(super) fn build(
     for library in &libraries {
         install_host_path(root, library)?;
     }
-    for file in TOOL_FILES.iter().map(Path::new).filter(|file| file.exists()) {
+    for file in TOOL_FILES
+        .iter()
+        .map(Path::new)
+        .filter(|file| file.exists())
+    {
         install_host_path(root, file)?;
     }
     for applet in APPLETS {
@@ -108,7 +115,11 @@ pub(super) fn build(
         decompress_module(path, &root.join("modules").join(format!("{name}.ko")))?;
     }
     let names: Vec<&str> = modules.iter().map(|(name, _)| name.as_str()).collect();
-    let suites: Vec<&str> = binaries.suites.iter().map(|(suite, _)| suite.as_str()).collect();
+    let suites: Vec<&str> = binaries
+        .suites
+        .iter()
+        .map(|(suite, _)| suite.as_str())
+        .collect();
     let init = init_script(&suites, &names, test_args, time_scale);
     let init_path = root.join("init");
     fs::write(&init_path, init).context("writing the init script")?;

@@ -63,7 +63,10 @@ impl Kernel {
     }
 
     /// The modules to load, dependencies first, as (name, path of the module file).
-    pub(super) fn modules_to_load(&self, wanted: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    pub(super) fn modules_to_load(
+        &self,
+        wanted: &[&str],
+    ) -> anyhow::Result<Vec<(String, PathBuf)>> {
         let dep_file = self.modules.join("modules.dep");
         let deps = fs::read_to_string(&dep_file)
             .with_context(|| format!("reading {}", dep_file.display()))?;

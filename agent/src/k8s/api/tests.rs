@@ -67,7 +67,8 @@ fn install_crds(plane: &ControlPlane) {
         .kubectl_ok(&[
             "wait",
             "--for=condition=Established",
-            "--timeout=60s",
+            // Slow on a loaded 2-core machine: the API server establishes CRDs one by one.
+            "--timeout=180s",
             "crd",
             "--all",
         ])
@@ -261,12 +262,13 @@ fn watches_follow_the_cluster_with_this_nodes_pods_field_selected() {
             "this node's Pods",
             "Services",
         ] {
-            let (state, list, _) = agent.watch_state(watch).expect(watch);
-            assert_eq!(
-                (state, list),
-                (WatchState::Watching, Some("streaming")),
-                "{watch}: a v1.36 server serves streaming lists"
-            );
+            // A v1.36 server serves streaming lists; the state follows the sync at once.
+            eventually(&format!("{watch} watched after a streaming list"), || {
+                agent.watch_state(watch).is_some_and(|(state, list, _)| {
+                    (state, list) == (WatchState::Watching, Some("streaming"))
+                })
+            })
+            .await;
         }
 
         // ADDED, MODIFIED (relabelled), DELETED.
@@ -556,8 +558,15 @@ fn a_server_without_streaming_lists_is_listed_in_pages() {
             .await
             .expect("synced");
         assert!(agent.identity("10.93.1.1").is_some());
-        let (state, list, _) = agent.watch_state("Pods (cluster-wide)").unwrap();
-        assert_eq!((state, list), (WatchState::Watching, Some("paged")));
+        // The watch reports its state just after the list it synced with: wait for it.
+        eventually("the cluster-wide pods watched after a paged list", || {
+            agent
+                .watch_state("Pods (cluster-wide)")
+                .is_some_and(|(state, list, _)| {
+                    (state, list) == (WatchState::Watching, Some("paged"))
+                })
+        })
+        .await;
     });
 }
 
@@ -604,10 +613,12 @@ fn resources_the_server_does_not_serve_are_disabled_until_their_crd_appears() {
             agent.watch.snapshot().0.http_routes.contains_key(&key)
         })
         .await;
-        assert_eq!(
-            agent.watch_state("HTTPRoutes").unwrap().0,
-            WatchState::Watching
-        );
+        eventually("the routes watched", || {
+            agent
+                .watch_state("HTTPRoutes")
+                .is_some_and(|(state, _, _)| state == WatchState::Watching)
+        })
+        .await;
 
         // The CRD deleted: its objects go with it and the resource is disabled again.
         plane
