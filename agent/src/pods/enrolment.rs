@@ -30,7 +30,6 @@ use super::{
     addresses,
     cgroup::{self, CgroupError},
     listeners::{Opened, PodListener, accept_queue_length},
-    netns::{NetnsError, NetnsSockets},
     pending::{Failed, Pending},
     routing::{self, SourcePreservation},
 };
@@ -38,6 +37,7 @@ use crate::{
     datapath::{Datapath, DatapathError, Expected},
     identity::{manager::IdentityManager, spiffe::SpiffeId},
     lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
+    netns::{NetnsError, NetnsSockets},
     proxy::{
         hbone::HBONE_PORT,
         inbound::{self, DestinationPod, InboundContext},

@@ -22,7 +22,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::netns::{NetnsError, NetnsSockets};
+use crate::netns::{NetnsError, NetnsSockets};
 
 /// Routing table (in the pod) holding the `local default dev lo` routes.
 pub const ROUTE_TABLE: u32 = 0x4e4d;

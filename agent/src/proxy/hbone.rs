@@ -35,7 +35,7 @@ use crate::{
         spiffe::SpiffeId,
         tls::{self, TlsError},
     },
-    pods::netns::NetnsError,
+    netns::NetnsError,
 };
 
 pub use nodemesh_common::HBONE_PORT;

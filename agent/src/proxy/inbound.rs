@@ -34,7 +34,8 @@ use crate::{
     datapath::Datapath,
     identity::{manager::IdentityManager, spiffe::SpiffeId, tls},
     lifecycle::drain,
-    pods::{netns::NetnsSockets, routing::SourcePreservation},
+    netns::NetnsSockets,
+    pods::routing::SourcePreservation,
     state::workloads::SharedWorkloads,
     state::{
         authorization::{

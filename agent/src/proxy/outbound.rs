@@ -36,7 +36,7 @@ use super::{
 use crate::{
     datapath::{Datapath, address_words},
     identity::spiffe::SpiffeId,
-    pods::netns::{NetnsError, NetnsSockets},
+    netns::{NetnsError, NetnsSockets},
     state::{
         routes::RouteTable,
         services::{Resolution, SharedServices},

@@ -33,7 +33,7 @@ use super::{
     relay::{relay_until, reset},
     revocation::withdrawn,
 };
-use crate::pods::netns::non_loopback;
+use crate::netns::non_loopback;
 use crate::state::{
     authorization::{Decision, Policy, RequestAttributes, decide},
     membership::PeerAuthentication,
