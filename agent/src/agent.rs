@@ -37,7 +37,7 @@ use crate::{
     pods::enrolment::{Adoption, EnrolledPodView},
     pods::{cgroup, enrolment::Enrolments},
     proxy::{
-        hbone::HboneClient,
+        hbone::client::HboneClient,
         http::{HttpProxy, balance::Balancer},
         inbound::InboundContext,
         outbound::OutboundContext,

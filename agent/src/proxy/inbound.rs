@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     delivery::connect_to_application,
-    hbone::HBONE_SERVER_MAX_STREAMS,
+    hbone::{HBONE_SERVER_MAX_STREAMS, connect::connect_target},
     http::authorize::{self, Check, Source},
     limits::{self, Budget, PerClient},
     listener::accept_loop,
@@ -401,18 +401,6 @@ async fn handle_connect(
         ctx.stats.closed(&source, target, sent, received);
     });
     status(StatusCode::OK)
-}
-
-/// The `ip:port` a CONNECT names (HBONE's `:authority`); None for anything else (a host
-/// name, a missing port, a path).
-pub fn connect_target(uri: &hyper::Uri) -> Option<SocketAddr> {
-    if uri
-        .path_and_query()
-        .is_some_and(|p| !p.as_str().is_empty() && p.as_str() != "/")
-    {
-        return None;
-    }
-    uri.authority()?.as_str().parse().ok()
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {

@@ -24,7 +24,10 @@ use super::{
     counting::{Meter, MeteredStream},
     delivery::canonical,
     dial::{connect_within, pod_socket},
-    hbone::{Carrier, HboneClient, HboneError, Tunnel},
+    hbone::{
+        client::{Carrier, HboneClient, Tunnel},
+        error::HboneError,
+    },
     http::{
         self, ClientConnection, Detection, HttpProxy,
         detect::{Prefixed, Protocol},
@@ -105,7 +108,7 @@ impl OutboundContext {
                 let source_id = pod.identity.as_ref().ok_or(DialError::NoIdentity)?;
                 let tunnel = mesh
                     .open(
-                        pod,
+                        &pod.sockets,
                         source_id,
                         &destination,
                         target,

@@ -24,7 +24,7 @@ use super::{
     upstream::{UpstreamError, Version},
 };
 use crate::{
-    proxy::{hbone::HboneError, outbound::DialError},
+    proxy::{hbone::error::HboneError, outbound::DialError},
     state::routes::{Backend, RequestMatch, RequestView, RouteDecision, Rule},
     telemetry::{
         access::RequestRecord,

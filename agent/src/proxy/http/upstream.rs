@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::Body;
 use crate::proxy::{
-    hbone::Carrier,
+    hbone::client::Carrier,
     outbound::{DialError, Upstream},
 };
 
