@@ -3,6 +3,7 @@
 
 mod counting;
 mod delivery;
+pub mod detect;
 mod dial;
 pub mod hbone;
 pub mod http;

@@ -23,15 +23,13 @@ use tokio::{
 use super::{
     counting::{Meter, MeteredStream},
     delivery::canonical,
+    detect::{self, Detection, Prefixed, Protocol},
     dial::{connect_within, pod_socket},
     hbone::{
         client::{Carrier, HboneClient, Tunnel},
         error::HboneError,
     },
-    http::{
-        self, ClientConnection, Detection, HttpProxy,
-        detect::{Prefixed, Protocol},
-    },
+    http::{self, ClientConnection, HttpProxy},
     limits::{self, Budget},
     listener::accept_loop,
     relay::{relay, reset},
@@ -273,18 +271,18 @@ async fn forward(
         |f| metrics::service_fqdn(&f.service),
     );
     if let Some(frontend) = frontend {
-        let wait = match http::detection_for(frontend.app_protocol.as_deref(), ctx.http.detect_wait)
-        {
-            Detection::Skip => {
-                ctx.stats.detected(DetectionOutcome::Skipped);
-                ctx.metrics.detected(DetectionOutcome::Skipped);
-                None
-            }
-            Detection::Unbounded => Some(None),
-            Detection::Bounded(wait) => Some(Some(wait)),
-        };
+        let wait =
+            match detect::detection_for(frontend.app_protocol.as_deref(), ctx.http.detect_wait) {
+                Detection::Skip => {
+                    ctx.stats.detected(DetectionOutcome::Skipped);
+                    ctx.metrics.detected(DetectionOutcome::Skipped);
+                    None
+                }
+                Detection::Unbounded => Some(None),
+                Detection::Bounded(wait) => Some(Some(wait)),
+            };
         if let Some(wait) = wait {
-            let detected = match http::detect::detect(&mut client, wait).await {
+            let detected = match detect::detect(&mut client, wait).await {
                 Ok(detected) => detected,
                 Err(error) => {
                     tracing::debug!(pod = %pod.display_name, destination = %original, %error, "client failed before sending");

@@ -30,15 +30,15 @@ use tokio::{
 };
 
 use super::{
-    Body,
-    detect::{self, Prefixed, Protocol},
-    hop, path,
-    request::{answer, bridge_upgrade},
+    Body, answer,
+    hop::{self, bridge_upgrade},
+    path, protocol_of,
 };
 use crate::{
     identity::spiffe::SpiffeId,
     proxy::{
         counting::{Meter, MeteredStream},
+        detect::{self, Prefixed, Protocol},
         relay::{relay_until, reset},
         revocation::withdrawn,
     },
@@ -50,6 +50,7 @@ use crate::{
         access::{AccessLog, RequestRecord},
         metrics::{Metrics, Traffic},
         report::ConnectionReport,
+        trace::trace_id_of,
     },
 };
 
@@ -237,8 +238,8 @@ async fn authorize(
     let started = std::time::Instant::now();
     let method = request.method().as_str().to_owned();
     let path = request.uri().path().to_owned();
-    let protocol = super::request::protocol_of(request.headers());
-    let trace_id = super::trace::trace_id_of(request.headers());
+    let protocol = protocol_of(request.headers());
+    let trace_id = trace_id_of(request.headers());
     let response = decide_and_forward(request, sender, check, &method).await;
     let took = started.elapsed();
     let status = response.status().as_u16();

@@ -4,26 +4,28 @@
 
 pub mod authorize;
 pub mod balance;
-pub mod detect;
-mod hop;
+pub mod hop;
 pub mod path;
 mod request;
-pub mod trace;
 pub mod upstream;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{
-    Request, Response,
+    HeaderMap, Request, Response, StatusCode,
     body::{Bytes, Incoming},
+    header::{self, HeaderValue},
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use self::{balance::Balancer, detect::Protocol, upstream::UpstreamPool};
-use super::outbound::{OutboundContext, SourcePod};
+use self::{balance::Balancer, upstream::UpstreamPool};
+use super::{
+    detect::Protocol,
+    outbound::{OutboundContext, SourcePod},
+};
 use crate::{lifecycle::drain, state::services::Frontend};
 
 /// Every HTTP body the proxy sends or forwards.
@@ -52,28 +54,6 @@ impl HttpProxy {
             upstreams: UpstreamPool::default(),
             detect_wait,
         }
-    }
-}
-
-/// How to detect the protocol of a connection to a Service port.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Detection {
-    /// `appProtocol` names something that is not HTTP: opaque TCP, no waiting.
-    Skip,
-    /// `appProtocol` says HTTP: the client speaks first, wait for it.
-    Unbounded,
-    /// Nothing declared: wait at most this long.
-    Bounded(Duration),
-}
-
-/// The Service port's `appProtocol` decides; unset means detect with the bounded wait.
-pub fn detection_for(app_protocol: Option<&str>, wait: Duration) -> Detection {
-    match app_protocol {
-        None => Detection::Bounded(wait),
-        Some("http" | "http2" | "h2c" | "grpc" | "kubernetes.io/h2c" | "kubernetes.io/ws") => {
-            Detection::Unbounded
-        }
-        Some(_) => Detection::Skip,
     }
 }
 
@@ -145,4 +125,27 @@ where
             drain::serve_until_drained(connection, |c| c.graceful_shutdown()).await
         }
     }
+}
+
+/// `grpc` for gRPC requests, `http` for the rest (Istio's `request_protocol`).
+pub fn protocol_of(headers: &HeaderMap) -> &'static str {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc { "grpc" } else { "http" }
+}
+
+/// A response the proxy makes itself, with a plain-text body that says why.
+pub fn answer(status: StatusCode, message: String) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(message))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
