@@ -38,9 +38,11 @@ use crate::{
     pods::{cgroup, enrolment::Enrolments},
     proxy::{
         hbone::client::HboneClient,
-        http::{HttpProxy, balance::Balancer},
         inbound::InboundContext,
-        outbound::OutboundContext,
+        outbound::{
+            balance::Balancer,
+            context::{HttpProxy, OutboundContext},
+        },
         plaintext,
     },
     state::membership,

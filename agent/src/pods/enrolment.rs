@@ -42,7 +42,10 @@ use crate::{
         hbone::HBONE_PORT,
         inbound::{self, DestinationPod, InboundContext},
         limits::Budget,
-        outbound::{self, OutboundContext, SourcePod},
+        outbound::{
+            self,
+            context::{OutboundContext, SourcePod},
+        },
         plaintext,
     },
     state::membership::{MeshedPod, PeerAuthentication},

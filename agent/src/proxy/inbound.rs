@@ -26,7 +26,7 @@ use super::{
     hbone::{HBONE_SERVER_MAX_STREAMS, connect::connect_target},
     http::authorize::{self, Check, Source},
     limits::{self, Budget, PerClient},
-    listener::accept_loop,
+    listener::{accept_loop, canonical},
     relay::{relay_until, reset},
     revocation::withdrawn,
 };
@@ -86,7 +86,7 @@ impl InboundContext {
             .workloads
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .peer_of(crate::proxy::delivery::canonical(ip));
+            .peer_of(canonical(ip));
         match verified {
             Some(id) => Peer {
                 workload: known.workload,

@@ -22,14 +22,14 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    delivery::{canonical, connect_to_application},
+    delivery::connect_to_application,
     http::{
         HEADER_READ_TIMEOUT,
         authorize::{self, Check, Source},
     },
     inbound::{DestinationPod, InboundContext},
     limits,
-    listener::accept_loop,
+    listener::{accept_loop, canonical},
     relay::{relay_until, reset},
     revocation::withdrawn,
 };

@@ -32,7 +32,7 @@ use tokio::{
 use super::{
     Body, answer,
     hop::{self, bridge_upgrade},
-    path, protocol_of,
+    path, protocol_of, serve_requests,
 };
 use crate::{
     identity::spiffe::SpiffeId,
@@ -224,7 +224,7 @@ where
         let (sender, check) = (Arc::clone(&sender), Arc::clone(&check));
         async move { authorize(request, &sender, &check).await }
     };
-    if let Err(error) = super::serve_requests(stream, protocol, handler).await {
+    if let Err(error) = serve_requests(stream, protocol, handler).await {
         tracing::debug!(%pod, %error, "authorized HTTP stream ended with an error");
     }
 }

@@ -10,27 +10,47 @@ use std::{
 use http_body_util::{BodyExt, Empty};
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode, Uri, Version as HttpVersion,
-    body::{Bytes, Incoming},
+    body::Incoming,
     header::{self, HeaderValue},
     http::uri::{Authority, PathAndQuery, Scheme},
 };
 
 use super::{
-    Body, ClientConnection, answer,
     balance::Outcome,
-    hop::{self, bridge_upgrade},
-    protocol_of,
-    upstream::{UpstreamError, Version},
+    context::{OutboundContext, SourcePod},
+    pool::{UpstreamError, Version},
+    upstream::DialError,
 };
 use crate::{
-    proxy::{detect::Protocol, hbone::error::HboneError, outbound::DialError},
-    state::routes::{Backend, RequestMatch, RequestView, RouteDecision, Rule},
+    proxy::{
+        detect::Protocol,
+        hbone::error::HboneError,
+        http::{
+            Body, answer,
+            hop::{self, bridge_upgrade},
+            protocol_of,
+        },
+    },
+    state::{
+        routes::{Backend, RequestMatch, RequestView, RouteDecision, Rule},
+        services::Frontend,
+    },
     telemetry::{
         access::RequestRecord,
         metrics::{self, Peer, Reporter, Traffic},
         trace,
     },
 };
+
+/// One client connection the L7 proxy serves.
+pub struct ClientConnection {
+    pub pod: Arc<SourcePod>,
+    pub ctx: Arc<OutboundContext>,
+    pub frontend: Frontend,
+    /// The Service address the client dialled.
+    pub original: SocketAddr,
+    pub protocol: Protocol,
+}
 
 /// Where a request went, as far as it got.
 #[derive(Default)]

@@ -2,229 +2,48 @@
 //! the pod's loopback, forwarded to their original destination from the pod's own network
 //! namespace (so from the pod's own address). A destination that is a meshed pod goes
 //! through HBONE (mutual TLS) when the node has identities; anything else passes through.
-//! A connection to a Service port whose first bytes are HTTP goes to the L7 proxy
-//! (`proxy::http`) instead, which routes and balances each request.
+//! A connection to a Service port whose first bytes are HTTP goes to the L7 proxy (`l7`)
+//! instead, which routes (`request`) and balances (`balance`) each request over pooled
+//! upstream connections (`pool`).
+//!
+//! A connection's path: `serve` accepts it and `forward` finds its original destination,
+//! then either relays it to an `upstream` dialled with the `context`, or hands it to `l7`.
+
+pub mod balance;
+pub mod context;
+pub mod l7;
+pub mod pool;
+pub mod request;
+pub mod upstream;
 
 use std::{
-    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    pin::Pin,
-    sync::{Arc, RwLock},
-    task::{Context, Poll},
-    time::Duration,
+    sync::Arc,
 };
 
 use nodemesh_common::{ConnectionKey, FAMILY_V4, OriginalDst};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 
+use self::{
+    context::{OutboundContext, SourcePod},
+    request::ClientConnection,
+    upstream::{OutboundError, Upstream},
+};
 use super::{
     counting::{Meter, MeteredStream},
-    delivery::canonical,
     detect::{self, Detection, Prefixed, Protocol},
-    dial::{connect_within, pod_socket},
-    hbone::{
-        client::{Carrier, HboneClient, Tunnel},
-        error::HboneError,
-    },
-    http::{self, ClientConnection, HttpProxy},
-    limits::{self, Budget},
-    listener::accept_loop,
+    limits,
+    listener::{accept_loop, canonical},
     relay::{relay, reset},
 };
 use crate::{
-    datapath::{Datapath, address_words},
-    identity::spiffe::SpiffeId,
-    netns::{NetnsError, NetnsSockets},
-    state::{
-        routes::RouteTable,
-        services::{Resolution, SharedServices},
-        workloads::SharedWorkloads,
-    },
+    datapath::address_words,
     telemetry::{
-        access::AccessLog,
-        connections::{ConnectionStats, DetectionOutcome},
-        metrics::{self, Metrics, Peer, Reporter, Traffic},
-        otlp::Tracer,
+        connections::DetectionOutcome,
+        metrics::{self, Reporter, Traffic},
         report::ConnectionReport,
     },
 };
-
-/// What every outbound connection handler needs, shared by all pods of the node.
-pub struct OutboundContext {
-    pub datapath: Arc<Datapath>,
-    pub stats: Arc<ConnectionStats>,
-    pub proxy_mark: u32,
-    pub connect_timeout: Duration,
-    /// Present when the node holds workload identities (a CA is configured).
-    pub hbone: Option<Arc<HboneClient>>,
-    pub workloads: SharedWorkloads,
-    pub services: SharedServices,
-    pub routes: RwLock<Arc<RouteTable>>,
-    pub http: HttpProxy,
-    pub metrics: Arc<Metrics>,
-    pub access_log: AccessLog,
-    pub tracer: Tracer,
-    /// `--max-connections-per-pod`.
-    pub max_connections_per_pod: usize,
-}
-
-impl OutboundContext {
-    /// Where to dial for `original`: a Service's virtual address becomes one of its ready
-    /// endpoints; anything else stays as it is. Err names a Service without ready endpoints.
-    fn route(&self, original: SocketAddr) -> Result<SocketAddr, String> {
-        let index = self.services.read().unwrap_or_else(|p| p.into_inner());
-        match index.resolve(original) {
-            Resolution::NotAService => Ok(original),
-            Resolution::Endpoint { addr, .. } => Ok(addr),
-            Resolution::NoReadyEndpoint { service } => Err(service.to_owned()),
-        }
-    }
-
-    /// The identity of the meshed pod at `ip`, when traffic to it must use HBONE.
-    fn hbone_destination(&self, ip: IpAddr) -> Option<SpiffeId> {
-        self.hbone.as_ref()?;
-        let index = self.workloads.read().unwrap_or_else(|p| p.into_inner());
-        index.identity_of(ip).cloned()
-    }
-
-    /// Who owns `ip`, for metrics and access logs.
-    pub fn peer_of(&self, ip: IpAddr) -> Peer {
-        self.workloads
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .peer_of(ip)
-    }
-
-    /// Connects `pod` to `target` the way the mesh carries its traffic: HBONE to a meshed
-    /// pod, plain TCP from the pod's network namespace to anything else.
-    pub async fn dial(&self, pod: &SourcePod, target: SocketAddr) -> Result<Upstream, DialError> {
-        match self.hbone.as_ref().zip(self.hbone_destination(target.ip())) {
-            Some((mesh, destination)) => {
-                let source_id = pod.identity.as_ref().ok_or(DialError::NoIdentity)?;
-                let tunnel = mesh
-                    .open(
-                        &pod.sockets,
-                        source_id,
-                        &destination,
-                        target,
-                        self.proxy_mark,
-                        self.connect_timeout,
-                    )
-                    .await?;
-                Ok(Upstream::Mesh(tunnel))
-            }
-            None => Ok(Upstream::Direct(connect_upstream(pod, self, target).await?)),
-        }
-    }
-}
-
-/// A connection to a destination, made by `OutboundContext::dial`.
-pub enum Upstream {
-    Mesh(Tunnel),
-    Direct(TcpStream),
-}
-
-impl Upstream {
-    /// The HBONE connection a mesh upstream travels in.
-    pub fn carrier(&self) -> Option<Carrier> {
-        match self {
-            Self::Mesh(tunnel) => Some(tunnel.carrier()),
-            Self::Direct(_) => None,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error("this pod has no identity; refusing to send mesh traffic in the clear")]
-    NoIdentity,
-    #[error("HBONE: {0}")]
-    Hbone(#[from] HboneError),
-    #[error(transparent)]
-    Direct(#[from] OutboundError),
-}
-
-impl AsyncRead for Upstream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Mesh(tunnel) => Pin::new(tunnel).poll_read(cx, buf),
-            Self::Direct(stream) => Pin::new(stream).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Upstream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Mesh(tunnel) => Pin::new(tunnel).poll_write(cx, buf),
-            Self::Direct(stream) => Pin::new(stream).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Mesh(tunnel) => Pin::new(tunnel).poll_flush(cx),
-            Self::Direct(stream) => Pin::new(stream).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Mesh(tunnel) => Pin::new(tunnel).poll_shutdown(cx),
-            Self::Direct(stream) => Pin::new(stream).poll_shutdown(cx),
-        }
-    }
-}
-
-impl SourcePod {
-    /// This pod as the source of traffic, for metrics and access logs.
-    pub fn peer(&self) -> Peer {
-        Peer {
-            workload: self.workload.clone(),
-            namespace: self.namespace.clone(),
-            principal: self
-                .identity
-                .as_ref()
-                .map_or_else(|| metrics::UNKNOWN.to_owned(), ToString::to_string),
-        }
-    }
-}
-
-/// One meshed pod as the proxy sees it.
-pub struct SourcePod {
-    pub display_name: String,
-    pub namespace: String,
-    pub workload: String,
-    pub identity: Option<SpiffeId>,
-    pub sockets: Arc<NetnsSockets>,
-    /// Its connections through the proxy at once.
-    pub connections: Arc<Budget>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum OutboundError {
-    #[error(
-        "no original destination recorded for peer {0} (connection not made through the connect hook?)"
-    )]
-    NoOriginalDestination(SocketAddr),
-    #[error("creating the upstream socket: {0}")]
-    Socket(#[from] NetnsError),
-    #[error("connecting to {0}: {1}")]
-    Connect(SocketAddr, io::Error),
-    #[error("connecting to {0}: no answer within {1:?}")]
-    ConnectTimeout(SocketAddr, Duration),
-}
 
 /// Accepts captured connections of one pod until the listener is dropped with the task.
 pub async fn serve(listener: TcpListener, pod: Arc<SourcePod>, ctx: Arc<OutboundContext>) {
@@ -312,7 +131,7 @@ async fn forward(
                     original,
                     protocol,
                 };
-                http::serve(stream, connection).await;
+                l7::serve(stream, connection).await;
                 ctx.stats
                     .closed(&pod.display_name, original, meter.read(), meter.written());
                 return;
@@ -360,22 +179,6 @@ async fn forward(
         .closed(&pod.display_name, original, sent, received);
     report.close(sent, received);
     tracing::debug!(pod = %pod.display_name, destination = %original, %target, sent, received, "connection closed");
-}
-
-async fn connect_upstream(
-    pod: &SourcePod,
-    ctx: &OutboundContext,
-    destination: SocketAddr,
-) -> Result<TcpStream, OutboundError> {
-    let socket = pod_socket(&pod.sockets, destination, ctx.proxy_mark)?;
-    match connect_within(socket, destination, ctx.connect_timeout).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(error)) => Err(OutboundError::Connect(destination, error)),
-        Err(_) => Err(OutboundError::ConnectTimeout(
-            destination,
-            ctx.connect_timeout,
-        )),
-    }
 }
 
 /// The key under which sock_ops published the connection whose client end is `peer`
