@@ -38,12 +38,11 @@ use crate::{
     pods::{cgroup, enrolment::Enrolments},
     proxy::{
         hbone::client::HboneClient,
-        inbound::InboundContext,
+        inbound::{context::InboundContext, plaintext},
         outbound::{
             balance::Balancer,
             context::{HttpProxy, OutboundContext},
         },
-        plaintext,
     },
     state::membership,
     state::{

@@ -31,7 +31,7 @@ use super::{
     cgroup::{self, CgroupError},
     listeners::{Opened, PodListener, accept_queue_length},
     pending::{Failed, Pending},
-    routing::{self, SourcePreservation},
+    routing,
 };
 use crate::{
     datapath::{Datapath, DatapathError, Expected},
@@ -40,13 +40,16 @@ use crate::{
     netns::{NetnsError, NetnsSockets},
     proxy::{
         hbone::HBONE_PORT,
-        inbound::{self, DestinationPod, InboundContext},
+        inbound::{
+            self,
+            context::{DestinationPod, InboundContext, SourcePreservation},
+            plaintext,
+        },
         limits::Budget,
         outbound::{
             self,
             context::{OutboundContext, SourcePod},
         },
-        plaintext,
     },
     state::membership::{MeshedPod, PeerAuthentication},
     telemetry::metrics::Peer,
@@ -483,8 +486,11 @@ impl Enrolments {
             }
             for l in hbone {
                 addrs.push(l.addr);
-                let serve =
-                    inbound::serve(l.listener, Arc::clone(&destination), Arc::clone(&inbound));
+                let serve = inbound::hbone::serve(
+                    l.listener,
+                    Arc::clone(&destination),
+                    Arc::clone(&inbound),
+                );
                 accept_loops.push(self.start(l.adopted, certificate.as_ref(), serve));
             }
 

@@ -2,9 +2,7 @@
 //! connection gets (`serve_requests`), the answers the proxy makes itself, and hop-by-hop
 //! headers and upgrades (`hop`).
 
-pub mod authorize;
 pub mod hop;
-pub mod path;
 
 use std::{convert::Infallible, time::Duration};
 

@@ -16,9 +16,9 @@ use std::{
 use socket2::Socket;
 use tokio::net::TcpStream;
 
-use super::{
+use super::context::{DestinationPod, InboundContext};
+use crate::proxy::{
     dial::{connect_within, pod_socket},
-    inbound::{DestinationPod, InboundContext},
     listener::canonical,
 };
 

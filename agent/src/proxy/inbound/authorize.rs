@@ -29,18 +29,18 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::{
-    Body, answer,
-    hop::{self, bridge_upgrade},
-    path, protocol_of, serve_requests,
-};
+use super::{path, revocation::withdrawn};
 use crate::{
     identity::spiffe::SpiffeId,
     proxy::{
         counting::{Meter, MeteredStream},
         detect::{self, Prefixed, Protocol},
+        http::{
+            Body, answer,
+            hop::{self, bridge_upgrade},
+            protocol_of, serve_requests,
+        },
         relay::{relay_until, reset},
-        revocation::withdrawn,
     },
     state::{
         authorization::{Decision, PodPolicies, Policy, RequestAttributes, decide},
