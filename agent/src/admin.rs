@@ -23,7 +23,7 @@ use crate::{
         status::{SourceStatus, WatchView},
     },
     pods::enrolment::{EnrolledPodView, PendingPodView},
-    proxy::http::balance::{Balancer, EndpointView},
+    proxy::outbound::balance::{Balancer, EndpointView},
     state::{authorization::PolicyView, routes::RouteView, services::ServicePortView},
     telemetry::{
         connections::ConnectionStats,

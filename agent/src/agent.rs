@@ -37,11 +37,12 @@ use crate::{
     pods::enrolment::{Adoption, EnrolledPodView},
     pods::{cgroup, enrolment::Enrolments},
     proxy::{
-        hbone::HboneClient,
-        http::{HttpProxy, balance::Balancer},
-        inbound::InboundContext,
-        outbound::OutboundContext,
-        plaintext,
+        hbone::client::HboneClient,
+        inbound::{context::InboundContext, plaintext},
+        outbound::{
+            balance::Balancer,
+            context::{HttpProxy, OutboundContext},
+        },
     },
     state::membership,
     state::{

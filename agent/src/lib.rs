@@ -9,6 +9,7 @@ pub mod datapath;
 pub mod identity;
 pub mod k8s;
 pub mod lifecycle;
+pub mod netns;
 pub mod pods;
 pub mod proxy;
 pub mod state;

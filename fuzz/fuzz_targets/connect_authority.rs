@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nodemesh::proxy::inbound::connect_target;
+use nodemesh::proxy::hbone::connect::connect_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(uri) = hyper::Uri::try_from(data) else {

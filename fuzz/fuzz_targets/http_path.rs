@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nodemesh::proxy::http::path::normalize;
+use nodemesh::proxy::inbound::path::normalize;
 
 fuzz_target!(|data: &[u8]| {
     // What the proxy normalises is what a request target can carry.

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nodemesh::proxy::http::detect::classify;
+use nodemesh::proxy::detect::classify;
 
 fuzz_target!(|data: &[u8]| {
     let whole = classify(data);

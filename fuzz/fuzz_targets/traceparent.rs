@@ -4,7 +4,7 @@
 
 use hyper::{HeaderMap, header::HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use nodemesh::proxy::http::trace::{TRACEPARENT, parse, propagate};
+use nodemesh::telemetry::trace::{TRACEPARENT, parse, propagate};
 
 fuzz_target!(|data: &[u8]| {
     let mut headers = HeaderMap::new();

@@ -5,8 +5,7 @@
 
 use std::net::IpAddr;
 
-use super::netns::NetnsError;
-use crate::state::membership::MeshedPod;
+use crate::{netns::NetnsError, state::membership::MeshedPod};
 
 /// The pod's addresses from the API server, then every other one of `local` (its network
 /// namespace's) that no other enrolled pod holds: `held_by` names the pod holding an

@@ -30,20 +30,26 @@ use super::{
     addresses,
     cgroup::{self, CgroupError},
     listeners::{Opened, PodListener, accept_queue_length},
-    netns::{NetnsError, NetnsSockets},
     pending::{Failed, Pending},
-    routing::{self, SourcePreservation},
+    routing,
 };
 use crate::{
     datapath::{Datapath, DatapathError, Expected},
     identity::{manager::IdentityManager, spiffe::SpiffeId},
     lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
+    netns::{NetnsError, NetnsSockets},
     proxy::{
         hbone::HBONE_PORT,
-        inbound::{self, DestinationPod, InboundContext},
+        inbound::{
+            self,
+            context::{DestinationPod, InboundContext, SourcePreservation},
+            plaintext,
+        },
         limits::Budget,
-        outbound::{self, OutboundContext, SourcePod},
-        plaintext,
+        outbound::{
+            self,
+            context::{OutboundContext, SourcePod},
+        },
     },
     state::membership::{MeshedPod, PeerAuthentication},
     telemetry::metrics::Peer,
@@ -480,8 +486,11 @@ impl Enrolments {
             }
             for l in hbone {
                 addrs.push(l.addr);
-                let serve =
-                    inbound::serve(l.listener, Arc::clone(&destination), Arc::clone(&inbound));
+                let serve = inbound::hbone::serve(
+                    l.listener,
+                    Arc::clone(&destination),
+                    Arc::clone(&inbound),
+                );
                 accept_loops.push(self.start(l.adopted, certificate.as_ref(), serve));
             }
 

@@ -5,6 +5,5 @@ pub mod addresses;
 pub mod cgroup;
 pub mod enrolment;
 mod listeners;
-pub mod netns;
 mod pending;
 pub mod routing;

@@ -9,9 +9,10 @@ use std::{fs::File, net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 
-use super::{enrolment::EnrolError, netns::NetnsSockets};
+use super::enrolment::EnrolError;
 use crate::{
     datapath::Datapath,
+    netns::NetnsSockets,
     state::membership::{MeshedPod, PeerAuthentication},
 };
 

@@ -18,11 +18,13 @@
 use std::{
     io,
     mem::size_of,
-    net::IpAddr,
     path::{Path, PathBuf},
 };
 
-use super::netns::{NetnsError, NetnsSockets};
+use crate::{
+    netns::{NetnsError, NetnsSockets},
+    proxy::inbound::context::SourcePreservation,
+};
 
 /// Routing table (in the pod) holding the `local default dev lo` routes.
 pub const ROUTE_TABLE: u32 = 0x4e4d;
@@ -53,22 +55,6 @@ pub enum RoutingError {
         what: &'static str,
         source: io::Error,
     },
-}
-
-/// Which families the pod can deliver with the client's source address.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct SourcePreservation {
-    pub ipv4: bool,
-    pub ipv6: bool,
-}
-
-impl SourcePreservation {
-    pub fn covers(&self, addr: IpAddr) -> bool {
-        match addr {
-            IpAddr::V4(_) => self.ipv4,
-            IpAddr::V6(_) => self.ipv6,
-        }
-    }
 }
 
 /// Installs the rules and routes in the pod (idempotent: existing entries are kept). IPv6 is

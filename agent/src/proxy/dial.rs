@@ -9,7 +9,7 @@ use tokio::{
     time::error::Elapsed,
 };
 
-use crate::pods::netns::{NetnsError, NetnsSockets};
+use crate::netns::{NetnsError, NetnsSockets};
 
 /// A TCP socket in the pod for connecting to `target`, carrying `mark`.
 pub fn pod_socket(

@@ -1,6 +1,10 @@
-//! The accept loop every in-pod listener of the proxy runs.
+//! The accept loop every in-pod listener of the proxy runs, and the addresses it accepts.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -25,5 +29,13 @@ where
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// IPv4 peers can appear v4-mapped on IPv6 sockets.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }

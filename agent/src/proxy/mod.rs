@@ -1,8 +1,17 @@
-//! The node proxy: outbound capture, HBONE (mutual TLS between pods) and its inbound side,
-//! and plaintext arriving at meshed pods.
+//! The node proxy. A connection's path reads one way, top to bottom:
+//!
+//! - `outbound`: connections meshed pods make, captured, forwarded (L4) or served per
+//!   request (L7), to their destination directly or through HBONE;
+//! - `hbone`: the protocol between node proxies (client, CONNECT target, limits, errors);
+//! - `inbound`: connections arriving at meshed pods (HBONE server, plaintext), authorized and
+//!   delivered to the application.
+//!
+//! Below all three: sockets in a pod (`dial`), the accept loop (`listener`), relaying with
+//! exact counts (`relay`, `counting`), protocol detection (`detect`), per-pod bounds
+//! (`limits`), and HTTP serving and answers (`http`).
 
 mod counting;
-mod delivery;
+pub mod detect;
 mod dial;
 pub mod hbone;
 pub mod http;
@@ -10,6 +19,4 @@ pub mod inbound;
 pub mod limits;
 mod listener;
 pub mod outbound;
-pub mod plaintext;
 mod relay;
-mod revocation;

@@ -1,6 +1,6 @@
 //! The kubelet's probes of each local pod, from the Pod spec: which ports they use and what
 //! they ask there. Plaintext from the node's own addresses is let past STRICT and
-//! AuthorizationPolicy only when it is one of these probes (proxy/plaintext.rs), so that
+//! AuthorizationPolicy only when it is one of these probes (proxy/inbound/plaintext.rs), so that
 //! nothing else on the node (a hostNetwork pod, NodePort traffic SNATed to the node) gets a
 //! way around them.
 //!

@@ -1,4 +1,4 @@
-//! Logs and counters.
+//! Logs, counters and traces.
 
 pub mod access;
 pub mod connections;
@@ -6,3 +6,4 @@ pub mod logging;
 pub mod metrics;
 pub mod otlp;
 pub mod report;
+pub mod trace;

@@ -1,6 +1,6 @@
 //! Span export over OTLP/HTTP (JSON encoding) to a collector, when `--otlp-endpoint` is set.
 //!
-//! The L7 proxy makes one span per request (`proxy::http::trace` gives it its ids from the
+//! The L7 proxy makes one span per request (`telemetry::trace` gives it its ids from the
 //! request's `traceparent`). Spans are queued (at most `QUEUE` waiting; more are dropped and
 //! counted, never blocking a request) and posted in batches of up to `BATCH`, at least every
 //! `FLUSH_EVERY`, as `ExportTraceServiceRequest` JSON to the endpoint (e.g.
@@ -21,8 +21,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::{net::TcpStream, sync::mpsc};
 
-use super::{access::RequestRecord, metrics::Traffic};
-use crate::proxy::http::trace::SpanIds;
+use super::{access::RequestRecord, metrics::Traffic, trace::SpanIds};
 
 const QUEUE: usize = 4096;
 const BATCH: usize = 512;

@@ -9,6 +9,7 @@ use hyper::{
     HeaderMap, Request, Version,
     header::{self, HeaderName},
 };
+use hyper_util::rt::TokioIo;
 
 /// Headers that describe one hop, never forwarded.
 const HOP_BY_HOP: &[&str] = &[
@@ -92,6 +93,35 @@ fn tokens(headers: &HeaderMap, name: HeaderName) -> impl Iterator<Item = String>
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty())
+}
+
+/// Copies an upgraded connection both ways once both ends have switched, until either
+/// closes or `until` resolves (its authorization was withdrawn).
+pub fn bridge_upgrade(
+    downstream: Option<hyper::upgrade::OnUpgrade>,
+    upstream: hyper::upgrade::OnUpgrade,
+    until: impl Future<Output = ()> + Send + 'static,
+) {
+    let Some(downstream) = downstream else {
+        return;
+    };
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((client, server)) => {
+                let mut client = TokioIo::new(client);
+                let mut server = TokioIo::new(server);
+                tokio::select! {
+                    copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {
+                        if let Err(error) = copied {
+                            tracing::debug!(%error, "upgraded connection ended with an error");
+                        }
+                    }
+                    () = until => {}
+                }
+            }
+            Err(error) => tracing::debug!(%error, "upgrade did not complete"),
+        }
+    });
 }
 
 #[cfg(test)]

@@ -1,30 +1,23 @@
-//! The L7 proxy: HTTP/1.1 and HTTP/2 connections to Services, detected on their first bytes,
-//! served per request with hyper: HTTPRoute rules, a backend by weight, an endpoint by the
-//! balancer, sent over pooled upstream connections (HBONE to meshed pods).
+//! HTTP as both sides of the proxy serve it: the body type, the limits every served
+//! connection gets (`serve_requests`), the answers the proxy makes itself, and hop-by-hop
+//! headers and upgrades (`hop`).
 
-pub mod authorize;
-pub mod balance;
-pub mod detect;
-mod hop;
-pub mod path;
-mod request;
-pub mod trace;
-pub mod upstream;
+pub mod hop;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, time::Duration};
 
-use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{
-    Request, Response,
+    HeaderMap, Request, Response, StatusCode,
     body::{Bytes, Incoming},
+    header::{self, HeaderValue},
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use self::{balance::Balancer, detect::Protocol, upstream::UpstreamPool};
-use super::outbound::{OutboundContext, SourcePod};
-use crate::{lifecycle::drain, state::services::Frontend};
+use super::detect::Protocol;
+use crate::lifecycle::drain;
 
 /// Every HTTP body the proxy sends or forwards.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -35,73 +28,6 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent HTTP/2 streams per client connection.
 pub const MAX_STREAMS: u32 = 1024;
-
-/// Node-wide L7 state.
-pub struct HttpProxy {
-    /// Shared with the admin server, which shows it.
-    pub balancer: Arc<Balancer>,
-    pub upstreams: UpstreamPool,
-    /// How long detection waits for a client's first bytes.
-    pub detect_wait: Duration,
-}
-
-impl HttpProxy {
-    pub fn new(detect_wait: Duration, balancer: Arc<Balancer>) -> Self {
-        Self {
-            balancer,
-            upstreams: UpstreamPool::default(),
-            detect_wait,
-        }
-    }
-}
-
-/// How to detect the protocol of a connection to a Service port.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Detection {
-    /// `appProtocol` names something that is not HTTP: opaque TCP, no waiting.
-    Skip,
-    /// `appProtocol` says HTTP: the client speaks first, wait for it.
-    Unbounded,
-    /// Nothing declared: wait at most this long.
-    Bounded(Duration),
-}
-
-/// The Service port's `appProtocol` decides; unset means detect with the bounded wait.
-pub fn detection_for(app_protocol: Option<&str>, wait: Duration) -> Detection {
-    match app_protocol {
-        None => Detection::Bounded(wait),
-        Some("http" | "http2" | "h2c" | "grpc" | "kubernetes.io/h2c" | "kubernetes.io/ws") => {
-            Detection::Unbounded
-        }
-        Some(_) => Detection::Skip,
-    }
-}
-
-/// One client connection the L7 proxy serves.
-pub struct ClientConnection {
-    pub pod: Arc<SourcePod>,
-    pub ctx: Arc<OutboundContext>,
-    pub frontend: Frontend,
-    /// The Service address the client dialled.
-    pub original: SocketAddr,
-    pub protocol: Protocol,
-}
-
-/// Serves HTTP requests on `stream` until the client closes it.
-pub async fn serve<S>(stream: S, connection: ClientConnection)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let protocol = connection.protocol;
-    let connection = Arc::new(connection);
-    let handler = move |request| {
-        let connection = Arc::clone(&connection);
-        async move { request::handle(request, &connection).await }
-    };
-    if let Err(error) = serve_requests(stream, protocol, handler).await {
-        tracing::debug!(%error, "HTTP client connection ended with an error");
-    }
-}
 
 /// Runs `handle` for every request on `stream`, HTTP/2 or HTTP/1.1 (with upgrades), under
 /// the proxy's limits: head size, head read timeout (slowloris), concurrent streams. Both
@@ -145,4 +71,27 @@ where
             drain::serve_until_drained(connection, |c| c.graceful_shutdown()).await
         }
     }
+}
+
+/// `grpc` for gRPC requests, `http` for the rest (Istio's `request_protocol`).
+pub fn protocol_of(headers: &HeaderMap) -> &'static str {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc { "grpc" } else { "http" }
+}
+
+/// A response the proxy makes itself, with a plain-text body that says why.
+pub fn answer(status: StatusCode, message: String) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(message))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }

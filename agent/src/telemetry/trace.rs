@@ -1,4 +1,5 @@
-//! W3C trace context (`traceparent`) through the L7 proxy.
+//! W3C trace context (`traceparent`) through the L7 proxy, and a request's trace id for the
+//! access logs of both ends.
 //!
 //! The client's node proxy is a hop in the trace: a request carrying a valid `traceparent`
 //! continues that trace, one without (or with an invalid one) starts a new trace; either

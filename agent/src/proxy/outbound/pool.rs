@@ -26,11 +26,8 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::Body;
-use crate::proxy::{
-    hbone::Carrier,
-    outbound::{DialError, Upstream},
-};
+use super::upstream::{DialError, Upstream};
+use crate::proxy::{hbone::client::Carrier, http::Body};
 
 const MAX_IDLE_H1: usize = 64;
 

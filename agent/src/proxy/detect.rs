@@ -35,6 +35,28 @@ pub enum Protocol {
     Opaque,
 }
 
+/// How to detect the protocol of a connection to a Service port.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Detection {
+    /// `appProtocol` names something that is not HTTP: opaque TCP, no waiting.
+    Skip,
+    /// `appProtocol` says HTTP: the client speaks first, wait for it.
+    Unbounded,
+    /// Nothing declared: wait at most this long.
+    Bounded(Duration),
+}
+
+/// The Service port's `appProtocol` decides; unset means detect with the bounded wait.
+pub fn detection_for(app_protocol: Option<&str>, wait: Duration) -> Detection {
+    match app_protocol {
+        None => Detection::Bounded(wait),
+        Some("http" | "http2" | "h2c" | "grpc" | "kubernetes.io/h2c" | "kubernetes.io/ws") => {
+            Detection::Unbounded
+        }
+        Some(_) => Detection::Skip,
+    }
+}
+
 /// What the first bytes say, if they say enough yet.
 pub fn classify(bytes: &[u8]) -> Option<Protocol> {
     if bytes.is_empty() {

@@ -1,4 +1,5 @@
-//! A pod's network namespace, and creating the proxy's sockets inside it.
+//! A pod's network namespace, and creating the proxy's sockets inside it. It stands below
+//! both `pods` (enrolment opens a pod's namespace) and `proxy` (which dials from it).
 //!
 //! A socket stays in the namespace it was created in, and setns() changes only the calling
 //! thread. So the thread that needs a socket enters the pod's namespace for the one

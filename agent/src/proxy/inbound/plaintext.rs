@@ -10,7 +10,7 @@
 //! The node's own addresses get no more than anyone else, except for the kubelet's probes:
 //! a connection from the node to a port the pod's probes use, which the mode or a policy
 //! refuses, is served as HTTP where only the probes' requests (method and path) reach the
-//! application (`http::authorize`); a TCP-only probe port gets its handshake and is closed
+//! application (`authorize`); a TCP-only probe port gets its handshake and is closed
 //! without a byte either way; an HTTPS probe port is delivered (its requests are inside the
 //! application's TLS). Probe connections have their own bound, taken before any other.
 
@@ -22,26 +22,28 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    delivery::{canonical, connect_to_application},
-    http::{
-        HEADER_READ_TIMEOUT,
-        authorize::{self, Check, Source},
-    },
-    inbound::{DestinationPod, InboundContext},
-    limits,
-    listener::accept_loop,
-    relay::{relay_until, reset},
+    authorize::{self, Check, Source},
+    context::{DestinationPod, InboundContext},
+    delivery::connect_to_application,
     revocation::withdrawn,
 };
-use crate::pods::netns::non_loopback;
-use crate::state::{
-    authorization::{Decision, Policy, RequestAttributes, decide},
-    membership::PeerAuthentication,
-    probes::ProbePort,
-};
-use crate::telemetry::{
-    metrics::{Reporter, Traffic, UNKNOWN},
-    report::ConnectionReport,
+use crate::{
+    netns::non_loopback,
+    proxy::{
+        http::HEADER_READ_TIMEOUT,
+        limits,
+        listener::{accept_loop, canonical},
+        relay::{relay_until, reset},
+    },
+    state::{
+        authorization::{Decision, Policy, RequestAttributes, decide},
+        membership::PeerAuthentication,
+        probes::ProbePort,
+    },
+    telemetry::{
+        metrics::{Reporter, Traffic, UNKNOWN},
+        report::ConnectionReport,
+    },
 };
 
 /// The source label of plaintext connections in the connection counters.

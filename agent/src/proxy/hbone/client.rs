@@ -1,8 +1,7 @@
 //! HBONE client: a captured connection to a meshed pod travels as an HTTP/2 CONNECT stream
-//! (`:authority` = original `ip:port`) inside mutual TLS to the destination pod's HBONE
-//! listener (port 15008), as Istio ambient defines it. Streams share pooled connections per
-//! (source pod, source identity, destination HBONE address), renewed when the source
-//! certificate is.
+//! inside mutual TLS to the destination pod's HBONE listener. Streams share pooled
+//! connections per (source pod, source identity, destination HBONE address), renewed when
+//! the source certificate is.
 
 use std::{
     collections::HashMap,
@@ -25,62 +24,16 @@ use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use super::{
-    dial::{connect_within, pod_socket},
-    outbound::SourcePod,
-};
+use super::{HBONE_PORT, error::HboneError};
 use crate::{
     identity::{
         manager::{IdentityManager, WorkloadCertificate},
         spiffe::SpiffeId,
-        tls::{self, TlsError},
+        tls,
     },
-    pods::netns::NetnsError,
+    netns::NetnsSockets,
+    proxy::dial::{connect_within, pod_socket},
 };
-
-pub use nodemesh_common::HBONE_PORT;
-
-/// Concurrent streams the HBONE server allows on one connection (clients of this agent
-/// open another connection after `MAX_STREAMS_PER_CONNECTION`).
-pub const HBONE_SERVER_MAX_STREAMS: u32 = 1000;
-
-#[derive(Debug, thiserror::Error)]
-pub enum HboneError {
-    #[error(
-        "source {0} holds no valid certificate (none issued yet, or expired without renewal: is the CA reachable?); refusing to send mesh traffic in the clear"
-    )]
-    NoCertificate(SpiffeId),
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    #[error("creating the HBONE socket: {0}")]
-    Socket(#[from] NetnsError),
-    #[error(
-        "connecting to HBONE {addr}: {source} (is port {HBONE_PORT} reachable, or a NetworkPolicy blocking it?)"
-    )]
-    Connect {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("connecting to HBONE {addr}: no answer within {timeout:?}")]
-    Timeout { addr: SocketAddr, timeout: Duration },
-    #[error("mTLS with {addr} (expected {expected}): {source}")]
-    Handshake {
-        addr: SocketAddr,
-        expected: SpiffeId,
-        source: std::io::Error,
-    },
-    #[error("HTTP/2 with {addr}: {source}")]
-    Http {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
-    #[error("CONNECT {target} refused by {addr}: {status}")]
-    Refused {
-        addr: SocketAddr,
-        target: SocketAddr,
-        status: StatusCode,
-    },
-}
 
 /// Shared by all outbound connections of the node.
 pub struct HboneClient {
@@ -193,10 +146,11 @@ impl HboneClient {
         }
     }
 
-    /// Opens a CONNECT tunnel from `source` to `target`, a pod holding `destination`.
+    /// Opens a CONNECT tunnel from the pod whose network namespace `source` is to `target`,
+    /// a pod holding `destination`.
     pub async fn open(
         &self,
-        source: &SourcePod,
+        source: &NetnsSockets,
         source_id: &SpiffeId,
         destination: &SpiffeId,
         target: SocketAddr,
@@ -208,7 +162,7 @@ impl HboneClient {
             .certificate(source_id)
             .ok_or_else(|| HboneError::NoCertificate(source_id.clone()))?;
         let addr = SocketAddr::new(target.ip(), HBONE_PORT);
-        let key = (source.sockets.cookie(), source_id.clone(), addr);
+        let key = (source.cookie(), source_id.clone(), addr);
         let connect_request = || {
             Request::builder()
                 .method(Method::CONNECT)
@@ -286,7 +240,7 @@ impl HboneClient {
         &self,
         key: PoolKey,
         certificate: &Arc<WorkloadCertificate>,
-        source: &SourcePod,
+        source: &NetnsSockets,
         destination: &SpiffeId,
         mark: u32,
         timeout: Duration,
@@ -343,14 +297,14 @@ impl HboneClient {
 
     async fn connect(
         &self,
-        source: &SourcePod,
+        source: &NetnsSockets,
         certificate: &WorkloadCertificate,
         destination: &SpiffeId,
         addr: SocketAddr,
         mark: u32,
         timeout: Duration,
     ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
-        let socket = pod_socket(&source.sockets, addr, mark)?;
+        let socket = pod_socket(source, addr, mark)?;
         let tcp = connect_within(socket, addr, timeout)
             .await
             .map_err(|_| HboneError::Timeout { addr, timeout })?

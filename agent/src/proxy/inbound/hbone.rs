@@ -3,213 +3,35 @@
 //! mesh's trust bundle and trust domain, and serves HTTP/2 CONNECT streams whose authority is
 //! one of this pod's own addresses, delivering each to the application from inside the pod.
 
-use std::{
-    convert::Infallible,
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Empty;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::RootCertStore;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
+    authorize::{self, Check, Source},
+    context::{DestinationPod, InboundContext},
     delivery::connect_to_application,
-    hbone::HBONE_SERVER_MAX_STREAMS,
-    http::authorize::{self, Check, Source},
-    limits::{self, Budget, PerClient},
-    listener::accept_loop,
-    relay::{relay_until, reset},
     revocation::withdrawn,
 };
 use crate::{
-    datapath::Datapath,
-    identity::{manager::IdentityManager, spiffe::SpiffeId, tls},
+    identity::{spiffe::SpiffeId, tls},
     lifecycle::drain,
-    pods::{netns::NetnsSockets, routing::SourcePreservation},
-    state::workloads::SharedWorkloads,
-    state::{
-        authorization::{
-            AuthorizationIndex, Decision, PodPolicies, Policy, RequestAttributes, decide,
-        },
-        membership::PeerAuthentication,
-        probes::{ProbeIndex, ProbePort},
+    proxy::{
+        hbone::{HBONE_SERVER_MAX_STREAMS, connect::connect_target},
+        limits,
+        listener::accept_loop,
+        relay::{relay_until, reset},
     },
+    state::authorization::{Decision, Policy, RequestAttributes, decide},
     telemetry::{
-        access::AccessLog,
-        connections::ConnectionStats,
-        metrics::{Metrics, Peer, Reporter, Traffic, UNKNOWN},
+        metrics::{Reporter, Traffic, UNKNOWN},
         report::ConnectionReport,
     },
 };
-
-/// What every inbound handler needs, shared by the node.
-pub struct InboundContext {
-    pub identities: Arc<IdentityManager>,
-    pub roots: Arc<RootCertStore>,
-    pub trust_domain: String,
-    pub stats: Arc<ConnectionStats>,
-    pub proxy_mark: u32,
-    pub transparent_mark: u32,
-    /// The node's /proc/sys/net as the agent can write it (pods' sysctls are set through it).
-    pub proc_sys_net: PathBuf,
-    pub connect_timeout: Duration,
-    pub datapath: Arc<Datapath>,
-    /// The node's own addresses: the kubelet probes from them.
-    pub node_addresses: Vec<IpAddr>,
-    /// AuthorizationPolicies by local pod, replaced on every change in the cluster; watched
-    /// by the connections they were decided for.
-    pub authorization: watch::Sender<Arc<AuthorizationIndex>>,
-    /// The kubelet's probes of each local pod, replaced with the cluster state.
-    pub probes: RwLock<Arc<ProbeIndex>>,
-    /// How long a stream that authorization must parse may take to show it is HTTP.
-    pub detect_wait: Duration,
-    pub workloads: SharedWorkloads,
-    pub metrics: Arc<Metrics>,
-    pub access_log: AccessLog,
-}
-
-impl InboundContext {
-    /// The client of a connection from `ip`: its workload when it is a meshed pod, and the
-    /// principal it proved (`verified`), or `unknown` for plaintext.
-    pub fn source_peer(&self, ip: IpAddr, verified: Option<&SpiffeId>) -> Peer {
-        let known = self
-            .workloads
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .peer_of(crate::proxy::delivery::canonical(ip));
-        match verified {
-            Some(id) => Peer {
-                workload: known.workload,
-                namespace: id.namespace().to_owned(),
-                principal: id.to_string(),
-            },
-            None => Peer {
-                principal: UNKNOWN.to_owned(),
-                ..known
-            },
-        }
-    }
-
-    /// The AuthorizationPolicies of `pod`, as they are now and as they change.
-    pub fn policies(&self, pod: &DestinationPod) -> PodPolicies {
-        PodPolicies::new(self.authorization.subscribe(), &pod.display_name)
-    }
-
-    /// What the kubelet's probes of `pod` do on `port`, if any use it.
-    pub fn probe_port(&self, pod: &DestinationPod, port: u16) -> Option<ProbePort> {
-        self.probes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .port(&pod.display_name, port)
-    }
-}
-
-/// One meshed pod as its inbound listeners (HBONE and plaintext) see it.
-pub struct DestinationPod {
-    pub display_name: String,
-    /// Who it is, for metrics and access logs.
-    pub peer: Peer,
-    pub identity: SpiffeId,
-    /// Its addresses from the API server: what an HBONE CONNECT may name.
-    pub ips: Vec<IpAddr>,
-    /// Every address whose plaintext is captured for it: `ips` and the other non-loopback
-    /// addresses of its network namespace (IPv6 link-local, secondary interfaces).
-    pub inbound_addresses: Vec<IpAddr>,
-    pub sockets: Arc<NetnsSockets>,
-    /// Which families can be delivered with the client's address.
-    pub source_preservation: SourcePreservation,
-    /// The namespace's mode; changes in place when the namespace is relabelled, and
-    /// plaintext connections watch it.
-    mode: watch::Sender<PeerAuthentication>,
-    /// Plaintext connections to it through the proxy at once, per client address and in all.
-    pub plaintext_connections: Arc<PerClient<IpAddr>>,
-    /// Connections from the node to its kubelet probe ports, apart from other plaintext so
-    /// that no outsider holding the plaintext bound can get its probes reset.
-    pub probe_connections: Arc<Budget>,
-    /// HBONE tunnels to it at once, per peer identity.
-    pub tunnels: Arc<PerClient<SpiffeId>>,
-    /// TLS handshakes in progress at its HBONE listener.
-    pub handshakes: Arc<PerClient>,
-}
-
-impl DestinationPod {
-    pub fn new(
-        display_name: String,
-        peer: Peer,
-        identity: SpiffeId,
-        ips: Vec<IpAddr>,
-        sockets: Arc<NetnsSockets>,
-        source_preservation: SourcePreservation,
-        mode: PeerAuthentication,
-    ) -> Self {
-        Self {
-            display_name,
-            peer,
-            identity,
-            inbound_addresses: ips.clone(),
-            ips,
-            sockets,
-            source_preservation,
-            mode: watch::Sender::new(mode),
-            plaintext_connections: PerClient::new(
-                "pod_plaintext_connections",
-                usize::MAX,
-                usize::MAX,
-            ),
-            probe_connections: Budget::new("pod_probe_connections", limits::MAX_PROBE_CONNECTIONS),
-            tunnels: PerClient::new("pod_tunnels_per_peer", usize::MAX, usize::MAX),
-            handshakes: PerClient::new(
-                "pod_pending_handshakes",
-                limits::MAX_PENDING_HANDSHAKES_PER_CLIENT,
-                limits::MAX_PENDING_HANDSHAKES,
-            ),
-        }
-    }
-
-    /// Bounds the plaintext connections to this pod through the proxy at once (one client
-    /// address may hold a share of them), and the HBONE tunnels of each peer identity.
-    pub fn with_connection_limit(mut self, limit: usize) -> Self {
-        self.plaintext_connections = PerClient::new(
-            "pod_plaintext_connections",
-            limits::per_client_share(limit),
-            limit,
-        );
-        self.tunnels = PerClient::new("pod_tunnels_per_peer", limit, usize::MAX);
-        self
-    }
-
-    /// Captures plaintext to these addresses of its network namespace too.
-    pub fn with_inbound_addresses(mut self, addresses: Vec<IpAddr>) -> Self {
-        self.inbound_addresses = addresses;
-        self
-    }
-
-    pub fn peer_authentication(&self) -> PeerAuthentication {
-        *self.mode.borrow()
-    }
-
-    pub fn set_peer_authentication(&self, mode: PeerAuthentication) {
-        self.mode.send_if_modified(|current| {
-            let changed = *current != mode;
-            *current = mode;
-            changed
-        });
-    }
-
-    /// Follows the namespace's mode as it changes.
-    pub fn watch_peer_authentication(&self) -> watch::Receiver<PeerAuthentication> {
-        self.mode.subscribe()
-    }
-}
 
 pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {
     let name = pod.display_name.clone();
@@ -400,18 +222,6 @@ async fn handle_connect(
         ctx.stats.closed(&source, target, sent, received);
     });
     status(StatusCode::OK)
-}
-
-/// The `ip:port` a CONNECT names (HBONE's `:authority`); None for anything else (a host
-/// name, a missing port, a path).
-pub fn connect_target(uri: &hyper::Uri) -> Option<SocketAddr> {
-    if uri
-        .path_and_query()
-        .is_some_and(|p| !p.as_str().is_empty() && p.as_str() != "/")
-    {
-        return None;
-    }
-    uri.authority()?.as_str().parse().ok()
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {

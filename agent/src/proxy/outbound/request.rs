@@ -7,30 +7,50 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode, Uri, Version as HttpVersion,
-    body::{Bytes, Incoming},
+    body::Incoming,
     header::{self, HeaderValue},
     http::uri::{Authority, PathAndQuery, Scheme},
 };
-use hyper_util::rt::TokioIo;
 
 use super::{
-    Body, ClientConnection,
     balance::Outcome,
-    detect::Protocol,
-    hop, trace,
-    upstream::{UpstreamError, Version},
+    context::{OutboundContext, SourcePod},
+    pool::{UpstreamError, Version},
+    upstream::DialError,
 };
 use crate::{
-    proxy::{hbone::HboneError, outbound::DialError},
-    state::routes::{Backend, RequestMatch, RequestView, RouteDecision, Rule},
+    proxy::{
+        detect::Protocol,
+        hbone::error::HboneError,
+        http::{
+            Body, answer,
+            hop::{self, bridge_upgrade},
+            protocol_of,
+        },
+    },
+    state::{
+        routes::{Backend, RequestMatch, RequestView, RouteDecision, Rule},
+        services::Frontend,
+    },
     telemetry::{
         access::RequestRecord,
         metrics::{self, Peer, Reporter, Traffic},
+        trace,
     },
 };
+
+/// One client connection the L7 proxy serves.
+pub struct ClientConnection {
+    pub pod: Arc<SourcePod>,
+    pub ctx: Arc<OutboundContext>,
+    pub frontend: Frontend,
+    /// The Service address the client dialled.
+    pub original: SocketAddr,
+    pub protocol: Protocol,
+}
 
 /// Where a request went, as far as it got.
 #[derive(Default)]
@@ -87,14 +107,6 @@ pub async fn handle(
     ctx.access_log.request(&traffic, &record);
     ctx.tracer.export(&span, &record, &traffic);
     response
-}
-
-/// `grpc` for gRPC requests, `http` for the rest (Istio's `request_protocol`).
-pub fn protocol_of(headers: &HeaderMap) -> &'static str {
-    let grpc = headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if grpc { "grpc" } else { "http" }
 }
 
 async fn route_and_forward(
@@ -474,35 +486,6 @@ fn is_bodiless(headers: &HeaderMap, body: &Incoming) -> bool {
             && !headers.contains_key(header::TRANSFER_ENCODING))
 }
 
-/// Copies an upgraded connection both ways once both ends have switched, until either
-/// closes or `until` resolves (its authorization was withdrawn).
-pub fn bridge_upgrade(
-    downstream: Option<hyper::upgrade::OnUpgrade>,
-    upstream: hyper::upgrade::OnUpgrade,
-    until: impl Future<Output = ()> + Send + 'static,
-) {
-    let Some(downstream) = downstream else {
-        return;
-    };
-    tokio::spawn(async move {
-        match tokio::try_join!(downstream, upstream) {
-            Ok((client, server)) => {
-                let mut client = TokioIo::new(client);
-                let mut server = TokioIo::new(server);
-                tokio::select! {
-                    copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {
-                        if let Err(error) = copied {
-                            tracing::debug!(%error, "upgraded connection ended with an error");
-                        }
-                    }
-                    () = until => {}
-                }
-            }
-            Err(error) => tracing::debug!(%error, "upgrade did not complete"),
-        }
-    });
-}
-
 fn redirect_response(
     request: &Request<Incoming>,
     matcher: Option<&RequestMatch>,
@@ -562,19 +545,4 @@ impl Refusal {
     fn into_response(self) -> Response<Body> {
         answer(self.status, self.message)
     }
-}
-
-/// A response the proxy makes itself, with a plain-text body that says why.
-pub fn answer(status: StatusCode, message: String) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(message))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }

@@ -16,9 +16,10 @@ use std::{
 use socket2::Socket;
 use tokio::net::TcpStream;
 
-use super::{
+use super::context::{DestinationPod, InboundContext};
+use crate::proxy::{
     dial::{connect_within, pod_socket},
-    inbound::{DestinationPod, InboundContext},
+    listener::canonical,
 };
 
 /// Connects to `target` (an address of the pod), from `client` when given and possible.
@@ -101,13 +102,5 @@ fn set_transparent(socket: &Socket, addr: IpAddr) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
-    }
-}
-
-/// IPv4 peers can appear v4-mapped on IPv6 sockets.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }

@@ -29,18 +29,18 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::{
-    Body,
-    detect::{self, Prefixed, Protocol},
-    hop, path,
-    request::{answer, bridge_upgrade},
-};
+use super::{path, revocation::withdrawn};
 use crate::{
     identity::spiffe::SpiffeId,
     proxy::{
         counting::{Meter, MeteredStream},
+        detect::{self, Prefixed, Protocol},
+        http::{
+            Body, answer,
+            hop::{self, bridge_upgrade},
+            protocol_of, serve_requests,
+        },
         relay::{relay_until, reset},
-        revocation::withdrawn,
     },
     state::{
         authorization::{Decision, PodPolicies, Policy, RequestAttributes, decide},
@@ -50,6 +50,7 @@ use crate::{
         access::{AccessLog, RequestRecord},
         metrics::{Metrics, Traffic},
         report::ConnectionReport,
+        trace::trace_id_of,
     },
 };
 
@@ -223,7 +224,7 @@ where
         let (sender, check) = (Arc::clone(&sender), Arc::clone(&check));
         async move { authorize(request, &sender, &check).await }
     };
-    if let Err(error) = super::serve_requests(stream, protocol, handler).await {
+    if let Err(error) = serve_requests(stream, protocol, handler).await {
         tracing::debug!(%pod, %error, "authorized HTTP stream ended with an error");
     }
 }
@@ -237,8 +238,8 @@ async fn authorize(
     let started = std::time::Instant::now();
     let method = request.method().as_str().to_owned();
     let path = request.uri().path().to_owned();
-    let protocol = super::request::protocol_of(request.headers());
-    let trace_id = super::trace::trace_id_of(request.headers());
+    let protocol = protocol_of(request.headers());
+    let trace_id = trace_id_of(request.headers());
     let response = decide_and_forward(request, sender, check, &method).await;
     let took = started.elapsed();
     let status = response.status().as_u16();

@@ -1,0 +1,167 @@
+//! What the outbound side shares: the node-wide context every captured connection is
+//! handled with, the L7 proxy's state in it, and each meshed pod as the source of traffic.
+//! Dialling a destination the way the mesh carries it starts here.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use tokio::net::TcpStream;
+
+use super::{
+    balance::Balancer,
+    pool::UpstreamPool,
+    upstream::{DialError, OutboundError, Upstream},
+};
+use crate::{
+    datapath::Datapath,
+    identity::spiffe::SpiffeId,
+    netns::NetnsSockets,
+    proxy::{
+        dial::{connect_within, pod_socket},
+        hbone::client::HboneClient,
+        limits::Budget,
+    },
+    state::{
+        routes::RouteTable,
+        services::{Resolution, SharedServices},
+        workloads::SharedWorkloads,
+    },
+    telemetry::{
+        access::AccessLog,
+        connections::ConnectionStats,
+        metrics::{self, Metrics, Peer},
+        otlp::Tracer,
+    },
+};
+
+/// What every outbound connection handler needs, shared by all pods of the node.
+pub struct OutboundContext {
+    pub datapath: Arc<Datapath>,
+    pub stats: Arc<ConnectionStats>,
+    pub proxy_mark: u32,
+    pub connect_timeout: Duration,
+    /// Present when the node holds workload identities (a CA is configured).
+    pub hbone: Option<Arc<HboneClient>>,
+    pub workloads: SharedWorkloads,
+    pub services: SharedServices,
+    pub routes: RwLock<Arc<RouteTable>>,
+    pub http: HttpProxy,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
+    pub tracer: Tracer,
+    /// `--max-connections-per-pod`.
+    pub max_connections_per_pod: usize,
+}
+
+impl OutboundContext {
+    /// Where to dial for `original`: a Service's virtual address becomes one of its ready
+    /// endpoints; anything else stays as it is. Err names a Service without ready endpoints.
+    pub fn route(&self, original: SocketAddr) -> Result<SocketAddr, String> {
+        let index = self.services.read().unwrap_or_else(|p| p.into_inner());
+        match index.resolve(original) {
+            Resolution::NotAService => Ok(original),
+            Resolution::Endpoint { addr, .. } => Ok(addr),
+            Resolution::NoReadyEndpoint { service } => Err(service.to_owned()),
+        }
+    }
+
+    /// The identity of the meshed pod at `ip`, when traffic to it must use HBONE.
+    fn hbone_destination(&self, ip: IpAddr) -> Option<SpiffeId> {
+        self.hbone.as_ref()?;
+        let index = self.workloads.read().unwrap_or_else(|p| p.into_inner());
+        index.identity_of(ip).cloned()
+    }
+
+    /// Who owns `ip`, for metrics and access logs.
+    pub fn peer_of(&self, ip: IpAddr) -> Peer {
+        self.workloads
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .peer_of(ip)
+    }
+
+    /// Connects `pod` to `target` the way the mesh carries its traffic: HBONE to a meshed
+    /// pod, plain TCP from the pod's network namespace to anything else.
+    pub async fn dial(&self, pod: &SourcePod, target: SocketAddr) -> Result<Upstream, DialError> {
+        match self.hbone.as_ref().zip(self.hbone_destination(target.ip())) {
+            Some((mesh, destination)) => {
+                let source_id = pod.identity.as_ref().ok_or(DialError::NoIdentity)?;
+                let tunnel = mesh
+                    .open(
+                        &pod.sockets,
+                        source_id,
+                        &destination,
+                        target,
+                        self.proxy_mark,
+                        self.connect_timeout,
+                    )
+                    .await?;
+                Ok(Upstream::Mesh(tunnel))
+            }
+            None => Ok(Upstream::Direct(connect_upstream(pod, self, target).await?)),
+        }
+    }
+}
+
+/// Node-wide L7 state.
+pub struct HttpProxy {
+    /// Shared with the admin server, which shows it.
+    pub balancer: Arc<Balancer>,
+    pub upstreams: UpstreamPool,
+    /// How long detection waits for a client's first bytes.
+    pub detect_wait: Duration,
+}
+
+impl HttpProxy {
+    pub fn new(detect_wait: Duration, balancer: Arc<Balancer>) -> Self {
+        Self {
+            balancer,
+            upstreams: UpstreamPool::default(),
+            detect_wait,
+        }
+    }
+}
+
+/// One meshed pod as the proxy sees it.
+pub struct SourcePod {
+    pub display_name: String,
+    pub namespace: String,
+    pub workload: String,
+    pub identity: Option<SpiffeId>,
+    pub sockets: Arc<NetnsSockets>,
+    /// Its connections through the proxy at once.
+    pub connections: Arc<Budget>,
+}
+
+impl SourcePod {
+    /// This pod as the source of traffic, for metrics and access logs.
+    pub fn peer(&self) -> Peer {
+        Peer {
+            workload: self.workload.clone(),
+            namespace: self.namespace.clone(),
+            principal: self
+                .identity
+                .as_ref()
+                .map_or_else(|| metrics::UNKNOWN.to_owned(), ToString::to_string),
+        }
+    }
+}
+
+async fn connect_upstream(
+    pod: &SourcePod,
+    ctx: &OutboundContext,
+    destination: SocketAddr,
+) -> Result<TcpStream, OutboundError> {
+    let socket = pod_socket(&pod.sockets, destination, ctx.proxy_mark)?;
+    match connect_within(socket, destination, ctx.connect_timeout).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(error)) => Err(OutboundError::Connect(destination, error)),
+        Err(_) => Err(OutboundError::ConnectTimeout(
+            destination,
+            ctx.connect_timeout,
+        )),
+    }
+}

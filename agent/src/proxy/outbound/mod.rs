@@ -1,0 +1,250 @@
+//! Outbound: connections a meshed pod made, captured into the listener the agent opened on
+//! the pod's loopback, forwarded to their original destination from the pod's own network
+//! namespace (so from the pod's own address). A destination that is a meshed pod goes
+//! through HBONE (mutual TLS) when the node has identities; anything else passes through.
+//! A connection to a Service port whose first bytes are HTTP goes to the L7 proxy (`l7`)
+//! instead, which routes (`request`) and balances (`balance`) each request over pooled
+//! upstream connections (`pool`).
+//!
+//! A connection's path: `serve` accepts it and `forward` finds its original destination,
+//! then either relays it to an `upstream` dialled with the `context`, or hands it to `l7`.
+
+pub mod balance;
+pub mod context;
+pub mod l7;
+pub mod pool;
+pub mod request;
+pub mod upstream;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use nodemesh_common::{ConnectionKey, FAMILY_V4, OriginalDst};
+use tokio::net::{TcpListener, TcpStream};
+
+use self::{
+    context::{OutboundContext, SourcePod},
+    request::ClientConnection,
+    upstream::{OutboundError, Upstream},
+};
+use super::{
+    counting::{Meter, MeteredStream},
+    detect::{self, Detection, Prefixed, Protocol},
+    limits,
+    listener::{accept_loop, canonical},
+    relay::{relay, reset},
+};
+use crate::{
+    datapath::address_words,
+    telemetry::{
+        connections::DetectionOutcome,
+        metrics::{self, Reporter, Traffic},
+        report::ConnectionReport,
+    },
+};
+
+/// Accepts captured connections of one pod until the listener is dropped with the task.
+pub async fn serve(listener: TcpListener, pod: Arc<SourcePod>, ctx: Arc<OutboundContext>) {
+    let name = pod.display_name.clone();
+    accept_loop(listener, "outbound", &name, |client, peer| {
+        let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
+        async move { forward(client, peer, &pod, &ctx).await }
+    })
+    .await
+}
+
+async fn forward(
+    client: TcpStream,
+    peer: SocketAddr,
+    pod: &Arc<SourcePod>,
+    ctx: &Arc<OutboundContext>,
+) {
+    // The proxy forwards what it reads at once; Nagle would only add delay.
+    let _ = client.set_nodelay(true);
+    let key = connection_key(pod.sockets.cookie(), peer);
+    let Some(original) = ctx
+        .datapath
+        .take_original_destination(&key)
+        .map(socket_addr)
+    else {
+        tracing::warn!(pod = %pod.display_name, error = %OutboundError::NoOriginalDestination(peer), "dropping connection");
+        reset(&client);
+        return;
+    };
+    let Some(_slot) = pod.connections.try_acquire() else {
+        limits::refuse(&client, &pod.connections, &pod.display_name, &ctx.metrics);
+        return;
+    };
+    ctx.stats.opened(&pod.display_name, original);
+    let frontend = ctx
+        .services
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .frontend(original);
+    let mut prefix = Vec::new();
+    let mut client = client;
+    let destination_service = frontend.as_ref().map_or_else(
+        || metrics::UNKNOWN.to_owned(),
+        |f| metrics::service_fqdn(&f.service),
+    );
+    if let Some(frontend) = frontend {
+        let wait =
+            match detect::detection_for(frontend.app_protocol.as_deref(), ctx.http.detect_wait) {
+                Detection::Skip => {
+                    ctx.stats.detected(DetectionOutcome::Skipped);
+                    ctx.metrics.detected(DetectionOutcome::Skipped);
+                    None
+                }
+                Detection::Unbounded => Some(None),
+                Detection::Bounded(wait) => Some(Some(wait)),
+            };
+        if let Some(wait) = wait {
+            let detected = match detect::detect(&mut client, wait).await {
+                Ok(detected) => detected,
+                Err(error) => {
+                    tracing::debug!(pod = %pod.display_name, destination = %original, %error, "client failed before sending");
+                    ctx.stats.closed(&pod.display_name, original, 0, 0);
+                    return;
+                }
+            };
+            let protocol = detected.protocol;
+            let outcome = match protocol {
+                _ if detected.timed_out => DetectionOutcome::TimedOut,
+                Protocol::Http1 => DetectionOutcome::Http1,
+                Protocol::Http2 => DetectionOutcome::Http2,
+                Protocol::Tls => DetectionOutcome::Tls,
+                Protocol::Opaque => DetectionOutcome::Opaque,
+            };
+            ctx.stats.detected(outcome);
+            ctx.metrics.detected(outcome);
+            tracing::debug!(pod = %pod.display_name, destination = %original, ?protocol, timed_out = detected.timed_out, "protocol detected");
+            if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
+                let meter = Arc::new(Meter::default());
+                let stream =
+                    MeteredStream::new(Prefixed::new(detected.prefix, client), Arc::clone(&meter));
+                let connection = ClientConnection {
+                    pod: Arc::clone(pod),
+                    ctx: Arc::clone(ctx),
+                    frontend,
+                    original,
+                    protocol,
+                };
+                l7::serve(stream, connection).await;
+                ctx.stats
+                    .closed(&pod.display_name, original, meter.read(), meter.written());
+                return;
+            }
+            prefix = detected.prefix;
+        }
+    }
+    let client = Prefixed::new(prefix, client);
+    let target = match ctx.route(original) {
+        Ok(target) => target,
+        Err(service) => {
+            tracing::info!(pod = %pod.display_name, destination = %original, %service, "Service has no ready endpoint; refusing");
+            ctx.stats.failed(&pod.display_name, original);
+            reset(client.inner());
+            return;
+        }
+    };
+    let upstream = match ctx.dial(pod, target).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::info!(pod = %pod.display_name, destination = %original, %target, %error, "upstream connect failed");
+            ctx.stats.failed(&pod.display_name, original);
+            // The application's connect() already succeeded against the proxy: a reset
+            // is the closest thing to the refusal it would have seen.
+            reset(client.inner());
+            return;
+        }
+    };
+    let traffic = Traffic {
+        reporter: Reporter::Source,
+        source: pod.peer(),
+        destination: ctx.peer_of(target.ip()),
+        destination_service,
+        mutual_tls: matches!(upstream, Upstream::Mesh(_)),
+    };
+    let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
+    let (sent, received) = relay(client, upstream, |client, upstream| {
+        reset(client.inner());
+        if let Upstream::Direct(stream) = upstream {
+            reset(stream);
+        }
+    })
+    .await;
+    ctx.stats
+        .closed(&pod.display_name, original, sent, received);
+    report.close(sent, received);
+    tracing::debug!(pod = %pod.display_name, destination = %original, %target, sent, received, "connection closed");
+}
+
+/// The key under which sock_ops published the connection whose client end is `peer`
+/// (v4-mapped peers are keyed as IPv4, as the kernel keys them).
+pub fn connection_key(netns_cookie: u64, peer: SocketAddr) -> ConnectionKey {
+    let (addr, family) = address_words(canonical(peer.ip()));
+    ConnectionKey {
+        netns_cookie,
+        addr,
+        port: peer.port(),
+        family,
+        _pad: 0,
+    }
+}
+
+/// The original destination as a socket address.
+pub fn socket_addr(original: OriginalDst) -> SocketAddr {
+    let ip = if original.family == FAMILY_V4 {
+        IpAddr::V4(Ipv4Addr::from(original.addr[0].to_ne_bytes()))
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, word) in original.addr.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(octets))
+    };
+    SocketAddr::new(ip, original.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_addresses_use_the_kernel_encoding() {
+        let key = connection_key(7, "127.0.0.1:40000".parse().unwrap());
+        // The kernel stores IPv4 in network byte order: 127.0.0.1 is 0x0100007f read natively.
+        assert_eq!(key.addr, [0x0100_007f, 0, 0, 0]);
+        assert_eq!(
+            (key.port, key.family, key.netns_cookie),
+            (40000, FAMILY_V4, 7)
+        );
+        let mapped = connection_key(7, "[::ffff:127.0.0.1]:40000".parse().unwrap());
+        assert_eq!(mapped, key, "v4-mapped peers are keyed as IPv4");
+
+        let v6 = OriginalDst {
+            netns_cookie: 1,
+            addr: address_words("fd77:2::10".parse().unwrap()).0,
+            port: 80,
+            family: nodemesh_common::FAMILY_V6,
+            _pad: 0,
+        };
+        assert_eq!(
+            socket_addr(v6),
+            "[fd77:2::10]:80".parse::<SocketAddr>().unwrap()
+        );
+        let v4 = OriginalDst {
+            netns_cookie: 1,
+            addr: [u32::from_ne_bytes([198, 18, 2, 10]), 0, 0, 0],
+            port: 7000,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        assert_eq!(
+            socket_addr(v4),
+            "198.18.2.10:7000".parse::<SocketAddr>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! A connection from a pod to its destination: an HBONE tunnel to a meshed pod, or plain
+//! TCP from the pod's network namespace to anything else; and why one could not be made.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+use crate::{
+    netns::NetnsError,
+    proxy::hbone::{
+        client::{Carrier, Tunnel},
+        error::HboneError,
+    },
+};
+
+/// A connection to a destination, made by `OutboundContext::dial`.
+pub enum Upstream {
+    Mesh(Tunnel),
+    Direct(TcpStream),
+}
+
+impl Upstream {
+    /// The HBONE connection a mesh upstream travels in.
+    pub fn carrier(&self) -> Option<Carrier> {
+        match self {
+            Self::Mesh(tunnel) => Some(tunnel.carrier()),
+            Self::Direct(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("this pod has no identity; refusing to send mesh traffic in the clear")]
+    NoIdentity,
+    #[error("HBONE: {0}")]
+    Hbone(#[from] HboneError),
+    #[error(transparent)]
+    Direct(#[from] OutboundError),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Mesh(tunnel) => Pin::new(tunnel).poll_read(cx, buf),
+            Self::Direct(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Mesh(tunnel) => Pin::new(tunnel).poll_write(cx, buf),
+            Self::Direct(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Mesh(tunnel) => Pin::new(tunnel).poll_flush(cx),
+            Self::Direct(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Mesh(tunnel) => Pin::new(tunnel).poll_shutdown(cx),
+            Self::Direct(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error(
+        "no original destination recorded for peer {0} (connection not made through the connect hook?)"
+    )]
+    NoOriginalDestination(SocketAddr),
+    #[error("creating the upstream socket: {0}")]
+    Socket(#[from] NetnsError),
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, io::Error),
+    #[error("connecting to {0}: no answer within {1:?}")]
+    ConnectTimeout(SocketAddr, Duration),
+}
