@@ -111,9 +111,10 @@ pub struct AgentArgs {
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
     /// Unix socket over which a running agent hands its in-pod listeners to its successor
-    /// (restart, DaemonSet surge upgrade): `@name` for an abstract socket in the node's
-    /// network namespace, or a path.
-    #[arg(long, default_value = "@nodemesh/handoff")]
+    /// (restart, DaemonSet surge upgrade). Its directory must be the agent's alone: the agent
+    /// creates it with mode 0700, narrows a wider mode that lets nobody else write, and
+    /// refuses a link or a directory of another user or that others can write.
+    #[arg(long, default_value = "/run/nodemesh/handoff.sock")]
     pub handoff_socket: HandoffAddress,
     /// After SIGTERM, how long the agent keeps serving the connections it has (new ones go
     /// to its successor, or follow --fail-mode) before it exits. Keep it below the pod's
