@@ -19,6 +19,7 @@ pub mod control_plane;
 pub mod docs;
 mod error;
 mod exec;
+pub mod expansion;
 mod http;
 mod image;
 mod kubelet;
