@@ -20,6 +20,7 @@ pub mod docs;
 mod error;
 mod exec;
 pub mod expansion;
+mod host_network;
 mod http;
 mod image;
 mod kubelet;

@@ -7,6 +7,7 @@
 mod ca_load;
 mod capture_watch;
 mod h2c;
+mod handoff_probe;
 mod http_app;
 mod soak;
 
@@ -259,6 +260,13 @@ enum Cmd {
         #[arg(long, default_value_t = 2_000)]
         timeout_ms: u64,
     },
+    /// Asks an agent's handoff socket for its listeners as a successor would, without taking
+    /// over; prints what it got (`listeners`, `refused` with the reason, `closed`,
+    /// `unreachable`), its uid and effective capabilities.
+    HandoffProbe {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
     /// Keep-alive HTTP/1.1 GETs over `concurrency` connections; prints latency percentiles.
     HttpBench {
         #[arg(long)]
@@ -339,6 +347,9 @@ fn main() -> anyhow::Result<()> {
             interval: Duration::from_millis(interval_ms),
             step_timeout: Duration::from_millis(timeout_ms),
         });
+    }
+    if let Cmd::HandoffProbe { socket } = &cli.command {
+        return handoff_probe::run(socket);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -502,7 +513,10 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             )
             .await
         }
-        Cmd::Pause | Cmd::ConnectLoop { .. } | Cmd::CaptureWatch { .. } => {
+        Cmd::Pause
+        | Cmd::ConnectLoop { .. }
+        | Cmd::CaptureWatch { .. }
+        | Cmd::HandoffProbe { .. } => {
             unreachable!("handled before the runtime starts")
         }
     }
