@@ -7,6 +7,7 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use http_body_util::Full;
@@ -124,16 +125,74 @@ pub enum Endpoints {
     MetricsOnly,
 }
 
-/// Binds `addr` (so a port clash fails start-up) and serves `endpoints` in the background
-/// until the returned task is aborted.
-pub async fn start(
+/// The agent's admin listeners (the admin address, and the metrics address if any), each
+/// bound for the agent alone.
+#[derive(Default)]
+pub struct Listeners(Vec<JoinHandle<()>>);
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding the {what} to {addr}: {source}")]
+pub struct BindError {
+    what: &'static str,
     addr: SocketAddr,
-    state: Arc<AdminState>,
-    endpoints: Endpoints,
-) -> std::io::Result<JoinHandle<()>> {
-    let listener = bind_shared(addr)?;
-    tracing::info!(%addr, ?endpoints, "admin server listening");
-    Ok(tokio::spawn(async move {
+    source: std::io::Error,
+}
+
+/// How often a port still held by the previous agent is tried again.
+const PORT_RETRY: Duration = Duration::from_millis(20);
+
+impl Listeners {
+    /// Binds every address and serves its endpoints in the background until `close`. A port
+    /// in use is tried again for `wait` (a predecessor closing its own), then fails.
+    pub async fn open(
+        addresses: &[(SocketAddr, Endpoints)],
+        state: &Arc<AdminState>,
+        wait: Duration,
+    ) -> Result<Self, BindError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut listeners = Listeners::default();
+        for &(addr, endpoints) in addresses {
+            let what = match endpoints {
+                Endpoints::All => "admin server",
+                Endpoints::MetricsOnly => "metrics listener",
+            };
+            let listener = loop {
+                match bind_exclusive(addr) {
+                    Ok(listener) => break listener,
+                    Err(error)
+                        if error.kind() == std::io::ErrorKind::AddrInUse
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(PORT_RETRY).await;
+                    }
+                    Err(source) => {
+                        listeners.close().await;
+                        return Err(BindError { what, addr, source });
+                    }
+                }
+            };
+            tracing::info!(%addr, ?endpoints, "admin server listening");
+            listeners
+                .0
+                .push(start(listener, Arc::clone(state), endpoints));
+        }
+        Ok(listeners)
+    }
+
+    /// Stops accepting and closes the listening sockets (the port is free when this returns);
+    /// requests in flight finish.
+    pub async fn close(&mut self) {
+        for server in self.0.drain(..) {
+            server.abort();
+            // The aborted task has dropped its listener once it is joined.
+            let _ = server.await;
+        }
+    }
+}
+
+/// Serves `endpoints` on `listener` in the background until the returned task is aborted.
+fn start(listener: TcpListener, state: Arc<AdminState>, endpoints: Endpoints) -> JoinHandle<()> {
+    tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
@@ -157,21 +216,20 @@ pub async fn start(
                     .await;
             });
         }
-    }))
+    })
 }
 
-/// SO_REUSEPORT: during a DaemonSet surge the new agent binds the admin port while the old
-/// one still serves it, so the new pod can start before the old one stops. While a successor
-/// takes over, the old agent answers `/readyz` with 503 and closes its admin listeners once
-/// the successor has taken over, so the probe of either pod tells the successor's truth.
-fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Without SO_REUSEPORT: no other process, root included, can bind the port next to the
+/// agent and take a share of its connections. (SO_REUSEADDR only lets a restarted agent
+/// bind while connections of the old one linger in TIME_WAIT.) During a surge upgrade the
+/// successor binds once the old agent has closed its listeners (docs/lifecycle.md).
+fn bind_exclusive(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     socket.listen(128)?;
     socket.set_nonblocking(true)?;
@@ -185,7 +243,8 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if state.ready.load(Ordering::Acquire) && certificates_held(state) => {
-            // The pid tells which agent answered: during a surge upgrade two share the port.
+            // The pid tells which agent answered: during a surge upgrade the port passes from
+            // the old agent to the new one.
             text(
                 StatusCode::OK,
                 format!("ready pid={}\n", std::process::id()),

@@ -61,6 +61,9 @@ const RESYNC: Duration = Duration::from_secs(30);
 const TAKEOVER_CHECK: Duration = Duration::from_millis(20);
 /// After SIGTERM, how long the agent keeps serving in case a successor is about to connect.
 const SUCCESSOR_WAIT: Duration = Duration::from_secs(2);
+/// After a takeover, how long the admin port may still be held by the predecessor (one older
+/// than the exclusive admin port closes it just after confirming, not before).
+const ADMIN_PORT_WAIT: Duration = Duration::from_secs(5);
 
 pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     raise_open_files_limit();
@@ -73,7 +76,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<()> {
 
 async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
     // First of all: a running agent answers /readyz with 503 from the moment we say hello,
-    // so a probe on the shared admin port does not mistake it for us.
+    // so the kubelet's probe, which reaches it until we take over, does not mistake it for us.
     let (mut predecessor, inherited) = inherit_listeners(&config.handoff_socket).await;
     let pods_root = cgroup::pods_root(&config.cgroup_root)?;
     let datapath = Arc::new(Datapath::load(&config, &pods_root)?);
@@ -127,18 +130,21 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         stats: Arc::clone(&stats),
         datapath: Arc::clone(&datapath),
     });
-    let mut admin_servers = vec![
-        admin::start(config.admin_addr, Arc::clone(&admin_state), Endpoints::All)
-            .await
-            .with_context(|| format!("binding the admin server to {}", config.admin_addr))?,
-    ];
-    if let Some(addr) = config.metrics_addr {
-        admin_servers.push(
-            admin::start(addr, Arc::clone(&admin_state), Endpoints::MetricsOnly)
-                .await
-                .with_context(|| format!("binding the metrics listener to {addr}"))?,
-        );
-    }
+    let admin_addresses: Vec<(std::net::SocketAddr, Endpoints)> =
+        std::iter::once((config.admin_addr, Endpoints::All))
+            .chain(
+                config
+                    .metrics_addr
+                    .map(|addr| (addr, Endpoints::MetricsOnly)),
+            )
+            .collect();
+    // The ports are the agent's alone: with a predecessor, they are bound once it has
+    // closed its own, at the takeover.
+    let mut admin_listeners = if predecessor.is_none() {
+        admin::Listeners::open(&admin_addresses, &admin_state, Duration::ZERO).await?
+    } else {
+        admin::Listeners::default()
+    };
     let (taken_over, taken_over_rx) = watch::channel(predecessor.is_none());
     let (handoff_events, mut successor) = mpsc::channel(4);
     let mut handoff_server = None;
@@ -254,6 +260,9 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
                     taken_over.send_replace(true);
                     reconciler.enrolments.drop_unclaimed_listeners();
                     take_over(predecessor).await;
+                    admin_listeners =
+                        admin::Listeners::open(&admin_addresses, &admin_state, ADMIN_PORT_WAIT)
+                            .await?;
                     take_charge(reconciler.enrolments, &datapath, false);
                     handoff_server =
                         serve_successors(&config.handoff_socket, handoff_events.clone());
@@ -284,6 +293,9 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
                 handoff::Event::TakeOver(reply) => {
                     reconciler.enrolments.release_listeners();
                     drain::begin();
+                    // The successor binds the admin ports once we confirm: free them first.
+                    admin_state.ready.store(false, Ordering::Release);
+                    admin_listeners.close().await;
                     let _ = reply.send(drain::active());
                     break true;
                 }
@@ -294,7 +306,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
                     break false;
                 }
                 // In a surge rollout the SIGTERM can come before the successor has said
-                // hello (a probe of the shared admin port answered for it): give it a moment.
+                // hello (the new pod's probe reached this agent): give it a moment.
                 let wait = if successor_connected { config.drain_grace } else { SUCCESSOR_WAIT };
                 tracing::info!(?wait, "SIGTERM: serving on while a successor may take over");
                 stop_at = Some(tokio::time::Instant::now() + wait);
@@ -311,11 +323,8 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         server.abort();
     }
     drop(successor);
-    // The admin port is shared (SO_REUSEPORT) with the successor, whose answers count now.
     admin_state.ready.store(false, Ordering::Release);
-    for server in &admin_servers {
-        server.abort();
-    }
+    admin_listeners.close().await;
     if handed_over {
         tracing::info!(
             connections = drain::active(),

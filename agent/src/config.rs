@@ -81,9 +81,11 @@ pub struct AgentArgs {
     /// a server-speaks-first protocol's first bytes are delayed.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub protocol_detection_timeout_ms: u64,
-    /// Also serve `/metrics` (only) here, for Prometheus from outside the node, e.g.
-    /// 0.0.0.0:15090; the admin address stays on loopback.
-    #[arg(long)]
+    /// Also serve `/metrics` (only) here, for Prometheus from outside the node: the node's
+    /// own address, e.g. 10.0.0.5:15090 (the chart passes `$(HOST_IP):15090`; an IPv6
+    /// address may come without brackets, the port is what follows its last colon). The
+    /// admin address stays on loopback.
+    #[arg(long, value_parser = listen_address)]
     pub metrics_addr: Option<SocketAddr>,
     /// Fraction of connections and HTTP requests written to the access log (JSON lines on
     /// stdout): 1 logs every one, 0 none.
@@ -111,9 +113,10 @@ pub struct AgentArgs {
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
     /// Unix socket over which a running agent hands its in-pod listeners to its successor
-    /// (restart, DaemonSet surge upgrade): `@name` for an abstract socket in the node's
-    /// network namespace, or a path.
-    #[arg(long, default_value = "@nodemesh/handoff")]
+    /// (restart, DaemonSet surge upgrade). Its directory must be the agent's alone: the agent
+    /// creates it with mode 0700, narrows a wider mode that lets nobody else write, and
+    /// refuses a link or a directory of another user or that others can write.
+    #[arg(long, default_value = "/run/nodemesh/handoff.sock")]
     pub handoff_socket: HandoffAddress,
     /// After SIGTERM, how long the agent keeps serving the connections it has (new ones go
     /// to its successor, or follow --fail-mode) before it exits. Keep it below the pod's
@@ -387,6 +390,17 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// `ADDRESS:PORT`, where an IPv6 address may also come without brackets (as a
+/// Kubernetes `$(HOST_IP):15090` expands on an IPv6 node).
+fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    text.rsplit_once(':')
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)))
+        .ok_or_else(|| format!("{text:?} is not ADDRESS:PORT"))
+}
+
 /// A fraction in [0, 1].
 fn sample_rate(text: &str) -> Result<f64, String> {
     let rate: f64 = text
@@ -402,6 +416,18 @@ fn sample_rate(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_addresses_take_ipv6_with_or_without_brackets() {
+        let v4: SocketAddr = "10.0.0.5:15090".parse().unwrap();
+        assert_eq!(listen_address("10.0.0.5:15090"), Ok(v4));
+        let v6: SocketAddr = "[fd00::5]:15090".parse().unwrap();
+        assert_eq!(listen_address("[fd00::5]:15090"), Ok(v6));
+        assert_eq!(listen_address("fd00::5:15090"), Ok(v6));
+        assert!(listen_address("$(HOST_IP):15090").is_err());
+        assert!(listen_address("10.0.0.5").is_err());
+        assert!(listen_address("10.0.0.5:99999").is_err());
+    }
 
     #[test]
     fn parses_v4_and_v6_prefixes() {

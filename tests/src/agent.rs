@@ -143,6 +143,12 @@ impl AgentProcess {
 }
 
 impl Testbed {
+    /// The listener handoff socket of `node`'s agents (in the node's counterpart of the
+    /// hostPath `/run/nodemesh`; the agent makes the directory).
+    pub fn handoff_socket(&self, node: &str) -> PathBuf {
+        self.node_run_dir(node).join("handoff.sock")
+    }
+
     /// The file the agent of `node` appends its stdout and stderr to.
     pub fn agent_log_path(&self, node: &str) -> PathBuf {
         self.log_dir.join(format!("{}-{node}-agent.log", self.name))
@@ -181,6 +187,9 @@ impl Testbed {
             options.fail_mode.clone(),
             "--admin-addr".to_owned(),
             ADMIN_ADDR.to_string(),
+            // Each node its own, as each node has its own /run/nodemesh.
+            "--handoff-socket".to_owned(),
+            self.handoff_socket(node).display().to_string(),
             // The log is a file for people to read (the default there would be JSON).
             "--log-format".to_owned(),
             "text".to_owned(),
@@ -366,6 +375,8 @@ impl Testbed {
             node,
             spec: &container.pod,
             netns: crate::netns::path(&self.node(node)?.netns),
+            host_ip: self.node(node)?.ipv4().into(),
+            pod_ip: self.node(node)?.ipv4().into(),
             cgroup: self.pod_cgroup(node, &container.pod, &uid)?,
             host_paths: self.node_host_paths(node),
             hosts: container.hosts.clone(),

@@ -341,6 +341,8 @@ impl Testbed {
             node: ca.pod.node(),
             spec: &container.pod,
             netns: crate::netns::path(ca.pod.netns()),
+            host_ip: self.node(ca.pod.node())?.ipv4().into(),
+            pod_ip: ca.pod.ipv4().into(),
             cgroup: ca.pod.pod_cgroup.clone(),
             host_paths: Default::default(),
             hosts: Vec::new(),

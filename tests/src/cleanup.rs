@@ -205,6 +205,7 @@ fn remove_by_name(name: &str, extra_netns: &[String]) -> (Vec<String>, Vec<Strin
         naming::bpffs_dir(name),
         naming::cluster_state_dir(name),
         naming::control_plane_dir(name),
+        naming::run_dir(name),
         runtime_dir,
     ] {
         match remove_dir_all(&dir) {
@@ -236,6 +237,7 @@ pub fn leftovers(name: &str) -> Vec<String> {
         naming::cluster_state_dir(name),
         naming::control_plane_dir(name),
         naming::container_runtime_dir(name),
+        naming::run_dir(name),
     ];
     dirs.extend(
         cgroup::v1_hierarchies()

@@ -6,9 +6,11 @@
 //!
 //! `ctr` (1.6, Debian 12) cannot set a container's user or exact capabilities from flags,
 //! so a container runs from a full runtime spec (`ctr run --config`): containerd's own
-//! default spec for the image (`ctr containers create --seccomp`, read back), changed as
-//! the kubelet and containerd's CRI plugin change it, over the image's root filesystem
-//! mounted from containerd's snapshotter.
+//! default spec for the image (`ctr containers create`, read back), changed as the kubelet
+//! and containerd's CRI plugin change it, over the image's root filesystem mounted from
+//! containerd's snapshotter. A `RuntimeDefault` seccomp profile is containerd's own too:
+//! `ctr containers create --seccomp` with the container's capabilities, which calls the
+//! function the CRI plugin calls, after the capabilities are set.
 
 use std::{
     path::{Path, PathBuf},
@@ -111,10 +113,61 @@ impl Containerd {
             .collect())
     }
 
-    /// containerd's default runtime spec for `image`, with its default seccomp profile and
-    /// the image's entrypoint, environment and working directory applied.
+    /// containerd's default runtime spec for `image`, with the image's entrypoint,
+    /// environment and working directory applied.
     pub(crate) fn default_spec(&self, image: &str, probe_id: &str) -> Result<Value> {
-        self.ctr_ok(&["containers", "create", "--seccomp", image, probe_id])?;
+        self.probe_spec(&["containers", "create", image, probe_id], probe_id)
+    }
+
+    /// containerd's default seccomp profile (`RuntimeDefault`) for a container of `image`
+    /// with exactly `capabilities` (`CAP_` names): containerd allows the system calls of
+    /// the capabilities a container holds (bpf() with CAP_BPF or CAP_SYS_ADMIN, setns() with
+    /// CAP_SYS_ADMIN, ...), as the CRI plugin computes it for a pod's container.
+    /// `runtime_defaults` are the capabilities of containerd's default spec.
+    pub(crate) fn default_seccomp_profile(
+        &self,
+        image: &str,
+        probe_id: &str,
+        runtime_defaults: &[String],
+        capabilities: &[String],
+    ) -> Result<Value> {
+        let mut args = vec!["containers", "create", "--seccomp"];
+        for added in capabilities
+            .iter()
+            .filter(|c| !runtime_defaults.contains(c))
+        {
+            args.extend(["--cap-add", added.as_str()]);
+        }
+        for dropped in runtime_defaults
+            .iter()
+            .filter(|c| !capabilities.contains(c))
+        {
+            args.extend(["--cap-drop", dropped.as_str()]);
+        }
+        args.extend([image, probe_id]);
+        let spec = self.probe_spec(&args, probe_id)?;
+        let mut applied: Vec<String> =
+            serde_json::from_value(spec["process"]["capabilities"]["bounding"].clone())
+                .unwrap_or_default();
+        let mut wanted = capabilities.to_vec();
+        applied.sort();
+        wanted.sort();
+        if applied != wanted {
+            return Err(TestbedError::Other(format!(
+                "ctr made a container with capabilities {applied:?}, not {wanted:?}: its seccomp profile would be another container's"
+            )));
+        }
+        match spec["linux"].get("seccomp") {
+            Some(profile) if profile.is_object() => Ok(profile.clone()),
+            _ => Err(TestbedError::Other(format!(
+                "ctr containers create --seccomp made no seccomp profile: {spec}"
+            ))),
+        }
+    }
+
+    /// The spec of a container `ctr args...` creates as `probe_id`, which is then deleted.
+    fn probe_spec(&self, args: &[&str], probe_id: &str) -> Result<Value> {
+        self.ctr_ok(args)?;
         let info = self.ctr_ok(&["containers", "info", probe_id]);
         let deleted = self.ctr_ok(&["containers", "delete", probe_id]);
         let info: Value = serde_json::from_str(&info?)

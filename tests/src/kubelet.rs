@@ -1,8 +1,10 @@
 //! The kubelet's part for pods that run from the image: the pod's volumes written out
 //! (ConfigMaps and Secrets read from the API server, projected tokens from the TokenRequest
 //! API, the ServiceAccount's API credentials, hostPaths mapped to the testbed node's
-//! directories), its environment resolved, `/etc/hosts` written, and its container started
-//! through the testbed's containerd from the runtime spec `runtime_spec.rs` makes.
+//! directories), its environment resolved and `$(VAR)` references in its command and args
+//! expanded (`expansion.rs`), `/etc/hosts` written, and its container started through the
+//! testbed's containerd from the runtime spec `runtime_spec.rs` makes, under containerd's
+//! default seccomp profile for its capabilities when it asks for `RuntimeDefault`.
 //!
 //! The pod specs come from the chart's rendered manifests (`deploy/manifests/nodemesh.yaml`),
 //! so what runs here is what the manifests ask for, and nothing else.
@@ -26,6 +28,7 @@ use crate::{
     containerd::{Containerd, RunFiles},
     control_plane::{API_SERVER_IP, API_SERVER_PORT},
     error::{IoContext, Result, TestbedError},
+    expansion,
     runtime_spec::{self, ContainerPlacement, bind_mount},
     util,
 };
@@ -95,6 +98,10 @@ pub(crate) struct KubeletPod<'a> {
     pub spec: &'a PodSpec,
     /// The pod's network namespace: the node's for a hostNetwork pod.
     pub netns: PathBuf,
+    /// The node's address (`status.hostIP`).
+    pub host_ip: IpAddr,
+    /// The pod's address (`status.podIP`): the node's for a hostNetwork pod.
+    pub pod_ip: IpAddr,
     /// The pod's cgroup directory (the kubelet's layout); its containers' are below.
     pub cgroup: PathBuf,
     /// The node's paths that hostPath volumes may name, and the testbed's directories for them.
@@ -139,13 +146,23 @@ impl Testbed {
         chmod(&hosts, 0o644)?;
         mounts.push(bind_mount(&hosts, "/etc/hosts", false));
         let base = runtime.default_spec(image, &format!("{id}-probe"))?;
+        let runtime_capabilities: Vec<String> = serde_json::from_value(
+            base["process"]["capabilities"]["bounding"].clone(),
+        )
+        .map_err(|e| TestbedError::Other(format!("the default spec's capabilities: {e}")))?;
         let mut env: Vec<String> = base["process"]["env"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|v| v.as_str().map(str::to_owned))
             .collect();
-        env.extend(self.container_env(pod, container)?);
+        let container_env = container_env(pod, container)?;
+        env.extend(
+            container_env
+                .iter()
+                .map(|(name, value)| format!("{name}={value}")),
+        );
+        let container = &expand_command_and_args(container, &container_env);
         let cgroup_dir = pod.cgroup.join(&id);
         let placement = ContainerPlacement {
             rootfs: runtime.mount_rootfs(image, &id)?,
@@ -161,40 +178,21 @@ impl Testbed {
             mounts,
             env,
         };
-        let spec = runtime_spec::container_spec(base, spec, container, &placement)?;
-        runtime.run_command(&id, &spec, log)
-    }
-
-    /// The container's environment: its `env` (values and the downward API's pod fields) and
-    /// the API server's address, which the kubelet gives every pod.
-    fn container_env(&self, pod: &KubeletPod<'_>, container: &Container) -> Result<Vec<String>> {
-        let mut env = vec![
-            format!("KUBERNETES_SERVICE_HOST={API_SERVER_IP}"),
-            format!("KUBERNETES_SERVICE_PORT={API_SERVER_PORT}"),
-        ];
-        for variable in container.env.iter().flatten() {
-            let value = match (&variable.value, &variable.value_from) {
-                (Some(value), None) => value.clone(),
-                (None, Some(from)) => {
-                    let field = from.field_ref.as_ref().map(|f| f.field_path.as_str());
-                    match field {
-                        Some("spec.nodeName") => pod.node.to_owned(),
-                        Some("metadata.name") => pod.name.to_owned(),
-                        Some("metadata.namespace") => pod.namespace.to_owned(),
-                        Some("metadata.uid") => pod.uid.to_owned(),
-                        _ => {
-                            return Err(TestbedError::Other(format!(
-                                "env {} comes from {from:?}, which the testbed's kubelet does not resolve",
-                                variable.name
-                            )));
-                        }
-                    }
-                }
-                _ => String::new(),
-            };
-            env.push(format!("{}={value}", variable.name));
+        let mut spec = runtime_spec::container_spec(base, spec, container, &placement)?;
+        if runtime_spec::runtime_default_seccomp(pod.spec, container)? {
+            // As the CRI plugin does: the default profile computed for the container's
+            // capabilities (the added ones allow their system calls), not the runtime's.
+            let capabilities: Vec<String> =
+                serde_json::from_value(spec["process"]["capabilities"]["bounding"].clone())
+                    .map_err(|e| TestbedError::Other(format!("the spec's capabilities: {e}")))?;
+            spec["linux"]["seccomp"] = runtime.default_seccomp_profile(
+                image,
+                &format!("{id}-seccomp"),
+                &runtime_capabilities,
+                &capabilities,
+            )?;
         }
-        Ok(env)
+        runtime.run_command(&id, &spec, log)
     }
 
     /// Every volume the container mounts, written out or mapped, as bind mounts; plus the
@@ -258,12 +256,27 @@ impl Testbed {
                     volume.name, host_path.path, pod.node
                 ))
             })?;
-            if host_path.type_.as_deref() == Some("Directory") && !dir.is_dir() {
-                return Err(TestbedError::Other(format!(
-                    "hostPath {} (here {}) is not a directory",
-                    host_path.path,
-                    dir.display()
-                )));
+            match host_path.type_.as_deref() {
+                Some("Directory") if !dir.is_dir() => {
+                    return Err(TestbedError::Other(format!(
+                        "hostPath {} (here {}) is not a directory",
+                        host_path.path,
+                        dir.display()
+                    )));
+                }
+                // The kubelet makes it with mode 0755 (owned by its own user, root).
+                Some("DirectoryOrCreate") if !dir.exists() => {
+                    std::fs::create_dir(dir)
+                        .io_context(|| format!("creating {}", dir.display()))?;
+                    chmod(dir, 0o755)?;
+                }
+                Some("Directory" | "DirectoryOrCreate") => {}
+                other => {
+                    return Err(TestbedError::Other(format!(
+                        "hostPath {} has type {other:?}, which the testbed's kubelet does not implement",
+                        host_path.path
+                    )));
+                }
             }
             return Ok(dir.clone());
         }
@@ -339,12 +352,14 @@ impl Testbed {
     }
 
     /// The node's paths the chart's hostPath volumes may name, and this node's directories
-    /// for them: its bpffs directory and cgroup root (the agent's, as on a node), and the
-    /// network sysctls (per network namespace, so the host's serve every node).
+    /// for them: its bpffs directory, cgroup root and `/run/nodemesh` (the agent's, as on a
+    /// node: each node its own), and the network sysctls (per network namespace, so the
+    /// host's serve every node).
     pub(crate) fn node_host_paths(&self, node: &str) -> BTreeMap<&'static str, PathBuf> {
         BTreeMap::from([
             ("/sys/fs/bpf", self.bpffs_dir(node)),
             ("/sys/fs/cgroup", self.cgroup_root(node)),
+            ("/run/nodemesh", self.node_run_dir(node)),
             ("/proc/sys/net", PathBuf::from("/proc/sys/net")),
         ])
     }
@@ -358,6 +373,73 @@ impl Testbed {
             .join(format!("pod{uid}"));
         cgroup::create(&dir)?;
         Ok(dir)
+    }
+}
+
+/// The container's environment, in order: the API server's address, which the kubelet
+/// gives every pod, then its `env` (values with `$(VAR)` references to the variables
+/// before them expanded, and the downward API's pod fields).
+fn container_env(pod: &KubeletPod<'_>, container: &Container) -> Result<Vec<(String, String)>> {
+    let mut env = vec![
+        (
+            "KUBERNETES_SERVICE_HOST".to_owned(),
+            API_SERVER_IP.to_string(),
+        ),
+        (
+            "KUBERNETES_SERVICE_PORT".to_owned(),
+            API_SERVER_PORT.to_string(),
+        ),
+    ];
+    for variable in container.env.iter().flatten() {
+        let value = match (&variable.value, &variable.value_from) {
+            (Some(value), None) => expansion::expand(value, |name| defined(&env, name)),
+            (None, Some(from)) => {
+                let field = from.field_ref.as_ref().map(|f| f.field_path.as_str());
+                match field {
+                    Some("spec.nodeName") => pod.node.to_owned(),
+                    Some("metadata.name") => pod.name.to_owned(),
+                    Some("metadata.namespace") => pod.namespace.to_owned(),
+                    Some("metadata.uid") => pod.uid.to_owned(),
+                    Some("status.hostIP") => pod.host_ip.to_string(),
+                    Some("status.podIP") => pod.pod_ip.to_string(),
+                    _ => {
+                        return Err(TestbedError::Other(format!(
+                            "env {} comes from {from:?}, which the testbed's kubelet does not resolve",
+                            variable.name
+                        )));
+                    }
+                }
+            }
+            _ => String::new(),
+        };
+        env.push((variable.name.clone(), value));
+    }
+    Ok(env)
+}
+
+/// The value of `name` as defined so far (the last definition counts).
+fn defined(env: &[(String, String)], name: &str) -> Option<String> {
+    env.iter()
+        .rev()
+        .find(|(defined, _)| defined == name)
+        .map(|(_, value)| value.clone())
+}
+
+/// `container` with `$(VAR)` references in its command and args expanded from `env`, as
+/// the kubelet does before it asks the runtime to start it.
+fn expand_command_and_args(container: &Container, env: &[(String, String)]) -> Container {
+    let expand_all = |list: &Option<Vec<String>>| {
+        list.as_ref().map(|items| {
+            items
+                .iter()
+                .map(|item| expansion::expand(item, |name| defined(env, name)))
+                .collect()
+        })
+    };
+    Container {
+        command: expand_all(&container.command),
+        args: expand_all(&container.args),
+        ..container.clone()
     }
 }
 
@@ -454,4 +536,84 @@ fn write_volume(
     }
     chmod(dir, dir_mode)?;
     nix::unistd::chown(dir, None, gid).io_context(|| format!("chown {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector};
+
+    use super::*;
+
+    fn field(name: &str, path: &str) -> EnvVar {
+        EnvVar {
+            name: name.to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: path.to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn value(name: &str, value: &str) -> EnvVar {
+        EnvVar {
+            name: name.to_owned(),
+            value: Some(value.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_host_ip_is_resolved_and_expanded_in_env_values_command_and_args() {
+        let container = Container {
+            name: "agent".to_owned(),
+            command: Some(vec!["/bin/$(NODE_NAME)".to_owned()]),
+            args: Some(vec![
+                "--metrics-addr=$(HOST_IP):15090".to_owned(),
+                "--literal=$$(HOST_IP)".to_owned(),
+                "--unknown=$(NOT_SET)".to_owned(),
+            ]),
+            env: Some(vec![
+                field("NODE_NAME", "spec.nodeName"),
+                field("HOST_IP", "status.hostIP"),
+                value("LISTEN", "$(HOST_IP):80 before $(LATER)"),
+                value("LATER", "x"),
+            ]),
+            ..Default::default()
+        };
+        let spec = PodSpec::default();
+        let pod = KubeletPod {
+            namespace: "nodemesh-system",
+            name: "agent-node1",
+            uid: "uid-1",
+            node: "node1",
+            spec: &spec,
+            netns: PathBuf::from("/run/netns/node1"),
+            host_ip: "198.18.0.1".parse().unwrap(),
+            pod_ip: "198.18.0.1".parse().unwrap(),
+            cgroup: PathBuf::from("/sys/fs/cgroup/tb/node1/kubepods/podx"),
+            host_paths: BTreeMap::new(),
+            hosts: Vec::new(),
+        };
+        let env = container_env(&pod, &container).unwrap();
+        assert_eq!(defined(&env, "HOST_IP").as_deref(), Some("198.18.0.1"));
+        assert_eq!(
+            defined(&env, "LISTEN").as_deref(),
+            Some("198.18.0.1:80 before $(LATER)"),
+            "only variables defined before it expand"
+        );
+        let expanded = expand_command_and_args(&container, &env);
+        assert_eq!(expanded.command, Some(vec!["/bin/node1".to_owned()]));
+        assert_eq!(
+            expanded.args,
+            Some(vec![
+                "--metrics-addr=198.18.0.1:15090".to_owned(),
+                "--literal=$(HOST_IP)".to_owned(),
+                "--unknown=$(NOT_SET)".to_owned(),
+            ])
+        );
+    }
 }

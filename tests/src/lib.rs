@@ -19,6 +19,8 @@ pub mod control_plane;
 pub mod docs;
 mod error;
 mod exec;
+pub mod expansion;
+mod host_network;
 mod http;
 mod image;
 mod kubelet;

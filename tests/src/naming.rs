@@ -1,7 +1,8 @@
 //! Names of testbeds and of every global object derived from them.
 //!
 //! A testbed is `<prefix><owner pid>x<counter>`; its objects are `<name>-...` network
-//! namespaces, `<cgroup2 root>/<name>`, `/sys/fs/bpf/<name>` and `<tmp>/<name>-cluster-state`,
+//! namespaces, `<cgroup2 root>/<name>`, `/sys/fs/bpf/<name>` and `<tmp>/<name>-...`
+//! directories (cluster state, control plane, container runtime, the nodes' `/run/nodemesh`),
 //! so leftovers of a dead owner can be found and removed by name alone.
 
 use std::{
@@ -64,6 +65,11 @@ pub(crate) fn control_plane_dir(name: &str) -> PathBuf {
 /// state, container specs and the images' root filesystems mounted for containers.
 pub(crate) fn container_runtime_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("{name}-containerd"))
+}
+
+/// The testbed's counterpart of the nodes' `/run/nodemesh` (one subdirectory per node).
+pub(crate) fn run_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{name}-run"))
 }
 
 /// The testbed's cluster-state directory.

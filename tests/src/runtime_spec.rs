@@ -63,7 +63,9 @@ pub(crate) fn bind_mount(source: &Path, destination: &str, read_only: bool) -> V
 }
 
 /// containerd's default spec for the image (`base`), turned into the spec of `container` in
-/// `pod` placed as `placement` says.
+/// `pod` placed as `placement` says, without a seccomp profile: whether it needs one is
+/// `runtime_default_seccomp`'s answer, and the profile depends on its capabilities
+/// (`Containerd::default_seccomp_profile`).
 pub(crate) fn container_spec(
     mut spec: Value,
     pod: &PodSpec,
@@ -123,14 +125,33 @@ pub(crate) fn container_spec(
     linux["cgroupsPath"] = json!(placement.cgroups_path);
     linux["maskedPaths"] = json!(MASKED_PATHS);
     linux["readonlyPaths"] = json!(READONLY_PATHS);
-    if !security.runtime_default_seccomp {
-        remove(linux, "seccomp");
-    }
+    remove(linux, "seccomp");
     linux["resources"] = json!({
         "devices": linux["resources"]["devices"].clone(),
         "memory": {"limit": memory_limit(container)?},
     });
     Ok(spec)
+}
+
+/// Whether the container runs under the runtime's default seccomp profile (`RuntimeDefault`,
+/// the container's setting over the pod's) or unconfined (`Unconfined`, or nothing: the
+/// kubelet's default).
+pub(crate) fn runtime_default_seccomp(pod: &PodSpec, container: &Container) -> Result<bool> {
+    let profile = container
+        .security_context
+        .as_ref()
+        .and_then(|c| c.seccomp_profile.as_ref())
+        .or_else(|| {
+            pod.security_context
+                .as_ref()
+                .and_then(|c| c.seccomp_profile.as_ref())
+        })
+        .map(|profile| profile.type_.as_str());
+    match profile {
+        Some("RuntimeDefault") => Ok(true),
+        None | Some("Unconfined") => Ok(false),
+        Some(other) => Err(unsupported(&format!("seccompProfile {other}"))),
+    }
 }
 
 fn remove(value: &mut Value, key: &str) {
@@ -203,7 +224,6 @@ struct SecuritySettings {
     dropped: Vec<String>,
     no_new_privileges: bool,
     read_only_root: bool,
-    runtime_default_seccomp: bool,
 }
 
 impl SecuritySettings {
@@ -227,15 +247,7 @@ impl SecuritySettings {
         additional_gids.extend(pod_context.supplemental_groups.iter().flatten());
         additional_gids.sort_unstable();
         additional_gids.dedup();
-        let seccomp = context
-            .seccomp_profile
-            .or(pod_context.seccomp_profile)
-            .map(|profile| profile.type_);
-        let runtime_default_seccomp = match seccomp.as_deref() {
-            Some("RuntimeDefault") => true,
-            None | Some("Unconfined") => false,
-            Some(other) => return Err(unsupported(&format!("seccompProfile {other}"))),
-        };
+        runtime_default_seccomp(pod, container)?;
         let capabilities = context.capabilities.unwrap_or_default();
         let upper = |names: Option<Vec<String>>| -> Vec<String> {
             names
@@ -257,7 +269,6 @@ impl SecuritySettings {
             // The kubelet asks for no_new_privs exactly when privilege escalation is refused.
             no_new_privileges: context.allow_privilege_escalation == Some(false),
             read_only_root: context.read_only_root_filesystem == Some(true),
-            runtime_default_seccomp,
         })
     }
 
@@ -412,8 +423,9 @@ mod tests {
         assert_eq!(spec["process"]["noNewPrivileges"], true);
         assert!(spec["process"].get("rlimits").is_none());
         assert_eq!(spec["root"]["readonly"], true);
+        assert!(spec["linux"].get("seccomp").is_none());
         assert!(
-            spec["linux"].get("seccomp").is_none(),
+            !runtime_default_seccomp(&pod, &container(SecurityContext::default())).unwrap(),
             "Unconfined unless asked"
         );
         let types: Vec<&str> = spec["linux"]["namespaces"]
@@ -452,7 +464,8 @@ mod tests {
             }),
             ..Default::default()
         };
-        let spec = container_spec(base(), &pod, &container(context), &placement()).unwrap();
+        let agent = container(context);
+        let spec = container_spec(base(), &pod, &agent, &placement()).unwrap();
         assert_eq!(
             spec["process"]["user"],
             json!({"uid": 65532, "gid": 0, "additionalGids": [0, 65532]})
@@ -462,7 +475,11 @@ mod tests {
             json!(["CAP_CHOWN", "CAP_KILL"]),
             "the runtime's defaults less the dropped one"
         );
-        assert_eq!(spec["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        assert!(
+            spec["linux"].get("seccomp").is_none(),
+            "the runtime's profile was made for its own capabilities, not the container's"
+        );
+        assert!(runtime_default_seccomp(&pod, &agent).unwrap());
         assert_eq!(spec["process"]["noNewPrivileges"], false);
     }
 

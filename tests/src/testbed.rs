@@ -284,6 +284,9 @@ impl Testbed {
         ensure_bpffs()?;
         std::fs::create_dir_all(&self.cluster_state_dir)
             .io_context(|| format!("creating {}", self.cluster_state_dir.display()))?;
+        // Each node's own /run/nodemesh lives in it (made by its agent, or its kubelet).
+        let run = naming::run_dir(&self.name);
+        std::fs::create_dir_all(&run).io_context(|| format!("creating {}", run.display()))?;
         let bridge = format!("{}-br", self.name);
         self.add_netns(&bridge, &[])?;
         let mut bridge_batch = vec![
@@ -768,6 +771,12 @@ impl Testbed {
     /// The bpffs directory of a node's agent (`/sys/fs/bpf/<testbed>/<node>`).
     pub fn bpffs_dir(&self, node: &str) -> PathBuf {
         naming::bpffs_dir(&self.name).join(node)
+    }
+
+    /// The node's counterpart of `/run/nodemesh` (`<tmp>/<testbed>-run/<node>`): where its
+    /// agents' handoff socket lives.
+    pub fn node_run_dir(&self, node: &str) -> PathBuf {
+        naming::run_dir(&self.name).join(node)
     }
 
     /// Where agent logs are written (kept after teardown).

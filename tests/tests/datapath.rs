@@ -320,8 +320,13 @@ fn fail_open_lets_connections_through_after_the_agent_is_killed() {
     start_agents(&tb, &AgentOptions::default());
     echo_server(&tb, "mesh", "server-b", "7000", ECHO_PORT);
     let target = addr(tb.pod("mesh", "server-b").ipv4(), ECHO_PORT);
-    tb.kill_agent("node1", Signal::SIGKILL).expect("kill -9");
+    // With the agent running, client-a's connections are captured: node1's proxy carries them.
+    let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 4096, 2);
+    assert!(ok, "through the proxy: {summary}");
+    let counters = wait_closed(&tb, "node1", "mesh/client-a", &target, 2);
+    assert_eq!(counters["bytes_sent"], 2 * 4096, "{counters}");
 
+    tb.kill_agent("node1", Signal::SIGKILL).expect("kill -9");
     let started = Instant::now();
     let (summary, ok) = echo(&tb, "mesh", "client-a", &target, 4096, 2);
     assert!(

@@ -2,13 +2,20 @@
 //! archive, a private containerd (Debian's, with runc) imports it as a node's operator
 //! would, and the testbed plays the kubelet for the chart's own pod templates, read from
 //! deploy/manifests/nodemesh.yaml: the agents of both nodes with the DaemonSet's host
-//! network and PID namespaces, exactly its capabilities, its mounts (the nodes' bpffs and
-//! cgroup directories for its hostPaths), its read-only root filesystem and args; the CA
-//! with the Deployment's non-root user, fsGroup and seccomp profile. The chart is installed
+//! network and PID namespaces, exactly its capabilities, its mounts (the nodes' bpffs,
+//! cgroup and /run/nodemesh directories for its hostPaths), its read-only root filesystem,
+//! its args (`$(HOST_IP)` expanded as the kubelet does) and containerd's default seccomp
+//! profile for its capabilities; the CA with the Deployment's non-root user, fsGroup and
+//! seccomp profile. The chart is installed
 //! with the values file the image build wrote, so the containers run the image by digest.
 //! Then meshed traffic crosses the nodes over HBONE. Needs root.
 
-use std::{process::Command, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    process::Command,
+    time::Duration,
+};
 
 use k8s_openapi::api::core::v1::PodSpec;
 use nodemesh_testbed::{
@@ -235,7 +242,34 @@ fn the_image_runs_the_mesh_as_the_chart_deploys_it() {
             "{node}: exactly the DaemonSet's four capabilities"
         );
         assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        assert_eq!(
+            status_field(pid, "Seccomp"),
+            "2",
+            "{node}: RuntimeDefault, a filter that allows what its capabilities need"
+        );
         assert!(root_read_only(pid), "{node}: read-only root filesystem");
+        // /metrics on the node's address ($(HOST_IP) from status.hostIP), not on all of them.
+        let node_ip = tb.node(node).expect("node").ipv4();
+        let metrics = SocketAddr::from((node_ip, 15090));
+        let (status, _) = tb
+            .get_on_node(node, metrics, "/metrics")
+            .unwrap_or_else(|e| panic!("{node}: {e}"));
+        assert_eq!(status, 200, "{node}");
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 15090));
+        assert!(
+            tb.get_on_node(node, loopback, "/metrics").is_err(),
+            "{node}"
+        );
+        // The kubelet made the hostPath /run/nodemesh 0755 (DirectoryOrCreate); the agent
+        // keeps its handoff socket there and narrowed it to 0700.
+        let run = tb.node_run_dir(node);
+        let mode = std::fs::metadata(&run)
+            .expect("/run/nodemesh")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{node}: {}", run.display());
+        let socket = std::fs::metadata(run.join("handoff.sock")).expect("handoff socket");
+        assert!(socket.file_type().is_socket(), "{node}");
         assert_eq!(
             status_field(pid, "NSpid").split_whitespace().count(),
             1,

@@ -464,16 +464,29 @@ fn hbone_carries_ipv4_and_ipv6_byte_exact_with_the_dialled_peer() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    let stats = mesh.tb.admin_json("node2", "/stats").expect("stats");
-    let inbound_bytes: u64 = stats["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["source_pod"] == "spiffe://cluster.local/ns/mesh/sa/client-a")
-        .map(|s| s["bytes_sent"].as_u64().unwrap_or(0))
-        .sum();
+    // node2 counts a connection's bytes as they pass and its close when both directions have
+    // finished, which can be a moment after the client saw its echo: wait for the 10 closes.
+    let from_client_a = |stats: &Value, field: &str| -> u64 {
+        stats["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["source_pod"] == "spiffe://cluster.local/ns/mesh/sa/client-a")
+            .map(|s| s[field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let mut stats = Value::Null;
+    wait_until(
+        Duration::from_secs(10),
+        "node2 to count the 10 connections closed",
+        || {
+            stats = mesh.tb.admin_json("node2", "/stats")?;
+            Ok(from_client_a(&stats, "closed") == 10)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {stats}"));
     assert_eq!(
-        inbound_bytes,
+        from_client_a(&stats, "bytes_sent"),
         10 * 262144,
         "all 10 connections delivered through node2's HBONE server: {stats}"
     );

@@ -21,8 +21,9 @@ const WEB: &str = "198.18.200.40";
 const LEGACY: &str = "198.18.200.41";
 const APP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 7000;
-/// Where the chart has agents serve `/metrics` for Prometheus.
-const METRICS_ADDR: &str = "0.0.0.0:15090";
+/// The port on the node's address (`status.hostIP`) where the chart has agents serve
+/// `/metrics` for Prometheus.
+const METRICS_PORT: u16 = 15090;
 /// The traceparent the client sends on its traced request.
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
@@ -57,7 +58,7 @@ fn setup(prefix: &str) -> Telemetry {
             "--otlp-endpoint".to_owned(),
             api.otlp_traces_endpoint(),
             "--metrics-addr".to_owned(),
-            METRICS_ADDR.to_owned(),
+            format!("{}:{METRICS_PORT}", tb.node(node).expect("node").ipv4()),
         ]);
         tb.start_agent(
             node,

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use nodemesh_testbed::expansion;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -285,6 +286,7 @@ fn check_daemon_set(daemon_set: &k8s_openapi::api::apps::v1::DaemonSet) -> anyho
             "agent capabilities must be exactly {AGENT_CAPABILITIES:?} after dropping ALL, found {added:?}"
         );
     }
+    check_exposure(pod, agent)?;
     for (probe, path) in [
         (agent.liveness_probe.as_ref(), "/healthz"),
         (agent.readiness_probe.as_ref(), "/readyz"),
@@ -299,10 +301,109 @@ fn check_daemon_set(daemon_set: &k8s_openapi::api::apps::v1::DaemonSet) -> anyho
     check_pod(Some(pod.clone()), "nodemesh-agent")
 }
 
-/// Rules for every pod: never privileged, resources requested with a memory limit.
+/// What the agent exposes on the node (docs/security.md): `/metrics` on the node's own
+/// address (`status.hostIP`), not on every address, and the handoff socket in a hostPath
+/// directory of its own. Its args are read as the kubelet passes them, `$(VAR)` expanded.
+fn check_exposure(
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    agent: &k8s_openapi::api::core::v1::Container,
+) -> anyhow::Result<()> {
+    let args = kubelet_args(agent)?;
+    let option = |name: &str| {
+        args.iter()
+            .find_map(|arg| arg.strip_prefix(&format!("--{name}=")))
+            .map(str::to_owned)
+    };
+    let metrics = option("metrics-addr").context("the agent has no --metrics-addr")?;
+    if !metrics
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| host == "{status.hostIP}" && port.parse::<u16>().is_ok())
+    {
+        bail!(
+            "the agent's --metrics-addr must be the node's address (an env var from status.hostIP) and a port, not {metrics:?}"
+        );
+    }
+    let socket = option("handoff-socket").context("the agent has no --handoff-socket")?;
+    let directory = Path::new(&socket)
+        .parent()
+        .with_context(|| format!("--handoff-socket {socket} has no directory"))?;
+    let mounted = agent.volume_mounts.iter().flatten().any(|mount| {
+        Path::new(&mount.mount_path) == directory
+            && pod.volumes.iter().flatten().any(|volume| {
+                volume.name == mount.name
+                    && volume
+                        .host_path
+                        .as_ref()
+                        .is_some_and(|h| h.type_.as_deref() == Some("DirectoryOrCreate"))
+            })
+    });
+    if !mounted {
+        bail!(
+            "the handoff socket's directory {} must be a hostPath (DirectoryOrCreate) the agent mounts",
+            directory.display()
+        );
+    }
+    Ok(())
+}
+
+/// The container's command and args as the kubelet passes them: `$(VAR)` of a variable it
+/// defines expanded (a downward API field as `{field.path}`), any other `$(VAR)` an error
+/// (the kubelet would pass it as it is).
+fn kubelet_args(container: &k8s_openapi::api::core::v1::Container) -> anyhow::Result<Vec<String>> {
+    let env: BTreeMap<&str, String> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|variable| {
+            let value = match (&variable.value, &variable.value_from) {
+                (Some(value), _) => value.clone(),
+                (None, Some(from)) => from
+                    .field_ref
+                    .as_ref()
+                    .map(|f| format!("{{{}}}", f.field_path))
+                    .unwrap_or_default(),
+                (None, None) => String::new(),
+            };
+            (variable.name.as_str(), value)
+        })
+        .collect();
+    let mut expanded = Vec::new();
+    for item in container.command.iter().chain(&container.args).flatten() {
+        if let Some(undefined) = expansion::references(item)
+            .into_iter()
+            .find(|name| !env.contains_key(name.as_str()))
+        {
+            bail!(
+                "container {} passes $({undefined}) in {item:?}, which it does not define in env: the kubelet would pass it as it is",
+                container.name
+            );
+        }
+        expanded.push(expansion::expand(item, |name| env.get(name).cloned()));
+    }
+    Ok(expanded)
+}
+
+/// Rules for every pod: never privileged, the runtime's default seccomp profile, resources
+/// requested with a memory limit.
 fn check_pod(pod: Option<k8s_openapi::api::core::v1::PodSpec>, name: &str) -> anyhow::Result<()> {
     let pod = pod.with_context(|| format!("{name}: no pod spec"))?;
+    let pod_seccomp = pod
+        .security_context
+        .as_ref()
+        .and_then(|c| c.seccomp_profile.as_ref());
     for container in &pod.containers {
+        let seccomp = container
+            .security_context
+            .as_ref()
+            .and_then(|c| c.seccomp_profile.as_ref())
+            .or(pod_seccomp)
+            .map(|profile| profile.type_.as_str());
+        if seccomp != Some("RuntimeDefault") {
+            bail!(
+                "container {} must run under seccompProfile RuntimeDefault, not {seccomp:?}",
+                container.name
+            );
+        }
         let context = container.security_context.as_ref();
         if context.and_then(|c| c.privileged) == Some(true) {
             bail!("container {} must not be privileged", container.name);
@@ -451,5 +552,42 @@ mod tests {
         );
         let error = format!("{:#}", validate_manifests(&greedy).unwrap_err());
         assert!(error.contains("nodemesh-agent may not delete"), "{error}");
+    }
+
+    #[test]
+    fn what_the_agent_exposes_on_the_node_is_checked_with_its_args_expanded() {
+        let committed = std::fs::read_to_string(manifests_path(&root())).unwrap();
+        for (from, to, expected) in [
+            (
+                "--metrics-addr=$(HOST_IP):15090",
+                "--metrics-addr=0.0.0.0:15090",
+                "must be the node's address",
+            ),
+            (
+                "--metrics-addr=$(HOST_IP):15090",
+                "--metrics-addr=$(HOST_ADDRESS):15090",
+                "passes $(HOST_ADDRESS)",
+            ),
+            (
+                "fieldPath: status.hostIP",
+                "fieldPath: status.podIP",
+                "must be the node's address",
+            ),
+            (
+                "--handoff-socket=/run/nodemesh/handoff.sock",
+                "--handoff-socket=/tmp/handoff.sock",
+                "must be a hostPath (DirectoryOrCreate) the agent mounts",
+            ),
+            (
+                "type: RuntimeDefault",
+                "type: Unconfined",
+                "must run under seccompProfile RuntimeDefault",
+            ),
+        ] {
+            assert!(committed.contains(from), "{from}");
+            let changed = committed.replacen(from, to, 1);
+            let error = format!("{:#}", validate_manifests(&changed).unwrap_err());
+            assert!(error.contains(expected), "{to}: {error}");
+        }
     }
 }

@@ -178,11 +178,13 @@ fn available_gib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0 / 1024.0)
 }
 
-/// The agent's node: a cgroup tree in the kubelet's layout and a bpffs directory, removed on
-/// drop (removing the bpffs directory unpins, and so detaches, everything the agent pinned).
+/// The agent's node: a cgroup tree in the kubelet's layout, a bpffs directory and a
+/// directory for the handoff socket, removed on drop (removing the bpffs directory unpins,
+/// and so detaches, everything the agent pinned).
 struct BenchNode {
     cgroup: PathBuf,
     bpffs: PathBuf,
+    run: PathBuf,
 }
 
 impl BenchNode {
@@ -191,6 +193,8 @@ impl BenchNode {
         let node = Self {
             cgroup: nodemesh_testbed::cgroup2_root()?.join(&name),
             bpffs: Path::new(nodemesh_testbed::BPFFS_ROOT).join(&name),
+            // The agent makes it (mode 0700) at its start.
+            run: std::env::temp_dir().join(format!("{name}-run")),
         };
         std::fs::create_dir_all(node.cgroup.join("kubepods/besteffort"))
             .with_context(|| format!("creating {}", node.cgroup.display()))?;
@@ -203,6 +207,7 @@ impl BenchNode {
 impl Drop for BenchNode {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.bpffs);
+        let _ = std::fs::remove_dir_all(&self.run);
         for dir in ["kubepods/besteffort", "kubepods", ""] {
             let _ = std::fs::remove_dir(self.cgroup.join(dir));
         }
@@ -301,10 +306,8 @@ impl Agent<'_> {
             .arg("--bpffs")
             .arg(&self.node.bpffs)
             .args(["--admin-addr", &admin.to_string()])
-            .args([
-                "--handoff-socket",
-                &format!("@nodemesh-scale-{}", std::process::id()),
-            ])
+            .arg("--handoff-socket")
+            .arg(self.node.run.join("handoff.sock"))
             .args(["--kubernetes-sync-timeout-seconds", "900"])
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info")

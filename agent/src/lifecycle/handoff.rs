@@ -1,18 +1,19 @@
 //! Listener handoff between two agents on one node (restart or DaemonSet surge upgrade).
 //!
-//! The running agent serves a Unix `SOCK_SEQPACKET` socket (by default the abstract name
-//! `@nodemesh/handoff`, which lives in the node's network namespace, shared by the old and
-//! the new agent pod: both run with hostNetwork). A starting agent connects to it and gets
-//! a duplicate of every in-pod listening socket (`SCM_RIGHTS`), with the pod, network
+//! The running agent serves a Unix `SOCK_SEQPACKET` socket at a path in a directory that is
+//! the agent's alone (`/run/nodemesh/handoff.sock` by default: a hostPath only the agent's
+//! pods mount, kept 0700 by `directory`). A starting agent connects to it and gets a
+//! duplicate of every in-pod listening socket (`SCM_RIGHTS`), with the pod, network
 //! namespace, role and address of each. The sockets are the *same* kernel objects, so
 //! connections queued on them are never lost and the pinned maps that name them
 //! (`NM_INBOUND_LISTENERS`) stay valid. When the successor is ready (programs attached,
 //! cluster state synced, certificates held) it starts accepting and sends `TakeOver`; the
-//! old agent stops accepting, releases the handoff name, answers with the number of
-//! connections it still serves, and drains them (see `drain`).
+//! old agent stops accepting, closes its admin listeners, releases the handoff socket,
+//! answers with the number of connections it still serves, and drains them (see `drain`).
 //!
-//! Both ends check that the peer runs as the same user (`SO_PEERCRED`): only the agent
-//! itself may take the pods' listeners.
+//! Both ends check the peer (`peer`): the agent's user and user namespace, and the agent's
+//! cgroup or CAP_BPF and CAP_SYS_ADMIN. A peer that fails is told why and refused; the agent
+//! serves on.
 //!
 //! Protocol: one JSON message per packet; `Listener` packets carry one descriptor.
 //! ```text
@@ -21,17 +22,26 @@
 //! agent -> successor   End { listeners }
 //! successor -> agent   TakeOver                   (when ready; EOF instead = abandoned)
 //! agent -> successor   Draining { connections }
+//! agent -> peer        Refused { reason }         (instead, to a peer it refuses)
 //! ```
+
+mod directory;
+mod peer;
 
 use std::{
     io::{IoSlice, IoSliceMut},
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::{ffi::OsStrExt, fs::PermissionsExt},
+    },
+    path::{Path, PathBuf},
     str::FromStr,
     sync::Arc,
     time::Duration,
 };
 
+pub use directory::DirectoryError;
 use nix::{
     errno::Errno,
     sys::{
@@ -41,8 +51,8 @@ use nix::{
         },
         time::TimeVal,
     },
-    unistd::Uid,
 };
+pub use peer::PeerRefusal;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::unix::AsyncFd,
@@ -56,6 +66,8 @@ const VERSION: u32 = 1;
 const MAX_MESSAGE: usize = 16 * 1024;
 /// How long one step of the exchange (except waiting for `TakeOver`) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// `sun_path` holds 108 bytes, the terminating NUL included.
+const MAX_PATH: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
@@ -65,56 +77,61 @@ pub enum HandoffError {
         action: &'static str,
         errno: Errno,
     },
-    #[error("handoff socket {address}: peer runs as uid {peer}, not {ours}; refusing it")]
-    ForeignPeer {
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    #[error("handoff socket {address}: another agent serves it")]
+    Served { address: String },
+    #[error("handoff socket {address}: refused the peer: {refusal}")]
+    PeerRefused {
         address: String,
-        peer: u32,
-        ours: u32,
+        refusal: PeerRefusal,
     },
     #[error("handoff socket {address}: {reason}")]
     Protocol { address: String, reason: String },
 }
 
-/// Where the handoff socket lives: `@name` (abstract, per network namespace) or a path.
+/// Where the handoff socket lives: an absolute path whose directory is the agent's alone.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HandoffAddress(String);
+pub struct HandoffAddress(PathBuf);
 
 impl FromStr for HandoffAddress {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let name = s.strip_prefix('@').unwrap_or(s);
-        if name.is_empty() {
-            return Err("empty handoff socket name".to_owned());
-        }
-        // sun_path holds 108 bytes; the abstract form needs one for its leading NUL.
-        if s.len() > 107 {
+        let path = PathBuf::from(s);
+        if !path.is_absolute() || path.file_name().is_none() || path.parent().is_none() {
             return Err(format!(
-                "handoff socket name {s:?} is longer than 107 bytes"
+                "handoff socket {s:?}: an absolute path to a socket file is needed, e.g. /run/nodemesh/handoff.sock"
             ));
         }
-        Ok(Self(s.to_owned()))
+        if s.len() > MAX_PATH {
+            return Err(format!(
+                "handoff socket {s:?} is longer than {MAX_PATH} bytes"
+            ));
+        }
+        Ok(Self(path))
     }
 }
 
 impl std::fmt::Display for HandoffAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        write!(f, "{}", self.0.display())
     }
 }
 
 impl HandoffAddress {
+    /// The directory the socket lives in (made safe before the socket is used).
+    pub fn directory(&self) -> &Path {
+        self.0.parent().unwrap_or(Path::new("/"))
+    }
+
     fn unix_addr(&self) -> Result<UnixAddr, HandoffError> {
-        let result = match self.0.strip_prefix('@') {
-            Some(name) => UnixAddr::new_abstract(name.as_bytes()),
-            None => UnixAddr::new(self.0.as_str()),
-        };
-        result.map_err(|errno| self.error("naming", errno))
+        UnixAddr::new(self.0.as_os_str().as_bytes()).map_err(|errno| self.error("naming", errno))
     }
 
     fn error(&self, action: &'static str, errno: Errno) -> HandoffError {
         HandoffError::Socket {
-            address: self.0.clone(),
+            address: self.to_string(),
             action,
             errno,
         }
@@ -122,8 +139,38 @@ impl HandoffAddress {
 
     fn protocol(&self, reason: impl Into<String>) -> HandoffError {
         HandoffError::Protocol {
-            address: self.0.clone(),
+            address: self.to_string(),
             reason: reason.into(),
+        }
+    }
+
+    fn refused(&self, refusal: PeerRefusal) -> HandoffError {
+        HandoffError::PeerRefused {
+            address: self.to_string(),
+            refusal,
+        }
+    }
+
+    /// Removes a socket file no agent serves any more (one left by an agent that handed
+    /// over or died); fails if an agent still answers on it.
+    fn remove_stale(&self) -> Result<(), HandoffError> {
+        let probe = seqpacket(self)?;
+        match socket::connect(probe.as_raw_fd(), &self.unix_addr()?) {
+            Ok(()) => Err(HandoffError::Served {
+                address: self.to_string(),
+            }),
+            Err(Errno::ENOENT) => Ok(()),
+            Err(Errno::ECONNREFUSED) => match std::fs::remove_file(&self.0) {
+                Ok(()) => Ok(()),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(error) => Err(self.error(
+                    "removing the stale socket",
+                    error
+                        .raw_os_error()
+                        .map_or(Errno::UnknownErrno, Errno::from_raw),
+                )),
+            },
+            Err(errno) => Err(self.error("probing", errno)),
         }
     }
 }
@@ -177,12 +224,15 @@ pub enum Event {
 }
 
 /// Binds `address` and serves successors until one takes over or the returned task is
-/// aborted (the agent stops); `events` go to the agent's main loop. Fails if another agent
-/// holds the address. The exchange with a successor runs on a blocking thread.
+/// aborted (the agent stops); `events` go to the agent's main loop. Fails if the directory
+/// is not safe or another agent serves the address. The exchange with a successor runs on
+/// a blocking thread.
 pub fn serve(
     address: &HandoffAddress,
     events: mpsc::Sender<Event>,
 ) -> Result<JoinHandle<()>, HandoffError> {
+    directory::secure(address.directory())?;
+    address.remove_stale()?;
     let listener = socket::socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -190,12 +240,17 @@ pub fn serve(
         None,
     )
     .map_err(|errno| address.error("creating", errno))?;
-    let addr = address.unix_addr()?;
-    if addr.path().is_some() {
-        // A path left by an agent that has handed over (or died): ours now.
-        let _ = std::fs::remove_file(address.to_string());
-    }
-    socket::bind(listener.as_raw_fd(), &addr).map_err(|errno| address.error("binding", errno))?;
+    socket::bind(listener.as_raw_fd(), &address.unix_addr()?)
+        .map_err(|errno| address.error("binding", errno))?;
+    // The directory already keeps everyone else out; the socket file does too.
+    std::fs::set_permissions(&address.0, std::fs::Permissions::from_mode(0o600)).map_err(
+        |error| {
+            let errno = error
+                .raw_os_error()
+                .map_or(Errno::UnknownErrno, Errno::from_raw);
+            address.error("setting mode 0600", errno)
+        },
+    )?;
     socket::listen(&listener, Backlog::new(4).unwrap_or(Backlog::MAXCONN))
         .map_err(|errno| address.error("listening", errno))?;
     // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it is dropped.
@@ -214,7 +269,7 @@ async fn serve_successors(
     listener: AsyncFd<OwnedFd>,
     events: mpsc::Sender<Event>,
 ) {
-    loop {
+    while !events.is_closed() {
         let accepted = match listener.readable().await {
             Ok(mut ready) => ready.try_io(|fd| {
                 // Without SOCK_NONBLOCK: the exchange itself is blocking, on its own thread.
@@ -255,24 +310,32 @@ async fn serve_successors(
                 return;
             }
             Ok(Ok(None)) => {}
+            Ok(Err(error @ HandoffError::PeerRefused { .. })) => {
+                tracing::warn!(%error, "handoff: refused a process that may not take the listeners over; still serving")
+            }
             Ok(Err(error)) => {
                 tracing::warn!(%error, "handoff with a successor failed; still serving")
             }
             Err(error) => tracing::error!(%error, "handoff task failed; still serving"),
         }
-        if events.send(Event::Abandoned).await.is_err() {
-            return;
-        }
     }
 }
 
-/// One successor: `Some(connections left)` when it took over.
+/// One peer: `Some(connections left)` when it took over. A peer that said hello and then
+/// did not take over is reported to the main loop as `Abandoned`; one that is refused never
+/// reaches it.
 fn serve_one(
     address: &HandoffAddress,
     connection: &OwnedFd,
     events: &mpsc::Sender<Event>,
 ) -> Result<Option<usize>, HandoffError> {
-    check_peer(address, connection)?;
+    if let Err(refusal) = peer::check(connection) {
+        let reason = refusal.to_string();
+        // Best effort: the peer learns why (a successor missing a capability, say).
+        let _ = set_timeout(address, connection, Some(STEP_TIMEOUT))
+            .and_then(|()| send(address, connection, &Message::Refused { reason }, None));
+        return Err(address.refused(refusal));
+    }
     set_timeout(address, connection, Some(STEP_TIMEOUT))?;
     match receive(address, connection)? {
         (Message::Hello { version: VERSION }, _) => {}
@@ -295,6 +358,20 @@ fn serve_one(
     events
         .blocking_send(Event::Hello(reply))
         .map_err(|_| address.protocol("the agent is stopping"))?;
+    let outcome = hand_over(address, connection, events, listeners);
+    if !matches!(outcome, Ok(Some(_))) {
+        let _ = events.blocking_send(Event::Abandoned);
+    }
+    outcome
+}
+
+/// After the successor's hello: its listeners, then its `TakeOver` (or its leaving).
+fn hand_over(
+    address: &HandoffAddress,
+    connection: &OwnedFd,
+    events: &mpsc::Sender<Event>,
+    listeners: oneshot::Receiver<Vec<HandedListener>>,
+) -> Result<Option<usize>, HandoffError> {
     let listeners = listeners
         .blocking_recv()
         .map_err(|_| address.protocol("the agent is stopping"))?;
@@ -345,20 +422,28 @@ pub struct Predecessor {
 pub fn inherit(
     address: &HandoffAddress,
 ) -> Result<Option<(Predecessor, Vec<HandedListener>)>, HandoffError> {
+    // At a node's first start this creates the directory; later it refuses one made unsafe.
+    directory::secure(address.directory())?;
     let connection = seqpacket(address)?;
     match socket::connect(connection.as_raw_fd(), &address.unix_addr()?) {
         Ok(()) => {}
         Err(Errno::ECONNREFUSED | Errno::ENOENT) => return Ok(None),
         Err(errno) => return Err(address.error("connecting", errno)),
     }
-    check_peer(address, &connection)?;
+    peer::check(&connection).map_err(|refusal| address.refused(refusal))?;
     set_timeout(address, &connection, Some(STEP_TIMEOUT))?;
-    send(
+    if let Err(error) = send(
         address,
         &connection,
         &Message::Hello { version: VERSION },
         None,
-    )?;
+    ) {
+        // A predecessor that refused us has said why before closing.
+        return Err(match receive(address, &connection) {
+            Ok((Message::Refused { reason }, _)) => address.protocol(reason),
+            _ => error,
+        });
+    }
     let mut listeners = Vec::new();
     loop {
         match receive(address, &connection)? {
@@ -410,20 +495,6 @@ fn seqpacket(address: &HandoffAddress) -> Result<OwnedFd, HandoffError> {
     .map_err(|errno| address.error("creating", errno))
 }
 
-fn check_peer(address: &HandoffAddress, connection: &OwnedFd) -> Result<(), HandoffError> {
-    let credentials = socket::getsockopt(connection, sockopt::PeerCredentials)
-        .map_err(|errno| address.error("reading the peer's credentials", errno))?;
-    let ours = Uid::effective().as_raw();
-    if credentials.uid() != ours {
-        return Err(HandoffError::ForeignPeer {
-            address: address.to_string(),
-            peer: credentials.uid(),
-            ours,
-        });
-    }
-    Ok(())
-}
-
 fn set_timeout(
     address: &HandoffAddress,
     connection: &OwnedFd,
@@ -471,6 +542,9 @@ fn receive(
 ) -> Result<(Message, Option<OwnedFd>), HandoffError> {
     let mut buffer = vec![0u8; MAX_MESSAGE];
     let mut control = nix::cmsg_space!([RawFd; 4]);
+    // A peer that closed with our message unread is reported as a reset before the messages
+    // it sent (a refusal and its reason): those are read after it.
+    let mut reset_seen = false;
     let (length, fds, truncated) = loop {
         let mut iov = [IoSliceMut::new(&mut buffer)];
         match socket::recvmsg::<UnixAddr>(
@@ -500,6 +574,7 @@ fn receive(
                 break (received.bytes, fds, truncated);
             }
             Err(Errno::EINTR) => continue,
+            Err(Errno::ECONNRESET) if !reset_seen => reset_seen = true,
             Err(Errno::EAGAIN) => {
                 return Err(address.protocol(format!("no answer within {STEP_TIMEOUT:?}")));
             }

@@ -6,10 +6,26 @@ use std::{
 
 use super::*;
 
-fn unique_address(test: &str) -> HandoffAddress {
-    format!("@nodemesh-test/{test}/{}", std::process::id())
+/// A socket path in a directory of its own that does not exist yet (the agent makes it);
+/// the directory goes with the returned guard.
+fn unique_address() -> (tempfile::TempDir, HandoffAddress) {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let address = scratch
+        .path()
+        .join("nodemesh/handoff.sock")
+        .to_str()
+        .expect("UTF-8")
         .parse()
-        .expect("valid name")
+        .expect("valid path");
+    (scratch, address)
+}
+
+fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
 }
 
 fn name(addr: SocketAddr) -> ListenerName {
@@ -67,17 +83,17 @@ fn agent_serving(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_gets_the_same_listening_socket_and_takes_over() {
-    let address = unique_address("take-over");
+    let (_scratch, address) = unique_address();
     let (addr, agent) = agent_serving(&address);
+    // Only the agent's user can reach the socket: its directory and the file are its own.
+    assert_eq!(mode_of(address.directory()), 0o700);
+    assert_eq!(mode_of(&address.0), 0o600);
 
     // A second agent cannot serve the same name while the first does.
     let (other, _) = mpsc::channel(1);
     assert!(matches!(
         serve(&address, other),
-        Err(HandoffError::Socket {
-            action: "binding",
-            ..
-        })
+        Err(HandoffError::Served { .. })
     ));
 
     let (predecessor, listeners) = inherit(&address).expect("inherit").expect("a predecessor");
@@ -94,6 +110,7 @@ async fn a_successor_gets_the_same_listening_socket_and_takes_over() {
     assert_eq!(&buf, b"ping");
 
     assert_eq!(predecessor.take_over().expect("take over"), 7);
+    // The probe of the second `serve` above was no successor: it never reached the main loop.
     assert_eq!(agent.join().expect("main loop"), vec!["hello", "take_over"]);
     // The name is free for the successor to serve its own successor.
     let (next, _) = mpsc::channel(1);
@@ -102,7 +119,7 @@ async fn a_successor_gets_the_same_listening_socket_and_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_that_leaves_before_taking_over_changes_nothing() {
-    let address = unique_address("abandon");
+    let (_scratch, address) = unique_address();
     let (_, agent) = agent_serving(&address);
 
     let (predecessor, listeners) = inherit(&address).expect("inherit").expect("a predecessor");
@@ -119,13 +136,13 @@ async fn a_successor_that_leaves_before_taking_over_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_to_inherit_when_no_agent_serves_the_name() {
-    let address = unique_address("nobody");
+    let (_scratch, address) = unique_address();
     assert!(inherit(&address).expect("no error").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_successor_of_another_protocol_version_is_refused_with_the_reason() {
-    let address = unique_address("version");
+    let (_scratch, address) = unique_address();
     let (events_tx, _events) = mpsc::channel(4);
     serve(&address, events_tx).expect("serve");
     let connection = seqpacket(&address).expect("socket");
@@ -139,18 +156,78 @@ async fn a_successor_of_another_protocol_version_is_refused_with_the_reason() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_left_by_an_agent_that_is_gone_is_replaced() {
+    let (_scratch, address) = unique_address();
+    {
+        let (events_tx, _events) = mpsc::channel(4);
+        serve(&address, events_tx).expect("serve").abort();
+    }
+    // The aborted server's socket file stays behind, and nobody answers on it.
+    wait_for(|| {
+        let probe = seqpacket(&address).expect("socket");
+        socket::connect(probe.as_raw_fd(), &address.unix_addr().expect("addr"))
+            == Err(Errno::ECONNREFUSED)
+    });
+    let (events_tx, _events) = mpsc::channel(4);
+    serve(&address, events_tx).expect("a new agent serves the path");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsafe_directory_is_refused_by_both_ends() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dir = scratch.path().join("shared");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let address: HandoffAddress = dir
+        .join("handoff.sock")
+        .to_str()
+        .expect("UTF-8")
+        .parse()
+        .expect("path");
+    let (events_tx, _events) = mpsc::channel(4);
+    assert!(matches!(
+        serve(&address, events_tx),
+        Err(HandoffError::Directory(
+            DirectoryError::WritableByOthers { .. }
+        ))
+    ));
+    assert!(matches!(
+        inherit(&address),
+        Err(HandoffError::Directory(
+            DirectoryError::WritableByOthers { .. }
+        ))
+    ));
+}
+
+fn wait_for(mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not met within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn handoff_addresses_are_checked() {
-    assert!("@".parse::<HandoffAddress>().is_err());
     assert!("".parse::<HandoffAddress>().is_err());
     assert!(
-        format!("@{}", "x".repeat(120))
+        "@nodemesh/handoff".parse::<HandoffAddress>().is_err(),
+        "no abstract names"
+    );
+    assert!(
+        "handoff.sock".parse::<HandoffAddress>().is_err(),
+        "absolute only"
+    );
+    assert!("/".parse::<HandoffAddress>().is_err());
+    assert!(
+        format!("/run/{}", "x".repeat(120))
             .parse::<HandoffAddress>()
             .is_err()
     );
-    assert!(
-        "/run/nodemesh/handoff.sock"
-            .parse::<HandoffAddress>()
-            .is_ok()
-    );
+    let address: HandoffAddress = "/run/nodemesh/handoff.sock".parse().expect("valid");
+    assert_eq!(address.directory(), Path::new("/run/nodemesh"));
 }

@@ -7,7 +7,9 @@
 mod ca_load;
 mod capture_watch;
 mod h2c;
+mod handoff_probe;
 mod http_app;
+mod soak;
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -258,6 +260,13 @@ enum Cmd {
         #[arg(long, default_value_t = 2_000)]
         timeout_ms: u64,
     },
+    /// Asks an agent's handoff socket for its listeners as a successor would, without taking
+    /// over; prints what it got (`listeners`, `refused` with the reason, `closed`,
+    /// `unreachable`), its uid and effective capabilities.
+    HandoffProbe {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
     /// Keep-alive HTTP/1.1 GETs over `concurrency` connections; prints latency percentiles.
     HttpBench {
         #[arg(long)]
@@ -339,6 +348,9 @@ fn main() -> anyhow::Result<()> {
             step_timeout: Duration::from_millis(timeout_ms),
         });
     }
+    if let Cmd::HandoffProbe { socket } = &cli.command {
+        return handoff_probe::run(socket);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -398,11 +410,11 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             interval_ms,
             http_target,
         } => {
-            let end = SoakEnd {
+            let end = soak::SoakEnd {
                 deadline: tokio::time::Instant::now() + Duration::from_millis(duration_ms),
                 until_file,
             };
-            soak(
+            soak::run(
                 target,
                 long_lived,
                 end,
@@ -501,7 +513,10 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             )
             .await
         }
-        Cmd::Pause | Cmd::ConnectLoop { .. } | Cmd::CaptureWatch { .. } => {
+        Cmd::Pause
+        | Cmd::ConnectLoop { .. }
+        | Cmd::CaptureWatch { .. }
+        | Cmd::HandoffProbe { .. } => {
             unreachable!("handled before the runtime starts")
         }
     }
@@ -559,20 +574,51 @@ fn pattern(index: usize, len: usize) -> Vec<u8> {
 /// Why one connection failed.
 enum Failure {
     PeerMismatch(String),
+    /// A socket call failed: what was being done, and the error.
+    Io(String, std::io::Error),
+    /// What did not finish in time.
+    TimedOut(String),
     Other(String),
+}
+
+impl Failure {
+    fn message(&self) -> String {
+        match self {
+            Failure::PeerMismatch(message) | Failure::Other(message) => message.clone(),
+            Failure::Io(doing, error) => format!("{doing}: {error}"),
+            Failure::TimedOut(doing) => format!("{doing}: timed out"),
+        }
+    }
+
+    /// The kind of failure, to count failures by: `eperm` (refused by the connect hook's
+    /// fail mode), `reset`, `connection_refused`, `timed_out`, `peer_mismatch`, `io`
+    /// (another error of a socket call) or `other` (a wrong or short echo, say).
+    fn kind(&self) -> &'static str {
+        match self {
+            Failure::PeerMismatch(_) => "peer_mismatch",
+            Failure::TimedOut(_) => "timed_out",
+            Failure::Other(_) => "other",
+            Failure::Io(_, error) => match error.raw_os_error() {
+                Some(libc::EPERM) => "eperm",
+                Some(libc::ECONNRESET | libc::EPIPE) => "reset",
+                Some(libc::ECONNREFUSED) => "connection_refused",
+                _ => "io",
+            },
+        }
+    }
 }
 
 /// Connects to `target`, checks that getpeername() reports `target`.
 async fn connect_checked(target: SocketAddr, timeout: Duration) -> Result<TcpStream, Failure> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
         .await
-        .map_err(|_| Failure::Other(format!("connect to {target}: timed out")))?
-        .map_err(|e| Failure::Other(format!("connect to {target}: {e}")))?;
+        .map_err(|_| Failure::TimedOut(format!("connect to {target}")))?
+        .map_err(|e| Failure::Io(format!("connect to {target}"), e))?;
     let _ = stream.set_nodelay(true);
     // peer_addr() is getpeername(2): what the application sees, whatever carried the bytes.
     let peer = stream
         .peer_addr()
-        .map_err(|e| Failure::Other(format!("getpeername: {e}")))?;
+        .map_err(|e| Failure::Io("getpeername".to_owned(), e))?;
     if peer != target {
         return Err(Failure::PeerMismatch(format!(
             "getpeername says {peer}, dialled {target}"
@@ -594,8 +640,8 @@ async fn exchange(stream: TcpStream, payload: &[u8], timeout: Duration) -> Resul
     };
     let (_, echoed) = tokio::time::timeout(timeout, async { tokio::try_join!(send, receive) })
         .await
-        .map_err(|_| Failure::Other("echo: timed out".into()))?
-        .map_err(|e| Failure::Other(format!("echo: {e}")))?;
+        .map_err(|_| Failure::TimedOut("echo".to_owned()))?
+        .map_err(|e| Failure::Io("echo".to_owned(), e))?;
     if echoed != payload {
         let first_difference = echoed
             .iter()
@@ -622,20 +668,19 @@ struct Tally {
 
 impl Tally {
     fn record(&mut self, label: &str, outcome: Result<(), Failure>) {
-        let message = match outcome {
+        let failure = match outcome {
             Ok(()) => {
                 self.ok += 1;
                 return;
             }
-            Err(Failure::PeerMismatch(message)) => {
-                self.peer_mismatch += 1;
-                message
-            }
-            Err(Failure::Other(message)) => message,
+            Err(failure) => failure,
         };
+        if let Failure::PeerMismatch(_) = failure {
+            self.peer_mismatch += 1;
+        }
         self.failed += 1;
         if self.errors.len() < MAX_ERRORS {
-            self.errors.push(format!("{label}: {message}"));
+            self.errors.push(format!("{label}: {}", failure.message()));
         }
     }
 
@@ -777,129 +822,6 @@ fn connect_loop(
     Ok(())
 }
 
-/// When a soak ends: at its deadline, or later, once its `until_file` exists.
-#[derive(Clone)]
-struct SoakEnd {
-    deadline: tokio::time::Instant,
-    until_file: Option<std::path::PathBuf>,
-}
-
-impl SoakEnd {
-    fn reached(&self) -> bool {
-        tokio::time::Instant::now() >= self.deadline
-            && self.until_file.as_ref().is_none_or(|file| file.exists())
-    }
-}
-
-async fn soak(
-    target: SocketAddr,
-    long_lived: usize,
-    end: SoakEnd,
-    interval: Duration,
-    http_target: Option<SocketAddr>,
-) -> anyhow::Result<()> {
-    let timeout = Duration::from_secs(5);
-    let http = http_target.map(|target| tokio::spawn(http_soak(target, end.clone(), timeout)));
-    let mut tasks = JoinSet::new();
-    for index in 0..long_lived {
-        let end = end.clone();
-        tasks.spawn(async move {
-            let stream = connect_checked(target, timeout).await?;
-            let (mut reader, mut writer) = stream.into_split();
-            let mut exchanges = 0usize;
-            while !end.reached() {
-                let chunk = tagged_payload(exchanges, index as u16, 1024);
-                let mut echoed = vec![0u8; chunk.len()];
-                let round = async {
-                    writer.write_all(&chunk).await?;
-                    reader.read_exact(&mut echoed).await.map(|_| ())
-                };
-                tokio::time::timeout(timeout, round)
-                    .await
-                    .map_err(|_| Failure::Other(format!("long-lived {index}: echo timed out")))?
-                    .map_err(|e| {
-                        Failure::Other(format!("long-lived {index} exchange {exchanges}: {e}"))
-                    })?;
-                if echoed != chunk {
-                    return Err(Failure::Other(format!(
-                        "long-lived {index} exchange {exchanges}: echo differs"
-                    )));
-                }
-                exchanges += 1;
-                tokio::time::sleep(interval).await;
-            }
-            // Still whole at the end: our half-close reaches the server, and its close
-            // comes back with nothing after the last echo.
-            let close = async {
-                writer.shutdown().await?;
-                let mut rest = Vec::new();
-                reader.read_to_end(&mut rest).await.map(|_| rest)
-            };
-            match tokio::time::timeout(timeout, close).await {
-                Ok(Ok(rest)) if rest.is_empty() => Ok::<_, Failure>(exchanges),
-                Ok(Ok(rest)) => Err(Failure::Other(format!(
-                    "long-lived {index}: {} unexpected bytes after the last echo",
-                    rest.len()
-                ))),
-                Ok(Err(e)) => Err(Failure::Other(format!("long-lived {index}: closing: {e}"))),
-                Err(_) => Err(Failure::Other(format!(
-                    "long-lived {index}: the close was not echoed within {timeout:?}"
-                ))),
-            }
-        });
-    }
-    let mut tally = Tally::default();
-    let mut short = 0usize;
-    while !end.reached() {
-        let payload = tagged_payload(short, target.port(), 64);
-        let outcome = match connect_checked(target, timeout).await {
-            Ok(stream) => exchange(stream, &payload, timeout).await,
-            Err(error) => Err(error),
-        };
-        tally.record(&format!("short connection {short}"), outcome);
-        short += 1;
-    }
-    let mut exchanges = Vec::with_capacity(long_lived);
-    let mut long_failed = 0usize;
-    while let Some(joined) = tasks.join_next().await {
-        match joined.context("a long-lived task panicked")? {
-            Ok(count) => {
-                exchanges.push(count);
-                tally.record("long-lived connection", Ok(()));
-            }
-            Err(error) => {
-                long_failed += 1;
-                tally.record("long-lived connection", Err(error));
-            }
-        }
-    }
-    let failed_short = tally.failed - long_failed;
-    let mut http_summary = HttpSoak::default();
-    if let Some(http) = http {
-        http_summary = http.await.context("the HTTP loop panicked")?;
-        for (index, error) in http_summary.errors.iter().enumerate() {
-            tally.record(
-                &format!("HTTP error {index}"),
-                Err(Failure::Other(error.clone())),
-            );
-        }
-    }
-    tally.finish(
-        short + long_lived + http_summary.errors.len(),
-        json!({
-            "http_requests": http_summary.requests,
-            "http_reconnects": http_summary.reconnects,
-            "http_failed": http_summary.errors.len(),
-            "short_connections": short,
-            "short_failed": failed_short,
-            "long_lived": long_lived,
-            "long_lived_failed": long_failed,
-            "long_lived_exchanges": exchanges.iter().sum::<usize>(),
-            "long_lived_exchanges_each": exchanges,
-        }),
-    )
-}
-
 async fn flood(
     target: SocketAddr,
     connections: usize,
@@ -1037,61 +959,6 @@ async fn http_load(
         })
     );
     Ok(())
-}
-
-#[derive(Default)]
-struct HttpSoak {
-    requests: usize,
-    reconnects: usize,
-    errors: Vec<String>,
-}
-
-/// Keep-alive GETs back to back until the soak's `end` (see `Cmd::Soak`).
-async fn http_soak(target: SocketAddr, end: SoakEnd, timeout: Duration) -> HttpSoak {
-    let request =
-        format!("GET / HTTP/1.1\r\nHost: {target}\r\nUser-Agent: nodemesh-workload\r\n\r\n")
-            .into_bytes();
-    let mut soak = HttpSoak::default();
-    let mut connection: Option<BufReader<TcpStream>> = None;
-    let (mut line, mut body) = (String::new(), Vec::new());
-    let mut retried = false;
-    while !end.reached() {
-        let reader = match &mut connection {
-            Some(reader) => reader,
-            None => match connect_checked(target, timeout).await {
-                Ok(stream) => connection.insert(BufReader::new(stream)),
-                Err(Failure::PeerMismatch(error) | Failure::Other(error)) => {
-                    soak.errors
-                        .push(format!("request {}: {error}", soak.requests));
-                    soak.requests += 1;
-                    continue;
-                }
-            },
-        };
-        let outcome =
-            tokio::time::timeout(timeout, one_request(reader, &request, &mut line, &mut body))
-                .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
-        match outcome {
-            Ok(Reply::KeepAlive) => {}
-            Ok(Reply::Close) => connection = None,
-            Err(error) if error.is::<ClosedBeforeResponse>() && !retried => {
-                // A stale keep-alive connection: send the request again on a new one.
-                soak.reconnects += 1;
-                connection = None;
-                retried = true;
-                continue;
-            }
-            Err(error) => {
-                soak.errors
-                    .push(format!("request {}: {error:#}", soak.requests));
-                connection = None;
-            }
-        }
-        retried = false;
-        soak.requests += 1;
-    }
-    soak
 }
 
 /// The banner a `banner-server` writes first.
