@@ -12,5 +12,6 @@ pub mod k8s;
 pub mod lifecycle;
 pub mod pods;
 pub mod proxy;
+pub mod serving;
 pub mod state;
 pub mod telemetry;
