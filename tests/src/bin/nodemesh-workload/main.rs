@@ -127,6 +127,9 @@ enum Cmd {
         /// `namespace/name` of a pod on the token's node.
         #[arg(long)]
         pod: String,
+        /// That pod's UID.
+        #[arg(long)]
+        pod_uid: String,
         #[arg(long)]
         requests: usize,
         #[arg(long, default_value_t = 1)]
@@ -417,10 +420,12 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             trust_bundle,
             token_file,
             pod,
+            pod_uid,
             requests,
             concurrency,
         } => {
-            let load = ca_load::Load::new(ca, &server_name, &trust_bundle, &token_file, &pod)?;
+            let pod = (pod.as_str(), pod_uid.as_str());
+            let load = ca_load::Load::new(ca, &server_name, &trust_bundle, &token_file, pod)?;
             load.run(requests, concurrency).await
         }
         Cmd::HttpServer {
