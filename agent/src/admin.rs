@@ -12,7 +12,6 @@ use std::{
 
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::TcpListener, task::JoinHandle};
 
@@ -25,6 +24,7 @@ use crate::{
     },
     pods::enrolment::{EnrolledPodView, PendingPodView},
     proxy::outbound::balance::{Balancer, EndpointView},
+    serving::{BoundedServer, Limits},
     state::{authorization::PolicyView, routes::RouteView, services::ServicePortView},
     telemetry::{
         connections::ConnectionStats,
@@ -190,33 +190,47 @@ impl Listeners {
     }
 }
 
-/// Serves `endpoints` on `listener` in the background until the returned task is aborted.
+/// The admin API on the node's loopback: the kubelet's probes and `nodemesh status`/`top`,
+/// all from one source address.
+const ADMIN_LIMITS: Limits = Limits {
+    max_connections: 256,
+    max_connections_per_source: 256,
+    handshake_timeout: Duration::from_secs(10),
+    header_read_timeout: Duration::from_secs(10),
+    max_lifetime: Duration::from_secs(60),
+};
+
+/// `/metrics` on the node's address, which any pod can reach: a few scrapers, each with
+/// a connection or two (docs/security.md).
+const METRICS_LIMITS: Limits = Limits {
+    max_connections: 64,
+    max_connections_per_source: 8,
+    ..ADMIN_LIMITS
+};
+
+/// Serves `endpoints` on `listener` in the background until the returned task is aborted,
+/// within the bounds of `serving`.
 fn start(listener: TcpListener, state: Arc<AdminState>, endpoints: Endpoints) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
+    let (name, limits) = match endpoints {
+        Endpoints::All => ("admin", ADMIN_LIMITS),
+        Endpoints::MetricsOnly => ("metrics", METRICS_LIMITS),
+    };
+    let server = BoundedServer::new(name, limits, None);
+    tokio::spawn(server.serve(listener, move |_peer| {
+        let state = Arc::clone(&state);
+        service_fn(move |request| {
             let state = Arc::clone(&state);
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let state = Arc::clone(&state);
-                    async move {
-                        let response = match endpoints {
-                            Endpoints::MetricsOnly if request.uri().path() != "/metrics" => {
-                                text(StatusCode::NOT_FOUND, "only /metrics here\n")
-                            }
-                            _ => route(&request, &state),
-                        };
-                        Ok::<_, Infallible>(response)
+            async move {
+                let response = match endpoints {
+                    Endpoints::MetricsOnly if request.uri().path() != "/metrics" => {
+                        text(StatusCode::NOT_FOUND, "only /metrics here\n")
                     }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    })
+                    _ => route(&request, &state),
+                };
+                Ok::<_, Infallible>(response)
+            }
+        })
+    }))
 }
 
 /// Without SO_REUSEPORT: no other process, root included, can bind the port next to the

@@ -618,9 +618,11 @@ fn desired_identities(pods: &[EnrolledPodView], trust_domain: &str) -> BTreeMap<
     for pod in pods {
         match SpiffeId::new(trust_domain, &pod.namespace, &pod.service_account) {
             Ok(id) => {
-                desired
-                    .entry(id)
-                    .or_insert_with(|| (pod.namespace.clone(), pod.name.clone()));
+                desired.entry(id).or_insert_with(|| PodRef {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    uid: pod.uid.clone(),
+                });
             }
             Err(error) => {
                 tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %error, "pod has no valid identity")

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod bounds;
 pub mod cli;
 pub mod config;
 pub mod datapath;
@@ -12,5 +13,6 @@ pub mod lifecycle;
 pub mod netns;
 pub mod pods;
 pub mod proxy;
+pub mod serving;
 pub mod state;
 pub mod telemetry;

@@ -509,13 +509,7 @@ impl Testbed {
         let pid = self
             .agent_pid(node)
             .ok_or_else(|| self.agent_error(node, "no agent was started"))?;
-        let path = format!("/proc/{pid}/status");
-        let status = std::fs::read_to_string(&path).io_context(|| format!("reading {path}"))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| self.agent_error(node, &format!("no VmRSS in {path}")))
+        crate::util::rss_kib(pid).map_err(|error| self.agent_error(node, &error.to_string()))
     }
 
     /// Everything the agent of `node` has logged (across restarts).

@@ -108,6 +108,14 @@ impl MeshCa {
         Ok(())
     }
 
+    /// The pid of the CA process while it runs as a binary in its pod (not from the image).
+    pub fn pid(&self) -> Option<u32> {
+        match self.container {
+            Some(_) => None,
+            None => self.process.as_ref().map(PodProcess::pid),
+        }
+    }
+
     /// The CA's container id and pid while it runs from the image.
     pub fn container(&self) -> Option<(String, Option<u32>)> {
         let running = self.running.as_ref()?;

@@ -54,7 +54,7 @@ pub use nix::sys::signal::Signal;
 pub use pod::{Node, Pod};
 pub use testbed::{ClusterMode, Testbed, TestbedConfig};
 pub use topology::{MESH_LABEL, NamespaceSpec, NodeSpec, PodSpec, TopologySpec};
-pub use util::is_root;
+pub use util::{cpu_seconds, is_root, rss_kib};
 pub use wait::{POLL_INTERVAL, scaled, wait_until};
 pub use workload::{DEFAULT_RUN_TIMEOUT, PodProcess};
 

@@ -1,6 +1,7 @@
 //! Installing and uninstalling with real Helm on a real API server: every testbed in API
-//! server mode is `helm install`ed (tests/src/api_cluster.rs); here `helm uninstall` ends
-//! the mesh. A stop while the chart is installed (a restart, an upgrade) keeps capture on
+//! server mode is `helm install`ed (tests/src/api_cluster.rs); here with the chart's
+//! NetworkPolicies on (the API server accepts them; no network plugin runs here to enforce
+//! them), and `helm uninstall` ends the mesh. A stop while the chart is installed (a restart, an upgrade) keeps capture on
 //! purpose, so the fail mode holds; a stop once the DaemonSet is gone removes everything the
 //! agent put on the node (docs/install.md). Needs root.
 
@@ -44,9 +45,35 @@ fn helm_uninstall_then_a_stop_removes_the_mesh_from_the_node_while_a_restart_kee
         is_root(),
         "kernel tests need root: run `cargo xtask test` as root"
     );
-    let config = TestbedConfig::from_workspace("nmuni").expect("config");
+    let values = tempfile::tempdir().expect("tempdir");
+    let network_policies = values.path().join("network-policies.yaml");
+    std::fs::write(
+        &network_policies,
+        "networkPolicy: {enabled: true, ca: {nodeCIDRs: [198.18.0.0/24]}}\n",
+    )
+    .expect("values");
+    let mut config = TestbedConfig::from_workspace("nmuni").expect("config");
+    config.chart_values = vec![network_policies];
     let tb = Testbed::create(config, TopologySpec::standard_with_ca()).expect("testbed");
-    tb.api().expect("a real API server");
+    let installed = tb
+        .api()
+        .expect("a real API server")
+        .kubectl_ok(&[
+            "-n",
+            "nodemesh-system",
+            "get",
+            "networkpolicies",
+            "-o",
+            "name",
+        ])
+        .expect("kubectl get");
+    assert_eq!(
+        installed.lines().collect::<Vec<_>>(),
+        [
+            "networkpolicy.networking.k8s.io/nodemesh-agent-metrics",
+            "networkpolicy.networking.k8s.io/nodemesh-ca"
+        ]
+    );
     let ca_pod = tb.pod("nodemesh-system", "ca").clone();
     let ca = tb.start_ca(&ca_pod, 3600).expect("CA");
     let closed = AgentOptions {

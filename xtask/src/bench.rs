@@ -524,6 +524,8 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
                     &ca.token_file("node1").display().to_string(),
                     "--pod",
                     "mesh/client-a",
+                    "--pod-uid",
+                    tb.pod("mesh", "client-a").uid(),
                     "--requests",
                     &args.ca_requests.to_string(),
                     "--concurrency",

@@ -49,8 +49,9 @@ pub fn run(task: &DeployTask) -> anyhow::Result<()> {
             }
             let objects = validate_manifests(&committed)?;
             validate_against_schemas(&manifests)?;
+            let policies = check_network_policies(&chart_dir(&root))?;
             println!(
-                "chart linted; {objects} objects valid (Kubernetes types, schemas of {}, deployment rules); manifests match `helm template`",
+                "chart linted; {objects} objects valid (Kubernetes types, schemas of {}, deployment rules); manifests match `helm template`; with networkPolicy.enabled, {policies} NetworkPolicies valid",
                 SCHEMA_VERSIONS.join(" and ")
             );
         }
@@ -91,6 +92,27 @@ pub fn render_chart(chart: &Path, set: &[(&str, &str)]) -> anyhow::Result<String
     String::from_utf8(output.stdout).context("helm template printed non-UTF-8")
 }
 
+/// Values that turn the chart's NetworkPolicies on (they are off by default).
+const NETWORK_POLICY_VALUES: &[(&str, &str)] = &[
+    ("networkPolicy.enabled", "true"),
+    ("networkPolicy.ca.nodeCIDRs[0]", "10.0.0.0/24"),
+];
+
+/// The chart rendered with its NetworkPolicies on: valid as a whole, and against the schemas.
+/// Returns how many NetworkPolicies it has.
+fn check_network_policies(chart: &Path) -> anyhow::Result<usize> {
+    let rendered = render_chart(chart, NETWORK_POLICY_VALUES)?;
+    validate_manifests(&rendered)?;
+    let dir = std::env::temp_dir().join(format!("nodemesh-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("with-network-policies.yaml");
+    std::fs::write(&file, &rendered).with_context(|| format!("writing {}", file.display()))?;
+    let valid = validate_against_schemas(&file);
+    let _ = std::fs::remove_dir_all(&dir);
+    valid?;
+    Ok(rendered.matches("\nkind: NetworkPolicy\n").count())
+}
+
 /// `helm lint --strict`: the chart is well-formed and renders.
 fn lint_chart(chart: &Path) -> anyhow::Result<()> {
     let output = helm()?
@@ -116,6 +138,7 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
     use k8s_openapi::api::{
         apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Service, ServiceAccount},
+        networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     };
@@ -160,6 +183,8 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
             "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(&value),
             "Service" => round_trip::<Service>(&value),
             "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(&value),
+            "NetworkPolicy" => round_trip::<NetworkPolicy>(&value)
+                .and_then(|()| check_network_policy(&serde_json::from_value(value.clone())?)),
             "DaemonSet" => round_trip::<DaemonSet>(&value)
                 .and_then(|()| check_daemon_set(&serde_json::from_value(value.clone())?)),
             "Deployment" => round_trip::<Deployment>(&value).and_then(|()| {
@@ -440,9 +465,59 @@ fn check_pod(pod: Option<k8s_openapi::api::core::v1::PodSpec>, name: &str) -> an
     Ok(())
 }
 
+/// The port each NetworkPolicy guards, by the pods it selects.
+const GUARDED_PORTS: &[(&str, i32)] = &[("nodemesh-ca", 15012), ("nodemesh-agent", 15090)];
+
+/// A NetworkPolicy guards one port of our pods: the rule naming that port admits named
+/// sources only, and no other rule admits that port.
+fn check_network_policy(
+    policy: &k8s_openapi::api::networking::v1::NetworkPolicy,
+) -> anyhow::Result<()> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let spec = policy.spec.as_ref().context("no spec")?;
+    let selected = spec
+        .pod_selector
+        .as_ref()
+        .and_then(|s| s.match_labels.as_ref())
+        .and_then(|labels| labels.get("app.kubernetes.io/name"))
+        .context("selects no pods of ours by app.kubernetes.io/name")?;
+    let &(_, guarded) = GUARDED_PORTS
+        .iter()
+        .find(|(pods, _)| pods == selected)
+        .with_context(|| format!("a NetworkPolicy for {selected} is not expected"))?;
+    if spec.policy_types.as_deref() != Some(&["Ingress".to_owned()][..]) {
+        bail!("policyTypes must be [Ingress]");
+    }
+    let mut guarding = 0;
+    for rule in spec.ingress.iter().flatten() {
+        let ports = rule.ports.as_deref().unwrap_or_default();
+        let admits = |port: &k8s_openapi::api::networking::v1::NetworkPolicyPort| {
+            let protocol = port.protocol.as_deref().unwrap_or("TCP");
+            match &port.port {
+                None => protocol == "TCP",
+                Some(IntOrString::Int(first)) => {
+                    protocol == "TCP"
+                        && (*first..=port.end_port.unwrap_or(*first)).contains(&guarded)
+                }
+                Some(IntOrString::String(_)) => true,
+            }
+        };
+        if ports.is_empty() || ports.iter().any(admits) {
+            if rule.from.as_deref().unwrap_or_default().is_empty() {
+                bail!("port {guarded} is admitted from anywhere");
+            }
+            guarding += 1;
+        }
+    }
+    if guarding != 1 {
+        bail!("port {guarded} must be admitted by exactly one rule, not {guarding}");
+    }
+    Ok(())
+}
+
 /// Least privilege: the agent only reads (and, in its namespace, only its own DaemonSet),
-/// writing only HTTPRoute status; the CA only creates TokenReviews and gets pods. No
-/// wildcards.
+/// writing only HTTPRoute status; the CA only creates TokenReviews and gets pods and
+/// namespaces. No wildcards.
 fn check_rules(
     rules: &[k8s_openapi::api::rbac::v1::PolicyRule],
     name: &str,
@@ -508,6 +583,23 @@ mod tests {
             format!("{error:#}").contains("image.digest must be sha256:<64 hex digits>"),
             "{error:#}"
         );
+    }
+
+    #[test]
+    fn network_policies_render_on_request_and_guard_only_their_port() {
+        let chart = chart_dir(&root());
+        assert_eq!(check_network_policies(&chart).unwrap(), 2);
+        let rendered = render_chart(&chart, NETWORK_POLICY_VALUES).unwrap();
+        assert!(rendered.contains("cidr: \"10.0.0.0/24\""), "{rendered}");
+        // A rule that admits the guarded port from anywhere is refused.
+        let open = rendered.replacen("port: 15091, endPort", "port: 15090, endPort", 1);
+        let error = format!("{:#}", validate_manifests(&open).unwrap_err());
+        assert!(
+            error.contains("port 15090 is admitted from anywhere"),
+            "{error}"
+        );
+        let default = render_chart(&chart, &[]).unwrap();
+        assert!(!default.contains("kind: NetworkPolicy"), "off by default");
     }
 
     #[test]

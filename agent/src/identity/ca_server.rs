@@ -1,13 +1,15 @@
 //! `nodemesh ca serve`: signs workload certificates over HTTPS for node agents.
 //!
 //! `POST /v1/certificates` with `Authorization: Bearer <agent token>` and a JSON body
-//! `{"namespace", "pod", "csr"}`. The CA authenticates the token to a node, looks the pod up
-//! in the cluster state, and signs only if the pod is bound to that node; the identity comes
-//! from the pod's namespace and service account, never from the CSR. Every decision is logged.
+//! `{"namespace", "pod", "uid", "csr"}`. The CA authenticates the token to a node, looks the
+//! pod and its namespace up in the cluster state, and signs only for a pod of that node that
+//! is in the mesh (`eligibility`); the identity comes from the pod's namespace and service
+//! account, never from the request or the CSR. Every decision is logged.
 //!
-//! Authentication and the pod lookup are `ca_auth`'s: a Kubernetes TokenReview of the agent's
+//! Authentication and the lookups are `ca_auth`'s: a Kubernetes TokenReview of the agent's
 //! projected ServiceAccount token and the API server (`--kubernetes`), or a token file and a
-//! manifest directory (the testbed).
+//! manifest directory (the testbed). Anyone who reaches the port can connect before proving
+//! anything, so it is served within `serving`'s bounds (flags below).
 
 use std::{
     net::SocketAddr,
@@ -18,20 +20,27 @@ use std::{
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
     ca_auth::{AuthError, Authenticator, PodDirectory, TokenFile, TokenFileError},
-    issuer::{IssuerError, WorkloadIssuer},
-    spiffe::SpiffeId,
+    eligibility::{self, Ineligible, InvalidRequest},
+    issuer::{IssuerError, MAX_WORKLOAD_TTL_SECONDS, WorkloadIssuer},
     tls,
+    token_review::{ReviewError, TokenReviewer},
 };
+use crate::serving::{BoundedServer, Limits};
 
 /// Largest request body accepted (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
+/// How long a client has to send the request body once its head has arrived.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to complete the TLS handshake, and then to send a request head.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection is kept (an agent makes one request per connection).
+const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 #[derive(clap::Args, Debug)]
 pub struct CaServeArgs {
@@ -66,15 +75,27 @@ pub struct CaServeArgs {
     /// DNS name or IP the CA's own serving certificate is issued for (repeatable).
     #[arg(long = "serve-name", default_value = "nodemesh-ca")]
     pub serve_names: Vec<String>,
-    /// Lifetime of issued workload certificates, in seconds.
-    #[arg(long, default_value_t = 24 * 3600)]
+    /// Lifetime of issued workload certificates, in seconds: at most 7 days (604800).
+    /// Certificates never outlive the issuer certificate; agents renew at 70%.
+    #[arg(long, default_value_t = 24 * 3600,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_WORKLOAD_TTL_SECONDS))]
     pub cert_ttl_seconds: u64,
+    /// Connections served at once; more are reset (agents retry with backoff).
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Connections served at once from one source address (IPv6: one /64); an agent makes
+    /// one at a time.
+    #[arg(long, default_value_t = 32)]
+    pub max_connections_per_source: usize,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SignRequest {
     pub namespace: String,
     pub pod: String,
+    /// The UID of the pod the agent enrolled (absent from agents older than the CA).
+    #[serde(default)]
+    pub uid: Option<String>,
     pub csr: String,
 }
 
@@ -90,47 +111,38 @@ pub struct SignResponse {
 pub enum CaError {
     #[error("not authenticated: {0}")]
     Unauthenticated(AuthError),
-    #[error("looking up pod {namespace}/{pod}: {source}")]
-    PodLookup {
-        namespace: String,
-        pod: String,
-        source: kube::Error,
-    },
+    #[error("looking up {what}: {source}")]
+    Lookup { what: String, source: kube::Error },
     #[error("request body: {0}")]
     BadRequest(String),
+    #[error(transparent)]
+    InvalidRequest(#[from] InvalidRequest),
     #[error("pod {namespace}/{pod} is not known to the CA")]
     UnknownPod { namespace: String, pod: String },
-    #[error(
-        "pod {namespace}/{pod} runs on node \"{pod_node}\", not on the caller's node {caller_node}"
-    )]
-    WrongNode {
+    #[error("pod {namespace}/{pod} {reason}")]
+    Ineligible {
         namespace: String,
         pod: String,
-        pod_node: String,
-        caller_node: String,
-    },
-    #[error("pod {namespace}/{pod} has no valid identity: {reason}")]
-    NoIdentity {
-        namespace: String,
-        pod: String,
-        reason: String,
+        reason: Ineligible,
     },
     #[error(transparent)]
     Issuer(#[from] IssuerError),
 }
 
 impl CaError {
-    fn status(&self) -> StatusCode {
+    pub fn status(&self) -> StatusCode {
         match self {
-            CaError::Unauthenticated(AuthError::Api(_)) | CaError::PodLookup { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
+            CaError::Unauthenticated(AuthError::Review(ReviewError::Api(_)))
+            | CaError::Lookup { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            CaError::Unauthenticated(AuthError::Review(ReviewError::RateLimited(_))) => {
+                StatusCode::TOO_MANY_REQUESTS
             }
             CaError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            CaError::BadRequest(_) | CaError::NoIdentity { .. } => StatusCode::BAD_REQUEST,
+            CaError::BadRequest(_) | CaError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             CaError::Issuer(IssuerError::Csr(_) | IssuerError::CsrPem(_)) => {
                 StatusCode::BAD_REQUEST
             }
-            CaError::UnknownPod { .. } | CaError::WrongNode { .. } => StatusCode::FORBIDDEN,
+            CaError::UnknownPod { .. } | CaError::Ineligible { .. } => StatusCode::FORBIDDEN,
             CaError::Issuer(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -179,62 +191,52 @@ impl CertificateAuthority {
         }
     }
 
-    /// Authenticates, authorises and signs one request.
+    /// Authenticates, authorises and signs one request that came from `peer`.
     pub async fn sign(
         &self,
         bearer: Option<&str>,
         request: &SignRequest,
+        peer: SocketAddr,
     ) -> Result<SignResponse, CaError> {
+        let (namespace, name) = (request.namespace.as_str(), request.pod.as_str());
+        let uid = eligibility::check_request(namespace, name, request.uid.as_deref())?;
         let Some(token) = bearer else {
             return Err(CaError::Unauthenticated(AuthError::UnknownToken));
         };
         let node = self
             .authenticator
-            .node_of(token)
+            .node_of(token, peer.ip())
             .await
             .map_err(CaError::Unauthenticated)?;
-        let node = node.as_str();
-        let key = (request.namespace.clone(), request.pod.clone());
+        let lookup = |what: String| move |source| CaError::Lookup { what, source };
         let pod = self
             .pods
-            .pod(&key.0, &key.1)
+            .pod(namespace, name)
             .await
-            .map_err(|source| CaError::PodLookup {
-                namespace: key.0.clone(),
-                pod: key.1.clone(),
-                source,
-            })?
+            .map_err(lookup(format!("pod {namespace}/{name}")))?
             .ok_or_else(|| CaError::UnknownPod {
-                namespace: key.0.clone(),
-                pod: key.1.clone(),
+                namespace: namespace.to_owned(),
+                pod: name.to_owned(),
             })?;
-        let spec = pod.spec.as_ref();
-        let pod_node = spec.and_then(|s| s.node_name.clone());
-        if pod_node.as_deref() != Some(node) {
-            return Err(CaError::WrongNode {
-                namespace: key.0,
-                pod: key.1,
-                pod_node: pod_node.unwrap_or_else(|| "(not scheduled)".to_owned()),
-                caller_node: node.to_owned(),
-            });
-        }
-        let service_account = spec
-            .and_then(|s| s.service_account_name.as_deref())
-            .unwrap_or("default");
-        let id = SpiffeId::new(&self.trust_domain, &request.namespace, service_account).map_err(
-            |e| CaError::NoIdentity {
-                namespace: key.0.clone(),
-                pod: key.1.clone(),
-                reason: e.to_string(),
-            },
-        )?;
+        let pod_namespace = self
+            .pods
+            .namespace(namespace)
+            .await
+            .map_err(lookup(format!("namespace {namespace}")))?;
+        let id =
+            eligibility::identity_for(&pod, pod_namespace.as_ref(), &node, uid, &self.trust_domain)
+                .map_err(|reason| CaError::Ineligible {
+                    namespace: namespace.to_owned(),
+                    pod: name.to_owned(),
+                    reason,
+                })?;
         let issued = self.issuer.sign(&request.csr, &id, self.ttl)?;
         let not_after_unix = issued
             .not_after
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        tracing::info!(node, pod = %format!("{}/{}", key.0, key.1), spiffe_id = %id, serial = %issued.serial, not_after_unix, "certificate issued");
+        tracing::info!(node, pod = %format!("{namespace}/{name}"), uid, spiffe_id = %id, serial = %issued.serial, not_after_unix, "certificate issued");
         Ok(SignResponse {
             spiffe_id: id.to_string(),
             certificate_chain: issued.chain_pem,
@@ -257,11 +259,11 @@ pub async fn start(args: &CaServeArgs) -> Result<SocketAddr, CaStartError> {
         _ => {
             let client = crate::k8s::api::ApiWatch::infer_client().await?;
             (
-                Authenticator::TokenReview {
-                    client: client.clone(),
-                    audience: args.token_audience.clone(),
-                    agent_service_account: args.agent_service_account.clone(),
-                },
+                Authenticator::TokenReview(Box::new(TokenReviewer::new(
+                    client.clone(),
+                    &args.token_audience,
+                    &args.agent_service_account,
+                ))),
                 PodDirectory::Api(client),
             )
         }
@@ -286,33 +288,22 @@ pub async fn start(args: &CaServeArgs) -> Result<SocketAddr, CaStartError> {
             source,
         })?;
     tracing::info!(%addr, trust_domain = %args.trust_domain, "CA listening");
-    tokio::spawn(serve(listener, TlsAcceptor::from(Arc::new(tls)), ca));
+    let limits = Limits {
+        max_connections: args.max_connections,
+        max_connections_per_source: args.max_connections_per_source,
+        handshake_timeout: CLIENT_TIMEOUT,
+        header_read_timeout: CLIENT_TIMEOUT,
+        max_lifetime: MAX_CONNECTION_LIFETIME,
+    };
+    let server = BoundedServer::new("ca", limits, Some(TlsAcceptor::from(Arc::new(tls))));
+    tokio::spawn(server.serve(listener, move |peer| {
+        let ca = Arc::clone(&ca);
+        service_fn(move |request| {
+            let ca = Arc::clone(&ca);
+            async move { Ok::<_, std::convert::Infallible>(handle(request, &ca, peer).await) }
+        })
+    }));
     Ok(addr)
-}
-
-async fn serve(listener: TcpListener, acceptor: TlsAcceptor, ca: Arc<CertificateAuthority>) {
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let (acceptor, ca) = (acceptor.clone(), Arc::clone(&ca));
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(tls) => tls,
-                Err(error) => {
-                    tracing::info!(%peer, %error, "CA: TLS handshake failed");
-                    return;
-                }
-            };
-            let service = service_fn(move |request| {
-                let ca = Arc::clone(&ca);
-                async move { Ok::<_, std::convert::Infallible>(handle(request, &ca, peer).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-        });
-    }
 }
 
 async fn handle(
@@ -332,12 +323,19 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let result = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Err(error) => Err(CaError::BadRequest(format!(
+    let body = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(request.into_body(), MAX_BODY).collect(),
+    );
+    let result = match body.await {
+        Err(_) => Err(CaError::BadRequest(format!(
+            "the body did not arrive within {BODY_TIMEOUT:?}"
+        ))),
+        Ok(Err(error)) => Err(CaError::BadRequest(format!(
             "reading the body (limit {MAX_BODY} bytes): {error}"
         ))),
-        Ok(body) => match serde_json::from_slice::<SignRequest>(&body.to_bytes()) {
-            Ok(sign) => ca.sign(bearer.as_deref(), &sign).await,
+        Ok(Ok(body)) => match serde_json::from_slice::<SignRequest>(&body.to_bytes()) {
+            Ok(sign) => ca.sign(bearer.as_deref(), &sign, peer).await,
             Err(error) => Err(CaError::BadRequest(error.to_string())),
         },
     };

@@ -1,20 +1,26 @@
 //! The CA's signing core: an intermediate issuer that turns a CSR into an X.509-SVID for an
 //! identity the CA chose. Everything the CSR asks for besides its public key (subject, SANs,
-//! extensions) is ignored; the signature on the CSR proves possession of the key.
+//! extensions) is ignored; the signature on the CSR proves possession of the key. A workload
+//! certificate lives at most [`MAX_WORKLOAD_TTL_SECONDS`], and never past its issuer.
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls_pki_types::{CertificateSigningRequestDer, pem::PemObject};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject};
 use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::spiffe::SpiffeId;
+
+/// The longest lifetime of a workload certificate: 7 days. A stolen key is good for at most
+/// this long, and `--cert-ttl-seconds` cannot be set above it.
+pub const MAX_WORKLOAD_TTL_SECONDS: u64 = 7 * 24 * 3600;
 
 /// Certificates start up to this long in the past, to tolerate clock skew between nodes.
 const BACKDATE: Duration = Duration::from_secs(60);
@@ -47,6 +53,16 @@ pub enum IssuerError {
     Csr(rcgen::Error),
     #[error("signing: {0}")]
     Sign(rcgen::Error),
+    #[error(
+        "a workload certificate may live at most {MAX_WORKLOAD_TTL_SECONDS} s, not {}",
+        .0.as_secs()
+    )]
+    Lifetime(Duration),
+    #[error(
+        "the issuer certificate expired (not after {} s since the epoch): put a new issuer in the Secret",
+        unix_seconds(*.0)
+    )]
+    IssuerExpired(SystemTime),
 }
 
 /// A signed workload certificate.
@@ -62,6 +78,8 @@ pub struct WorkloadIssuer {
     issuer: Issuer<'static, KeyPair>,
     /// The intermediate (and anything above it except the root), PEM, appended to leaves.
     chain_pem: String,
+    /// When the intermediate expires: nothing it signs lives longer.
+    not_after: SystemTime,
 }
 
 impl WorkloadIssuer {
@@ -72,16 +90,26 @@ impl WorkloadIssuer {
             path: key_path.to_owned(),
             source,
         })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| {
-            IssuerError::Certificate {
-                path: cert_path.to_owned(),
-                source,
-            }
-        })?;
+        let certificate_error = |source| IssuerError::Certificate {
+            path: cert_path.to_owned(),
+            source,
+        };
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(certificate_error)?;
+        let not_after = not_after(&cert_pem).map_err(certificate_error)?;
         Ok(Self {
             issuer,
             chain_pem: cert_pem,
+            not_after,
         })
+    }
+
+    /// When a certificate issued now for `ttl` expires: `ttl` from now, or when the issuer
+    /// does if that is sooner.
+    fn expiry(&self, now: SystemTime, ttl: Duration) -> Result<SystemTime, IssuerError> {
+        if self.not_after <= now {
+            return Err(IssuerError::IssuerExpired(self.not_after));
+        }
+        Ok((now + ttl).min(self.not_after))
     }
 
     /// Signs the CSR's public key into a certificate for `id`, valid for `ttl`.
@@ -94,8 +122,11 @@ impl WorkloadIssuer {
         let csr_der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
             .map_err(IssuerError::CsrPem)?;
         let csr = CertificateSigningRequestParams::from_der(&csr_der).map_err(IssuerError::Csr)?;
+        if ttl > Duration::from_secs(MAX_WORKLOAD_TTL_SECONDS) {
+            return Err(IssuerError::Lifetime(ttl));
+        }
         let now = SystemTime::now();
-        let not_after = now + ttl;
+        let not_after = self.expiry(now, ttl)?;
         let serial = random_serial();
         let mut params = CertificateParams::default();
         params.not_before = OffsetDateTime::from(now - backdate(ttl));
@@ -138,7 +169,7 @@ impl WorkloadIssuer {
         let mut params = CertificateParams::new(names.to_vec()).map_err(IssuerError::Sign)?;
         let now = SystemTime::now();
         params.not_before = OffsetDateTime::from(now - backdate(ttl));
-        params.not_after = OffsetDateTime::from(now + ttl);
+        params.not_after = OffsetDateTime::from(self.expiry(now, ttl)?);
         params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
@@ -162,6 +193,20 @@ fn random_serial() -> [u8; 16] {
     }
     serial[0] &= 0x7f; // positive ASN.1 INTEGER
     serial
+}
+
+/// The end of the validity of the first certificate in `pem`.
+fn not_after(pem: &str) -> Result<SystemTime, rcgen::Error> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+    let (_, certificate) = X509Certificate::from_der(der.as_ref())
+        .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+    let seconds = certificate.validity().not_after.timestamp();
+    Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or(0)))
+}
+
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn read(path: &Path) -> Result<String, IssuerError> {

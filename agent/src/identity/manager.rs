@@ -19,8 +19,14 @@ const RENEW_AT: f64 = 0.7;
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// A pod that carries an identity: the CA authorises a request through it.
-pub type PodRef = (String, String);
+/// A pod that carries an identity: the CA authorises a request through it, and checks that
+/// it is still the pod the agent enrolled by its UID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -255,8 +261,9 @@ impl IdentityManager {
         let response = self
             .client
             .sign(&SignRequest {
-                namespace: pod.0.clone(),
-                pod: pod.1.clone(),
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                uid: Some(pod.uid.clone()),
                 csr,
             })
             .await?;

@@ -4,10 +4,12 @@
 pub mod ca_auth;
 pub mod ca_client;
 pub mod ca_server;
+pub mod eligibility;
 pub mod issuer;
 pub mod manager;
 pub mod spiffe;
 pub mod tls;
+pub mod token_review;
 
 #[cfg(test)]
 mod tests;

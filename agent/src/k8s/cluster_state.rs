@@ -286,23 +286,38 @@ pub fn parse_text(path: &Path, text: &str) -> Result<usize, ManifestError> {
     parse_manifests(path, text).map(|manifests| manifests.len())
 }
 
-/// The pod `namespace/name` as the directory holds it, whole (the CA reads its node and
-/// service account); files that do not parse are skipped.
+/// The pod `namespace/name` as the directory holds it, whole (the CA reads its node, service
+/// account, UID and state); files that do not parse are skipped.
 pub fn find_pod(dir: &Path, namespace: &str, name: &str) -> Option<Pod> {
-    let paths = manifest_paths(dir).ok()?;
-    paths
+    find_manifest(dir, |manifest| match manifest {
+        Manifest::Pod(pod)
+            if pod.metadata.namespace.as_deref() == Some(namespace)
+                && pod.metadata.name.as_deref() == Some(name) =>
+        {
+            Some(*pod)
+        }
+        _ => None,
+    })
+}
+
+/// The namespace `name` as the directory holds it, whole (the CA reads its mesh label);
+/// files that do not parse are skipped.
+pub fn find_namespace(dir: &Path, name: &str) -> Option<Namespace> {
+    find_manifest(dir, |manifest| match manifest {
+        Manifest::Namespace(namespace) if namespace.metadata.name.as_deref() == Some(name) => {
+            Some(*namespace)
+        }
+        _ => None,
+    })
+}
+
+fn find_manifest<T>(dir: &Path, wanted: impl FnMut(Manifest) -> Option<T>) -> Option<T> {
+    manifest_paths(dir)
+        .ok()?
         .iter()
         .filter_map(|path| parse_file(path).ok())
         .flatten()
-        .find_map(|manifest| match manifest {
-            Manifest::Pod(pod)
-                if pod.metadata.namespace.as_deref() == Some(namespace)
-                    && pod.metadata.name.as_deref() == Some(name) =>
-            {
-                Some(*pod)
-            }
-            _ => None,
-        })
+        .find_map(wanted)
 }
 
 fn manifest_paths(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {

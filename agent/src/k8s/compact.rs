@@ -55,7 +55,7 @@ pub fn namespace_info(
     namespace: &Namespace,
 ) -> Option<Result<NamespaceInfo, InvalidPeerAuthentication>> {
     let name = namespace.metadata.name.clone()?;
-    let meshed = label(&namespace.metadata, membership::MESH_LABEL) == Some("enabled");
+    let meshed = membership::opted_in(namespace);
     Some(
         membership::peer_authentication(namespace).map(|peer_authentication| NamespaceInfo {
             name,

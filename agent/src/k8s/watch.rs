@@ -179,7 +179,11 @@ fn deliver<K, S: Sink<K>>(
         Event::Delete(object) => sink.delete(object),
         Event::InitDone => {
             sink.end_relist();
+            // Watching before synced: whoever waits for the sync sees the state it reached.
+            ctx.report(WatchState::Watching, list, None);
             ctx.synced();
+            ctx.changed();
+            return WatchState::Watching;
         }
     }
     if state != WatchState::Watching {

@@ -50,6 +50,11 @@ pub fn peer_authentication(
     }
 }
 
+/// Whether a namespace opts its pods in: label `nodemesh.io/mesh=enabled`.
+pub fn opted_in(namespace: &Namespace) -> bool {
+    label(&namespace.metadata, MESH_LABEL) == Some("enabled")
+}
+
 /// Whether a pod stays out of the mesh whatever its namespace says: opted out with
 /// `nodemesh.io/mesh=disabled`, on the host network, or finished.
 pub fn excluded(

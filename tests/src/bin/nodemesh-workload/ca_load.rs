@@ -25,6 +25,7 @@ pub struct Load {
     token: String,
     namespace: String,
     pod: String,
+    uid: String,
 }
 
 impl Load {
@@ -33,7 +34,7 @@ impl Load {
         server_name: &str,
         trust_bundle: &Path,
         token_file: &Path,
-        pod: &str,
+        (pod, uid): (&str, &str),
     ) -> anyhow::Result<Arc<Self>> {
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(trust_bundle)
@@ -56,6 +57,7 @@ impl Load {
             token,
             namespace: namespace.to_owned(),
             pod: pod.to_owned(),
+            uid: uid.to_owned(),
         }))
     }
 
@@ -66,7 +68,8 @@ impl Load {
         let csr = CertificateParams::default()
             .serialize_request(&key)?
             .pem()?;
-        let body = json!({"namespace": self.namespace, "pod": self.pod, "csr": csr});
+        let body =
+            json!({"namespace": self.namespace, "pod": self.pod, "uid": self.uid, "csr": csr});
         let tcp = TcpStream::connect(self.ca).await?;
         let tls = self
             .connector

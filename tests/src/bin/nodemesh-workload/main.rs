@@ -6,6 +6,7 @@
 
 mod ca_load;
 mod capture_watch;
+mod flood;
 mod h2c;
 mod handoff_probe;
 mod http_app;
@@ -129,6 +130,9 @@ enum Cmd {
         /// `namespace/name` of a pod on the token's node.
         #[arg(long)]
         pod: String,
+        /// That pod's UID.
+        #[arg(long)]
+        pod_uid: String,
         #[arg(long)]
         requests: usize,
         #[arg(long, default_value_t = 1)]
@@ -213,22 +217,8 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         messages: usize,
     },
-    /// Opens `connections` connections to an echo server, 100 at a time, and checks each with
-    /// a 16-byte echo; writes `{"established", "refused"}` to `report` (atomically), then
-    /// holds the established ones open for `hold_ms` before exiting. `--silent` sends
-    /// nothing: a connection counts as established if it is not closed within 500 ms.
-    Flood {
-        #[arg(long)]
-        target: SocketAddr,
-        #[arg(long)]
-        connections: usize,
-        #[arg(long)]
-        report: std::path::PathBuf,
-        #[arg(long)]
-        hold_ms: u64,
-        #[arg(long)]
-        silent: bool,
-    },
+    /// Opens many connections and holds them (flood.rs).
+    Flood(flood::FloodArgs),
     /// Open-loop load (wrk2-style): GET / at a fixed `rate` per second for `duration_ms`,
     /// over `connections` keep-alive connections. Request i is due at start + i/rate, and its
     /// latency is measured from when it was due, not from when a connection was free to
@@ -392,16 +382,7 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             )
             .await
         }
-        Cmd::Flood {
-            target,
-            connections,
-            report,
-            hold_ms,
-            silent,
-        } => {
-            let hold = Duration::from_millis(hold_ms);
-            flood(target, connections, &report, hold, silent).await
-        }
+        Cmd::Flood(args) => flood::run(&args).await,
         Cmd::Soak {
             target,
             long_lived,
@@ -429,10 +410,12 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             trust_bundle,
             token_file,
             pod,
+            pod_uid,
             requests,
             concurrency,
         } => {
-            let load = ca_load::Load::new(ca, &server_name, &trust_bundle, &token_file, &pod)?;
+            let pod = (pod.as_str(), pod_uid.as_str());
+            let load = ca_load::Load::new(ca, &server_name, &trust_bundle, &token_file, pod)?;
             load.run(requests, concurrency).await
         }
         Cmd::HttpServer {
@@ -609,7 +592,10 @@ impl Failure {
 }
 
 /// Connects to `target`, checks that getpeername() reports `target`.
-async fn connect_checked(target: SocketAddr, timeout: Duration) -> Result<TcpStream, Failure> {
+pub(crate) async fn connect_checked(
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, Failure> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(target))
         .await
         .map_err(|_| Failure::TimedOut(format!("connect to {target}")))?
@@ -726,7 +712,7 @@ async fn echo_client(
 }
 
 /// The payload of connect-many connection `index`: its index and port, repeated to `len` bytes.
-fn tagged_payload(index: usize, port: u16, len: usize) -> Vec<u8> {
+pub(crate) fn tagged_payload(index: usize, port: u16, len: usize) -> Vec<u8> {
     let tag = format!("conn={index:06};port={port:05};");
     tag.bytes().cycle().take(len).collect()
 }
@@ -819,66 +805,6 @@ fn connect_loop(
             "per_connect_ns": elapsed_ns.checked_div(count).unwrap_or(0),
         })
     );
-    Ok(())
-}
-
-async fn flood(
-    target: SocketAddr,
-    connections: usize,
-    report: &std::path::Path,
-    hold: Duration,
-    silent: bool,
-) -> anyhow::Result<()> {
-    let timeout = Duration::from_secs(5);
-    let mut held = Vec::with_capacity(connections);
-    let mut refused = 0usize;
-    let mut next = 0usize;
-    while next < connections {
-        let batch = (connections - next).min(100);
-        let mut opening = JoinSet::new();
-        for index in next..next + batch {
-            opening.spawn(async move {
-                let mut stream = connect_checked(target, timeout).await.ok()?;
-                if silent {
-                    let mut byte = [0u8; 1];
-                    return match tokio::time::timeout(
-                        Duration::from_millis(500),
-                        stream.read(&mut byte),
-                    )
-                    .await
-                    {
-                        Err(_still_open) => Some(stream),
-                        Ok(_closed_or_reset) => None,
-                    };
-                }
-                let payload = tagged_payload(index, target.port(), 16);
-                let mut echoed = vec![0u8; payload.len()];
-                let round = async {
-                    stream.write_all(&payload).await?;
-                    stream.read_exact(&mut echoed).await.map(|_| ())
-                };
-                match tokio::time::timeout(timeout, round).await {
-                    Ok(Ok(())) if echoed == payload => Some(stream),
-                    _ => None,
-                }
-            });
-        }
-        while let Some(joined) = opening.join_next().await {
-            match joined.context("a flood task panicked")? {
-                Some(stream) => held.push(stream),
-                None => refused += 1,
-            }
-        }
-        next += batch;
-    }
-    let summary = json!({ "established": held.len(), "refused": refused });
-    let partial = report.with_extension("partial");
-    std::fs::write(&partial, summary.to_string())
-        .with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, report).with_context(|| format!("writing {}", report.display()))?;
-    println!("{summary}");
-    tokio::time::sleep(hold).await;
-    drop(held);
     Ok(())
 }
 
