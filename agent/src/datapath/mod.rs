@@ -416,10 +416,10 @@ fn pinned_link_ids(dir: &Path) -> BTreeSet<u32> {
         let path = entry.path();
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             ids.extend(pinned_link_ids(&path));
-        } else if let Ok(link) = PinnedLink::from_pin(&path) {
-            if let Ok(info) = FdLink::from(link).info() {
-                ids.insert(info.id());
-            }
+        } else if let Ok(link) = PinnedLink::from_pin(&path)
+            && let Ok(info) = FdLink::from(link).info()
+        {
+            ids.insert(info.id());
         }
     }
     ids
