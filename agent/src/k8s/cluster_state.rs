@@ -27,9 +27,9 @@ use tokio::sync::mpsc;
 use super::{
     compact::{self, LocalPod, NamespaceInfo, ServiceInfo, SliceInfo, WorkloadPod},
     intern::Interner,
+    objects::{AuthorizationPolicyObject, HttpRouteObject},
     snapshot::{ClusterIndices, ClusterSnapshot},
 };
-use crate::state::{authorization::AuthorizationPolicyObject, routes::HttpRouteObject};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {

@@ -45,8 +45,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::state::authorization::{
-        AuthorizationIndex, AuthorizationPolicyObject, RequestAttributes, decide,
+    use crate::{
+        k8s::objects::AuthorizationPolicyObject,
+        state::authorization::{AuthorizationIndex, RequestAttributes, decide},
     };
 
     fn index_with(policy: Option<serde_json::Value>) -> Arc<AuthorizationIndex> {
