@@ -19,25 +19,25 @@ use std::{
     time::Duration,
 };
 
-use nodemesh_common::{INBOUND_STRICT, InboundPod};
-
 use serde::Serialize;
 use socket2::Domain;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 pub use super::pending::PendingPodView;
 use super::{
-    addresses,
-    cgroup::{self, CgroupError},
+    addresses::{self, inbound_pod},
+    cgroup,
+    failure::{EnrolError, Failed},
     listeners::{Opened, PodListener, accept_queue_length},
-    pending::{Failed, Pending},
+    pending::Pending,
     routing,
 };
 use crate::{
-    datapath::{Datapath, DatapathError, Expected},
+    datapath::{Datapath, Expected},
     identity::{manager::IdentityManager, spiffe::SpiffeId},
+    k8s::labels::PeerAuthentication,
     lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
-    netns::{NetnsError, NetnsSockets},
+    netns::NetnsSockets,
     proxy::{
         hbone::HBONE_PORT,
         inbound::{
@@ -51,7 +51,7 @@ use crate::{
             context::{OutboundContext, SourcePod},
         },
     },
-    state::membership::{MeshedPod, PeerAuthentication},
+    state::membership::MeshedPod,
     telemetry::metrics::Peer,
 };
 
@@ -64,21 +64,6 @@ const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 /// Port of the plaintext inbound listener on each meshed pod's loopback (as Istio's 15006).
 /// Nothing dials it: the inbound sk_lookup program hands connections to it.
 pub const PLAINTEXT_INBOUND_PORT: u16 = 15006;
-
-#[derive(Debug, thiserror::Error)]
-pub enum EnrolError {
-    #[error(transparent)]
-    Cgroup(#[from] CgroupError),
-    #[error(transparent)]
-    Netns(#[from] NetnsError),
-    #[error("opening the outbound listener {addr} in the pod: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Datapath(#[from] DatapathError),
-}
 
 /// An enrolled pod, as the config dump shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -686,12 +671,4 @@ fn same_but_mode(a: &MeshedPod, b: &MeshedPod) -> bool {
         workload: b.workload.clone(),
         ..a.clone()
     } == *b
-}
-
-pub(super) fn inbound_pod(mode: PeerAuthentication) -> InboundPod {
-    let flags = match mode {
-        PeerAuthentication::Strict => INBOUND_STRICT,
-        PeerAuthentication::Permissive => 0,
-    };
-    InboundPod { flags, _pad: 0 }
 }

@@ -120,7 +120,7 @@ fn pods_that_can_never_be_meshed_as_they_stand_are_not_kept() {
         .metadata
         .labels
         .get_or_insert_default()
-        .insert(membership::MESH_LABEL.into(), "disabled".into());
+        .insert(MESH_LABEL.into(), "disabled".into());
     let mut host = full_pod();
     host.spec.as_mut().unwrap().host_network = Some(true);
     let mut finished = full_pod();

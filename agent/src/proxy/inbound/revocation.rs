@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::state::{
-    authorization::{Decision, PodPolicies, Policy},
-    membership::PeerAuthentication,
+use crate::{
+    k8s::labels::PeerAuthentication,
+    state::authorization::{Decision, PodPolicies, Policy},
 };
 
 /// Resolves with what denies the connection (a policy, or the mode) once a change of the
