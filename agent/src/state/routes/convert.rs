@@ -31,8 +31,8 @@ pub struct RouteError {
 }
 
 /// Gateway API durations: 1–4 groups of a number and a unit (h, m, s, ms), e.g. `1m30s`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a Gateway API duration (e.g. 500ms, 10s, 1m30s)");
+pub fn parse_duration(text: &str) -> Result<Duration, InvalidDuration> {
+    let bad = || InvalidDuration(text.to_owned());
     let mut total = Duration::ZERO;
     let mut rest = text;
     let mut groups = 0;
@@ -63,6 +63,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     Ok(total)
 }
+
+/// A duration that is not in the Gateway API's format.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{0:?} is not a Gateway API duration (e.g. 500ms, 10s, 1m30s)")]
+pub struct InvalidDuration(String);
 
 /// A route converted, with what the table needs to index and order it.
 #[derive(Debug)]
@@ -177,7 +182,8 @@ fn convert_rule(
         let duration = |text: &Option<String>, name: &str| {
             text.as_deref()
                 .map(|t| {
-                    parse_duration(t).map_err(|m| error(&field(&format!(".timeouts.{name}")), m))
+                    parse_duration(t)
+                        .map_err(|m| error(&field(&format!(".timeouts.{name}")), m.to_string()))
                 })
                 .transpose()
         };
@@ -197,7 +203,7 @@ fn convert_rule(
         let backoff = retry
             .backoff
             .as_deref()
-            .map(|b| parse_duration(b).map_err(|m| error(&field(".retry.backoff"), m)))
+            .map(|b| parse_duration(b).map_err(|m| error(&field(".retry.backoff"), m.to_string())))
             .transpose()?
             .unwrap_or(Duration::from_millis(25));
         if let Some(code) = retry.codes.iter().find(|c| !(500..600).contains(*c)) {
@@ -368,7 +374,8 @@ fn convert_match(spec: &MatchSpec, at: &str, key: &str) -> Result<RequestMatch, 
                 "Exact" => PathMatch::Exact(path.value.clone()),
                 "PathPrefix" => PathMatch::Prefix(path.value.clone()),
                 "RegularExpression" => PathMatch::Regex(
-                    anchored(&path.value).map_err(|m| error(format!("{at}.path.value"), m))?,
+                    anchored(&path.value)
+                        .map_err(|m| error(format!("{at}.path.value"), m.to_string()))?,
                 ),
                 other => {
                     return Err(error(
@@ -383,7 +390,7 @@ fn convert_match(spec: &MatchSpec, at: &str, key: &str) -> Result<RequestMatch, 
         "Exact" => Ok(ValueMatch::Exact(spec.value.clone())),
         "RegularExpression" => anchored(&spec.value)
             .map(ValueMatch::Regex)
-            .map_err(|m| error(format!("{field}.value"), m)),
+            .map_err(|m| error(format!("{field}.value"), m.to_string())),
         other => Err(error(
             format!("{field}.type"),
             format!("{other:?} (Exact or RegularExpression)"),
@@ -422,11 +429,21 @@ fn convert_match(spec: &MatchSpec, at: &str, key: &str) -> Result<RequestMatch, 
 }
 
 /// Gateway API regular expressions match the whole value.
-fn anchored(pattern: &str) -> Result<Regex, String> {
+fn anchored(pattern: &str) -> Result<Regex, InvalidRegex> {
     regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
         .size_limit(1 << 20)
         .build()
-        .map_err(|e| format!("invalid regular expression {pattern:?}: {e}"))
+        .map_err(|source| InvalidRegex {
+            pattern: pattern.to_owned(),
+            source,
+        })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid regular expression {pattern:?}: {source}")]
+struct InvalidRegex {
+    pattern: String,
+    source: regex::Error,
 }
 
 fn convert_modifier(

@@ -28,7 +28,7 @@ mod spec;
 mod status;
 mod table;
 
-pub use convert::{RouteError, parse_duration};
+pub use convert::{InvalidDuration, RouteError, parse_duration};
 pub use rule::{
     Backend, HeaderModifier, PathMatch, PathModifier, Redirect, RequestMatch, RequestView, Retry,
     Rule, UrlRewrite, ValueMatch,
