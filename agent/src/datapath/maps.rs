@@ -233,7 +233,7 @@ impl DatapathMaps {
         Ok(())
     }
 
-    pub(super) fn enroll(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+    pub(super) fn enrol(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
         let wanted = EnrolledPod::default();
         if let Ok(pinned) = self.enrolled.get(&cgroup_id, 0)
             && pinned != wanted
@@ -250,7 +250,7 @@ impl DatapathMaps {
             .map_err(map_err(map_names::ENROLLED_CGROUPS))
     }
 
-    pub(super) fn unenroll(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+    pub(super) fn unenrol(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
         delete(&mut self.enrolled, &cgroup_id, map_names::ENROLLED_CGROUPS).map(drop)
     }
 

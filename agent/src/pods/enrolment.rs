@@ -252,7 +252,7 @@ impl Enrolments {
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in leaving {
-            self.unenroll(&uid);
+            self.unenrol(&uid);
         }
         for (uid, enrolled) in &mut self.enrolled {
             if let Some(pod) = desired.get(uid)
@@ -275,7 +275,7 @@ impl Enrolments {
                 continue;
             }
             let previous = self.pending.remove(uid);
-            match self.enroll(pod).await {
+            match self.enrol(pod).await {
                 Ok(enrolled) => {
                     tracing::info!(
                         pod = %pod.display_name(), cgroup = %enrolled.view.cgroup.display(),
@@ -359,7 +359,7 @@ impl Enrolments {
     }
 
     /// Enrols `pod`; on failure says what was found of it, to hold it closed meanwhile.
-    async fn enroll(&mut self, pod: &MeshedPod) -> Result<Enrolled, Box<Failed>> {
+    async fn enrol(&mut self, pod: &MeshedPod) -> Result<Enrolled, Box<Failed>> {
         let cgroup = cgroup::find_pod_cgroup(&self.pods_root, &pod.uid)
             .map_err(|error| Failed::boxed(error, None, None))?;
         let cgroup_id =
@@ -370,13 +370,13 @@ impl Enrolments {
         let sockets = NetnsSockets::for_process(pid)
             .map(Arc::new)
             .map_err(|error| Failed::boxed(error, found, None))?;
-        self.enroll_in(pod, cgroup, cgroup_id, Arc::clone(&sockets))
+        self.enrol_in(pod, cgroup, cgroup_id, Arc::clone(&sockets))
             .await
             .map_err(|error| Failed::boxed(error, found, Some(sockets)))
     }
 
     /// Opens (or adopts) the pod's listeners, attaches inbound capture and enrols its cgroup.
-    async fn enroll_in(
+    async fn enrol_in(
         &mut self,
         pod: &MeshedPod,
         cgroup: PathBuf,
@@ -532,21 +532,21 @@ impl Enrolments {
             listeners: opened.duplicates,
         };
         // Last step: from here on the pod's connects are captured.
-        self.datapath.enroll_cgroup(cgroup_id)?;
+        self.datapath.enrol_cgroup(cgroup_id)?;
         Ok(enrolled)
     }
 
     /// Un-enrols every pod (uninstall): nothing of the mesh stays in any pod.
-    pub fn unenroll_all(&mut self) {
+    pub fn unenrol_all(&mut self) {
         let uids: Vec<String> = self.enrolled.keys().cloned().collect();
         for uid in uids {
-            self.unenroll(&uid);
+            self.unenrol(&uid);
         }
     }
 
-    fn unenroll(&mut self, uid: &str) {
+    fn unenrol(&mut self, uid: &str) {
         if let Some(enrolled) = self.enrolled.remove(uid) {
-            if let Err(error) = self.datapath.unenroll_cgroup(enrolled.view.cgroup_id) {
+            if let Err(error) = self.datapath.unenrol_cgroup(enrolled.view.cgroup_id) {
                 tracing::error!(pod = %enrolled.pod.display_name(), %error, "removing enrolment failed");
             }
             if let Err(error) = self

@@ -63,7 +63,7 @@ impl Pending {
         }
         let mut cgroup_id = None;
         if let Some(id) = failed.cgroup_id {
-            match datapath.enroll_cgroup(id) {
+            match datapath.enrol_cgroup(id) {
                 Ok(()) => cgroup_id = Some(id),
                 Err(error) => {
                     tracing::error!(pod = %name, %error, "holding the pending pod's cgroup failed")
@@ -139,7 +139,7 @@ impl Pending {
 }
 
 fn unhold_cgroup(datapath: &Datapath, pod: &str, cgroup_id: u64) {
-    if let Err(error) = datapath.unenroll_cgroup(cgroup_id) {
+    if let Err(error) = datapath.unenrol_cgroup(cgroup_id) {
         tracing::error!(%pod, %error, cgroup_id, "removing a held cgroup failed");
     }
 }
