@@ -343,7 +343,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         tracing::info!(
             "the agent's DaemonSet is gone: uninstalling, removing everything from the node"
         );
-        reconciler.enrolments.unenroll_all();
+        reconciler.enrolments.unenrol_all();
         crate::datapath::remove_pinned(&config.bpffs)?;
         return Ok(());
     }

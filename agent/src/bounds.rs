@@ -7,52 +7,42 @@ use std::{
     collections::HashMap,
     hash::Hash,
     net::{IpAddr, Ipv6Addr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// At most one log line of a kind in this long.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// One bound: at most `limit` slots taken at once.
+/// One bound: `limit` permits of a semaphore, taken without waiting.
 pub struct Budget {
     /// Names the bound in metrics and logs.
     pub reason: &'static str,
     limit: usize,
-    active: AtomicUsize,
+    permits: Arc<Semaphore>,
     refusals_logged: LogThrottle,
 }
 
-/// Held while the connection (or handshake) it was taken for lasts.
-pub struct Slot(Arc<Budget>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+/// Held while the connection (or handshake) it was taken for lasts; dropping it gives the
+/// permit back.
+pub type Slot = OwnedSemaphorePermit;
 
 impl Budget {
     pub fn new(reason: &'static str, limit: usize) -> Arc<Self> {
         Arc::new(Self {
             reason,
             limit,
-            active: AtomicUsize::new(0),
+            // A limit beyond what a semaphore holds (`usize::MAX`: no bound) is no bound.
+            permits: Arc::new(Semaphore::new(limit.min(Semaphore::MAX_PERMITS))),
             refusals_logged: LogThrottle::default(),
         })
     }
 
     /// A slot, unless `limit` are taken.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
-        self.active
-            .try_update(Ordering::AcqRel, Ordering::Acquire, |active| {
-                (active < self.limit).then_some(active + 1)
-            })
-            .ok()
-            .map(|_| Slot(Arc::clone(self)))
+    pub fn try_acquire(&self) -> Option<Slot> {
+        Arc::clone(&self.permits).try_acquire_owned().ok()
     }
 
     pub fn limit(&self) -> usize {
@@ -180,7 +170,18 @@ mod tests {
         drop(first);
         let third = budget.try_acquire().expect("a slot came back");
         drop((second, third));
-        assert_eq!(budget.active.load(Ordering::Acquire), 0);
+        assert_eq!(
+            budget.permits.available_permits(),
+            2,
+            "every slot came back"
+        );
+    }
+
+    #[test]
+    fn an_unbounded_budget_gives_slots() {
+        let budget = Budget::new("test", usize::MAX);
+        assert!(budget.try_acquire().is_some());
+        assert_eq!(budget.limit(), usize::MAX);
     }
 
     #[test]

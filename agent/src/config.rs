@@ -1,13 +1,12 @@
 //! The agent's configuration: command-line flags, validated once into `AgentConfig`.
 
 use std::{
-    fmt,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    str::FromStr,
     time::Duration,
 };
 
+use ipnet::IpNet;
 use nodemesh_common::FailMode;
 
 use crate::lifecycle::handoff::HandoffAddress;
@@ -56,8 +55,8 @@ pub struct AgentArgs {
     #[arg(long = "exclude-port")]
     pub exclude_ports: Vec<u16>,
     /// Destination CIDR never captured, e.g. 10.0.0.0/8 or fd00::/8 (repeatable).
-    #[arg(long = "exclude-cidr")]
-    pub exclude_cidrs: Vec<Cidr>,
+    #[arg(long = "exclude-cidr", value_parser = parse_cidr)]
+    pub exclude_cidrs: Vec<IpNet>,
     /// Address of the admin HTTP server (health, readiness, config dump, stats).
     #[arg(long, default_value = "127.0.0.1:15020")]
     pub admin_addr: SocketAddr,
@@ -158,7 +157,7 @@ pub struct AgentConfig {
     pub proc_sys_net: PathBuf,
     pub fail_mode: FailMode,
     pub exclude_ports: Vec<u16>,
-    pub exclude_cidrs: Vec<Cidr>,
+    pub exclude_cidrs: Vec<IpNet>,
     pub admin_addr: SocketAddr,
     pub outbound_port: u16,
     pub proxy_mark: u32,
@@ -316,13 +315,6 @@ impl TryFrom<AgentArgs> for AgentConfig {
     }
 }
 
-/// An IP prefix such as `10.0.0.0/8`; host bits must be zero.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CidrError {
     #[error("{0:?}: expected ADDRESS/PREFIX, e.g. 10.0.0.0/8")]
@@ -332,62 +324,29 @@ pub enum CidrError {
     #[error("{0:?}: prefix length must be 0..={1}")]
     BadPrefix(String, u8),
     #[error("{0:?}: host bits are set; did you mean {1}?")]
-    HostBitsSet(String, Cidr),
+    HostBitsSet(String, IpNet),
 }
 
-impl FromStr for Cidr {
-    type Err = CidrError;
-
-    fn from_str(text: &str) -> Result<Self, CidrError> {
-        let (addr_text, prefix_text) = text
-            .split_once('/')
-            .ok_or_else(|| CidrError::MissingPrefix(text.to_owned()))?;
-        let addr: IpAddr = addr_text
-            .parse()
-            .map_err(|_| CidrError::BadAddress(text.to_owned(), addr_text.to_owned()))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len: u8 = prefix_text
-            .parse()
-            .ok()
-            .filter(|len| *len <= max)
-            .ok_or(CidrError::BadPrefix(text.to_owned(), max))?;
-        let cidr = Cidr { addr, prefix_len };
-        let network = cidr.network();
-        if network != cidr {
-            return Err(CidrError::HostBitsSet(text.to_owned(), network));
-        }
-        Ok(cidr)
+/// An IP prefix such as `10.0.0.0/8`; host bits must be zero. (ipnet's own parser accepts
+/// host bits and says only that the text is invalid: this one names what is wrong.)
+pub fn parse_cidr(text: &str) -> Result<IpNet, CidrError> {
+    let (addr_text, prefix_text) = text
+        .split_once('/')
+        .ok_or_else(|| CidrError::MissingPrefix(text.to_owned()))?;
+    let addr: IpAddr = addr_text
+        .parse()
+        .map_err(|_| CidrError::BadAddress(text.to_owned(), addr_text.to_owned()))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let cidr = prefix_text
+        .parse()
+        .ok()
+        .and_then(|prefix_len| IpNet::new(addr, prefix_len).ok())
+        .ok_or(CidrError::BadPrefix(text.to_owned(), max))?;
+    let network = cidr.trunc();
+    if network != cidr {
+        return Err(CidrError::HostBitsSet(text.to_owned(), network));
     }
-}
-
-impl Cidr {
-    /// The same prefix with host bits cleared.
-    pub fn network(&self) -> Cidr {
-        let addr = match self.addr {
-            IpAddr::V4(v4) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix_len))
-                    .unwrap_or(0);
-                IpAddr::from((u32::from(v4) & mask).to_be_bytes())
-            }
-            IpAddr::V6(v6) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix_len))
-                    .unwrap_or(0);
-                IpAddr::from((u128::from(v6) & mask).to_be_bytes())
-            }
-        };
-        Cidr {
-            addr,
-            prefix_len: self.prefix_len,
-        }
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
+    Ok(cidr)
 }
 
 /// `ADDRESS:PORT`, where an IPv6 address may also come without brackets (as a
@@ -431,29 +390,29 @@ mod tests {
 
     #[test]
     fn parses_v4_and_v6_prefixes() {
-        let v4: Cidr = "10.1.0.0/16".parse().unwrap();
-        assert_eq!(v4.prefix_len, 16);
-        let v6: Cidr = "fd00::/8".parse().unwrap();
-        assert_eq!(v6.addr, "fd00::".parse::<IpAddr>().unwrap());
-        let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert_eq!(all.prefix_len, 0);
+        let v4 = parse_cidr("10.1.0.0/16").unwrap();
+        assert_eq!(v4.prefix_len(), 16);
+        let v6 = parse_cidr("fd00::/8").unwrap();
+        assert_eq!(v6.addr(), "fd00::".parse::<IpAddr>().unwrap());
+        let all = parse_cidr("0.0.0.0/0").unwrap();
+        assert_eq!(all.prefix_len(), 0);
     }
 
     #[test]
     fn rejects_bad_cidrs_with_a_hint() {
         assert!(matches!(
-            "10.0.0.0".parse::<Cidr>(),
+            parse_cidr("10.0.0.0"),
             Err(CidrError::MissingPrefix(_))
         ));
         assert!(matches!(
-            "10.0.0.300/8".parse::<Cidr>(),
+            parse_cidr("10.0.0.300/8"),
             Err(CidrError::BadAddress(..))
         ));
         assert!(matches!(
-            "10.0.0.0/33".parse::<Cidr>(),
+            parse_cidr("10.0.0.0/33"),
             Err(CidrError::BadPrefix(_, 32))
         ));
-        let err = "10.1.2.3/16".parse::<Cidr>().unwrap_err();
+        let err = parse_cidr("10.1.2.3/16").unwrap_err();
         assert_eq!(
             err.to_string(),
             "\"10.1.2.3/16\": host bits are set; did you mean 10.1.0.0/16?"

@@ -9,9 +9,8 @@ use nodemesh::k8s::compact::local_pod;
 use libfuzzer_sys::fuzz_target;
 use nodemesh::{
     identity::spiffe::SpiffeId,
-    state::authorization::{
-        AuthorizationIndex, AuthorizationPolicyObject, Decision, RequestAttributes, decide,
-    },
+    k8s::objects::AuthorizationPolicyObject,
+    state::authorization::{AuthorizationIndex, Decision, RequestAttributes, decide},
 };
 
 fuzz_target!(|data: &[u8]| {

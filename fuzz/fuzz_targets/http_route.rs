@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 
 use hyper::{HeaderMap, Method};
 use libfuzzer_sys::fuzz_target;
-use nodemesh::state::routes::{HttpRouteObject, RequestView, RouteTable};
+use nodemesh::{
+    k8s::objects::HttpRouteObject,
+    state::routes::{RequestView, RouteTable},
+};
 
 fuzz_target!(|data: &[u8]| {
     let mut parts = data.splitn(2, |b| *b == 0);

@@ -13,13 +13,13 @@ use aya::{
     },
     sys::SyscallError,
 };
+use ipnet::IpNet;
 use nodemesh_common::{
     CaptureConfig, ConnectionKey, DeliveryKey, EnrolledPod, FAMILY_V4, FAMILY_V6, FailMode,
     InboundKey, InboundPod, Ipv4Prefix, Ipv6Prefix, OriginalDst, map_names,
 };
 
 use super::DatapathError;
-use crate::config::Cidr;
 
 /// How full the maps are (entries), for the config dump and metrics.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -190,7 +190,7 @@ impl DatapathMaps {
     pub(super) fn write_exclusions(
         &mut self,
         ports: &[u16],
-        cidrs: &[Cidr],
+        cidrs: &[IpNet],
     ) -> Result<(), DatapathError> {
         let stale_ports: Vec<u16> = self.excluded_ports.keys().filter_map(Result::ok).collect();
         for port in stale_ports.iter().filter(|p| !ports.contains(p)) {
@@ -214,8 +214,8 @@ impl DatapathMaps {
             delete(&mut self.excluded_v6, key, map_names::EXCLUDED_CIDRS_V6)?;
         }
         for cidr in cidrs {
-            let prefix_len = u32::from(cidr.prefix_len);
-            match cidr.addr {
+            let prefix_len = u32::from(cidr.prefix_len());
+            match cidr.addr() {
                 IpAddr::V4(v4) => {
                     let key = Key::new(prefix_len, u32::from_ne_bytes(v4.octets()));
                     self.excluded_v4
@@ -233,7 +233,7 @@ impl DatapathMaps {
         Ok(())
     }
 
-    pub(super) fn enroll(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+    pub(super) fn enrol(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
         let wanted = EnrolledPod::default();
         if let Ok(pinned) = self.enrolled.get(&cgroup_id, 0)
             && pinned != wanted
@@ -250,7 +250,7 @@ impl DatapathMaps {
             .map_err(map_err(map_names::ENROLLED_CGROUPS))
     }
 
-    pub(super) fn unenroll(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
+    pub(super) fn unenrol(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
         delete(&mut self.enrolled, &cgroup_id, map_names::ENROLLED_CGROUPS).map(drop)
     }
 

@@ -214,13 +214,13 @@ impl Datapath {
     }
 
     /// Starts capturing connects made by processes in this cgroup or below it.
-    pub fn enroll_cgroup(&self, cgroup_id: u64) -> Result<(), DatapathError> {
-        self.lock().enroll(cgroup_id)
+    pub fn enrol_cgroup(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        self.lock().enrol(cgroup_id)
     }
 
     /// Stops capturing for this cgroup.
-    pub fn unenroll_cgroup(&self, cgroup_id: u64) -> Result<(), DatapathError> {
-        self.lock().unenroll(cgroup_id)
+    pub fn unenrol_cgroup(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        self.lock().unenrol(cgroup_id)
     }
 
     /// Starts handing plaintext that arrives at the pod `uid` (network namespace `netns`,

@@ -82,7 +82,7 @@ impl DatapathMaps {
                 continue;
             }
             // Logs the corrupt entry it replaces.
-            if written(self.enroll(*cgroup_id)) {
+            if written(self.enrol(*cgroup_id)) {
                 repairs += 1;
                 if pinned.is_none() {
                     tracing::info!(cgroup_id, "restored a missing enrolment");

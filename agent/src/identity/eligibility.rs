@@ -5,14 +5,14 @@
 //!   DNS-1123 label, the pod a DNS-1123 subdomain), and it carries the pod's UID;
 //! - the pod runs on the caller's node, has that UID (not a namesake created since the agent
 //!   enrolled the pod), has not finished (Succeeded, Failed), is not being deleted, and is in
-//!   the mesh as the agent decides it (`state::membership`: its namespace labelled
+//!   the mesh as the agent decides it (`k8s::labels`: its namespace labelled
 //!   `nodemesh.io/mesh=enabled`, the pod neither opted out nor on the host network);
 //! - the identity is the pod's own namespace and service account.
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use super::spiffe::{SpiffeId, SpiffeIdError};
-use crate::state::membership;
+use crate::k8s::labels;
 
 /// The longest UID accepted (Kubernetes gives pods 36-character UUIDs).
 const MAX_UID: usize = 128;
@@ -113,10 +113,10 @@ pub fn identity_for(
     if pod.metadata.deletion_timestamp.is_some() {
         return Err(Ineligible::Terminating);
     }
-    if !namespace.is_some_and(membership::opted_in) {
+    if !namespace.is_some_and(labels::opted_in) {
         return Err(Ineligible::NamespaceNotMeshed);
     }
-    if membership::excluded(
+    if labels::excluded(
         pod.metadata.labels.as_ref(),
         spec.and_then(|s| s.host_network),
         phase,
@@ -220,7 +220,7 @@ mod tests {
         Namespace {
             metadata: ObjectMeta {
                 name: Some("shop".into()),
-                labels: Some([(membership::MESH_LABEL.into(), "enabled".into())].into()),
+                labels: Some([(labels::MESH_LABEL.into(), "enabled".into())].into()),
                 ..Default::default()
             },
             ..Default::default()
@@ -279,8 +279,7 @@ mod tests {
         let mut deleting = pod();
         deleting.metadata.deletion_timestamp = Some(Time(Default::default()));
         let mut opted_out = pod();
-        opted_out.metadata.labels =
-            Some([(membership::MESH_LABEL.into(), "disabled".into())].into());
+        opted_out.metadata.labels = Some([(labels::MESH_LABEL.into(), "disabled".into())].into());
         let mut host_network = pod();
         host_network.spec.as_mut().unwrap().host_network = Some(true);
         let mut unlabelled = meshed();

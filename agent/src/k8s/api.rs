@@ -24,7 +24,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Resource,
+    Api, Client,
     api::{Patch, PatchParams},
     runtime::watcher,
 };
@@ -37,15 +37,12 @@ use super::{
     compact::LocalPod,
     discovery::{self, Optional},
     intern::Interner,
+    objects::{AuthorizationPolicyObject, HttpRouteObject, RouteStatusUpdate},
     sinks::{LocalPodSink, NamespaceSink, ObjectSink, ServiceSink, SliceSink, WorkloadSink, lock},
     snapshot::{ClusterIndices, ClusterSnapshot},
     status::SourceStatus,
     table::{NamespaceTable, Table},
     watch::{self as watches, Ended, Unsynced, WatchContext},
-};
-use crate::state::{
-    authorization::AuthorizationPolicyObject,
-    routes::{HttpRouteObject, RouteStatusUpdate},
 };
 
 const NAMESPACES: &str = "Namespaces";
@@ -274,7 +271,7 @@ fn optional<K>(
     table: &Objects<K>,
 ) -> Optional
 where
-    K: Resource<DynamicType = ()>
+    K: kube::Resource<DynamicType = ()>
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
@@ -352,57 +349,6 @@ pub async fn write_route_status(
     api.patch_status(&update.name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| ())
-}
-
-/// HTTPRoute (gateway.networking.k8s.io/v1) as kube-rs sees it; its spec is converted by
-/// `state::routes`, which reports what is wrong with it.
-impl Resource for HttpRouteObject {
-    type DynamicType = ();
-    type Scope = kube::core::NamespaceResourceScope;
-
-    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
-        "HTTPRoute".into()
-    }
-    fn group(_: &()) -> std::borrow::Cow<'_, str> {
-        "gateway.networking.k8s.io".into()
-    }
-    fn version(_: &()) -> std::borrow::Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
-        "httproutes".into()
-    }
-    fn meta(&self) -> &kube::core::ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut kube::core::ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-/// AuthorizationPolicy (nodemesh.io/v1alpha1), converted by `state::authorization`.
-impl Resource for AuthorizationPolicyObject {
-    type DynamicType = ();
-    type Scope = kube::core::NamespaceResourceScope;
-
-    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
-        "AuthorizationPolicy".into()
-    }
-    fn group(_: &()) -> std::borrow::Cow<'_, str> {
-        "nodemesh.io".into()
-    }
-    fn version(_: &()) -> std::borrow::Cow<'_, str> {
-        "v1alpha1".into()
-    }
-    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
-        "authorizationpolicies".into()
-    }
-    fn meta(&self) -> &kube::core::ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut kube::core::ObjectMeta {
-        &mut self.metadata
-    }
 }
 
 #[cfg(test)]

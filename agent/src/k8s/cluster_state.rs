@@ -27,9 +27,10 @@ use tokio::sync::mpsc;
 use super::{
     compact::{self, LocalPod, NamespaceInfo, ServiceInfo, SliceInfo, WorkloadPod},
     intern::Interner,
+    labels::{InvalidPeerAuthentication, MESH_LABEL},
+    objects::{AuthorizationPolicyObject, HttpRouteObject},
     snapshot::{ClusterIndices, ClusterSnapshot},
 };
-use crate::state::{authorization::AuthorizationPolicyObject, routes::HttpRouteObject};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -63,7 +64,7 @@ pub enum ManifestError {
         path: PathBuf,
         document: usize,
         name: String,
-        source: crate::state::membership::InvalidPeerAuthentication,
+        source: InvalidPeerAuthentication,
     },
     #[error("{path}: document {document}: {kind} {name} without metadata.namespace")]
     MissingNamespace {
@@ -82,7 +83,9 @@ pub enum ManifestError {
 /// One object of a manifest, as parsed.
 #[derive(Clone, Debug)]
 enum Manifest {
-    Namespace(Box<Namespace>),
+    /// Read through `compact::namespace_info` as it is parsed: a namespace whose labels are
+    /// invalid rejects its file, whose last good objects stay.
+    Namespace(NamespaceInfo),
     Pod(Box<Pod>),
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
@@ -161,8 +164,7 @@ impl ClusterStateDir {
 
     fn compact(&mut self, manifest: Manifest) -> Option<Object> {
         Some(match manifest {
-            // The reader rejects a namespace with invalid labels (with its file).
-            Manifest::Namespace(ns) => Object::Namespace(compact::namespace_info(&ns)?.ok()?),
+            Manifest::Namespace(ns) => Object::Namespace(ns),
             Manifest::Pod(pod) => {
                 let here = pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
                     == Some(self.node.as_str());
@@ -300,12 +302,23 @@ pub fn find_pod(dir: &Path, namespace: &str, name: &str) -> Option<Pod> {
     })
 }
 
-/// The namespace `name` as the directory holds it, whole (the CA reads its mesh label);
-/// files that do not parse are skipped.
+/// The namespace `name` as the directory holds it, for the CA, which decides on its mesh
+/// label: the namespace is parsed into its compact form (its labels validated), and comes
+/// back with just its name and that label. Files that do not parse are skipped.
 pub fn find_namespace(dir: &Path, name: &str) -> Option<Namespace> {
     find_manifest(dir, |manifest| match manifest {
-        Manifest::Namespace(namespace) if namespace.metadata.name.as_deref() == Some(name) => {
-            Some(*namespace)
+        Manifest::Namespace(namespace) if namespace.name.as_str() == name => {
+            let labels = namespace
+                .meshed
+                .then(|| [(MESH_LABEL.to_owned(), "enabled".to_owned())].into());
+            Some(Namespace {
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    labels,
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
         }
         _ => None,
     })
@@ -365,22 +378,18 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Manifest>, ManifestErr
         match meta.kind.as_str() {
             "Namespace" => {
                 let ns: Namespace = typed(path, document_number, "Namespace", value)?;
-                let Some(name) = ns.metadata.name.clone() else {
-                    return Err(ManifestError::MissingName {
-                        path: path.to_owned(),
-                        document: document_number,
-                        kind: "Namespace",
-                    });
-                };
-                if let Err(source) = crate::state::membership::peer_authentication(&ns) {
-                    return Err(ManifestError::Label {
-                        path: path.to_owned(),
-                        document: document_number,
-                        name,
-                        source,
-                    });
-                }
-                objects.push(Manifest::Namespace(Box::new(ns)));
+                let info = compact::namespace_info(&ns).ok_or(ManifestError::MissingName {
+                    path: path.to_owned(),
+                    document: document_number,
+                    kind: "Namespace",
+                })?;
+                let info = info.map_err(|source| ManifestError::Label {
+                    path: path.to_owned(),
+                    document: document_number,
+                    name: ns.metadata.name.clone().unwrap_or_default(),
+                    source,
+                })?;
+                objects.push(Manifest::Namespace(info));
             }
             "Pod" => objects.push(Manifest::Pod(Box::new(namespaced(
                 path,
@@ -602,7 +611,7 @@ mod tests {
         let shop = &snapshot.namespaces["shop"];
         assert_eq!(
             shop.peer_authentication,
-            crate::state::membership::PeerAuthentication::Permissive,
+            crate::k8s::labels::PeerAuthentication::Permissive,
             "the last good namespace is kept"
         );
     }

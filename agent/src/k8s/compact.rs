@@ -25,8 +25,10 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use super::intern::Interner;
-use crate::state::membership::{self, InvalidPeerAuthentication, PeerAuthentication};
+use super::{
+    intern::Interner,
+    labels::{self, InvalidPeerAuthentication, PeerAuthentication, label},
+};
 
 /// EndpointSlice label naming the Service it belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -55,9 +57,9 @@ pub fn namespace_info(
     namespace: &Namespace,
 ) -> Option<Result<NamespaceInfo, InvalidPeerAuthentication>> {
     let name = namespace.metadata.name.clone()?;
-    let meshed = membership::opted_in(namespace);
+    let meshed = labels::opted_in(namespace);
     Some(
-        membership::peer_authentication(namespace).map(|peer_authentication| NamespaceInfo {
+        labels::peer_authentication(namespace).map(|peer_authentication| NamespaceInfo {
             name,
             meshed,
             peer_authentication,
@@ -92,7 +94,7 @@ impl WorkloadPod {
 pub fn workload_pod(pod: &Pod, strings: &mut Interner) -> Option<WorkloadPod> {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
-    if membership::excluded(
+    if labels::excluded(
         pod.metadata.labels.as_ref(),
         spec.and_then(|s| s.host_network),
         status.and_then(|s| s.phase.as_deref()),
@@ -364,13 +366,6 @@ pub fn slice_info(slice: &EndpointSlice, strings: &mut Interner) -> Option<Slice
         ports,
         ready: ready.into_boxed_slice(),
     })
-}
-
-fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
-    meta.labels
-        .as_ref()
-        .and_then(|labels| labels.get(key))
-        .map(String::as_str)
 }
 
 /// The workload label: `app.kubernetes.io/name`, else `app`.

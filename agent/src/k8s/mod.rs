@@ -8,6 +8,8 @@ pub mod compact;
 pub mod discovery;
 pub mod installation;
 pub mod intern;
+pub mod labels;
+pub mod objects;
 pub mod sinks;
 pub mod snapshot;
 pub mod source;

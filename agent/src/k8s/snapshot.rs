@@ -6,10 +6,11 @@
 
 use std::collections::BTreeMap;
 
-use super::compact::{LocalPod, NamespaceInfo};
+use super::{
+    compact::{LocalPod, NamespaceInfo},
+    objects::{AuthorizationPolicyObject, HttpRouteObject},
+};
 use crate::state::{
-    authorization::AuthorizationPolicyObject,
-    routes::HttpRouteObject,
     services::{ServiceIndex, SharedServices},
     workloads::{SharedWorkloads, WorkloadIndex},
 };

@@ -6,12 +6,11 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 
-use crate::state::routes::RouteStatusUpdate;
-
 use super::{
     api::{ApiError, ApiWatch},
     cluster_state::{ClusterStateDir, ManifestError},
     discovery,
+    objects::RouteStatusUpdate,
     snapshot::{ClusterIndices, ClusterSnapshot},
     status::{SourceStatus, WatchState},
 };

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::compact::NamespaceInfo;
-use crate::state::membership::InvalidPeerAuthentication;
+use super::labels::InvalidPeerAuthentication;
 
 #[derive(Debug)]
 pub struct Table<K, V> {

@@ -5,7 +5,9 @@
 
 use std::net::IpAddr;
 
-use crate::{netns::NetnsError, state::membership::MeshedPod};
+use nodemesh_common::{INBOUND_STRICT, InboundPod};
+
+use crate::{k8s::labels::PeerAuthentication, netns::NetnsError, state::membership::MeshedPod};
 
 /// The pod's addresses from the API server, then every other one of `local` (its network
 /// namespace's) that no other enrolled pod holds: `held_by` names the pod holding an
@@ -35,10 +37,19 @@ pub fn inbound_addresses(
     addresses
 }
 
+/// The datapath's entry for each captured address of a pod in `mode`: STRICT drops plaintext.
+pub fn inbound_pod(mode: PeerAuthentication) -> InboundPod {
+    let flags = match mode {
+        PeerAuthentication::Strict => INBOUND_STRICT,
+        PeerAuthentication::Permissive => 0,
+    };
+    InboundPod { flags, _pad: 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::membership::PeerAuthentication;
+    use crate::k8s::labels::PeerAuthentication;
 
     fn pod() -> MeshedPod {
         MeshedPod {

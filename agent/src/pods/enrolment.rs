@@ -19,25 +19,25 @@ use std::{
     time::Duration,
 };
 
-use nodemesh_common::{INBOUND_STRICT, InboundPod};
-
 use serde::Serialize;
 use socket2::Domain;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 pub use super::pending::PendingPodView;
 use super::{
-    addresses,
-    cgroup::{self, CgroupError},
+    addresses::{self, inbound_pod},
+    cgroup,
+    failure::{EnrolError, Failed},
     listeners::{Opened, PodListener, accept_queue_length},
-    pending::{Failed, Pending},
+    pending::Pending,
     routing,
 };
 use crate::{
-    datapath::{Datapath, DatapathError, Expected},
+    datapath::{Datapath, Expected},
     identity::{manager::IdentityManager, spiffe::SpiffeId},
+    k8s::labels::PeerAuthentication,
     lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
-    netns::{NetnsError, NetnsSockets},
+    netns::NetnsSockets,
     proxy::{
         hbone::HBONE_PORT,
         inbound::{
@@ -51,7 +51,7 @@ use crate::{
             context::{OutboundContext, SourcePod},
         },
     },
-    state::membership::{MeshedPod, PeerAuthentication},
+    state::membership::MeshedPod,
     telemetry::metrics::Peer,
 };
 
@@ -64,21 +64,6 @@ const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 /// Port of the plaintext inbound listener on each meshed pod's loopback (as Istio's 15006).
 /// Nothing dials it: the inbound sk_lookup program hands connections to it.
 pub const PLAINTEXT_INBOUND_PORT: u16 = 15006;
-
-#[derive(Debug, thiserror::Error)]
-pub enum EnrolError {
-    #[error(transparent)]
-    Cgroup(#[from] CgroupError),
-    #[error(transparent)]
-    Netns(#[from] NetnsError),
-    #[error("opening the outbound listener {addr} in the pod: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Datapath(#[from] DatapathError),
-}
 
 /// An enrolled pod, as the config dump shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -267,7 +252,7 @@ impl Enrolments {
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in leaving {
-            self.unenroll(&uid);
+            self.unenrol(&uid);
         }
         for (uid, enrolled) in &mut self.enrolled {
             if let Some(pod) = desired.get(uid)
@@ -290,7 +275,7 @@ impl Enrolments {
                 continue;
             }
             let previous = self.pending.remove(uid);
-            match self.enroll(pod).await {
+            match self.enrol(pod).await {
                 Ok(enrolled) => {
                     tracing::info!(
                         pod = %pod.display_name(), cgroup = %enrolled.view.cgroup.display(),
@@ -374,7 +359,7 @@ impl Enrolments {
     }
 
     /// Enrols `pod`; on failure says what was found of it, to hold it closed meanwhile.
-    async fn enroll(&mut self, pod: &MeshedPod) -> Result<Enrolled, Box<Failed>> {
+    async fn enrol(&mut self, pod: &MeshedPod) -> Result<Enrolled, Box<Failed>> {
         let cgroup = cgroup::find_pod_cgroup(&self.pods_root, &pod.uid)
             .map_err(|error| Failed::boxed(error, None, None))?;
         let cgroup_id =
@@ -385,13 +370,13 @@ impl Enrolments {
         let sockets = NetnsSockets::for_process(pid)
             .map(Arc::new)
             .map_err(|error| Failed::boxed(error, found, None))?;
-        self.enroll_in(pod, cgroup, cgroup_id, Arc::clone(&sockets))
+        self.enrol_in(pod, cgroup, cgroup_id, Arc::clone(&sockets))
             .await
             .map_err(|error| Failed::boxed(error, found, Some(sockets)))
     }
 
     /// Opens (or adopts) the pod's listeners, attaches inbound capture and enrols its cgroup.
-    async fn enroll_in(
+    async fn enrol_in(
         &mut self,
         pod: &MeshedPod,
         cgroup: PathBuf,
@@ -547,21 +532,21 @@ impl Enrolments {
             listeners: opened.duplicates,
         };
         // Last step: from here on the pod's connects are captured.
-        self.datapath.enroll_cgroup(cgroup_id)?;
+        self.datapath.enrol_cgroup(cgroup_id)?;
         Ok(enrolled)
     }
 
     /// Un-enrols every pod (uninstall): nothing of the mesh stays in any pod.
-    pub fn unenroll_all(&mut self) {
+    pub fn unenrol_all(&mut self) {
         let uids: Vec<String> = self.enrolled.keys().cloned().collect();
         for uid in uids {
-            self.unenroll(&uid);
+            self.unenrol(&uid);
         }
     }
 
-    fn unenroll(&mut self, uid: &str) {
+    fn unenrol(&mut self, uid: &str) {
         if let Some(enrolled) = self.enrolled.remove(uid) {
-            if let Err(error) = self.datapath.unenroll_cgroup(enrolled.view.cgroup_id) {
+            if let Err(error) = self.datapath.unenrol_cgroup(enrolled.view.cgroup_id) {
                 tracing::error!(pod = %enrolled.pod.display_name(), %error, "removing enrolment failed");
             }
             if let Err(error) = self
@@ -686,12 +671,4 @@ fn same_but_mode(a: &MeshedPod, b: &MeshedPod) -> bool {
         workload: b.workload.clone(),
         ..a.clone()
     } == *b
-}
-
-pub(super) fn inbound_pod(mode: PeerAuthentication) -> InboundPod {
-    let flags = match mode {
-        PeerAuthentication::Strict => INBOUND_STRICT,
-        PeerAuthentication::Permissive => 0,
-    };
-    InboundPod { flags, _pad: 0 }
 }

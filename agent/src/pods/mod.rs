@@ -4,6 +4,7 @@
 pub mod addresses;
 pub mod cgroup;
 pub mod enrolment;
+mod failure;
 mod listeners;
 mod pending;
 pub mod routing;

@@ -9,11 +9,10 @@ use std::{fs::File, net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 
-use super::enrolment::EnrolError;
+use super::{addresses::inbound_pod, failure::Failed};
 use crate::{
-    datapath::Datapath,
-    netns::NetnsSockets,
-    state::membership::{MeshedPod, PeerAuthentication},
+    datapath::Datapath, k8s::labels::PeerAuthentication, netns::NetnsSockets,
+    state::membership::MeshedPod,
 };
 
 /// A meshed pod that could not be enrolled yet, why, and what keeps it closed meanwhile.
@@ -29,28 +28,6 @@ pub struct PendingPodView {
     pub peer_authentication: PeerAuthentication,
     /// Whether the pod's addresses are under inbound capture (a STRICT pod drops plaintext).
     pub inbound_held: bool,
-}
-
-/// What enrolling a pod found before it failed: enough to hold the pod closed.
-pub struct Failed {
-    pub error: EnrolError,
-    pub cgroup_id: Option<u64>,
-    /// The pod's network namespace, when the pod has a process in one of its own.
-    pub sockets: Option<Arc<NetnsSockets>>,
-}
-
-impl Failed {
-    pub(super) fn boxed(
-        error: impl Into<EnrolError>,
-        cgroup_id: Option<u64>,
-        sockets: Option<Arc<NetnsSockets>>,
-    ) -> Box<Self> {
-        Box::new(Self {
-            error: error.into(),
-            cgroup_id,
-            sockets,
-        })
-    }
 }
 
 /// A pending pod and what this agent holds for it.
@@ -86,7 +63,7 @@ impl Pending {
         }
         let mut cgroup_id = None;
         if let Some(id) = failed.cgroup_id {
-            match datapath.enroll_cgroup(id) {
+            match datapath.enrol_cgroup(id) {
                 Ok(()) => cgroup_id = Some(id),
                 Err(error) => {
                     tracing::error!(pod = %name, %error, "holding the pending pod's cgroup failed")
@@ -97,7 +74,7 @@ impl Pending {
             }
         }
         if inbound {
-            let mode = super::enrolment::inbound_pod(pod.peer_authentication);
+            let mode = inbound_pod(pod.peer_authentication);
             if let Err(error) = datapath.set_inbound_mode(&pod.ips, mode) {
                 tracing::error!(pod = %name, %error, "holding the pending pod's addresses failed");
             }
@@ -162,7 +139,7 @@ impl Pending {
 }
 
 fn unhold_cgroup(datapath: &Datapath, pod: &str, cgroup_id: u64) {
-    if let Err(error) = datapath.unenroll_cgroup(cgroup_id) {
+    if let Err(error) = datapath.unenrol_cgroup(cgroup_id) {
         tracing::error!(%pod, %error, cgroup_id, "removing a held cgroup failed");
     }
 }

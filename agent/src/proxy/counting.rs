@@ -1,6 +1,8 @@
-//! Stream wrappers that count bytes, so byte counters stay exact even when a copy ends with
-//! an error: `CountingStream` counts what is read from it; `MeteredStream` counts both ways
-//! into a shared `Meter` that outlives the stream (an HTTP server owns and drops its stream).
+//! One stream wrapper, [`Tapped`], for everything the proxy does beside forwarding a stream's
+//! bytes: count what is read (`CountingStream`), count both ways into a shared `Meter` that
+//! outlives the stream (`MeteredStream`: an HTTP server owns and drops its stream), or replay
+//! bytes already consumed before reading on (`detect::Prefixed`). Counting in the stream keeps
+//! byte counters exact even when a copy ends with an error.
 
 use std::{
     io,
@@ -12,20 +14,33 @@ use std::{
     task::{Context, Poll},
 };
 
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-pub struct CountingStream<S> {
-    inner: S,
-    read: u64,
+/// What a [`Tapped`] stream does beside forwarding.
+pub trait Tap {
+    /// Fills `buf` itself rather than reading the inner stream, when it has bytes to give.
+    fn serve_read(&mut self, _buf: &mut ReadBuf<'_>) -> bool {
+        false
+    }
+    /// `n` bytes were read from the inner stream.
+    fn on_read(&mut self, _n: usize) {}
+    /// `n` bytes were written to the inner stream.
+    fn on_written(&mut self, _n: usize) {}
 }
 
-impl<S> CountingStream<S> {
-    pub fn new(inner: S) -> Self {
-        Self { inner, read: 0 }
+pin_project! {
+    /// A stream that forwards to `inner` and tells `tap` what passes.
+    pub struct Tapped<S, T> {
+        #[pin]
+        inner: S,
+        tap: T,
     }
+}
 
-    pub fn bytes_read(&self) -> u64 {
-        self.read
+impl<S, T> Tapped<S, T> {
+    pub fn with_tap(inner: S, tap: T) -> Self {
+        Self { inner, tap }
     }
 
     pub fn inner(&self) -> &S {
@@ -33,36 +48,85 @@ impl<S> CountingStream<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for CountingStream<S> {
+impl<S: AsyncRead, T: Tap> AsyncRead for Tapped<S, T> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if this.tap.serve_read(buf) {
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let poll = this.inner.poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = poll {
-            self.read += (buf.filled().len() - before) as u64;
+            this.tap.on_read(buf.filled().len() - before);
         }
         poll
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for CountingStream<S> {
+impl<S: AsyncWrite, T: Tap> AsyncWrite for Tapped<S, T> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = self.project();
+        let poll = this.inner.poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            this.tap.on_written(n);
+        }
+        poll
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let poll = this.inner.poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = poll {
+            this.tap.on_written(n);
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Bytes read, for [`CountingStream`].
+#[derive(Debug, Default)]
+pub struct ReadCount(u64);
+
+impl Tap for ReadCount {
+    fn on_read(&mut self, n: usize) {
+        self.0 += n as u64;
+    }
+}
+
+/// A stream that counts what is read from it.
+pub type CountingStream<S> = Tapped<S, ReadCount>;
+
+impl<S> Tapped<S, ReadCount> {
+    pub fn new(inner: S) -> Self {
+        Self::with_tap(inner, ReadCount::default())
+    }
+
+    pub fn bytes_read(&self) -> u64 {
+        self.tap.0
     }
 }
 
@@ -83,52 +147,22 @@ impl Meter {
     }
 }
 
-pub struct MeteredStream<S> {
-    inner: S,
-    meter: Arc<Meter>,
+impl Tap for Arc<Meter> {
+    fn on_read(&mut self, n: usize) {
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn on_written(&mut self, n: usize) {
+        self.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
-impl<S> MeteredStream<S> {
+/// A stream that counts both ways into a shared [`Meter`].
+pub type MeteredStream<S> = Tapped<S, Arc<Meter>>;
+
+impl<S> Tapped<S, Arc<Meter>> {
     pub fn new(inner: S, meter: Arc<Meter>) -> Self {
-        Self { inner, meter }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for MeteredStream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = poll {
-            let n = (buf.filled().len() - before) as u64;
-            self.meter.read.fetch_add(n, Ordering::Relaxed);
-        }
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for MeteredStream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = poll {
-            self.meter.written.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        poll
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        Self::with_tap(inner, meter)
     }
 }
 

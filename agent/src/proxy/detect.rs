@@ -8,14 +8,11 @@
 //! wait. A Service port's `appProtocol` saying HTTP lifts the bound (the client must speak
 //! first), one saying anything else skips detection altogether.
 
-use std::{
-    io,
-    pin::Pin,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{io, time::Duration};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+
+use super::counting::{Tap, Tapped};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -138,75 +135,41 @@ pub async fn detect<S: AsyncRead + Unpin>(
     })
 }
 
-/// A stream whose first reads return `prefix`: the bytes detection consumed.
-pub struct Prefixed<S> {
-    prefix: Vec<u8>,
+/// Bytes detection consumed, replayed by the first reads of a [`Prefixed`] stream.
+pub struct Prefix {
+    bytes: Vec<u8>,
     offset: usize,
-    inner: S,
 }
 
-impl<S> Prefixed<S> {
+impl Tap for Prefix {
+    fn serve_read(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.offset >= self.bytes.len() {
+            return false;
+        }
+        let n = buf.remaining().min(self.bytes.len() - self.offset);
+        let start = self.offset;
+        buf.put_slice(&self.bytes[start..start + n]);
+        self.offset += n;
+        if self.offset == self.bytes.len() {
+            self.bytes = Vec::new();
+            self.offset = 0;
+        }
+        true
+    }
+}
+
+/// A stream whose first reads return `prefix`: the bytes detection consumed.
+pub type Prefixed<S> = Tapped<S, Prefix>;
+
+impl<S> Tapped<S, Prefix> {
     pub fn new(prefix: Vec<u8>, inner: S) -> Self {
-        Self {
-            prefix,
-            offset: 0,
+        Self::with_tap(
             inner,
-        }
-    }
-
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.offset < self.prefix.len() {
-            let n = buf.remaining().min(self.prefix.len() - self.offset);
-            let start = self.offset;
-            buf.put_slice(&self.prefix[start..start + n]);
-            self.offset += n;
-            if self.offset == self.prefix.len() {
-                self.prefix = Vec::new();
-                self.offset = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+            Prefix {
+                bytes: prefix,
+                offset: 0,
+            },
+        )
     }
 }
 

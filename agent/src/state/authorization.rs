@@ -21,19 +21,13 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::{identity::spiffe::SpiffeId, k8s::compact::LocalPod};
-
-/// An AuthorizationPolicy as read from the cluster, converted on each rebuild.
-#[derive(Clone, Debug, Deserialize)]
-pub struct AuthorizationPolicyObject {
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: serde_json::Value,
-}
+use crate::{
+    identity::spiffe::SpiffeId,
+    k8s::{compact::LocalPod, objects::AuthorizationPolicyObject},
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("AuthorizationPolicy {policy}: {field}: {message}")]

@@ -2,70 +2,11 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use k8s_openapi::api::core::v1::Namespace;
-
 use crate::k8s::{
     compact::{LocalPod, ProbeTarget},
+    labels::{PeerAuthentication, excluded},
     snapshot::ClusterSnapshot,
 };
-
-/// Label on a Namespace (`enabled`) or a Pod (`disabled`) that opts in or out.
-pub const MESH_LABEL: &str = "nodemesh.io/mesh";
-
-/// Label on a Namespace choosing how its meshed pods treat plaintext from outside the mesh:
-/// `strict` or `permissive` (the default, as in Istio, so a namespace can be meshed before
-/// all of its clients are).
-pub const PEER_AUTHENTICATION_LABEL: &str = "nodemesh.io/peer-authentication";
-
-/// Whether a meshed pod accepts plaintext TCP from outside the mesh.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum PeerAuthentication {
-    /// Plaintext is refused; only mTLS (HBONE) reaches the pod.
-    Strict,
-    /// Plaintext is delivered (and counted) alongside mTLS.
-    #[default]
-    Permissive,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("label {PEER_AUTHENTICATION_LABEL}={value:?} is not one of \"strict\", \"permissive\"")]
-pub struct InvalidPeerAuthentication {
-    pub value: String,
-}
-
-/// The namespace's peer-authentication mode from its label.
-pub fn peer_authentication(
-    namespace: &Namespace,
-) -> Result<PeerAuthentication, InvalidPeerAuthentication> {
-    match label(&namespace.metadata, PEER_AUTHENTICATION_LABEL) {
-        None => Ok(PeerAuthentication::default()),
-        Some(value) if value.eq_ignore_ascii_case("strict") => Ok(PeerAuthentication::Strict),
-        Some(value) if value.eq_ignore_ascii_case("permissive") => {
-            Ok(PeerAuthentication::Permissive)
-        }
-        Some(value) => Err(InvalidPeerAuthentication {
-            value: value.to_owned(),
-        }),
-    }
-}
-
-/// Whether a namespace opts its pods in: label `nodemesh.io/mesh=enabled`.
-pub fn opted_in(namespace: &Namespace) -> bool {
-    label(&namespace.metadata, MESH_LABEL) == Some("enabled")
-}
-
-/// Whether a pod stays out of the mesh whatever its namespace says: opted out with
-/// `nodemesh.io/mesh=disabled`, on the host network, or finished.
-pub fn excluded(
-    labels: Option<&BTreeMap<String, String>>,
-    host_network: Option<bool>,
-    phase: Option<&str>,
-) -> bool {
-    labels.and_then(|l| l.get(MESH_LABEL)).map(String::as_str) == Some("disabled")
-        || host_network == Some(true)
-        || matches!(phase, Some("Succeeded" | "Failed"))
-}
 
 /// A pod of this node that belongs in the mesh.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,16 +47,6 @@ pub fn local_meshed_pods(snapshot: &ClusterSnapshot) -> BTreeMap<String, MeshedP
         .collect()
 }
 
-fn label<'a>(
-    meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    key: &str,
-) -> Option<&'a str> {
-    meta.labels
-        .as_ref()
-        .and_then(|labels| labels.get(key))
-        .map(String::as_str)
-}
-
 /// The pod as a mesh member, or None when it must not be captured: opted out, host network,
 /// finished, or not yet given an IP or UID.
 fn meshed_pod(pod: &LocalPod, peer_authentication: PeerAuthentication) -> Option<MeshedPod> {
@@ -142,12 +73,15 @@ fn meshed_pod(pod: &LocalPod, peer_authentication: PeerAuthentication) -> Option
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
-        api::core::v1::{Pod, PodIP, PodSpec, PodStatus},
+        api::core::v1::{Namespace, Pod, PodIP, PodSpec, PodStatus},
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
     };
 
     use super::*;
-    use crate::k8s::compact;
+    use crate::k8s::{
+        compact,
+        labels::{MESH_LABEL, PEER_AUTHENTICATION_LABEL, peer_authentication},
+    };
 
     fn namespace(name: &str, meshed: bool) -> Namespace {
         let labels = meshed.then(|| [(MESH_LABEL.to_owned(), "enabled".to_owned())].into());

@@ -142,15 +142,27 @@ async fn export_loop(endpoint: Uri, node: String, mut spans: mpsc::Receiver<Valu
     }
 }
 
-async fn post(endpoint: &Uri, body: String) -> Result<(), String> {
+/// Why a batch of spans did not reach the collector.
+#[derive(Debug, thiserror::Error)]
+enum ExportError {
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Request(#[from] hyper::http::Error),
+    #[error("collector answered {0}")]
+    Status(hyper::StatusCode),
+}
+
+async fn post(endpoint: &Uri, body: String) -> Result<(), ExportError> {
     let host = endpoint.host().unwrap_or_default();
     let port = endpoint.port_u16().unwrap_or(80);
     let stream = TcpStream::connect((host.trim_matches(['[', ']']), port))
         .await
-        .map_err(|e| format!("connecting: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ExportError::Connect)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let path = endpoint
         .path_and_query()
@@ -161,18 +173,14 @@ async fn post(endpoint: &Uri, body: String) -> Result<(), String> {
             endpoint.authority().map_or(host, |a| a.as_str()),
         )
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
+        .body(Full::new(Bytes::from(body)))?;
+    let response = sender.send_request(request).await?;
     let status = response.status();
     let _ = response.into_body().collect().await;
     if status.is_success() {
         Ok(())
     } else {
-        Err(format!("collector answered {status}"))
+        Err(ExportError::Status(status))
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::*;
+use crate::k8s::labels::MESH_LABEL;
 
 fn full_pod() -> Pod {
     serde_json::from_str(include_str!("pod.json")).expect("pod.json is a Pod")
@@ -120,7 +121,7 @@ fn pods_that_can_never_be_meshed_as_they_stand_are_not_kept() {
         .metadata
         .labels
         .get_or_insert_default()
-        .insert(membership::MESH_LABEL.into(), "disabled".into());
+        .insert(MESH_LABEL.into(), "disabled".into());
     let mut host = full_pod();
     host.spec.as_mut().unwrap().host_network = Some(true);
     let mut finished = full_pod();

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::{
     datapath::Datapath,
     identity::{manager::IdentityManager, spiffe::SpiffeId},
+    k8s::labels::PeerAuthentication,
     netns::NetnsSockets,
     proxy::{
         limits::{self, Budget, PerClient},
@@ -21,7 +22,6 @@ use crate::{
     },
     state::{
         authorization::{AuthorizationIndex, PodPolicies},
-        membership::PeerAuthentication,
         probes::{ProbeIndex, ProbePort},
         workloads::SharedWorkloads,
     },

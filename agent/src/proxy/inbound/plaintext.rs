@@ -28,6 +28,7 @@ use super::{
     revocation::withdrawn,
 };
 use crate::{
+    k8s::labels::PeerAuthentication,
     netns::non_loopback,
     proxy::{
         http::HEADER_READ_TIMEOUT,
@@ -37,7 +38,6 @@ use crate::{
     },
     state::{
         authorization::{Decision, Policy, RequestAttributes, decide},
-        membership::PeerAuthentication,
         probes::ProbePort,
     },
     telemetry::{

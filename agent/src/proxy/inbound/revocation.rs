@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::state::{
-    authorization::{Decision, PodPolicies, Policy},
-    membership::PeerAuthentication,
+use crate::{
+    k8s::labels::PeerAuthentication,
+    state::authorization::{Decision, PodPolicies, Policy},
 };
 
 /// Resolves with what denies the connection (a policy, or the mode) once a change of the
@@ -45,8 +45,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::state::authorization::{
-        AuthorizationIndex, AuthorizationPolicyObject, RequestAttributes, decide,
+    use crate::{
+        k8s::objects::AuthorizationPolicyObject,
+        state::authorization::{AuthorizationIndex, RequestAttributes, decide},
     };
 
     fn index_with(policy: Option<serde_json::Value>) -> Arc<AuthorizationIndex> {

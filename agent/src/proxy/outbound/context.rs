@@ -56,15 +56,25 @@ pub struct OutboundContext {
     pub max_connections_per_pod: usize,
 }
 
+/// A connection to a Service's virtual address while the Service has no ready endpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("Service {service} has no ready endpoint")]
+pub struct NoReadyEndpoint {
+    /// `namespace/name`.
+    pub service: String,
+}
+
 impl OutboundContext {
     /// Where to dial for `original`: a Service's virtual address becomes one of its ready
-    /// endpoints; anything else stays as it is. Err names a Service without ready endpoints.
-    pub fn route(&self, original: SocketAddr) -> Result<SocketAddr, String> {
+    /// endpoints; anything else stays as it is.
+    pub fn route(&self, original: SocketAddr) -> Result<SocketAddr, NoReadyEndpoint> {
         let index = self.services.read().unwrap_or_else(|p| p.into_inner());
         match index.resolve(original) {
             Resolution::NotAService => Ok(original),
             Resolution::Endpoint { addr, .. } => Ok(addr),
-            Resolution::NoReadyEndpoint { service } => Err(service.to_owned()),
+            Resolution::NoReadyEndpoint { service } => Err(NoReadyEndpoint {
+                service: service.to_owned(),
+            }),
         }
     }
 

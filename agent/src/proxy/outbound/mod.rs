@@ -25,7 +25,7 @@ use nodemesh_common::{ConnectionKey, FAMILY_V4, OriginalDst};
 use tokio::net::{TcpListener, TcpStream};
 
 use self::{
-    context::{OutboundContext, SourcePod},
+    context::{NoReadyEndpoint, OutboundContext, SourcePod},
     request::ClientConnection,
     upstream::{OutboundError, Upstream},
 };
@@ -142,7 +142,7 @@ async fn forward(
     let client = Prefixed::new(prefix, client);
     let target = match ctx.route(original) {
         Ok(target) => target,
-        Err(service) => {
+        Err(NoReadyEndpoint { service }) => {
             tracing::info!(pod = %pod.display_name, destination = %original, %service, "Service has no ready endpoint; refusing");
             ctx.stats.failed(&pod.display_name, original);
             reset(client.inner());

@@ -354,7 +354,7 @@ async fn send_to_backend(
     *chosen = Some(endpoint);
     *request.uri_mut() = match upstream_uri(version, authority, path) {
         Ok(uri) => uri,
-        Err(message) => return Err(Refusal::new(StatusCode::BAD_REQUEST, message)),
+        Err(error) => return Err(Refusal::new(StatusCode::BAD_REQUEST, error.to_string())),
     };
     if version == Version::Http1 {
         if let Ok(host) = HeaderValue::from_str(authority) {
@@ -439,21 +439,38 @@ async fn send_to_backend(
 
 /// HTTP/1.1 carries the origin form (`/path?query`, Host separately); HTTP/2 the absolute
 /// form, from which hyper takes `:scheme` and `:authority`.
-fn upstream_uri(version: Version, authority: &str, path: &str) -> Result<Uri, String> {
-    let path = PathAndQuery::try_from(path).map_err(|e| format!("nodemesh: bad path: {e}\n"))?;
+fn upstream_uri(version: Version, authority: &str, path: &str) -> Result<Uri, UpstreamUriError> {
+    let path = PathAndQuery::try_from(path).map_err(UpstreamUriError::Path)?;
     match version {
         Version::Http1 => Ok(Uri::from(path)),
         Version::Http2 => {
-            let authority = Authority::try_from(authority)
-                .map_err(|e| format!("nodemesh: bad authority {authority:?}: {e}\n"))?;
+            let authority =
+                Authority::try_from(authority).map_err(|source| UpstreamUriError::Authority {
+                    authority: authority.to_owned(),
+                    source,
+                })?;
             Uri::builder()
                 .scheme(Scheme::HTTP)
                 .authority(authority)
                 .path_and_query(path)
                 .build()
-                .map_err(|e| format!("nodemesh: {e}\n"))
+                .map_err(UpstreamUriError::Build)
         }
     }
+}
+
+/// Why a request cannot be sent upstream as it is; its text is the 400 answer's body.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamUriError {
+    #[error("nodemesh: bad path: {0}\n")]
+    Path(hyper::http::uri::InvalidUri),
+    #[error("nodemesh: bad authority {authority:?}: {source}\n")]
+    Authority {
+        authority: String,
+        source: hyper::http::uri::InvalidUri,
+    },
+    #[error("nodemesh: {0}\n")]
+    Build(hyper::http::Error),
 }
 
 /// What the client addressed: the URI's authority (HTTP/2), the Host header (HTTP/1.1), or

@@ -1,4 +1,10 @@
+use std::{collections::BTreeMap, time::Duration};
+
+use hyper::{Method, header::HeaderValue};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use super::*;
+use crate::k8s::objects::HttpRouteObject;
 
 fn route(namespace: &str, name: &str, yaml: &str) -> ((String, String), HttpRouteObject) {
     let spec: serde_json::Value = serde_yaml::from_str(yaml).expect("test YAML");

@@ -1,0 +1,72 @@
+//! The labels by which Namespaces and Pods opt into or out of the mesh, and how they are read.
+//! Both sources read them through `compact.rs`, so each rule lives here once.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+
+/// Label on a Namespace (`enabled`) or a Pod (`disabled`) that opts in or out.
+pub const MESH_LABEL: &str = "nodemesh.io/mesh";
+
+/// Label on a Namespace choosing how its meshed pods treat plaintext from outside the mesh:
+/// `strict` or `permissive` (the default, as in Istio, so a namespace can be meshed before
+/// all of its clients are).
+pub const PEER_AUTHENTICATION_LABEL: &str = "nodemesh.io/peer-authentication";
+
+/// Whether a meshed pod accepts plaintext TCP from outside the mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PeerAuthentication {
+    /// Plaintext is refused; only mTLS (HBONE) reaches the pod.
+    Strict,
+    /// Plaintext is delivered (and counted) alongside mTLS.
+    #[default]
+    Permissive,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("label {PEER_AUTHENTICATION_LABEL}={value:?} is not one of \"strict\", \"permissive\"")]
+pub struct InvalidPeerAuthentication {
+    pub value: String,
+}
+
+/// The namespace's peer-authentication mode from its label.
+pub fn peer_authentication(
+    namespace: &Namespace,
+) -> Result<PeerAuthentication, InvalidPeerAuthentication> {
+    match label(&namespace.metadata, PEER_AUTHENTICATION_LABEL) {
+        None => Ok(PeerAuthentication::default()),
+        Some(value) if value.eq_ignore_ascii_case("strict") => Ok(PeerAuthentication::Strict),
+        Some(value) if value.eq_ignore_ascii_case("permissive") => {
+            Ok(PeerAuthentication::Permissive)
+        }
+        Some(value) => Err(InvalidPeerAuthentication {
+            value: value.to_owned(),
+        }),
+    }
+}
+
+/// Whether a namespace opts its pods in: label `nodemesh.io/mesh=enabled`.
+pub fn opted_in(namespace: &Namespace) -> bool {
+    label(&namespace.metadata, MESH_LABEL) == Some("enabled")
+}
+
+/// Whether a pod stays out of the mesh whatever its namespace says: opted out with
+/// `nodemesh.io/mesh=disabled`, on the host network, or finished.
+pub fn excluded(
+    labels: Option<&BTreeMap<String, String>>,
+    host_network: Option<bool>,
+    phase: Option<&str>,
+) -> bool {
+    labels.and_then(|l| l.get(MESH_LABEL)).map(String::as_str) == Some("disabled")
+        || host_network == Some(true)
+        || matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// The value of label `key`.
+pub fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels
+        .as_ref()
+        .and_then(|labels| labels.get(key))
+        .map(String::as_str)
+}

@@ -1,0 +1,165 @@
+//! `cargo xtask bench`: what capture costs, measured against direct traffic in the same run,
+//! on the same testbed, with the same programs. Prints a markdown report; `--write` also
+//! replaces the generated section of docs/benchmarks.md.
+//!
+//! Direct traffic goes from the non-meshed pod `plain/outsider` to servers in non-meshed pods
+//! on the same nodes as the meshed servers (`plain/direct-a` on node1, `plain/direct-b` on
+//! node2): traffic to a meshed pod is captured at the destination too, so only a destination
+//! outside the mesh gives a direct baseline.
+//!
+//! Scenarios (each repeated `--runs` times; the report gives the median and the spread):
+//! - connect()+close() rate from a non-meshed pod vs a meshed pod to a port excluded from
+//!   capture (the hook runs its whole decision but passes: the hook's own cost).
+//! - Short-lived connections end to end: connect() + 64-byte echo + close() from a non-meshed
+//!   pod vs a meshed pod whose connections are captured and proxied. (A captured connect()
+//!   alone completes against the in-pod listener and says nothing about the proxy.)
+//! - 1 KiB keep-alive HTTP/1.1 request latency, cross-node, from a non-meshed pod (direct) vs
+//!   a meshed pod: to a non-meshed pod (L4 without mTLS: the source's proxy relays plain
+//!   TCP), to a meshed pod's address (L4: both node proxies relay bytes over HBONE mutual
+//!   TLS) and to a Service with an HTTPRoute (L7: the client's node proxy parses, routes and
+//!   balances every request); with the agents' CPU time per 10k requests.
+//! - HTTP/2 (h2load, prior knowledge): one connection with 10 concurrent streams, requests/s
+//!   and per-request latency from h2load's log, direct vs through the L7 proxy.
+//! - Server-first protocols: time from connect() to a server's banner when the client sends
+//!   nothing, direct vs through a Service port without `appProtocol` (protocol detection
+//!   waits its bounded time) vs one declared `tcp` (no detection): detection's added delay.
+//! - Open-loop HTTP/1.1 at fixed offered loads (`--loads`, 16 keep-alive connections,
+//!   wrk2-style: latency from when each request was due), the same four paths: achieved
+//!   rate and p50/p99/p999.
+//! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs HBONE mTLS.
+//! - Agent memory (RSS) idle, with 100 enrolled pods on a node, and holding 10,000 idle
+//!   proxied connections from one pod to a pod on the other node.
+//! - Enrolment: a pod appears on node1 (cgroup, sandbox process, then its manifest with a
+//!   podIP, in the order the kubelet and the API server produce them); the time until the
+//!   agent's admin API lists it as enrolled, polled every millisecond (an upper bound).
+//! - CA issuance: certificates signed per second by `nodemesh ca serve` with 1 and 8 requests
+//!   in flight, each as an agent makes it (new key pair, CSR, TLS connection, POST).
+//!
+//! The testbed runs the nodemesh CA as a pod, so meshed-to-meshed traffic is what users get:
+//! mutual TLS through the source and destination proxies.
+//!
+//! `setup.rs` starts the agents and the servers, `scenarios.rs` runs one repetition of every
+//! scenario, `report.rs` writes the markdown and the plots; `probes.rs` holds the
+//! measurements they share and `stats.rs` what they record.
+
+mod probes;
+mod report;
+mod scenarios;
+mod setup;
+mod stats;
+
+use anyhow::{Context, bail};
+use nodemesh_testbed::{ClusterMode, Testbed};
+
+pub use self::probes::process_cpu_seconds;
+
+const HTTP_PORT: u16 = 8080;
+const BANNER_PORT: u16 = 2525;
+/// Services in front of server-b's banner server: detected, and declared `appProtocol: tcp`.
+const BANNER_DETECTED_IP: &str = "198.18.201.20";
+const BANNER_DECLARED_IP: &str = "198.18.201.21";
+/// Banner reads per run and path.
+const BANNER_READS: usize = 20;
+/// The Service (with an HTTPRoute) in front of server-b that the L7 scenarios use.
+const L7_SERVICE_IP: &str = "198.18.201.10";
+const L7_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bench-web, namespace: mesh}
+spec:
+  parentRefs: [{group: '', kind: Service, name: bench-web, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-bench, value: l7}]}
+      backendRefs: [{name: bench-web, port: 80}]
+";
+const ECHO_PORT: u16 = 7000;
+const EXCLUDED_PORT: u16 = 7001;
+const REPORT_START: &str = "<!-- bench:start -->";
+const REPORT_END: &str = "<!-- bench:end -->";
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Repetitions of every scenario.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// connect()+close() pairs per run.
+    #[arg(long, default_value_t = 20_000)]
+    connects: u64,
+    /// HTTP requests per run.
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+    /// MiB echoed by the bulk transfer per run.
+    #[arg(long, default_value_t = 256)]
+    bulk_mib: u64,
+    /// Pods added (and enrolled) per run.
+    #[arg(long, default_value_t = 20)]
+    enrolments: usize,
+    /// Certificate requests per run and concurrency level.
+    #[arg(long, default_value_t = 300)]
+    ca_requests: usize,
+    /// Offered loads (requests/s) of the open-loop runs, each for `--load-seconds`.
+    #[arg(long, value_delimiter = ',', default_value = "1000,3000")]
+    loads: Vec<u64>,
+    #[arg(long, default_value_t = 3)]
+    load_seconds: u64,
+    /// Idle connections held for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    /// Replace the generated section of docs/benchmarks.md with this run's report.
+    #[arg(long)]
+    write: bool,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let report = crate::with_testbed("nmbench", true, ClusterMode::Manifests, |tb| {
+        measure(tb, args)
+    })?;
+    println!("{report}");
+    if args.write {
+        write_report(&report)?;
+    }
+    Ok(())
+}
+
+fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
+    let ca_pod = tb.pod("nodemesh-system", "ca").clone();
+    let ca = tb.start_ca(&ca_pod, 24 * 3600)?;
+    let bed = setup::prepare(tb, args, &ca)?;
+    let idle_rss = [
+        probes::agent_rss_mib(tb, "node1")?,
+        probes::agent_rss_mib(tb, "node2")?,
+    ];
+    // First, so that a failure here costs little: the agents' memory with 100 pods and with
+    // many idle connections; it puts the testbed back as it was.
+    eprintln!(
+        "bench: memory with 100 pods and {} idle connections",
+        args.idle_connections
+    );
+    let memory = probes::memory(tb, &bed.workload, args.idle_connections)?;
+    let mut results = scenarios::Results::new(args, bed.http_paths.len());
+    for run in 0..args.runs {
+        eprintln!("bench run {}/{}", run + 1, args.runs);
+        scenarios::one_run(tb, args, &bed, &ca, run, &mut results)?;
+    }
+    report::render(args, &bed, results, &memory, idle_rss)
+}
+
+fn write_report(report: &str) -> anyhow::Result<()> {
+    replace_section("docs/benchmarks.md", REPORT_START, REPORT_END, report)
+}
+
+/// Replaces what lies between the markers `start` and `end` of the workspace file `path`.
+pub fn replace_section(path: &str, start: &str, end: &str, report: &str) -> anyhow::Result<()> {
+    let path = crate::workspace_root().join(path);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (Some(from), Some(to)) = (text.find(start), text.find(end)) else {
+        bail!("{} lacks the {start} / {end} markers", path.display());
+    };
+    let updated = format!("{}{start}\n{report}\n{}", &text[..from], &text[to..]);
+    std::fs::write(&path, updated).with_context(|| format!("writing {}", path.display()))?;
+    println!("updated {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! One repetition of every scenario, in the order the report lists them, recorded into
+//! [`Results`].
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nodemesh_testbed::{MeshCa, Pod, Testbed};
+
+use super::{
+    BANNER_DECLARED_IP, BANNER_DETECTED_IP, BANNER_PORT, BANNER_READS, BenchArgs, ECHO_PORT,
+    EXCLUDED_PORT, HTTP_PORT,
+    probes::{agents_cpu_seconds, enrolment_latencies, h2load, run_json, wait_proxy_idle},
+    setup::Bed,
+    stats::{H2Run, HttpRuns, Issuance},
+};
+
+const OUTSIDER: (&str, &str) = ("plain", "outsider");
+const CLIENT: (&str, &str) = ("mesh", "client-a");
+
+/// Every run's samples, by scenario.
+pub(super) struct Results {
+    pub(super) direct: Vec<f64>,
+    pub(super) hooked: Vec<f64>,
+    pub(super) direct_tx: Vec<f64>,
+    pub(super) captured_tx: Vec<f64>,
+    pub(super) closed_loop: Vec<HttpRuns>,
+    /// Per offered load and path: (achieved rps, p50, p99, p999) per run.
+    pub(super) open_loop: Vec<Vec<Vec<[f64; 4]>>>,
+    pub(super) h2_direct: Vec<H2Run>,
+    pub(super) h2_l7: Vec<H2Run>,
+    pub(super) banner_direct: Vec<f64>,
+    pub(super) banner_detected: Vec<f64>,
+    pub(super) banner_declared: Vec<f64>,
+    pub(super) bulk_direct: Vec<f64>,
+    pub(super) bulk_meshed: Vec<f64>,
+    pub(super) enrolment_ms: Vec<f64>,
+    pub(super) issuance: Vec<Issuance>,
+}
+
+impl Results {
+    pub(super) fn new(args: &BenchArgs, http_paths: usize) -> Self {
+        Self {
+            direct: Vec::new(),
+            hooked: Vec::new(),
+            direct_tx: Vec::new(),
+            captured_tx: Vec::new(),
+            closed_loop: (0..http_paths).map(|_| HttpRuns::default()).collect(),
+            open_loop: vec![vec![Vec::new(); http_paths]; args.loads.len()],
+            h2_direct: Vec::new(),
+            h2_l7: Vec::new(),
+            banner_direct: Vec::new(),
+            banner_detected: Vec::new(),
+            banner_declared: Vec::new(),
+            bulk_direct: Vec::new(),
+            bulk_meshed: Vec::new(),
+            enrolment_ms: Vec::new(),
+            issuance: [1, 8]
+                .into_iter()
+                .map(|concurrency| Issuance {
+                    concurrency,
+                    rates: Vec::new(),
+                    p50_ms: Vec::new(),
+                    p99_ms: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Run `run` of every scenario.
+pub(super) fn one_run(
+    tb: &mut Testbed,
+    args: &BenchArgs,
+    bed: &Bed,
+    ca: &MeshCa,
+    run: usize,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let workload = &bed.workload;
+    let rate = |from: (&str, &str), to: &Pod, port: u16, echo_bytes: u16| {
+        connect_rate(tb, args, workload, from, to, port, echo_bytes)
+    };
+    results
+        .direct
+        .push(rate(OUTSIDER, &bed.direct_a, ECHO_PORT, 0)?);
+    results
+        .hooked
+        .push(rate(CLIENT, &bed.direct_a, EXCLUDED_PORT, 0)?);
+    results
+        .direct_tx
+        .push(rate(OUTSIDER, &bed.direct_a, ECHO_PORT, 64)?);
+    results
+        .captured_tx
+        .push(rate(CLIENT, &bed.server_a, ECHO_PORT, 64)?);
+    closed_loop(tb, args, bed, results)?;
+    open_loop(tb, args, bed, results)?;
+    results.h2_direct.push(h2load(
+        tb,
+        OUTSIDER,
+        &format!("{}:{HTTP_PORT}", bed.direct_b.ipv4()),
+        args.requests,
+    )?);
+    results
+        .h2_l7
+        .push(h2load(tb, CLIENT, &bed.l7_target, args.requests)?);
+    banners(tb, bed, results)?;
+    results
+        .bulk_direct
+        .push(bulk(tb, args, workload, OUTSIDER, &bed.direct_b)?);
+    results
+        .bulk_meshed
+        .push(bulk(tb, args, workload, CLIENT, &bed.server_b)?);
+    issuance(tb, args, workload, ca, results)?;
+    results
+        .enrolment_ms
+        .extend(enrolment_latencies(tb, run, args.enrolments)?);
+    // The proxy finishes captured connections asynchronously: let them drain so runs do
+    // not overlap.
+    wait_proxy_idle(tb, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// connect() (+ an echo of `echo_bytes`) + close() per second from `from` to `to:port`.
+fn connect_rate(
+    tb: &Testbed,
+    args: &BenchArgs,
+    workload: &str,
+    from: (&str, &str),
+    to: &Pod,
+    port: u16,
+    echo_bytes: u16,
+) -> anyhow::Result<f64> {
+    let target = format!("{}:{port}", to.ipv4());
+    let echo_bytes = echo_bytes.to_string();
+    let out = run_json(
+        tb,
+        from,
+        workload,
+        &[
+            "connect-loop",
+            "--target",
+            &target,
+            "--count",
+            &args.connects.to_string(),
+            "--echo-bytes",
+            &echo_bytes,
+        ],
+    )?;
+    let per_connect_ns = out["per_connect_ns"].as_f64().context("per_connect_ns")?;
+    Ok(1e9 / per_connect_ns)
+}
+
+/// The keep-alive HTTP/1.1 paths at concurrency 1, with the agents' CPU time.
+fn closed_loop(
+    tb: &Testbed,
+    args: &BenchArgs,
+    bed: &Bed,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    for ((path, from, target), runs) in bed.http_paths.iter().zip(&mut results.closed_loop) {
+        let cpu_before = agents_cpu_seconds(tb)?;
+        let out = run_json(
+            tb,
+            *from,
+            &bed.workload,
+            &[
+                "http-bench",
+                "--target",
+                target,
+                "--requests",
+                &args.requests.to_string(),
+                "--concurrency",
+                "1",
+            ],
+        )?;
+        let cpu = agents_cpu_seconds(tb)? - cpu_before;
+        runs.record(&out, cpu * 10_000.0 / args.requests as f64)
+            .with_context(|| format!("{path:?}"))?;
+    }
+    Ok(())
+}
+
+/// The same paths at each fixed offered load.
+fn open_loop(
+    tb: &Testbed,
+    args: &BenchArgs,
+    bed: &Bed,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    for (load_index, load) in args.loads.iter().enumerate() {
+        for (path, (_, from, target)) in bed.http_paths.iter().enumerate() {
+            let out = run_json(
+                tb,
+                *from,
+                &bed.workload,
+                &[
+                    "http-load",
+                    "--target",
+                    target,
+                    "--rate",
+                    &load.to_string(),
+                    "--duration-ms",
+                    &(args.load_seconds * 1000).to_string(),
+                ],
+            )?;
+            let field = |name: &str| out[name].as_f64().with_context(|| name.to_owned());
+            results.open_loop[load_index][path].push([
+                field("achieved_rps")?,
+                field("p50_us")?,
+                field("p99_us")?,
+                field("p999_us")?,
+            ]);
+        }
+    }
+    Ok(())
+}
+
+/// Time to a server's banner, direct and through the two banner Services.
+fn banners(tb: &Testbed, bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
+    for (samples, from, target) in [
+        (
+            &mut results.banner_direct,
+            OUTSIDER,
+            format!("{}:{BANNER_PORT}", bed.direct_b.ipv4()),
+        ),
+        (
+            &mut results.banner_detected,
+            CLIENT,
+            format!("{BANNER_DETECTED_IP}:80"),
+        ),
+        (
+            &mut results.banner_declared,
+            CLIENT,
+            format!("{BANNER_DECLARED_IP}:80"),
+        ),
+    ] {
+        for _ in 0..BANNER_READS {
+            let out = run_json(
+                tb,
+                from,
+                &bed.workload,
+                &["read-banner", "--target", &target],
+            )?;
+            samples.push(out["banner_ms"].as_f64().context("banner_ms")?);
+        }
+    }
+    Ok(())
+}
+
+/// MiB/s of one connection echoing `--bulk-mib` MiB from `from` to `to`.
+fn bulk(
+    tb: &Testbed,
+    args: &BenchArgs,
+    workload: &str,
+    from: (&str, &str),
+    to: &Pod,
+) -> anyhow::Result<f64> {
+    let bulk_bytes = (args.bulk_mib * 1024 * 1024).to_string();
+    let bulk_target = format!("{}:{ECHO_PORT}", to.ipv4());
+    let started = Instant::now();
+    run_json(
+        tb,
+        from,
+        workload,
+        &[
+            "echo-client",
+            "--target",
+            &bulk_target,
+            "--bytes",
+            &bulk_bytes,
+            "--connections",
+            "1",
+        ],
+    )?;
+    Ok(args.bulk_mib as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Certificates per second from the CA at each level of requests in flight.
+fn issuance(
+    tb: &Testbed,
+    args: &BenchArgs,
+    workload: &str,
+    ca: &MeshCa,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    for level in &mut results.issuance {
+        let out = run_json(
+            tb,
+            ("plain", "outsider"),
+            workload,
+            &[
+                "ca-load",
+                "--ca",
+                &ca.addr().to_string(),
+                "--trust-bundle",
+                &ca.trust_bundle().display().to_string(),
+                "--token-file",
+                &ca.token_file("node1").display().to_string(),
+                "--pod",
+                "mesh/client-a",
+                "--pod-uid",
+                tb.pod("mesh", "client-a").uid(),
+                "--requests",
+                &args.ca_requests.to_string(),
+                "--concurrency",
+                &level.concurrency.to_string(),
+            ],
+        )?;
+        level
+            .rates
+            .push(out["per_second"].as_f64().context("per_second")?);
+        level
+            .p50_ms
+            .push(out["p50_us"].as_f64().context("p50_us")? / 1000.0);
+        level
+            .p99_ms
+            .push(out["p99_us"].as_f64().context("p99_us")? / 1000.0);
+    }
+    Ok(())
+}
