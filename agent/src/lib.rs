@@ -11,6 +11,7 @@ pub mod identity;
 pub mod k8s;
 pub mod lifecycle;
 pub mod netns;
+pub mod peer;
 pub mod pods;
 pub mod proxy;
 pub mod serving;

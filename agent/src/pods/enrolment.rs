@@ -32,6 +32,7 @@ use super::{
     pending::Pending,
     routing,
 };
+use crate::peer::Peer;
 use crate::{
     datapath::{Datapath, Expected},
     identity::{manager::IdentityManager, spiffe::SpiffeId},
@@ -52,7 +53,6 @@ use crate::{
         },
     },
     state::membership::MeshedPod,
-    telemetry::metrics::Peer,
 };
 
 /// How long a stopping agent waits for its outbound listeners' accept queues to empty.

@@ -15,7 +15,8 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use crate::{identity::spiffe::SpiffeId, k8s::compact::WorkloadPod, telemetry::metrics::Peer};
+use crate::peer::Peer;
+use crate::{identity::spiffe::SpiffeId, k8s::compact::WorkloadPod};
 
 /// The index as the proxies and the cluster source share it.
 pub type SharedWorkloads = Arc<RwLock<WorkloadIndex>>;

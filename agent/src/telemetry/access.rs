@@ -4,9 +4,8 @@
 //! 0 = none); a line's fields name both ends (workload, namespace, SPIFFE principal), the
 //! reporter, the Service, and bytes, status, route and durations where they apply.
 
+use crate::peer::{Reporter, Traffic};
 use std::time::Duration;
-
-use super::metrics::{Reporter, Traffic};
 
 pub const TARGET: &str = "nodemesh::access";
 

@@ -26,6 +26,7 @@ use std::{
 };
 
 use super::connections::DetectionOutcome;
+use crate::peer::{Peer, Reporter, Traffic};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -34,17 +35,7 @@ use prometheus_client::{
 
 /// Label sets per family before new ones are folded into `other`.
 pub const MAX_SERIES: usize = 10_000;
-pub const UNKNOWN: &str = "unknown";
 const OTHER: &str = "other";
-
-/// Who is at one end of a connection or request.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Peer {
-    pub workload: String,
-    pub namespace: String,
-    /// SPIFFE ID, or `unknown`.
-    pub principal: String,
-}
 
 /// A Service's name as Istio labels it: `name.namespace.svc.cluster.local`, from
 /// `namespace/name`.
@@ -53,34 +44,6 @@ pub fn service_fqdn(service: &str) -> String {
         Some((namespace, name)) => format!("{name}.{namespace}.svc.cluster.local"),
         None => service.to_owned(),
     }
-}
-
-impl Peer {
-    pub fn unknown() -> Self {
-        Self {
-            workload: UNKNOWN.into(),
-            namespace: UNKNOWN.into(),
-            principal: UNKNOWN.into(),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Reporter {
-    Source,
-    Destination,
-}
-
-/// What one connection or request is, for its labels.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Traffic {
-    pub reporter: Reporter,
-    pub source: Peer,
-    pub destination: Peer,
-    /// `name.namespace.svc.cluster.local`, or `unknown`.
-    pub destination_service: String,
-    /// Mutual TLS (HBONE) or not.
-    pub mutual_tls: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -21,7 +21,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::{net::TcpStream, sync::mpsc};
 
-use super::{access::RequestRecord, metrics::Traffic, trace::SpanIds};
+use super::{access::RequestRecord, trace::SpanIds};
+use crate::peer::Traffic;
 
 const QUEUE: usize = 4096;
 const BATCH: usize = 512;

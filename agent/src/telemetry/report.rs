@@ -5,10 +5,8 @@
 
 use std::time::Instant;
 
-use super::{
-    access::AccessLog,
-    metrics::{Metrics, Traffic},
-};
+use super::{access::AccessLog, metrics::Metrics};
+use crate::peer::Traffic;
 
 pub struct ConnectionReport<'a> {
     metrics: &'a Metrics,

@@ -30,6 +30,7 @@ use tokio::{
 };
 
 use super::{path, revocation::withdrawn};
+use crate::peer::Traffic;
 use crate::{
     identity::spiffe::SpiffeId,
     proxy::{
@@ -48,7 +49,7 @@ use crate::{
     },
     telemetry::{
         access::{AccessLog, RequestRecord},
-        metrics::{Metrics, Traffic},
+        metrics::Metrics,
         report::ConnectionReport,
         trace::trace_id_of,
     },

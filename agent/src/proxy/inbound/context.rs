@@ -11,6 +11,7 @@ use std::{
 use rustls::RootCertStore;
 use tokio::sync::watch;
 
+use crate::peer::{Peer, UNKNOWN};
 use crate::{
     datapath::Datapath,
     identity::{manager::IdentityManager, spiffe::SpiffeId},
@@ -25,11 +26,7 @@ use crate::{
         probes::{ProbeIndex, ProbePort},
         workloads::SharedWorkloads,
     },
-    telemetry::{
-        access::AccessLog,
-        connections::ConnectionStats,
-        metrics::{Metrics, Peer, UNKNOWN},
-    },
+    telemetry::{access::AccessLog, connections::ConnectionStats, metrics::Metrics},
 };
 
 /// What every inbound handler needs, shared by the node.

@@ -17,6 +17,7 @@ use super::{
     delivery::connect_to_application,
     revocation::withdrawn,
 };
+use crate::peer::{Reporter, Traffic, UNKNOWN};
 use crate::{
     identity::{spiffe::SpiffeId, tls},
     lifecycle::drain,
@@ -27,10 +28,7 @@ use crate::{
         relay::{relay_until, reset},
     },
     state::authorization::{Decision, Policy, RequestAttributes, decide},
-    telemetry::{
-        metrics::{Reporter, Traffic, UNKNOWN},
-        report::ConnectionReport,
-    },
+    telemetry::report::ConnectionReport,
 };
 
 pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {

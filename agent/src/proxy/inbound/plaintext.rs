@@ -27,6 +27,7 @@ use super::{
     delivery::connect_to_application,
     revocation::withdrawn,
 };
+use crate::peer::{Reporter, Traffic, UNKNOWN};
 use crate::{
     k8s::labels::PeerAuthentication,
     netns::non_loopback,
@@ -40,10 +41,7 @@ use crate::{
         authorization::{Decision, Policy, RequestAttributes, decide},
         probes::ProbePort,
     },
-    telemetry::{
-        metrics::{Reporter, Traffic, UNKNOWN},
-        report::ConnectionReport,
-    },
+    telemetry::report::ConnectionReport,
 };
 
 /// The source label of plaintext connections in the connection counters.

@@ -15,6 +15,7 @@ use super::{
     pool::UpstreamPool,
     upstream::{DialError, OutboundError, Upstream},
 };
+use crate::peer::{Peer, UNKNOWN};
 use crate::{
     datapath::Datapath,
     identity::spiffe::SpiffeId,
@@ -29,12 +30,7 @@ use crate::{
         services::{Resolution, SharedServices},
         workloads::SharedWorkloads,
     },
-    telemetry::{
-        access::AccessLog,
-        connections::ConnectionStats,
-        metrics::{self, Metrics, Peer},
-        otlp::Tracer,
-    },
+    telemetry::{access::AccessLog, connections::ConnectionStats, metrics::Metrics, otlp::Tracer},
 };
 
 /// What every outbound connection handler needs, shared by all pods of the node.
@@ -155,7 +151,7 @@ impl SourcePod {
             principal: self
                 .identity
                 .as_ref()
-                .map_or_else(|| metrics::UNKNOWN.to_owned(), ToString::to_string),
+                .map_or_else(|| UNKNOWN.to_owned(), ToString::to_string),
         }
     }
 }

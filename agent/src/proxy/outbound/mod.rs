@@ -36,13 +36,10 @@ use super::{
     listener::{accept_loop, canonical},
     relay::{relay, reset},
 };
+use crate::peer::{Reporter, Traffic, UNKNOWN};
 use crate::{
     datapath::address_words,
-    telemetry::{
-        connections::DetectionOutcome,
-        metrics::{self, Reporter, Traffic},
-        report::ConnectionReport,
-    },
+    telemetry::{connections::DetectionOutcome, metrics, report::ConnectionReport},
 };
 
 /// Accepts captured connections of one pod until the listener is dropped with the task.
@@ -85,10 +82,9 @@ async fn forward(
         .frontend(original);
     let mut prefix = Vec::new();
     let mut client = client;
-    let destination_service = frontend.as_ref().map_or_else(
-        || metrics::UNKNOWN.to_owned(),
-        |f| metrics::service_fqdn(&f.service),
-    );
+    let destination_service = frontend
+        .as_ref()
+        .map_or_else(|| UNKNOWN.to_owned(), |f| metrics::service_fqdn(&f.service));
     if let Some(frontend) = frontend {
         let wait =
             match detect::detection_for(frontend.app_protocol.as_deref(), ctx.http.detect_wait) {

@@ -21,6 +21,7 @@ use super::{
     pool::{UpstreamError, Version},
     upstream::DialError,
 };
+use crate::peer::{Peer, Reporter, Traffic, UNKNOWN};
 use crate::{
     proxy::{
         detect::Protocol,
@@ -35,11 +36,7 @@ use crate::{
         routes::{Backend, RequestMatch, RequestView, RouteDecision, Rule},
         services::Frontend,
     },
-    telemetry::{
-        access::RequestRecord,
-        metrics::{self, Peer, Reporter, Traffic},
-        trace,
-    },
+    telemetry::{access::RequestRecord, metrics, trace},
 };
 
 /// One client connection the L7 proxy serves.
@@ -82,7 +79,7 @@ pub async fn handle(
     let traffic = Traffic {
         reporter: Reporter::Source,
         source: connection.pod.peer(),
-        mutual_tls: ctx.hbone.is_some() && destination.principal != metrics::UNKNOWN,
+        mutual_tls: ctx.hbone.is_some() && destination.principal != UNKNOWN,
         destination,
         destination_service: metrics::service_fqdn(
             reached
