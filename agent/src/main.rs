@@ -179,28 +179,50 @@ mod tests {
     }
 
     /// The DaemonSet's and the Deployment's args are this binary's command line, and every
-    /// environment variable they set is one a flag reads (the node name comes that way).
+    /// environment variable they set is one a flag reads (the node name comes that way) or
+    /// one the args name as `$(VAR)`, which the kubelet expands before the binary starts.
     #[test]
     fn the_manifests_args_parse_with_this_cli() {
         let containers = manifest_containers();
         assert_eq!(containers.len(), 2, "the agent and the CA");
         let command = Cli::command();
         for container in containers {
-            let args = container.args.clone().unwrap_or_default();
+            let mut args = container.args.clone().unwrap_or_default();
             let subcommand = command
                 .find_subcommand(&args[0])
                 .unwrap_or_else(|| panic!("{}: no subcommand {}", container.name, args[0]));
             let mut env_flags = Vec::new();
             for variable in container.env.iter().flatten() {
+                // What the kubelet would put in the variable: an address where the args
+                // make it one, a node name otherwise.
+                let value = if variable.name.ends_with("_IP") {
+                    "192.0.2.10"
+                } else {
+                    "node1"
+                };
+                let reference = format!("$({})", variable.name);
+                if args.iter().any(|arg| arg.contains(&reference)) {
+                    for arg in &mut args {
+                        *arg = arg.replace(&reference, value);
+                    }
+                    continue;
+                }
                 let flag = subcommand
                     .get_arguments()
                     .find(|a| a.get_env().is_some_and(|e| e == variable.name.as_str()))
                     .unwrap_or_else(|| {
-                        panic!("{}: no flag reads ${}", container.name, variable.name)
+                        panic!(
+                            "{}: neither a flag nor the args read ${}",
+                            container.name, variable.name
+                        )
                     });
-                // What the kubelet puts in the variable, given as the flag it stands for.
-                env_flags.push(format!("--{}=node1", flag.get_long().unwrap_or_default()));
+                env_flags.push(format!("--{}={value}", flag.get_long().unwrap_or_default()));
             }
+            assert!(
+                args.iter().all(|arg| !arg.contains("$(")),
+                "{}: args name a variable the container does not set: {args:?}",
+                container.name
+            );
             let line = std::iter::once("nodemesh".to_owned())
                 .chain(args)
                 .chain(env_flags);
