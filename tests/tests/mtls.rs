@@ -14,8 +14,8 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    AgentOptions, ClusterMode, MeshCa, Testbed, TestbedConfig, TopologySpec, is_root, wait_until,
-    workspace_bin,
+    AgentOptions, ClusterMode, MeshCa, Testbed, TestbedConfig, TopologySpec, is_root, scaled,
+    wait_until, workspace_bin,
 };
 use serde_json::Value;
 
@@ -992,8 +992,12 @@ fn certificates_rotate_under_load_without_failing_a_connection() {
     assert!(soak.status.success(), "failures under rotation: {summary}");
     assert_eq!(summary["failed"], 0, "{summary}");
     assert_eq!(summary["peer_mismatch"], 0, "{summary}");
+    // About 8 short connections a second natively (100 over the run); an emulated kernel
+    // (the VM matrix) runs slower by the time scale, and still crosses every renewal.
+    let time_scale = scaled(Duration::from_secs(1)).as_secs_f64();
+    let enough = (100.0 / time_scale) as u64;
     assert!(
-        summary["short_connections"].as_u64().unwrap() >= 100,
+        summary["short_connections"].as_u64().unwrap() >= enough,
         "enough short connections to cross every renewal: {summary}"
     );
     // Each long-lived connection exchanged (and checked) 1 KiB about every 50 ms for the
@@ -1001,7 +1005,7 @@ fn certificates_rotate_under_load_without_failing_a_connection() {
     let each = summary["long_lived_exchanges_each"].as_array().unwrap();
     assert_eq!(each.len(), 4, "{summary}");
     assert!(
-        each.iter().all(|n| n.as_u64().unwrap() >= 100),
+        each.iter().all(|n| n.as_u64().unwrap() >= enough),
         "every long-lived connection kept exchanging: {summary}"
     );
 

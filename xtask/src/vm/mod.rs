@@ -28,6 +28,11 @@ use kernel::Kernel;
 /// capture hooks, restart reconciliation, STRICT and inbound capture (sk_lookup,
 /// IP_TRANSPARENT), and mTLS (HBONE). Security properties are held on the 6.1 floor too.
 const SUITES: &[&str] = &["datapath", "restart", "inbound", "mtls"];
+/// Tests of those suites that need a real API server, which the guest does not run (its
+/// testbed keeps the cluster state in manifests). They prove the CA's TokenReview checks, a
+/// control-plane property, not a kernel one, and run natively in CI.
+const NEEDS_API_SERVER: &[&str] =
+    &["the_ca_refuses_tokens_for_another_audience_or_of_another_service_account"];
 /// Where the binaries live inside the guest.
 const GUEST_DIR: &str = "/nodemesh";
 /// How much slower than native the guest runs under TCG on the CI machine kind (the suite

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, bail};
 
 use super::{
-    Accel, Binaries, TCG_TIME_SCALE, VmTestArgs, find_program,
+    Accel, Binaries, NEEDS_API_SERVER, TCG_TIME_SCALE, VmTestArgs, find_program,
     initramfs::{self, EXIT_MARKER, SETUP_FAILED, START_MARKER},
     kernel::Kernel,
 };
@@ -38,7 +38,7 @@ pub(super) fn run_in_vm(
     initramfs::build(
         kernel,
         binaries,
-        &args.test_args,
+        &guest_test_args(&args.test_args),
         time_scale,
         &work.join("root"),
         &initramfs,
@@ -133,6 +133,16 @@ pub(super) fn run_in_vm(
             }
         ),
     }
+}
+
+/// The test binaries' arguments in the guest: the user's, and a `--skip` for each test that
+/// needs an API server (whole names: libtest skips tests whose name contains one).
+fn guest_test_args(user: &[String]) -> Vec<String> {
+    let mut args = user.to_vec();
+    for test in NEEDS_API_SERVER {
+        args.extend(["--skip".to_owned(), (*test).to_owned()]);
+    }
+    args
 }
 
 /// What one boot of the VM produced.
