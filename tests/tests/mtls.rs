@@ -142,35 +142,8 @@ fn an_agent_cannot_obtain_another_nodes_identities() {
         wait_ready: false,
         ..agent_options(&mesh, "node1")
     };
-    mesh.tb
-        .start_agent("node2", &options)
-        .expect("agent started");
-    wait_until(Duration::from_secs(10), "refusal reported", || {
-        // The agent was not waited for: its admin port may not be listening yet.
-        let Ok(dump) = mesh.tb.admin_json("node2", "/config_dump") else {
-            return Ok(false);
-        };
-        let ids = identities_in(&dump);
-        Ok(!ids.is_empty()
-            && ids
-                .values()
-                .all(|i| i["last_error"].as_str().is_some_and(|e| e.contains("403"))))
-    })
-    .unwrap_or_else(|e| panic!("{e}: {:?}", identities(&mesh.tb, "node2")));
-    let node2 = identities(&mesh.tb, "node2");
-    assert!(
-        node2.values().all(|i| i["not_after_unix"].is_null()),
-        "no certificate held: {node2:?}"
-    );
-    let error = node2
-        .values()
-        .next()
-        .and_then(|i| i["last_error"].as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let error = refused_with(&mesh, &options, "403");
     assert!(error.contains("not on the caller's node node1"), "{error}");
-    let (status, _) = mesh.tb.admin_get("node2", "/readyz").expect("readyz");
-    assert_eq!(status, 503, "not ready without certificates");
     assert!(
         ca_log(&mesh).contains("request refused"),
         "the CA logs the refusal: {}",
@@ -187,10 +160,18 @@ fn refused_with_token(mesh: &Mesh, token_file: &Path, status: &str) -> String {
         extra_args: mesh.ca.agent_args_with_token_file(token_file),
         ..Default::default()
     };
+    refused_with(mesh, &options, status)
+}
+
+/// Starts node2's agent with `options` (not waited for) and waits until every identity it
+/// wants was refused with `status`: no certificate held, not ready. Stops the agent and
+/// returns the refusal.
+fn refused_with(mesh: &Mesh, options: &AgentOptions, status: &str) -> String {
     mesh.tb
-        .start_agent("node2", &options)
+        .start_agent("node2", options)
         .expect("agent started");
     wait_until(Duration::from_secs(10), "refusal reported", || {
+        // The agent was not waited for: its admin port may not be listening yet.
         let Ok(dump) = mesh.tb.admin_json("node2", "/config_dump") else {
             return Ok(false);
         };
