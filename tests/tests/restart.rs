@@ -250,6 +250,9 @@ fn assert_pinned_exactly(tb: &Testbed, held: &[&Pod], enrolled: &[&Pod]) {
 }
 
 /// Connections from client-a to server-b, classified, until [`Watch::finish`].
+/// How many of the watch's connections the agent running after a change must carry.
+const CARRIED_AFTER_CHANGE: u64 = 10;
+
 struct Watch {
     process: PodProcess,
     stop_file: PathBuf,
@@ -278,7 +281,17 @@ impl Watch {
         Watch { process, stop_file }
     }
 
-    fn finish(self) -> Value {
+    /// Stops the watch once the agent now running has carried `carried` more of its
+    /// connections, so that capture after the change is shown, not assumed from timing.
+    fn finish(self, tb: &Testbed, carried: u64) -> Value {
+        let client = tb.pod("mesh", "client-a").clone();
+        let before = proxied_from(tb, &client, WATCH_PORT);
+        wait_until(
+            scaled(Duration::from_secs(20)),
+            "the watch's connections carried by the agent now running",
+            || Ok(proxied_from(tb, &client, WATCH_PORT) >= before + carried),
+        )
+        .expect("the watch is captured again");
         std::fs::write(&self.stop_file, b"").expect("stop file");
         let output = self
             .process
@@ -470,13 +483,16 @@ fn a_restart_without_predecessor_repairs_whatever_changed_on_the_node() {
     tb.start_agent("node1", &options(&ca, "node1"))
         .expect("the new agent is ready");
     assert_repaired(&tb, &changes, true);
-    let outcomes = watch.finish();
+    let outcomes = watch.finish(&tb, CARRIED_AFTER_CHANGE);
     assert_eq!(outcomes["direct"], 0, "capture lapsed: {outcomes}");
     assert!(
         outcomes["refused"].as_u64() > Some(0),
         "no agent, refused: {outcomes}"
     );
-    assert!(outcomes["captured"].as_u64() > Some(10), "{outcomes}");
+    assert!(
+        outcomes["captured"].as_u64() > Some(CARRIED_AFTER_CHANGE),
+        "{outcomes}"
+    );
     // (The stale enrolments went with the enrolment map of the "older layout".)
     let mut needles = vec![
         "removed stale inbound capture entry",
@@ -517,11 +533,14 @@ fn a_successor_repairs_whatever_changed_on_the_node_and_drops_nothing() {
         .expect("exits");
     assert!(status.success(), "the previous agent exited with {status}");
     assert_repaired(&tb, &changes, false);
-    let outcomes = watch.finish();
+    let outcomes = watch.finish(&tb, CARRIED_AFTER_CHANGE);
     for outcome in ["direct", "refused", "failed"] {
         assert_eq!(outcomes[outcome], 0, "{outcomes}");
     }
-    assert!(outcomes["captured"].as_u64() > Some(10), "{outcomes}");
+    assert!(
+        outcomes["captured"].as_u64() > Some(CARRIED_AFTER_CHANGE),
+        "{outcomes}"
+    );
     // Both agents append to one log; the repairs are the successor's.
     assert_logged(&tb.agent_log("node1"), &VERSION_REPAIRS);
 }
