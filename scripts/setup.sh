@@ -14,8 +14,9 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 need_apt=()
 # musl-tools: the image's static binary (aws-lc's C for musl); umoci, skopeo: the OCI image;
 # containerd, runc: the tests run the image as a node's runtime does (`cargo xtask image`).
+# heaptrack, zstd: `cargo xtask bench --heap-profile` (docs/benchmarks.md).
 for pkg in llvm-${LLVM}-dev libpolly-${LLVM}-dev zlib1g-dev libzstd-dev iproute2 bpftool curl \
-           tcpdump procps psmisc socat nghttp2-client tmux \
+           tcpdump procps psmisc socat nghttp2-client tmux heaptrack zstd \
            librsvg2-bin fonts-dejavu-core \
            musl-tools umoci skopeo containerd runc; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")

@@ -73,7 +73,16 @@ pub fn with_testbed<T>(
     cluster: ClusterMode,
     work: impl FnOnce(&mut Testbed) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let (nodemesh_bin, workload_bin) = build_binaries(release)?;
+    with_testbed_of(prefix, build_binaries(release)?, cluster, work)
+}
+
+/// `with_testbed` with binaries already built: `nodemesh`'s and the workload's.
+pub fn with_testbed_of<T>(
+    prefix: &str,
+    (nodemesh_bin, workload_bin): (PathBuf, PathBuf),
+    cluster: ClusterMode,
+    work: impl FnOnce(&mut Testbed) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     for stale in nodemesh_testbed::sweep_stale(prefix) {
         println!("removed leftover of an earlier run: {stale}");
     }

@@ -1,81 +1,43 @@
 //! Draining: the proxy's connections in flight when the agent stops accepting (a successor
 //! took its listeners over, or it was told to stop). Every accepted connection is tracked
-//! until its task ends; HTTP servers are told to finish gracefully (HTTP/1.1 closes after the
-//! response in flight, HTTP/2 and HBONE send GOAWAY), so clients move to new connections
+//! until its task ends (tokio-util's `TaskTracker`); HTTP servers are told to finish
+//! gracefully when draining begins (a `CancellationToken`): HTTP/1.1 closes after the
+//! response in flight, HTTP/2 and HBONE send GOAWAY, so clients move to new connections
 //! while plain TCP relays run to their natural end.
 //!
 //! This is a property of the process (one agent per process), hence process-wide state.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::{
-        LazyLock,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
+use std::{future::Future, pin::Pin, sync::LazyLock, time::Duration};
+
+use tokio_util::{
+    sync::CancellationToken,
+    task::{TaskTracker, task_tracker::TrackedFuture},
 };
 
-use tokio::sync::{Notify, watch};
-
-struct DrainState {
-    draining: watch::Sender<bool>,
-    active: AtomicUsize,
-    idle: Notify,
-}
-
-static STATE: LazyLock<DrainState> = LazyLock::new(|| DrainState {
-    draining: watch::Sender::new(false),
-    active: AtomicUsize::new(0),
-    idle: Notify::new(),
-});
-
-/// Held by the task serving one accepted connection; dropping it ends the tracking.
-pub struct Tracked(());
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if STATE.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            STATE.idle.notify_waiters();
-        }
-    }
-}
-
-/// Starts tracking one accepted connection.
-pub fn track() -> Tracked {
-    STATE.active.fetch_add(1, Ordering::AcqRel);
-    Tracked(())
-}
+static DRAINING: LazyLock<CancellationToken> = LazyLock::new(CancellationToken::new);
+static CONNECTIONS: LazyLock<TaskTracker> = LazyLock::new(TaskTracker::new);
 
 /// Connections accepted and not finished yet.
 pub fn active() -> usize {
-    STATE.active.load(Ordering::Acquire)
+    CONNECTIONS.len()
 }
 
 /// Tells every HTTP server connection to finish gracefully.
 pub fn begin() {
-    STATE.draining.send_replace(true);
+    DRAINING.cancel();
 }
 
 /// Resolves once draining has begun.
 pub async fn begun() {
-    let mut draining = STATE.draining.subscribe();
-    // The sender lives in a static: it is never dropped, so this cannot fail.
-    let _ = draining.wait_for(|draining| *draining).await;
+    DRAINING.cancelled().await;
 }
 
 /// Waits until no connection is left or `grace` has passed; returns how many are left.
 pub async fn settle(grace: Duration) -> usize {
-    let idle = async {
-        loop {
-            let notified = STATE.idle.notified();
-            if active() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    };
-    let _ = tokio::time::timeout(grace, idle).await;
+    // Closed, the tracker's wait ends when its count reaches zero (new connections can
+    // still be tracked; they only delay that).
+    CONNECTIONS.close();
+    let _ = tokio::time::timeout(grace, CONNECTIONS.wait()).await;
     active()
 }
 
@@ -94,12 +56,9 @@ pub async fn serve_until_drained<C: Future>(
     connection.await
 }
 
-/// Wraps `serve` so that the connection it serves is tracked for as long as it runs.
-pub fn tracked<F: Future>(serve: F) -> impl Future<Output = F::Output> {
-    let guard = track();
-    async move {
-        let output = serve.await;
-        drop(guard);
-        output
-    }
+/// Wraps `serve` so that the connection it serves is tracked for as long as it runs. (A
+/// wrapper struct, not an `async` block: a block would hold `serve` twice, and this future
+/// lives as long as the connection.)
+pub fn tracked<F: Future>(serve: F) -> TrackedFuture<F> {
+    CONNECTIONS.track_future(serve)
 }

@@ -1,8 +1,8 @@
 //! One stream wrapper, [`Tapped`], for everything the proxy does beside forwarding a stream's
-//! bytes: count what is read (`CountingStream`), count both ways into a shared `Meter` that
-//! outlives the stream (`MeteredStream`: an HTTP server owns and drops its stream), or replay
-//! bytes already consumed before reading on (`detect::Prefixed`). Counting in the stream keeps
-//! byte counters exact even when a copy ends with an error.
+//! bytes: count both ways into a shared `Meter` that outlives the stream (`MeteredStream`: an
+//! HTTP server owns and drops its stream), or replay bytes already consumed before reading on
+//! (`detect::Prefixed`). Counting in the stream keeps byte counters exact even when the
+//! server ends with an error. (The relay counts what it copies itself.)
 
 use std::{
     io,
@@ -21,6 +21,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub trait Tap {
     /// Fills `buf` itself rather than reading the inner stream, when it has bytes to give.
     fn serve_read(&mut self, _buf: &mut ReadBuf<'_>) -> bool {
+        false
+    }
+    /// Whether it holds bytes that a read would return before the inner stream's.
+    fn has_buffered(&self) -> bool {
         false
     }
     /// `n` bytes were read from the inner stream.
@@ -45,6 +49,14 @@ impl<S, T> Tapped<S, T> {
 
     pub fn inner(&self) -> &S {
         &self.inner
+    }
+
+    pub fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    pub fn tap(&self) -> &T {
+        &self.tap
     }
 }
 
@@ -107,29 +119,6 @@ impl<S: AsyncWrite, T: Tap> AsyncWrite for Tapped<S, T> {
     }
 }
 
-/// Bytes read, for [`CountingStream`].
-#[derive(Debug, Default)]
-pub struct ReadCount(u64);
-
-impl Tap for ReadCount {
-    fn on_read(&mut self, n: usize) {
-        self.0 += n as u64;
-    }
-}
-
-/// A stream that counts what is read from it.
-pub type CountingStream<S> = Tapped<S, ReadCount>;
-
-impl<S> Tapped<S, ReadCount> {
-    pub fn new(inner: S) -> Self {
-        Self::with_tap(inner, ReadCount::default())
-    }
-
-    pub fn bytes_read(&self) -> u64 {
-        self.tap.0
-    }
-}
-
 /// Bytes read from and written to a `MeteredStream`.
 #[derive(Debug, Default)]
 pub struct Meter {
@@ -171,17 +160,6 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-
-    #[tokio::test]
-    async fn counts_what_was_read_even_if_the_copy_fails_later() {
-        let (mut writer, reader) = tokio::io::duplex(64);
-        let mut counted = CountingStream::new(reader);
-        writer.write_all(b"hello").await.unwrap();
-        drop(writer);
-        let mut out = Vec::new();
-        counted.read_to_end(&mut out).await.unwrap();
-        assert_eq!(counted.bytes_read(), 5);
-    }
 
     #[tokio::test]
     async fn a_meter_counts_both_ways_and_outlives_its_stream() {

@@ -142,6 +142,10 @@ pub struct Prefix {
 }
 
 impl Tap for Prefix {
+    fn has_buffered(&self) -> bool {
+        self.offset < self.bytes.len()
+    }
+
     fn serve_read(&mut self, buf: &mut ReadBuf<'_>) -> bool {
         if self.offset >= self.bytes.len() {
             return false;

@@ -1,55 +1,282 @@
 //! Copying a proxied connection both ways, with exact byte counts, passing failures on.
+//!
+//! Most proxied connections are idle most of the time, and the proxy holds thousands of
+//! them. So, unlike `tokio::io::copy_bidirectional`, which keeps an 8 KiB buffer per
+//! direction for a connection's whole life, a direction here holds a buffer only while
+//! bytes move: it waits for its reader to become readable without one ([`Readable`]), takes
+//! a buffer from a small per-thread pool, reads and writes until the reader has nothing
+//! more, and gives the buffer back. An idle connection costs its sockets and its task, no
+//! buffer (docs/benchmarks.md, "memory per idle connection").
 
-use std::time::Duration;
+use std::{
+    cell::RefCell,
+    future::poll_fn,
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use socket2::SockRef;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 
-use super::counting::CountingStream;
+use super::counting::{Tap, Tapped};
+
+/// What one read may move at most: a TLS record's worth, so that the HBONE side writes
+/// whole records.
+const BUFFER_SIZE: usize = 16 * 1024;
+/// Buffers each worker thread keeps for the next busy connection (at most 1 MiB a thread).
+const POOLED_PER_THREAD: usize = 64;
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    POOL.with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice())
+}
+
+fn give_back(buffer: Box<[u8]>) {
+    POOL.with_borrow_mut(|pool| {
+        if pool.len() < POOLED_PER_THREAD {
+            pool.push(buffer);
+        }
+    });
+}
+
+/// A stream the relay can wait on without lending it a buffer.
+pub trait Readable: AsyncRead + AsyncWrite + Unpin {
+    /// Ready once a read would not wait: bytes, the end of the stream, or an error are
+    /// there. May be ready spuriously (the read then waits, and wakes the task later).
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Readable for TcpStream {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+/// An HTTP/2 stream (an HBONE tunnel): a read with no room receives the next DATA frame
+/// into the stream's own buffer (h2 has allocated it already) and returns without copying,
+/// which is exactly readiness. Its end and its errors come back the same way.
+impl Readable for TokioIo<Upgraded> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_read(cx, &mut ReadBuf::new(&mut []))
+    }
+}
+
+impl<S: Readable, T: Tap + Unpin> Readable for Tapped<S, T> {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.tap().has_buffered() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner_mut().poll_readable(cx)
+    }
+}
 
 /// Copies until both directions finish; returns the bytes read from `a` and from `b`.
 /// When the copy fails (a reset, an HTTP/2 stream reset, an I/O error), `on_error` runs
 /// before the streams are dropped, so a TCP end can be reset instead of closed: the peer
 /// then sees the failure as it would have without the proxy, and no TIME_WAIT piles up in
 /// the pod.
-pub async fn relay<A, B>(a: A, b: B, on_error: impl FnOnce(&A, &B)) -> (u64, u64)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    relay_until(a, b, on_error, std::future::pending()).await
+/// (A plain function, not `async`: another layer would hold both streams twice.)
+pub fn relay<A: Readable, B: Readable>(
+    a: A,
+    b: B,
+    on_error: impl FnOnce(&A, &B),
+) -> impl Future<Output = (u64, u64)> {
+    relay_until(a, b, on_error, std::future::pending())
 }
 
 /// `relay`, cut short when `until` resolves (the connection's authorization was withdrawn):
 /// then `on_error` runs too, so the ends are reset rather than closed.
-pub async fn relay_until<A, B>(
-    a: A,
-    b: B,
+pub async fn relay_until<A: Readable, B: Readable>(
+    mut a: A,
+    mut b: B,
     on_error: impl FnOnce(&A, &B),
     until: impl Future<Output = ()>,
-) -> (u64, u64)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut a = CountingStream::new(a);
-    let mut b = CountingStream::new(b);
+) -> (u64, u64) {
+    let mut a_to_b = Direction::default();
+    let mut b_to_a = Direction::default();
+    let copy = poll_fn(|cx| {
+        let forward = a_to_b.poll_copy(cx, &mut a, &mut b)?;
+        let backward = b_to_a.poll_copy(cx, &mut b, &mut a)?;
+        if forward.is_ready() && backward.is_ready() {
+            Poll::Ready(Ok::<_, io::Error>(()))
+        } else {
+            Poll::Pending
+        }
+    });
     let failed = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut a, &mut b) => copied
+        copied = copy => copied
             .inspect_err(|error| tracing::debug!(%error, "proxied connection ended with an error"))
             .is_err(),
         () = until => true,
     };
     if failed {
-        on_error(a.inner(), b.inner());
+        on_error(&a, &b);
     }
-    (a.bytes_read(), b.bytes_read())
+    (a_to_b.read, b_to_a.read)
+}
+
+/// One direction of a relay.
+#[derive(Default)]
+struct Direction {
+    /// Held only while bytes are on their way.
+    buffer: Option<Box<[u8]>>,
+    /// The bytes of `buffer` read and not written yet.
+    start: usize,
+    end: usize,
+    /// Bytes read from the reader so far.
+    read: u64,
+    reader_done: bool,
+    /// Written since the last flush.
+    unflushed: bool,
+    finished: bool,
+}
+
+impl Direction {
+    /// Moves what the reader has to the writer; ready once the reader ended and the writer
+    /// was shut down.
+    fn poll_copy<R: Readable, W: Readable>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>> {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while self.start < self.end {
+                let Some(buffer) = &self.buffer else { break };
+                let n =
+                    ready!(Pin::new(&mut *writer).poll_write(cx, &buffer[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.unflushed = true;
+            }
+            if self.reader_done {
+                self.release();
+                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+            match self.poll_fill(cx, reader)? {
+                Poll::Ready(()) => {}
+                Poll::Pending => {
+                    // Nothing more for now: what was written goes out, and the buffer
+                    // goes back to the pool until the reader has something again.
+                    self.release();
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Reads into the (empty) buffer, taking one first once the reader is readable.
+    fn poll_fill<R: Readable>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+    ) -> Poll<io::Result<()>> {
+        if self.buffer.is_none() {
+            ready!(reader.poll_readable(cx))?;
+        }
+        let buffer = self.buffer.get_or_insert_with(take_buffer);
+        let mut read_buf = ReadBuf::new(&mut buffer[..]);
+        ready!(Pin::new(&mut *reader).poll_read(cx, &mut read_buf))?;
+        let n = read_buf.filled().len();
+        self.read += n as u64;
+        (self.start, self.end) = (0, n);
+        self.reader_done = n == 0;
+        Poll::Ready(Ok(()))
+    }
+
+    fn release(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            give_back(buffer);
+        }
+        (self.start, self.end) = (0, 0);
+    }
 }
 
 /// Makes the close of `stream` a reset (SO_LINGER 0).
 pub fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// Two connected loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_counts_and_holds_no_buffer_while_idle() {
+        let (mut left, a) = pair().await;
+        let (b, mut right) = pair().await;
+        let relayed = tokio::spawn(relay(a, b, |_, _| {}));
+        left.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        right.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        // Larger than one buffer, the other way.
+        let bulk = vec![7u8; 3 * BUFFER_SIZE + 5];
+        let (sent, received) = tokio::join!(right.write_all(&bulk), async {
+            let mut back = vec![0u8; bulk.len()];
+            left.read_exact(&mut back).await.map(|_| back)
+        });
+        sent.unwrap();
+        assert_eq!(received.unwrap(), bulk);
+        drop(left);
+        right.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        right.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let (from_a, from_b) = relayed.await.unwrap();
+        assert_eq!((from_a, from_b), (4, bulk.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn an_idle_direction_gives_its_buffer_back() {
+        let (mut left, mut a) = pair().await;
+        let (mut b, _right) = pair().await;
+        let mut direction = Direction::default();
+        left.write_all(b"x").await.unwrap();
+        a.readable().await.unwrap();
+        // Ready: one byte read and written; then the reader is dry and the buffer released.
+        let outcome = poll_fn(|cx| Poll::Ready(direction.poll_copy(cx, &mut a, &mut b))).await;
+        assert!(outcome.is_pending());
+        assert_eq!(direction.read, 1);
+        assert!(
+            direction.buffer.is_none(),
+            "an idle direction holds a buffer"
+        );
+    }
 }

@@ -42,6 +42,7 @@
 //! scenario, `report.rs` writes the markdown and the plots; `probes.rs` holds the
 //! measurements they share and `stats.rs` what they record.
 
+mod heap;
 mod probes;
 mod report;
 mod scenarios;
@@ -110,13 +111,33 @@ pub struct BenchArgs {
     /// Replace the generated section of docs/benchmarks.md with this run's report.
     #[arg(long)]
     write: bool,
+    /// Measure the agents' memory only (idle, 100 pods, idle connections) and print that
+    /// section: the quick loop while working on memory. Not with `--write`.
+    #[arg(long, conflicts_with = "write")]
+    memory_only: bool,
+    /// Run every `nodemesh` process under heaptrack and write, per process, its peak
+    /// consumers and a folded-stack file of the peak into this directory (`heap.rs`).
+    #[arg(long)]
+    heap_profile: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let report = crate::with_testbed("nmbench", true, ClusterMode::Manifests, |tb| {
-        measure(tb, args)
-    })?;
+    let (mut nodemesh, workload) = crate::build_binaries(true)?;
+    if let Some(dir) = &args.heap_profile {
+        nodemesh = heap::wrap(&nodemesh, dir)?;
+    }
+    let report = crate::with_testbed_of(
+        "nmbench",
+        (nodemesh, workload),
+        ClusterMode::Manifests,
+        |tb| measure(tb, args),
+    )?;
     println!("{report}");
+    if let Some(dir) = &args.heap_profile {
+        for summary in heap::summarise(dir)? {
+            println!("heap profile: {}", summary.display());
+        }
+    }
     if args.write {
         write_report(&report)?;
     }
@@ -138,6 +159,9 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         args.idle_connections
     );
     let memory = probes::memory(tb, &bed.workload, args.idle_connections)?;
+    if args.memory_only {
+        return Ok(report::memory_only(args, &memory, idle_rss));
+    }
     let mut results = scenarios::Results::new(args, bed.http_paths.len());
     for run in 0..args.runs {
         eprintln!("bench run {}/{}", run + 1, args.runs);

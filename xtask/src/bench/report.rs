@@ -295,13 +295,20 @@ fn enrolment_section(out: &mut String, enrolment_ms: &mut [f64]) {
     ));
 }
 
+/// The report of a `--memory-only` run.
+pub(super) fn memory_only(args: &BenchArgs, memory: &Memory, idle_rss: [f64; 2]) -> String {
+    let mut out = header(args);
+    memory_section(&mut out, memory, idle_rss);
+    out
+}
+
 fn memory_section(out: &mut String, memory: &Memory, idle_rss: [f64; 2]) {
     out.push_str(&format!(
         "\n### Agent memory (RSS)\n\n| state | node1 agent MiB | node2 agent MiB |\n|---|---:|---:|\n\
          | idle, after start-up (3 meshed pods on node1, 2 on node2) | {:.1} | {:.1} |\n\
          | {} meshed pods enrolled on node1 | {:.1} | – |\n\
          | and {} idle proxied connections held from client-a (node1) to server-b (node2), HBONE mTLS | {:.1} | {:.1} |\n\
-         \nPer idle connection: {:.1} KiB on the source node's agent, {:.1} KiB on the destination's. Target: ≤ 40 MiB with 100 pods and 10k idle connections.\n",
+         \nPer idle connection: {:.1} KiB on the source node's agent, {:.1} KiB on the destination's. Target: ≤ 4 KiB per idle connection on each agent, and ≤ 64 MiB with 100 pods and 10k idle connections.\n",
         idle_rss[0],
         idle_rss[1],
         memory.pods,

@@ -32,7 +32,10 @@ use crate::{
         tls,
     },
     netns::NetnsSockets,
-    proxy::dial::{connect_within, pod_socket},
+    proxy::{
+        dial::{connect_within, pod_socket},
+        relay::Readable,
+    },
 };
 
 /// Shared by all outbound connections of the node.
@@ -85,6 +88,12 @@ impl Carrier {
     /// reuse should let it go, so that the draining agent's connections can end.
     pub fn closing(&self) -> bool {
         self.0.is_closed()
+    }
+}
+
+impl Readable for Tunnel {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.io.poll_readable(cx)
     }
 }
 

@@ -41,7 +41,7 @@ use crate::{
             hop::{self, bridge_upgrade},
             protocol_of, serve_requests,
         },
-        relay::{relay_until, reset},
+        relay::{Readable, relay_until, reset},
     },
     state::{
         authorization::{Decision, PodPolicies, Policy, RequestAttributes, decide},
@@ -149,7 +149,7 @@ fn is_probe_request(probe: &ProbePort, method: &str, normalized: &str) -> bool {
 /// the tunnel.
 pub async fn serve<T>(mut tunnel: T, app: TcpStream, check: Check) -> (u64, u64)
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: Readable + Send + 'static,
 {
     let detected = match detect::detect(&mut tunnel, Some(check.detect_wait)).await {
         Ok(detected) => detected,

@@ -193,7 +193,9 @@ async fn handle_connect(
                     metrics: Arc::clone(&ctx.metrics),
                     access_log: ctx.access_log,
                 };
-                authorize::serve(TokioIo::new(upgraded), upstream, check).await
+                // Boxed: the HTTP server's state would otherwise be part of every tunnel's
+                // task, idle relays included (docs/benchmarks.md, memory per connection).
+                Box::pin(authorize::serve(TokioIo::new(upgraded), upstream, check)).await
             }
             Ok(upgraded) => {
                 let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);

@@ -52,6 +52,13 @@ pub async fn serve(listener: TcpListener, pod: Arc<SourcePod>, ctx: Arc<Outbound
     .await
 }
 
+/// One captured connection: find where it was going, then either hand it to the L7 proxy
+/// (HTTP to a Service) or relay its bytes to an upstream.
+///
+/// This future lives as long as the connection, idle or not, so it keeps only what the relay
+/// needs: the steps before the relay (detection, the L7 server, dialling, with their TLS and
+/// HTTP state) run boxed, and their memory is gone once they finish (docs/benchmarks.md,
+/// "memory per idle connection").
 async fn forward(
     client: TcpStream,
     peer: SocketAddr,
@@ -80,82 +87,29 @@ async fn forward(
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .frontend(original);
-    let mut prefix = Vec::new();
-    let mut client = client;
     let destination_service = frontend
         .as_ref()
         .map_or_else(|| UNKNOWN.to_owned(), |f| metrics::service_fqdn(&f.service));
-    if let Some(frontend) = frontend {
-        let wait =
-            match detect::detection_for(frontend.app_protocol.as_deref(), ctx.http.detect_wait) {
-                Detection::Skip => {
-                    ctx.stats.detected(DetectionOutcome::Skipped);
-                    ctx.metrics.detected(DetectionOutcome::Skipped);
-                    None
-                }
-                Detection::Unbounded => Some(None),
-                Detection::Bounded(wait) => Some(Some(wait)),
+    let client = match frontend {
+        Some(frontend) => {
+            let connection = ClientConnection {
+                pod: Arc::clone(pod),
+                ctx: Arc::clone(ctx),
+                frontend,
+                original,
+                protocol: Protocol::Opaque,
             };
-        if let Some(wait) = wait {
-            let detected = match detect::detect(&mut client, wait).await {
-                Ok(detected) => detected,
-                Err(error) => {
-                    tracing::debug!(pod = %pod.display_name, destination = %original, %error, "client failed before sending");
-                    ctx.stats.closed(&pod.display_name, original, 0, 0);
-                    return;
-                }
-            };
-            let protocol = detected.protocol;
-            let outcome = match protocol {
-                _ if detected.timed_out => DetectionOutcome::TimedOut,
-                Protocol::Http1 => DetectionOutcome::Http1,
-                Protocol::Http2 => DetectionOutcome::Http2,
-                Protocol::Tls => DetectionOutcome::Tls,
-                Protocol::Opaque => DetectionOutcome::Opaque,
-            };
-            ctx.stats.detected(outcome);
-            ctx.metrics.detected(outcome);
-            tracing::debug!(pod = %pod.display_name, destination = %original, ?protocol, timed_out = detected.timed_out, "protocol detected");
-            if matches!(protocol, Protocol::Http1 | Protocol::Http2) {
-                let meter = Arc::new(Meter::default());
-                let stream =
-                    MeteredStream::new(Prefixed::new(detected.prefix, client), Arc::clone(&meter));
-                let connection = ClientConnection {
-                    pod: Arc::clone(pod),
-                    ctx: Arc::clone(ctx),
-                    frontend,
-                    original,
-                    protocol,
-                };
-                l7::serve(stream, connection).await;
-                ctx.stats
-                    .closed(&pod.display_name, original, meter.read(), meter.written());
-                return;
+            match Box::pin(detect_or_serve_l7(client, connection)).await {
+                Some(client) => client,
+                None => return,
             }
-            prefix = detected.prefix;
         }
-    }
-    let client = Prefixed::new(prefix, client);
-    let target = match ctx.route(original) {
-        Ok(target) => target,
-        Err(NoReadyEndpoint { service }) => {
-            tracing::info!(pod = %pod.display_name, destination = %original, %service, "Service has no ready endpoint; refusing");
-            ctx.stats.failed(&pod.display_name, original);
-            reset(client.inner());
-            return;
-        }
+        None => Prefixed::new(Vec::new(), client),
     };
-    let upstream = match ctx.dial(pod, target).await {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            tracing::info!(pod = %pod.display_name, destination = %original, %target, %error, "upstream connect failed");
-            ctx.stats.failed(&pod.display_name, original);
-            // The application's connect() already succeeded against the proxy: a reset
-            // is the closest thing to the refusal it would have seen.
-            reset(client.inner());
-            return;
-        }
+    let Some(target) = Box::pin(dial(&client, original, pod, ctx)).await else {
+        return;
     };
+    let (target, upstream) = target;
     let traffic = Traffic {
         reporter: Reporter::Source,
         source: pod.peer(),
@@ -175,6 +129,85 @@ async fn forward(
         .closed(&pod.display_name, original, sent, received);
     report.close(sent, received);
     tracing::debug!(pod = %pod.display_name, destination = %original, %target, sent, received, "connection closed");
+}
+
+/// A connection to a Service port: detects its protocol (unless its `appProtocol` says) and
+/// serves HTTP in the L7 proxy to its end. Returns the connection, with the bytes detection
+/// read, when it is to be relayed instead.
+async fn detect_or_serve_l7(
+    mut client: TcpStream,
+    mut connection: ClientConnection,
+) -> Option<Prefixed<TcpStream>> {
+    let (pod, ctx, original) = (&connection.pod, &connection.ctx, connection.original);
+    let app_protocol = connection.frontend.app_protocol.as_deref();
+    let wait = match detect::detection_for(app_protocol, ctx.http.detect_wait) {
+        Detection::Skip => {
+            ctx.stats.detected(DetectionOutcome::Skipped);
+            ctx.metrics.detected(DetectionOutcome::Skipped);
+            return Some(Prefixed::new(Vec::new(), client));
+        }
+        Detection::Unbounded => None,
+        Detection::Bounded(wait) => Some(wait),
+    };
+    let detected = match detect::detect(&mut client, wait).await {
+        Ok(detected) => detected,
+        Err(error) => {
+            tracing::debug!(pod = %pod.display_name, destination = %original, %error, "client failed before sending");
+            ctx.stats.closed(&pod.display_name, original, 0, 0);
+            return None;
+        }
+    };
+    let protocol = detected.protocol;
+    let outcome = match protocol {
+        _ if detected.timed_out => DetectionOutcome::TimedOut,
+        Protocol::Http1 => DetectionOutcome::Http1,
+        Protocol::Http2 => DetectionOutcome::Http2,
+        Protocol::Tls => DetectionOutcome::Tls,
+        Protocol::Opaque => DetectionOutcome::Opaque,
+    };
+    ctx.stats.detected(outcome);
+    ctx.metrics.detected(outcome);
+    tracing::debug!(pod = %pod.display_name, destination = %original, ?protocol, timed_out = detected.timed_out, "protocol detected");
+    if !matches!(protocol, Protocol::Http1 | Protocol::Http2) {
+        return Some(Prefixed::new(detected.prefix, client));
+    }
+    let (pod, ctx) = (Arc::clone(pod), Arc::clone(ctx));
+    connection.protocol = protocol;
+    let meter = Arc::new(Meter::default());
+    let stream = MeteredStream::new(Prefixed::new(detected.prefix, client), Arc::clone(&meter));
+    l7::serve(stream, connection).await;
+    ctx.stats
+        .closed(&pod.display_name, original, meter.read(), meter.written());
+    None
+}
+
+/// Routes the connection and dials its upstream; on failure, resets `client` and counts it.
+async fn dial(
+    client: &Prefixed<TcpStream>,
+    original: SocketAddr,
+    pod: &Arc<SourcePod>,
+    ctx: &Arc<OutboundContext>,
+) -> Option<(SocketAddr, Upstream)> {
+    let target = match ctx.route(original) {
+        Ok(target) => target,
+        Err(NoReadyEndpoint { service }) => {
+            tracing::info!(pod = %pod.display_name, destination = %original, %service, "Service has no ready endpoint; refusing");
+            ctx.stats.failed(&pod.display_name, original);
+            reset(client.inner());
+            return None;
+        }
+    };
+    match ctx.dial(pod, target).await {
+        Ok(upstream) => Some((target, upstream)),
+        Err(error) => {
+            tracing::info!(pod = %pod.display_name, destination = %original, %target, %error, "upstream connect failed");
+            ctx.stats.failed(&pod.display_name, original);
+            // The application's connect() already succeeded against the proxy: a reset
+            // is the closest thing to the refusal it would have seen.
+            reset(client.inner());
+            None
+        }
+    }
 }
 
 /// The key under which sock_ops published the connection whose client end is `peer`

@@ -16,9 +16,12 @@ use tokio::{
 
 use crate::{
     netns::NetnsError,
-    proxy::hbone::{
-        client::{Carrier, Tunnel},
-        error::HboneError,
+    proxy::{
+        hbone::{
+            client::{Carrier, Tunnel},
+            error::HboneError,
+        },
+        relay::Readable,
     },
 };
 
@@ -46,6 +49,15 @@ pub enum DialError {
     Hbone(#[from] HboneError),
     #[error(transparent)]
     Direct(#[from] OutboundError),
+}
+
+impl Readable for Upstream {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Self::Mesh(tunnel) => tunnel.poll_readable(cx),
+            Self::Direct(stream) => stream.poll_readable(cx),
+        }
+    }
 }
 
 impl AsyncRead for Upstream {
