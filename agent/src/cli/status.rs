@@ -4,7 +4,7 @@ use std::{fmt::Write, net::SocketAddr};
 
 use serde_json::Value;
 
-use super::admin_client::{self, AdminError};
+use super::admin_client::{AdminClient, AdminError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -16,15 +16,16 @@ pub enum StatusError {
 
 /// The status report, as printed.
 pub fn report(admin: SocketAddr, now_unix: u64) -> Result<String, StatusError> {
-    let (ready, _) = admin_client::get(admin, "/readyz")?;
-    let (_, body) = admin_client::get(admin, "/config_dump")?;
+    let client = AdminClient::new(admin)?;
+    let ready = client.get("/readyz")?.status == hyper::StatusCode::OK;
+    let body = client.get_ok("/config_dump")?;
     let dump: Value = serde_json::from_str(&body).map_err(StatusError::Dump)?;
     let mut out = String::new();
     let _ = writeln!(
         out,
         "node {}: {} (fail mode {}, programs at {})",
         dump["node"].as_str().unwrap_or("?"),
-        if ready == 200 { "ready" } else { "NOT READY" },
+        if ready { "ready" } else { "NOT READY" },
         dump["fail_mode"].as_str().unwrap_or("?"),
         dump["attach_point"].as_str().unwrap_or("?"),
     );
