@@ -18,31 +18,37 @@
 //! with `PR_SET_PDEATHSIG` from a thread of its own, so they die with it, or with the test
 //! process however that ends.
 
+mod credentials;
+mod objects;
+mod processes;
+mod testenv;
+
 use std::{
     collections::HashMap,
-    fs::File,
     net::{Ipv4Addr, SocketAddr},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::{Arc, Mutex, mpsc},
-    time::Duration,
+    process::{Command, Output, Stdio},
+    sync::{Arc, Mutex},
 };
 
 use kube::{
-    Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
+    Client,
+    api::{ApiResource, GroupVersionKind},
     config::{KubeConfigOptions, Kubeconfig},
-    discovery::{self, Scope},
+    discovery::Scope,
 };
-use serde_json::Value;
 
+pub use self::testenv::Testenv;
+use self::{
+    credentials::{write_credentials, write_kubeconfig},
+    processes::Keeper,
+};
 use crate::{
-    cleanup::{Shared, Tracked, kill_and_reap, lock},
+    cleanup::{Shared, kill_and_reap},
     error::{IoContext, Result, TestbedError},
     exec::Placement,
     netns,
-    wait::wait_until,
 };
 
 /// The API server's address on the testbed's bridge (nodes are 198.18.0.1 up to .253).
@@ -53,48 +59,6 @@ pub const API_SERVER_PORT: u16 = 6443;
 pub const SERVICE_CIDR: &str = "198.18.200.0/23";
 /// The field manager of everything the testbed applies.
 pub const FIELD_MANAGER: &str = "nodemesh-testbed";
-
-const ADMIN_TOKEN_NAME: &str = "testbed-admin";
-
-/// Where `scripts/testenv.sh` put the real components.
-#[derive(Clone, Debug)]
-pub struct Testenv {
-    dir: PathBuf,
-}
-
-impl Testenv {
-    /// `$NODEMESH_TESTENV`, or `/var/cache/nodemesh/testenv` as the script's default.
-    pub fn locate() -> Result<Self> {
-        let dir = std::env::var_os("NODEMESH_TESTENV")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/cache/nodemesh/testenv"));
-        let testenv = Self { dir };
-        for binary in ["etcd", "kube-apiserver", "kubectl", "helm"] {
-            testenv.bin(binary)?;
-        }
-        Ok(testenv)
-    }
-
-    /// A binary built by `scripts/testenv.sh`.
-    pub fn bin(&self, name: &str) -> Result<PathBuf> {
-        let path = self.dir.join("bin").join(name);
-        if path.is_file() {
-            Ok(path)
-        } else {
-            Err(TestbedError::BinaryNotFound(format!(
-                "{} does not exist: run scripts/setup.sh, which builds the test control plane \
-                 (scripts/testenv.sh), or point NODEMESH_TESTENV at its output",
-                path.display()
-            )))
-        }
-    }
-
-    /// The directory of Gateway API CRD manifests (standard channel).
-    pub fn gateway_api_crds(&self) -> PathBuf {
-        self.dir.join("gateway-api")
-    }
-}
-
 /// Where the control plane's processes run.
 enum Host {
     /// In a testbed's bridge namespace and cgroup, cleaned up with the testbed.
@@ -336,138 +300,6 @@ impl ControlPlane {
         Ok(path)
     }
 
-    /// Server-side applies any object (typed or YAML) as the testbed's field manager.
-    pub fn apply(&self, object: &impl serde::Serialize) -> Result<DynamicObject> {
-        let value = serde_json::to_value(object)
-            .map_err(|error| TestbedError::Other(format!("serialising an object: {error}")))?;
-        let (api, name) = self.api_for(&value)?;
-        let what = format!("applying {}", describe(&value));
-        self.run(async move {
-            api.patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(value),
-            )
-            .await
-            .map_err(|source| TestbedError::Kube { what, source })
-        })
-    }
-
-    /// Server-side applies `status` to the object's status subresource, as `manager`.
-    pub fn apply_status(&self, object: &Value, manager: &str) -> Result<()> {
-        let (api, name) = self.api_for(object)?;
-        let what = format!("applying the status of {}", describe(object));
-        let object = object.clone();
-        let params = PatchParams::apply(manager).force();
-        self.run(async move {
-            api.patch_status(&name, &params, &Patch::Apply(object))
-                .await
-                .map(|_| ())
-                .map_err(|source| TestbedError::Kube { what, source })
-        })
-    }
-
-    /// Deletes the object `value` names (apiVersion, kind, metadata); a missing one is fine.
-    pub fn delete(&self, value: &Value, grace_period_seconds: Option<u32>) -> Result<()> {
-        let (api, name) = self.api_for(value)?;
-        let what = format!("deleting {}", describe(value));
-        self.run(async move {
-            let params = kube::api::DeleteParams {
-                grace_period_seconds,
-                ..Default::default()
-            };
-            match api.delete(&name, &params).await {
-                Ok(_) => Ok(()),
-                Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-                Err(source) => Err(TestbedError::Kube { what, source }),
-            }
-        })
-    }
-
-    /// Reads the object `value` names, if it exists.
-    pub fn get(&self, value: &Value) -> Result<Option<DynamicObject>> {
-        let (api, name) = self.api_for(value)?;
-        let what = format!("reading {}", describe(value));
-        self.run(async move {
-            api.get_opt(&name)
-                .await
-                .map_err(|source| TestbedError::Kube { what, source })
-        })
-    }
-
-    /// The API (resource and scope found by discovery, cached) for an object's kind.
-    fn api_for(&self, value: &Value) -> Result<(Api<DynamicObject>, String)> {
-        let field = |path: &str| value.pointer(path).and_then(Value::as_str);
-        let (Some(api_version), Some(kind), Some(name)) = (
-            field("/apiVersion"),
-            field("/kind"),
-            field("/metadata/name"),
-        ) else {
-            return Err(TestbedError::Other(format!(
-                "an object needs apiVersion, kind and metadata.name: {value}"
-            )));
-        };
-        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        let gvk = GroupVersionKind::gvk(group, version, kind);
-        let (resource, scope) = self.resource(&gvk)?;
-        let api = match (scope, field("/metadata/namespace")) {
-            (Scope::Cluster, _) => Api::all_with(self.client.clone(), &resource),
-            (Scope::Namespaced, Some(namespace)) => {
-                Api::namespaced_with(self.client.clone(), namespace, &resource)
-            }
-            (Scope::Namespaced, None) => {
-                return Err(TestbedError::Other(format!(
-                    "{kind} {name} is namespaced but names no namespace"
-                )));
-            }
-        };
-        Ok((api, name.to_owned()))
-    }
-
-    fn resource(&self, gvk: &GroupVersionKind) -> Result<(ApiResource, Scope)> {
-        if let Some(found) = lock(&self.resources).get(gvk) {
-            return Ok(found.clone());
-        }
-        let client = self.client.clone();
-        let wanted = gvk.clone();
-        let found = self.run(async move {
-            discovery::pinned_kind(&client, &wanted)
-                .await
-                .map(|(resource, capabilities)| (resource, capabilities.scope))
-                .map_err(|source| TestbedError::Kube {
-                    what: format!(
-                        "discovering {}/{} {}",
-                        wanted.group, wanted.version, wanted.kind
-                    ),
-                    source,
-                })
-        })?;
-        lock(&self.resources).insert(gvk.clone(), found.clone());
-        Ok(found)
-    }
-
-    /// Runs `kubectl` with the admin kubeconfig in the bridge namespace.
-    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
-        let mut command = Command::new(self.testenv.bin("kubectl")?);
-        command
-            .args(args)
-            .env("KUBECONFIG", self.admin_kubeconfig());
-        self.output_in_netns(command)
-    }
-
-    /// Runs `kubectl` and returns its stdout; fails with its stderr if it fails.
-    pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
-        let output = self.kubectl(args)?;
-        if !output.status.success() {
-            return Err(TestbedError::Command {
-                command: format!("kubectl {}", args.join(" ")),
-                status: output.status.to_string(),
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    }
-
     /// Runs a command in the bridge namespace (the control plane's cgroup) to completion.
     pub fn output_in_netns(&self, mut command: Command) -> Result<Output> {
         command.stdin(Stdio::null());
@@ -485,138 +317,6 @@ impl ControlPlane {
             .wait_with_output()
             .io_context(|| format!("waiting for {program}"))
     }
-
-    /// Stops the API server (an outage); [`ControlPlane::start_api_server`] brings it back.
-    pub fn stop_api_server(&self) -> Result<()> {
-        self.stop("kube-apiserver")
-    }
-
-    /// Stops etcd (an outage); [`ControlPlane::start_etcd`] brings it back with its data.
-    pub fn stop_etcd(&self) -> Result<()> {
-        self.stop("etcd")
-    }
-
-    fn stop(&self, what: &str) -> Result<()> {
-        let children: Vec<Child> = match &self.host {
-            Host::Testbed { shared, .. } => {
-                let mut res = lock(shared);
-                let (ours, others) = std::mem::take(&mut res.children)
-                    .into_iter()
-                    .partition(|t| t.what == what);
-                res.children = others;
-                ours.into_iter().map(|t: Tracked| t.child).collect()
-            }
-            Host::Loopback(keeper) => keeper.take(what),
-        };
-        for mut child in children {
-            kill_and_reap(&mut child).io_context(|| format!("stopping {what}"))?;
-        }
-        Ok(())
-    }
-
-    /// Starts etcd (again, with the same data) and waits until it serves.
-    pub fn start_etcd(&self) -> Result<()> {
-        let mut command = Command::new(self.testenv.bin("etcd")?);
-        command.args([
-            "-data-dir",
-            &self.dir.join("etcd").display().to_string(),
-            "-client-url",
-            &self.addresses.etcd_client,
-            "-peer-url",
-            &self.addresses.etcd_peer,
-        ]);
-        self.spawn("etcd", command)?;
-        let log = self.log_dir.join(format!("{}-etcd.log", self.log_prefix()));
-        wait_until(Duration::from_secs(60), "etcd to be ready", || {
-            Ok(std::fs::read_to_string(&log)?.contains("etcd ready"))
-        })
-    }
-
-    /// Starts the API server (again) and waits until `/readyz` says ok.
-    pub fn start_api_server(&self) -> Result<()> {
-        let file = |name: &str| self.dir.join(name).display().to_string();
-        let mut command = Command::new(self.testenv.bin("kube-apiserver")?);
-        let address = self.addresses.api_server;
-        command.args([
-            format!("--etcd-servers={}", self.addresses.etcd_client),
-            format!("--bind-address={}", address.ip()),
-            format!("--advertise-address={}", address.ip()),
-            format!("--secure-port={}", address.port()),
-            format!("--tls-cert-file={}", file("apiserver.crt")),
-            format!("--tls-private-key-file={}", file("apiserver.key")),
-            format!("--client-ca-file={}", file("ca.crt")),
-            format!("--service-account-key-file={}", file("sa.pub")),
-            format!("--service-account-signing-key-file={}", file("sa.key")),
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_owned(),
-            "--authorization-mode=Node,RBAC".to_owned(),
-            format!("--token-auth-file={}", file("tokens.csv")),
-            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-            "--allow-privileged=true".to_owned(),
-            "--profiling=false".to_owned(),
-        ]);
-        command.args(&self.api_server_flags);
-        self.spawn("kube-apiserver", command)?;
-        self.wait_ready()
-    }
-
-    /// Waits until the API server's `/readyz` answers ok.
-    pub fn wait_ready(&self) -> Result<()> {
-        let client = self.client.clone();
-        let log = self
-            .log_dir
-            .join(format!("{}-kube-apiserver.log", self.log_prefix()));
-        let outcome = wait_until(
-            Duration::from_secs(90),
-            "the API server to be ready",
-            || {
-                let client = client.clone();
-                self.run(async move {
-                    let request = hyper::Request::get("/readyz")
-                        .body(Vec::new())
-                        .map_err(|e| TestbedError::Other(e.to_string()))?;
-                    Ok(client
-                        .request_text(request)
-                        .await
-                        .is_ok_and(|text| text.trim() == "ok"))
-                })
-            },
-        );
-        outcome.map_err(|error| {
-            let tail = crate::util::tail(&log, 30);
-            TestbedError::Other(format!("{error}\n--- {} ---\n{tail}", log.display()))
-        })
-    }
-
-    pub(crate) fn spawn(&self, what: &str, mut command: Command) -> Result<()> {
-        let log_path = self
-            .log_dir
-            .join(format!("{}-{what}.log", self.log_prefix()));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .io_context(|| format!("opening {}", log_path.display()))?;
-        let stderr = log
-            .try_clone()
-            .io_context(|| format!("duplicating {}", log_path.display()))?;
-        command.stdin(Stdio::null()).stdout(log).stderr(stderr);
-        match &self.host {
-            Host::Testbed {
-                netns,
-                cgroup,
-                shared,
-            } => {
-                let child = Placement::new(netns, cgroup)?.spawn(&mut command)?;
-                lock(shared).children.push(Tracked {
-                    what: what.to_owned(),
-                    pod: None,
-                    child,
-                });
-            }
-            Host::Loopback(keeper) => keeper.spawn(what, command)?,
-        }
-        Ok(())
-    }
 }
 
 impl Drop for ControlPlane {
@@ -627,73 +327,6 @@ impl Drop for ControlPlane {
             }
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-/// A spawn request to the keeper thread: the command, and where to send the child.
-type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
-
-/// Spawns a loopback control plane's processes from one thread that lives as long as the
-/// control plane, each with `PR_SET_PDEATHSIG` = SIGKILL: when that thread ends (the control
-/// plane is dropped, or the test process exits, even killed), the kernel kills them, so a
-/// control plane shared by a test binary's tests never outlives it.
-struct Keeper {
-    requests: mpsc::Sender<SpawnRequest>,
-    children: Mutex<Vec<(String, Child)>>,
-}
-
-impl Keeper {
-    fn start() -> Result<Self> {
-        let (requests, incoming) = mpsc::channel::<SpawnRequest>();
-        std::thread::Builder::new()
-            .name("control-plane-keeper".into())
-            .spawn(move || {
-                for (mut command, reply) in incoming {
-                    // SAFETY: prctl between fork and exec is async-signal-safe.
-                    unsafe {
-                        command.pre_exec(|| {
-                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                                return Err(std::io::Error::last_os_error());
-                            }
-                            Ok(())
-                        });
-                    }
-                    let _ = reply.send(command.spawn());
-                }
-            })
-            .io_context(|| "starting the control plane's keeper thread".to_owned())?;
-        Ok(Self {
-            requests,
-            children: Mutex::new(Vec::new()),
-        })
-    }
-
-    fn spawn(&self, what: &str, command: Command) -> Result<()> {
-        let (reply, child) = mpsc::channel();
-        let gone = || TestbedError::Other("the control plane's keeper thread is gone".into());
-        self.requests.send((command, reply)).map_err(|_| gone())?;
-        let child = child
-            .recv()
-            .map_err(|_| gone())?
-            .io_context(|| format!("spawning {what}"))?;
-        lock(&self.children).push((what.to_owned(), child));
-        Ok(())
-    }
-
-    fn take(&self, what: &str) -> Vec<Child> {
-        let mut children = lock(&self.children);
-        let (ours, others): (Vec<_>, Vec<_>) = std::mem::take(&mut *children)
-            .into_iter()
-            .partition(|(name, _)| name == what);
-        *children = others;
-        ours.into_iter().map(|(_, child)| child).collect()
-    }
-
-    fn take_all(&self) -> Vec<Child> {
-        std::mem::take(&mut *lock(&self.children))
-            .into_iter()
-            .map(|(_, child)| child)
-            .collect()
     }
 }
 
@@ -729,103 +362,4 @@ async fn client_from(kubeconfig: &Path) -> Result<Client> {
         what: what(),
         source,
     })
-}
-
-/// `kind namespace/name` of an object, for messages.
-fn describe(value: &Value) -> String {
-    let field = |path: &str| value.pointer(path).and_then(Value::as_str).unwrap_or("?");
-    match value.pointer("/metadata/namespace").and_then(Value::as_str) {
-        Some(namespace) => format!("{} {namespace}/{}", field("/kind"), field("/metadata/name")),
-        None => format!("{} {}", field("/kind"), field("/metadata/name")),
-    }
-}
-
-/// The cluster CA, the API server's serving certificate (for `api_server`), the
-/// ServiceAccount signing key, the admin's static token and its kubeconfig.
-fn write_credentials(dir: &Path, api_server: SocketAddr) -> Result<()> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let rcgen_error = |e: rcgen::Error| TestbedError::Other(format!("generating a key: {e}"));
-    let ca_key = KeyPair::generate().map_err(rcgen_error)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(rcgen_error)?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "nodemesh testbed cluster CA");
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(rcgen_error)?;
-    let ca = Issuer::new(ca_params, ca_key);
-
-    let serving_key = KeyPair::generate().map_err(rcgen_error)?;
-    let mut serving = CertificateParams::new(vec![
-        "kubernetes".to_owned(),
-        "kubernetes.default".to_owned(),
-        "kubernetes.default.svc".to_owned(),
-        "localhost".to_owned(),
-    ])
-    .map_err(rcgen_error)?;
-    serving
-        .subject_alt_names
-        .push(rcgen::SanType::IpAddress(api_server.ip()));
-    serving
-        .distinguished_name
-        .push(DnType::CommonName, "kube-apiserver");
-    let serving_cert = serving.signed_by(&serving_key, &ca).map_err(rcgen_error)?;
-
-    let sa_key = KeyPair::generate().map_err(rcgen_error)?;
-    let admin_token = hex_token()?;
-    let files = [
-        ("ca.crt", ca_cert.pem()),
-        ("apiserver.crt", serving_cert.pem()),
-        ("apiserver.key", serving_key.serialize_pem()),
-        ("sa.key", sa_key.serialize_pem()),
-        ("sa.pub", sa_key.public_key_pem()),
-        (
-            "tokens.csv",
-            format!("{admin_token},{ADMIN_TOKEN_NAME},{ADMIN_TOKEN_NAME},system:masters\n"),
-        ),
-        ("admin.token", admin_token),
-    ];
-    for (name, contents) in files {
-        let path = dir.join(name);
-        std::fs::write(&path, contents).io_context(|| format!("writing {}", path.display()))?;
-    }
-    let url = format!("https://{api_server}");
-    write_kubeconfig(
-        &dir.join("admin.kubeconfig"),
-        &url,
-        &dir.join("ca.crt"),
-        &dir.join("admin.token"),
-    )
-}
-
-fn hex_token() -> Result<String> {
-    let bytes = crate::util::random_bytes::<16>()?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn write_kubeconfig(path: &Path, url: &str, ca: &Path, token_file: &Path) -> Result<()> {
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "testbed", "cluster": {
-            "server": url,
-            "certificate-authority": ca.display().to_string(),
-        }}],
-        "users": [{"name": "user", "user": {"tokenFile": token_file.display().to_string()}}],
-        "contexts": [{"name": "testbed", "context": {"cluster": "testbed", "user": "user"}}],
-        "current-context": "testbed",
-    });
-    let yaml = serde_yaml::to_string(&config).map_err(|source| TestbedError::Yaml {
-        what: path.display().to_string(),
-        source,
-    })?;
-    let mut file = File::create(path).io_context(|| format!("creating {}", path.display()))?;
-    std::io::Write::write_all(&mut file, yaml.as_bytes())
-        .io_context(|| format!("writing {}", path.display()))
 }
