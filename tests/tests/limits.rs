@@ -7,6 +7,8 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
+use nodemesh::cli::prometheus;
+
 use nodemesh_testbed::{
     AgentOptions, MeshCa, PodSpec, Testbed, TestbedConfig, TopologySpec, is_root, wait_until,
 };
@@ -63,13 +65,15 @@ fn flood(tb: &Testbed, ns: &str, pod: &str, args: &[&str], report: &Path) -> Val
 
 fn refused_metric(tb: &Testbed, node: &str, reason: &str, pod: &str) -> u64 {
     let (_, metrics) = tb.admin_get(node, "/metrics").expect("metrics");
-    let series =
-        format!("nodemesh_connections_refused_total{{reason=\"{reason}\",pod=\"{pod}\"}} ");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    let labels = [("reason", reason), ("pod", pod)];
+    prometheus::parse(&metrics)
+        .iter()
+        .find(|sample| {
+            sample.name == "nodemesh_connections_refused_total"
+                && sample.labels.len() == labels.len()
+                && sample.has_labels(&labels)
+        })
+        .map_or(0, |sample| sample.value as u64)
 }
 
 #[test]

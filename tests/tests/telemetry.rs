@@ -7,7 +7,9 @@
 //! trace; `nodemesh status` and `nodemesh top` (in a tmux pseudo-terminal) show the node.
 //! Needs root.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
+
+use nodemesh::cli::prometheus;
 
 use nodemesh_testbed::{
     AgentOptions, MeshCa, Testbed, TestbedConfig, TopologySpec, cluster_state, docs, is_root,
@@ -106,25 +108,14 @@ fn setup(prefix: &str) -> Telemetry {
     }
 }
 
-/// `name{labels} value` lines of a node's /metrics whose labels include all of `wanted`.
+/// The sum of a node's /metrics samples named `name` whose labels include all of `wanted`.
 fn metric(tb: &Testbed, node: &str, name: &str, wanted: &[(&str, &str)]) -> f64 {
     let (status, text) = tb.admin_get(node, "/metrics").expect("metrics");
     assert_eq!(status, 200);
-    text.lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix(name)?.strip_prefix('{')?;
-            let (labels, value) = rest.rsplit_once("} ")?;
-            let labels: BTreeMap<&str, &str> = labels
-                .split("\",")
-                .filter_map(|pair| pair.split_once("=\""))
-                .map(|(k, v)| (k, v.trim_end_matches('"')))
-                .collect();
-            wanted
-                .iter()
-                .all(|(k, v)| labels.get(k) == Some(v))
-                .then(|| value.trim().parse::<f64>().ok())
-                .flatten()
-        })
+    prometheus::parse(&text)
+        .iter()
+        .filter(|sample| sample.name == name && sample.has_labels(wanted))
+        .map(|sample| sample.value)
         .sum()
 }
 

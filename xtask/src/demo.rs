@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use anyhow::{Context, bail};
-use nodemesh_testbed::{AgentOptions, ClusterMode, Testbed};
+use nodemesh_testbed::{AgentOptions, ClusterMode, MeshCa, Testbed};
 use serde_json::Value;
 
 const HTTP_PORT: u16 = 8080;
@@ -37,6 +37,29 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 }
 
 fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
+    show_pods(tb);
+    // The CA serves for as long as the demo runs.
+    let _ca = start_mesh(tb, args)?;
+    let workload = tb.workload_bin().display().to_string();
+    start_servers(tb, &workload)?;
+    let server_b = tb.pod("mesh", "server-b").clone();
+    let flows = flows(tb, &workload);
+    let failures = send(tb, &flows)?;
+    wait_counted(tb, &flows);
+    let carried = carried(tb, &server_b.ipv4().to_string())?;
+    if !carried.as_expected(failures) {
+        bail!(
+            "the demo's traffic did not behave as expected (agent logs: {})",
+            tb.log_dir().display()
+        );
+    }
+    l7(tb, &workload)?;
+    println!("   agent logs: {}", tb.log_dir().display());
+    Ok(())
+}
+
+/// Every pod: node, addresses, whether it is meshed.
+fn show_pods(tb: &Testbed) {
     println!("== testbed {}", tb.name());
     for pod in tb.pods() {
         println!(
@@ -56,7 +79,10 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
         "   cluster state (Kubernetes YAML): {}",
         tb.cluster_state_dir().display()
     );
+}
 
+/// The CA in its pod, then an agent per node with its enrolled pods and certificates.
+fn start_mesh(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<MeshCa> {
     let ca_pod = tb.pod("nodemesh-system", "ca").clone();
     let ca = tb
         .start_ca(&ca_pod, CERT_TTL_SECONDS)
@@ -104,11 +130,14 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(ca)
+}
 
-    let workload = tb.workload_bin().display().to_string();
+/// An HTTP server and an echo server in each of server-a and server-b.
+fn start_servers(tb: &Testbed, workload: &str) -> anyhow::Result<()> {
     for (ns, name) in [("mesh", "server-a"), ("mesh", "server-b")] {
         let pod = tb.pod(ns, name).clone();
-        let mut http = Command::new(&workload);
+        let mut http = Command::new(workload);
         http.args([
             "http-server",
             "--port",
@@ -117,13 +146,18 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             name,
         ]);
         tb.spawn_in_pod(&pod, http)?.detach();
-        let mut echo = Command::new(&workload);
+        let mut echo = Command::new(workload);
         echo.args(["echo-server", "--ports", &ECHO_PORT.to_string()]);
         tb.spawn_in_pod(&pod, echo)?.detach();
         tb.wait_listening(&pod, HTTP_PORT)?;
         tb.wait_listening(&pod, ECHO_PORT)?;
     }
+    Ok(())
+}
 
+/// The demo's connections: HTTP and TCP echo across nodes and on one, and one from outside
+/// the mesh, each with the node whose proxy should carry it.
+fn flows(tb: &Testbed, workload: &str) -> Vec<Flow> {
     let server_a = tb.pod("mesh", "server-a").clone();
     let server_b = tb.pod("mesh", "server-b").clone();
     let curl = |url: String| {
@@ -142,7 +176,7 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
     };
     let echo = |target: String| {
         vec![
-            workload.clone(),
+            workload.to_owned(),
             "echo-client".into(),
             "--target".into(),
             target,
@@ -152,7 +186,7 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             "3".into(),
         ]
     };
-    let flows = vec![
+    vec![
         Flow {
             label: "HTTP  client-a -> server-b (cross-node)",
             from: ("mesh", "client-a"),
@@ -190,11 +224,14 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             // Not captured where it starts; node2's inbound capture takes it in (PERMISSIVE).
             expect_proxied_by: Some("node2"),
         },
-    ];
+    ]
+}
 
+/// Runs every flow from its pod and prints what it said; returns how many failed.
+fn send(tb: &Testbed, flows: &[Flow]) -> anyhow::Result<usize> {
     println!("\n== traffic");
     let mut failures = 0;
-    for flow in &flows {
+    for flow in flows {
         let pod = tb.pod(flow.from.0, flow.from.1).clone();
         let mut command = Command::new(&flow.program[0]);
         command.args(&flow.program[1..]);
@@ -216,8 +253,12 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             }
         );
     }
+    Ok(failures)
+}
 
-    // The proxy counts a connection when both directions have finished; give it a moment.
+/// Waits (a moment at most) until the proxies have counted every connection: they count
+/// one when both directions have finished.
+fn wait_counted(tb: &Testbed, flows: &[Flow]) {
     let expected: u64 = flows
         .iter()
         .filter(|f| f.expect_proxied_by.is_some())
@@ -234,7 +275,18 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             Ok(closed >= expected)
         },
     );
+}
 
+/// What the node proxies carried, as `GET /stats` tells.
+struct Carried {
+    /// Each source seen (a pod, `plaintext`, or a SPIFFE ID inbound), with its proxy.
+    seen_sources: BTreeMap<String, &'static str>,
+    /// Plaintext connections node2's proxy took in for mesh/server-b.
+    plaintext_to_server_b: u64,
+}
+
+/// Prints each node proxy's connections by source and destination.
+fn carried(tb: &Testbed, server_b_ip: &str) -> anyhow::Result<Carried> {
     println!("\n== what each node proxy carried (GET /stats on its admin port)");
     println!(
         "   outbound: captured from a local pod; to a meshed pod it left in mTLS (HBONE), \
@@ -272,55 +324,62 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
             );
             if node == "node2"
                 && source == "plaintext"
-                && destination == format!("{}:{HTTP_PORT}", server_b.ipv4())
+                && destination == format!("{server_b_ip}:{HTTP_PORT}")
             {
                 plaintext_to_server_b += opened;
             }
             seen_sources.insert(source, node);
         }
     }
-    let outsider_captured = seen_sources.contains_key("plain/outsider");
-    println!(
-        "\n   plain/outsider is not meshed: {}; {}",
-        if outsider_captured {
-            "node1's proxy CAPTURED its connection (unexpected)"
-        } else {
-            "its connection left node1 uncaptured"
-        },
-        if plaintext_to_server_b > 0 {
-            format!(
-                "node2's proxy took it in for mesh/server-b and delivered it as plaintext \
-                 (PERMISSIVE): {plaintext_to_server_b} connection(s) from `plaintext`"
-            )
-        } else {
-            "node2's proxy did NOT take it in for mesh/server-b (unexpected)".to_owned()
-        }
-    );
-    let encrypted = seen_sources.contains_key("spiffe://cluster.local/ns/mesh/sa/client-a")
-        && seen_sources.contains_key("spiffe://cluster.local/ns/mesh/sa/client-b");
-    println!(
-        "   meshed pods' connections to meshed pods arrived over mutual TLS: {}",
-        if encrypted {
-            "yes (HBONE, TLS 1.3, X25519MLKEM768)"
-        } else {
-            "NO (unexpected)"
-        }
-    );
-    if failures > 0
-        || outsider_captured
-        || plaintext_to_server_b == 0
-        || !encrypted
-        || !seen_sources.contains_key("mesh/client-a")
-        || !seen_sources.contains_key("mesh/client-b")
-    {
-        bail!(
-            "the demo's traffic did not behave as expected (agent logs: {})",
-            tb.log_dir().display()
+    Ok(Carried {
+        seen_sources,
+        plaintext_to_server_b,
+    })
+}
+
+impl Carried {
+    /// Prints whether the outsider and the meshed pods went the way they should; true if
+    /// they did and no flow failed.
+    fn as_expected(&self, failures: usize) -> bool {
+        let Carried {
+            seen_sources,
+            plaintext_to_server_b,
+        } = self;
+        let plaintext_to_server_b = *plaintext_to_server_b;
+        let outsider_captured = seen_sources.contains_key("plain/outsider");
+        println!(
+            "\n   plain/outsider is not meshed: {}; {}",
+            if outsider_captured {
+                "node1's proxy CAPTURED its connection (unexpected)"
+            } else {
+                "its connection left node1 uncaptured"
+            },
+            if plaintext_to_server_b > 0 {
+                format!(
+                    "node2's proxy took it in for mesh/server-b and delivered it as plaintext \
+                     (PERMISSIVE): {plaintext_to_server_b} connection(s) from `plaintext`"
+                )
+            } else {
+                "node2's proxy did NOT take it in for mesh/server-b (unexpected)".to_owned()
+            }
         );
+        let encrypted = seen_sources.contains_key("spiffe://cluster.local/ns/mesh/sa/client-a")
+            && seen_sources.contains_key("spiffe://cluster.local/ns/mesh/sa/client-b");
+        println!(
+            "   meshed pods' connections to meshed pods arrived over mutual TLS: {}",
+            if encrypted {
+                "yes (HBONE, TLS 1.3, X25519MLKEM768)"
+            } else {
+                "NO (unexpected)"
+            }
+        );
+        failures == 0
+            && !outsider_captured
+            && plaintext_to_server_b > 0
+            && encrypted
+            && seen_sources.contains_key("mesh/client-a")
+            && seen_sources.contains_key("mesh/client-b")
     }
-    l7(tb, &workload)?;
-    println!("   agent logs: {}", tb.log_dir().display());
-    Ok(())
 }
 
 /// Services `web` (both servers), `web-a`, `web-b`; the weighted-split route and the policy

@@ -2,7 +2,7 @@
 //! identities and health) and `nodemesh top` (live request rates and latencies).
 
 pub mod admin_client;
-mod prometheus;
+pub mod prometheus;
 pub mod status;
 pub mod top;
 

@@ -1,4 +1,11 @@
-//! Just enough of the Prometheus text format to read the agent's own `/metrics`.
+//! The Prometheus text format (0.0.4, and OpenMetrics' `# EOF`), enough to read the agent's
+//! own `/metrics`: samples with their labels, histograms as their `_bucket`/`_sum`/`_count`
+//! samples. `nodemesh top` reads it, and so do the testbed's tests (one parser for both).
+//!
+//! Ours rather than the `prometheus-parse` crate: that one splits labels on `,` and `=` and
+//! cuts them at the first `}`, so a label value with a comma, an equals sign, a brace or an
+//! escaped quote (a request path, an error) comes out wrong; ours follows the format's
+//! escaping (`\\`, `\"`, `\n`). It is one small function, tested below.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +17,17 @@ pub struct Sample {
     pub value: f64,
 }
 
-/// Every sample in `text`; comment lines and lines that do not parse are skipped.
+impl Sample {
+    /// Whether the sample carries every one of `wanted` (it may carry others).
+    pub fn has_labels(&self, wanted: &[(&str, &str)]) -> bool {
+        wanted
+            .iter()
+            .all(|(key, value)| self.labels.get(*key).map(String::as_str) == Some(*value))
+    }
+}
+
+/// Every sample in `text`; comment lines (`# HELP`, `# TYPE`, `# EOF`) and lines that do not
+/// parse are skipped.
 pub fn parse(text: &str) -> Vec<Sample> {
     text.lines()
         .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
@@ -90,5 +107,26 @@ mod tests {
             (samples[1].name.as_str(), samples[1].value),
             ("nodemesh_enrolled_pods", 3.0)
         );
+    }
+
+    #[test]
+    fn histograms_escapes_and_the_openmetrics_end() {
+        let text = concat!(
+            "# TYPE d histogram\n",
+            "d_bucket{path=\"/a,b=c}\",le=\"5.0\"} 2\n",
+            "d_bucket{path=\"/a,b=c}\",le=\"+Inf\"} 3\n",
+            "d_sum{path=\"/a,b=c}\"} 7.5\n",
+            "e{error=\"back\\\\slash\\nnext\"} 1 1700000000000\n",
+            "# EOF\n",
+        );
+        let samples = parse(text);
+        let names: Vec<&str> = samples.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["d_bucket", "d_bucket", "d_sum", "e"]);
+        assert!(samples[0].has_labels(&[("path", "/a,b=c}"), ("le", "5.0")]));
+        assert!(!samples[0].has_labels(&[("le", "+Inf")]));
+        assert_eq!(samples[1].labels["le"], "+Inf");
+        assert_eq!(samples[2].value, 7.5);
+        assert_eq!(samples[3].labels["error"], "back\\slash\nnext");
+        assert_eq!(samples[3].value, 1.0);
     }
 }

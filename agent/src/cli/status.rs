@@ -4,7 +4,7 @@ use std::{fmt::Write, net::SocketAddr};
 
 use serde_json::Value;
 
-use super::admin_client::{self, AdminError};
+use super::admin_client::{AdminClient, AdminError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -16,19 +16,30 @@ pub enum StatusError {
 
 /// The status report, as printed.
 pub fn report(admin: SocketAddr, now_unix: u64) -> Result<String, StatusError> {
-    let (ready, _) = admin_client::get(admin, "/readyz")?;
-    let (_, body) = admin_client::get(admin, "/config_dump")?;
+    let client = AdminClient::new(admin)?;
+    let ready = client.get("/readyz")?.status == hyper::StatusCode::OK;
+    let body = client.get_ok("/config_dump")?;
     let dump: Value = serde_json::from_str(&body).map_err(StatusError::Dump)?;
     let mut out = String::new();
     let _ = writeln!(
         out,
         "node {}: {} (fail mode {}, programs at {})",
         dump["node"].as_str().unwrap_or("?"),
-        if ready == 200 { "ready" } else { "NOT READY" },
+        if ready { "ready" } else { "NOT READY" },
         dump["fail_mode"].as_str().unwrap_or("?"),
         dump["attach_point"].as_str().unwrap_or("?"),
     );
     cluster_state(&mut out, &dump["cluster_state"]);
+    enrolled_pods(&mut out, &dump);
+    pending_pods(&mut out, &dump);
+    identities(&mut out, &dump, now_unix);
+    config_counts(&mut out, &dump);
+    config_errors(&mut out, &dump);
+    Ok(out)
+}
+
+/// The pods this node's agent meshes: addresses, peer authentication, cgroup, identity.
+fn enrolled_pods(out: &mut String, dump: &Value) {
     let pods = dump["enrolled_pods"]
         .as_array()
         .cloned()
@@ -56,54 +67,64 @@ pub fn report(admin: SocketAddr, now_unix: u64) -> Result<String, StatusError> {
             pod["service_account"].as_str().unwrap_or("?"),
         );
     }
+}
+
+/// The pods not enrolled yet, why, and what holds them meanwhile (nothing when none).
+fn pending_pods(out: &mut String, dump: &Value) {
     let pending = dump["pending_pods"].as_array().cloned().unwrap_or_default();
-    if !pending.is_empty() {
-        let _ = writeln!(out, "\nPENDING PODS ({})", pending.len());
-        for pod in &pending {
-            let _ = writeln!(
-                out,
-                "  {:<32} {}\n  {:<32} held: {}",
-                pod_name(pod),
-                pod["reason"].as_str().unwrap_or("?"),
-                "",
-                held(pod, dump["fail_mode"].as_str().unwrap_or("?")),
-            );
-        }
+    if pending.is_empty() {
+        return;
     }
-    match dump["identities"].as_array() {
-        None => {
-            let _ = writeln!(out, "\nIDENTITIES: none (the agent runs without a CA)");
-        }
-        Some(identities) => {
-            let _ = writeln!(out, "\nIDENTITIES ({})", identities.len());
-            for identity in identities {
-                let expiry = identity["not_after_unix"].as_u64().map_or(
-                    "no certificate yet".to_owned(),
-                    |at| {
-                        if at > now_unix {
-                            format!("expires in {}", human(at - now_unix))
-                        } else {
-                            format!("EXPIRED {} ago", human(now_unix - at))
-                        }
-                    },
-                );
-                let renewal = identity["renew_at_unix"]
-                    .as_u64()
-                    .filter(|at| *at > now_unix)
-                    .map(|at| format!(", renews in {}", human(at - now_unix)))
-                    .unwrap_or_default();
-                let error = identity["last_error"]
-                    .as_str()
-                    .map(|e| format!("  last error: {e}"))
-                    .unwrap_or_default();
-                let _ = writeln!(
-                    out,
-                    "  {:<56} {expiry}{renewal}{error}",
-                    identity["spiffe_id"].as_str().unwrap_or("?")
-                );
-            }
-        }
+    let _ = writeln!(out, "\nPENDING PODS ({})", pending.len());
+    for pod in &pending {
+        let _ = writeln!(
+            out,
+            "  {:<32} {}\n  {:<32} held: {}",
+            pod_name(pod),
+            pod["reason"].as_str().unwrap_or("?"),
+            "",
+            held(pod, dump["fail_mode"].as_str().unwrap_or("?")),
+        );
     }
+}
+
+/// Each identity's certificate: when it expires and renews, and its last error.
+fn identities(out: &mut String, dump: &Value, now_unix: u64) {
+    let Some(identities) = dump["identities"].as_array() else {
+        let _ = writeln!(out, "\nIDENTITIES: none (the agent runs without a CA)");
+        return;
+    };
+    let _ = writeln!(out, "\nIDENTITIES ({})", identities.len());
+    for identity in identities {
+        let expiry =
+            identity["not_after_unix"]
+                .as_u64()
+                .map_or("no certificate yet".to_owned(), |at| {
+                    if at > now_unix {
+                        format!("expires in {}", human(at - now_unix))
+                    } else {
+                        format!("EXPIRED {} ago", human(now_unix - at))
+                    }
+                });
+        let renewal = identity["renew_at_unix"]
+            .as_u64()
+            .filter(|at| *at > now_unix)
+            .map(|at| format!(", renews in {}", human(at - now_unix)))
+            .unwrap_or_default();
+        let error = identity["last_error"]
+            .as_str()
+            .map(|e| format!("  last error: {e}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {:<56} {expiry}{renewal}{error}",
+            identity["spiffe_id"].as_str().unwrap_or("?")
+        );
+    }
+}
+
+/// How many Services, routes, policies and L7 endpoints (ejected ones too) are in use.
+fn config_counts(out: &mut String, dump: &Value) {
     let count = |key: &str| dump[key].as_array().map_or(0, Vec::len);
     let _ = writeln!(
         out,
@@ -119,23 +140,26 @@ pub fn report(admin: SocketAddr, now_unix: u64) -> Result<String, StatusError> {
             .filter(|e| e["ejected"] == true)
             .count(),
     );
+}
+
+/// The configuration the agent refused (it keeps the last good version of each).
+fn config_errors(out: &mut String, dump: &Value) {
     let errors = dump["config_errors"]
         .as_array()
         .cloned()
         .unwrap_or_default();
     if errors.is_empty() {
         let _ = writeln!(out, "CONFIG ERRORS none");
-    } else {
-        let _ = writeln!(
-            out,
-            "CONFIG ERRORS ({}; the last good version of each is in use)",
-            errors.len()
-        );
-        for error in &errors {
-            let _ = writeln!(out, "  {}", error.as_str().unwrap_or("?"));
-        }
+        return;
     }
-    Ok(out)
+    let _ = writeln!(
+        out,
+        "CONFIG ERRORS ({}; the last good version of each is in use)",
+        errors.len()
+    );
+    for error in &errors {
+        let _ = writeln!(out, "  {}", error.as_str().unwrap_or("?"));
+    }
 }
 
 /// Where the cluster state comes from, watch by watch (why one is retrying or disabled).

@@ -17,7 +17,7 @@ use ratatui::{
     widgets::{Block, Row as TableRow, Table},
 };
 
-use super::{admin_client, prometheus};
+use super::{admin_client::AdminClient, prometheus};
 
 /// (source `namespace/workload`, destination Service).
 type Key = (String, String);
@@ -168,18 +168,20 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 /// Runs the live view until the user quits.
 pub fn run(admin: SocketAddr) -> anyhow::Result<()> {
     // Fail before taking over the terminal if the agent is not there.
-    let (_, first) = admin_client::get(admin, "/metrics")?;
+    let client = AdminClient::new(admin)?;
+    let first = client.get_ok("/metrics")?;
     let mut terminal = ratatui::init();
-    let result = view(&mut terminal, admin, first);
+    let result = view(&mut terminal, &client, first);
     ratatui::restore();
     result
 }
 
 fn view(
     terminal: &mut ratatui::DefaultTerminal,
-    admin: SocketAddr,
+    client: &AdminClient,
     first: String,
 ) -> anyhow::Result<()> {
+    let admin = client.addr();
     let mut before = totals(&first);
     let mut taken = Instant::now();
     let mut current: Vec<Row> = Vec::new();
@@ -232,8 +234,8 @@ fn view(
                 }
             }
         }
-        match admin_client::get(admin, "/metrics") {
-            Ok((_, text)) => {
+        match client.get_ok("/metrics") {
+            Ok(text) => {
                 let after = totals(&text);
                 current = rows(&before, &after, taken.elapsed());
                 before = after;

@@ -18,6 +18,41 @@ use serde_json::json;
 use tokio::{net::TcpStream, task::JoinSet};
 use tokio_rustls::TlsConnector;
 
+#[derive(clap::Args)]
+pub struct CaLoadArgs {
+    #[arg(long)]
+    ca: SocketAddr,
+    #[arg(long, default_value = "nodemesh-ca")]
+    server_name: String,
+    #[arg(long)]
+    trust_bundle: std::path::PathBuf,
+    #[arg(long)]
+    token_file: std::path::PathBuf,
+    /// `namespace/name` of a pod on the token's node.
+    #[arg(long)]
+    pod: String,
+    /// That pod's UID.
+    #[arg(long)]
+    pod_uid: String,
+    #[arg(long)]
+    requests: usize,
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+}
+
+/// The load `args` describe.
+pub async fn run_args(args: &CaLoadArgs) -> anyhow::Result<()> {
+    let pod = (args.pod.as_str(), args.pod_uid.as_str());
+    let load = Load::new(
+        args.ca,
+        &args.server_name,
+        &args.trust_bundle,
+        &args.token_file,
+        pod,
+    )?;
+    load.run(args.requests, args.concurrency).await
+}
+
 pub struct Load {
     ca: SocketAddr,
     server_name: ServerName<'static>,
@@ -128,7 +163,7 @@ impl Load {
         }
         let elapsed = started.elapsed();
         latencies.sort();
-        let percentile = |p: f64| crate::percentile_us(&latencies, p);
+        let percentile = |p: f64| crate::http_client::percentile_us(&latencies, p);
         println!(
             "{}",
             json!({

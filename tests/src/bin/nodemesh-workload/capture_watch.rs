@@ -11,6 +11,32 @@ use std::{
 
 use serde::Serialize;
 
+#[derive(clap::Args)]
+pub struct CaptureWatchArgs {
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long)]
+    stop_file: std::path::PathBuf,
+    #[arg(long, default_value_t = 120_000)]
+    limit_ms: u64,
+    #[arg(long, default_value_t = 20)]
+    interval_ms: u64,
+    /// For the connect and for the echo of each connection.
+    #[arg(long, default_value_t = 2_000)]
+    timeout_ms: u64,
+}
+
+/// The watch `args` describe.
+pub fn run_args(args: &CaptureWatchArgs) -> anyhow::Result<()> {
+    run(&Watch {
+        target: args.target,
+        stop_file: &args.stop_file,
+        limit: Duration::from_millis(args.limit_ms),
+        interval: Duration::from_millis(args.interval_ms),
+        step_timeout: Duration::from_millis(args.timeout_ms),
+    })
+}
+
 /// What each connection sends and expects echoed.
 const PROBE: &[u8; 16] = b"capture-watch-16";
 
@@ -68,7 +94,7 @@ pub fn run(watch: &Watch<'_>) -> anyhow::Result<()> {
             Outcome::Refused => outcomes.refused += 1,
             Outcome::Failed(error) => {
                 outcomes.failed += 1;
-                if outcomes.errors.len() < crate::MAX_ERRORS {
+                if outcomes.errors.len() < crate::connection::MAX_ERRORS {
                     outcomes.errors.push(error);
                 }
             }

@@ -17,7 +17,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::{connect_checked, tagged_payload};
+use crate::connection::{connect_checked, tagged_payload};
 
 #[derive(clap::Args)]
 pub struct FloodArgs {

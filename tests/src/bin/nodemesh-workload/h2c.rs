@@ -22,14 +22,31 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::listen_dual_stack;
+use crate::connection::listen_dual_stack;
+
+#[derive(clap::Args)]
+pub struct H2cServerArgs {
+    #[arg(long)]
+    port: u16,
+}
+
+#[derive(clap::Args)]
+pub struct H2cSmuggleArgs {
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long)]
+    upgrade_path: String,
+    #[arg(long)]
+    smuggled_path: String,
+}
 
 /// Largest request or response head read.
 const MAX_HEAD: usize = 16 * 1024;
 /// An empty SETTINGS payload, base64url: what `HTTP2-Settings` must carry at least.
 const HTTP2_SETTINGS: &str = "AAMAAABkAAQAoAAAAAIAAAAA";
 
-pub async fn server(port: u16) -> anyhow::Result<()> {
+pub async fn server(args: &H2cServerArgs) -> anyhow::Result<()> {
+    let port = args.port;
     let listener = listen_dual_stack(port)?;
     eprintln!("h2c-server: listening on [::]:{port} (HTTP/1.1, Upgrade: h2c)");
     loop {
@@ -102,11 +119,9 @@ fn answer_body(path: &str, protocol: &str) -> String {
 
 /// Asks `target` to upgrade to h2c with `GET upgrade_path`; once switched, GETs
 /// `smuggled_path` over HTTP/2 on the same connection.
-pub async fn smuggle(
-    target: SocketAddr,
-    upgrade_path: &str,
-    smuggled_path: &str,
-) -> anyhow::Result<()> {
+pub async fn smuggle(args: &H2cSmuggleArgs) -> anyhow::Result<()> {
+    let (target, upgrade_path, smuggled_path) =
+        (args.target, &args.upgrade_path, &args.smuggled_path);
     let mut stream = TcpStream::connect(target)
         .await
         .with_context(|| format!("connecting to {target}"))?;

@@ -19,6 +19,12 @@ use nix::sys::{
 };
 use serde_json::{Value, json};
 
+#[derive(clap::Args)]
+pub struct HandoffProbeArgs {
+    #[arg(long)]
+    socket: std::path::PathBuf,
+}
+
 /// The handoff protocol version of the agent this speaks to.
 const VERSION: u32 = 1;
 
@@ -32,7 +38,8 @@ struct Answer {
     descriptors: usize,
 }
 
-pub fn run(path: &Path) -> anyhow::Result<()> {
+pub fn run(args: &HandoffProbeArgs) -> anyhow::Result<()> {
+    let path: &Path = &args.socket;
     let status = std::fs::read_to_string("/proc/self/status").context("reading my status")?;
     let field = |name: &str| {
         status

@@ -42,9 +42,95 @@ use tokio_tungstenite::{
     tungstenite::{Message, handshake::derive_accept_key, protocol::Role},
 };
 
-use super::listen_dual_stack;
+use crate::connection::listen_dual_stack;
 
 type Body = BoxBody<Bytes, Infallible>;
+
+#[derive(clap::Args)]
+pub struct HttpServerArgs {
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value_t = 1024)]
+    body_bytes: usize,
+    /// Sent back in `x-served-by`.
+    #[arg(long, default_value = "http-server")]
+    name: String,
+    /// Answer every request with this status (a failing endpoint).
+    #[arg(long)]
+    fail_status: Option<u16>,
+    /// Delay every response by this much (a slow endpoint).
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+}
+
+#[derive(clap::Args)]
+pub struct OtlpReceiverArgs {
+    #[arg(long)]
+    port: u16,
+    #[arg(long)]
+    out: std::path::PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct HttpGetArgs {
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long, default_value = "/")]
+    path: String,
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// `name:value`, repeatable.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+}
+
+#[derive(clap::Args)]
+pub struct GrpcCallArgs {
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long, default_value = "hello")]
+    message: String,
+}
+
+#[derive(clap::Args)]
+pub struct WsEchoArgs {
+    #[arg(long)]
+    url: String,
+    #[arg(long, default_value_t = 3)]
+    messages: usize,
+}
+
+/// The server `args` describe.
+pub async fn serve_args(args: HttpServerArgs) -> anyhow::Result<()> {
+    let behaviour = Behaviour {
+        fail_status: args.fail_status,
+        delay: Duration::from_millis(args.delay_ms),
+    };
+    serve(args.port, args.body_bytes, args.name, behaviour).await
+}
+
+/// The GETs `args` describe.
+pub async fn get_args(args: &HttpGetArgs) -> anyhow::Result<()> {
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| {
+            h.split_once(':')
+                .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+                .with_context(|| format!("--header {h:?} is not name:value"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    get_many(
+        args.target,
+        &args.path,
+        args.count,
+        &headers,
+        Duration::from_millis(args.timeout_ms),
+    )
+    .await
+}
 
 /// How a server misbehaves on purpose.
 pub struct Behaviour {
@@ -62,7 +148,7 @@ struct App {
     flaky_seen: Mutex<HashSet<String>>,
 }
 
-pub async fn serve(
+async fn serve(
     port: u16,
     body_bytes: usize,
     name: String,
@@ -239,7 +325,7 @@ fn websocket_echo(mut request: Request<Incoming>) -> Response<Body> {
 
 /// `count` GETs of `path` on one keep-alive HTTP/1.1 connection to `target`; prints the
 /// statuses and the servers that answered.
-pub async fn get_many(
+async fn get_many(
     target: SocketAddr,
     path: &str,
     count: usize,
@@ -304,7 +390,8 @@ pub async fn get_many(
 }
 
 /// One unary gRPC call over HTTP/2 prior knowledge; checks the echo and `grpc-status: 0`.
-pub async fn grpc_call(target: SocketAddr, message: &str) -> anyhow::Result<()> {
+pub async fn grpc_call(args: &GrpcCallArgs) -> anyhow::Result<()> {
+    let (target, message) = (args.target, &args.message);
     let stream = TcpStream::connect(target)
         .await
         .with_context(|| format!("connecting to {target}"))?;
@@ -342,7 +429,8 @@ pub async fn grpc_call(target: SocketAddr, message: &str) -> anyhow::Result<()> 
 
 /// Opens a WebSocket to `url` through whatever is at its address, sends `messages` text
 /// messages and checks each comes back.
-pub async fn websocket_echo_client(url: &str, messages: usize) -> anyhow::Result<()> {
+pub async fn websocket_echo_client(args: &WsEchoArgs) -> anyhow::Result<()> {
+    let (url, messages) = (args.url.as_str(), args.messages);
     let uri: hyper::Uri = url.parse().context("the URL")?;
     let authority = uri.authority().context("the URL has no host")?.as_str();
     let addr: SocketAddr = authority
@@ -371,7 +459,8 @@ pub async fn websocket_echo_client(url: &str, messages: usize) -> anyhow::Result
 }
 
 /// Accepts OTLP/HTTP exports and appends each body, as one line, to `out`; answers 200.
-pub async fn otlp_receiver(port: u16, out: &std::path::Path) -> anyhow::Result<()> {
+pub async fn otlp_receiver(args: &OtlpReceiverArgs) -> anyhow::Result<()> {
+    let (port, out) = (args.port, args.out.as_path());
     let listener = listen_dual_stack(port)?;
     let out = Arc::new(out.to_owned());
     eprintln!(

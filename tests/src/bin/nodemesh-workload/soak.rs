@@ -12,9 +12,47 @@ use tokio::{
 };
 
 use crate::{
-    ClosedBeforeResponse, Failure, Reply, Tally, connect_checked, exchange, one_request,
-    tagged_payload,
+    connection::{Failure, Tally, connect_checked, exchange, tagged_payload},
+    http_client::{ClosedBeforeResponse, Reply, one_request},
 };
+
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long, default_value_t = 4)]
+    long_lived: usize,
+    #[arg(long)]
+    duration_ms: u64,
+    /// Go on past `duration_ms` until this file exists: the test creates it once what it
+    /// does under load is done, however long that took.
+    #[arg(long)]
+    until_file: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    interval_ms: u64,
+    /// Also GET / from this HTTP server over one keep-alive connection, back to back, as
+    /// an HTTP client library does: a connection the server closed (or announced to close
+    /// with `Connection: close`) before any byte of the response is replaced by a new one
+    /// and the request sent again (RFC 9110 §9.2.2, idempotent); anything else fails.
+    #[arg(long)]
+    http_target: Option<SocketAddr>,
+}
+
+/// The soak `args` describe, from now.
+pub async fn run_args(args: SoakArgs) -> anyhow::Result<()> {
+    let end = SoakEnd {
+        deadline: tokio::time::Instant::now() + Duration::from_millis(args.duration_ms),
+        until_file: args.until_file,
+    };
+    run(
+        args.target,
+        args.long_lived,
+        end,
+        Duration::from_millis(args.interval_ms),
+        args.http_target,
+    )
+    .await
+}
 
 /// The outcomes of a sequence of attempts, as runs of the same kind.
 #[derive(Default)]

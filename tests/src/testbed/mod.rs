@@ -1,29 +1,27 @@
 //! The testbed itself: building the fake cluster, changing it while it runs, tearing it down.
+//! Its pods are in `pods.rs`; what its names and topology must be, in `validate.rs`.
+
+mod pods;
+mod validate;
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::{Arc, Mutex},
 };
 
+use self::validate::{check_name, check_prefix, validate};
 use crate::{
     api_cluster, cgroup,
-    cleanup::{self, Shared, TeardownReport, Tracked, kill_and_reap, lock},
+    cleanup::{self, Shared, TeardownReport, lock},
     cluster_state,
     control_plane::{self, ControlPlane},
     error::{IoContext, Result, TestbedError},
-    exec::Placement,
     naming, netns,
     pod::{self, Node, Pod},
-    topology::{NamespaceSpec, PodSpec, TopologySpec},
+    topology::{NamespaceSpec, TopologySpec},
     util,
 };
-
-/// Pods get 198.18.k.(10+i): at most this many per node.
-const MAX_PODS_PER_NODE: u8 = 245;
-/// Nodes are 198.18.0.k; 198.18.0.254 is the API server's.
-const MAX_NODES: usize = 253;
 
 /// Where the testbed keeps its cluster state, the thing the agents and the CA watch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,92 +148,6 @@ fn chart_dir() -> PathBuf {
         .join("../deploy/helm/nodemesh")
         .components()
         .collect()
-}
-
-/// The prefix is followed by the owner pid, so it must not end in a digit.
-fn check_prefix(prefix: &str) -> Result<()> {
-    let ok = (1..=20).contains(&prefix.len())
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && prefix.as_bytes()[0].is_ascii_lowercase()
-        && prefix.as_bytes()[prefix.len() - 1].is_ascii_lowercase();
-    if ok {
-        Ok(())
-    } else {
-        Err(TestbedError::Topology(format!(
-            "testbed prefix {prefix:?} must be 1-20 characters of a-z and 0-9, starting and ending with a letter"
-        )))
-    }
-}
-
-/// Names must be usable in netns names, cgroup directories and file names.
-fn check_name(kind: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(TestbedError::Topology(format!(
-            "{kind} name {name:?} must be 1-63 characters of a-z, 0-9 and '-'"
-        )))
-    }
-}
-
-fn validate(topo: &TopologySpec) -> Result<()> {
-    if topo.nodes.is_empty() || topo.nodes.len() > MAX_NODES {
-        return Err(TestbedError::Topology(format!(
-            "1 to {MAX_NODES} nodes are needed"
-        )));
-    }
-    let mut namespaces = Vec::new();
-    for ns in &topo.namespaces {
-        check_name("namespace", &ns.name)?;
-        if namespaces.contains(&&ns.name) {
-            return Err(TestbedError::Topology(format!(
-                "namespace {} twice",
-                ns.name
-            )));
-        }
-        namespaces.push(&ns.name);
-    }
-    let mut nodes = Vec::new();
-    let mut pods = Vec::new();
-    for node in &topo.nodes {
-        check_name("node", &node.name)?;
-        // `<testbed>-br` is the bridge's namespace.
-        if node.name == "br" {
-            return Err(TestbedError::Topology("node name br is reserved".into()));
-        }
-        if nodes.contains(&&node.name) {
-            return Err(TestbedError::Topology(format!("node {} twice", node.name)));
-        }
-        nodes.push(&node.name);
-        if node.pods.len() > usize::from(MAX_PODS_PER_NODE) {
-            return Err(TestbedError::Topology(format!(
-                "too many pods on {}",
-                node.name
-            )));
-        }
-        for spec in &node.pods {
-            check_name("pod", &spec.name)?;
-            if !namespaces.contains(&&spec.namespace) {
-                return Err(TestbedError::UnknownNamespace(spec.namespace.clone()));
-            }
-            let key = (&spec.namespace, &spec.name);
-            if pods.contains(&key) {
-                return Err(TestbedError::Topology(format!(
-                    "pod {}/{} twice",
-                    spec.namespace, spec.name
-                )));
-            }
-            pods.push(key);
-        }
-    }
-    Ok(())
 }
 
 impl Testbed {
@@ -450,202 +362,6 @@ impl Testbed {
         netns::write_sysctls(name, &settings)
     }
 
-    /// Wires one pod: netns, veth, addresses, routes, cgroups, pause process, then its YAML.
-    fn create_pod(&mut self, node_name: &str, spec: &PodSpec) -> Result<Pod> {
-        let pod_cgroup_root = self.cgroup_root(node_name).join("kubepods/besteffort");
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.name == node_name)
-            .ok_or_else(|| TestbedError::UnknownNode(node_name.to_owned()))?;
-        if node.next_pod >= MAX_PODS_PER_NODE {
-            return Err(TestbedError::Topology(format!(
-                "no pod addresses left on {node_name}"
-            )));
-        }
-        let (k, i) = (node.index, node.next_pod);
-        node.next_pod += 1;
-        let node_netns = node.netns.clone();
-        let mut pod = Pod {
-            namespace: spec.namespace.clone(),
-            name: spec.name.clone(),
-            node: node_name.to_owned(),
-            node_index: k,
-            index: i,
-            service_account: spec.service_account.clone(),
-            labels: spec.labels.clone(),
-            http_probe: spec.http_probe.clone(),
-            ipv4: pod::pod_ipv4(k, i),
-            ipv6: pod::pod_ipv6(k, i),
-            netns: format!("{}-{node_name}-{}-{}", self.name, spec.namespace, spec.name),
-            host_veth: format!("p{i}"),
-            pod_cgroup: PathBuf::new(),
-            uid: String::new(),
-            container_id: util::container_id()?,
-            sandbox_id: util::container_id()?,
-            sandbox_pid: 0,
-        };
-        // The API server names the pod's UID; the kubelet then makes its cgroup from it.
-        pod.uid = match &self.control_plane {
-            Some(api) => api.apply_pod(&cluster_state::pod_object(&pod))?,
-            None => util::uuid_v4()?,
-        };
-        pod.pod_cgroup = pod_cgroup_root.join(format!("pod{}", pod.uid));
-        self.wire_pod(&node_netns, &pod)?;
-        pod.sandbox_pid = self.start_sandbox(&pod)?;
-        match &self.control_plane {
-            Some(api) => api.report_pod_status(&cluster_state::pod_object(&pod))?,
-            None => {
-                cluster_state::write_pod(&self.cluster_state_dir, &pod)?;
-            }
-        }
-        tracing::debug!(testbed = %self.name, pod = %pod.key(), ip = %pod.ipv4, "pod created");
-        self.pods.push(pod.clone());
-        Ok(pod)
-    }
-
-    /// The pod's network: its namespace, the veth pair, addresses and routes on both ends.
-    fn wire_pod(&self, node_netns: &str, pod: &Pod) -> Result<()> {
-        self.add_netns(&pod.netns, &[])?;
-        let (k, veth) = (pod.node_index, &pod.host_veth);
-        let (gw4, gw6) = (pod::gateway_ipv4(k), pod::gateway_ipv6(k));
-        netns::ip_batch(
-            node_netns,
-            &[
-                // Created in the node, its peer appears as eth0 in the pod: no global name clashes.
-                format!(
-                    "link add {veth} type veth peer name eth0 netns {}",
-                    pod.netns
-                ),
-                format!("addr add {gw4}/32 dev {veth}"),
-                format!("addr add {gw6}/128 dev {veth} nodad"),
-                format!("link set {veth} up"),
-                format!("route add {}/32 dev {veth}", pod.ipv4),
-                format!("route add {}/128 dev {veth}", pod.ipv6),
-            ],
-        )?;
-        netns::ip_batch(
-            &pod.netns,
-            &[
-                "link set lo up".to_owned(),
-                format!("addr add {}/32 dev eth0", pod.ipv4),
-                format!("addr add {}/128 dev eth0 nodad", pod.ipv6),
-                "link set eth0 up".to_owned(),
-                format!("route add {gw4}/32 dev eth0"),
-                format!("route add 0.0.0.0/0 via {gw4} dev eth0"),
-                format!("route add {gw6}/128 dev eth0"),
-                format!("route add ::/0 via {gw6} dev eth0"),
-            ],
-        )
-    }
-
-    /// The pod's pause process: what holds its network namespace, as the sandbox does in Kubernetes.
-    fn start_sandbox(&self, pod: &Pod) -> Result<u32> {
-        for dir in [pod.cgroup(), pod.sandbox_cgroup()] {
-            cgroup::create(&dir)?;
-        }
-        let mut command = Command::new(&self.config.workload_bin);
-        command
-            .arg("pause")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let child = Placement::new(&pod.netns, &pod.sandbox_cgroup())?
-            .spawn(&mut command)
-            .map_err(|error| {
-                TestbedError::Other(format!(
-                    "{error} (is the workload binary built? {})",
-                    self.config.workload_bin.display()
-                ))
-            })?;
-        let pid = child.id();
-        let mut res = lock(&self.shared);
-        if res.torn_down {
-            let mut child = child;
-            let _ = kill_and_reap(&mut child);
-            return Err(TestbedError::Other(format!(
-                "testbed {} was torn down",
-                self.name
-            )));
-        }
-        res.children.push(Tracked {
-            what: format!("pause process of {}", pod.key()),
-            pod: Some(pod.key()),
-            child,
-        });
-        Ok(pid)
-    }
-
-    /// Adds a pod on `node` (network, cgroups, pause process) and then writes its YAML.
-    pub fn add_pod(&mut self, node: &str, spec: PodSpec) -> Result<Pod> {
-        check_name("pod", &spec.name)?;
-        self.node(node)?;
-        if !self.namespaces.contains_key(&spec.namespace) {
-            return Err(TestbedError::UnknownNamespace(spec.namespace));
-        }
-        if self.find_pod(&spec.namespace, &spec.name).is_some() {
-            return Err(TestbedError::Topology(format!(
-                "pod {}/{} exists already",
-                spec.namespace, spec.name
-            )));
-        }
-        self.create_pod(node, &spec)
-    }
-
-    /// Removes a pod: deletes its YAML, kills its processes, removes its netns and cgroups.
-    pub fn remove_pod(&mut self, pod: &Pod) -> Result<()> {
-        let position = self
-            .pods
-            .iter()
-            .position(|p| p.namespace == pod.namespace && p.name == pod.name)
-            .ok_or_else(|| TestbedError::UnknownPod {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-            })?;
-        let pod = self.pods.remove(position);
-        match &self.control_plane {
-            Some(api) => api.delete_pod(&pod, || self.stop_pod(&pod)),
-            None => {
-                cluster_state::delete_pod(&self.cluster_state_dir, &pod.namespace, &pod.name)?;
-                self.stop_pod(&pod)
-            }
-        }
-    }
-
-    /// Kills every process of a pod (its sandbox included) and keeps its cgroups, network
-    /// namespace and YAML: a pod whose containers all exited while the kubelet keeps its
-    /// cgroup. Processes started in it later ([`Testbed::spawn_in_pod`]) bring it back.
-    pub fn empty_pod(&self, pod: &Pod) -> Result<()> {
-        cgroup::kill_all(&pod.pod_cgroup)?;
-        self.reap_pod_processes(pod)
-    }
-
-    fn reap_pod_processes(&self, pod: &Pod) -> Result<()> {
-        let key = pod.key();
-        let mut res = lock(&self.shared);
-        let (ours, others): (Vec<Tracked>, Vec<Tracked>) = std::mem::take(&mut res.children)
-            .into_iter()
-            .partition(|t| t.pod.as_deref() == Some(key.as_str()));
-        res.children = others;
-        drop(res);
-        for mut tracked in ours {
-            kill_and_reap(&mut tracked.child).io_context(|| format!("reaping {}", tracked.what))?;
-        }
-        Ok(())
-    }
-
-    /// Kills a removed pod's processes and removes its netns and cgroups.
-    fn stop_pod(&self, pod: &Pod) -> Result<()> {
-        cgroup::kill_all(&pod.pod_cgroup)?;
-        self.reap_pod_processes(pod)?;
-        lock(&self.shared).netns.retain(|n| n != &pod.netns);
-        // Its veth pair (and the node's host routes through it) go with the namespace.
-        netns::delete(&pod.netns)?;
-        cgroup::remove_tree(&pod.pod_cgroup)?;
-        tracing::debug!(testbed = %self.name, pod = %pod.key(), "pod removed");
-        Ok(())
-    }
-
     /// Adds a Kubernetes namespace (created in the API server, or its YAML written).
     pub fn add_namespace(&mut self, spec: NamespaceSpec) -> Result<()> {
         check_name("namespace", &spec.name)?;
@@ -712,30 +428,6 @@ impl Testbed {
         self.write_namespace(namespace, &labels)?;
         self.namespaces.insert(namespace.to_owned(), labels);
         Ok(())
-    }
-
-    /// Replaces a pod's labels and rewrites its YAML; returns the updated pod.
-    pub fn set_pod_labels(&mut self, pod: &Pod, labels: BTreeMap<String, String>) -> Result<Pod> {
-        let dir = self.cluster_state_dir.clone();
-        let current = self
-            .pods
-            .iter_mut()
-            .find(|p| p.namespace == pod.namespace && p.name == pod.name)
-            .ok_or_else(|| TestbedError::UnknownPod {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-            })?;
-        current.labels = labels;
-        let updated = current.clone();
-        match &self.control_plane {
-            Some(api) => {
-                api.apply_pod(&cluster_state::pod_object(&updated))?;
-            }
-            None => {
-                cluster_state::write_pod(&dir, &updated)?;
-            }
-        }
-        Ok(updated)
     }
 
     /// Tears everything down now and reports what (if anything) was left behind.
