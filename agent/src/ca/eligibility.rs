@@ -1,5 +1,5 @@
 //! Which pods the CA issues a certificate for, and with which identity. Once the caller's
-//! node is known (`ca_auth`), the decision rests on the pod and its namespace as the API
+//! node is known (`auth`), the decision rests on the pod and its namespace as the API
 //! server holds them; the request only says which pod it means:
 //! - its names are valid Kubernetes names before they go into API URLs (the namespace a
 //!   DNS-1123 label, the pod a DNS-1123 subdomain), and it carries the pod's UID;
@@ -11,7 +11,7 @@
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
-use super::spiffe::{SpiffeId, SpiffeIdError};
+use crate::identity::spiffe::{SpiffeId, SpiffeIdError};
 use crate::k8s::labels;
 
 /// The longest UID accepted (Kubernetes gives pods 36-character UUIDs).
