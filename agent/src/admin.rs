@@ -4,7 +4,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        Arc, RwLock,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -22,10 +22,14 @@ use crate::{
         snapshot::ClusterIndices,
         status::{SourceStatus, WatchView},
     },
-    pods::enrolment::{EnrolledPodView, PendingPodView},
     proxy::outbound::balance::{Balancer, EndpointView},
     serving::{BoundedServer, Limits},
-    state::{authorization::PolicyView, routes::RouteView, services::ServicePortView},
+    state::{
+        authorization::PolicyView,
+        node::{EnrolledPodView, NodeStateWatch, PendingPodView},
+        routes::RouteView,
+        services::ServicePortView,
+    },
     telemetry::{
         connections::ConnectionStats,
         metrics::{Exposition, Metrics},
@@ -37,14 +41,12 @@ pub struct AdminState {
     pub node_name: String,
     pub fail_mode: &'static str,
     pub ready: AtomicBool,
-    pub enrolled: RwLock<Vec<EnrolledPodView>>,
-    pub pending: RwLock<Vec<PendingPodView>>,
-    pub config_errors: RwLock<Vec<String>>,
+    /// The node's state: enrolled and pending pods, HTTPRoutes and AuthorizationPolicies in
+    /// force, what was rejected (all of one version).
+    pub state: NodeStateWatch,
     /// The cluster-wide indices the source keeps current.
     pub indices: ClusterIndices,
     pub source_status: Arc<SourceStatus>,
-    pub routes: RwLock<Vec<RouteView>>,
-    pub policies: RwLock<Vec<PolicyView>>,
     pub balancer: Arc<Balancer>,
     pub metrics: Arc<Metrics>,
     pub identities: Option<Arc<IdentityManager>>,
@@ -265,22 +267,7 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             )
         }
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        "/config_dump" => json(&ConfigDump {
-            node: &state.node_name,
-            ready: state.ready.load(Ordering::Acquire),
-            fail_mode: state.fail_mode,
-            attach_point: state.datapath.attach_point().display().to_string(),
-            enrolled_pods: read(&state.enrolled),
-            pending_pods: read(&state.pending),
-            config_errors: read(&state.config_errors),
-            cluster_state: ClusterStateView::of(state),
-            services: service_views(state),
-            http_routes: read(&state.routes),
-            http_endpoints: state.balancer.views(),
-            authorization_policies: read(&state.policies),
-            identities: state.identities.as_ref().map(|m| m.views()),
-            datapath_maps: state.datapath.occupancy(),
-        }),
+        "/config_dump" => config_dump(state),
         "/metrics" => metrics(state, exposition(request)),
         "/stats" => json(&serde_json::json!({
             "connections": state.stats.snapshot(),
@@ -299,10 +286,25 @@ pub fn certificates_held(state: &AdminState) -> bool {
     state.identities.as_ref().is_none_or(|m| m.all_held())
 }
 
-fn read<T: Clone>(lock: &RwLock<Vec<T>>) -> Vec<T> {
-    lock.read()
-        .map(|v| v.clone())
-        .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+/// The config dump, with the node's state of one version.
+fn config_dump(state: &AdminState) -> Response<Full<Bytes>> {
+    let node = Arc::clone(&state.state.borrow());
+    json(&ConfigDump {
+        node: &state.node_name,
+        ready: state.ready.load(Ordering::Acquire),
+        fail_mode: state.fail_mode,
+        attach_point: state.datapath.attach_point().display().to_string(),
+        enrolled_pods: node.enrolled.clone(),
+        pending_pods: node.pending.clone(),
+        config_errors: node.config_errors.clone(),
+        cluster_state: ClusterStateView::of(state),
+        services: service_views(state),
+        http_routes: node.routes.views(),
+        http_endpoints: state.balancer.views(),
+        authorization_policies: node.authorization.views(),
+        identities: state.identities.as_ref().map(|m| m.views()),
+        datapath_maps: state.datapath.occupancy(),
+    })
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -323,7 +325,8 @@ pub fn exposition(request: &Request<hyper::body::Incoming>) -> Exposition {
 
 /// Prometheus text, with the agent's own gauges brought up to date first.
 fn metrics(state: &AdminState, format: Exposition) -> Response<Full<Bytes>> {
-    let enrolled = read(&state.enrolled).len();
+    let node = Arc::clone(&state.state.borrow());
+    let enrolled = node.enrolled.len();
     let maps: Vec<(String, u64)> = match serde_json::to_value(state.datapath.occupancy()) {
         Ok(serde_json::Value::Object(maps)) => maps
             .into_iter()
@@ -345,11 +348,11 @@ fn metrics(state: &AdminState, format: Exposition) -> Response<Full<Bytes>> {
             Some((view.spiffe_id.to_string(), not_after - now))
         })
         .collect();
-    let errors = read(&state.config_errors).len();
+    let errors = node.config_errors.len();
     state
         .metrics
         .set_agent_state(enrolled, &maps, &expiry, errors);
-    state.metrics.set_pending_pods(read(&state.pending).len());
+    state.metrics.set_pending_pods(node.pending.len());
     let mut response = Response::new(Full::new(Bytes::from(state.metrics.encode(format))));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, RwLock, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -34,8 +34,10 @@ use crate::{
         drain,
         handoff::{self, HandoffAddress},
     },
-    pods::enrolment::{Adoption, EnrolledPodView},
-    pods::{cgroup, enrolment::Enrolments},
+    pods::{
+        cgroup,
+        enrolment::{Adoption, Enrolments},
+    },
     proxy::{
         hbone::client::HboneClient,
         inbound::{context::InboundContext, plaintext},
@@ -44,9 +46,10 @@ use crate::{
             context::{HttpProxy, OutboundContext},
         },
     },
-    state::membership,
     state::{
         authorization::AuthorizationIndex,
+        membership,
+        node::{EnrolledPodView, NodeState},
         probes::ProbeIndex,
         routes::{self, RouteTable},
     },
@@ -110,6 +113,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
     };
     let indices = ClusterIndices::new(&config.trust_domain);
     let source_status = Arc::new(SourceStatus::default());
+    let node_state = watch::Sender::new(Arc::new(NodeState::default()));
     let admin_state = Arc::new(AdminState {
         node_name: config.node_name.clone(),
         fail_mode: match config.fail_mode {
@@ -117,13 +121,9 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             FailMode::Closed => "closed",
         },
         ready: false.into(),
-        enrolled: RwLock::default(),
-        pending: RwLock::default(),
-        config_errors: RwLock::default(),
+        state: node_state.subscribe(),
         indices: indices.clone(),
         source_status: Arc::clone(&source_status),
-        routes: RwLock::default(),
-        policies: RwLock::default(),
         balancer: Arc::clone(&balancer),
         metrics: Arc::clone(&metrics),
         identities: identities.clone(),
@@ -163,7 +163,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             .map(|(identities, roots)| Arc::new(HboneClient::new(identities, roots))),
         workloads: Arc::clone(&indices.workloads),
         services: Arc::clone(&indices.services),
-        routes: RwLock::default(),
+        state: node_state.subscribe(),
         http: HttpProxy::new(config.protocol_detection_timeout, balancer),
         metrics: Arc::clone(&metrics),
         access_log,
@@ -182,8 +182,7 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
             connect_timeout: config.connect_timeout,
             datapath: Arc::clone(&datapath),
             node_addresses: plaintext::node_addresses(),
-            authorization: watch::Sender::new(Arc::default()),
-            probes: RwLock::default(),
+            state: node_state.subscribe(),
             detect_wait: config.protocol_detection_timeout,
             workloads: Arc::clone(&indices.workloads),
             metrics: Arc::clone(&metrics),
@@ -222,11 +221,9 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         cluster: &mut cluster,
         enrolments: &mut enrolments,
         config: &config,
-        admin: &admin_state,
         identities: identities.as_deref(),
         outbound: &outbound,
-        inbound: inbound.as_deref(),
-        authorization: Arc::default(),
+        state: &node_state,
     };
     reconciler.sync().await;
     if predecessor.is_none() {
@@ -513,13 +510,11 @@ struct Reconciler<'a> {
     cluster: &'a mut ClusterSource,
     enrolments: &'a mut Enrolments,
     config: &'a AgentConfig,
-    admin: &'a AdminState,
     identities: Option<&'a IdentityManager>,
     outbound: &'a OutboundContext,
-    /// Present when the node holds identities (the HBONE server enforces policies).
-    inbound: Option<&'a InboundContext>,
-    /// The last index built, whose good policies survive a bad update.
-    authorization: Arc<AuthorizationIndex>,
+    /// Where each version of the node's state is published; the current one holds the last
+    /// good routes and policies, which survive a bad update.
+    state: &'a watch::Sender<Arc<NodeState>>,
 }
 
 impl Reconciler<'_> {
@@ -545,17 +540,8 @@ impl Reconciler<'_> {
             http.upstreams
                 .retain(|endpoint| services.has_endpoint(endpoint));
         }
-        let route_errors = {
-            let mut routes = self
-                .outbound
-                .routes
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
-            let (table, route_errors) = RouteTable::build(&snapshot.http_routes, &routes);
-            *routes = Arc::new(table);
-            publish(self.admin.routes.write(), routes.views());
-            route_errors
-        };
+        let previous = Arc::clone(&self.state.borrow());
+        let (routes, route_errors) = RouteTable::build(&snapshot.http_routes, &previous.routes);
         for error in &route_errors {
             tracing::warn!(%error, "HTTPRoute rejected; its last good version keeps serving");
         }
@@ -578,36 +564,47 @@ impl Reconciler<'_> {
         let (authorization, policy_errors) = AuthorizationIndex::build(
             &snapshot.authorization_policies,
             snapshot.local_pods.values(),
-            &self.authorization,
+            &previous.authorization,
         );
         for error in &policy_errors {
             tracing::warn!(%error, "AuthorizationPolicy rejected; its last good version keeps applying");
         }
-        let authorization = Arc::new(authorization);
-        publish(self.admin.policies.write(), authorization.views());
-        if let Some(inbound) = self.inbound {
-            *inbound.probes.write().unwrap_or_else(|p| p.into_inner()) =
-                Arc::new(ProbeIndex::build(snapshot.local_pods.values()));
-            // Connections decided under the previous policies are decided again.
-            inbound
-                .authorization
-                .send_replace(Arc::clone(&authorization));
-        }
-        self.authorization = authorization;
-        let errors: Vec<String> = errors
+        let config_errors: Vec<String> = errors
             .into_iter()
             .chain(route_errors.iter().map(ToString::to_string))
             .chain(policy_errors.iter().map(ToString::to_string))
             .collect();
+        // What the cluster asks applies before enrolment acts on it (a pod enrolled now is
+        // served under its policies), beside the pods as they were. Connections decided under
+        // the previous version are decided again.
+        self.state.send_replace(Arc::new(NodeState {
+            routes: Arc::new(routes),
+            authorization: Arc::new(authorization),
+            probes: Arc::new(ProbeIndex::build(snapshot.local_pods.values())),
+            enrolled: previous.enrolled.clone(),
+            pending: previous.pending.clone(),
+            config_errors,
+        }));
         let desired = membership::local_meshed_pods(&snapshot);
         self.enrolments.reconcile(&desired).await;
         let enrolled = self.enrolments.enrolled_views();
         if let Some(identities) = self.identities {
             identities.set_desired(desired_identities(&enrolled, &self.config.trust_domain));
         }
-        publish(self.admin.enrolled.write(), enrolled);
-        publish(self.admin.pending.write(), self.enrolments.pending_views());
-        publish(self.admin.config_errors.write(), errors);
+        // Then what enrolment made of it. Only the pods' views change, so the connections
+        // that watch for policy changes are not woken for it.
+        let pending = self.enrolments.pending_views();
+        self.state.send_if_modified(|state| {
+            *state = Arc::new(NodeState {
+                routes: Arc::clone(&state.routes),
+                authorization: Arc::clone(&state.authorization),
+                probes: Arc::clone(&state.probes),
+                enrolled,
+                pending,
+                config_errors: state.config_errors.clone(),
+            });
+            false
+        });
     }
 }
 
@@ -630,9 +627,4 @@ fn desired_identities(pods: &[EnrolledPodView], trust_domain: &str) -> BTreeMap<
         }
     }
     desired
-}
-
-fn publish<T>(lock: std::sync::LockResult<std::sync::RwLockWriteGuard<'_, Vec<T>>>, value: Vec<T>) {
-    let mut guard = lock.unwrap_or_else(|poisoned| poisoned.into_inner());
-    *guard = value;
 }

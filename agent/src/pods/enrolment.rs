@@ -19,11 +19,9 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
 use socket2::Domain;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
-pub use super::pending::PendingPodView;
 use super::{
     addresses::{self, inbound_pod},
     cgroup,
@@ -38,12 +36,12 @@ use crate::{
     identity::{manager::IdentityManager, spiffe::SpiffeId},
     k8s::labels::PeerAuthentication,
     lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
-    netns::NetnsSockets,
+    netns::{NetnsSockets, SourcePreservation},
     proxy::{
         hbone::HBONE_PORT,
         inbound::{
             self,
-            context::{DestinationPod, InboundContext, SourcePreservation},
+            context::{DestinationPod, InboundContext},
             plaintext,
         },
         limits::Budget,
@@ -52,7 +50,10 @@ use crate::{
             context::{OutboundContext, SourcePod},
         },
     },
-    state::membership::MeshedPod,
+    state::{
+        membership::MeshedPod,
+        node::{EnrolledPodView, PendingPodView},
+    },
 };
 
 /// How long a stopping agent waits for its outbound listeners' accept queues to empty.
@@ -64,29 +65,6 @@ const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 /// Port of the plaintext inbound listener on each meshed pod's loopback (as Istio's 15006).
 /// Nothing dials it: the inbound sk_lookup program hands connections to it.
 pub const PLAINTEXT_INBOUND_PORT: u16 = 15006;
-
-/// An enrolled pod, as the config dump shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct EnrolledPodView {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub service_account: String,
-    pub ips: Vec<IpAddr>,
-    pub cgroup: PathBuf,
-    pub cgroup_id: u64,
-    pub netns_inode: u64,
-    pub netns_cookie: u64,
-    pub listeners: Vec<SocketAddr>,
-    pub peer_authentication: PeerAuthentication,
-    /// Whether plaintext arriving at the pod is captured (the node holds identities).
-    pub inbound_capture: bool,
-    /// The addresses whose plaintext is captured: `ips` and the other non-loopback addresses
-    /// its network namespace had at enrolment (IPv6 link-local, secondary interfaces).
-    pub inbound_addresses: Vec<IpAddr>,
-    /// Whether mTLS traffic reaches the application with the client pod's address.
-    pub source_preservation: SourcePreservation,
-}
 
 struct Enrolled {
     pod: MeshedPod,
