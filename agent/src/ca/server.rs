@@ -205,18 +205,17 @@ impl CertificateAuthority {
                 namespace: namespace.to_owned(),
                 pod: name.to_owned(),
             })?;
-        let pod_namespace = self
+        let namespace_meshed = self
             .pods
-            .namespace(namespace)
+            .namespace_meshed(namespace)
             .await
             .map_err(lookup(format!("namespace {namespace}")))?;
-        let id =
-            eligibility::identity_for(&pod, pod_namespace.as_ref(), &node, uid, &self.trust_domain)
-                .map_err(|reason| CaError::Ineligible {
-                    namespace: namespace.to_owned(),
-                    pod: name.to_owned(),
-                    reason,
-                })?;
+        let id = eligibility::identity_for(&pod, namespace_meshed, &node, uid, &self.trust_domain)
+            .map_err(|reason| CaError::Ineligible {
+                namespace: namespace.to_owned(),
+                pod: name.to_owned(),
+                reason,
+            })?;
         let issued = self.issuer.sign(&request.csr, &id, self.ttl)?;
         let not_after_unix = issued
             .not_after

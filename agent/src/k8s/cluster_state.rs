@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use super::{
     compact::{self, LocalPod, NamespaceInfo, ServiceInfo, SliceInfo, WorkloadPod},
     intern::Interner,
-    labels::{InvalidPeerAuthentication, MESH_LABEL},
+    labels::InvalidPeerAuthentication,
     objects::{AuthorizationPolicyObject, HttpRouteObject},
     snapshot::{ClusterIndices, ClusterSnapshot},
 };
@@ -302,26 +302,15 @@ pub fn find_pod(dir: &Path, namespace: &str, name: &str) -> Option<Pod> {
     })
 }
 
-/// The namespace `name` as the directory holds it, for the CA, which decides on its mesh
-/// label: the namespace is parsed into its compact form (its labels validated), and comes
-/// back with just its name and that label. Files that do not parse are skipped.
-pub fn find_namespace(dir: &Path, name: &str) -> Option<Namespace> {
+/// Whether the directory holds the namespace `name` and it is in the mesh, for the CA: the
+/// namespace is parsed into its compact form (its labels validated). Files that do not parse
+/// are skipped.
+pub fn namespace_meshed(dir: &Path, name: &str) -> bool {
     find_manifest(dir, |manifest| match manifest {
-        Manifest::Namespace(namespace) if namespace.name.as_str() == name => {
-            let labels = namespace
-                .meshed
-                .then(|| [(MESH_LABEL.to_owned(), "enabled".to_owned())].into());
-            Some(Namespace {
-                metadata: ObjectMeta {
-                    name: Some(name.to_owned()),
-                    labels,
-                    ..Default::default()
-                },
-                ..Default::default()
-            })
-        }
+        Manifest::Namespace(namespace) if namespace.name.as_str() == name => Some(namespace.meshed),
         _ => None,
     })
+    .unwrap_or(false)
 }
 
 fn find_manifest<T>(dir: &Path, wanted: impl FnMut(Manifest) -> Option<T>) -> Option<T> {
