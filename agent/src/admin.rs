@@ -18,17 +18,15 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     datapath::Datapath,
     identity::manager::{IdentityManager, IdentityView},
-    k8s::{
-        snapshot::ClusterIndices,
-        status::{SourceStatus, WatchView},
-    },
+    k8s::status::{SourceStatus, WatchView},
     proxy::outbound::balance::{Balancer, EndpointView},
     serving::{BoundedServer, Limits},
     state::{
         authorization::PolicyView,
         node::{EnrolledPodView, NodeStateWatch, PendingPodView},
         routes::RouteView,
-        services::ServicePortView,
+        services::{ServicePortView, SharedServices},
+        workloads::SharedWorkloads,
     },
     telemetry::{
         connections::ConnectionStats,
@@ -45,7 +43,8 @@ pub struct AdminState {
     /// force, what was rejected (all of one version).
     pub state: NodeStateWatch,
     /// The cluster-wide indices the source keeps current.
-    pub indices: ClusterIndices,
+    pub workloads: SharedWorkloads,
+    pub services: SharedServices,
     pub source_status: Arc<SourceStatus>,
     pub balancer: Arc<Balancer>,
     pub metrics: Arc<Metrics>,
@@ -91,12 +90,10 @@ struct ClusterStateView {
 impl ClusterStateView {
     fn of(state: &AdminState) -> Self {
         let pods_indexed = state
-            .indices
             .workloads
             .read()
             .map_or_else(|p| p.into_inner().len(), |w| w.len());
         let (services, virtual_ports, ready_endpoints) = state
-            .indices
             .services
             .read()
             .map_or_else(|p| p.into_inner().counts(), |s| s.counts());
@@ -112,7 +109,6 @@ impl ClusterStateView {
 
 fn service_views(state: &AdminState) -> Vec<ServicePortView> {
     state
-        .indices
         .services
         .read()
         .map_or_else(|p| p.into_inner().views(), |s| s.views())

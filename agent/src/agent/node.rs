@@ -25,7 +25,11 @@ use crate::{
             context::{HttpProxy, OutboundContext},
         },
     },
-    state::node::NodeState,
+    state::{
+        node::NodeState,
+        services::{ServiceIndex, SharedServices},
+        workloads::{SharedWorkloads, WorkloadIndex},
+    },
     telemetry::{access::AccessLog, connections::ConnectionStats, metrics::Metrics, otlp::Tracer},
 };
 
@@ -38,6 +42,7 @@ pub(super) struct Node {
     pub(super) enrolments: Enrolments,
     /// Where each version of the node's state is published.
     pub(super) state: watch::Sender<Arc<NodeState>>,
+    /// The indices the cluster source keeps current (the proxies read them).
     indices: ClusterIndices,
     source_status: Arc<SourceStatus>,
 }
@@ -48,7 +53,8 @@ struct Shared {
     stats: Arc<ConnectionStats>,
     metrics: Arc<Metrics>,
     balancer: Arc<Balancer>,
-    indices: ClusterIndices,
+    workloads: SharedWorkloads,
+    services: SharedServices,
     state: watch::Sender<Arc<NodeState>>,
 }
 
@@ -62,7 +68,8 @@ impl Node {
             stats: Arc::default(),
             metrics: Arc::default(),
             balancer: Arc::default(),
-            indices: ClusterIndices::new(&config.trust_domain),
+            workloads: WorkloadIndex::shared(&config.trust_domain),
+            services: ServiceIndex::shared(),
             state: watch::Sender::new(Arc::default()),
         };
         let mesh_tls = start_identities(config)?;
@@ -86,7 +93,10 @@ impl Node {
             outbound,
             enrolments,
             state: shared.state,
-            indices: shared.indices,
+            indices: ClusterIndices {
+                workloads: shared.workloads,
+                services: shared.services,
+            },
             source_status,
         })
     }
@@ -152,7 +162,8 @@ fn admin_state(
         },
         ready: false.into(),
         state: shared.state.subscribe(),
-        indices: shared.indices.clone(),
+        workloads: Arc::clone(&shared.workloads),
+        services: Arc::clone(&shared.services),
         source_status: Arc::clone(source_status),
         balancer: Arc::clone(&shared.balancer),
         metrics: Arc::clone(&shared.metrics),
@@ -181,8 +192,8 @@ fn contexts(
         hbone: mesh_tls
             .clone()
             .map(|(identities, roots)| Arc::new(HboneClient::new(identities, roots))),
-        workloads: Arc::clone(&shared.indices.workloads),
-        services: Arc::clone(&shared.indices.services),
+        workloads: Arc::clone(&shared.workloads),
+        services: Arc::clone(&shared.services),
         state: shared.state.subscribe(),
         http: HttpProxy::new(
             config.protocol_detection_timeout,
@@ -207,7 +218,7 @@ fn contexts(
             node_addresses: plaintext::node_addresses(),
             state: shared.state.subscribe(),
             detect_wait: config.protocol_detection_timeout,
-            workloads: Arc::clone(&shared.indices.workloads),
+            workloads: Arc::clone(&shared.workloads),
             metrics: Arc::clone(&shared.metrics),
             access_log,
         })

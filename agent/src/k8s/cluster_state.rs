@@ -478,6 +478,20 @@ fn typed<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{
+        services::ServiceIndex,
+        workloads::{SharedWorkloads, WorkloadIndex},
+    };
+
+    /// Indices as the agent builds them, and the workload index to read them back.
+    fn indices() -> (ClusterIndices, SharedWorkloads) {
+        let workloads = WorkloadIndex::shared("cluster.local");
+        let indices = ClusterIndices {
+            workloads: workloads.clone(),
+            services: ServiceIndex::shared(),
+        };
+        (indices, workloads)
+    }
 
     const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    nodemesh.io/mesh: enabled\n";
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  uid: \"1111\"\nspec:\n  nodeName: node1\n  containers:\n  - name: app\n    image: nginx\nstatus:\n  podIP: 198.18.1.10\n";
@@ -490,12 +504,12 @@ mod tests {
         );
         std::fs::write(dir.path().join("all.yaml"), text).unwrap();
         std::fs::write(dir.path().join(".hidden.yaml"), "not: [valid").unwrap();
-        let indices = ClusterIndices::new("cluster.local");
+        let (indices, workloads) = indices();
         let (snapshot, errors) = ClusterStateDir::new(dir.path(), "node1").refresh(&indices);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(snapshot.namespaces.len(), 1);
         assert_eq!(snapshot.local_pods["shop/web"].name, "web");
-        let workloads = indices.workloads.read().unwrap();
+        let workloads = workloads.read().unwrap();
         assert_eq!(
             workloads
                 .identity_of("198.18.1.10".parse().unwrap())
@@ -511,7 +525,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pod.yaml");
         std::fs::write(&file, POD).unwrap();
-        let indices = ClusterIndices::new("cluster.local");
+        let (indices, _) = indices();
         let mut state = ClusterStateDir::new(dir.path(), "node1");
         assert_eq!(state.refresh(&indices).0.local_pods.len(), 1);
 
@@ -580,7 +594,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ns.yaml");
         std::fs::write(&file, NAMESPACE).unwrap();
-        let indices = ClusterIndices::new("cluster.local");
+        let (indices, _) = indices();
         let mut state = ClusterStateDir::new(dir.path(), "node1");
         assert_eq!(state.refresh(&indices).0.namespaces.len(), 1);
 
