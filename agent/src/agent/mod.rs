@@ -13,12 +13,9 @@ mod succession;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::{
-    signal::unix::{Signal, SignalKind, signal},
-    sync::{mpsc, watch},
-};
+use tokio::sync::{mpsc, watch};
 
-use self::{node::Node, reconcile::Reconciler, succession::Succession};
+use self::{node::Node, reconcile::Reconciler, stop::Signals, succession::Succession};
 use crate::{
     admin::AdminState, config::AgentConfig, datapath::Datapath, pods::enrolment::Adoption,
 };
@@ -130,29 +127,6 @@ async fn serve(
             _ = signals.interrupt.recv() => return Ok(false),
         }
         reconciler.sync().await;
-    }
-}
-
-/// SIGTERM and SIGINT, installed once.
-struct Signals {
-    terminate: Signal,
-    interrupt: Signal,
-}
-
-impl Signals {
-    fn install() -> anyhow::Result<Self> {
-        Ok(Self {
-            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
-            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-        })
-    }
-
-    /// Resolves at the next SIGTERM or SIGINT.
-    async fn any(&mut self) {
-        tokio::select! {
-            _ = self.terminate.recv() => {}
-            _ = self.interrupt.recv() => {}
-        }
     }
 }
 

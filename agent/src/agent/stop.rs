@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
 use crate::{
     config::AgentConfig,
     k8s::installation::{Installation, InstallationWatch},
@@ -11,11 +14,34 @@ use crate::{
     pods::enrolment::Enrolments,
 };
 
+/// SIGTERM and SIGINT, installed once.
+pub(super) struct Signals {
+    pub(super) terminate: Signal,
+    pub(super) interrupt: Signal,
+}
+
+impl Signals {
+    pub(super) fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    async fn any(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
 /// Stops after a successor took over: the connections in flight are served until they end,
 /// or until a signal (unless one came already, `stopping`) and the drain grace period.
 pub(super) async fn after_handover(
     config: &AgentConfig,
-    signals: &mut super::Signals,
+    signals: &mut Signals,
     stopping: bool,
 ) -> anyhow::Result<()> {
     tracing::info!(
