@@ -4,7 +4,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        Arc, RwLock,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -18,14 +18,16 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     datapath::Datapath,
     identity::manager::{IdentityManager, IdentityView},
-    k8s::{
-        snapshot::ClusterIndices,
-        status::{SourceStatus, WatchView},
-    },
-    pods::enrolment::{EnrolledPodView, PendingPodView},
+    k8s::status::{SourceStatus, WatchView},
     proxy::outbound::balance::{Balancer, EndpointView},
     serving::{BoundedServer, Limits},
-    state::{authorization::PolicyView, routes::RouteView, services::ServicePortView},
+    state::{
+        authorization::PolicyView,
+        node::{EnrolledPodView, NodeStateWatch, PendingPodView},
+        routes::RouteView,
+        services::{ServicePortView, SharedServices},
+        workloads::SharedWorkloads,
+    },
     telemetry::{
         connections::ConnectionStats,
         metrics::{Exposition, Metrics},
@@ -37,14 +39,13 @@ pub struct AdminState {
     pub node_name: String,
     pub fail_mode: &'static str,
     pub ready: AtomicBool,
-    pub enrolled: RwLock<Vec<EnrolledPodView>>,
-    pub pending: RwLock<Vec<PendingPodView>>,
-    pub config_errors: RwLock<Vec<String>>,
+    /// The node's state: enrolled and pending pods, HTTPRoutes and AuthorizationPolicies in
+    /// force, what was rejected (all of one version).
+    pub state: NodeStateWatch,
     /// The cluster-wide indices the source keeps current.
-    pub indices: ClusterIndices,
+    pub workloads: SharedWorkloads,
+    pub services: SharedServices,
     pub source_status: Arc<SourceStatus>,
-    pub routes: RwLock<Vec<RouteView>>,
-    pub policies: RwLock<Vec<PolicyView>>,
     pub balancer: Arc<Balancer>,
     pub metrics: Arc<Metrics>,
     pub identities: Option<Arc<IdentityManager>>,
@@ -89,12 +90,10 @@ struct ClusterStateView {
 impl ClusterStateView {
     fn of(state: &AdminState) -> Self {
         let pods_indexed = state
-            .indices
             .workloads
             .read()
             .map_or_else(|p| p.into_inner().len(), |w| w.len());
         let (services, virtual_ports, ready_endpoints) = state
-            .indices
             .services
             .read()
             .map_or_else(|p| p.into_inner().counts(), |s| s.counts());
@@ -110,7 +109,6 @@ impl ClusterStateView {
 
 fn service_views(state: &AdminState) -> Vec<ServicePortView> {
     state
-        .indices
         .services
         .read()
         .map_or_else(|p| p.into_inner().views(), |s| s.views())
@@ -265,22 +263,7 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             )
         }
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        "/config_dump" => json(&ConfigDump {
-            node: &state.node_name,
-            ready: state.ready.load(Ordering::Acquire),
-            fail_mode: state.fail_mode,
-            attach_point: state.datapath.attach_point().display().to_string(),
-            enrolled_pods: read(&state.enrolled),
-            pending_pods: read(&state.pending),
-            config_errors: read(&state.config_errors),
-            cluster_state: ClusterStateView::of(state),
-            services: service_views(state),
-            http_routes: read(&state.routes),
-            http_endpoints: state.balancer.views(),
-            authorization_policies: read(&state.policies),
-            identities: state.identities.as_ref().map(|m| m.views()),
-            datapath_maps: state.datapath.occupancy(),
-        }),
+        "/config_dump" => config_dump(state),
         "/metrics" => metrics(state, exposition(request)),
         "/stats" => json(&serde_json::json!({
             "connections": state.stats.snapshot(),
@@ -299,10 +282,25 @@ pub fn certificates_held(state: &AdminState) -> bool {
     state.identities.as_ref().is_none_or(|m| m.all_held())
 }
 
-fn read<T: Clone>(lock: &RwLock<Vec<T>>) -> Vec<T> {
-    lock.read()
-        .map(|v| v.clone())
-        .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+/// The config dump, with the node's state of one version.
+fn config_dump(state: &AdminState) -> Response<Full<Bytes>> {
+    let node = Arc::clone(&state.state.borrow());
+    json(&ConfigDump {
+        node: &state.node_name,
+        ready: state.ready.load(Ordering::Acquire),
+        fail_mode: state.fail_mode,
+        attach_point: state.datapath.attach_point().display().to_string(),
+        enrolled_pods: node.enrolled.clone(),
+        pending_pods: node.pending.clone(),
+        config_errors: node.config_errors.clone(),
+        cluster_state: ClusterStateView::of(state),
+        services: service_views(state),
+        http_routes: node.routes.views(),
+        http_endpoints: state.balancer.views(),
+        authorization_policies: node.authorization.views(),
+        identities: state.identities.as_ref().map(|m| m.views()),
+        datapath_maps: state.datapath.occupancy(),
+    })
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -323,7 +321,8 @@ pub fn exposition(request: &Request<hyper::body::Incoming>) -> Exposition {
 
 /// Prometheus text, with the agent's own gauges brought up to date first.
 fn metrics(state: &AdminState, format: Exposition) -> Response<Full<Bytes>> {
-    let enrolled = read(&state.enrolled).len();
+    let node = Arc::clone(&state.state.borrow());
+    let enrolled = node.enrolled.len();
     let maps: Vec<(String, u64)> = match serde_json::to_value(state.datapath.occupancy()) {
         Ok(serde_json::Value::Object(maps)) => maps
             .into_iter()
@@ -345,11 +344,11 @@ fn metrics(state: &AdminState, format: Exposition) -> Response<Full<Bytes>> {
             Some((view.spiffe_id.to_string(), not_after - now))
         })
         .collect();
-    let errors = read(&state.config_errors).len();
+    let errors = node.config_errors.len();
     state
         .metrics
         .set_agent_state(enrolled, &maps, &expiry, errors);
-    state.metrics.set_pending_pods(read(&state.pending).len());
+    state.metrics.set_pending_pods(node.pending.len());
     let mut response = Response::new(Full::new(Bytes::from(state.metrics.encode(format))));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use nodemesh::{agent, cli, config, datapath, identity, telemetry};
+use nodemesh::{agent, ca, cli, config, datapath, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -77,7 +77,7 @@ enum CaCommand {
         days: u64,
     },
     /// Serve certificate signing requests from node agents over HTTPS.
-    Serve(identity::ca_server::CaServeArgs),
+    Serve(ca::server::CaServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
                     trust_domain,
                     days,
                 },
-        } => identity::issuer::init_ca(
+        } => ca::issuer::init_ca(
             &dir,
             &trust_domain,
             std::time::Duration::from_secs(days * 24 * 3600),
@@ -137,12 +137,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_ca(args: &identity::ca_server::CaServeArgs) -> anyhow::Result<()> {
+fn run_ca(args: &ca::server::CaServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        identity::ca_server::start(args).await?;
+        ca::server::start(args).await?;
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

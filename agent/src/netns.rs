@@ -164,3 +164,19 @@ pub fn netns_cookie(socket: &Socket) -> io::Result<u64> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Which families the pod can deliver with the client's source address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SourcePreservation {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl SourcePreservation {
+    pub fn covers(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(_) => self.ipv4,
+            IpAddr::V6(_) => self.ipv6,
+        }
+    }
+}

@@ -1,4 +1,5 @@
-//! The agent's client of the nodemesh CA: one HTTPS request per certificate.
+//! The agent's client of the nodemesh CA: one HTTPS request per certificate, and the request
+//! and answer both sides speak (the CA, `crate::ca::server`, decodes what this encodes).
 
 use std::{
     path::{Path, PathBuf},
@@ -10,10 +11,29 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode, body::Bytes};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::ca_server::{SignRequest, SignResponse};
+/// `POST /v1/certificates`'s body: the pod the agent asks a certificate for, and its CSR.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SignRequest {
+    pub namespace: String,
+    pub pod: String,
+    /// The UID of the pod the agent enrolled (absent from agents older than the CA).
+    #[serde(default)]
+    pub uid: Option<String>,
+    pub csr: String,
+}
+
+/// The CA's answer to a `SignRequest`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SignResponse {
+    pub spiffe_id: String,
+    /// Leaf then intermediate, PEM.
+    pub certificate_chain: String,
+    pub not_after_unix: u64,
+}
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -12,7 +12,11 @@ use rcgen::{CertificateParams, KeyPair};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
-use super::{ca_client::CaClient, ca_server::SignRequest, spiffe::SpiffeId, tls};
+use super::{
+    ca_client::{CaClient, SignRequest},
+    spiffe::SpiffeId,
+    tls,
+};
 
 /// Fraction of a certificate's lifetime after which it is renewed.
 const RENEW_AT: f64 = 0.7;

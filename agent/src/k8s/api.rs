@@ -112,111 +112,39 @@ impl ApiWatch {
             ENDPOINT_SLICES,
             AUTHORIZATION_POLICIES,
         ]);
-        let unsynced: Unsynced = Arc::new(unsynced_tx);
-        let ctx = |name: &'static str, resource: String, notify: bool| WatchContext {
-            name,
-            resource,
-            status: Arc::clone(&status),
-            unsynced: Arc::clone(&unsynced),
-            changes: notify.then(|| changes.clone()),
-            optional: false,
+        let contexts = Contexts {
+            status,
+            unsynced: Arc::new(unsynced_tx),
+            changes,
         };
-        let everything = watcher::Config::default();
         let namespaces = Arc::new(Mutex::new(NamespaceTable::default()));
         let local_pods = Arc::new(Mutex::new(Table::default()));
         let http_routes: Objects<HttpRouteObject> = Arc::default();
         let authorization_policies: Objects<AuthorizationPolicyObject> = Arc::default();
-        let local_selector = format!("spec.nodeName={node}");
-        let tasks = vec![
-            spawn(watches::run(
-                Api::<Namespace>::all(client.clone()),
-                everything.clone(),
-                NamespaceSink {
-                    table: Arc::clone(&namespaces),
-                    workloads: Arc::clone(&indices.workloads),
-                    listing: false,
-                },
-                ctx(NAMESPACES, "/api/v1/namespaces".into(), true),
-            )),
-            spawn(watches::run(
-                Api::<Pod>::all(client.clone()),
-                everything.clone(),
-                WorkloadSink {
-                    index: Arc::clone(&indices.workloads),
-                    strings: Interner::default(),
-                },
-                // The proxies read the index live: nothing to recompute.
-                ctx(PODS, "/api/v1/pods".into(), false),
-            )),
-            spawn(watches::run(
-                Api::<Pod>::all(client.clone()),
-                everything.clone().fields(&local_selector),
-                LocalPodSink {
-                    table: Arc::clone(&local_pods),
-                },
-                ctx(
-                    LOCAL_PODS,
-                    format!("/api/v1/pods?fieldSelector={local_selector}"),
-                    true,
+        let mut tasks = core_watches(&client, node, indices, &namespaces, &local_pods, &contexts);
+        tasks.push(tokio::spawn(discovery::run(
+            client.clone(),
+            recheck,
+            vec![
+                optional(
+                    &client,
+                    contexts.optional(HTTP_ROUTES, "/apis/gateway.networking.k8s.io/v1/httproutes"),
+                    ("gateway.networking.k8s.io/v1", "httproutes"),
+                    "Service traffic is not routed by HTTPRoutes",
+                    &http_routes,
                 ),
-            )),
-            spawn(watches::run(
-                Api::<Service>::all(client.clone()),
-                everything.clone(),
-                ServiceSink {
-                    index: Arc::clone(&indices.services),
-                    strings: Interner::default(),
-                },
-                ctx(SERVICES, "/api/v1/services".into(), true),
-            )),
-            spawn(watches::run(
-                Api::<EndpointSlice>::all(client.clone()),
-                everything.clone(),
-                SliceSink {
-                    index: Arc::clone(&indices.services),
-                    strings: Interner::default(),
-                },
-                ctx(
-                    ENDPOINT_SLICES,
-                    "/apis/discovery.k8s.io/v1/endpointslices".into(),
-                    true,
+                optional(
+                    &client,
+                    contexts.optional(
+                        AUTHORIZATION_POLICIES,
+                        "/apis/nodemesh.io/v1alpha1/authorizationpolicies",
+                    ),
+                    ("nodemesh.io/v1alpha1", "authorizationpolicies"),
+                    "no AuthorizationPolicy applies (the mesh allows by default)",
+                    &authorization_policies,
                 ),
-            )),
-            tokio::spawn(discovery::run(
-                client.clone(),
-                recheck,
-                vec![
-                    optional(
-                        &client,
-                        WatchContext {
-                            optional: true,
-                            ..ctx(
-                                HTTP_ROUTES,
-                                "/apis/gateway.networking.k8s.io/v1/httproutes".into(),
-                                true,
-                            )
-                        },
-                        ("gateway.networking.k8s.io/v1", "httproutes"),
-                        "Service traffic is not routed by HTTPRoutes",
-                        &http_routes,
-                    ),
-                    optional(
-                        &client,
-                        WatchContext {
-                            optional: true,
-                            ..ctx(
-                                AUTHORIZATION_POLICIES,
-                                "/apis/nodemesh.io/v1alpha1/authorizationpolicies".into(),
-                                true,
-                            )
-                        },
-                        ("nodemesh.io/v1alpha1", "authorizationpolicies"),
-                        "no AuthorizationPolicy applies (the mesh allows by default)",
-                        &authorization_policies,
-                    ),
-                ],
-            )),
-        ];
+            ],
+        )));
         Self {
             client,
             namespaces,
@@ -253,6 +181,107 @@ impl ApiWatch {
         };
         (snapshot, namespaces.errors())
     }
+}
+
+/// What every watch reports to: the source's status, the kinds not listed yet, the
+/// reconciler's change notifications.
+struct Contexts {
+    status: Arc<SourceStatus>,
+    unsynced: Unsynced,
+    changes: mpsc::Sender<()>,
+}
+
+impl Contexts {
+    /// The context of the watch `name` of `resource`; `notify`: its changes wake the
+    /// reconciler.
+    fn of(&self, name: &'static str, resource: String, notify: bool) -> WatchContext {
+        WatchContext {
+            name,
+            resource,
+            status: Arc::clone(&self.status),
+            unsynced: Arc::clone(&self.unsynced),
+            changes: notify.then(|| self.changes.clone()),
+            optional: false,
+        }
+    }
+
+    /// The context of a resource the API server may not serve.
+    fn optional(&self, name: &'static str, resource: &str) -> WatchContext {
+        WatchContext {
+            optional: true,
+            ..self.of(name, resource.into(), true)
+        }
+    }
+}
+
+/// The watches of the kinds every API server serves: Namespaces, Pods (cluster-wide and
+/// this node's), Services, EndpointSlices.
+fn core_watches(
+    client: &Client,
+    node: &str,
+    indices: &ClusterIndices,
+    namespaces: &Arc<Mutex<NamespaceTable>>,
+    local_pods: &Arc<Mutex<Table<String, LocalPod>>>,
+    contexts: &Contexts,
+) -> Vec<JoinHandle<()>> {
+    let everything = watcher::Config::default();
+    let local_selector = format!("spec.nodeName={node}");
+    vec![
+        spawn(watches::run(
+            Api::<Namespace>::all(client.clone()),
+            everything.clone(),
+            NamespaceSink {
+                table: Arc::clone(namespaces),
+                workloads: Arc::clone(&indices.workloads),
+                listing: false,
+            },
+            contexts.of(NAMESPACES, "/api/v1/namespaces".into(), true),
+        )),
+        spawn(watches::run(
+            Api::<Pod>::all(client.clone()),
+            everything.clone(),
+            WorkloadSink {
+                index: Arc::clone(&indices.workloads),
+                strings: Interner::default(),
+            },
+            // The proxies read the index live: nothing to recompute.
+            contexts.of(PODS, "/api/v1/pods".into(), false),
+        )),
+        spawn(watches::run(
+            Api::<Pod>::all(client.clone()),
+            everything.clone().fields(&local_selector),
+            LocalPodSink {
+                table: Arc::clone(local_pods),
+            },
+            contexts.of(
+                LOCAL_PODS,
+                format!("/api/v1/pods?fieldSelector={local_selector}"),
+                true,
+            ),
+        )),
+        spawn(watches::run(
+            Api::<Service>::all(client.clone()),
+            everything.clone(),
+            ServiceSink {
+                index: Arc::clone(&indices.services),
+                strings: Interner::default(),
+            },
+            contexts.of(SERVICES, "/api/v1/services".into(), true),
+        )),
+        spawn(watches::run(
+            Api::<EndpointSlice>::all(client.clone()),
+            everything,
+            SliceSink {
+                index: Arc::clone(&indices.services),
+                strings: Interner::default(),
+            },
+            contexts.of(
+                ENDPOINT_SLICES,
+                "/apis/discovery.k8s.io/v1/endpointslices".into(),
+                true,
+            ),
+        )),
+    ]
 }
 
 fn spawn(watch: impl std::future::Future<Output = Ended> + Send + 'static) -> JoinHandle<()> {

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use super::{
     compact::{self, LocalPod, NamespaceInfo, ServiceInfo, SliceInfo, WorkloadPod},
     intern::Interner,
-    labels::{InvalidPeerAuthentication, MESH_LABEL},
+    labels::InvalidPeerAuthentication,
     objects::{AuthorizationPolicyObject, HttpRouteObject},
     snapshot::{ClusterIndices, ClusterSnapshot},
 };
@@ -302,26 +302,15 @@ pub fn find_pod(dir: &Path, namespace: &str, name: &str) -> Option<Pod> {
     })
 }
 
-/// The namespace `name` as the directory holds it, for the CA, which decides on its mesh
-/// label: the namespace is parsed into its compact form (its labels validated), and comes
-/// back with just its name and that label. Files that do not parse are skipped.
-pub fn find_namespace(dir: &Path, name: &str) -> Option<Namespace> {
+/// Whether the directory holds the namespace `name` and it is in the mesh, for the CA: the
+/// namespace is parsed into its compact form (its labels validated). Files that do not parse
+/// are skipped.
+pub fn namespace_meshed(dir: &Path, name: &str) -> bool {
     find_manifest(dir, |manifest| match manifest {
-        Manifest::Namespace(namespace) if namespace.name.as_str() == name => {
-            let labels = namespace
-                .meshed
-                .then(|| [(MESH_LABEL.to_owned(), "enabled".to_owned())].into());
-            Some(Namespace {
-                metadata: ObjectMeta {
-                    name: Some(name.to_owned()),
-                    labels,
-                    ..Default::default()
-                },
-                ..Default::default()
-            })
-        }
+        Manifest::Namespace(namespace) if namespace.name.as_str() == name => Some(namespace.meshed),
         _ => None,
     })
+    .unwrap_or(false)
 }
 
 fn find_manifest<T>(dir: &Path, wanted: impl FnMut(Manifest) -> Option<T>) -> Option<T> {
@@ -489,6 +478,20 @@ fn typed<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{
+        services::ServiceIndex,
+        workloads::{SharedWorkloads, WorkloadIndex},
+    };
+
+    /// Indices as the agent builds them, and the workload index to read them back.
+    fn indices() -> (ClusterIndices, SharedWorkloads) {
+        let workloads = WorkloadIndex::shared("cluster.local");
+        let indices = ClusterIndices {
+            workloads: workloads.clone(),
+            services: ServiceIndex::shared(),
+        };
+        (indices, workloads)
+    }
 
     const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    nodemesh.io/mesh: enabled\n";
     const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  uid: \"1111\"\nspec:\n  nodeName: node1\n  containers:\n  - name: app\n    image: nginx\nstatus:\n  podIP: 198.18.1.10\n";
@@ -501,12 +504,12 @@ mod tests {
         );
         std::fs::write(dir.path().join("all.yaml"), text).unwrap();
         std::fs::write(dir.path().join(".hidden.yaml"), "not: [valid").unwrap();
-        let indices = ClusterIndices::new("cluster.local");
+        let (indices, workloads) = indices();
         let (snapshot, errors) = ClusterStateDir::new(dir.path(), "node1").refresh(&indices);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(snapshot.namespaces.len(), 1);
         assert_eq!(snapshot.local_pods["shop/web"].name, "web");
-        let workloads = indices.workloads.read().unwrap();
+        let workloads = workloads.read().unwrap();
         assert_eq!(
             workloads
                 .identity_of("198.18.1.10".parse().unwrap())
@@ -522,7 +525,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pod.yaml");
         std::fs::write(&file, POD).unwrap();
-        let indices = ClusterIndices::new("cluster.local");
+        let (indices, _) = indices();
         let mut state = ClusterStateDir::new(dir.path(), "node1");
         assert_eq!(state.refresh(&indices).0.local_pods.len(), 1);
 
@@ -591,7 +594,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ns.yaml");
         std::fs::write(&file, NAMESPACE).unwrap();
-        let indices = ClusterIndices::new("cluster.local");
+        let (indices, _) = indices();
         let mut state = ClusterStateDir::new(dir.path(), "node1");
         assert_eq!(state.refresh(&indices).0.namespaces.len(), 1);
 

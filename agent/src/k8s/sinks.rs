@@ -12,12 +12,12 @@ use kube::Resource;
 use super::{
     compact::{self, LocalPod},
     intern::Interner,
+    snapshot::{ServiceStore, WorkloadStore},
     table::{NamespaceTable, Table},
     watch::Sink,
 };
-use crate::state::{services::SharedServices, workloads::SharedWorkloads};
 
-fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+fn write<T: ?Sized>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -27,7 +27,7 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Every pod of the cluster, into the workload index.
 pub struct WorkloadSink {
-    pub index: SharedWorkloads,
+    pub index: Arc<RwLock<dyn WorkloadStore>>,
     pub strings: Interner,
 }
 
@@ -78,7 +78,7 @@ impl Sink<Pod> for LocalPodSink {
 /// Namespaces, whose mesh label the workload index also reads.
 pub struct NamespaceSink {
     pub table: Arc<Mutex<NamespaceTable>>,
-    pub workloads: SharedWorkloads,
+    pub workloads: Arc<RwLock<dyn WorkloadStore>>,
     /// Inside a list: the index hears of the namespaces once, at its end.
     pub listing: bool,
 }
@@ -119,7 +119,7 @@ impl Sink<Namespace> for NamespaceSink {
 
 /// Services, into the Service index.
 pub struct ServiceSink {
-    pub index: SharedServices,
+    pub index: Arc<RwLock<dyn ServiceStore>>,
     pub strings: Interner,
 }
 
@@ -145,7 +145,7 @@ impl Sink<Service> for ServiceSink {
 
 /// EndpointSlices, into the Service index.
 pub struct SliceSink {
-    pub index: SharedServices,
+    pub index: Arc<RwLock<dyn ServiceStore>>,
     pub strings: Interner,
 }
 

@@ -1,18 +1,18 @@
 //! The cluster state every source produces: what the agent knows about the cluster.
 //!
-//! The large kinds (every pod's address and identity, every Service's endpoints) live in
-//! indices the source keeps current in place and the proxies read live ([`ClusterIndices`]);
+//! The large kinds (every pod's address and identity, every Service's endpoints) go into
+//! indices the source keeps current in place and the proxies read live ([`ClusterIndices`]:
+//! `state/` owns them, a source writes them through [`WorkloadStore`] and [`ServiceStore`]);
 //! the small kinds the reconciler recomputes from on each pass are in [`ClusterSnapshot`].
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{Arc, RwLock},
+};
 
 use super::{
-    compact::{LocalPod, NamespaceInfo},
+    compact::{LocalPod, NamespaceInfo, ServiceInfo, SliceInfo, WorkloadPod},
     objects::{AuthorizationPolicyObject, HttpRouteObject},
-};
-use crate::state::{
-    services::{ServiceIndex, SharedServices},
-    workloads::{SharedWorkloads, WorkloadIndex},
 };
 
 /// Namespaces by name (the last good version of each); this node's pods by `namespace/name`;
@@ -26,19 +26,40 @@ pub struct ClusterSnapshot {
 }
 
 /// The indices a source keeps current event by event.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClusterIndices {
     /// Every pod that can own a meshed address, by address.
-    pub workloads: SharedWorkloads,
+    pub workloads: Arc<RwLock<dyn WorkloadStore>>,
     /// Every Service's virtual ports with their ready endpoints.
-    pub services: SharedServices,
+    pub services: Arc<RwLock<dyn ServiceStore>>,
 }
 
-impl ClusterIndices {
-    pub fn new(trust_domain: &str) -> Self {
-        Self {
-            workloads: WorkloadIndex::shared(trust_domain),
-            services: ServiceIndex::shared(),
-        }
+/// Where a source writes every pod that can own a meshed address, and which namespaces are
+/// in the mesh. A relist (`begin_relist`, every pod, `end_relist`) drops what it missed.
+pub trait WorkloadStore: Send + Sync {
+    fn begin_relist(&mut self);
+    /// The pod at `key` (`namespace/name`) as it is now; None: it is gone.
+    fn upsert(&mut self, key: &str, pod: Option<WorkloadPod>);
+    fn end_relist(&mut self);
+    fn set_meshed_namespaces(&mut self, namespaces: HashSet<String>);
+    /// Pods held.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
     }
+}
+
+/// Where a source writes every Service and EndpointSlice; Services and slices are relisted
+/// apart, each dropping what its relist missed.
+pub trait ServiceStore: Send + Sync {
+    fn begin_service_relist(&mut self);
+    /// The Service at `key` as it is now; None: it is gone.
+    fn upsert_service(&mut self, key: &str, service: Option<ServiceInfo>);
+    fn end_service_relist(&mut self);
+    fn begin_slice_relist(&mut self);
+    /// The EndpointSlice at `key` as it is now; None: it is gone.
+    fn upsert_slice(&mut self, key: &str, slice: Option<SliceInfo>);
+    fn end_slice_relist(&mut self);
+    /// Services, virtual ports and ready endpoints held.
+    fn counts(&self) -> (usize, usize, usize);
 }

@@ -12,27 +12,28 @@
 use std::{
     collections::{BTreeMap, HashMap},
     future::Future,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
-use serde::Serialize;
 use socket2::Domain;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
-pub use super::pending::PendingPodView;
+mod sides;
+
+use self::sides::Opening;
+
 use super::{
-    addresses::{self, inbound_pod},
+    addresses::inbound_pod,
     cgroup,
     failure::{EnrolError, Failed},
     listeners::{Opened, PodListener, accept_queue_length},
     pending::Pending,
     routing,
 };
-use crate::peer::Peer;
 use crate::{
     datapath::{Datapath, Expected},
     identity::{manager::IdentityManager, spiffe::SpiffeId},
@@ -40,19 +41,13 @@ use crate::{
     lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
     netns::NetnsSockets,
     proxy::{
-        hbone::HBONE_PORT,
-        inbound::{
-            self,
-            context::{DestinationPod, InboundContext, SourcePreservation},
-            plaintext,
-        },
-        limits::Budget,
-        outbound::{
-            self,
-            context::{OutboundContext, SourcePod},
-        },
+        inbound::context::{DestinationPod, InboundContext},
+        outbound::context::OutboundContext,
     },
-    state::membership::MeshedPod,
+    state::{
+        membership::MeshedPod,
+        node::{EnrolledPodView, PendingPodView},
+    },
 };
 
 /// How long a stopping agent waits for its outbound listeners' accept queues to empty.
@@ -64,29 +59,6 @@ const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 /// Port of the plaintext inbound listener on each meshed pod's loopback (as Istio's 15006).
 /// Nothing dials it: the inbound sk_lookup program hands connections to it.
 pub const PLAINTEXT_INBOUND_PORT: u16 = 15006;
-
-/// An enrolled pod, as the config dump shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct EnrolledPodView {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub service_account: String,
-    pub ips: Vec<IpAddr>,
-    pub cgroup: PathBuf,
-    pub cgroup_id: u64,
-    pub netns_inode: u64,
-    pub netns_cookie: u64,
-    pub listeners: Vec<SocketAddr>,
-    pub peer_authentication: PeerAuthentication,
-    /// Whether plaintext arriving at the pod is captured (the node holds identities).
-    pub inbound_capture: bool,
-    /// The addresses whose plaintext is captured: `ips` and the other non-loopback addresses
-    /// its network namespace had at enrolment (IPv6 link-local, secondary interfaces).
-    pub inbound_addresses: Vec<IpAddr>,
-    /// Whether mTLS traffic reaches the application with the client pod's address.
-    pub source_preservation: SourcePreservation,
-}
 
 struct Enrolled {
     pod: MeshedPod,
@@ -384,131 +356,25 @@ impl Enrolments {
         sockets: Arc<NetnsSockets>,
     ) -> Result<Enrolled, EnrolError> {
         let (netns_cookie, netns_inode) = (sockets.cookie(), sockets.inode());
-
-        let mut opened = Opened::new(&pod.uid, netns_inode);
-        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, self.outbound_port));
-        let mut listeners = vec![self.listen(&mut opened, &sockets, ListenerRole::Outbound, v4)?];
-        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, self.outbound_port));
-        match self.listen(&mut opened, &sockets, ListenerRole::Outbound, v6) {
-            Ok(listener) => listeners.push(listener),
-            // A pod without IPv6 has no ::1; its IPv6 connects fail anyway.
-            Err(error) => {
-                tracing::info!(pod = %pod.display_name(), %error, "no IPv6 outbound listener")
-            }
-        }
-
         let identity = SpiffeId::new(&self.trust_domain, &pod.namespace, &pod.service_account).ok();
-        let source = Arc::new(SourcePod {
-            display_name: pod.display_name(),
-            namespace: pod.namespace.clone(),
-            workload: pod.workload.clone(),
-            identity: identity.clone(),
-            sockets: Arc::clone(&sockets),
-            connections: Budget::new(
-                "pod_outbound_connections",
-                self.outbound.max_connections_per_pod,
-            ),
-        });
-        let certificate = self
-            .inbound
-            .as_ref()
-            .zip(identity.clone())
-            .map(|(inbound, id)| (Arc::clone(&inbound.identities), id));
-        let mut addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
-        let mut accept_loops = AcceptLoops::default();
-        for l in listeners {
-            let serve =
-                outbound::serve(l.listener, Arc::clone(&source), Arc::clone(&self.outbound));
-            accept_loops.push(self.start(l.adopted, certificate.as_ref(), serve));
-        }
-        let mut inbound_side = None;
-        let mut inbound_addresses = Vec::new();
-        let mut source_preservation = SourcePreservation::default();
-        if let (Some(inbound), Some(identity)) = (self.inbound.clone(), identity) {
-            let has_v6 = pod.ips.iter().any(IpAddr::is_ipv6);
-            source_preservation =
-                routing::enable_source_preservation(
-                    &sockets,
-                    inbound.transparent_mark,
-                    &inbound.proc_sys_net,
-                    has_v6,
-                )
-                    .unwrap_or_else(|error| {
-                        tracing::warn!(pod = %pod.display_name(), %error, "applications in this pod will see connections from its own address");
-                        SourcePreservation::default()
-                    });
-            let destination = Arc::new(
-                DestinationPod::new(
-                    pod.display_name(),
-                    Peer {
-                        workload: pod.workload.clone(),
-                        namespace: pod.namespace.clone(),
-                        principal: identity.to_string(),
-                    },
-                    identity,
-                    pod.ips.clone(),
-                    Arc::clone(&sockets),
-                    source_preservation,
-                    pod.peer_authentication,
-                )
-                .with_connection_limit(self.outbound.max_connections_per_pod)
-                .with_inbound_addresses(addresses::inbound_addresses(
-                    pod,
-                    sockets.local_addresses(),
-                    |address| {
-                        (self.enrolled.values())
-                            .find(|e| e.view.inbound_addresses.contains(address))
-                            .map(|e| e.pod.display_name())
-                    },
-                )),
-            );
-            inbound_addresses.clone_from(&destination.inbound_addresses);
-            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT));
-            let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT));
-            let mut hbone = vec![self.listen(&mut opened, &sockets, ListenerRole::Hbone, v4)?];
-            if has_v6 {
-                hbone.push(self.listen(&mut opened, &sockets, ListenerRole::Hbone, v6)?);
+        let mut opening = Opening {
+            opened: Opened::new(&pod.uid, netns_inode),
+            sockets,
+            addrs: Vec::new(),
+            accept_loops: AcceptLoops::default(),
+            certificate: self
+                .inbound
+                .as_ref()
+                .zip(identity.clone())
+                .map(|(inbound, id)| (Arc::clone(&inbound.identities), id)),
+        };
+        self.serve_outbound(pod, identity.clone(), &mut opening)?;
+        let destination = match (self.inbound.clone(), identity) {
+            (Some(inbound), Some(identity)) => {
+                Some(self.serve_inbound(pod, inbound, identity, &mut opening)?)
             }
-            for l in hbone {
-                addrs.push(l.addr);
-                let serve = inbound::hbone::serve(
-                    l.listener,
-                    Arc::clone(&destination),
-                    Arc::clone(&inbound),
-                );
-                accept_loops.push(self.start(l.adopted, certificate.as_ref(), serve));
-            }
-
-            let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, PLAINTEXT_INBOUND_PORT));
-            let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, PLAINTEXT_INBOUND_PORT));
-            let plaintext_v4 = self.listen(&mut opened, &sockets, ListenerRole::Plaintext, v4)?;
-            let plaintext_v6 = if inbound_addresses.iter().any(IpAddr::is_ipv6) {
-                Some(self.listen(&mut opened, &sockets, ListenerRole::Plaintext, v6)?)
-            } else {
-                None
-            };
-            let by_address: Vec<_> = inbound_addresses
-                .iter()
-                .filter_map(|ip| match (ip, &plaintext_v6) {
-                    (IpAddr::V4(_), _) => Some((*ip, plaintext_v4.listener.as_fd())),
-                    (IpAddr::V6(_), Some(v6)) => Some((*ip, v6.listener.as_fd())),
-                    (IpAddr::V6(_), None) => None,
-                })
-                .collect();
-            self.datapath.capture_inbound(
-                &pod.uid,
-                sockets.netns(),
-                inbound_pod(pod.peer_authentication),
-                &by_address,
-            )?;
-            inbound_side = Some(Arc::clone(&destination));
-            for l in std::iter::once(plaintext_v4).chain(plaintext_v6) {
-                addrs.push(l.addr);
-                let serve =
-                    plaintext::serve(l.listener, Arc::clone(&destination), Arc::clone(&inbound));
-                accept_loops.push(self.start(l.adopted, certificate.as_ref(), serve));
-            }
-        }
+            _ => None,
+        };
         let enrolled = Enrolled {
             pod: pod.clone(),
             view: EnrolledPodView {
@@ -521,15 +387,19 @@ impl Enrolments {
                 cgroup_id,
                 netns_inode,
                 netns_cookie,
-                listeners: addrs,
+                listeners: opening.addrs,
                 peer_authentication: pod.peer_authentication,
-                inbound_capture: inbound_side.is_some(),
-                inbound_addresses,
-                source_preservation,
+                inbound_capture: destination.is_some(),
+                inbound_addresses: (destination.as_ref())
+                    .map(|d| d.inbound_addresses.clone())
+                    .unwrap_or_default(),
+                source_preservation: (destination.as_ref())
+                    .map(|d| d.source_preservation)
+                    .unwrap_or_default(),
             },
-            destination: inbound_side,
-            _accept_loops: accept_loops,
-            listeners: opened.duplicates,
+            destination,
+            _accept_loops: opening.accept_loops,
+            listeners: opening.opened.duplicates,
         };
         // Last step: from here on the pod's connects are captured.
         self.datapath.enrol_cgroup(cgroup_id)?;

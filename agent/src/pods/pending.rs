@@ -7,28 +7,12 @@
 
 use std::{fs::File, net::IpAddr, sync::Arc};
 
-use serde::Serialize;
-
 use super::{addresses::inbound_pod, failure::Failed};
 use crate::{
-    datapath::Datapath, k8s::labels::PeerAuthentication, netns::NetnsSockets,
-    state::membership::MeshedPod,
+    datapath::Datapath,
+    netns::NetnsSockets,
+    state::{membership::MeshedPod, node::PendingPodView},
 };
-
-/// A meshed pod that could not be enrolled yet, why, and what keeps it closed meanwhile.
-#[derive(Clone, Debug, Serialize)]
-pub struct PendingPodView {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub reason: String,
-    /// The pod cgroup kept in the enrolment map (unknown until the kubelet creates it): its
-    /// connects follow the fail mode while the pod is pending.
-    pub cgroup_id: Option<u64>,
-    pub peer_authentication: PeerAuthentication,
-    /// Whether the pod's addresses are under inbound capture (a STRICT pod drops plaintext).
-    pub inbound_held: bool,
-}
 
 /// A pending pod and what this agent holds for it.
 pub(super) struct Pending {

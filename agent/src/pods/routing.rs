@@ -21,10 +21,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{
-    netns::{NetnsError, NetnsSockets},
-    proxy::inbound::context::SourcePreservation,
-};
+use crate::netns::{NetnsError, NetnsSockets, SourcePreservation};
 
 /// Routing table (in the pod) holding the `local default dev lo` routes.
 pub const ROUTE_TABLE: u32 = 0x4e4d;

@@ -22,7 +22,6 @@ use std::{
 };
 
 use serde::Deserialize;
-use tokio::sync::watch;
 
 use crate::{
     identity::spiffe::SpiffeId,
@@ -288,37 +287,6 @@ pub struct AuthorizationIndex {
     converted: BTreeMap<String, Arc<Policy>>,
     /// Policies selecting each local pod, by `namespace/name` of the pod.
     by_pod: HashMap<String, Vec<Arc<Policy>>>,
-}
-
-/// The policies in force for one local pod, followed as they change: decisions made per
-/// request read the current ones, and connections decided once watch for changes.
-#[derive(Clone)]
-pub struct PodPolicies {
-    index: watch::Receiver<Arc<AuthorizationIndex>>,
-    pod: Arc<str>,
-}
-
-impl PodPolicies {
-    /// The policies of the pod `namespace/name` in the index `index` follows.
-    pub fn new(index: watch::Receiver<Arc<AuthorizationIndex>>, pod: &str) -> Self {
-        Self {
-            index,
-            pod: Arc::from(pod),
-        }
-    }
-
-    /// The policies in force now.
-    pub fn current(&self) -> Vec<Arc<Policy>> {
-        self.index.borrow().for_pod(&self.pod)
-    }
-
-    /// Resolves at the next change of the index (of any pod's policies); never when no
-    /// change can come any more.
-    pub async fn changed(&mut self) {
-        if self.index.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 /// A policy as the config dump shows it.

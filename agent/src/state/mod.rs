@@ -2,6 +2,7 @@
 
 pub mod authorization;
 pub mod membership;
+pub mod node;
 pub mod probes;
 pub mod routes;
 pub mod services;

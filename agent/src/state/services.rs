@@ -25,7 +25,10 @@ use std::{
     },
 };
 
-use crate::k8s::compact::{ServiceInfo, SliceInfo};
+use crate::k8s::{
+    compact::{ServiceInfo, SliceInfo},
+    snapshot::ServiceStore,
+};
 
 /// The index as the proxies and the cluster source share it.
 pub type SharedServices = Arc<RwLock<ServiceIndex>>;
@@ -324,6 +327,31 @@ fn ready_endpoints(slices: &[&SliceInfo], vip: IpAddr, port_name: &str) -> Vec<S
     endpoints.sort();
     endpoints.dedup();
     endpoints
+}
+
+/// A cluster source keeps the index current through this.
+impl ServiceStore for ServiceIndex {
+    fn begin_service_relist(&mut self) {
+        ServiceIndex::begin_service_relist(self);
+    }
+    fn upsert_service(&mut self, key: &str, service: Option<ServiceInfo>) {
+        ServiceIndex::upsert_service(self, key, service);
+    }
+    fn end_service_relist(&mut self) {
+        ServiceIndex::end_service_relist(self);
+    }
+    fn begin_slice_relist(&mut self) {
+        ServiceIndex::begin_slice_relist(self);
+    }
+    fn upsert_slice(&mut self, key: &str, slice: Option<SliceInfo>) {
+        ServiceIndex::upsert_slice(self, key, slice);
+    }
+    fn end_slice_relist(&mut self) {
+        ServiceIndex::end_slice_relist(self);
+    }
+    fn counts(&self) -> (usize, usize, usize) {
+        ServiceIndex::counts(self)
+    }
 }
 
 #[cfg(test)]

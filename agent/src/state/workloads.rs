@@ -16,7 +16,10 @@ use std::{
 };
 
 use crate::peer::Peer;
-use crate::{identity::spiffe::SpiffeId, k8s::compact::WorkloadPod};
+use crate::{
+    identity::spiffe::SpiffeId,
+    k8s::{compact::WorkloadPod, snapshot::WorkloadStore},
+};
 
 /// The index as the proxies and the cluster source share it.
 pub type SharedWorkloads = Arc<RwLock<WorkloadIndex>>;
@@ -176,6 +179,25 @@ impl WorkloadIndex {
             self.identities_sweep_at = (self.identities.len() * 2).max(1024);
         }
         Ok(identity)
+    }
+}
+
+/// A cluster source keeps the index current through this.
+impl WorkloadStore for WorkloadIndex {
+    fn begin_relist(&mut self) {
+        WorkloadIndex::begin_relist(self);
+    }
+    fn upsert(&mut self, key: &str, pod: Option<WorkloadPod>) {
+        WorkloadIndex::upsert(self, key, pod);
+    }
+    fn end_relist(&mut self) {
+        WorkloadIndex::end_relist(self);
+    }
+    fn set_meshed_namespaces(&mut self, namespaces: HashSet<String>) {
+        WorkloadIndex::set_meshed_namespaces(self, namespaces);
+    }
+    fn len(&self) -> usize {
+        WorkloadIndex::len(self)
     }
 }
 

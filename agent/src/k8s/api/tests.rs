@@ -29,9 +29,15 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::mpsc};
 
 use super::ApiWatch;
-use crate::k8s::{
-    snapshot::ClusterIndices,
-    status::{SourceStatus, WatchState},
+use crate::{
+    k8s::{
+        snapshot::ClusterIndices,
+        status::{SourceStatus, WatchState},
+    },
+    state::{
+        services::ServiceIndex,
+        workloads::{SharedWorkloads, WorkloadIndex},
+    },
 };
 
 mod double;
@@ -104,12 +110,18 @@ async fn client(plane: &ControlPlane, server: Option<SocketAddr>) -> Client {
 struct Watched {
     watch: ApiWatch,
     indices: ClusterIndices,
+    /// The workload index the watches write through `indices`.
+    workloads: SharedWorkloads,
     status: Arc<SourceStatus>,
 }
 
 impl Watched {
     fn start(client: Client, node: &str) -> Self {
-        let indices = ClusterIndices::new("cluster.local");
+        let workloads = WorkloadIndex::shared("cluster.local");
+        let indices = ClusterIndices {
+            workloads: workloads.clone(),
+            services: ServiceIndex::shared(),
+        };
         let status = Arc::new(SourceStatus::default());
         let (changes, _) = mpsc::channel(1);
         let watch = ApiWatch::start(
@@ -123,19 +135,20 @@ impl Watched {
         Self {
             watch,
             indices,
+            workloads,
             status,
         }
     }
 
     fn identity(&self, ip: &str) -> Option<String> {
-        let workloads = self.indices.workloads.read().unwrap();
+        let workloads = self.workloads.read().unwrap();
         workloads
             .identity_of(ip.parse().unwrap())
             .map(ToString::to_string)
     }
 
     fn workload(&self, ip: &str) -> String {
-        let workloads = self.indices.workloads.read().unwrap();
+        let workloads = self.workloads.read().unwrap();
         workloads.peer_of(ip.parse().unwrap()).workload
     }
 

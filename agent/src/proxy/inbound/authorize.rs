@@ -44,7 +44,8 @@ use crate::{
         relay::{Readable, relay_until, reset},
     },
     state::{
-        authorization::{Decision, PodPolicies, Policy, RequestAttributes, decide},
+        authorization::{Decision, Policy, RequestAttributes, decide},
+        node::PodPolicies,
         probes::{GRPC_HEALTH_CHECK, ProbePort},
     },
     telemetry::{

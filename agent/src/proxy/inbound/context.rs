@@ -1,12 +1,7 @@
 //! What the inbound side shares: the node-wide context every arriving connection is handled
 //! with (HBONE or plaintext), and each meshed pod as a destination.
 
-use std::{
-    net::IpAddr,
-    path::PathBuf,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use rustls::RootCertStore;
 use tokio::sync::watch;
@@ -16,14 +11,14 @@ use crate::{
     datapath::Datapath,
     identity::{manager::IdentityManager, spiffe::SpiffeId},
     k8s::labels::PeerAuthentication,
-    netns::NetnsSockets,
+    netns::{NetnsSockets, SourcePreservation},
     proxy::{
         limits::{self, Budget, PerClient},
         listener::canonical,
     },
     state::{
-        authorization::{AuthorizationIndex, PodPolicies},
-        probes::{ProbeIndex, ProbePort},
+        node::{NodeStateWatch, PodPolicies},
+        probes::ProbePort,
         workloads::SharedWorkloads,
     },
     telemetry::{access::AccessLog, connections::ConnectionStats, metrics::Metrics},
@@ -43,11 +38,9 @@ pub struct InboundContext {
     pub datapath: Arc<Datapath>,
     /// The node's own addresses: the kubelet probes from them.
     pub node_addresses: Vec<IpAddr>,
-    /// AuthorizationPolicies by local pod, replaced on every change in the cluster; watched
-    /// by the connections they were decided for.
-    pub authorization: watch::Sender<Arc<AuthorizationIndex>>,
-    /// The kubelet's probes of each local pod, replaced with the cluster state.
-    pub probes: RwLock<Arc<ProbeIndex>>,
+    /// The node's state (AuthorizationPolicies by local pod, the kubelet's probes), a new
+    /// version on every change in the cluster; watched by the connections decided under it.
+    pub state: NodeStateWatch,
     /// How long a stream that authorization must parse may take to show it is HTTP.
     pub detect_wait: Duration,
     pub workloads: SharedWorkloads,
@@ -79,15 +72,12 @@ impl InboundContext {
 
     /// The AuthorizationPolicies of `pod`, as they are now and as they change.
     pub fn policies(&self, pod: &DestinationPod) -> PodPolicies {
-        PodPolicies::new(self.authorization.subscribe(), &pod.display_name)
+        PodPolicies::new(self.state.clone(), &pod.display_name)
     }
 
     /// What the kubelet's probes of `pod` do on `port`, if any use it.
     pub fn probe_port(&self, pod: &DestinationPod, port: u16) -> Option<ProbePort> {
-        self.probes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .port(&pod.display_name, port)
+        self.state.borrow().probes.port(&pod.display_name, port)
     }
 }
 
@@ -186,21 +176,5 @@ impl DestinationPod {
     /// Follows the namespace's mode as it changes.
     pub fn watch_peer_authentication(&self) -> watch::Receiver<PeerAuthentication> {
         self.mode.subscribe()
-    }
-}
-
-/// Which families the pod can deliver with the client's source address.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct SourcePreservation {
-    pub ipv4: bool,
-    pub ipv6: bool,
-}
-
-impl SourcePreservation {
-    pub fn covers(&self, addr: IpAddr) -> bool {
-        match addr {
-            IpAddr::V4(_) => self.ipv4,
-            IpAddr::V6(_) => self.ipv6,
-        }
     }
 }

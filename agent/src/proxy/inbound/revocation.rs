@@ -11,7 +11,10 @@ use tokio::sync::watch;
 
 use crate::{
     k8s::labels::PeerAuthentication,
-    state::authorization::{Decision, PodPolicies, Policy},
+    state::{
+        authorization::{Decision, Policy},
+        node::PodPolicies,
+    },
 };
 
 /// Resolves with what denies the connection (a policy, or the mode) once a change of the
@@ -47,10 +50,14 @@ mod tests {
     use super::*;
     use crate::{
         k8s::objects::AuthorizationPolicyObject,
-        state::authorization::{AuthorizationIndex, RequestAttributes, decide},
+        state::{
+            authorization::{AuthorizationIndex, RequestAttributes, decide},
+            node::NodeState,
+        },
     };
 
-    fn index_with(policy: Option<serde_json::Value>) -> Arc<AuthorizationIndex> {
+    /// A node state whose only content is the policy `policy`, if any.
+    fn index_with(policy: Option<serde_json::Value>) -> Arc<NodeState> {
         let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "mesh", "name": "server", "labels": {"app": "server"}},
         }))
@@ -71,7 +78,10 @@ mod tests {
             &AuthorizationIndex::default(),
         );
         assert!(errors.is_empty(), "{errors:?}");
-        Arc::new(index)
+        Arc::new(NodeState {
+            authorization: Arc::new(index),
+            ..NodeState::default()
+        })
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
@@ -26,7 +26,7 @@ use crate::{
         limits::Budget,
     },
     state::{
-        routes::RouteTable,
+        node::NodeStateWatch,
         services::{Resolution, SharedServices},
         workloads::SharedWorkloads,
     },
@@ -43,7 +43,8 @@ pub struct OutboundContext {
     pub hbone: Option<Arc<HboneClient>>,
     pub workloads: SharedWorkloads,
     pub services: SharedServices,
-    pub routes: RwLock<Arc<RouteTable>>,
+    /// The node's state: the HTTPRoutes in force.
+    pub state: NodeStateWatch,
     pub http: HttpProxy,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,

@@ -111,13 +111,7 @@ async fn route_and_forward(
     connection: &ClientConnection,
     reached: &mut Reached,
 ) -> Response<Body> {
-    let routes = Arc::clone(
-        &connection
-            .ctx
-            .routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner()),
-    );
+    let routes = Arc::clone(&connection.ctx.state.borrow().routes);
     let view = RequestView {
         method: request.method(),
         path: request.uri().path(),

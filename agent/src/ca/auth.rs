@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Api;
 
 use super::token_review::{ReviewError, TokenReviewer};
-use crate::k8s::cluster_state;
+use crate::k8s::{cluster_state, labels};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -106,11 +106,14 @@ impl PodDirectory {
         }
     }
 
-    /// The namespace, or None when it does not exist.
-    pub async fn namespace(&self, name: &str) -> Result<Option<Namespace>, kube::Error> {
+    /// Whether the namespace exists and is in the mesh (labelled `nodemesh.io/mesh=enabled`).
+    pub async fn namespace_meshed(&self, name: &str) -> Result<bool, kube::Error> {
         match self {
-            Self::Manifests(dir) => Ok(cluster_state::find_namespace(dir, name)),
-            Self::Api(client) => Api::<Namespace>::all(client.clone()).get_opt(name).await,
+            Self::Manifests(dir) => Ok(cluster_state::namespace_meshed(dir, name)),
+            Self::Api(client) => Ok(Api::<Namespace>::all(client.clone())
+                .get_opt(name)
+                .await?
+                .is_some_and(|namespace| labels::opted_in(&namespace))),
         }
     }
 }

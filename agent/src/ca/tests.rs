@@ -4,9 +4,11 @@
 use std::{path::Path, process::Command, sync::Arc, time::Duration};
 
 use super::{
-    ca_client::{CaClient, CaClientError},
-    ca_server::{self, CaServeArgs, SignRequest},
     issuer,
+    server::{self, CaServeArgs},
+};
+use crate::identity::{
+    ca_client::{CaClient, CaClientError, SignRequest},
     manager::{IdentityManager, PodRef},
     spiffe::SpiffeId,
     tls,
@@ -88,7 +90,7 @@ async fn start_ca(ttl_seconds: u64) -> Ca {
         max_connections: 512,
         max_connections_per_source: 32,
     };
-    let addr = ca_server::start(&args).await.unwrap();
+    let addr = server::start(&args).await.unwrap();
     Ca { dir, addr }
 }
 

@@ -6,7 +6,7 @@
 //! is in the mesh (`eligibility`); the identity comes from the pod's namespace and service
 //! account, never from the request or the CSR. Every decision is logged.
 //!
-//! Authentication and the lookups are `ca_auth`'s: a Kubernetes TokenReview of the agent's
+//! Authentication and the lookups are `auth`'s: a Kubernetes TokenReview of the agent's
 //! projected ServiceAccount token and the API server (`--kubernetes`), or a token file and a
 //! manifest directory (the testbed). Anyone who reaches the port can connect before proving
 //! anything, so it is served within `serving`'s bounds (flags below).
@@ -20,18 +20,23 @@ use std::{
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    ca_auth::{AuthError, Authenticator, PodDirectory, TokenFile, TokenFileError},
+    auth::{AuthError, Authenticator, PodDirectory, TokenFile, TokenFileError},
     eligibility::{self, Ineligible, InvalidRequest},
     issuer::{IssuerError, MAX_WORKLOAD_TTL_SECONDS, WorkloadIssuer},
-    tls,
     token_review::{ReviewError, TokenReviewer},
 };
-use crate::serving::{BoundedServer, Limits};
+use crate::{
+    identity::{
+        ca_client::{SignRequest, SignResponse},
+        tls,
+    },
+    serving::{BoundedServer, Limits},
+};
 
 /// Largest request body accepted (a CSR is well under 2 KiB).
 const MAX_BODY: usize = 64 * 1024;
@@ -87,24 +92,6 @@ pub struct CaServeArgs {
     /// one at a time.
     #[arg(long, default_value_t = 32)]
     pub max_connections_per_source: usize,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SignRequest {
-    pub namespace: String,
-    pub pod: String,
-    /// The UID of the pod the agent enrolled (absent from agents older than the CA).
-    #[serde(default)]
-    pub uid: Option<String>,
-    pub csr: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SignResponse {
-    pub spiffe_id: String,
-    /// Leaf then intermediate, PEM.
-    pub certificate_chain: String,
-    pub not_after_unix: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,18 +205,17 @@ impl CertificateAuthority {
                 namespace: namespace.to_owned(),
                 pod: name.to_owned(),
             })?;
-        let pod_namespace = self
+        let namespace_meshed = self
             .pods
-            .namespace(namespace)
+            .namespace_meshed(namespace)
             .await
             .map_err(lookup(format!("namespace {namespace}")))?;
-        let id =
-            eligibility::identity_for(&pod, pod_namespace.as_ref(), &node, uid, &self.trust_domain)
-                .map_err(|reason| CaError::Ineligible {
-                    namespace: namespace.to_owned(),
-                    pod: name.to_owned(),
-                    reason,
-                })?;
+        let id = eligibility::identity_for(&pod, namespace_meshed, &node, uid, &self.trust_domain)
+            .map_err(|reason| CaError::Ineligible {
+                namespace: namespace.to_owned(),
+                pod: name.to_owned(),
+                reason,
+            })?;
         let issued = self.issuer.sign(&request.csr, &id, self.ttl)?;
         let not_after_unix = issued
             .not_after

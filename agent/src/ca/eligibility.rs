@@ -1,17 +1,18 @@
 //! Which pods the CA issues a certificate for, and with which identity. Once the caller's
-//! node is known (`ca_auth`), the decision rests on the pod and its namespace as the API
+//! node is known (`auth`), the decision rests on the pod and its namespace as the API
 //! server holds them; the request only says which pod it means:
 //! - its names are valid Kubernetes names before they go into API URLs (the namespace a
 //!   DNS-1123 label, the pod a DNS-1123 subdomain), and it carries the pod's UID;
 //! - the pod runs on the caller's node, has that UID (not a namesake created since the agent
 //!   enrolled the pod), has not finished (Succeeded, Failed), is not being deleted, and is in
 //!   the mesh as the agent decides it (`k8s::labels`: its namespace labelled
-//!   `nodemesh.io/mesh=enabled`, the pod neither opted out nor on the host network);
+//!   `nodemesh.io/mesh=enabled`, which the caller looks up and passes as `namespace_meshed`,
+//!   the pod neither opted out nor on the host network);
 //! - the identity is the pod's own namespace and service account.
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 
-use super::spiffe::{SpiffeId, SpiffeIdError};
+use crate::identity::spiffe::{SpiffeId, SpiffeIdError};
 use crate::k8s::labels;
 
 /// The longest UID accepted (Kubernetes gives pods 36-character UUIDs).
@@ -83,10 +84,10 @@ pub fn check_request<'a>(
 }
 
 /// The identity the CA issues to `caller_node` for `pod` (with `uid`, as the agent enrolled
-/// it) in `namespace` (None if it does not exist), or why it does not.
+/// it), whose namespace exists and is in the mesh if `namespace_meshed`, or why it does not.
 pub fn identity_for(
     pod: &Pod,
-    namespace: Option<&Namespace>,
+    namespace_meshed: bool,
     caller_node: &str,
     uid: &str,
     trust_domain: &str,
@@ -113,7 +114,7 @@ pub fn identity_for(
     if pod.metadata.deletion_timestamp.is_some() {
         return Err(Ineligible::Terminating);
     }
-    if !namespace.is_some_and(labels::opted_in) {
+    if !namespace_meshed {
         return Err(Ineligible::NamespaceNotMeshed);
     }
     if labels::excluded(
@@ -153,7 +154,7 @@ fn is_label(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
-        api::core::v1::{PodSpec, PodStatus},
+        api::core::v1::{Namespace, PodSpec, PodStatus},
         apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
     };
 
@@ -248,7 +249,8 @@ mod tests {
     }
 
     fn decide(pod: &Pod, namespace: Option<&Namespace>) -> Result<SpiffeId, String> {
-        identity_for(pod, namespace, "node1", "u-1", "cluster.local").map_err(|e| e.to_string())
+        let meshed = namespace.is_some_and(labels::opted_in);
+        identity_for(pod, meshed, "node1", "u-1", "cluster.local").map_err(|e| e.to_string())
     }
 
     #[test]

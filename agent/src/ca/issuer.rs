@@ -16,7 +16,7 @@ use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObj
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::spiffe::SpiffeId;
+use crate::identity::spiffe::SpiffeId;
 
 /// The longest lifetime of a workload certificate: 7 days. A stolen key is good for at most
 /// this long, and `--cert-ttl-seconds` cannot be set above it.
@@ -183,7 +183,7 @@ impl WorkloadIssuer {
 fn random_serial() -> [u8; 16] {
     let mut serial = [0u8; 16];
     // The TLS provider's CSPRNG; it only fails if the kernel cannot supply randomness.
-    if super::tls::provider()
+    if crate::identity::tls::provider()
         .secure_random
         .fill(&mut serial)
         .is_err()

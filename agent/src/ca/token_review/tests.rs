@@ -28,10 +28,13 @@ use nodemesh_testbed::ControlPlane;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::identity::{
-    ca_auth::{Authenticator, PodDirectory},
-    ca_server::{CaError, CertificateAuthority, SignRequest},
-    issuer::{WorkloadIssuer, init_ca},
+use crate::{
+    ca::{
+        auth::{Authenticator, PodDirectory},
+        issuer::{WorkloadIssuer, init_ca},
+        server::{CaError, CertificateAuthority},
+    },
+    identity::ca_client::SignRequest,
 };
 
 mod double;
