@@ -47,7 +47,8 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         taken_over: taken_over_rx,
     };
     let mut node = Node::build(&config, adoption)?;
-    let mut succession = Succession::start(&config, predecessor, taken_over, &node.admin).await?;
+    let mut succession =
+        Succession::start(&config, predecessor, taken_over, &node.admin, &node.drain).await?;
     let installation = stop::watch_installation(&config).await;
     let (mut cluster, changes) = node.cluster_source(&config).await?;
 
@@ -80,9 +81,15 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
     .await?;
     let stopping = succession.close(handed_over, &node.admin).await;
     if handed_over {
-        return stop::after_handover(&config, &mut signals, stopping).await;
+        return stop::after_handover(&config, &mut signals, stopping, &node.drain).await;
     }
-    stop::without_successor(&config, reconciler.enrolments, installation.as_ref()).await
+    stop::without_successor(
+        &config,
+        reconciler.enrolments,
+        installation.as_ref(),
+        &node.drain,
+    )
+    .await
 }
 
 /// Keeps the node equal to the cluster state until the agent stops; whether a successor took

@@ -13,6 +13,7 @@ use crate::{
     datapath::Datapath,
     identity::{ca_client::CaClient, manager::IdentityManager, tls},
     k8s::{snapshot::ClusterIndices, source::ClusterSource, status::SourceStatus},
+    lifecycle::drain::Drain,
     pods::{
         cgroup,
         enrolment::{Adoption, Enrolments},
@@ -40,6 +41,8 @@ pub(super) struct Node {
     pub(super) admin: Arc<AdminState>,
     pub(super) outbound: Arc<OutboundContext>,
     pub(super) enrolments: Enrolments,
+    /// The proxy's connections, drained when the agent stops serving.
+    pub(super) drain: Drain,
     /// Where each version of the node's state is published.
     pub(super) state: watch::Sender<Arc<NodeState>>,
     /// The indices the cluster source keeps current (the proxies read them).
@@ -76,7 +79,8 @@ impl Node {
         let identities = mesh_tls.as_ref().map(|(manager, _)| Arc::clone(manager));
         let source_status = Arc::new(SourceStatus::default());
         let admin = admin_state(config, &shared, identities.clone(), &source_status);
-        let (outbound, inbound) = contexts(config, &shared, mesh_tls)?;
+        let drain = Drain::default();
+        let (outbound, inbound) = contexts(config, &shared, mesh_tls, &drain)?;
         let enrolments = Enrolments::new(
             pods_root,
             config.outbound_port,
@@ -92,6 +96,7 @@ impl Node {
             admin,
             outbound,
             enrolments,
+            drain,
             state: shared.state,
             indices: ClusterIndices {
                 workloads: shared.workloads,
@@ -178,6 +183,7 @@ fn contexts(
     config: &AgentConfig,
     shared: &Shared,
     mesh_tls: Option<(Arc<IdentityManager>, Arc<RootCertStore>)>,
+    drain: &Drain,
 ) -> anyhow::Result<(Arc<OutboundContext>, Option<Arc<InboundContext>>)> {
     let access_log = AccessLog::new(config.access_log_sample_rate);
     let tracer = match &config.otlp_endpoint {
@@ -185,6 +191,7 @@ fn contexts(
         None => Tracer::default(),
     };
     let outbound = Arc::new(OutboundContext {
+        drain: drain.clone(),
         datapath: Arc::clone(&shared.datapath),
         stats: Arc::clone(&shared.stats),
         proxy_mark: config.proxy_mark,
@@ -206,6 +213,7 @@ fn contexts(
     });
     let inbound = mesh_tls.map(|(identities, roots)| {
         Arc::new(InboundContext {
+            drain: drain.clone(),
             identities,
             roots,
             trust_domain: config.trust_domain.clone(),

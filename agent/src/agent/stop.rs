@@ -10,7 +10,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::{
     config::AgentConfig,
     k8s::installation::{Installation, InstallationWatch},
-    lifecycle::drain,
+    lifecycle::drain::Drain,
     pods::enrolment::Enrolments,
 };
 
@@ -43,15 +43,16 @@ pub(super) async fn after_handover(
     config: &AgentConfig,
     signals: &mut Signals,
     stopping: bool,
+    drain: &Drain,
 ) -> anyhow::Result<()> {
     tracing::info!(
-        connections = drain::active(),
+        connections = drain.active(),
         "a successor took over; serving the connections in flight until they end or SIGTERM"
     );
     if !stopping {
         signals.any().await;
     }
-    finish_connections(config.drain_grace).await;
+    finish_connections(config.drain_grace, drain).await;
     Ok(())
 }
 
@@ -61,6 +62,7 @@ pub(super) async fn without_successor(
     config: &AgentConfig,
     enrolments: &mut Enrolments,
     installation: Option<&InstallationWatch>,
+    drain: &Drain,
 ) -> anyhow::Result<()> {
     if uninstalling(installation).await {
         tracing::info!(
@@ -71,18 +73,18 @@ pub(super) async fn without_successor(
         return Ok(());
     }
     enrolments.stop_capture_and_release().await;
-    drain::begin();
+    drain.begin();
     tracing::info!(
-        connections = drain::active(),
+        connections = drain.active(),
         "agent stopping; capture stays attached and follows --fail-mode"
     );
-    finish_connections(config.drain_grace).await;
+    finish_connections(config.drain_grace, drain).await;
     Ok(())
 }
 
 /// Waits for the connections in flight to end, `grace` at most.
-async fn finish_connections(grace: Duration) {
-    let left = drain::settle(grace).await;
+async fn finish_connections(grace: Duration, drain: &Drain) {
+    let left = drain.settle(grace).await;
     if left == 0 {
         tracing::info!("all connections finished; exiting");
     } else {

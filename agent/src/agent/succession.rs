@@ -19,7 +19,7 @@ use crate::{
     config::AgentConfig,
     datapath::Datapath,
     lifecycle::{
-        drain,
+        drain::Drain,
         handoff::{self, HandoffAddress},
     },
     pods::enrolment::Enrolments,
@@ -46,6 +46,8 @@ pub(super) struct Succession {
     /// Set at SIGTERM while a successor may still come: serve on until then.
     pub(super) stop_at: Option<Instant>,
     successor_connected: bool,
+    /// Begun when a successor takes the listeners over.
+    drain: Drain,
 }
 
 impl Succession {
@@ -56,6 +58,7 @@ impl Succession {
         predecessor: Option<handoff::Predecessor>,
         taken_over: watch::Sender<bool>,
         admin_state: &Arc<AdminState>,
+        drain: &Drain,
     ) -> anyhow::Result<Self> {
         let admin_addresses: Vec<(SocketAddr, Endpoints)> =
             std::iter::once((config.admin_addr, Endpoints::All))
@@ -86,6 +89,7 @@ impl Succession {
             server,
             stop_at: None,
             successor_connected: false,
+            drain: drain.clone(),
         })
     }
 
@@ -152,11 +156,11 @@ impl Succession {
             }
             handoff::Event::TakeOver(reply) => {
                 enrolments.release_listeners();
-                drain::begin();
+                self.drain.begin();
                 // The successor binds the admin ports once we confirm: free them first.
                 admin_state.ready.store(false, Ordering::Release);
                 self.admin_listeners.close().await;
-                let _ = reply.send(drain::active());
+                let _ = reply.send(self.drain.active());
                 Some(true)
             }
         }

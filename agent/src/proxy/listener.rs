@@ -8,20 +8,25 @@ use std::{
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::lifecycle::drain;
+use crate::lifecycle::drain::Drain;
 
 /// Accepts connections until the task running it is dropped, handing each to `handle` in a
 /// task of its own, tracked until it ends (a draining agent waits for it). `what` and `pod`
 /// name the listener in logs.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, pod: &str, handle: F)
-where
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    pod: &str,
+    drain: &Drain,
+    handle: F,
+) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(drain::tracked(handle(stream, peer)));
+                tokio::spawn(drain.tracked(handle(stream, peer)));
             }
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.

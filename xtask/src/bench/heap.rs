@@ -2,8 +2,8 @@
 //! testbed) run under heaptrack (Debian's `heaptrack`), which records every allocation with
 //! its stack. After the run, each process's record is interpreted and summarised in DIR:
 //! `<pid>.txt` (heaptrack_print: peak consumers, allocators, temporaries) and
-//! `<pid>.peak.folded` (stacks weighted by the bytes they held at the peak, for a flame
-//! graph). The peak of an agent's record is the moment it held the idle connections, so the
+//! `<pid>.peak.svg`, a flame graph of the stacks weighted by the bytes they held at the
+//! peak (inferno, with Rust's names demangled). The peak of an agent's record is the moment it held the idle connections, so the
 //! summary says what an idle connection is made of.
 //!
 //! The process is `exec`ed by a small wrapper with heaptrack's preload library, so its pid,
@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use inferno::flamegraph;
 
 const PRELOAD: &str = "/usr/lib/heaptrack/libheaptrack_preload.so";
 const INTERPRET: &str = "/usr/lib/heaptrack/libexec/heaptrack_interpret";
@@ -80,8 +81,48 @@ pub(super) fn summarise(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
             .stderr(Stdio::null())
             .output()?;
         fs::write(&summary, &printed.stdout)?;
+        flame_graph(&folded, &dir.join(format!("{pid}.peak.svg")), &pid)?;
+        fs::remove_file(&folded)?;
         summaries.push(summary);
     }
     summaries.sort();
     Ok(summaries)
+}
+
+/// Renders heaptrack's folded stacks (`frame;frame;... bytes`) as a flame graph.
+fn flame_graph(folded: &Path, svg: &Path, pid: &str) -> anyhow::Result<()> {
+    let text = fs::read_to_string(folded)?;
+    let lines: Vec<String> = text.lines().filter_map(demangled).collect();
+    let mut options = flamegraph::Options::default();
+    options.title = format!("nodemesh (pid {pid}): heap at its peak");
+    options.count_name = "bytes".to_owned();
+    options.colors = flamegraph::Palette::Multi(flamegraph::color::MultiPalette::Rust);
+    let out = fs::File::create(svg)?;
+    flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), out)
+        .with_context(|| format!("rendering {}", svg.display()))
+}
+
+/// One folded line with each frame's Rust name demangled, without hashes or source file.
+fn demangled(line: &str) -> Option<String> {
+    let (stack, bytes) = line.rsplit_once(' ')?;
+    let frames: Vec<String> = stack
+        .split(';')
+        .map(|frame| {
+            let name = frame.split(" (").next().unwrap_or(frame);
+            format!("{:#}", rustc_demangle::demangle(name)).replace(';', ",")
+        })
+        .collect();
+    Some(format!("{} {bytes}", frames.join(";")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn folded_frames_are_demangled_and_keep_their_weight() {
+        let line = "main (main.c);_RNvNtCs1C1lLj4PWSY_5alloc5alloc5alloc (alloc.rs) 4096";
+        assert_eq!(
+            super::demangled(line).unwrap(),
+            "main;alloc::alloc::alloc 4096"
+        );
+    }
 }

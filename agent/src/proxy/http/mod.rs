@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::detect::Protocol;
-use crate::lifecycle::drain;
+use crate::lifecycle::drain::Drain;
 
 /// Every HTTP body the proxy sends or forwards.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -35,6 +35,7 @@ pub const MAX_STREAMS: u32 = 1024;
 pub async fn serve_requests<S, F, Fut>(
     stream: S,
     protocol: Protocol,
+    drain: &Drain,
     handle: F,
 ) -> Result<(), hyper::Error>
 where
@@ -56,7 +57,9 @@ where
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
                 .serve_connection(io, service);
-            drain::serve_until_drained(connection, |c| c.graceful_shutdown()).await
+            drain
+                .serve_until_drained(connection, |c| c.graceful_shutdown())
+                .await
         }
         _ => {
             let connection = hyper::server::conn::http1::Builder::new()
@@ -68,7 +71,9 @@ where
                 .half_close(true)
                 .serve_connection(io, service)
                 .with_upgrades();
-            drain::serve_until_drained(connection, |c| c.graceful_shutdown()).await
+            drain
+                .serve_until_drained(connection, |c| c.graceful_shutdown())
+                .await
         }
     }
 }

@@ -33,6 +33,7 @@ use super::{path, revocation::withdrawn};
 use crate::peer::Traffic;
 use crate::{
     identity::spiffe::SpiffeId,
+    lifecycle::drain::Drain,
     proxy::{
         counting::{Meter, MeteredStream},
         detect::{self, Prefixed, Protocol},
@@ -67,6 +68,8 @@ pub struct Check {
     pub traffic: Traffic,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
+    /// The agent's drain: the HTTP server finishes gracefully when it begins.
+    pub drain: Drain,
 }
 
 /// Where a stream comes from.
@@ -221,12 +224,12 @@ where
         },
     };
     let sender = Arc::new(sender);
-    let pod = check.pod.clone();
+    let (pod, drain) = (check.pod.clone(), check.drain.clone());
     let handler = move |request| {
         let (sender, check) = (Arc::clone(&sender), Arc::clone(&check));
         async move { authorize(request, &sender, &check).await }
     };
-    if let Err(error) = serve_requests(stream, protocol, handler).await {
+    if let Err(error) = serve_requests(stream, protocol, &drain, handler).await {
         tracing::debug!(%pod, %error, "authorized HTTP stream ended with an error");
     }
 }

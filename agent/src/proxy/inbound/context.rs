@@ -11,6 +11,7 @@ use crate::{
     datapath::Datapath,
     identity::{manager::IdentityManager, spiffe::SpiffeId},
     k8s::labels::PeerAuthentication,
+    lifecycle::drain::Drain,
     netns::{NetnsSockets, SourcePreservation},
     proxy::{
         limits::{self, Budget, PerClient},
@@ -26,6 +27,8 @@ use crate::{
 
 /// What every inbound handler needs, shared by the node.
 pub struct InboundContext {
+    /// The agent's drain: connections are tracked in it, HTTP servers follow it.
+    pub drain: Drain,
     pub identities: Arc<IdentityManager>,
     pub roots: Arc<RootCertStore>,
     pub trust_domain: String,

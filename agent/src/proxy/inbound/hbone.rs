@@ -20,7 +20,6 @@ use super::{
 use crate::peer::{Reporter, Traffic, UNKNOWN};
 use crate::{
     identity::{spiffe::SpiffeId, tls},
-    lifecycle::drain,
     proxy::{
         hbone::{HBONE_SERVER_MAX_STREAMS, connect::connect_target},
         limits,
@@ -33,7 +32,7 @@ use crate::{
 
 pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {
     let name = pod.display_name.clone();
-    accept_loop(listener, "HBONE", &name, |stream, peer| {
+    accept_loop(listener, "HBONE", &name, &ctx.drain, |stream, peer| {
         let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
         serve_connection(stream, peer, pod, ctx)
     })
@@ -103,6 +102,7 @@ async fn serve_connection(
         }
         None => return,
     };
+    let drain = ctx.drain.clone();
     let service = service_fn(move |request| {
         let (pod, ctx, peer_id) = (Arc::clone(&pod), Arc::clone(&ctx), peer_id.clone());
         async move { Ok::<_, Infallible>(handle_connect(request, pod, ctx, peer_id, peer).await) }
@@ -112,7 +112,10 @@ async fn serve_connection(
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .max_concurrent_streams(HBONE_SERVER_MAX_STREAMS)
         .serve_connection(TokioIo::new(tls), service);
-    if let Err(error) = drain::serve_until_drained(connection, |c| c.graceful_shutdown()).await {
+    if let Err(error) = drain
+        .serve_until_drained(connection, |c| c.graceful_shutdown())
+        .await
+    {
         tracing::debug!(%peer, %error, "HBONE connection ended");
     }
 }
@@ -192,6 +195,7 @@ async fn handle_connect(
                     traffic,
                     metrics: Arc::clone(&ctx.metrics),
                     access_log: ctx.access_log,
+                    drain: ctx.drain.clone(),
                 };
                 // Boxed: the HTTP server's state would otherwise be part of every tunnel's
                 // task, idle relays included (docs/benchmarks.md, memory per connection).

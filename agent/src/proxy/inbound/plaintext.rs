@@ -53,7 +53,7 @@ const STRICT_REFUSAL: &str =
 
 pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {
     let name = pod.display_name.clone();
-    accept_loop(listener, "plaintext", &name, |stream, peer| {
+    accept_loop(listener, "plaintext", &name, &ctx.drain, |stream, peer| {
         let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
         serve_connection(stream, peer, pod, ctx)
     })
@@ -214,6 +214,7 @@ async fn serve_probe(
         traffic: plaintext_traffic(&ctx, &pod, peer),
         metrics: Arc::clone(&ctx.metrics),
         access_log: ctx.access_log,
+        drain: ctx.drain.clone(),
     };
     let (sent, received) = authorize::serve(client, upstream, check).await;
     ctx.stats.closed(PLAINTEXT_SOURCE, target, sent, received);

@@ -11,6 +11,15 @@
 //! ejected for a base time multiplied by the number of times it has been ejected (capped),
 //! then re-admitted; one success resets both counts. If every candidate is ejected the
 //! choice ignores ejection (panic mode, as Envoy does): some traffic beats none.
+//!
+//! Why not `tower::balance::p2c` with its `PeakEwma`: tower's balancer is one instance per
+//! client that owns its endpoints as a `Discover` stream of `Service`s and polls each for
+//! readiness. Here the endpoints are a slice looked up per request in the node's shared
+//! Service index, one balancer state serves every pod of the node (what one client learns
+//! about a slow endpoint, the next one uses), and ejection after consecutive failures,
+//! which tower has no notion of, is part of the choice. Wrapping every endpoint in a tower
+//! `Service` per client would duplicate the state per client and add a readiness poll per
+//! request, for the same two-choice rule.
 
 use std::{
     collections::HashMap,

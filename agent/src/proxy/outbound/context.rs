@@ -19,6 +19,7 @@ use crate::peer::{Peer, UNKNOWN};
 use crate::{
     datapath::Datapath,
     identity::spiffe::SpiffeId,
+    lifecycle::drain::Drain,
     netns::NetnsSockets,
     proxy::{
         dial::{connect_within, pod_socket},
@@ -35,6 +36,8 @@ use crate::{
 
 /// What every outbound connection handler needs, shared by all pods of the node.
 pub struct OutboundContext {
+    /// The agent's drain: connections are tracked in it, HTTP servers follow it.
+    pub drain: Drain,
     pub datapath: Arc<Datapath>,
     pub stats: Arc<ConnectionStats>,
     pub proxy_mark: u32,

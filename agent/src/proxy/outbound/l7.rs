@@ -15,12 +15,13 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let protocol = connection.protocol;
+    let drain = connection.ctx.drain.clone();
     let connection = Arc::new(connection);
     let handler = move |request| {
         let connection = Arc::clone(&connection);
         async move { request::handle(request, &connection).await }
     };
-    if let Err(error) = serve_requests(stream, protocol, handler).await {
+    if let Err(error) = serve_requests(stream, protocol, &drain, handler).await {
         tracing::debug!(%error, "HTTP client connection ended with an error");
     }
 }

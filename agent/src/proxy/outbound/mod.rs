@@ -45,7 +45,7 @@ use crate::{
 /// Accepts captured connections of one pod until the listener is dropped with the task.
 pub async fn serve(listener: TcpListener, pod: Arc<SourcePod>, ctx: Arc<OutboundContext>) {
     let name = pod.display_name.clone();
-    accept_loop(listener, "outbound", &name, |client, peer| {
+    accept_loop(listener, "outbound", &name, &ctx.drain, |client, peer| {
         let (pod, ctx) = (Arc::clone(&pod), Arc::clone(&ctx));
         async move { forward(client, peer, &pod, &ctx).await }
     })

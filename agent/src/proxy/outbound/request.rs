@@ -343,21 +343,7 @@ async fn send_to_backend(
         ));
     };
     *chosen = Some(endpoint);
-    *request.uri_mut() = match upstream_uri(version, authority, path) {
-        Ok(uri) => uri,
-        Err(error) => return Err(Refusal::new(StatusCode::BAD_REQUEST, error.to_string())),
-    };
-    if version == Version::Http1 {
-        if let Ok(host) = HeaderValue::from_str(authority) {
-            request.headers_mut().insert(header::HOST, host);
-        }
-    } else {
-        request.headers_mut().remove(header::HOST);
-    }
-    *request.version_mut() = match version {
-        Version::Http1 => HttpVersion::HTTP_11,
-        Version::Http2 => HttpVersion::HTTP_2,
-    };
+    address(&mut request, version, authority, path)?;
     let started = Instant::now();
     let pod = Arc::clone(&connection.pod);
     let sending = ctx.http.upstreams.send(
@@ -382,7 +368,41 @@ async fn send_to_backend(
         },
         None => sending.await,
     };
-    let latency = started.elapsed();
+    settle(connection, endpoint, started.elapsed(), result)
+}
+
+/// Rewrites the request for the upstream: its URI's form, Host, and HTTP version.
+fn address(
+    request: &mut Request<Body>,
+    version: Version,
+    authority: &str,
+    path: &str,
+) -> Result<(), Refusal> {
+    *request.uri_mut() = upstream_uri(version, authority, path)
+        .map_err(|error| Refusal::new(StatusCode::BAD_REQUEST, error.to_string()))?;
+    if version == Version::Http1 {
+        if let Ok(host) = HeaderValue::from_str(authority) {
+            request.headers_mut().insert(header::HOST, host);
+        }
+    } else {
+        request.headers_mut().remove(header::HOST);
+    }
+    *request.version_mut() = match version {
+        Version::Http1 => HttpVersion::HTTP_11,
+        Version::Http2 => HttpVersion::HTTP_2,
+    };
+    Ok(())
+}
+
+/// Tells the balancer how the request to `endpoint` went, and turns a failure into the
+/// answer the client gets.
+fn settle(
+    connection: &ClientConnection,
+    endpoint: SocketAddr,
+    latency: std::time::Duration,
+    result: Result<Response<Incoming>, UpstreamError>,
+) -> Result<Response<Incoming>, Refusal> {
+    let ctx = &connection.ctx;
     match result {
         Ok(response) => {
             let outcome = if response.status().is_server_error() {
