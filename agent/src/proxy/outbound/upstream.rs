@@ -26,6 +26,11 @@ use crate::{
 };
 
 /// A connection to a destination, made by `OutboundContext::dial`.
+///
+/// An enum of our own rather than `tokio_util::either::Either<Tunnel, TcpStream>`: the
+/// callers ask which kind it is (`Mesh` is what mutual TLS means in the metrics, `Direct`
+/// gets reset on failure), and names say that better than `Left`/`Right`; the forwarding
+/// below is the few lines `Either` would have, plus the relay's readiness.
 pub enum Upstream {
     Mesh(Tunnel),
     Direct(TcpStream),
