@@ -80,6 +80,18 @@ pub struct AgentArgs {
     /// a server-speaks-first protocol's first bytes are delayed.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub protocol_detection_timeout_ms: u64,
+    /// Ports relayed as opaque TCP without protocol detection, unless the Service port's
+    /// `appProtocol` says otherwise: the well-known ports of protocols where the server
+    /// speaks first (SMTP, MySQL, PostgreSQL, Redis, Elasticsearch transport, memcached;
+    /// Linkerd's default opaque ports), whose clients would otherwise wait out the
+    /// detection timeout for the server's first bytes. Service ports at the source, target
+    /// ports at the destination. An empty value detects on every port.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "25,587,3306,4444,5432,6379,9300,11211"
+    )]
+    pub opaque_ports: Vec<u16>,
     /// Also serve `/metrics` (only) here, for Prometheus from outside the node: the node's
     /// own address, e.g. 10.0.0.5:15090 (the chart passes `$(HOST_IP):15090`; an IPv6
     /// address may come without brackets, the port is what follows its last colon). The
@@ -164,6 +176,7 @@ pub struct AgentConfig {
     pub transparent_mark: u32,
     pub connect_timeout: Duration,
     pub protocol_detection_timeout: Duration,
+    pub opaque_ports: OpaquePorts,
     pub access_log_sample_rate: f64,
     pub otlp_endpoint: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
@@ -304,6 +317,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             transparent_mark: args.transparent_mark,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             protocol_detection_timeout: Duration::from_millis(args.protocol_detection_timeout_ms),
+            opaque_ports: OpaquePorts::new(args.opaque_ports),
             access_log_sample_rate: args.access_log_sample_rate,
             otlp_endpoint: args.otlp_endpoint,
             metrics_addr: args.metrics_addr,
@@ -417,5 +431,21 @@ mod tests {
             err.to_string(),
             "\"10.1.2.3/16\": host bits are set; did you mean 10.1.0.0/16?"
         );
+    }
+}
+
+/// Ports where the proxy relays without protocol detection (`--opaque-ports`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpaquePorts(Vec<u16>);
+
+impl OpaquePorts {
+    pub fn new(mut ports: Vec<u16>) -> Self {
+        ports.sort_unstable();
+        ports.dedup();
+        Self(ports)
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.binary_search(&port).is_ok()
     }
 }

@@ -75,7 +75,18 @@ fn apply_service(
     endpoints: &[&Pod],
     target: u16,
 ) {
-    let mut service = cluster_state::service_object("mesh", name, ip, 80, "http");
+    apply_service_on(tb, (name, ip, 80), app_protocol, endpoints, target);
+}
+
+/// `apply_service` with the Service's port: `(name, cluster IP, port)`.
+fn apply_service_on(
+    tb: &Testbed,
+    (name, ip, port): (&str, &str, u16),
+    app_protocol: Option<&str>,
+    endpoints: &[&Pod],
+    target: u16,
+) {
+    let mut service = cluster_state::service_object("mesh", name, ip, port, "http");
     if let Some(ports) = service.spec.as_mut().and_then(|s| s.ports.as_mut()) {
         ports[0].app_protocol = app_protocol.map(str::to_owned);
     }
@@ -468,7 +479,7 @@ fn outlier_ejection_stops_sending_to_a_failing_endpoint() {
 }
 
 #[test]
-fn server_first_protocols_never_stall_and_app_protocol_overrides_detection() {
+fn server_first_protocols_never_stall_and_app_protocol_or_an_opaque_port_skips_detection() {
     let (tb, _ca) = setup("nml7s");
     let client = client(&tb);
     let b = tb.pod("mesh", "server-b").clone();
@@ -478,10 +489,13 @@ fn server_first_protocols_never_stall_and_app_protocol_overrides_detection() {
     tb.wait_listening(&b, 2525).expect("listening");
     const DETECTED: &str = "198.18.200.24";
     const DECLARED: &str = "198.18.200.25";
+    // MySQL's port, one of the default --opaque-ports: relayed without detection.
+    const OPAQUE_PORT: &str = "198.18.200.26";
     apply_service(&tb, "smtp", DETECTED, None, &[&b], 2525);
     apply_service(&tb, "smtp-tcp", DECLARED, Some("tcp"), &[&b], 2525);
-    wait_for_dump(&tb, "five Services", |dump| {
-        Testbed::workload_services(dump).len() == 5
+    apply_service_on(&tb, ("mysql", OPAQUE_PORT, 3306), None, &[&b], 2525);
+    wait_for_dump(&tb, "six Services", |dump| {
+        Testbed::workload_services(dump).len() == 6
     });
 
     let before = tb.admin_json("node1", "/stats").expect("stats")["protocol_detection"].clone();
@@ -504,12 +518,10 @@ fn server_first_protocols_never_stall_and_app_protocol_overrides_detection() {
     eprintln!("server-first banner through detection: worst {worst:.1} ms");
     // The bounded wait (100 ms) plus an HBONE connection, far from Linkerd's 10 s.
     assert!(worst < 1000.0, "banner after {worst} ms");
-    let (summary, ok) = workload(
-        &tb,
-        &client,
-        &["read-banner", "--target", &format!("{DECLARED}:80")],
-    );
-    assert!(ok, "{summary}");
+    for target in [format!("{DECLARED}:80"), format!("{OPAQUE_PORT}:3306")] {
+        let (summary, ok) = workload(&tb, &client, &["read-banner", "--target", &target]);
+        assert!(ok, "{target}: {summary}");
+    }
 
     let after = tb.admin_json("node1", "/stats").expect("stats")["protocol_detection"].clone();
     let delta =
@@ -517,8 +529,8 @@ fn server_first_protocols_never_stall_and_app_protocol_overrides_detection() {
     assert_eq!(delta("timed_out"), 5, "{after}");
     assert_eq!(
         delta("skipped"),
-        1,
-        "appProtocol: tcp skips detection: {after}"
+        2,
+        "appProtocol: tcp and an opaque port skip detection: {after}"
     );
 }
 

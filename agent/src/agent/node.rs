@@ -204,6 +204,7 @@ fn contexts(
         state: shared.state.subscribe(),
         http: HttpProxy::new(
             config.protocol_detection_timeout,
+            config.opaque_ports.clone(),
             Arc::clone(&shared.balancer),
         ),
         metrics: Arc::clone(&shared.metrics),
@@ -226,6 +227,7 @@ fn contexts(
             node_addresses: plaintext::node_addresses(),
             state: shared.state.subscribe(),
             detect_wait: config.protocol_detection_timeout,
+            opaque_ports: config.opaque_ports.clone(),
             workloads: Arc::clone(&shared.workloads),
             metrics: Arc::clone(&shared.metrics),
             access_log,

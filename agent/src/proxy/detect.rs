@@ -6,7 +6,9 @@
 //! MySQL, SSH banners) — must not stall: detection gives up after a bounded wait and the
 //! connection is relayed as opaque TCP, so the server's first bytes are late by at most that
 //! wait. A Service port's `appProtocol` saying HTTP lifts the bound (the client must speak
-//! first), one saying anything else skips detection altogether.
+//! first), one saying anything else skips detection altogether, and so does a port in
+//! `--opaque-ports` without an `appProtocol` (the well-known server-first ports, so their
+//! banners are not late at all).
 
 use std::{io, time::Duration};
 
@@ -35,7 +37,8 @@ pub enum Protocol {
 /// How to detect the protocol of a connection to a Service port.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Detection {
-    /// `appProtocol` names something that is not HTTP: opaque TCP, no waiting.
+    /// `appProtocol` names something that is not HTTP, or the port is an opaque one:
+    /// opaque TCP, no waiting.
     Skip,
     /// `appProtocol` says HTTP: the client speaks first, wait for it.
     Unbounded,
@@ -43,9 +46,11 @@ pub enum Detection {
     Bounded(Duration),
 }
 
-/// The Service port's `appProtocol` decides; unset means detect with the bounded wait.
-pub fn detection_for(app_protocol: Option<&str>, wait: Duration) -> Detection {
+/// The Service port's `appProtocol` decides; unset means detect with the bounded wait,
+/// except on an `opaque_port`.
+pub fn detection_for(app_protocol: Option<&str>, opaque_port: bool, wait: Duration) -> Detection {
     match app_protocol {
+        None if opaque_port => Detection::Skip,
         None => Detection::Bounded(wait),
         Some("http" | "http2" | "h2c" | "grpc" | "kubernetes.io/h2c" | "kubernetes.io/ws") => {
             Detection::Unbounded
@@ -182,6 +187,20 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     use super::*;
+
+    #[test]
+    fn app_protocol_decides_then_opaque_ports_then_the_bounded_wait() {
+        let wait = Duration::from_millis(100);
+        assert_eq!(
+            detection_for(Some("http"), true, wait),
+            Detection::Unbounded
+        );
+        assert_eq!(detection_for(Some("tcp"), false, wait), Detection::Skip);
+        assert_eq!(detection_for(None, true, wait), Detection::Skip);
+        assert_eq!(detection_for(None, false, wait), Detection::Bounded(wait));
+        let ports = crate::config::OpaquePorts::new(vec![5432, 3306, 3306]);
+        assert!(ports.contains(3306) && ports.contains(5432) && !ports.contains(80));
+    }
 
     #[test]
     fn first_bytes_classify() {

@@ -10,7 +10,6 @@
 
 use std::{
     cell::RefCell,
-    future::poll_fn,
     io,
     pin::Pin,
     task::{Context, Poll, ready},
@@ -19,6 +18,7 @@ use std::{
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use pin_project_lite::pin_project;
 use socket2::SockRef;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -86,44 +86,72 @@ impl<S: Readable, T: Tap + Unpin> Readable for Tapped<S, T> {
 /// before the streams are dropped, so a TCP end can be reset instead of closed: the peer
 /// then sees the failure as it would have without the proxy, and no TIME_WAIT piles up in
 /// the pod.
-/// (A plain function, not `async`: another layer would hold both streams twice.)
-pub fn relay<A: Readable, B: Readable>(
+pub fn relay<A: Readable, B: Readable, E: FnOnce(&A, &B)>(
     a: A,
     b: B,
-    on_error: impl FnOnce(&A, &B),
-) -> impl Future<Output = (u64, u64)> {
+    on_error: E,
+) -> Relay<A, B, E, std::future::Pending<()>> {
     relay_until(a, b, on_error, std::future::pending())
 }
 
 /// `relay`, cut short when `until` resolves (the connection's authorization was withdrawn):
 /// then `on_error` runs too, so the ends are reset rather than closed.
-pub async fn relay_until<A: Readable, B: Readable>(
-    mut a: A,
-    mut b: B,
-    on_error: impl FnOnce(&A, &B),
-    until: impl Future<Output = ()>,
-) -> (u64, u64) {
-    let mut a_to_b = Direction::default();
-    let mut b_to_a = Direction::default();
-    let copy = poll_fn(|cx| {
-        let forward = a_to_b.poll_copy(cx, &mut a, &mut b)?;
-        let backward = b_to_a.poll_copy(cx, &mut b, &mut a)?;
-        if forward.is_ready() && backward.is_ready() {
-            Poll::Ready(Ok::<_, io::Error>(()))
-        } else {
-            Poll::Pending
-        }
-    });
-    let failed = tokio::select! {
-        copied = copy => copied
-            .inspect_err(|error| tracing::debug!(%error, "proxied connection ended with an error"))
-            .is_err(),
-        () = until => true,
-    };
-    if failed {
-        on_error(&a, &b);
+pub fn relay_until<A: Readable, B: Readable, E: FnOnce(&A, &B), U: Future<Output = ()>>(
+    a: A,
+    b: B,
+    on_error: E,
+    until: U,
+) -> Relay<A, B, E, U> {
+    Relay {
+        a,
+        b,
+        on_error: Some(on_error),
+        until,
+        a_to_b: Direction::default(),
+        b_to_a: Direction::default(),
     }
-    (a_to_b.read, b_to_a.read)
+}
+
+pin_project! {
+    /// A relay in progress. A struct rather than an `async fn`: it lives as long as the
+    /// connection, and a compiler-made future would also keep the copies its streams were
+    /// moved out of.
+    pub struct Relay<A, B, E, U> {
+        a: A,
+        b: B,
+        on_error: Option<E>,
+        #[pin]
+        until: U,
+        a_to_b: Direction,
+        b_to_a: Direction,
+    }
+}
+
+impl<A: Readable, B: Readable, E: FnOnce(&A, &B), U: Future<Output = ()>> Future
+    for Relay<A, B, E, U>
+{
+    type Output = (u64, u64);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(u64, u64)> {
+        let this = self.project();
+        let forward = this.a_to_b.poll_copy(cx, this.a, this.b);
+        let backward = this.b_to_a.poll_copy(cx, this.b, this.a);
+        let failed = match (forward, backward) {
+            (Poll::Ready(Err(error)), _) | (_, Poll::Ready(Err(error))) => {
+                tracing::debug!(%error, "proxied connection ended with an error");
+                true
+            }
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => false,
+            _ => match this.until.poll(cx) {
+                Poll::Ready(()) => true,
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        if failed && let Some(on_error) = this.on_error.take() {
+            on_error(this.a, this.b);
+        }
+        Poll::Ready((this.a_to_b.read, this.b_to_a.read))
+    }
 }
 
 /// One direction of a relay.
@@ -222,6 +250,8 @@ pub fn reset(stream: &TcpStream) {
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
@@ -261,6 +291,16 @@ mod tests {
         assert!(rest.is_empty());
         let (from_a, from_b) = relayed.await.unwrap();
         assert_eq!((from_a, from_b), (4, bulk.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn until_cuts_the_relay_short_and_runs_on_error() {
+        let (_left, a) = pair().await;
+        let (b, _right) = pair().await;
+        let mut reset_called = false;
+        let counts = relay_until(a, b, |_, _| reset_called = true, std::future::ready(())).await;
+        assert_eq!(counts, (0, 0));
+        assert!(reset_called, "on_error did not run");
     }
 
     #[tokio::test]

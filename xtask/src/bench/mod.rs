@@ -22,7 +22,8 @@
 //!   and per-request latency from h2load's log, direct vs through the L7 proxy.
 //! - Server-first protocols: time from connect() to a server's banner when the client sends
 //!   nothing, direct vs through a Service port without `appProtocol` (protocol detection
-//!   waits its bounded time) vs one declared `tcp` (no detection): detection's added delay.
+//!   waits its bounded time) vs one declared `tcp` vs one on an opaque port (MySQL's; no
+//!   detection either way): detection's added delay.
 //! - Open-loop HTTP/1.1 at fixed offered loads (`--loads`, 16 keep-alive connections,
 //!   wrk2-style: latency from when each request was due), the same four paths: achieved
 //!   rate and p50/p99/p999.
@@ -56,9 +57,12 @@ pub use self::probes::process_cpu_seconds;
 
 const HTTP_PORT: u16 = 8080;
 const BANNER_PORT: u16 = 2525;
-/// Services in front of server-b's banner server: detected, and declared `appProtocol: tcp`.
+/// Services in front of server-b's banner server: detected, declared `appProtocol: tcp`,
+/// and on MySQL's port, one of the agent's default `--opaque-ports`.
 const BANNER_DETECTED_IP: &str = "198.18.201.20";
 const BANNER_DECLARED_IP: &str = "198.18.201.21";
+const BANNER_OPAQUE_IP: &str = "198.18.201.22";
+const OPAQUE_PORT: u16 = 3306;
 /// Banner reads per run and path.
 const BANNER_READS: usize = 20;
 /// The Service (with an HTTPRoute) in front of server-b that the L7 scenarios use.

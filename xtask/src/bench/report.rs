@@ -29,6 +29,7 @@ pub(super) fn render(
         banner_direct,
         banner_detected,
         banner_declared,
+        banner_opaque,
         bulk_direct,
         bulk_meshed,
         mut enrolment_ms,
@@ -45,7 +46,12 @@ pub(super) fn render(
     banner_section(
         &mut out,
         args,
-        [&banner_direct, &banner_detected, &banner_declared],
+        [
+            &banner_direct,
+            &banner_detected,
+            &banner_declared,
+            &banner_opaque,
+        ],
     );
     bulk_section(&mut out, args, &bulk_direct, &bulk_meshed);
     enrolment_section(&mut out, &mut enrolment_ms);
@@ -232,7 +238,12 @@ fn h2_section(out: &mut String, args: &BenchArgs, h2_direct: &[H2Run], h2_l7: &[
 fn banner_section(
     out: &mut String,
     args: &BenchArgs,
-    [banner_direct, banner_detected, banner_declared]: [&[f64]; 3],
+    [
+        banner_direct,
+        banner_detected,
+        banner_declared,
+        banner_opaque,
+    ]: [&[f64]; 4],
 ) {
     out.push_str(&format!(
         "\n### Server-first protocol: connect() → the server's banner, the client sending nothing, cross-node ({} reads per path)\n\n\
@@ -250,6 +261,10 @@ fn banner_section(
         (
             "meshed pod to a Service port with appProtocol: tcp (no detection)",
             &banner_declared,
+        ),
+        (
+            "meshed pod to a Service on port 3306 without appProtocol (an --opaque-ports port: no detection)",
+            &banner_opaque,
         ),
     ] {
         out.push_str(&format!(

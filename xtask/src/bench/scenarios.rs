@@ -7,8 +7,8 @@ use anyhow::Context;
 use nodemesh_testbed::{MeshCa, Pod, Testbed};
 
 use super::{
-    BANNER_DECLARED_IP, BANNER_DETECTED_IP, BANNER_PORT, BANNER_READS, BenchArgs, ECHO_PORT,
-    EXCLUDED_PORT, HTTP_PORT,
+    BANNER_DECLARED_IP, BANNER_DETECTED_IP, BANNER_OPAQUE_IP, BANNER_PORT, BANNER_READS, BenchArgs,
+    ECHO_PORT, EXCLUDED_PORT, HTTP_PORT, OPAQUE_PORT,
     probes::{agents_cpu_seconds, enrolment_latencies, h2load, run_json, wait_proxy_idle},
     setup::Bed,
     stats::{H2Run, HttpRuns, Issuance},
@@ -31,6 +31,7 @@ pub(super) struct Results {
     pub(super) banner_direct: Vec<f64>,
     pub(super) banner_detected: Vec<f64>,
     pub(super) banner_declared: Vec<f64>,
+    pub(super) banner_opaque: Vec<f64>,
     pub(super) bulk_direct: Vec<f64>,
     pub(super) bulk_meshed: Vec<f64>,
     pub(super) enrolment_ms: Vec<f64>,
@@ -51,6 +52,7 @@ impl Results {
             banner_direct: Vec::new(),
             banner_detected: Vec::new(),
             banner_declared: Vec::new(),
+            banner_opaque: Vec::new(),
             bulk_direct: Vec::new(),
             bulk_meshed: Vec::new(),
             enrolment_ms: Vec::new(),
@@ -215,7 +217,7 @@ fn open_loop(
     Ok(())
 }
 
-/// Time to a server's banner, direct and through the two banner Services.
+/// Time to a server's banner, direct and through the three banner Services.
 fn banners(tb: &Testbed, bed: &Bed, results: &mut Results) -> anyhow::Result<()> {
     for (samples, from, target) in [
         (
@@ -232,6 +234,11 @@ fn banners(tb: &Testbed, bed: &Bed, results: &mut Results) -> anyhow::Result<()>
             &mut results.banner_declared,
             CLIENT,
             format!("{BANNER_DECLARED_IP}:80"),
+        ),
+        (
+            &mut results.banner_opaque,
+            CLIENT,
+            format!("{BANNER_OPAQUE_IP}:{OPAQUE_PORT}"),
         ),
     ] {
         for _ in 0..BANNER_READS {

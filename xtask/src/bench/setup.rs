@@ -6,8 +6,8 @@ use std::{process::Command, time::Duration};
 use nodemesh_testbed::{AgentOptions, MeshCa, Pod, Testbed};
 
 use super::{
-    BANNER_DECLARED_IP, BANNER_DETECTED_IP, BANNER_PORT, BenchArgs, ECHO_PORT, EXCLUDED_PORT,
-    HTTP_PORT, L7_ROUTE, L7_SERVICE_IP, stats::HttpPath,
+    BANNER_DECLARED_IP, BANNER_DETECTED_IP, BANNER_OPAQUE_IP, BANNER_PORT, BenchArgs, ECHO_PORT,
+    EXCLUDED_PORT, HTTP_PORT, L7_ROUTE, L7_SERVICE_IP, OPAQUE_PORT, stats::HttpPath,
 };
 
 /// What the scenarios reach: the workload binary, the servers and the HTTP paths.
@@ -156,12 +156,13 @@ fn apply_services(
         tb.spawn_in_pod(pod, banner)?.detach();
         tb.wait_listening(pod, BANNER_PORT)?;
     }
-    for (name, ip, app_protocol) in [
-        ("bench-banner", BANNER_DETECTED_IP, None),
-        ("bench-banner-tcp", BANNER_DECLARED_IP, Some("tcp")),
+    for (name, ip, port, app_protocol) in [
+        ("bench-banner", BANNER_DETECTED_IP, 80, None),
+        ("bench-banner-tcp", BANNER_DECLARED_IP, 80, Some("tcp")),
+        ("bench-banner-mysql", BANNER_OPAQUE_IP, OPAQUE_PORT, None),
     ] {
         let mut service =
-            nodemesh_testbed::cluster_state::service_object("mesh", name, ip, 80, "banner");
+            nodemesh_testbed::cluster_state::service_object("mesh", name, ip, port, "banner");
         if let Some(ports) = service.spec.as_mut().and_then(|s| s.ports.as_mut()) {
             ports[0].app_protocol = app_protocol.map(str::to_owned);
         }
@@ -179,7 +180,7 @@ fn apply_services(
     nodemesh_testbed::wait_until(Duration::from_secs(10), "L7 Service and route", || {
         let dump = tb.admin_json("node1", "/config_dump")?;
         Ok(dump["http_routes"].as_array().map(Vec::len) == Some(1)
-            && Testbed::workload_services(&dump).len() == 3)
+            && Testbed::workload_services(&dump).len() == 4)
     })?;
     Ok(())
 }

@@ -63,7 +63,9 @@ pub struct Check {
     pub policies: PodPolicies,
     pub source: Source,
     pub port: u16,
-    pub detect_wait: Duration,
+    /// How long the stream may take to show it is HTTP; `None` on an opaque port
+    /// (`--opaque-ports`), where it is decided as a TCP stream without waiting.
+    pub detect_wait: Option<Duration>,
     /// The stream's labels, reported by the destination.
     pub traffic: Traffic,
     pub metrics: Arc<Metrics>,
@@ -155,9 +157,16 @@ pub async fn serve<T>(mut tunnel: T, app: TcpStream, check: Check) -> (u64, u64)
 where
     T: Readable + Send + 'static,
 {
-    let detected = match detect::detect(&mut tunnel, Some(check.detect_wait)).await {
-        Ok(detected) => detected,
-        Err(_) => return (0, 0),
+    let detected = match check.detect_wait {
+        None => detect::Detected {
+            protocol: Protocol::Opaque,
+            prefix: Vec::new(),
+            timed_out: false,
+        },
+        Some(wait) => match detect::detect(&mut tunnel, Some(wait)).await {
+            Ok(detected) => detected,
+            Err(_) => return (0, 0),
+        },
     };
     let meter = Arc::new(Meter::default());
     let stream = MeteredStream::new(Prefixed::new(detected.prefix, tunnel), Arc::clone(&meter));

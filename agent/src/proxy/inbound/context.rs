@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use crate::peer::{Peer, UNKNOWN};
 use crate::{
+    config::OpaquePorts,
     datapath::Datapath,
     identity::{manager::IdentityManager, spiffe::SpiffeId},
     k8s::labels::PeerAuthentication,
@@ -46,6 +47,8 @@ pub struct InboundContext {
     pub state: NodeStateWatch,
     /// How long a stream that authorization must parse may take to show it is HTTP.
     pub detect_wait: Duration,
+    /// Target ports decided without detection.
+    pub opaque_ports: OpaquePorts,
     pub workloads: SharedWorkloads,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,

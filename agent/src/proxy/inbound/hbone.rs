@@ -3,10 +3,12 @@
 //! mesh's trust bundle and trust domain, and serves HTTP/2 CONNECT streams whose authority is
 //! one of this pod's own addresses, delivering each to the application from inside the pod.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
 
 use http_body_util::Empty;
-use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Bytes, service::service_fn, upgrade::Upgraded,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -19,6 +21,7 @@ use super::{
 };
 use crate::peer::{Reporter, Traffic, UNKNOWN};
 use crate::{
+    bounds::ClientSlot,
     identity::{spiffe::SpiffeId, tls},
     proxy::{
         hbone::{HBONE_SERVER_MAX_STREAMS, connect::connect_target},
@@ -26,7 +29,10 @@ use crate::{
         listener::accept_loop,
         relay::{relay_until, reset},
     },
-    state::authorization::{Decision, Policy, RequestAttributes, decide},
+    state::{
+        authorization::{Decision, Policy, RequestAttributes, decide},
+        node::PodPolicies,
+    },
     telemetry::report::ConnectionReport,
 };
 
@@ -183,47 +189,45 @@ async fn handle_connect(
         mutual_tls: true,
     };
     tokio::spawn(async move {
-        let _tunnel = tunnel;
-        let (sent, received) = match hyper::upgrade::on(request).await {
-            Ok(upgraded) if inspects_http => {
-                let check = Check {
-                    pod: pod.display_name.clone(),
-                    policies,
-                    source: Source::Mesh(peer_id),
-                    port,
-                    detect_wait: ctx.detect_wait,
-                    traffic,
-                    metrics: Arc::clone(&ctx.metrics),
-                    access_log: ctx.access_log,
-                    drain: ctx.drain.clone(),
-                };
-                // Boxed: the HTTP server's state would otherwise be part of every tunnel's
-                // task, idle relays included (docs/benchmarks.md, memory per connection).
-                Box::pin(authorize::serve(TokioIo::new(upgraded), upstream, check)).await
-            }
-            Ok(upgraded) => {
-                let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
-                let name = pod.display_name.clone();
-                let withdrawal = async {
-                    let by = withdrawn(policies, None, decide_tunnel).await;
-                    tracing::warn!(pod = %name, %peer_id, %target, policy = %by, "authorization withdrawn by a policy change: tunnel reset");
-                };
-                let (sent, received) = relay_until(
-                    TokioIo::new(upgraded),
-                    upstream,
-                    |_, app| reset(app),
-                    withdrawal,
-                )
-                .await;
-                report.close(sent, received);
-                (sent, received)
-            }
+        let upgraded = match hyper::upgrade::on(request).await {
+            Ok(upgraded) => TokioIo::new(upgraded),
             Err(error) => {
                 tracing::info!(%peer, %error, "HBONE upgrade failed");
-                (0, 0)
+                ctx.stats.closed(&source, target, 0, 0);
+                return;
             }
         };
-        ctx.stats.closed(&source, target, sent, received);
+        if inspects_http {
+            let check = Check {
+                pod: pod.display_name.clone(),
+                policies,
+                source: Source::Mesh(peer_id),
+                port,
+                detect_wait: (!ctx.opaque_ports.contains(port)).then_some(ctx.detect_wait),
+                traffic,
+                metrics: Arc::clone(&ctx.metrics),
+                access_log: ctx.access_log,
+                drain: ctx.drain.clone(),
+            };
+            let (sent, received) = authorize::serve(upgraded, upstream, check).await;
+            ctx.stats.closed(&source, target, sent, received);
+            drop(tunnel);
+            return;
+        }
+        // The relay gets a task of its own, sized to what it holds while the tunnel lives
+        // (docs/benchmarks.md, memory per idle connection), and this one ends.
+        let ends = TunnelEnds {
+            pod,
+            ctx,
+            policies,
+            decide: decide_tunnel,
+            peer_id,
+            target,
+            source,
+            traffic,
+            tunnel,
+        };
+        tokio::spawn(relay_tunnel(upgraded, upstream, ends));
     });
     status(StatusCode::OK)
 }
@@ -232,4 +236,57 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut response = Response::new(Empty::new());
     *response.status_mut() = code;
     response
+}
+
+/// What a tunnel's relay needs besides its two ends.
+struct TunnelEnds<D> {
+    pod: Arc<DestinationPod>,
+    ctx: Arc<InboundContext>,
+    policies: PodPolicies,
+    decide: D,
+    peer_id: SpiffeId,
+    target: SocketAddr,
+    /// The peer's identity as the connection statistics name it.
+    source: String,
+    traffic: Traffic,
+    tunnel: ClientSlot<SpiffeId>,
+}
+
+/// Relays an opaque tunnel until either end closes or a policy change denies it.
+fn relay_tunnel<D: Fn(&[Arc<Policy>]) -> Decision>(
+    upgraded: TokioIo<Upgraded>,
+    upstream: TcpStream,
+    ends: TunnelEnds<D>,
+) -> impl Future<Output = ()> {
+    let TunnelEnds {
+        pod,
+        ctx,
+        policies,
+        decide,
+        peer_id,
+        target,
+        source,
+        traffic,
+        tunnel,
+    } = ends;
+    let name = pod.display_name.clone();
+    let withdrawal = async move {
+        let by = withdrawn(policies, None, decide).await;
+        tracing::warn!(pod = %name, %peer_id, %target, policy = %by, "authorization withdrawn by a policy change: tunnel reset");
+    };
+    // Boxed before the task's future is made, so that the task holds a pointer to it
+    // rather than a second, moved-from copy.
+    let relay = Box::pin(relay_until(
+        upgraded,
+        upstream,
+        |_, app| reset(app),
+        withdrawal,
+    ));
+    async move {
+        let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
+        let (sent, received) = relay.await;
+        drop(tunnel);
+        report.close(sent, received);
+        ctx.stats.closed(&source, target, sent, received);
+    }
 }

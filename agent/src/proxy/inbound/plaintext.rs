@@ -210,7 +210,7 @@ async fn serve_probe(
         },
         port: target.port(),
         // The kubelet speaks first, but on a busy node maybe later than a mesh client.
-        detect_wait: HEADER_READ_TIMEOUT,
+        detect_wait: Some(HEADER_READ_TIMEOUT),
         traffic: plaintext_traffic(&ctx, &pod, peer),
         metrics: Arc::clone(&ctx.metrics),
         access_log: ctx.access_log,

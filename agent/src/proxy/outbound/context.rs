@@ -17,6 +17,7 @@ use super::{
 };
 use crate::peer::{Peer, UNKNOWN};
 use crate::{
+    config::OpaquePorts,
     datapath::Datapath,
     identity::spiffe::SpiffeId,
     lifecycle::drain::Drain,
@@ -123,14 +124,17 @@ pub struct HttpProxy {
     pub upstreams: UpstreamPool,
     /// How long detection waits for a client's first bytes.
     pub detect_wait: Duration,
+    /// Service ports relayed without detection.
+    pub opaque_ports: OpaquePorts,
 }
 
 impl HttpProxy {
-    pub fn new(detect_wait: Duration, balancer: Arc<Balancer>) -> Self {
+    pub fn new(detect_wait: Duration, opaque_ports: OpaquePorts, balancer: Arc<Balancer>) -> Self {
         Self {
             balancer,
             upstreams: UpstreamPool::default(),
             detect_wait,
+            opaque_ports,
         }
     }
 }

@@ -140,7 +140,8 @@ async fn detect_or_serve_l7(
 ) -> Option<Prefixed<TcpStream>> {
     let (pod, ctx, original) = (&connection.pod, &connection.ctx, connection.original);
     let app_protocol = connection.frontend.app_protocol.as_deref();
-    let wait = match detect::detection_for(app_protocol, ctx.http.detect_wait) {
+    let opaque_port = ctx.http.opaque_ports.contains(original.port());
+    let wait = match detect::detection_for(app_protocol, opaque_port, ctx.http.detect_wait) {
         Detection::Skip => {
             ctx.stats.detected(DetectionOutcome::Skipped);
             ctx.metrics.detected(DetectionOutcome::Skipped);
