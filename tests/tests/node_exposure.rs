@@ -199,14 +199,18 @@ fn the_listener_handoff_refuses_root_processes_that_are_not_an_agent() {
         "{namespaced}"
     );
 
-    // The agent said why in its log, and serves on as before.
-    let log = tb.agent_log("node1");
-    assert_eq!(
+    // The agent said why in its log (it may write the line just after the probe saw the
+    // refusal), and serves on as before.
+    let refusals = |log: &str| {
         log.matches("refused a process that may not take the listeners over")
-            .count(),
-        2,
-        "{log}"
-    );
+            .count()
+    };
+    let logged = wait_until(Duration::from_secs(10), "both refusals logged", || {
+        Ok(refusals(&tb.agent_log("node1")) >= 2)
+    });
+    let log = tb.agent_log("node1");
+    assert!(logged.is_ok(), "{log}");
+    assert_eq!(refusals(&log), 2, "{log}");
     tb.wait_agent_ready("node1", Duration::from_secs(10))
         .expect("still ready");
     echo_through_node1(&tb, 2);
