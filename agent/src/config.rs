@@ -36,6 +36,12 @@ pub struct AgentArgs {
     /// How long the initial list from the API server may take before the agent gives up.
     #[arg(long, default_value_t = 60)]
     pub kubernetes_sync_timeout_seconds: u64,
+    /// With --kubernetes: how often the agent writes its node's MeshNode status when nothing
+    /// changed (its heartbeat), in seconds. A change is written at once, but never less
+    /// than a sixth of this after the previous write; readers count an agent silent after
+    /// three intervals without a heartbeat.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub node_status_interval_seconds: u64,
     /// The node's cgroup v2 directory that holds `kubepods` (or `kubepods.slice`).
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
@@ -191,7 +197,11 @@ pub struct AgentConfig {
 #[derive(Clone, Debug)]
 pub enum ClusterSourceConfig {
     Manifests(PathBuf),
-    Kubernetes { sync_timeout: Duration },
+    Kubernetes {
+        sync_timeout: Duration,
+        /// The MeshNode heartbeat (`--node-status-interval-seconds`).
+        node_status_interval: Duration,
+    },
 }
 
 /// Where the agent gets workload certificates from.
@@ -249,6 +259,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             Some(dir) => ClusterSourceConfig::Manifests(dir),
             None => ClusterSourceConfig::Kubernetes {
                 sync_timeout: Duration::from_secs(args.kubernetes_sync_timeout_seconds),
+                node_status_interval: Duration::from_secs(args.node_status_interval_seconds),
             },
         };
         if !args.cgroup_root.is_dir() {

@@ -37,17 +37,40 @@ enum Command {
         #[command(subcommand)]
         command: DatapathCommand,
     },
-    /// This node's enrolled pods, identities and their expiry, and the agent's health.
+    /// This node's enrolled pods, identities and their expiry, and the agent's health; from a
+    /// laptop (a kubeconfig, no agent), every node's agent from its MeshNode, problems first.
     Status {
-        /// The agent's admin API.
-        #[arg(long, default_value = cli::DEFAULT_ADMIN)]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        target: cli::Target,
+        /// One node in detail, from its MeshNode (through the API server).
+        #[arg(long)]
+        node: Option<String>,
     },
-    /// Live requests/s, success rate and p50/p99 per source → destination (q quits).
+    /// Live requests/s, success rate and p50/p99 per source → destination (q quits), on this
+    /// node, or across the cluster through the API server or Prometheus.
     Top {
-        /// The agent's admin API.
-        #[arg(long, default_value = cli::DEFAULT_ADMIN)]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        target: cli::Target,
+        /// Read every agent's metrics from Prometheus's /federate at this http://host:port
+        /// instead of through the API server's pod proxy.
+        #[arg(long)]
+        prometheus: Option<String>,
+        /// The agents' metrics port (their --metrics-addr), reached through the pod proxy.
+        #[arg(long, default_value_t = 15090)]
+        metrics_port: u16,
+        /// Seconds between refreshes (default 1; 15 with --prometheus).
+        #[arg(long)]
+        interval_seconds: Option<u64>,
+    },
+    /// Pre-flight through the API server: node kernels, the CRDs, the issuer Secret, the
+    /// trust bundle, the CA, meshed namespaces. Says what to fix; fails if anything must be.
+    Check {
+        /// The kubeconfig to use (else KUBECONFIG, ~/.kube/config or in-cluster).
+        #[arg(long)]
+        kubeconfig: Option<std::path::PathBuf>,
+        /// The namespace nodemesh is (to be) installed in.
+        #[arg(long, default_value = cli::cluster::DEFAULT_NAMESPACE)]
+        namespace: String,
     },
 }
 
@@ -61,6 +84,8 @@ enum DatapathCommand {
     },
 }
 
+// Parsed once at start-up, like `Command`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum CaCommand {
     /// Create a root and an intermediate issuer (for evaluation and tests; in production the
@@ -81,6 +106,16 @@ enum CaCommand {
 }
 
 fn main() -> ExitCode {
+    // Installed as `kubectl-nodemesh`, this binary is a kubectl plugin: `kubectl nodemesh
+    // status` runs it so, and its commands then go through the API server.
+    let plugin = std::env::args_os()
+        .next()
+        .and_then(|arg0| {
+            std::path::Path::new(&arg0)
+                .file_name()
+                .map(|name| name.to_string_lossy().starts_with("kubectl-nodemesh"))
+        })
+        .unwrap_or(false);
     let cli = Cli::parse();
     telemetry::logging::init(telemetry::logging::LogFormat::or_default_for_stderr(
         cli.log_format,
@@ -118,15 +153,23 @@ fn main() -> ExitCode {
         Command::Datapath {
             command: DatapathCommand::Remove { bpffs },
         } => datapath::remove_pinned(&bpffs).map_err(anyhow::Error::from),
-        Command::Status { admin } => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            cli::status::report(admin, now)
-                .map(|report| print!("{report}"))
-                .map_err(anyhow::Error::from)
-        }
-        Command::Top { admin } => cli::top::run(admin),
+        Command::Status { target, node } => cli::status(&target, node.as_deref(), plugin),
+        Command::Top {
+            target,
+            prometheus,
+            metrics_port,
+            interval_seconds,
+        } => cli::top(
+            &target,
+            prometheus.as_deref(),
+            metrics_port,
+            interval_seconds.map(std::time::Duration::from_secs),
+            plugin,
+        ),
+        Command::Check {
+            kubeconfig,
+            namespace,
+        } => cli::check(kubeconfig.as_deref(), &namespace),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -319,8 +319,10 @@ impl Testbed {
             .stderr(log);
         if self.control_plane.is_some() {
             // TokenReview and pod lookups in the API server, under the chart's CA RBAC.
+            // The MeshNode sweep every second: agents in tests write every second too.
             serve
                 .arg("--kubernetes")
+                .args(["--mesh-node-sweep-seconds", "1"])
                 .env("KUBECONFIG", path.join("kubeconfig"));
         } else {
             serve

@@ -136,6 +136,7 @@ fn lint_chart(chart: &Path) -> anyhow::Result<()> {
 /// be), then checked against the mesh's deployment rules. Returns the number of objects.
 pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
     use k8s_openapi::api::{
+        admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
         apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
@@ -162,12 +163,12 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
             "ConfigMap" => round_trip::<ConfigMap>(&value),
             "ClusterRole" => round_trip::<ClusterRole>(&value).and_then(|()| {
                 let role: ClusterRole = serde_json::from_value(value.clone())?;
-                let allowed: &[&str] = match name.as_str() {
-                    "nodemesh-agent" => &["get", "list", "watch", "patch"],
-                    "nodemesh-ca" => &["create", "get"],
+                let writes = match name.as_str() {
+                    "nodemesh-agent" => AGENT_WRITES,
+                    "nodemesh-ca" => CA_WRITES,
                     other => bail!("unexpected ClusterRole {other}"),
                 };
-                check_rules(role.rules.as_deref().unwrap_or_default(), &name, allowed)
+                check_rules(role.rules.as_deref().unwrap_or_default(), &name, writes)
             }),
             "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(&value),
             "Role" => round_trip::<Role>(&value).and_then(|()| {
@@ -177,9 +178,14 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
                 if rules.iter().any(|rule| rule.resource_names.is_none()) {
                     bail!("{name} may read only named objects (resourceNames)");
                 }
-                check_rules(rules, &name, &["get", "list", "watch"])
+                check_rules(rules, &name, NO_WRITES)
             }),
             "RoleBinding" => round_trip::<RoleBinding>(&value),
+            "ValidatingAdmissionPolicy" => round_trip::<ValidatingAdmissionPolicy>(&value)
+                .and_then(|()| check_admission_policy(&serde_json::from_value(value.clone())?)),
+            "ValidatingAdmissionPolicyBinding" => {
+                round_trip::<ValidatingAdmissionPolicyBinding>(&value)
+            }
             "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(&value),
             "Service" => round_trip::<Service>(&value),
             "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(&value),
@@ -205,6 +211,8 @@ pub fn validate_manifests(text: &str) -> anyhow::Result<usize> {
         "Deployment",
         "Service",
         "PodDisruptionBudget",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ] {
         if !kinds.contains_key(required) {
             bail!("the manifests have no {required}");
@@ -515,34 +523,65 @@ fn check_network_policy(
     Ok(())
 }
 
-/// Least privilege: the agent only reads (and, in its namespace, only its own DaemonSet),
-/// writing only HTTPRoute status; the CA only creates TokenReviews and gets pods and
-/// namespaces. No wildcards.
+/// What each ClusterRole may write (resource, verbs): the agent the status of the routes it
+/// serves and its node's MeshNode (the admission policy narrows that to its own object);
+/// the CA TokenReviews and its sweep of MeshNodes. Everything else is read-only.
+const AGENT_WRITES: &[(&str, &[&str])] = &[
+    ("httproutes/status", &["patch"]),
+    ("meshnodes", &["create", "patch"]),
+    ("meshnodes/status", &["patch", "update"]),
+];
+const CA_WRITES: &[(&str, &[&str])] = &[
+    ("tokenreviews", &["create"]),
+    ("meshnodes", &["delete"]),
+    ("meshnodes/status", &["patch"]),
+];
+/// The agent's namespaced Role: reads only.
+const NO_WRITES: &[(&str, &[&str])] = &[];
+
+/// Least privilege: reads (`get`, `list`, `watch`) of named resources, and only the writes
+/// `writes` lists. No wildcards.
 fn check_rules(
     rules: &[k8s_openapi::api::rbac::v1::PolicyRule],
     name: &str,
-    allowed: &[&str],
+    writes: &[(&str, &[&str])],
 ) -> anyhow::Result<()> {
+    const READS: [&str; 3] = ["get", "list", "watch"];
     for rule in rules {
-        if let Some(verb) = rule.verbs.iter().find(|v| !allowed.contains(&v.as_str())) {
-            bail!("{name} may not {verb}");
-        }
-        // The one write the agent makes: the status of the routes it serves.
-        let writes = rule.verbs.iter().any(|v| v == "patch");
-        if writes
-            && rule
-                .resources
-                .iter()
-                .flatten()
-                .any(|r| r != "httproutes/status")
-        {
-            bail!("{name} may patch only httproutes/status");
-        }
         if rule.resources.iter().flatten().any(|r| r == "*")
             || rule.api_groups.iter().flatten().any(|g| g == "*")
         {
             bail!("{name} must name its resources and API groups");
         }
+        for verb in rule.verbs.iter().filter(|v| !READS.contains(&v.as_str())) {
+            for resource in rule.resources.iter().flatten() {
+                let allowed = writes
+                    .iter()
+                    .any(|(r, verbs)| r == resource && verbs.contains(&verb.as_str()));
+                if !allowed {
+                    bail!("{name} may not {verb} {resource}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The policy that keeps each agent to its own MeshNode: bound, denying, failing closed,
+/// and matching the agents' ServiceAccount.
+fn check_admission_policy(
+    policy: &k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicy,
+) -> anyhow::Result<()> {
+    let spec = policy.spec.as_ref().context("no spec")?;
+    if spec.failure_policy.as_deref() != Some("Fail") {
+        bail!("the MeshNode admission policy must fail closed (failurePolicy: Fail)");
+    }
+    let agent_only = spec.match_conditions.iter().flatten().any(|c| {
+        c.expression
+            .contains("serviceaccount:nodemesh-system:nodemesh-agent")
+    });
+    if !agent_only {
+        bail!("the MeshNode admission policy must match the agents' ServiceAccount");
     }
     Ok(())
 }
@@ -643,7 +682,10 @@ mod tests {
             1,
         );
         let error = format!("{:#}", validate_manifests(&greedy).unwrap_err());
-        assert!(error.contains("nodemesh-agent may not delete"), "{error}");
+        assert!(
+            error.contains("nodemesh-agent may not delete namespaces"),
+            "{error}"
+        );
     }
 
     #[test]

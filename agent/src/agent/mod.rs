@@ -2,9 +2,11 @@
 //! state until told to stop.
 //!
 //! `node` builds the agent's parts, `succession` passes the node between agents (takeover
-//! and handoff), `reconcile` is one pass from the cluster state to the node, `stop` the way
-//! out. This file puts them in order.
+//! and handoff), `reconcile` is one pass from the cluster state to the node, `mesh_node`
+//! reports the node in its MeshNode object, `stop` the way out. This file puts them in
+//! order.
 
+mod mesh_node;
 mod node;
 mod reconcile;
 mod stop;
@@ -17,7 +19,10 @@ use tokio::sync::{mpsc, watch};
 
 use self::{node::Node, reconcile::Reconciler, stop::Signals, succession::Succession};
 use crate::{
-    admin::AdminState, config::AgentConfig, datapath::Datapath, pods::enrolment::Adoption,
+    admin::AdminState,
+    config::{AgentConfig, ClusterSourceConfig},
+    datapath::Datapath,
+    pods::enrolment::Adoption,
 };
 
 /// How often pods that could not be enrolled yet (no cgroup or process) are retried.
@@ -51,6 +56,20 @@ async fn run_agent(config: AgentConfig) -> anyhow::Result<()> {
         Succession::start(&config, predecessor, taken_over, &node.admin, &node.drain).await?;
     let installation = stop::watch_installation(&config).await;
     let (mut cluster, changes) = node.cluster_source(&config).await?;
+    let _mesh_node = match (&config.cluster_source, cluster.client()) {
+        (
+            ClusterSourceConfig::Kubernetes {
+                node_status_interval,
+                ..
+            },
+            Some(client),
+        ) => Some(mesh_node::start(
+            client,
+            std::sync::Arc::clone(&node.admin),
+            *node_status_interval,
+        )),
+        _ => None,
+    };
 
     let mut reconciler = Reconciler {
         cluster: &mut cluster,

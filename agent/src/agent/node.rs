@@ -119,7 +119,7 @@ impl Node {
                 self.indices.clone(),
                 &self.source_status,
             )?,
-            ClusterSourceConfig::Kubernetes { sync_timeout } => {
+            ClusterSourceConfig::Kubernetes { sync_timeout, .. } => {
                 ClusterSource::api(
                     &config.node_name,
                     *sync_timeout,

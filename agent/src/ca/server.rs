@@ -85,6 +85,10 @@ pub struct CaServeArgs {
     #[arg(long, default_value_t = 24 * 3600,
           value_parser = clap::value_parser!(u64).range(1..=MAX_WORKLOAD_TTL_SECONDS))]
     pub cert_ttl_seconds: u64,
+    /// With --kubernetes: how often the CA sweeps MeshNode objects, marking silent agents not
+    /// ready and removing the objects of deleted nodes (seconds; 0 turns the sweep off).
+    #[arg(long, default_value_t = 30)]
+    pub mesh_node_sweep_seconds: u64,
     /// Connections served at once; more are reset (agents retry with backoff).
     #[arg(long, default_value_t = 512)]
     pub max_connections: usize,
@@ -244,6 +248,12 @@ pub async fn start(args: &CaServeArgs) -> Result<SocketAddr, CaStartError> {
         ),
         _ => {
             let client = crate::k8s::api::ApiWatch::infer_client().await?;
+            if args.mesh_node_sweep_seconds > 0 {
+                tokio::spawn(super::mesh_nodes::sweep_forever(
+                    client.clone(),
+                    Duration::from_secs(args.mesh_node_sweep_seconds),
+                ));
+            }
             (
                 Authenticator::TokenReview(Box::new(TokenReviewer::new(
                     client.clone(),

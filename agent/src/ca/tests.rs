@@ -87,6 +87,7 @@ async fn start_ca(ttl_seconds: u64) -> Ca {
         cluster_state: Some(dir.path().join("state")),
         serve_names: vec!["nodemesh-ca".into()],
         cert_ttl_seconds: ttl_seconds,
+        mesh_node_sweep_seconds: 0,
         max_connections: 512,
         max_connections_per_source: 32,
     };

@@ -193,7 +193,7 @@ fn cluster_state(out: &mut String, state: &Value) {
 }
 
 /// 3h12m, 4m05s, 9s.
-fn human(seconds: u64) -> String {
+pub fn human(seconds: u64) -> String {
     match seconds {
         s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
         s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),

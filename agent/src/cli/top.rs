@@ -1,5 +1,5 @@
 //! `nodemesh top`: a live view of the HTTP traffic this node's pods send, from the agent's
-//! `/metrics`, refreshed every second: for each source workload → destination Service,
+//! `/metrics` (or, `cli/cluster/top.rs`, every agent's), refreshed every second: for each source workload → destination Service,
 //! requests per second, success rate (non-5xx) and p50/p99 latency over the last second.
 //! Latencies are estimated from the histogram buckets (Istio's), interpolated within a
 //! bucket. `q`, Esc or Ctrl-C quits.
@@ -165,27 +165,58 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     lower.0
 }
 
-/// Runs the live view until the user quits.
+/// Where the view gets its `/metrics` text from: this node's agent, or (`cli/cluster/top.rs`)
+/// every agent of the cluster, or Prometheus.
+pub trait Scrape {
+    /// The samples as of now, in the text format (several agents' texts may follow each
+    /// other: totals add up).
+    fn scrape(&mut self) -> anyhow::Result<String>;
+    /// What is scraped, for the title.
+    fn describe(&self) -> String;
+}
+
+/// The agent on this node.
+struct LocalAgent(AdminClient);
+
+impl Scrape for LocalAgent {
+    fn scrape(&mut self) -> anyhow::Result<String> {
+        Ok(self.0.get_ok("/metrics")?)
+    }
+
+    fn describe(&self) -> String {
+        self.0.addr().to_string()
+    }
+}
+
+/// Runs the live view of this node's agent until the user quits.
 pub fn run(admin: SocketAddr) -> anyhow::Result<()> {
-    // Fail before taking over the terminal if the agent is not there.
-    let client = AdminClient::new(admin)?;
-    let first = client.get_ok("/metrics")?;
+    run_with(
+        &mut LocalAgent(AdminClient::new(admin)?),
+        Duration::from_secs(1),
+    )
+}
+
+/// Runs the live view of `source`, scraped every `every`, until the user quits.
+pub fn run_with(source: &mut dyn Scrape, every: Duration) -> anyhow::Result<()> {
+    // Fail before taking over the terminal if the source is not there.
+    let first = source.scrape()?;
     let mut terminal = ratatui::init();
-    let result = view(&mut terminal, &client, first);
+    let result = view(&mut terminal, source, first, every);
     ratatui::restore();
     result
 }
 
 fn view(
     terminal: &mut ratatui::DefaultTerminal,
-    client: &AdminClient,
+    source: &mut dyn Scrape,
     first: String,
+    every: Duration,
 ) -> anyhow::Result<()> {
-    let admin = client.addr();
+    let what = source.describe();
     let mut before = totals(&first);
     let mut taken = Instant::now();
     let mut current: Vec<Row> = Vec::new();
-    let mut status = format!("nodemesh top — {admin} — waiting for the first second");
+    let mut status = format!("nodemesh top — {what} — waiting for the first interval");
     loop {
         terminal.draw(|frame| {
             let header = TableRow::new([
@@ -222,7 +253,7 @@ fn view(
             .block(Block::bordered().title(status.as_str()));
             frame.render_widget(table, frame.area());
         })?;
-        let deadline = taken + Duration::from_secs(1);
+        let deadline = taken + every;
         while let Some(wait) = deadline.checked_duration_since(Instant::now()) {
             if event::poll(wait)?
                 && let Event::Key(key) = event::read()?
@@ -234,15 +265,16 @@ fn view(
                 }
             }
         }
-        match client.get_ok("/metrics") {
+        match source.scrape() {
             Ok(text) => {
                 let after = totals(&text);
                 current = rows(&before, &after, taken.elapsed());
                 before = after;
                 taken = Instant::now();
                 status = format!(
-                    "nodemesh top — {admin} — {} source→destination pairs with traffic in the last second (q quits)",
-                    current.len()
+                    "nodemesh top — {what} — {} source→destination pairs with traffic in the last {}s (q quits)",
+                    current.len(),
+                    every.as_secs()
                 );
             }
             Err(error) => {

@@ -33,7 +33,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// The oldest kernel the datapath is proven on (`cargo xtask vm-test`, docs/vm-test.md), and
 /// the newest feature it needs below that.
-const KERNEL_FLOOR: (u32, u32) = (6, 1);
+pub const KERNEL_FLOOR: (u32, u32) = (6, 1);
 const NEWEST_FEATURES: &str = "sk_lookup with sockhash assignment (5.9) and its 16-bit \
     remote_port (5.19), SO_NETNS_COOKIE (5.14), bpf links for cgroup programs (5.7), \
     getpeername hooks (5.8)";
@@ -55,11 +55,59 @@ fn check_kernel_floor() {
 }
 
 /// `(major, minor)` of a kernel release such as `6.1.0-57-amd64`.
-fn kernel_version(release: &str) -> Option<(u32, u32)> {
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.trim().split(['.', '-', '+']);
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
     Some((major, minor))
+}
+
+/// The kernel release and what the datapath found in it: the eBPF hooks it attaches (it runs
+/// only if every one loaded) and the optional features, probed.
+pub fn kernel_features() -> (String, Vec<String>) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let mut features: Vec<String> = [
+        "cgroup/connect4",
+        "cgroup/connect6",
+        "sock_ops",
+        "cgroup/getpeername4",
+        "cgroup/getpeername6",
+        "sk_lookup",
+    ]
+    .map(str::to_owned)
+    .into();
+    if peer_pidfd_supported() {
+        features.push("SO_PEERPIDFD".to_owned());
+    }
+    (release, features)
+}
+
+/// Whether the kernel answers `SO_PEERPIDFD` (6.5), tried on a socket pair of our own.
+fn peer_pidfd_supported() -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok((one, _other)) = std::os::unix::net::UnixStream::pair() else {
+        return false;
+    };
+    let mut pidfd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt on a socket we own, into a local int of the length we pass.
+    let answered = unsafe {
+        libc::getsockopt(
+            one.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&raw mut pidfd).cast(),
+            &mut len,
+        )
+    } == 0;
+    if pidfd >= 0 {
+        // SAFETY: the kernel gave us this descriptor; nothing else owns it.
+        unsafe { libc::close(pidfd) };
+    }
+    answered
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -178,6 +178,14 @@ impl IdentityManager {
             .all(|slot| slot.certificate.as_ref().is_some_and(|c| c.not_after > now))
     }
 
+    /// When the first of the certificates held expires.
+    pub fn earliest_expiry(&self) -> Option<SystemTime> {
+        self.lock()
+            .values()
+            .filter_map(|slot| slot.certificate.as_ref().map(|c| c.not_after))
+            .min()
+    }
+
     pub fn views(&self) -> Vec<IdentityView> {
         self.lock()
             .iter()

@@ -93,6 +93,11 @@ impl ApiWatch {
         Ok(Client::try_from(config)?)
     }
 
+    /// The client the watches use.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// Starts the watches; `changes` gets a message (coalesced) after every change the
     /// reconciler must see; `status` follows each watch; resources the server does not serve
     /// are looked for again every `recheck` ([`discovery::RECHECK`] in the agent).

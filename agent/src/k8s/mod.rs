@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod installation;
 pub mod intern;
 pub mod labels;
+pub mod meshnode;
 pub mod objects;
 pub mod sinks;
 pub mod snapshot;

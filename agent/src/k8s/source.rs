@@ -88,6 +88,14 @@ impl ClusterSource {
         }
     }
 
+    /// The API server's client (none for a manifest directory).
+    pub fn client(&self) -> Option<kube::Client> {
+        match self {
+            Self::Manifests { .. } => None,
+            Self::Api(watch) => Some(watch.client()),
+        }
+    }
+
     /// Whether statuses are written anywhere (computing them is wasted work otherwise).
     pub fn writes_status(&self) -> bool {
         matches!(self, Self::Api(_))
