@@ -2,8 +2,9 @@
 //! pods, kubelet-style cgroups, Kubernetes YAML as cluster state), starts one agent per node,
 //! sends real traffic between pods, prints which connections went through which node proxy,
 //! then puts a Service with an HTTPRoute and an AuthorizationPolicy in front of the servers
-//! (the examples of docs/l7.md) and shows requests split by weight and denied by policy, and
-//! tears everything down, also on failure or Ctrl-C.
+//! (the examples of docs/l7.md) and shows requests split by weight and denied by policy, then
+//! the cluster as an operator sees it from a laptop (MeshNodes, `nodemesh status --cluster`),
+//! and tears everything down, also on failure or Ctrl-C.
 
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
@@ -54,6 +55,7 @@ fn exercise(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<()> {
         );
     }
     l7(tb, &workload)?;
+    from_a_laptop(tb)?;
     println!("   agent logs: {}", tb.log_dir().display());
     Ok(())
 }
@@ -95,7 +97,12 @@ fn start_mesh(tb: &mut Testbed, args: &DemoArgs) -> anyhow::Result<MeshCa> {
     for node in ["node1", "node2"] {
         let options = AgentOptions {
             fail_mode: args.fail_mode.clone(),
-            extra_args: ca.agent_args(node),
+            extra_args: [
+                ca.agent_args(node),
+                // MeshNode status every 2 s, so the laptop's view below is current.
+                vec!["--node-status-interval-seconds".to_owned(), "2".to_owned()],
+            ]
+            .concat(),
             ..Default::default()
         };
         tb.start_agent(node, &options)
@@ -460,6 +467,33 @@ fn l7(tb: &Testbed, workload: &str) -> anyhow::Result<()> {
     );
     if !denied.starts_with("HTTP 403") || to_a + to_b != 200 || to_a < to_b {
         bail!("L7 did not behave as expected: {summary} / {denied}");
+    }
+    Ok(())
+}
+
+/// What an operator sees with a kubeconfig and no shell on a node: the agents' MeshNode
+/// objects (`kubectl get meshnodes`) and `nodemesh status` across the cluster, run from the
+/// control plane's network namespace (docs/operations.md).
+fn from_a_laptop(tb: &Testbed) -> anyhow::Result<()> {
+    let api = tb.api()?;
+    println!("\n== from a laptop: kubectl get meshnodes");
+    for line in api.kubectl_ok(&["get", "meshnodes"])?.lines() {
+        println!("   {line}");
+    }
+    println!("\n== from a laptop: nodemesh status --cluster");
+    let mut status = Command::new(tb.nodemesh_bin());
+    status
+        .args(["status", "--cluster"])
+        .env("KUBECONFIG", api.admin_kubeconfig());
+    let output = api.output_in_netns(status)?;
+    if !output.status.success() {
+        bail!(
+            "nodemesh status --cluster failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        println!("   {line}");
     }
     Ok(())
 }

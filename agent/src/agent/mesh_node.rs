@@ -32,14 +32,6 @@ use crate::{
 /// How often the agent looks for a change (writes are rarer).
 const LOOK: Duration = Duration::from_secs(1);
 
-/// The agent's version as `nodemesh --version` prints it.
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (revision ",
-    env!("NODEMESH_REVISION"),
-    ")"
-);
-
 /// Writes the node's MeshNode status until dropped.
 pub(super) fn start(
     client: Client,
@@ -97,7 +89,8 @@ fn observe(admin: &AdminState, kernel: &KernelStatus, interval: Duration) -> Mes
     let state = Arc::clone(&admin.state.borrow());
     let ready = admin.ready.load(Ordering::Acquire);
     MeshNodeStatus {
-        version: VERSION.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        revision: env!("NODEMESH_REVISION").to_owned(),
         ready,
         not_ready_reason: (!ready).then(|| "Starting".to_owned()),
         kernel: kernel.clone(),

@@ -42,9 +42,12 @@ pub struct MeshNodeSpec {}
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshNodeStatus {
-    /// `nodemesh --version` of the agent.
+    /// The agent's version, e.g. `0.1.0`.
     #[serde(default)]
     pub version: String,
+    /// The git revision it was built from.
+    #[serde(default)]
+    pub revision: String,
     #[serde(default)]
     pub ready: bool,
     /// Why not ready: the agent's own reason, or [`AGENT_SILENT`] from the CA's sweep.

@@ -178,12 +178,7 @@ fn node_line(name: &str, status: Option<&MeshNodeStatus>, now: SystemTime) -> St
     } else {
         "NO"
     };
-    let version = status
-        .version
-        .split_whitespace()
-        .next()
-        .unwrap_or("?")
-        .to_owned();
+    let version = &status.version;
     format!(
         "{name:<20} {ready:<9} {:>5} {:>8} {:<12} {:<10} {version}",
         status.pods.enrolled,
@@ -240,7 +235,11 @@ pub fn node_report(view: &ClusterView, node: &str, now: SystemTime) -> Option<St
         heartbeat_age(status, now),
         status.heartbeat_interval_seconds
     );
-    let _ = writeln!(out, "  version   {}", status.version);
+    let _ = writeln!(
+        out,
+        "  version   {} (revision {})",
+        status.version, status.revision
+    );
     let _ = writeln!(
         out,
         "  kernel    {} ({})",
@@ -286,7 +285,8 @@ mod tests {
     fn problems_come_first_and_say_what_is_wrong() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let healthy = MeshNodeStatus {
-            version: "0.1.0 (revision abc)".into(),
+            version: "0.1.0".into(),
+            revision: "abc".into(),
             ready: true,
             pods: PodCounts {
                 enrolled: 4,
