@@ -18,7 +18,8 @@ need_apt=()
 for pkg in llvm-${LLVM}-dev libpolly-${LLVM}-dev zlib1g-dev libzstd-dev iproute2 bpftool curl \
            tcpdump procps psmisc socat nghttp2-client tmux heaptrack zstd \
            librsvg2-bin fonts-dejavu-core \
-           musl-tools umoci skopeo containerd runc; do
+           musl-tools umoci skopeo containerd runc \
+           bind9-dnsutils dnsmasq-base python3; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

@@ -24,10 +24,11 @@ pub mod map_names {
     pub const INBOUND_PODS: &str = "NM_INBOUND_PODS";
     pub const INBOUND_LISTENERS: &str = "NM_INBOUND_LISTENERS";
     pub const DELIVERIES: &str = "NM_DELIVERIES";
+    pub const DNS_PODS: &str = "NM_DNS_PODS";
 
     /// Every map this version pins; anything else under the pin directory belongs to
     /// another version (or to nobody) and is unpinned once the agent is in charge.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         ENROLLED_CGROUPS,
         CAPTURE_CONFIG,
         EXCLUDED_PORTS,
@@ -38,6 +39,7 @@ pub mod map_names {
         INBOUND_PODS,
         INBOUND_LISTENERS,
         DELIVERIES,
+        DNS_PODS,
     ];
 }
 
@@ -49,6 +51,23 @@ pub mod program_names {
     pub const GETPEERNAME6: &str = "nm_getpeername6";
     pub const SOCK_OPS: &str = "nm_sock_ops";
     pub const INBOUND_LOOKUP: &str = "nm_inbound_lookup";
+    pub const SENDMSG4: &str = "nm_sendmsg4";
+    pub const SENDMSG6: &str = "nm_sendmsg6";
+    pub const RECVMSG4: &str = "nm_recvmsg4";
+    pub const RECVMSG6: &str = "nm_recvmsg6";
+
+    /// The programs attached to the pod cgroup root, one pinned link each.
+    pub const CGROUP: [&str; 9] = [
+        CONNECT4,
+        CONNECT6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        RECVMSG4,
+        RECVMSG6,
+        SENDMSG4,
+        SENDMSG6,
+        SOCK_OPS,
+    ];
 }
 
 /// Address family tags as stored in the maps (the kernel's AF_INET/AF_INET6 values).
@@ -93,7 +112,10 @@ pub struct EnrolledPod {
 pub struct CaptureConfig {
     /// Port of the proxy's outbound listener on the pod's loopback.
     pub outbound_port: u16,
-    pub _pad: u16,
+    /// Port of the proxy's DNS listener on the pod's loopback; 0 leaves DNS alone. (This
+    /// was padding, always written 0, before DNS capture: agents that predate it share the
+    /// map and turn DNS capture off when they write it.)
+    pub dns_port: u16,
     /// A `FailMode` discriminant.
     pub fail_mode: u32,
     /// SO_MARK of the proxy's sockets: the connect hook captures only into a listener that
@@ -170,6 +192,20 @@ pub struct InboundPod {
     pub _pad: u32,
 }
 
+/// DNS capture is on for the pod (`DnsPod::flags`).
+pub const DNS_CAPTURE: u32 = 1;
+
+/// Value of `NM_DNS_PODS`, keyed by the network namespace cookie of an enrolled pod whose
+/// UDP DNS is captured. The agent writes `flags`; the programs write `resolver`, the last
+/// resolver the pod addressed, where the agent forwards what it does not answer itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsPod {
+    pub flags: u32,
+    pub _pad: u32,
+    pub resolver: OriginalDst,
+}
+
 /// Key of the IPv4 exclusion LPM trie data (the address, network byte order).
 pub type Ipv4Prefix = u32;
 /// Key of the IPv6 exclusion LPM trie data (the address bytes).
@@ -181,6 +217,7 @@ mod user {
     // SAFETY: all are repr(C), Copy, contain only integers, and have explicit padding fields.
     unsafe impl aya::Pod for EnrolledPod {}
     unsafe impl aya::Pod for CaptureConfig {}
+    unsafe impl aya::Pod for DnsPod {}
     unsafe impl aya::Pod for OriginalDst {}
     unsafe impl aya::Pod for ConnectionKey {}
     unsafe impl aya::Pod for InboundKey {}

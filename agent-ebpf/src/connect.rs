@@ -1,11 +1,12 @@
 //! cgroup/connect4 and cgroup/connect6: send an enrolled pod's TCP connects to the proxy's
-//! listener on the pod's own loopback, remembering where they were going.
+//! listener on the pod's own loopback, remembering where they were going. UDP sockets
+//! connected to port 53 (the C library's resolver) go to the DNS listener (`dns.rs`).
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-        generated::{bpf_sk_lookup_tcp, bpf_sk_release},
+        generated::{bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
     },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
@@ -20,20 +21,20 @@ use crate::maps::{
     SOCKET_ORIGINAL_DST,
 };
 
-const ALLOW: i32 = 1;
-const REFUSE: i32 = 0;
+pub(crate) const ALLOW: i32 = 1;
+pub(crate) const REFUSE: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const SOCK_STREAM: u32 = 1;
-const LOOPBACK_V4: u32 = 0x7f00_0001;
+pub(crate) const LOOPBACK_V4: u32 = 0x7f00_0001;
 
-/// Where a connect() is going, decoded from the context.
-struct Destination {
-    addr: [u32; 4],
-    port: u16,
-    family: u16,
+/// Where a connect() (or a datagram) is going, decoded from the context.
+pub(crate) struct Destination {
+    pub(crate) addr: [u32; 4],
+    pub(crate) port: u16,
+    pub(crate) family: u16,
 }
 
-enum Verdict {
+pub(crate) enum Verdict {
     PassThrough,
     Refuse,
     Capture { outbound_port: u16 },
@@ -49,6 +50,9 @@ pub fn nm_connect4(ctx: SockAddrContext) -> i32 {
         family: FAMILY_V4,
     };
     let excluded = dst_ip >> 24 == 127 || is_excluded_v4(sa.user_ip4);
+    if crate::dns::is_dns(&ctx, dest.port) {
+        return crate::dns::steer4(&ctx, &dest, excluded);
+    }
     match decide(&ctx, &dest, excluded, LookupFamily::V4) {
         Verdict::PassThrough => ALLOW,
         Verdict::Refuse => REFUSE,
@@ -89,6 +93,9 @@ pub fn nm_connect6(ctx: SockAddrContext) -> i32 {
         };
         (dest, loopback || is_excluded_v6(&ip6), LookupFamily::V6)
     };
+    if crate::dns::is_dns(&ctx, dest.port) {
+        return crate::dns::steer6(&ctx, &dest, excluded, v4_mapped);
+    }
     match decide(&ctx, &dest, excluded, lookup) {
         Verdict::PassThrough => ALLOW,
         Verdict::Refuse => REFUSE,
@@ -106,7 +113,7 @@ pub fn nm_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 #[derive(Clone, Copy)]
-enum LookupFamily {
+pub(crate) enum LookupFamily {
     V4,
     V6,
 }
@@ -147,7 +154,7 @@ fn decide(
 /// The caller belongs to an enrolled pod when one of its cgroup's ancestors is enrolled
 /// (the pod cgroup holds one child cgroup per container, and containers restart).
 #[inline(always)]
-fn caller_is_enrolled() -> bool {
+pub(crate) fn caller_is_enrolled() -> bool {
     let mut level = 1;
     while level <= MAX_CGROUP_DEPTH {
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
@@ -162,32 +169,61 @@ fn caller_is_enrolled() -> bool {
     false
 }
 
-/// True when the pod's network namespace has the proxy's listener (marked as ours).
+/// The transport of a listener looked up by [`proxy_is_listening`].
+#[derive(Clone, Copy)]
+pub(crate) enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// True when the pod's network namespace has the proxy's outbound listener (marked as ours).
 #[inline(always)]
 fn proxy_is_listening(ctx: &SockAddrContext, config: &CaptureConfig, family: LookupFamily) -> bool {
+    proxy_socket_at(ctx, config, family, Transport::Tcp, config.outbound_port)
+}
+
+/// True when the pod's network namespace has a socket of the proxy (marked as ours) bound to
+/// the loopback address of `family` and `port`.
+#[inline(always)]
+pub(crate) fn proxy_socket_at(
+    ctx: &SockAddrContext,
+    config: &CaptureConfig,
+    family: LookupFamily,
+    transport: Transport,
+    port: u16,
+) -> bool {
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = match family {
         LookupFamily::V4 => {
             let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
             t.daddr = LOOPBACK_V4.to_be();
-            t.dport = config.outbound_port.to_be();
+            t.dport = port.to_be();
             core::mem::size_of_val(t)
         }
         LookupFamily::V6 => {
             let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
             t.daddr = [0, 0, 0, 1u32.to_be()];
-            t.dport = config.outbound_port.to_be();
+            t.dport = port.to_be();
             core::mem::size_of_val(t)
         }
     };
     let sk = unsafe {
-        bpf_sk_lookup_tcp(
-            ctx.sock_addr.cast(),
-            &mut tuple,
-            size as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
+        match transport {
+            Transport::Tcp => bpf_sk_lookup_tcp(
+                ctx.sock_addr.cast(),
+                &mut tuple,
+                size as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            ),
+            Transport::Udp => bpf_sk_lookup_udp(
+                ctx.sock_addr.cast(),
+                &mut tuple,
+                size as u32,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            ),
+        }
     };
     if sk.is_null() {
         return false;
@@ -198,7 +234,7 @@ fn proxy_is_listening(ctx: &SockAddrContext, config: &CaptureConfig, family: Loo
 }
 
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, dest: &Destination) {
+pub(crate) fn remember(ctx: &SockAddrContext, dest: &Destination) -> OriginalDst {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let original = OriginalDst {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
@@ -209,10 +245,11 @@ fn remember(ctx: &SockAddrContext, dest: &Destination) {
     };
     // An LRU map evicts instead of failing, so the insert cannot fail for lack of room.
     let _ = SOCKET_ORIGINAL_DST.insert(&cookie, &original, 0);
+    original
 }
 
 #[inline(always)]
-fn is_excluded_v4(addr_be: u32) -> bool {
+pub(crate) fn is_excluded_v4(addr_be: u32) -> bool {
     let key = Key::new(32, addr_be);
     EXCLUDED_CIDRS_V4.get(&key).is_some()
 }

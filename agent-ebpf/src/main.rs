@@ -7,6 +7,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod connect;
+mod dns;
 mod inbound;
 mod maps;
 mod peername;

@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash},
 };
 use nodemesh_common::{
-    CaptureConfig, ConnectionKey, DeliveryKey, EnrolledPod, InboundKey, InboundPod, Ipv4Prefix,
-    Ipv6Prefix, MAX_ENROLLED_PODS, MAX_INBOUND_ADDRESSES, MAX_TRACKED_SOCKETS, OriginalDst,
+    CaptureConfig, ConnectionKey, DeliveryKey, DnsPod, EnrolledPod, InboundKey, InboundPod,
+    Ipv4Prefix, Ipv6Prefix, MAX_ENROLLED_PODS, MAX_INBOUND_ADDRESSES, MAX_TRACKED_SOCKETS,
+    OriginalDst,
 };
 
 /// Pod-level cgroup id -> enrolment. Filled by the agent for pods of meshed namespaces.
@@ -54,3 +55,8 @@ pub static INBOUND_LISTENERS: SockHash<InboundKey> = SockHash::pinned(MAX_INBOUN
 /// (value unused). LRU so that an entry a crashed agent left behind is eventually evicted.
 #[map(name = "NM_DELIVERIES")]
 pub static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(MAX_TRACKED_SOCKETS, 0);
+
+/// Network namespace cookie of an enrolled pod whose UDP DNS is captured -> its flags and the
+/// resolver it last addressed (the programs write that; the agent forwards there).
+#[map(name = "NM_DNS_PODS")]
+pub static DNS_PODS: HashMap<u64, DnsPod> = HashMap::pinned(MAX_ENROLLED_PODS, 0);

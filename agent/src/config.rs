@@ -69,6 +69,14 @@ pub struct AgentArgs {
     /// Port of the outbound listener the agent opens on each meshed pod's loopback.
     #[arg(long, default_value_t = 15001)]
     pub outbound_port: u16,
+    /// Port of the DNS listener the agent opens on each meshed pod's loopback, where the
+    /// pod's UDP queries to port 53 are steered (docs/dns.md); 0 leaves DNS alone on the
+    /// whole node (a pod opts out with label `nodemesh.io/dns=disabled`).
+    #[arg(long, default_value_t = 15053)]
+    pub dns_port: u16,
+    /// The cluster's DNS domain: names under it are answered from the cluster state.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
     /// SO_MARK put on every proxy socket; the connect hook captures only into a listener
     /// carrying it. It exempts nothing from capture (the agent's cgroup is never enrolled).
     #[arg(long, default_value_t = 0x4e4d_0001)]
@@ -191,6 +199,16 @@ pub struct AgentConfig {
     pub handoff_socket: HandoffAddress,
     pub drain_grace: Duration,
     pub max_connections_per_pod: usize,
+    /// DNS capture (none with `--dns-port 0`).
+    pub dns: Option<DnsConfig>,
+}
+
+/// DNS capture's settings.
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    pub port: u16,
+    /// The cluster domain, fully qualified (`cluster.local.`).
+    pub cluster_domain: hickory_proto::rr::Name,
 }
 
 /// Where the agent learns the cluster state from.
@@ -228,6 +246,8 @@ pub enum ConfigError {
     ZeroOutboundPort,
     #[error("--proxy-mark must not be 0 (unmarked sockets would count as the proxy's)")]
     ZeroProxyMark,
+    #[error("--cluster-domain {0:?} is not a DNS name")]
+    ClusterDomain(String),
     #[error("--transparent-mark must be non-zero and differ from --proxy-mark")]
     TransparentMark,
     #[error("--ca-addr {0:?}: expected host:port")]
@@ -274,6 +294,19 @@ impl TryFrom<AgentArgs> for AgentConfig {
         if args.proxy_mark == 0 {
             return Err(ConfigError::ZeroProxyMark);
         }
+        let dns = if args.dns_port == 0 {
+            None
+        } else {
+            let domain = format!("{}.", args.cluster_domain.trim_end_matches('.'));
+            let cluster_domain = hickory_proto::rr::Name::from_ascii(&domain)
+                .ok()
+                .filter(|name| name.num_labels() > 0)
+                .ok_or_else(|| ConfigError::ClusterDomain(args.cluster_domain.clone()))?;
+            Some(DnsConfig {
+                port: args.dns_port,
+                cluster_domain,
+            })
+        };
         if args.transparent_mark == 0 || args.transparent_mark == args.proxy_mark {
             return Err(ConfigError::TransparentMark);
         }
@@ -336,6 +369,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             drain_grace: Duration::from_secs(args.drain_grace_seconds),
             max_connections_per_pod: usize::try_from(args.max_connections_per_pod)
                 .unwrap_or(usize::MAX),
+            dns,
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod dns;
 pub mod identity;
 pub mod k8s;
 pub mod lifecycle;

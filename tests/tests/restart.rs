@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use nodemesh_common::{INBOUND_STRICT, InboundKey, map_names};
+use nodemesh_common::{INBOUND_STRICT, InboundKey, map_names, program_names};
 use nodemesh_testbed::{
     AgentOptions, MESH_LABEL, MeshCa, NamespaceSpec, NodeSpec, Pod, PodProcess, PodSpec, Signal,
     Testbed, TestbedConfig, TopologySpec, is_root,
@@ -32,13 +32,6 @@ const APP_PORT: u16 = 8080;
 /// The proxy's outbound port in every meshed pod.
 const PROXY_PORT: u16 = 15001;
 const PEER_AUTHENTICATION: &str = "nodemesh.io/peer-authentication";
-const CGROUP_PROGRAMS: [&str; 5] = [
-    "nm_connect4",
-    "nm_connect6",
-    "nm_getpeername4",
-    "nm_getpeername6",
-    "nm_sock_ops",
-];
 
 /// node1 holds the pods the tests change; server-b on node2 answers echoes.
 fn topology(node1: &[PodSpec]) -> TopologySpec {
@@ -239,12 +232,12 @@ fn assert_pinned_exactly(tb: &Testbed, held: &[&Pod], enrolled: &[&Pod]) {
         .collect();
     assert_eq!(
         programs,
-        BTreeSet::from(CGROUP_PROGRAMS),
+        BTreeSet::from(program_names::CGROUP),
         "links: {state:#?}"
     );
     assert_eq!(
         (state.links.len(), generations.len()),
-        (5, 1),
+        (program_names::CGROUP.len(), 1),
         "links: {state:#?}"
     );
 }
@@ -516,7 +509,7 @@ fn a_restart_without_predecessor_repairs_whatever_changed_on_the_node() {
     tb.kill_agent("node1", Signal::SIGKILL).expect("kill");
     tb.start_agent("node1", &options(&ca, "node1"))
         .expect("ready again");
-    assert_logged(&log_since_last_start(&tb), &["repairs=0 retired=5"]);
+    assert_logged(&log_since_last_start(&tb), &["repairs=0 retired=9"]);
 }
 
 #[test]

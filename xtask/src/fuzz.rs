@@ -17,6 +17,7 @@ pub const TARGETS: &[&str] = &[
     "authorization_policy",
     "cluster_state",
     "map_keys",
+    "dns_query",
 ];
 
 #[derive(clap::Args)]

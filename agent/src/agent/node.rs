@@ -11,6 +11,7 @@ use crate::{
     admin::AdminState,
     config::{AgentConfig, ClusterSourceConfig},
     datapath::Datapath,
+    dns::server::DnsContext,
     identity::{ca_client::CaClient, manager::IdentityManager, tls},
     k8s::{snapshot::ClusterIndices, source::ClusterSource, status::SourceStatus},
     lifecycle::drain::Drain,
@@ -81,6 +82,16 @@ impl Node {
         let admin = admin_state(config, &shared, identities.clone(), &source_status);
         let drain = Drain::default();
         let (outbound, inbound) = contexts(config, &shared, mesh_tls, &drain)?;
+        let dns = config.dns.as_ref().map(|dns| {
+            Arc::new(DnsContext {
+                port: dns.port,
+                domain: dns.cluster_domain.clone(),
+                proxy_mark: config.proxy_mark,
+                datapath: Arc::clone(&shared.datapath),
+                services: Arc::clone(&shared.services),
+                metrics: Arc::clone(&shared.metrics),
+            })
+        });
         let enrolments = Enrolments::new(
             pods_root,
             config.outbound_port,
@@ -89,7 +100,8 @@ impl Node {
             Arc::clone(&outbound),
             inbound,
             adoption,
-        );
+        )
+        .with_dns(dns);
         Ok(Self {
             datapath: shared.datapath,
             identities,

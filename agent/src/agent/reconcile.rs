@@ -106,6 +106,14 @@ impl Reconciler<'_> {
         let desired = membership::local_meshed_pods(&snapshot);
         self.enrolments.reconcile(&desired).await;
         let enrolled = self.enrolments.enrolled_views();
+        let dns_pods: Vec<u64> = enrolled
+            .iter()
+            .filter(|pod| pod.dns_capture)
+            .map(|pod| pod.netns_cookie)
+            .collect();
+        if let Err(error) = self.outbound.datapath.set_dns_pods(&dns_pods) {
+            tracing::warn!(%error, "updating the pods whose DNS is captured failed; retrying at the next pass");
+        }
         if let Some(identities) = self.identities {
             identities.set_desired(desired_identities(&enrolled, &self.config.trust_domain));
         }

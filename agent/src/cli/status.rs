@@ -47,8 +47,8 @@ fn enrolled_pods(out: &mut String, dump: &Value) {
     let _ = writeln!(out, "\nENROLLED PODS ({})", pods.len());
     let _ = writeln!(
         out,
-        "  {:<32} {:<28} {:<11} {:<10} IDENTITY",
-        "POD", "ADDRESSES", "PEER AUTH", "CGROUP"
+        "  {:<32} {:<28} {:<11} {:<10} {:<4} IDENTITY",
+        "POD", "ADDRESSES", "PEER AUTH", "CGROUP", "DNS"
     );
     for pod in &pods {
         let ips: Vec<&str> = pod["ips"]
@@ -59,11 +59,16 @@ fn enrolled_pods(out: &mut String, dump: &Value) {
             .collect();
         let _ = writeln!(
             out,
-            "  {:<32} {:<28} {:<11} {:<10} sa/{}",
+            "  {:<32} {:<28} {:<11} {:<10} {:<4} sa/{}",
             pod_name(pod),
             ips.join(","),
             pod["peer_authentication"].as_str().unwrap_or("?"),
             pod["cgroup_id"],
+            if pod["dns_capture"] == true {
+                "yes"
+            } else {
+                "no"
+            },
             pod["service_account"].as_str().unwrap_or("?"),
         );
     }

@@ -25,12 +25,6 @@ use nodemesh_common::program_names;
 
 use super::DatapathError;
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = [
-    program_names::CONNECT4,
-    program_names::CONNECT6,
-    program_names::GETPEERNAME4,
-    program_names::GETPEERNAME6,
-];
 
 /// Loads a cgroup program, attaches it to the cgroup through a bpf link and hands the link
 /// over as an `FdLink` ready to pin. A macro because aya's program types share these methods
@@ -68,17 +62,18 @@ pub(super) fn attach_all(
         .unwrap_or(0);
 
     let mut pins = Vec::new();
-    for name in SOCK_ADDR_PROGRAMS {
-        let link = attach_pinned!(
-            program_mut::<CgroupSockAddr>(ebpf, name)?,
-            name,
-            &cgroup_file
-        );
+    for name in program_names::CGROUP {
+        let link = if name == program_names::SOCK_OPS {
+            attach_pinned!(program_mut::<SockOps>(ebpf, name)?, name, &cgroup_file)
+        } else {
+            attach_pinned!(
+                program_mut::<CgroupSockAddr>(ebpf, name)?,
+                name,
+                &cgroup_file
+            )
+        };
         pins.push(pin(name, link, link_dir, generation)?);
     }
-    let name = program_names::SOCK_OPS;
-    let link = attach_pinned!(program_mut::<SockOps>(ebpf, name)?, name, &cgroup_file);
-    pins.push(pin(name, link, link_dir, generation)?);
     tracing::info!(cgroup = %cgroup.display(), "eBPF programs attached");
     Ok(pins)
 }

@@ -15,8 +15,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use nodemesh_common::{
-    CaptureConfig, ConnectionKey, DeliveryKey, EnrolledPod, FAMILY_V4, FAMILY_V6, FailMode,
-    InboundKey, InboundPod, Ipv4Prefix, Ipv6Prefix, OriginalDst, map_names,
+    CaptureConfig, ConnectionKey, DNS_CAPTURE, DeliveryKey, DnsPod, EnrolledPod, FAMILY_V4,
+    FAMILY_V6, FailMode, InboundKey, InboundPod, Ipv4Prefix, Ipv6Prefix, OriginalDst, map_names,
 };
 
 use super::DatapathError;
@@ -66,6 +66,21 @@ pub fn key_address(key: &InboundKey) -> Option<IpAddr> {
     (inbound_key(decoded) == *key).then_some(decoded)
 }
 
+/// Where a captured socket was going, as a socket address (the inverse of
+/// [`address_words`] with the port).
+pub fn socket_addr(original: OriginalDst) -> SocketAddr {
+    let ip = if original.family == FAMILY_V4 {
+        IpAddr::from(original.addr[0].to_ne_bytes())
+    } else {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.as_chunks_mut::<4>().0.iter_mut().zip(original.addr) {
+            *chunk = word.to_ne_bytes();
+        }
+        IpAddr::from(octets)
+    };
+    SocketAddr::new(ip, original.port)
+}
+
 /// An address as the kernel hands it to programs (see agent-common's crate docs): IPv4 in
 /// the first word, network byte order; IPv6 as four network-order words; and its family tag.
 pub fn address_words(ip: IpAddr) -> ([u32; 4], u16) {
@@ -89,6 +104,7 @@ pub(super) struct DatapathMaps {
     pub(super) inbound_pods: HashMap<MapData, InboundKey, InboundPod>,
     pub(super) inbound_listeners: SockHash<MapData, InboundKey>,
     pub(super) deliveries: HashMap<MapData, DeliveryKey, u8>,
+    dns_pods: HashMap<MapData, u64, DnsPod>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
@@ -165,18 +181,20 @@ impl DatapathMaps {
             inbound_pods: take(ebpf, map_names::INBOUND_PODS)?,
             inbound_listeners: take(ebpf, map_names::INBOUND_LISTENERS)?,
             deliveries: take(ebpf, map_names::DELIVERIES)?,
+            dns_pods: take(ebpf, map_names::DNS_PODS)?,
         })
     }
 
     pub(super) fn write_capture_config(
         &mut self,
         outbound_port: u16,
+        dns_port: u16,
         fail_mode: FailMode,
         proxy_mark: u32,
     ) -> Result<(), DatapathError> {
         let config = CaptureConfig {
             outbound_port,
-            _pad: 0,
+            dns_port,
             fail_mode: fail_mode as u32,
             proxy_mark,
             configured: 1,
@@ -184,6 +202,40 @@ impl DatapathMaps {
         self.capture_config
             .set(0, &config, 0)
             .map_err(map_err(map_names::CAPTURE_CONFIG))
+    }
+
+    /// Makes `NM_DNS_PODS` hold exactly the network namespaces in `captured`, keeping the
+    /// resolver the programs recorded for those already there; returns how many entries
+    /// changed.
+    pub(super) fn set_dns_pods(&mut self, captured: &[u64]) -> Result<usize, DatapathError> {
+        const MAP: &str = map_names::DNS_PODS;
+        let pinned: Vec<(u64, DnsPod)> = self.dns_pods.iter().filter_map(Result::ok).collect();
+        let mut changed = 0;
+        for (cookie, _) in pinned.iter().filter(|(c, _)| !captured.contains(c)) {
+            changed += usize::from(delete(&mut self.dns_pods, cookie, MAP)?);
+        }
+        for cookie in captured {
+            let old = pinned.iter().find(|(c, _)| c == cookie).map(|(_, p)| *p);
+            if old.is_some_and(|p| p.flags == DNS_CAPTURE) {
+                continue;
+            }
+            let entry = DnsPod {
+                flags: DNS_CAPTURE,
+                _pad: 0,
+                resolver: old.map(|p| p.resolver).unwrap_or_default(),
+            };
+            self.dns_pods
+                .insert(cookie, &entry, 0)
+                .map_err(map_err(MAP))?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// The resolver the pod in network namespace `cookie` last addressed.
+    pub(super) fn dns_resolver(&self, cookie: u64) -> Option<SocketAddr> {
+        let pod = self.dns_pods.get(&cookie, 0).ok()?;
+        (pod.resolver.port != 0).then(|| socket_addr(pod.resolver))
     }
 
     /// Replaces the exclusion lists with exactly these ports and prefixes.

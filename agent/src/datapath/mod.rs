@@ -23,7 +23,7 @@ use aya::{
 use nodemesh_common::{ConnectionKey, InboundPod, OriginalDst, map_names};
 
 pub use self::{
-    maps::{MapOccupancy, address_words, inbound_key, key_address},
+    maps::{MapOccupancy, address_words, inbound_key, key_address, socket_addr},
     reconcile::Expected,
 };
 use crate::config::AgentConfig;
@@ -199,7 +199,12 @@ impl Datapath {
         let mut ebpf = load_reusing_pinned_maps(&map_dir)?;
         let mut maps = maps::DatapathMaps::take(&mut ebpf)?;
         maps.write_exclusions(&config.exclude_ports, &config.exclude_cidrs)?;
-        maps.write_capture_config(config.outbound_port, config.fail_mode, config.proxy_mark)?;
+        maps.write_capture_config(
+            config.outbound_port,
+            config.dns.as_ref().map_or(0, |dns| dns.port),
+            config.fail_mode,
+            config.proxy_mark,
+        )?;
         let own_links = attach::attach_all(&mut ebpf, attach_point, &link_dir)?;
         attach::load_inbound(&mut ebpf)?;
         Ok(Self {
@@ -328,6 +333,16 @@ impl Datapath {
     /// Where the connection whose client end is `key` was going; removes the entry.
     pub fn take_original_destination(&self, key: &ConnectionKey) -> Option<OriginalDst> {
         self.lock().take_original_destination(key)
+    }
+
+    /// Captures the UDP DNS of exactly the pods in these network namespaces (cookies).
+    pub fn set_dns_pods(&self, captured: &[u64]) -> Result<usize, DatapathError> {
+        self.lock().set_dns_pods(captured)
+    }
+
+    /// The resolver the pod in network namespace `cookie` last addressed.
+    pub fn dns_resolver(&self, cookie: u64) -> Option<std::net::SocketAddr> {
+        self.lock().dns_resolver(cookie)
     }
 
     /// Entry counts of the maps, for the config dump.
@@ -501,10 +516,11 @@ mod tests {
     /// flags). Agents that pin a map under the same name share it, so a layout change must
     /// come with a new name (`map_names`, docs/lifecycle.md): update this list only together
     /// with the name.
-    const LAYOUTS: [(&str, u32, u32, u32, u32, u32); 10] = [
+    const LAYOUTS: [(&str, u32, u32, u32, u32, u32); 11] = [
         ("NM_CAPTURE_CONFIG", 2, 4, 16, 1, 0),
         ("NM_CONN_ORIG_DST", 9, 32, 32, 65536, 0),
         ("NM_DELIVERIES", 9, 20, 1, 65536, 0),
+        ("NM_DNS_PODS", 1, 8, 40, 4096, 0),
         ("NM_ENROLLED_CGROUPS", 1, 8, 8, 4096, 0),
         ("NM_EXCLUDED_PORTS", 1, 2, 1, 256, 0),
         ("NM_EXCLUDED_V4", 11, 8, 1, 1024, 1),

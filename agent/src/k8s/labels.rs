@@ -8,6 +8,10 @@ use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::O
 /// Label on a Namespace (`enabled`) or a Pod (`disabled`) that opts in or out.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
 
+/// Label on a Pod that opts its DNS out of capture (`disabled`): its UDP queries to port 53
+/// then go to its resolver untouched (docs/dns.md).
+pub const DNS_LABEL: &str = "nodemesh.io/dns";
+
 /// Label on a Namespace choosing how its meshed pods treat plaintext from outside the mesh:
 /// `strict` or `permissive` (the default, as in Istio, so a namespace can be meshed before
 /// all of its clients are).

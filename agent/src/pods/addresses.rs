@@ -61,6 +61,7 @@ mod tests {
             ips: vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
             peer_authentication: PeerAuthentication::Strict,
             probes: Vec::new(),
+            dns: true,
         }
     }
 

@@ -36,6 +36,7 @@ use super::{
 };
 use crate::{
     datapath::{Datapath, Expected},
+    dns::server::DnsContext,
     identity::{manager::IdentityManager, spiffe::SpiffeId},
     k8s::labels::PeerAuthentication,
     lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
@@ -113,6 +114,8 @@ pub struct Enrolments {
     /// Becomes true when this agent takes over from the previous one (at once when there was
     /// none); adopted listeners accept only from then on.
     taken_over: watch::Receiver<bool>,
+    /// Present when pods' DNS is captured: each pod then gets a DNS listener.
+    dns: Option<Arc<DnsContext>>,
 }
 
 impl Enrolments {
@@ -141,7 +144,14 @@ impl Enrolments {
                 .map(|l| ((l.name.pod_uid.clone(), l.name.role, l.name.addr), l))
                 .collect(),
             taken_over: adoption.taken_over,
+            dns: None,
         }
+    }
+
+    /// Gives each pod that does not opt out a DNS listener (`dns/server.rs`).
+    pub fn with_dns(mut self, dns: Option<Arc<DnsContext>>) -> Self {
+        self.dns = dns;
+        self
     }
 
     /// Duplicates of every in-pod listening socket, for a successor.
@@ -389,6 +399,7 @@ impl Enrolments {
                 netns_cookie,
                 listeners: opening.addrs,
                 peer_authentication: pod.peer_authentication,
+                dns_capture: pod.dns && self.dns.is_some(),
                 inbound_capture: destination.is_some(),
                 inbound_addresses: (destination.as_ref())
                     .map(|d| d.inbound_addresses.clone())

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::k8s::{
     compact::{LocalPod, ProbeTarget},
-    labels::{PeerAuthentication, excluded},
+    labels::{DNS_LABEL, PeerAuthentication, excluded},
     snapshot::ClusterSnapshot,
 };
 
@@ -22,6 +22,8 @@ pub struct MeshedPod {
     pub peer_authentication: PeerAuthentication,
     /// Where the kubelet probes the pod (from its containers' probes).
     pub probes: Vec<ProbeTarget>,
+    /// Whether its UDP DNS is captured: unless it opts out with `nodemesh.io/dns=disabled`.
+    pub dns: bool,
 }
 
 impl MeshedPod {
@@ -67,6 +69,7 @@ fn meshed_pod(pod: &LocalPod, peer_authentication: PeerAuthentication) -> Option
         ips: pod.ips.clone(),
         peer_authentication,
         probes: pod.probes.clone(),
+        dns: pod.labels.get(DNS_LABEL).map(String::as_str) != Some("disabled"),
     })
 }
 

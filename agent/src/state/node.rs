@@ -55,6 +55,8 @@ pub struct EnrolledPodView {
     pub netns_cookie: u64,
     pub listeners: Vec<SocketAddr>,
     pub peer_authentication: PeerAuthentication,
+    /// Whether the pod's UDP DNS goes to the agent's DNS listener in it.
+    pub dns_capture: bool,
     /// Whether plaintext arriving at the pod is captured (the node holds identities).
     pub inbound_capture: bool,
     /// The addresses whose plaintext is captured: `ips` and the other non-loopback addresses

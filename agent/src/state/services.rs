@@ -141,6 +141,25 @@ impl ServiceIndex {
             .map_or(&[], |p| &p.endpoints)
     }
 
+    /// The addresses DNS gives for the Service `namespace/name`: its ClusterIPs, or, headless,
+    /// the ready endpoints of its slices (sorted, deduplicated). `None` when there is no such
+    /// Service.
+    pub fn dns_addresses(&self, service: &str) -> Option<Vec<IpAddr>> {
+        let entry = self.services.get(service)?;
+        let (info, _) = entry.service.as_ref()?;
+        if !info.virtual_ips.is_empty() {
+            return Some(info.virtual_ips.to_vec());
+        }
+        let mut ready: Vec<IpAddr> = entry
+            .slices
+            .values()
+            .flat_map(|(slice, _)| slice.ready.iter().copied())
+            .collect();
+        ready.sort();
+        ready.dedup();
+        Some(ready)
+    }
+
     /// Whether the Service `namespace/name` exists.
     pub fn contains(&self, service: &str) -> bool {
         self.services

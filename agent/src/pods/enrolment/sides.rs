@@ -10,6 +10,7 @@ use std::{
 
 use super::{AcceptLoops, EnrolError, Enrolments, PLAINTEXT_INBOUND_PORT};
 use crate::{
+    dns,
     identity::{manager::IdentityManager, spiffe::SpiffeId},
     lifecycle::handoff::ListenerRole,
     netns::{NetnsSockets, SourcePreservation},
@@ -74,6 +75,11 @@ impl Enrolments {
                 self.outbound.max_connections_per_pod,
             ),
         });
+        if let Some(dns) = self.dns.as_ref().filter(|_| pod.dns) {
+            let serve =
+                dns::server::serve_pod(pod.display_name(), Arc::clone(sockets), Arc::clone(dns));
+            opening.accept_loops.push(tokio::spawn(serve));
+        }
         for l in listeners {
             opening.addrs.push(l.addr);
             let serve =

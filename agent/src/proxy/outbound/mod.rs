@@ -16,12 +16,9 @@ pub mod pool;
 pub mod request;
 pub mod upstream;
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
-};
+use std::{net::SocketAddr, sync::Arc};
 
-use nodemesh_common::{ConnectionKey, FAMILY_V4, OriginalDst};
+use nodemesh_common::ConnectionKey;
 use tokio::net::{TcpListener, TcpStream};
 
 use self::{
@@ -38,7 +35,7 @@ use super::{
 };
 use crate::peer::{Reporter, Traffic, UNKNOWN};
 use crate::{
-    datapath::address_words,
+    datapath::{address_words, socket_addr},
     telemetry::{connections::DetectionOutcome, metrics, report::ConnectionReport},
 };
 
@@ -224,22 +221,10 @@ pub fn connection_key(netns_cookie: u64, peer: SocketAddr) -> ConnectionKey {
     }
 }
 
-/// The original destination as a socket address.
-pub fn socket_addr(original: OriginalDst) -> SocketAddr {
-    let ip = if original.family == FAMILY_V4 {
-        IpAddr::V4(Ipv4Addr::from(original.addr[0].to_ne_bytes()))
-    } else {
-        let mut octets = [0u8; 16];
-        for (i, word) in original.addr.iter().enumerate() {
-            octets[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(octets))
-    };
-    SocketAddr::new(ip, original.port)
-}
-
 #[cfg(test)]
 mod tests {
+    use nodemesh_common::{FAMILY_V4, OriginalDst};
+
     use super::*;
 
     #[test]
