@@ -57,17 +57,9 @@ pub mod program_names {
     pub const RECVMSG6: &str = "nm_recvmsg6";
 
     /// The programs attached to the pod cgroup root, one pinned link each.
-    pub const CGROUP: [&str; 9] = [
-        CONNECT4,
-        CONNECT6,
-        GETPEERNAME4,
-        GETPEERNAME6,
-        RECVMSG4,
-        RECVMSG6,
-        SENDMSG4,
-        SENDMSG6,
-        SOCK_OPS,
-    ];
+    pub const CGROUP: [&str; 5] = [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SOCK_OPS];
+    /// The cgroup programs attached besides when DNS capture is on.
+    pub const CGROUP_DNS: [&str; 4] = [RECVMSG4, RECVMSG6, SENDMSG4, SENDMSG6];
 }
 
 /// Address family tags as stored in the maps (the kernel's AF_INET/AF_INET6 values).

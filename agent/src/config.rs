@@ -69,10 +69,11 @@ pub struct AgentArgs {
     /// Port of the outbound listener the agent opens on each meshed pod's loopback.
     #[arg(long, default_value_t = 15001)]
     pub outbound_port: u16,
-    /// Port of the DNS listener the agent opens on each meshed pod's loopback, where the
-    /// pod's UDP queries to port 53 are steered (docs/dns.md); 0 leaves DNS alone on the
-    /// whole node (a pod opts out with label `nodemesh.io/dns=disabled`).
-    #[arg(long, default_value_t = 15053)]
+    /// DNS capture (docs/dns.md): the port of the DNS listener the agent opens on each
+    /// meshed pod's loopback, where the pod's UDP queries to port 53 are steered, e.g. 15053
+    /// (a pod opts out with label `nodemesh.io/dns=disabled`). 0, the default, leaves DNS
+    /// alone and attaches no DNS program.
+    #[arg(long, default_value_t = 0)]
     pub dns_port: u16,
     /// The cluster's DNS domain: names under it are answered from the cluster state.
     #[arg(long, default_value = "cluster.local")]

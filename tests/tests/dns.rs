@@ -63,6 +63,7 @@ fn setup(prefix: &str, fail_mode: &str) -> Dns {
     for node in ["node1", "node2"] {
         let options = AgentOptions {
             fail_mode: fail_mode.to_owned(),
+            extra_args: vec!["--dns-port".to_owned(), "15053".to_owned()],
             ..Default::default()
         };
         tb.start_agent(node, &options).expect("agent");

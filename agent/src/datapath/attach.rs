@@ -25,7 +25,6 @@ use nodemesh_common::program_names;
 
 use super::DatapathError;
 
-
 /// Loads a cgroup program, attaches it to the cgroup through a bpf link and hands the link
 /// over as an `FdLink` ready to pin. A macro because aya's program types share these methods
 /// without sharing a trait.
@@ -46,11 +45,13 @@ macro_rules! attach_pinned {
     }};
 }
 
-/// Attaches every cgroup program and pins its link; returns the pins, this agent's links.
+/// Attaches every cgroup program (with `dns`, the DNS ones too) and pins its link; returns
+/// the pins, this agent's links.
 pub(super) fn attach_all(
     ebpf: &mut Ebpf,
     cgroup: &Path,
     link_dir: &Path,
+    dns: bool,
 ) -> Result<Vec<PathBuf>, DatapathError> {
     let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::OpenCgroup {
         path: cgroup.to_owned(),
@@ -62,7 +63,8 @@ pub(super) fn attach_all(
         .unwrap_or(0);
 
     let mut pins = Vec::new();
-    for name in program_names::CGROUP {
+    let dns: &[&str] = if dns { &program_names::CGROUP_DNS } else { &[] };
+    for name in program_names::CGROUP.into_iter().chain(dns.iter().copied()) {
         let link = if name == program_names::SOCK_OPS {
             attach_pinned!(program_mut::<SockOps>(ebpf, name)?, name, &cgroup_file)
         } else {

@@ -205,7 +205,8 @@ impl Datapath {
             config.fail_mode,
             config.proxy_mark,
         )?;
-        let own_links = attach::attach_all(&mut ebpf, attach_point, &link_dir)?;
+        let own_links =
+            attach::attach_all(&mut ebpf, attach_point, &link_dir, config.dns.is_some())?;
         attach::load_inbound(&mut ebpf)?;
         Ok(Self {
             maps: Mutex::new(maps),
@@ -453,6 +454,10 @@ pub fn remove_pinned(bpffs: &Path) -> Result<(), DatapathError> {
             break;
         }
         if started.elapsed() >= DETACH_WAIT {
+            // Who holds them, if a process does (none did when 6.1 under emulation kept them).
+            for (link, holder) in link_holders(&links) {
+                tracing::error!(link, holder, "an unpinned link is still held open");
+            }
             return Err(DatapathError::StillAttached {
                 count: attached,
                 waited: DETACH_WAIT,
@@ -467,6 +472,39 @@ pub fn remove_pinned(bpffs: &Path) -> Result<(), DatapathError> {
         "datapath removed, every link detached"
     );
     Ok(())
+}
+
+/// Which processes hold a descriptor of one of `links` (`(link id, "pid comm")`), from
+/// /proc: what keeps a link attached after its pin is gone.
+fn link_holders(links: &BTreeSet<u32>) -> Vec<(u32, String)> {
+    let mut holders = Vec::new();
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return holders;
+    };
+    for process in processes.filter_map(Result::ok) {
+        let pid = process.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(process.path().join("comm")).unwrap_or_default();
+        let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            let info = process.path().join("fdinfo").join(fd.file_name());
+            let Ok(info) = std::fs::read_to_string(info) else {
+                continue;
+            };
+            let id = info
+                .lines()
+                .find_map(|l| l.strip_prefix("link_id:"))
+                .and_then(|v| v.trim().parse::<u32>().ok());
+            if let Some(id) = id.filter(|id| links.contains(id)) {
+                holders.push((id, format!("{pid} {}", comm.trim())));
+            }
+        }
+    }
+    holders
 }
 
 /// The kernel ids of the bpf links pinned anywhere under `dir` (pins of maps are skipped).
