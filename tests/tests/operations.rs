@@ -123,7 +123,10 @@ fn each_agent_reports_its_node_in_a_mesh_node_and_may_write_no_other() {
         let enrolled = enrolled_in_dump(&tb, node);
         assert!(enrolled > 0);
         let object = wait_mesh_node(&tb, node, "the MeshNode is written", |o| {
-            o["status"]["ready"] == true && o["status"]["pods"]["enrolled"] == enrolled
+            // The certificates may arrive after readiness: wait for their expiry too.
+            o["status"]["ready"] == true
+                && o["status"]["pods"]["enrolled"] == enrolled
+                && o["status"]["earliestCertificateExpiry"].is_string()
         });
         let status = &object["status"];
         assert_eq!(status["version"], env!("CARGO_PKG_VERSION"), "{status}");
@@ -276,6 +279,8 @@ fn each_agent_reports_its_node_in_a_mesh_node_and_may_write_no_other() {
 struct Terminal<'a> {
     tb: &'a Testbed,
     session: String,
+    /// How many commands have been started, each in a session of its own.
+    started: std::cell::Cell<u32>,
     plugin_dir: tempfile::TempDir,
 }
 
@@ -290,6 +295,7 @@ impl<'a> Terminal<'a> {
         Self {
             tb,
             session: format!("{}-op", tb.name()),
+            started: std::cell::Cell::new(0),
             plugin_dir,
         }
     }
@@ -308,30 +314,29 @@ impl<'a> Terminal<'a> {
         )
     }
 
+    /// A session of its own for each command, all killed at the end: killing the last
+    /// session ends the tmux server, and a session started at that moment can fail to
+    /// reach it (a clean-clone CI run caught that).
     fn start(&self, command_line: &str) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.session])
-            .status();
+        let n = self.started.get() + 1;
+        self.started.set(n);
         let started = Command::new("tmux")
-            .args([
-                "new-session",
-                "-d",
-                "-s",
-                &self.session,
-                "-x",
-                "200",
-                "-y",
-                "50",
-            ])
+            .args(["new-session", "-d", "-s", &format!("{}-{n}", self.session)])
+            .args(["-x", "200", "-y", "50"])
             .arg(command_line)
             .status()
             .expect("tmux");
         assert!(started.success());
     }
 
+    /// The session of the last command started.
+    fn current(&self) -> String {
+        format!("{}-{}", self.session, self.started.get())
+    }
+
     fn screen(&self) -> String {
         let capture = Command::new("tmux")
-            .args(["capture-pane", "-p", "-J", "-t", &self.session])
+            .args(["capture-pane", "-p", "-J", "-t", &self.current()])
             .output()
             .expect("capture-pane");
         String::from_utf8_lossy(&capture.stdout).into_owned()
@@ -371,7 +376,7 @@ impl<'a> Terminal<'a> {
             Ok(shown(&screen))
         });
         let _ = Command::new("tmux")
-            .args(["send-keys", "-t", &self.session, "q"])
+            .args(["send-keys", "-t", &self.current(), "q"])
             .status();
         seen.unwrap_or_else(|e| panic!("{e}:\n{screen}"));
         screen
@@ -380,9 +385,11 @@ impl<'a> Terminal<'a> {
 
 impl Drop for Terminal<'_> {
     fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.session])
-            .status();
+        for n in 1..=self.started.get() {
+            let _ = Command::new("tmux")
+                .args(["kill-session", "-t", &format!("{}-{n}", self.session)])
+                .status();
+        }
     }
 }
 
