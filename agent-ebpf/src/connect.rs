@@ -140,9 +140,16 @@ fn decide(
     if unsafe { EXCLUDED_PORTS.get(&dest.port) }.is_some() {
         return Verdict::PassThrough;
     }
-    if proxy_is_listening(ctx, config, lookup) {
+    let listening = proxy_is_listening(ctx, config, lookup);
+    capture_or_fail_mode(config, listening, config.outbound_port)
+}
+
+/// Capture into the proxy's listener at `port` when it is there, else the fail mode.
+#[inline(always)]
+pub(crate) fn capture_or_fail_mode(config: &CaptureConfig, listening: bool, port: u16) -> Verdict {
+    if listening {
         Verdict::Capture {
-            outbound_port: config.outbound_port,
+            outbound_port: port,
         }
     } else if config.fail_mode == FailMode::Closed as u32 {
         Verdict::Refuse

@@ -18,12 +18,12 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use nodemesh_common::{DNS_CAPTURE, FAMILY_V4, FailMode};
+use nodemesh_common::{DNS_CAPTURE, FAMILY_V4};
 
 use crate::{
     connect::{
         ALLOW, Destination, LOOPBACK_V4, LookupFamily, REFUSE, Transport, Verdict,
-        caller_is_enrolled, is_excluded_v4, proxy_socket_at, remember,
+        caller_is_enrolled, capture_or_fail_mode, is_excluded_v4, proxy_socket_at, remember,
     },
     maps::{CAPTURE_CONFIG, DNS_PODS, EXCLUDED_PORTS, SOCKET_ORIGINAL_DST},
 };
@@ -65,15 +65,8 @@ fn decide(
     if !captured {
         return Verdict::PassThrough;
     }
-    if proxy_socket_at(ctx, config, family, Transport::Udp, config.dns_port) {
-        Verdict::Capture {
-            outbound_port: config.dns_port,
-        }
-    } else if config.fail_mode == FailMode::Closed as u32 {
-        Verdict::Refuse
-    } else {
-        Verdict::PassThrough
-    }
+    let listening = proxy_socket_at(ctx, config, family, Transport::Udp, config.dns_port);
+    capture_or_fail_mode(config, listening, config.dns_port)
 }
 
 /// Remembers the resolver for the socket (recvmsg, getpeername) and for the pod (where the
@@ -218,12 +211,7 @@ pub fn nm_recvmsg6(ctx: SockAddrContext) -> i32 {
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     if let Some(original) = unsafe { SOCKET_ORIGINAL_DST.get(&cookie) } {
-        sa.user_ip6 = if original.family == FAMILY_V4 {
-            [0, 0, 0xffffu32.to_be(), original.addr[0]]
-        } else {
-            original.addr
-        };
-        sa.user_port = u32::from(original.port.to_be());
+        crate::peername::write_original6(&ctx, original);
     }
     CONTINUE
 }

@@ -30,14 +30,20 @@ pub fn nm_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn nm_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(original) = original_destination(&ctx) {
-        let sa = unsafe { &mut *ctx.sock_addr };
-        sa.user_ip6 = if original.family == FAMILY_V4 {
-            // The socket is AF_INET6 speaking IPv4: answer with the v4-mapped address.
-            [0, 0, 0xffffu32.to_be(), original.addr[0]]
-        } else {
-            original.addr
-        };
-        sa.user_port = u32::from(original.port.to_be());
+        write_original6(&ctx, &original);
     }
     CONTINUE
+}
+
+/// Puts `original` in an AF_INET6 socket address of the context (getpeername6, recvmsg6).
+#[inline(always)]
+pub(crate) fn write_original6(ctx: &SockAddrContext, original: &OriginalDst) {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    sa.user_ip6 = if original.family == FAMILY_V4 {
+        // The socket is AF_INET6 speaking IPv4: answer with the v4-mapped address.
+        [0, 0, 0xffffu32.to_be(), original.addr[0]]
+    } else {
+        original.addr
+    };
+    sa.user_port = u32::from(original.port.to_be());
 }
