@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
-use nodemesh::proxy::outbound::{connection_key, socket_addr};
+use nodemesh::{datapath::socket_addr, proxy::outbound::connection_key};
 use nodemesh_common::OriginalDst;
 
 fuzz_target!(|input: ([u8; 16], u16, u64)| {
