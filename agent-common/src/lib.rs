@@ -172,8 +172,12 @@ pub struct DeliveryKey {
 
 /// `InboundPod::flags`: the pod refuses plaintext (peer authentication STRICT).
 pub const INBOUND_STRICT: u32 = 1;
+/// `InboundPod::flags`: UDP from outside the pod is dropped, except from port 53 (DNS
+/// answers). Agents that predate the bit never set it, so the map keeps its name.
+pub const INBOUND_UDP_DENY: u32 = 2;
 
-/// Value of `NM_INBOUND_PODS`: how an enrolled pod treats plaintext TCP arriving from outside.
+/// Value of `NM_INBOUND_PODS`: how an enrolled pod treats plaintext TCP (and UDP) arriving
+/// from outside.
 /// The socket the kernel hands such connections to is the entry of `NM_INBOUND_LISTENERS`
 /// under the same key; when it is missing (the agent is not running) a STRICT pod drops the
 /// connection and a PERMISSIVE one lets it reach the application directly.

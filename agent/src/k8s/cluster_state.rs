@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use super::{
     compact::{self, LocalPod, NamespaceInfo, ServiceInfo, SliceInfo, WorkloadPod},
     intern::Interner,
-    labels::InvalidPeerAuthentication,
+    labels::InvalidNamespaceLabel,
     objects::{AuthorizationPolicyObject, HttpRouteObject},
     snapshot::{ClusterIndices, ClusterSnapshot},
 };
@@ -64,7 +64,7 @@ pub enum ManifestError {
         path: PathBuf,
         document: usize,
         name: String,
-        source: InvalidPeerAuthentication,
+        source: InvalidNamespaceLabel,
     },
     #[error("{path}: document {document}: {kind} {name} without metadata.namespace")]
     MissingNamespace {

@@ -27,7 +27,7 @@ use k8s_openapi::{
 
 use super::{
     intern::Interner,
-    labels::{self, InvalidPeerAuthentication, PeerAuthentication, label},
+    labels::{self, InboundUdp, InvalidNamespaceLabel, PeerAuthentication, label},
 };
 
 /// EndpointSlice label naming the Service it belongs to.
@@ -50,21 +50,24 @@ pub struct NamespaceInfo {
     /// Label `nodemesh.io/mesh=enabled`.
     pub meshed: bool,
     pub peer_authentication: PeerAuthentication,
+    pub inbound_udp: InboundUdp,
 }
 
 /// The namespace's mesh labels; None without a name, Err with an invalid label.
 pub fn namespace_info(
     namespace: &Namespace,
-) -> Option<Result<NamespaceInfo, InvalidPeerAuthentication>> {
+) -> Option<Result<NamespaceInfo, InvalidNamespaceLabel>> {
     let name = namespace.metadata.name.clone()?;
     let meshed = labels::opted_in(namespace);
-    Some(
-        labels::peer_authentication(namespace).map(|peer_authentication| NamespaceInfo {
+    let info = || {
+        Ok(NamespaceInfo {
             name,
             meshed,
-            peer_authentication,
-        }),
-    )
+            peer_authentication: labels::peer_authentication(namespace)?,
+            inbound_udp: labels::inbound_udp(namespace)?,
+        })
+    };
+    Some(info())
 }
 
 /// A pod anywhere in the cluster that can own a meshed address: who it is, for HBONE, metrics

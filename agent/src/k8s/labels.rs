@@ -17,6 +17,12 @@ pub const DNS_LABEL: &str = "nodemesh.io/dns";
 /// all of its clients are).
 pub const PEER_AUTHENTICATION_LABEL: &str = "nodemesh.io/peer-authentication";
 
+/// Label on a Namespace choosing what happens to UDP arriving at its meshed pods from
+/// outside them: `allow` (the default) or `deny`, which drops it except DNS answers (UDP from
+/// port 53) and datagrams to a socket connected to their source. Meant for STRICT
+/// namespaces, whose TCP it completes, and honoured in any mode (docs/security.md).
+pub const INBOUND_UDP_LABEL: &str = "nodemesh.io/inbound-udp";
+
 /// Whether a meshed pod accepts plaintext TCP from outside the mesh.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -28,24 +34,53 @@ pub enum PeerAuthentication {
     Permissive,
 }
 
+/// Whether a meshed pod accepts UDP from outside it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InboundUdp {
+    /// Delivered untouched (the mesh does not cover UDP).
+    #[default]
+    Allow,
+    /// Dropped by the kernel, except DNS answers and datagrams to connected sockets.
+    Deny,
+}
+
 #[derive(Debug, thiserror::Error)]
-#[error("label {PEER_AUTHENTICATION_LABEL}={value:?} is not one of \"strict\", \"permissive\"")]
-pub struct InvalidPeerAuthentication {
+#[error("label {label}={value:?} is not one of {allowed}")]
+pub struct InvalidNamespaceLabel {
+    pub label: &'static str,
     pub value: String,
+    pub allowed: &'static str,
 }
 
 /// The namespace's peer-authentication mode from its label.
 pub fn peer_authentication(
     namespace: &Namespace,
-) -> Result<PeerAuthentication, InvalidPeerAuthentication> {
+) -> Result<PeerAuthentication, InvalidNamespaceLabel> {
     match label(&namespace.metadata, PEER_AUTHENTICATION_LABEL) {
         None => Ok(PeerAuthentication::default()),
         Some(value) if value.eq_ignore_ascii_case("strict") => Ok(PeerAuthentication::Strict),
         Some(value) if value.eq_ignore_ascii_case("permissive") => {
             Ok(PeerAuthentication::Permissive)
         }
-        Some(value) => Err(InvalidPeerAuthentication {
+        Some(value) => Err(InvalidNamespaceLabel {
+            label: PEER_AUTHENTICATION_LABEL,
             value: value.to_owned(),
+            allowed: "\"strict\", \"permissive\"",
+        }),
+    }
+}
+
+/// What the namespace's pods do with inbound UDP, from its label.
+pub fn inbound_udp(namespace: &Namespace) -> Result<InboundUdp, InvalidNamespaceLabel> {
+    match label(&namespace.metadata, INBOUND_UDP_LABEL) {
+        None => Ok(InboundUdp::default()),
+        Some(value) if value.eq_ignore_ascii_case("allow") => Ok(InboundUdp::Allow),
+        Some(value) if value.eq_ignore_ascii_case("deny") => Ok(InboundUdp::Deny),
+        Some(value) => Err(InvalidNamespaceLabel {
+            label: INBOUND_UDP_LABEL,
+            value: value.to_owned(),
+            allowed: "\"allow\", \"deny\"",
         }),
     }
 }

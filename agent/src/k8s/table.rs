@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::compact::NamespaceInfo;
-use super::labels::InvalidPeerAuthentication;
+use super::labels::InvalidNamespaceLabel;
 
 #[derive(Debug)]
 pub struct Table<K, V> {
@@ -94,7 +94,7 @@ impl NamespaceTable {
     pub fn upsert(
         &mut self,
         name: String,
-        namespace: Option<Result<NamespaceInfo, InvalidPeerAuthentication>>,
+        namespace: Option<Result<NamespaceInfo, InvalidNamespaceLabel>>,
     ) {
         match namespace {
             Some(Ok(info)) => {

@@ -5,9 +5,13 @@
 
 use std::net::IpAddr;
 
-use nodemesh_common::{INBOUND_STRICT, InboundPod};
+use nodemesh_common::{INBOUND_STRICT, INBOUND_UDP_DENY, InboundPod};
 
-use crate::{k8s::labels::PeerAuthentication, netns::NetnsError, state::membership::MeshedPod};
+use crate::{
+    k8s::labels::{InboundUdp, PeerAuthentication},
+    netns::NetnsError,
+    state::membership::MeshedPod,
+};
 
 /// The pod's addresses from the API server, then every other one of `local` (its network
 /// namespace's) that no other enrolled pod holds: `held_by` names the pod holding an
@@ -37,13 +41,21 @@ pub fn inbound_addresses(
     addresses
 }
 
-/// The datapath's entry for each captured address of a pod in `mode`: STRICT drops plaintext.
-pub fn inbound_pod(mode: PeerAuthentication) -> InboundPod {
-    let flags = match mode {
+/// The datapath's entry for each captured address of a pod: STRICT drops plaintext TCP when
+/// no proxy listens, and `inbound-udp: deny` drops UDP from outside the pod.
+pub fn inbound_pod(pod: &MeshedPod) -> InboundPod {
+    let strict = match pod.peer_authentication {
         PeerAuthentication::Strict => INBOUND_STRICT,
         PeerAuthentication::Permissive => 0,
     };
-    InboundPod { flags, _pad: 0 }
+    let udp = match pod.inbound_udp {
+        InboundUdp::Deny => INBOUND_UDP_DENY,
+        InboundUdp::Allow => 0,
+    };
+    InboundPod {
+        flags: strict | udp,
+        _pad: 0,
+    }
 }
 
 #[cfg(test)]
@@ -60,6 +72,7 @@ mod tests {
             workload: "server".into(),
             ips: vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
             peer_authentication: PeerAuthentication::Strict,
+            inbound_udp: InboundUdp::Allow,
             probes: Vec::new(),
             dns: true,
         }

@@ -38,7 +38,6 @@ use crate::{
     datapath::{Datapath, Expected},
     dns::server::DnsContext,
     identity::{manager::IdentityManager, spiffe::SpiffeId},
-    k8s::labels::PeerAuthentication,
     lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
     netns::NetnsSockets,
     proxy::{
@@ -238,9 +237,10 @@ impl Enrolments {
         }
         for (uid, enrolled) in &mut self.enrolled {
             if let Some(pod) = desired.get(uid)
-                && pod.peer_authentication != enrolled.pod.peer_authentication
+                && (pod.peer_authentication, pod.inbound_udp)
+                    != (enrolled.pod.peer_authentication, enrolled.pod.inbound_udp)
             {
-                Self::change_mode(&self.datapath, enrolled, pod.peer_authentication);
+                Self::change_mode(&self.datapath, enrolled, pod);
             }
         }
         let gone: Vec<String> = (self.pending.keys())
@@ -277,21 +277,26 @@ impl Enrolments {
         }
     }
 
-    /// Switches an enrolled pod between STRICT and PERMISSIVE without re-enrolling it: the
-    /// kernel's fallback (when no agent runs) and the proxy's decision change together.
-    fn change_mode(datapath: &Datapath, enrolled: &mut Enrolled, mode: PeerAuthentication) {
+    /// Switches an enrolled pod between STRICT and PERMISSIVE, or its inbound UDP between
+    /// allowed and denied, without re-enrolling it: the kernel's part (and its fallback when
+    /// no agent runs) and the proxy's decision change together.
+    fn change_mode(datapath: &Datapath, enrolled: &mut Enrolled, desired: &MeshedPod) {
+        let mode = desired.peer_authentication;
+        let udp = desired.inbound_udp;
         enrolled.pod.peer_authentication = mode;
+        enrolled.pod.inbound_udp = udp;
         enrolled.view.peer_authentication = mode;
+        enrolled.view.inbound_udp = udp;
         if let Some(destination) = &enrolled.destination {
             destination.set_peer_authentication(mode);
         }
         if enrolled.view.inbound_capture
-            && let Err(error) =
-                datapath.set_inbound_mode(&enrolled.view.inbound_addresses, inbound_pod(mode))
+            && let Err(error) = datapath
+                .set_inbound_mode(&enrolled.view.inbound_addresses, inbound_pod(&enrolled.pod))
         {
             tracing::error!(pod = %enrolled.pod.display_name(), %error, "updating the inbound mode in the kernel failed");
         }
-        tracing::info!(pod = %enrolled.pod.display_name(), ?mode, "peer authentication changed");
+        tracing::info!(pod = %enrolled.pod.display_name(), ?mode, ?udp, "inbound mode changed");
     }
 
     /// Makes the pinned state exactly what the enrolled and held pods imply, repairing what
@@ -303,7 +308,7 @@ impl Enrolments {
             let Some(destination) = enrolled.destination.as_ref() else {
                 continue;
             };
-            let mode = inbound_pod(enrolled.pod.peer_authentication);
+            let mode = inbound_pod(&enrolled.pod);
             expected
                 .inbound_links
                 .insert(enrolled.pod.uid.clone(), Some(destination.sockets.netns()));
@@ -320,7 +325,7 @@ impl Enrolments {
         for pending in self.pending.values() {
             expected.cgroups.extend(pending.view.cgroup_id);
             if pending.view.inbound_held {
-                let mode = inbound_pod(pending.pod.peer_authentication);
+                let mode = inbound_pod(&pending.pod);
                 (expected.inbound).extend(pending.held_addresses().iter().map(|ip| (*ip, mode)));
                 (expected.inbound_links).insert(pending.pod.uid.clone(), pending.held_netns());
             }
@@ -399,6 +404,7 @@ impl Enrolments {
                 netns_cookie,
                 listeners: opening.addrs,
                 peer_authentication: pod.peer_authentication,
+                inbound_udp: pod.inbound_udp,
                 dns_capture: pod.dns && self.dns.is_some(),
                 inbound_capture: destination.is_some(),
                 inbound_addresses: (destination.as_ref())
@@ -549,6 +555,7 @@ impl Enrolments {
 fn same_but_mode(a: &MeshedPod, b: &MeshedPod) -> bool {
     MeshedPod {
         peer_authentication: b.peer_authentication,
+        inbound_udp: b.inbound_udp,
         workload: b.workload.clone(),
         ..a.clone()
     } == *b

@@ -3,8 +3,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::k8s::{
-    compact::{LocalPod, ProbeTarget},
-    labels::{DNS_LABEL, PeerAuthentication, excluded},
+    compact::{LocalPod, NamespaceInfo, ProbeTarget},
+    labels::{DNS_LABEL, InboundUdp, PeerAuthentication, excluded},
     snapshot::ClusterSnapshot,
 };
 
@@ -20,6 +20,8 @@ pub struct MeshedPod {
     pub workload: String,
     pub ips: Vec<IpAddr>,
     pub peer_authentication: PeerAuthentication,
+    /// Whether UDP from outside the pod is dropped (its namespace's `nodemesh.io/inbound-udp`).
+    pub inbound_udp: InboundUdp,
     /// Where the kubelet probes the pod (from its containers' probes).
     pub probes: Vec<ProbeTarget>,
     /// Whether its UDP DNS is captured: unless it opts out with `nodemesh.io/dns=disabled`.
@@ -43,7 +45,7 @@ pub fn local_meshed_pods(snapshot: &ClusterSnapshot) -> BTreeMap<String, MeshedP
                 .namespaces
                 .get(&pod.namespace)
                 .filter(|ns| ns.meshed)?;
-            meshed_pod(pod, namespace.peer_authentication)
+            meshed_pod(pod, namespace)
         })
         .map(|pod| (pod.uid.clone(), pod))
         .collect()
@@ -51,7 +53,7 @@ pub fn local_meshed_pods(snapshot: &ClusterSnapshot) -> BTreeMap<String, MeshedP
 
 /// The pod as a mesh member, or None when it must not be captured: opted out, host network,
 /// finished, or not yet given an IP or UID.
-fn meshed_pod(pod: &LocalPod, peer_authentication: PeerAuthentication) -> Option<MeshedPod> {
+fn meshed_pod(pod: &LocalPod, namespace: &NamespaceInfo) -> Option<MeshedPod> {
     if excluded(
         Some(&pod.labels),
         Some(pod.host_network),
@@ -67,7 +69,8 @@ fn meshed_pod(pod: &LocalPod, peer_authentication: PeerAuthentication) -> Option
         service_account: pod.service_account.clone(),
         workload: pod.workload().to_owned(),
         ips: pod.ips.clone(),
-        peer_authentication,
+        peer_authentication: namespace.peer_authentication,
+        inbound_udp: namespace.inbound_udp,
         probes: pod.probes.clone(),
         dns: pod.labels.get(DNS_LABEL).map(String::as_str) != Some("disabled"),
     })
@@ -83,7 +86,7 @@ mod tests {
     use super::*;
     use crate::k8s::{
         compact,
-        labels::{MESH_LABEL, PEER_AUTHENTICATION_LABEL, peer_authentication},
+        labels::{INBOUND_UDP_LABEL, MESH_LABEL, PEER_AUTHENTICATION_LABEL, peer_authentication},
     };
 
     fn namespace(name: &str, meshed: bool) -> Namespace {
@@ -198,6 +201,27 @@ mod tests {
             .insert(PEER_AUTHENTICATION_LABEL.into(), "strikt".into());
         let error = peer_authentication(&typo).unwrap_err().to_string();
         assert!(error.contains("\"strikt\""), "{error}");
+    }
+
+    #[test]
+    fn inbound_udp_comes_from_the_namespace_label_and_a_bad_value_is_an_error() {
+        let mut denied = namespace("locked", true);
+        let labels = denied.metadata.labels.as_mut().unwrap();
+        labels.insert(INBOUND_UDP_LABEL.into(), "Deny".into());
+        let state = snapshot(
+            vec![denied, namespace("open", true)],
+            vec![pod("locked", "a", "node1"), pod("open", "b", "node1")],
+        );
+        let meshed = local_meshed_pods(&state);
+        assert_eq!(meshed["uid-a"].inbound_udp, InboundUdp::Deny);
+        assert_eq!(meshed["uid-b"].inbound_udp, InboundUdp::Allow);
+
+        let mut typo = namespace("typo", true);
+        let labels = typo.metadata.labels.as_mut().unwrap();
+        labels.insert(INBOUND_UDP_LABEL.into(), "drop".into());
+        let error = compact::namespace_info(&typo).unwrap().unwrap_err();
+        assert!(error.to_string().contains(INBOUND_UDP_LABEL), "{error}");
+        assert!(error.to_string().contains("\"drop\""), "{error}");
     }
 
     #[test]

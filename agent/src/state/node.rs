@@ -20,7 +20,10 @@ use super::{
     probes::ProbeIndex,
     routes::RouteTable,
 };
-use crate::{k8s::labels::PeerAuthentication, netns::SourcePreservation};
+use crate::{
+    k8s::labels::{InboundUdp, PeerAuthentication},
+    netns::SourcePreservation,
+};
 
 /// One version of the node's state; never changed once published.
 #[derive(Debug, Default)]
@@ -55,6 +58,8 @@ pub struct EnrolledPodView {
     pub netns_cookie: u64,
     pub listeners: Vec<SocketAddr>,
     pub peer_authentication: PeerAuthentication,
+    /// Whether UDP from outside the pod is dropped.
+    pub inbound_udp: InboundUdp,
     /// Whether the pod's UDP DNS goes to the agent's DNS listener in it.
     pub dns_capture: bool,
     /// Whether plaintext arriving at the pod is captured (the node holds identities).
