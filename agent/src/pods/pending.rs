@@ -58,7 +58,7 @@ impl Pending {
             }
         }
         if inbound {
-            let mode = inbound_pod(&pod);
+            let mode = inbound_pod(pod);
             if let Err(error) = datapath.set_inbound_mode(&pod.ips, mode) {
                 tracing::error!(pod = %name, %error, "holding the pending pod's addresses failed");
             }

@@ -188,7 +188,7 @@ impl Enrolments {
             })
             .collect();
         self.datapath
-            .capture_inbound(&pod.uid, sockets.netns(), inbound_pod(&pod), &by_address)?;
+            .capture_inbound(&pod.uid, sockets.netns(), inbound_pod(pod), &by_address)?;
         for l in std::iter::once(plaintext_v4).chain(plaintext_v6) {
             opening.addrs.push(l.addr);
             let serve = plaintext::serve(l.listener, Arc::clone(destination), Arc::clone(inbound));
