@@ -92,7 +92,7 @@ impl Udp {
     }
 
     /// `payload` from the outsider to the server's echo port: its reply, or "no reply".
-    fn from_outsider(&self, payload: &str) -> String {
+    fn outsider_sends(&self, payload: &str) -> String {
         let target = self.server.ipv4().to_string();
         let port = ECHO_PORT.to_string();
         python(
@@ -189,12 +189,12 @@ fn a_strict_namespace_can_drop_inbound_udp_but_dns_answers() {
 
     // The attack: under STRICT alone, plaintext UDP from outside the mesh gets in.
     udp.set_labels("allow");
-    assert_eq!(udp.from_outsider("before"), "before");
+    assert_eq!(udp.outsider_sends("before"), "before");
     assert_eq!(udp.server_got(), ["before"]);
 
     // Denied: the datagram never reaches the server, which is alive and reads on.
     udp.set_labels("deny");
-    assert_eq!(udp.from_outsider("denied"), "no reply");
+    assert_eq!(udp.outsider_sends("denied"), "no reply");
     udp.sync("marker-1");
     assert!(!udp.server_got().contains(&"denied".to_owned()));
 
@@ -244,7 +244,7 @@ fn a_strict_namespace_can_drop_inbound_udp_but_dns_answers() {
 
     // The kernel enforces it: with the agent dead, still denied.
     udp.tb.kill_agent("node2", Signal::SIGKILL).expect("kill");
-    assert_eq!(udp.from_outsider("agent-dead"), "no reply");
+    assert_eq!(udp.outsider_sends("agent-dead"), "no reply");
     udp.sync("marker-2");
     assert!(!udp.server_got().contains(&"agent-dead".to_owned()));
 }
