@@ -78,6 +78,10 @@ pub struct AgentArgs {
     /// The cluster's DNS domain: names under it are answered from the cluster state.
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// How long a forwarded DNS query may wait for the pod's resolver before the pod gets
+    /// SERVFAIL, in milliseconds (below the C library's 5 s, so it can try its next server).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=30_000))]
+    pub dns_forward_timeout_ms: u64,
     /// SO_MARK put on every proxy socket; the connect hook captures only into a listener
     /// carrying it. It exempts nothing from capture (the agent's cgroup is never enrolled).
     #[arg(long, default_value_t = 0x4e4d_0001)]
@@ -210,6 +214,7 @@ pub struct DnsConfig {
     pub port: u16,
     /// The cluster domain, fully qualified (`cluster.local.`).
     pub cluster_domain: hickory_proto::rr::Name,
+    pub forward_timeout: Duration,
 }
 
 /// Where the agent learns the cluster state from.
@@ -306,6 +311,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             Some(DnsConfig {
                 port: args.dns_port,
                 cluster_domain,
+                forward_timeout: Duration::from_millis(args.dns_forward_timeout_ms),
             })
         };
         if args.transparent_mark == 0 || args.transparent_mark == args.proxy_mark {

@@ -1,9 +1,10 @@
 //! DNS on the node proxy, with real clients and a real resolver: `dig` and the C library
 //! (`getent`, with a pod's resolv.conf and ndots:5) in a meshed pod are answered for
-//! cluster names by the agent, through the kernel programs that steer UDP port 53 to its
+//! cluster names (a Service, a headless Service, a StatefulSet pod's hostname) by the agent, through the kernel programs that steer UDP port 53 to its
 //! listener in the pod, with the answer coming from the resolver's address; everything else
 //! goes on to the pod's resolver (dnsmasq in a pod outside the mesh), whose query log shows
-//! what reached it. Controls: a pod outside the mesh and a pod that opts out reach the
+//! what reached it. Queries in flight through an agent upgrade are answered: the DNS sockets
+//! are handed over and the old agent drains its queries. Controls: a pod outside the mesh and a pod that opts out reach the
 //! resolver directly. With no agent, fail open sends queries to the resolver and fail
 //! closed refuses them at once. Needs root.
 
@@ -31,6 +32,21 @@ struct Dns {
 /// where dnsmasq answers `example.test`; Service `web` has a ClusterIP, Service `db` is
 /// headless with server-b behind it.
 fn setup(prefix: &str, fail_mode: &str) -> Dns {
+    setup_with(prefix, &options(fail_mode, &[]))
+}
+
+/// The agents' options: DNS capture on port 15053, and `extra`.
+fn options(fail_mode: &str, extra: &[&str]) -> AgentOptions {
+    let mut extra_args = vec!["--dns-port".to_owned(), "15053".to_owned()];
+    extra_args.extend(extra.iter().map(|a| (*a).to_owned()));
+    AgentOptions {
+        fail_mode: fail_mode.to_owned(),
+        extra_args,
+        ..Default::default()
+    }
+}
+
+fn setup_with(prefix: &str, options: &AgentOptions) -> Dns {
     assert!(
         is_root(),
         "kernel tests need root: run `cargo xtask test` as root"
@@ -61,12 +77,7 @@ fn setup(prefix: &str, fail_mode: &str) -> Dns {
         .detach();
     tb.wait_listening(&outsider, 53).expect("dnsmasq listening");
     for node in ["node1", "node2"] {
-        let options = AgentOptions {
-            fail_mode: fail_mode.to_owned(),
-            extra_args: vec!["--dns-port".to_owned(), "15053".to_owned()],
-            ..Default::default()
-        };
-        tb.start_agent(node, &options).expect("agent");
+        tb.start_agent(node, options).expect("agent");
     }
     let web = cluster_state::service_object("mesh", "web", WEB, 80, "http");
     tb.apply_object("service-web.yaml", &web).expect("web");
@@ -77,7 +88,12 @@ fn setup(prefix: &str, fail_mode: &str) -> Dns {
     }
     tb.apply_object("service-db.yaml", &db).expect("db");
     let server_b = tb.pod("mesh", "server-b").clone();
-    let slice = cluster_state::endpoint_slice_object("db", "postgres", 5432, &[(&server_b, false)]);
+    let mut slice =
+        cluster_state::endpoint_slice_object("db", "postgres", 5432, &[(&server_b, false)]);
+    // server-b is pod db-0 of a StatefulSet behind the headless Service.
+    for endpoint in slice.endpoints.iter_mut().flatten() {
+        endpoint.hostname = Some("db-0".into());
+    }
     tb.apply_object("endpointslice-db.yaml", &slice)
         .expect("slice");
     wait_until(scaled(Duration::from_secs(10)), "Services loaded", || {
@@ -239,7 +255,13 @@ fn cluster_names_are_answered_in_the_pod_and_the_rest_goes_to_its_resolver() {
     );
     let headless = dns.dig(&client, "db.mesh.svc.cluster.local");
     let server_b = tb.pod("mesh", "server-b").ipv4().to_string();
-    assert_eq!(answer_line(&headless), Some(server_b), "{headless}");
+    assert_eq!(
+        answer_line(&headless).as_ref(),
+        Some(&server_b),
+        "{headless}"
+    );
+    let member = dns.dig(&client, "db-0.db.mesh.svc.cluster.local");
+    assert_eq!(answer_line(&member), Some(server_b), "{member}");
     let missing = dns.dig(&client, "nosuch.mesh.svc.cluster.local");
     assert!(missing.contains("status: NXDOMAIN"), "{missing}");
     assert!(
@@ -332,4 +354,124 @@ fn with_no_agent_dns_fails_closed_at_once() {
     );
     assert!(!refused.contains("timed out"), "{refused}");
     assert_eq!(dns.resolver_saw().len(), asked);
+}
+
+/// A resolver that holds every query until `release` exists (6 s at most), then answers
+/// `A 192.0.2.9`; it logs `got <name>` and `answered <name>`.
+const HELD_RESOLVER: &str = r#"
+import os, socket, struct, sys, threading, time
+log, release = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 53))
+out = open(log, "a")
+def say(line):
+    out.write(line + "\n"); out.flush()
+def answer(query, peer):
+    end = query.index(b"\0", 12) + 5
+    labels, i = [], 12
+    while query[i]:
+        labels.append(query[i + 1:i + 1 + query[i]].decode()); i += 1 + query[i]
+    name = ".".join(labels)
+    say("got " + name)
+    deadline = time.time() + 6
+    while not os.path.exists(release) and time.time() < deadline:
+        time.sleep(0.02)
+    reply = query[:2] + struct.pack(">HHHHH", 0x8180, 1, 1, 0, 0) + query[12:end]
+    reply += struct.pack(">HHHIH", 0xC00C, 1, 1, 5, 4) + bytes([192, 0, 2, 9])
+    s.sendto(reply, peer)
+    say("answered " + name)
+say("ready")
+while True:
+    query, peer = s.recvfrom(4096)
+    threading.Thread(target=answer, args=(query, peer)).start()
+"#;
+
+#[test]
+fn queries_in_flight_through_an_agent_upgrade_are_answered() {
+    // Forwarded queries may wait 10 s here, so that the upgrade happens while they do.
+    let options = options("open", &["--dns-forward-timeout-ms", "10000"]);
+    let dns = setup_with("nmdnsup", &options);
+    let tb = &dns.tb;
+    let client = tb.pod("mesh", "client-a").clone();
+    let resolver_pod = tb.pod("mesh", "server-b").clone();
+    let resolver = resolver_pod.ipv4().to_string();
+    let log = tb.log_dir().join("held-resolver.log");
+    let release = tb.log_dir().join("held-resolver.release");
+    let mut held = Command::new("python3");
+    held.args(["-c", HELD_RESOLVER]).arg(&log).arg(&release);
+    tb.spawn_in_pod(&resolver_pod, held)
+        .expect("resolver")
+        .detach();
+    let logged = |line: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l == line)
+    };
+    wait_until(scaled(Duration::from_secs(5)), "the resolver", || {
+        Ok(logged("ready"))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let dig = |name: &str| {
+        let mut dig = Command::new("dig");
+        dig.args([
+            &format!("@{resolver}"),
+            name,
+            "A",
+            "+tries=1",
+            "+time=15",
+            "+noedns",
+        ]);
+        dig.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        tb.spawn_in_pod(&client, dig).expect("dig")
+    };
+
+    // A query the old agent forwarded, held by the resolver while the successor takes over.
+    let first = dig("first.test");
+    wait_until(scaled(Duration::from_secs(5)), "first forwarded", || {
+        Ok(logged("got first.test"))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    tb.start_successor_agent("node1", &options)
+        .expect("successor");
+    let agent_log = tb.agent_log("node1");
+    assert!(
+        agent_log
+            .lines()
+            .any(|l| l.contains("a successor took over") && l.contains("connections=1")),
+        "the old agent counts the query in flight as a connection to drain:\n{agent_log}"
+    );
+    // A query after the takeover: the successor reads the socket it was handed.
+    let second = dig("second.test");
+    wait_until(scaled(Duration::from_secs(5)), "second forwarded", || {
+        Ok(logged("got second.test"))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    // SIGTERM to the old agent with its query in flight: it waits for the answer.
+    tb.signal_previous_agent("node1", Signal::SIGTERM)
+        .expect("SIGTERM");
+    std::fs::write(&release, "").expect("release");
+    for (name, dig) in [("first.test", first), ("second.test", second)] {
+        let output = dig
+            .wait_with_output(scaled(Duration::from_secs(20)))
+            .expect("dig");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(
+            answer_line(&text).as_deref(),
+            Some("192.0.2.9"),
+            "{name}: {text}"
+        );
+    }
+    let status = tb
+        .wait_previous_agent("node1", scaled(Duration::from_secs(15)))
+        .expect("the old agent exits");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        dns.queries("forwarded"),
+        1.0,
+        "the successor forwarded the second"
+    );
+    let local = dns.dig(&client, "web.mesh.svc.cluster.local");
+    assert_eq!(answer_line(&local).as_deref(), Some(WEB), "{local}");
 }

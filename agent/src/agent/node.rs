@@ -86,6 +86,8 @@ impl Node {
             Arc::new(DnsContext {
                 port: dns.port,
                 domain: dns.cluster_domain.clone(),
+                forward_timeout: dns.forward_timeout,
+                drain: drain.clone(),
                 proxy_mark: config.proxy_mark,
                 datapath: Arc::clone(&shared.datapath),
                 services: Arc::clone(&shared.services),

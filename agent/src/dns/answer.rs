@@ -4,6 +4,9 @@
 //! Answered here, with the TTL CoreDNS's kubernetes plugin uses (5 s):
 //! - `A`/`AAAA` of `<service>.<namespace>.svc.<domain>`: the ClusterIPs, or the ready
 //!   endpoints of a headless Service;
+//! - `A`/`AAAA` of `<hostname>.<service>.<namespace>.svc.<domain>`: the ready endpoints of
+//!   Service `<service>` whose EndpointSlice entry carries that `hostname` (the pods of a
+//!   StatefulSet, or any pod with `spec.hostname` and `spec.subdomain`);
 //! - `NXDOMAIN` for `<a>.<b>.svc.<domain>` when no Service `<b>/<a>` exists, for
 //!   `<a>.<b>.<c>.svc.<domain>` when no Service `<c>/<b>` exists (pod hostnames need that
 //!   headless Service), and for names under `<domain>` that are neither Service nor pod
@@ -15,7 +18,7 @@
 //!
 //! Forwarded: everything else, and whatever the cluster state cannot answer for certain
 //! (other record types, a Service without addresses, ExternalName, pod and StatefulSet
-//! hostnames, other classes and opcodes). Nothing outside the cluster domain is ever
+//! hostnames not listed by a ready endpoint, other classes and opcodes). Nothing outside the cluster domain is ever
 //! answered here, so no made-up address can come from us.
 
 use std::net::IpAddr;
@@ -34,6 +37,12 @@ pub trait ServiceNames {
     /// endpoints. `None` when there is no such Service; empty when it has no address to give
     /// (ExternalName, or headless without ready endpoints).
     fn addresses(&self, namespace: &str, name: &str) -> Option<Vec<IpAddr>>;
+
+    /// The addresses of the ready endpoints with hostname `host` behind Service
+    /// `namespace/service` (a StatefulSet's pods). `None` when there is no such Service;
+    /// empty when no ready endpoint has that hostname.
+    fn hostname_addresses(&self, namespace: &str, service: &str, host: &str)
+    -> Option<Vec<IpAddr>>;
 }
 
 /// How a query was handled, for metrics.
@@ -105,26 +114,33 @@ pub fn decide(query: &[u8], names: &impl ServiceNames, domain: &Name) -> Decisio
         [service, namespace, svc] if svc == "svc" => match names.addresses(namespace, service) {
             None => reply(&message, ResponseCode::NXDomain, Vec::new()),
             Some(addresses) if addresses.is_empty() => Decision::Forward,
-            Some(addresses) => match question.query_type() {
-                RecordType::A | RecordType::AAAA => {
-                    let records = records(name, question.query_type(), &addresses);
-                    reply(&message, ResponseCode::NoError, records)
-                }
-                _ => Decision::Forward,
-            },
+            Some(addresses) => address_reply(&message, name, question.query_type(), &addresses),
         },
         // `<hostname>.<subdomain>.<namespace>.svc`: a pod of a StatefulSet has such a name
         // only behind a headless Service `<subdomain>`; without that Service it is what the
         // search path makes of a two-label name (`example.com.<namespace>.svc.<domain>`).
-        [_, subdomain, namespace, svc] if svc == "svc" => {
-            match names.addresses(namespace, subdomain) {
+        // An endpoint's hostname is answered; one the cluster state does not list (not ready
+        // yet, or a name kube-dns knows another way) is left to the resolver.
+        [host, subdomain, namespace, svc] if svc == "svc" => {
+            match names.hostname_addresses(namespace, subdomain, host) {
                 None => reply(&message, ResponseCode::NXDomain, Vec::new()),
-                Some(_) => Decision::Forward,
+                Some(addresses) if addresses.is_empty() => Decision::Forward,
+                Some(addresses) => address_reply(&message, name, question.query_type(), &addresses),
             }
         }
         // `example.com.<domain>`: not a Service, not a pod name, not the zone's own records.
         [.., last] if last != "svc" && last != "pod" && labels.len() >= 2 => {
             reply(&message, ResponseCode::NXDomain, Vec::new())
+        }
+        _ => Decision::Forward,
+    }
+}
+
+/// The A or AAAA records of `addresses` (none of a family is NODATA); other types forwarded.
+fn address_reply(query: &Message, name: &Name, kind: RecordType, addresses: &[IpAddr]) -> Decision {
+    match kind {
+        RecordType::A | RecordType::AAAA => {
+            reply(query, ResponseCode::NoError, records(name, kind, addresses))
         }
         _ => Decision::Forward,
     }
@@ -208,6 +224,18 @@ mod tests {
                 .get(&(namespace.to_owned(), name.to_owned()))
                 .cloned()
         }
+
+        /// Service shop/web's endpoint `db-0` is 10.0.0.7.
+        fn hostname_addresses(&self, ns: &str, service: &str, host: &str) -> Option<Vec<IpAddr>> {
+            self.addresses(ns, service)?;
+            let known = (ns, service, host) == ("shop", "web", "db-0");
+            Some(
+                known
+                    .then(|| "10.0.0.7".parse().unwrap())
+                    .into_iter()
+                    .collect(),
+            )
+        }
     }
 
     fn services() -> Services {
@@ -256,6 +284,18 @@ mod tests {
         let (message, _) = answer("WEB.Shop.svc.cluster.local.", RecordType::AAAA);
         let data: Vec<String> = message.answers.iter().map(|r| r.data.to_string()).collect();
         assert_eq!(data, ["fd00::10"]);
+    }
+
+    #[test]
+    fn an_endpoint_hostname_behind_its_service_is_answered() {
+        let (message, outcome) = answer("DB-0.web.shop.svc.cluster.local.", RecordType::A);
+        assert_eq!(outcome, Outcome::Local);
+        let data: Vec<String> = message.answers.iter().map(|r| r.data.to_string()).collect();
+        assert_eq!(data, ["10.0.0.7"]);
+        let (message, _) = answer("db-0.web.shop.svc.cluster.local.", RecordType::AAAA);
+        assert!(message.answers.is_empty(), "NODATA: no IPv6 address");
+        let (_, outcome) = answer("db-0.nosuch.shop.svc.cluster.local.", RecordType::A);
+        assert_eq!(outcome, Outcome::LocalNxDomain, "no such Service");
     }
 
     #[test]

@@ -3,10 +3,15 @@
 //! it and to nothing else bound there. Each query is answered from the cluster state
 //! (`answer.rs`) or forwarded, from inside the pod's network namespace, to the resolver the
 //! pod addressed (which the programs record), and the answer relayed unchanged. A resolver
-//! that does not answer within [`FORWARD_TIMEOUT`] gets the pod a SERVFAIL, never a hang.
+//! that does not answer within the forward timeout (`--dns-forward-timeout-ms`) gets the pod
+//! a SERVFAIL, never a hang. Queries in flight count as connections for the drain, so a
+//! stopping agent sends their answers before it exits.
 //!
-//! The port may still be held by the agent this one succeeds (an upgrade): binding is
-//! retried until it is free; meanwhile the predecessor answers.
+//! In an upgrade the predecessor hands its sockets over with its listeners (`handoff`): the
+//! successor reads them once it has taken over, and the predecessor stops reading then but
+//! still sends the answers it has in flight, so no query is lost. A predecessor that does
+//! not hand them over keeps the port until it exits: binding is retried until it is free,
+//! and meanwhile the predecessor answers.
 
 use std::{
     io,
@@ -21,12 +26,10 @@ use tokio::{net::UdpSocket, sync::Semaphore};
 
 use super::answer::{self, Decision, ServiceNames};
 use crate::{
-    datapath::Datapath, netns::NetnsSockets, state::services::SharedServices,
-    telemetry::metrics::Metrics,
+    datapath::Datapath, lifecycle::drain::Drain, netns::NetnsSockets,
+    state::services::SharedServices, telemetry::metrics::Metrics,
 };
 
-/// How long the pod's resolver may take to answer a forwarded query.
-pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Queries of one pod in flight at once; more are dropped (the client retries).
 const IN_FLIGHT: usize = 64;
 /// The largest DNS message over UDP (EDNS allows up to 64 KiB; resolvers send ≤ 4 KiB).
@@ -38,6 +41,10 @@ const BIND_RETRY: Duration = Duration::from_millis(200);
 pub struct DnsContext {
     pub port: u16,
     pub domain: Name,
+    /// How long the pod's resolver may take to answer a forwarded query.
+    pub forward_timeout: Duration,
+    /// The agent's drain: queries in flight are tracked like connections.
+    pub drain: Drain,
     pub proxy_mark: u32,
     pub datapath: Arc<Datapath>,
     pub services: SharedServices,
@@ -50,23 +57,46 @@ impl ServiceNames for Names<'_> {
     fn addresses(&self, namespace: &str, name: &str) -> Option<Vec<IpAddr>> {
         self.0.dns_addresses(&format!("{namespace}/{name}"))
     }
+
+    fn hostname_addresses(
+        &self,
+        namespace: &str,
+        service: &str,
+        host: &str,
+    ) -> Option<Vec<IpAddr>> {
+        (self.0).dns_hostname_addresses(&format!("{namespace}/{service}"), host)
+    }
+}
+
+/// The pod's DNS listener addresses: `127.0.0.1` and `::1` at the DNS port.
+pub fn listen_addresses(port: u16) -> [SocketAddr; 2] {
+    [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+    ]
 }
 
 /// Serves the DNS of the pod `pod` (its network namespace in `sockets`) until the task is
-/// dropped.
-pub async fn serve_pod(pod: String, sockets: Arc<NetnsSockets>, ctx: Arc<DnsContext>) {
-    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, ctx.port));
-    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, ctx.port));
-    let listener4 = bind_when_free(&pod, &sockets, v4, ctx.proxy_mark).await;
-    // A pod without IPv6 has no ::1; its IPv6 queries fail anyway.
-    let listener6 = match bind(&sockets, v6, ctx.proxy_mark) {
-        Ok(socket) => Some(Arc::new(socket)),
-        Err(error) => {
-            tracing::debug!(pod, %error, "no IPv6 DNS listener");
-            None
+/// dropped, on the sockets given (opened or handed over), binding the missing IPv4 one when
+/// the port is free.
+pub async fn serve_pod(
+    pod: String,
+    sockets: Arc<NetnsSockets>,
+    ctx: Arc<DnsContext>,
+    [v4, v6]: [Option<std::net::UdpSocket>; 2],
+) {
+    let [addr4, _] = listen_addresses(ctx.port);
+    let listener4 = match v4.map(UdpSocket::from_std) {
+        Some(Ok(socket)) => Arc::new(socket),
+        Some(Err(error)) => {
+            tracing::warn!(pod, %error, "DNS listener unusable; opening another");
+            bind_when_free(&pod, &sockets, addr4, ctx.proxy_mark).await
         }
+        None => bind_when_free(&pod, &sockets, addr4, ctx.proxy_mark).await,
     };
-    tracing::info!(pod, port = ctx.port, "DNS listener open");
+    // A pod without IPv6 has no ::1; its IPv6 queries fail anyway.
+    let listener6 = v6.and_then(|s| UdpSocket::from_std(s).ok()).map(Arc::new);
+    tracing::info!(pod, port = ctx.port, "DNS listener serving");
     let limit = Arc::new(Semaphore::new(IN_FLIGHT));
     let serve6 = async {
         match &listener6 {
@@ -85,7 +115,7 @@ async fn bind_when_free(
 ) -> Arc<UdpSocket> {
     let mut said = false;
     loop {
-        match bind(sockets, addr, mark) {
+        match bind(sockets, addr, mark).and_then(UdpSocket::from_std) {
             Ok(socket) => return Arc::new(socket),
             Err(error) => {
                 if !said {
@@ -98,14 +128,19 @@ async fn bind_when_free(
     }
 }
 
-fn bind(sockets: &NetnsSockets, addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+/// A DNS listener socket at `addr` in the pod, with the proxy's mark (nonblocking).
+pub fn bind(
+    sockets: &NetnsSockets,
+    addr: SocketAddr,
+    mark: u32,
+) -> io::Result<std::net::UdpSocket> {
     let socket = udp_socket(sockets, addr)?;
     socket.set_mark(mark)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 fn udp_socket(sockets: &NetnsSockets, addr: SocketAddr) -> io::Result<Socket> {
@@ -143,12 +178,13 @@ async fn receive(
             continue;
         };
         let (listener, sockets, ctx) = (Arc::clone(listener), Arc::clone(sockets), Arc::clone(ctx));
-        tokio::spawn(async move {
+        let drain = ctx.drain.clone();
+        tokio::spawn(drain.tracked(async move {
             let _permit = permit;
             if let Some(reply) = handle(&query, &sockets, &ctx).await {
                 let _ = listener.send_to(&reply, client).await;
             }
-        });
+        }));
     }
 }
 
@@ -172,7 +208,7 @@ async fn handle(query: &[u8], sockets: &NetnsSockets, ctx: &DnsContext) -> Optio
             let resolver = ctx.datapath.dns_resolver(sockets.cookie());
             let started = Instant::now();
             let forwarded = match resolver {
-                Some(resolver) => forward(sockets, resolver, query).await,
+                Some(resolver) => forward(sockets, resolver, query, ctx.forward_timeout).await,
                 None => Err(io::Error::other("no resolver recorded for the pod")),
             };
             match forwarded {
@@ -201,6 +237,7 @@ async fn forward(
     sockets: &NetnsSockets,
     resolver: SocketAddr,
     query: &[u8],
+    timeout: Duration,
 ) -> io::Result<Vec<u8>> {
     let socket = udp_socket(sockets, resolver)?;
     let local: SocketAddr = if resolver.is_ipv4() {
@@ -214,7 +251,7 @@ async fn forward(
     socket.send(query).await?;
     let id = query.get(..2).unwrap_or_default().to_vec();
     let mut buffer = vec![0u8; MAX_MESSAGE];
-    tokio::time::timeout(FORWARD_TIMEOUT, async {
+    tokio::time::timeout(timeout, async {
         loop {
             let len = socket.recv(&mut buffer).await?;
             if buffer.get(..2) == Some(id.as_slice()) {
@@ -226,7 +263,7 @@ async fn forward(
     .map_err(|_| {
         io::Error::new(
             io::ErrorKind::TimedOut,
-            format!("no answer within {FORWARD_TIMEOUT:?}"),
+            format!("no answer within {timeout:?}"),
         )
     })?
 }

@@ -329,6 +329,9 @@ pub struct SliceInfo {
     /// Addresses of endpoints that are ready (unset counts as ready, per the API) and not
     /// terminating: the only ones new connections may go to.
     pub ready: Box<[IpAddr]>,
+    /// The ready endpoints that have a `hostname` (a StatefulSet's pods behind their
+    /// headless Service), for DNS: `<hostname>.<service>.<namespace>.svc`.
+    pub hostnames: Box<[(Box<str>, IpAddr)]>,
 }
 
 pub fn slice_info(slice: &EndpointSlice, strings: &mut Interner) -> Option<SliceInfo> {
@@ -347,27 +350,35 @@ pub fn slice_info(slice: &EndpointSlice, strings: &mut Interner) -> Option<Slice
         })
         .collect();
     let addresses = matches!(slice.address_type.as_str(), "IPv4" | "IPv6");
-    let mut ready: Vec<IpAddr> = slice
-        .endpoints
-        .iter()
-        .flatten()
-        .filter(|_| addresses)
-        .filter(|endpoint| {
-            let conditions = endpoint.conditions.as_ref();
-            conditions.and_then(|c| c.ready).unwrap_or(true)
-                && !conditions.and_then(|c| c.terminating).unwrap_or(false)
-        })
+    let ready_endpoints = || {
+        (slice.endpoints.iter().flatten())
+            .filter(|_| addresses)
+            .filter(|endpoint| {
+                let conditions = endpoint.conditions.as_ref();
+                conditions.and_then(|c| c.ready).unwrap_or(true)
+                    && !conditions.and_then(|c| c.terminating).unwrap_or(false)
+            })
+    };
+    let mut ready: Vec<IpAddr> = ready_endpoints()
         .flat_map(|endpoint| endpoint.addresses.iter())
         .filter_map(|addr| addr.parse().ok())
         .collect();
     ready.sort();
     ready.dedup();
+    let hostnames: Vec<(Box<str>, IpAddr)> = ready_endpoints()
+        .filter_map(|endpoint| Some((endpoint.hostname.as_deref()?, &endpoint.addresses)))
+        .flat_map(|(hostname, addresses)| {
+            (addresses.iter().filter_map(|a| a.parse().ok()))
+                .map(|a| (Box::from(hostname.to_ascii_lowercase()), a))
+        })
+        .collect();
     Some(SliceInfo {
         key,
         service,
         ipv4: slice.address_type == "IPv4",
         ports,
         ready: ready.into_boxed_slice(),
+        hostnames: hostnames.into_boxed_slice(),
     })
 }
 

@@ -3,7 +3,8 @@
 //! until its task ends (tokio-util's `TaskTracker`); HTTP servers are told to finish
 //! gracefully when draining begins (a `CancellationToken`): HTTP/1.1 closes after the
 //! response in flight, HTTP/2 and HBONE send GOAWAY, so clients move to new connections
-//! while plain TCP relays run to their natural end.
+//! while plain TCP relays run to their natural end. DNS queries in flight are tracked the
+//! same way (`dns/server.rs`), so their answers are sent before the agent exits.
 //!
 //! The agent makes one [`Drain`] and hands clones to the proxy's contexts.
 

@@ -17,8 +17,9 @@
 //!
 //! Protocol: one JSON message per packet; `Listener` packets carry one descriptor.
 //! ```text
-//! successor -> agent   Hello { version }
-//! agent -> successor   Listener { name } + fd     (once per listener)
+//! successor -> agent   Hello { version, dns }      (dns: it takes DNS sockets too)
+//! agent -> successor   Listener { name } + fd     (once per listener; role `dns` only
+//!                                                  to a successor that said `dns`)
 //! agent -> successor   End { listeners }
 //! successor -> agent   TakeOver                   (when ready; EOF instead = abandoned)
 //! agent -> successor   Draining { connections }
@@ -182,6 +183,9 @@ pub enum ListenerRole {
     Outbound,
     Hbone,
     Plaintext,
+    /// The UDP socket a pod's DNS queries are steered to (a datagram socket, not a
+    /// listener, handed over the same way so no query is lost in an upgrade).
+    Dns,
 }
 
 /// Names one in-pod listener across agents. The network namespace's inode guards against a
@@ -204,12 +208,26 @@ pub struct HandedListener {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Message {
-    Hello { version: u32 },
-    Listener { name: ListenerName },
-    End { listeners: usize },
-    Refused { reason: String },
+    Hello {
+        version: u32,
+        /// Whether the successor takes `Dns` sockets. Agents that predate DNS handoff
+        /// neither send it (`false`) nor know the role.
+        #[serde(default)]
+        dns: bool,
+    },
+    Listener {
+        name: ListenerName,
+    },
+    End {
+        listeners: usize,
+    },
+    Refused {
+        reason: String,
+    },
     TakeOver,
-    Draining { connections: usize },
+    Draining {
+        connections: usize,
+    },
 }
 
 /// What the serving side asks of the agent's main loop.
@@ -337,9 +355,15 @@ fn serve_one(
         return Err(address.refused(refusal));
     }
     set_timeout(address, connection, Some(STEP_TIMEOUT))?;
-    match receive(address, connection)? {
-        (Message::Hello { version: VERSION }, _) => {}
-        (Message::Hello { version }, _) => {
+    let takes_dns = match receive(address, connection)? {
+        (
+            Message::Hello {
+                version: VERSION,
+                dns,
+            },
+            _,
+        ) => dns,
+        (Message::Hello { version, .. }, _) => {
             let reason =
                 format!("successor speaks handoff version {version}, this agent {VERSION}");
             send(
@@ -353,12 +377,12 @@ fn serve_one(
             return Err(address.protocol(reason));
         }
         (other, _) => return Err(address.protocol(format!("expected Hello, got {other:?}"))),
-    }
+    };
     let (reply, listeners) = oneshot::channel();
     events
         .blocking_send(Event::Hello(reply))
         .map_err(|_| address.protocol("the agent is stopping"))?;
-    let outcome = hand_over(address, connection, events, listeners);
+    let outcome = hand_over(address, connection, events, listeners, takes_dns);
     if !matches!(outcome, Ok(Some(_))) {
         let _ = events.blocking_send(Event::Abandoned);
     }
@@ -371,10 +395,15 @@ fn hand_over(
     connection: &OwnedFd,
     events: &mpsc::Sender<Event>,
     listeners: oneshot::Receiver<Vec<HandedListener>>,
+    takes_dns: bool,
 ) -> Result<Option<usize>, HandoffError> {
-    let listeners = listeners
+    let mut listeners = listeners
         .blocking_recv()
         .map_err(|_| address.protocol("the agent is stopping"))?;
+    if !takes_dns {
+        // It binds the DNS port itself once this agent lets go of it.
+        listeners.retain(|l| l.name.role != ListenerRole::Dns);
+    }
     for listener in &listeners {
         let message = Message::Listener {
             name: listener.name.clone(),
@@ -435,7 +464,10 @@ pub fn inherit(
     if let Err(error) = send(
         address,
         &connection,
-        &Message::Hello { version: VERSION },
+        &Message::Hello {
+            version: VERSION,
+            dns: true,
+        },
         None,
     ) {
         // A predecessor that refused us has said why before closing.

@@ -495,12 +495,7 @@ impl Enrolments {
         addr: SocketAddr,
     ) -> Result<PodListener, EnrolError> {
         let listen_error = |source| EnrolError::Listen { addr, source };
-        let name = ListenerName {
-            pod_uid: opened.pod_uid.clone(),
-            netns_inode: opened.netns_inode,
-            role,
-            addr,
-        };
+        let name = opened.name(role, addr);
         let inherited = self
             .inherited
             .remove(&(name.pod_uid.clone(), role, addr))

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, os::fd::OwnedFd};
 
 use tokio::net::TcpListener;
 
-use crate::lifecycle::handoff::ListenerName;
+use crate::lifecycle::handoff::{ListenerName, ListenerRole};
 
 /// Connections waiting in a listening socket's accept queue (TCP_INFO's `tcpi_unacked` is
 /// the accept backlog for a listener); 0 when it cannot be read.
@@ -39,6 +39,16 @@ impl Opened {
             pod_uid: pod_uid.to_owned(),
             netns_inode,
             duplicates: Vec::new(),
+        }
+    }
+
+    /// The name of this pod's socket for `role` at `addr`, for a successor.
+    pub(super) fn name(&self, role: ListenerRole, addr: SocketAddr) -> ListenerName {
+        ListenerName {
+            pod_uid: self.pod_uid.clone(),
+            netns_inode: self.netns_inode,
+            role,
+            addr,
         }
     }
 }

@@ -160,6 +160,19 @@ impl ServiceIndex {
         Some(ready)
     }
 
+    /// The ready addresses of the endpoints named `hostname` behind Service `service`
+    /// (`<hostname>.<service>.<namespace>.svc`); `None` when there is no such Service.
+    pub fn dns_hostname_addresses(&self, service: &str, hostname: &str) -> Option<Vec<IpAddr>> {
+        let entry = self.services.get(service)?;
+        entry.service.as_ref()?;
+        let slices = entry.slices.values().map(|(slice, _)| slice);
+        let named = slices.flat_map(|slice| slice.hostnames.iter());
+        let found = named
+            .filter(|(name, _)| **name == *hostname)
+            .map(|(_, a)| *a);
+        Some(found.collect())
+    }
+
     /// Whether the Service `namespace/name` exists.
     pub fn contains(&self, service: &str) -> bool {
         self.services

@@ -186,8 +186,10 @@ fn services_keep_virtual_addresses_and_tcp_ports_slices_their_ready_addresses() 
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": [
             {"addresses": ["10.0.1.1"], "conditions": {"ready": true}, "nodeName": "n1",
+             "hostname": "Web-1",
              "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}},
-            {"addresses": ["10.0.1.2"], "conditions": {"ready": false, "terminating": true}},
+            {"addresses": ["10.0.1.2"], "conditions": {"ready": false, "terminating": true},
+             "hostname": "web-2"},
             {"addresses": ["10.0.1.3"], "conditions": {"ready": false}},
             {"addresses": ["10.0.1.4"]},
         ],
@@ -199,6 +201,7 @@ fn services_keep_virtual_addresses_and_tcp_ports_slices_their_ready_addresses() 
         ipv4,
         ports,
         ready,
+        hostnames,
     } = slice_info(&slice, &mut strings).unwrap();
     assert_eq!(
         (&*key, service.as_deref(), ipv4),
@@ -212,5 +215,10 @@ fn services_keep_virtual_addresses_and_tcp_ports_slices_their_ready_addresses() 
             "10.0.1.4".parse().unwrap()
         ],
         "ready (unset counts) and not terminating"
+    );
+    assert_eq!(
+        &*hostnames,
+        [("web-1".into(), "10.0.1.1".parse().unwrap())],
+        "the ready endpoints' hostnames, lower case"
     );
 }

@@ -147,13 +147,65 @@ async fn a_successor_of_another_protocol_version_is_refused_with_the_reason() {
     serve(&address, events_tx).expect("serve");
     let connection = seqpacket(&address).expect("socket");
     socket::connect(connection.as_raw_fd(), &address.unix_addr().expect("addr")).expect("connect");
-    send(&address, &connection, &Message::Hello { version: 99 }, None).expect("send");
+    send(
+        &address,
+        &connection,
+        &Message::Hello {
+            version: 99,
+            dns: true,
+        },
+        None,
+    )
+    .expect("send");
     match receive(&address, &connection).expect("answer") {
         (Message::Refused { reason }, None) => {
             assert!(reason.contains("version 99"), "{reason}")
         }
         other => panic!("expected Refused, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_sockets_go_only_to_a_successor_that_takes_them() {
+    let (_scratch, address) = unique_address();
+    let (events_tx, mut events) = mpsc::channel(4);
+    serve(&address, events_tx).expect("serve");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        while let Some(event) = events.blocking_recv() {
+            if let Event::Hello(reply) = event {
+                let handed = [ListenerRole::Outbound, ListenerRole::Dns].map(|role| {
+                    let fd = socket.as_fd().try_clone_to_owned().expect("dup");
+                    let name = ListenerName { role, ..name(addr) };
+                    HandedListener { name, fd }
+                });
+                let _ = reply.send(handed.into());
+            }
+        }
+    });
+    // This version's successor gets both.
+    let (_, listeners) = inherit(&address).expect("inherit").expect("a predecessor");
+    let roles: Vec<ListenerRole> = listeners.iter().map(|l| l.name.role).collect();
+    assert_eq!(roles, [ListenerRole::Outbound, ListenerRole::Dns]);
+    // An agent that predates DNS handoff says hello without `dns` and would not know the
+    // role: it gets the listeners only.
+    let old_hello: Message = serde_json::from_str(r#"{"type":"hello","version":1}"#).expect("json");
+    let connection = seqpacket(&address).expect("socket");
+    socket::connect(connection.as_raw_fd(), &address.unix_addr().expect("addr")).expect("connect");
+    send(&address, &connection, &old_hello, None).expect("send");
+    let mut roles = Vec::new();
+    loop {
+        match receive(&address, &connection).expect("message") {
+            (Message::Listener { name }, Some(_)) => roles.push(name.role),
+            (Message::End { listeners }, _) => {
+                assert_eq!(listeners, roles.len());
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(roles, [ListenerRole::Outbound]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,14 +3,14 @@
 //! capture (the pod as a destination).
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsFd,
     sync::Arc,
 };
 
 use super::{AcceptLoops, EnrolError, Enrolments, PLAINTEXT_INBOUND_PORT};
 use crate::{
-    dns,
+    dns::{self, server::DnsContext},
     identity::{manager::IdentityManager, spiffe::SpiffeId},
     lifecycle::handoff::ListenerRole,
     netns::{NetnsSockets, SourcePreservation},
@@ -75,10 +75,11 @@ impl Enrolments {
                 self.outbound.max_connections_per_pod,
             ),
         });
-        if let Some(dns) = self.dns.as_ref().filter(|_| pod.dns) {
+        if let Some(dns) = self.dns.clone().filter(|_| pod.dns) {
+            let (listeners, adopted) = self.dns_sockets(&mut opening.opened, sockets, &dns);
             let serve =
-                dns::server::serve_pod(pod.display_name(), Arc::clone(sockets), Arc::clone(dns));
-            opening.accept_loops.push(tokio::spawn(serve));
+                dns::server::serve_pod(pod.display_name(), Arc::clone(sockets), dns, listeners);
+            opening.accept_loops.push(self.start(adopted, None, serve));
         }
         for l in listeners {
             opening.addrs.push(l.addr);
@@ -87,6 +88,46 @@ impl Enrolments {
             (opening.accept_loops).push(self.start(l.adopted, opening.certificate.as_ref(), serve));
         }
         Ok(())
+    }
+
+    /// The pod's DNS sockets (IPv4, IPv6), handed over by the previous agent or opened now,
+    /// and whether they were handed over (then they are read only once this agent has taken
+    /// over). One that cannot be opened now is missing: the IPv4 one is bound when the port
+    /// is free (a predecessor that does not hand it over holds it until it exits); a pod
+    /// without IPv6 has no `::1`.
+    fn dns_sockets(
+        &mut self,
+        opened: &mut Opened,
+        sockets: &NetnsSockets,
+        dns: &DnsContext,
+    ) -> ([Option<UdpSocket>; 2], bool) {
+        let mut adopted = false;
+        let listeners = dns::server::listen_addresses(dns.port).map(|addr| {
+            let inherited = (self.inherited)
+                .remove(&(opened.pod_uid.clone(), ListenerRole::Dns, addr))
+                .filter(|handed| handed.name.netns_inode == opened.netns_inode);
+            let socket = match inherited {
+                Some(handed) => {
+                    adopted = true;
+                    let socket = UdpSocket::from(handed.fd);
+                    socket.set_nonblocking(true).map(|()| socket)
+                }
+                None => dns::server::bind(sockets, addr, dns.proxy_mark),
+            };
+            let with_duplicate = socket.and_then(|s| Ok((s.as_fd().try_clone_to_owned()?, s)));
+            match with_duplicate {
+                Ok((duplicate, socket)) => {
+                    let name = opened.name(ListenerRole::Dns, addr);
+                    opened.duplicates.push((name, duplicate));
+                    Some(socket)
+                }
+                Err(error) => {
+                    tracing::debug!(%addr, %error, "no DNS socket now");
+                    None
+                }
+            }
+        });
+        (listeners, adopted)
     }
 
     /// The pod as a destination: its HBONE listeners, and its plaintext listeners with
