@@ -15,6 +15,7 @@ need_apt=()
 # musl-tools: the image's static binary (aws-lc's C for musl); umoci, skopeo: the OCI image;
 # containerd, runc: the tests run the image as a node's runtime does (`cargo xtask image`).
 # heaptrack, zstd: `cargo xtask bench --heap-profile` (docs/benchmarks.md).
+# bind9-dnsutils (dig), dnsmasq-base: the DNS tests and bench; python3: fetching helm and kubectl.
 for pkg in llvm-${LLVM}-dev libpolly-${LLVM}-dev zlib1g-dev libzstd-dev iproute2 bpftool curl \
            tcpdump procps psmisc socat nghttp2-client tmux heaptrack zstd \
            librsvg2-bin fonts-dejavu-core \

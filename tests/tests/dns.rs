@@ -162,21 +162,9 @@ impl Dns {
     /// and the C library, which connect, do not take), the answer read with `recvfrom`:
     /// prints the address it came from and the answer's first A record.
     fn sendto(&self, pod: &Pod, name: &str) -> String {
-        let script = r#"
-import socket, struct, sys
-resolver, name = sys.argv[1], sys.argv[2]
-query = struct.pack(">HHHHHH", 0x2a2a, 0x0100, 1, 0, 0, 0)
-query += b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
-query += struct.pack(">HH", 1, 1)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(3)
-s.sendto(query, (resolver, 53))
-answer, source = s.recvfrom(4096)
-print(source[0], source[1], ".".join(str(b) for b in answer[-4:]))
-"#;
-        let mut python = Command::new("python3");
-        python.args(["-c", script, &self.resolver, name]);
-        let output = self.tb.run_in_pod(pod, python).expect("python3");
+        let mut ask = Command::new(self.tb.workload_bin());
+        ask.args(["dns-ask", "--resolver", &self.resolver, "--name", name]);
+        let output = self.tb.run_in_pod(pod, ask).expect("dns-ask");
         format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),
@@ -356,36 +344,6 @@ fn with_no_agent_dns_fails_closed_at_once() {
     assert_eq!(dns.resolver_saw().len(), asked);
 }
 
-/// A resolver that holds every query until `release` exists (6 s at most), then answers
-/// `A 192.0.2.9`; it logs `got <name>` and `answered <name>`.
-const HELD_RESOLVER: &str = r#"
-import os, socket, struct, sys, threading, time
-log, release = sys.argv[1], sys.argv[2]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 53))
-out = open(log, "a")
-def say(line):
-    out.write(line + "\n"); out.flush()
-def answer(query, peer):
-    end = query.index(b"\0", 12) + 5
-    labels, i = [], 12
-    while query[i]:
-        labels.append(query[i + 1:i + 1 + query[i]].decode()); i += 1 + query[i]
-    name = ".".join(labels)
-    say("got " + name)
-    deadline = time.time() + 6
-    while not os.path.exists(release) and time.time() < deadline:
-        time.sleep(0.02)
-    reply = query[:2] + struct.pack(">HHHHH", 0x8180, 1, 1, 0, 0) + query[12:end]
-    reply += struct.pack(">HHHIH", 0xC00C, 1, 1, 5, 4) + bytes([192, 0, 2, 9])
-    s.sendto(reply, peer)
-    say("answered " + name)
-say("ready")
-while True:
-    query, peer = s.recvfrom(4096)
-    threading.Thread(target=answer, args=(query, peer)).start()
-"#;
-
 #[test]
 fn queries_in_flight_through_an_agent_upgrade_are_answered() {
     // Forwarded queries may wait 10 s here, so that the upgrade happens while they do.
@@ -397,8 +355,12 @@ fn queries_in_flight_through_an_agent_upgrade_are_answered() {
     let resolver = resolver_pod.ipv4().to_string();
     let log = tb.log_dir().join("held-resolver.log");
     let release = tb.log_dir().join("held-resolver.release");
-    let mut held = Command::new("python3");
-    held.args(["-c", HELD_RESOLVER]).arg(&log).arg(&release);
+    // A resolver that holds every query until `release` exists.
+    let mut held = Command::new(tb.workload_bin());
+    held.args(["dns-held", "--answer", "192.0.2.9", "--log"])
+        .arg(&log)
+        .arg("--release")
+        .arg(&release);
     tb.spawn_in_pod(&resolver_pod, held)
         .expect("resolver")
         .detach();

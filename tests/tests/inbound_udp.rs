@@ -14,63 +14,40 @@ const ECHO_PORT: u16 = 7000;
 /// What dnsmasq answers for `example.test`.
 const EXAMPLE: &str = "192.0.2.7";
 
-/// A UDP echo server that appends every datagram it gets to `log`, one per line.
-const ECHO_SERVER: &str = r#"
-import socket, sys
-port, log = int(sys.argv[1]), sys.argv[2]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", port))
-with open(log, "a") as f:
-    f.write("ready\n"); f.flush()
-    while True:
-        data, peer = s.recvfrom(2048)
-        f.write(data.decode(errors="replace") + "\n"); f.flush()
-        s.sendto(data, peer)
-"#;
-
-/// Sends `payload` to `target:port` and prints the reply, or `no reply` after 1 s. With
-/// `connected` the socket is connected to the target first, so the kernel matches the reply
-/// to it before any sk_lookup program runs.
-const EXCHANGE: &str = r#"
-import socket, sys
-target, port, payload, connected = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(1)
-if connected:
-    s.connect((target, port)); s.send(payload.encode())
-else:
-    s.sendto(payload.encode(), (target, port))
-try:
-    print(s.recv(2048).decode())
-except socket.timeout:
-    print("no reply")
-"#;
-
-/// A DNS query for `example.test` from an unconnected socket (the answer comes back through
-/// sk_lookup): prints the answer's address.
-const DNS_QUERY: &str = r#"
-import socket, struct, sys
-query = struct.pack(">HHHHHH", 0x2a2a, 0x0100, 1, 0, 0, 0)
-query += b"\x07example\x04test\x00" + struct.pack(">HH", 1, 1)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(3)
-s.sendto(query, (sys.argv[1], 53))
-try:
-    print(".".join(str(b) for b in s.recv(4096)[-4:]))
-except socket.timeout:
-    print("no reply")
-"#;
-
-fn python(tb: &Testbed, pod: &Pod, script: &str, args: &[&str]) -> String {
-    let mut python = Command::new("python3");
-    python.args(["-c", script]).args(args);
-    let output = tb.run_in_pod(pod, python).expect("python3");
+/// The workload's `mode` in `pod` with `args`: its output.
+fn workload(tb: &Testbed, pod: &Pod, mode: &str, args: &[&str]) -> String {
+    let mut command = Command::new(tb.workload_bin());
+    command.arg(mode).args(args);
+    let output = tb.run_in_pod(pod, command).expect("workload");
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// One datagram from `pod` to `target`: the reply, or "no reply" after 1 s.
+fn exchange(tb: &Testbed, pod: &Pod, target: &str, payload: &str, connected: bool) -> String {
+    let mut args = vec!["--target", target, "--payload", payload];
+    if connected {
+        args.push("--connected");
+    }
+    workload(tb, pod, "udp-send", &args)
+}
+
+/// A UDP echo server in `pod` that appends every datagram it gets to `log`.
+fn start_echo(tb: &Testbed, pod: &Pod, log: &std::path::Path) {
+    let mut echo = Command::new(tb.workload_bin());
+    echo.args(["udp-echo", "--port", &ECHO_PORT.to_string(), "--log"])
+        .arg(log);
+    tb.spawn_in_pod(pod, echo).expect("echo").detach();
+    wait_until(scaled(Duration::from_secs(5)), "the echo server", || {
+        Ok(std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .starts_with("ready"))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 struct Udp {
@@ -93,25 +70,15 @@ impl Udp {
 
     /// `payload` from the outsider to the server's echo port: its reply, or "no reply".
     fn outsider_sends(&self, payload: &str) -> String {
-        let target = self.server.ipv4().to_string();
-        let port = ECHO_PORT.to_string();
-        python(
-            &self.tb,
-            &self.outsider,
-            EXCHANGE,
-            &[&target, &port, payload, "0"],
-        )
+        let target = format!("{}:{ECHO_PORT}", self.server.ipv4());
+        exchange(&self.tb, &self.outsider, &target, payload, false)
     }
 
     /// Proves the server is alive and has read everything sent before: a datagram from its
     /// own loopback (never dropped) shows up in its log.
     fn sync(&self, marker: &str) {
-        python(
-            &self.tb,
-            &self.server,
-            EXCHANGE,
-            &["127.0.0.1", &ECHO_PORT.to_string(), marker, "0"],
-        );
+        let target = format!("127.0.0.1:{ECHO_PORT}");
+        exchange(&self.tb, &self.server, &target, marker, false);
         wait_until(scaled(Duration::from_secs(5)), "the marker read", || {
             Ok(self.server_got().iter().any(|l| l == marker))
         })
@@ -154,10 +121,7 @@ fn a_strict_namespace_can_drop_inbound_udp_but_dns_answers() {
     let server = tb.pod("mesh", "server-b").clone();
     let outsider = tb.pod("plain", "outsider").clone();
     let echo_log = tb.log_dir().join("udp-echo.log");
-    let mut echo = Command::new("python3");
-    echo.args(["-c", ECHO_SERVER, &ECHO_PORT.to_string()])
-        .arg(&echo_log);
-    tb.spawn_in_pod(&server, echo).expect("echo").detach();
+    start_echo(&tb, &server, &echo_log);
     let mut dnsmasq = Command::new("dnsmasq");
     let resolver = outsider.ipv4().to_string();
     dnsmasq.args([
@@ -180,12 +144,6 @@ fn a_strict_namespace_can_drop_inbound_udp_but_dns_answers() {
         outsider,
         echo_log,
     };
-    wait_until(scaled(Duration::from_secs(5)), "the echo server", || {
-        Ok(std::fs::read_to_string(&udp.echo_log)
-            .unwrap_or_default()
-            .starts_with("ready"))
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
 
     // The attack: under STRICT alone, plaintext UDP from outside the mesh gets in.
     udp.set_labels("allow");
@@ -202,39 +160,21 @@ fn a_strict_namespace_can_drop_inbound_udp_but_dns_answers() {
     // so does a reply to a connected socket; a reply from any other port to an unconnected
     // socket is inbound UDP like any other and dropped.
     let resolver = udp.outsider.ipv4().to_string();
-    assert_eq!(
-        python(&udp.tb, &udp.server, DNS_QUERY, &[&resolver]),
-        EXAMPLE
+    let asked = workload(
+        &udp.tb,
+        &udp.server,
+        "dns-ask",
+        &["--resolver", &resolver, "--name", "example.test"],
     );
+    assert_eq!(asked, format!("{resolver} 53 {EXAMPLE}"));
     let outsider_echo = udp.tb.log_dir().join("outsider-echo.log");
-    let mut echo = Command::new("python3");
-    echo.args(["-c", ECHO_SERVER, &ECHO_PORT.to_string()])
-        .arg(&outsider_echo);
-    udp.tb
-        .spawn_in_pod(&udp.outsider, echo)
-        .expect("outsider echo")
-        .detach();
-    wait_until(
-        scaled(Duration::from_secs(5)),
-        "the outsider's echo",
-        || {
-            Ok(std::fs::read_to_string(&outsider_echo)
-                .unwrap_or_default()
-                .starts_with("ready"))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let port = ECHO_PORT.to_string();
-    let exchange = |payload: &str, connected: &str| {
-        python(
-            &udp.tb,
-            &udp.server,
-            EXCHANGE,
-            &[&resolver, &port, payload, connected],
-        )
+    start_echo(&udp.tb, &udp.outsider, &outsider_echo);
+    let target = format!("{resolver}:{ECHO_PORT}");
+    let from_server = |payload: &str, connected: bool| {
+        exchange(&udp.tb, &udp.server, &target, payload, connected)
     };
-    assert_eq!(exchange("connected", "1"), "connected");
-    assert_eq!(exchange("unconnected", "0"), "no reply");
+    assert_eq!(from_server("connected", true), "connected");
+    assert_eq!(from_server("unconnected", false), "no reply");
     assert!(
         std::fs::read_to_string(&outsider_echo)
             .unwrap_or_default()

@@ -33,6 +33,9 @@
 //! - Enrolment: a pod appears on node1 (cgroup, sandbox process, then its manifest with a
 //!   podIP, in the order the kubelet and the API server produce them); the time until the
 //!   agent's admin API lists it as enrolled, polled every millisecond (an upper bound).
+//! - DNS (`dns.rs`): queries/s with one in flight (dnsperf) to a resolver on the other node,
+//!   from a non-meshed pod vs a meshed one (answered in the pod, or forwarded); and the
+//!   queries the resolver sees for one `curl` with ndots:5.
 //! - CA issuance: certificates signed per second by `nodemesh ca serve` with 1 and 8 requests
 //!   in flight, each as an agent makes it (new key pair, CSR, TLS connection, POST).
 //!
@@ -43,6 +46,7 @@
 //! scenario, `report.rs` writes the markdown and the plots; `probes.rs` holds the
 //! measurements they share and `stats.rs` what they record.
 
+mod dns;
 mod heap;
 mod probes;
 mod report;
@@ -119,6 +123,10 @@ pub struct BenchArgs {
     /// section: the quick loop while working on memory. Not with `--write`.
     #[arg(long, conflicts_with = "write")]
     memory_only: bool,
+    /// Measure DNS only (answered in the pod vs by the resolver) and print that section.
+    /// Not with `--write`.
+    #[arg(long, conflicts_with_all = ["write", "memory_only"])]
+    dns_only: bool,
     /// Run every `nodemesh` process under heaptrack and write, per process, its peak
     /// consumers and a folded-stack file of the peak into this directory (`heap.rs`).
     #[arg(long)]
@@ -152,6 +160,12 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let ca_pod = tb.pod("nodemesh-system", "ca").clone();
     let ca = tb.start_ca(&ca_pod, 24 * 3600)?;
     let bed = setup::prepare(tb, args, &ca)?;
+    if args.dns_only {
+        let dns = dns::measure(tb, &bed.direct_b, &bed.dns_log, args.runs)?;
+        let mut out = report::header(args);
+        dns::section(&mut out, dns);
+        return Ok(out);
+    }
     let idle_rss = [
         probes::agent_rss_mib(tb, "node1")?,
         probes::agent_rss_mib(tb, "node2")?,
@@ -171,7 +185,11 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         eprintln!("bench run {}/{}", run + 1, args.runs);
         scenarios::one_run(tb, args, &bed, &ca, run, &mut results)?;
     }
-    report::render(args, &bed, results, &memory, idle_rss)
+    eprintln!("bench: DNS");
+    let dns = dns::measure(tb, &bed.direct_b, &bed.dns_log, args.runs)?;
+    let mut out = report::render(args, &bed, results, &memory, idle_rss)?;
+    dns::section(&mut out, dns);
+    Ok(out)
 }
 
 fn write_report(report: &str) -> anyhow::Result<()> {

@@ -91,7 +91,7 @@ pub(super) fn render(
 }
 
 /// The command, the kernel and the CPUs.
-fn header(args: &BenchArgs) -> String {
+pub(super) fn header(args: &BenchArgs) -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut out = String::new();
     out.push_str(&format!(

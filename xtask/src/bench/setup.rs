@@ -18,6 +18,8 @@ pub(super) struct Bed {
     pub(super) direct_a: Pod,
     pub(super) direct_b: Pod,
     pub(super) l7_target: String,
+    /// The query log of the resolver (dnsmasq in `direct_b`) the DNS scenario asks.
+    pub(super) dns_log: std::path::PathBuf,
     /// The keep-alive HTTP/1.1 paths, each from its client pod to its target.
     pub(super) http_paths: [(HttpPath, (&'static str, &'static str), String); 4],
 }
@@ -39,6 +41,7 @@ pub(super) fn prepare(tb: &mut Testbed, args: &BenchArgs, ca: &MeshCa) -> anyhow
         [&server_b, &direct_b],
     )?;
     apply_services(tb, &workload, &server_b, &direct_b)?;
+    let dns_log = super::dns::start_resolver(tb, &direct_b)?;
     let l7_target = format!("{L7_SERVICE_IP}:80");
     let http_paths = [
         (
@@ -65,6 +68,7 @@ pub(super) fn prepare(tb: &mut Testbed, args: &BenchArgs, ca: &MeshCa) -> anyhow
         direct_a,
         direct_b,
         l7_target,
+        dns_log,
         http_paths,
     })
 }
@@ -77,6 +81,8 @@ fn start_agents(tb: &mut Testbed, args: &BenchArgs, ca: &MeshCa) -> anyhow::Resu
             // The memory scenario holds `--idle-connections` from one pod.
             "--max-connections-per-pod".into(),
             (args.idle_connections + 1000).to_string(),
+            "--dns-port".into(),
+            "15053".into(),
         ];
         extra_args.extend(ca.agent_args(node));
         tb.start_agent(

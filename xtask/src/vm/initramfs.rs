@@ -27,8 +27,12 @@ const APPLETS: &[&str] = &[
 ];
 /// The real client programs the suites run against the mesh (the inbound and mTLS suites
 /// probe it with curl, socat, openssl s_client, tcpdump on the wire, ss inside a pod through
-/// nsenter), copied from the host into the guest's /usr/bin with their libraries.
-const TOOLS: &[&str] = &["curl", "socat", "openssl", "tcpdump", "nsenter", "ss"];
+/// nsenter; the DNS suite asks with dig and the C library's getent, in a mount namespace of
+/// its own (unshare), of dnsmasq), copied from the host into the guest's /usr/bin with their
+/// libraries.
+const TOOLS: &[&str] = &[
+    "curl", "socat", "openssl", "tcpdump", "nsenter", "ss", "dig", "getent", "unshare", "dnsmasq",
+];
 /// Where the host keeps them (merged /usr or not).
 const TOOL_DIRS: &[&str] = &["/usr/bin", "/usr/sbin", "/bin", "/sbin"];
 /// Configuration the tools read (openssl's default config; absent files are skipped).
@@ -69,6 +73,8 @@ pub(super) fn build(
     .context("writing etc/passwd")?;
     fs::write(root.join("etc/group"), "root:x:0:\ntcpdump:x:100:\n")
         .context("writing etc/group")?;
+    // The DNS suite binds a pod's resolv.conf over it.
+    fs::write(root.join("etc/resolv.conf"), "").context("writing etc/resolv.conf")?;
 
     // Programs, with every shared library they load.
     let busybox = find_program("busybox", &["/bin", "/usr/bin"])?;

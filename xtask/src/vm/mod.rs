@@ -26,8 +26,16 @@ use kernel::Kernel;
 
 /// Test targets of `nodemesh-testbed` that make up the kernel suite, run in this order: the
 /// capture hooks, restart reconciliation, STRICT and inbound capture (sk_lookup,
-/// IP_TRANSPARENT), and mTLS (HBONE). Security properties are held on the 6.1 floor too.
-const SUITES: &[&str] = &["datapath", "restart", "inbound", "mtls"];
+/// IP_TRANSPARENT), mTLS (HBONE), DNS capture (cgroup sendmsg/recvmsg) and inbound UDP
+/// denial (sk_lookup on UDP). Security properties are held on the 6.1 floor too.
+const SUITES: &[&str] = &[
+    "datapath",
+    "restart",
+    "inbound",
+    "mtls",
+    "dns",
+    "inbound_udp",
+];
 /// Tests of those suites that need a real API server, which the guest does not run (its
 /// testbed keeps the cluster state in manifests). They prove the CA's TokenReview checks, a
 /// control-plane property, not a kernel one, and run natively in CI.
@@ -59,7 +67,8 @@ pub struct VmTestArgs {
     /// Guest CPUs.
     #[arg(long, default_value_t = 2)]
     cpus: u32,
-    /// A suite to run (repeatable) [default: all of datapath, restart, inbound, mtls].
+    /// A suite to run (repeatable) [default: all of datapath, restart, inbound, mtls, dns,
+    /// inbound_udp].
     #[arg(long = "suite", value_parser = clap::builder::PossibleValuesParser::new(SUITES))]
     suites: Vec<String>,
     /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.

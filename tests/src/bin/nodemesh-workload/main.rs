@@ -1,4 +1,5 @@
-//! `nodemesh-workload`: the real TCP programs the testbed runs inside pods.
+//! `nodemesh-workload`: the real TCP (and UDP, `udp.rs`) programs the testbed runs inside
+//! pods.
 //!
 //! Servers listen dual-stack on `[::]`; clients verify every byte they get back and that
 //! `getpeername()` reports the address they dialled, print one JSON summary line on stdout,
@@ -24,6 +25,7 @@ mod http_bench;
 mod http_client;
 mod http_load;
 mod soak;
+mod udp;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -97,6 +99,18 @@ enum Cmd {
     HandoffProbe(handoff_probe::HandoffProbeArgs),
     /// Keep-alive HTTP/1.1 GETs over `concurrency` connections; prints latency percentiles.
     HttpBench(http_bench::HttpBenchArgs),
+    /// UDP echo on `port`, logging every datagram received.
+    UdpEcho(udp::UdpEchoArgs),
+    /// One datagram to `target`; prints the reply or `no reply`.
+    UdpSend(udp::UdpSendArgs),
+    /// One DNS query (A) with `sendto` on an unconnected socket; prints the answer's source
+    /// address and port and its first A record.
+    DnsAsk(udp::DnsAskArgs),
+    /// DNS queries (A) back to back on a connected socket; prints the rate and latency
+    /// percentiles.
+    DnsLoad(udp::DnsLoadArgs),
+    /// A resolver on port 53 that holds each query until a file exists, then answers.
+    DnsHeld(udp::DnsHeldArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -109,6 +123,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::ConnectLoop(args) => return connect_loop::run(args),
         Cmd::CaptureWatch(args) => return capture_watch::run_args(args),
         Cmd::HandoffProbe(args) => return handoff_probe::run(args),
+        Cmd::UdpEcho(args) => return udp::echo(args),
+        Cmd::UdpSend(args) => return udp::send(args),
+        Cmd::DnsAsk(args) => return udp::ask(args),
+        Cmd::DnsHeld(args) => return udp::held(args),
+        Cmd::DnsLoad(args) => return udp::load(args),
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -138,7 +157,15 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
         Cmd::WsEcho(args) => http_app::websocket_echo_client(&args).await,
         Cmd::HttpLoad(args) => http_load::run(&args).await,
         Cmd::HttpBench(args) => http_bench::run(&args).await,
-        Cmd::Pause | Cmd::ConnectLoop(_) | Cmd::CaptureWatch(_) | Cmd::HandoffProbe(_) => {
+        Cmd::Pause
+        | Cmd::ConnectLoop(_)
+        | Cmd::CaptureWatch(_)
+        | Cmd::HandoffProbe(_)
+        | Cmd::UdpEcho(_)
+        | Cmd::UdpSend(_)
+        | Cmd::DnsAsk(_)
+        | Cmd::DnsHeld(_)
+        | Cmd::DnsLoad(_) => {
             unreachable!("handled before the runtime starts")
         }
     }
