@@ -260,27 +260,7 @@ impl Testbed {
     /// template's args, user, volumes and security context. Returns once it listens.
     pub fn start_ca_container(&self, pod: &Pod, container: CaContainer) -> Result<MeshCa> {
         let dir = self.ca_init()?;
-        let file = |name: &str| dir.path().join(name).display().to_string();
-        let api = self.api()?;
-        let namespace = api_cluster::SYSTEM_NAMESPACE;
-        api.kubectl_ok(&[
-            "-n",
-            namespace,
-            "create",
-            "secret",
-            "generic",
-            "nodemesh-issuer",
-            &format!("--from-file=issuer-cert.pem={}", file("issuer-cert.pem")),
-            &format!("--from-file=issuer-key.pem={}", file("issuer-key.pem")),
-        ])?;
-        api.kubectl_ok(&[
-            "-n",
-            namespace,
-            "create",
-            "configmap",
-            "nodemesh-trust-bundle",
-            &format!("--from-file=trust-bundle.pem={}", file("trust-bundle.pem")),
-        ])?;
+        self.publish_ca_objects(dir.path())?;
         let mut ca = MeshCa {
             dir,
             addr: SocketAddr::new(pod.ipv4().into(), CA_PORT),
@@ -292,6 +272,44 @@ impl Testbed {
         };
         self.restart_ca(&mut ca)?;
         Ok(ca)
+    }
+
+    /// Puts the CA's material from `dir` where the chart keeps it: the issuer Secret
+    /// `nodemesh-issuer` and the trust bundle ConfigMap `nodemesh-trust-bundle` (applied, so
+    /// a second call changes nothing).
+    pub fn publish_ca_objects(&self, dir: &Path) -> Result<()> {
+        let file = |name: &str| dir.join(name).display().to_string();
+        let api = self.api()?;
+        let namespace = api_cluster::SYSTEM_NAMESPACE;
+        let issuer_cert = format!("--from-file=issuer-cert.pem={}", file("issuer-cert.pem"));
+        let issuer_key = format!("--from-file=issuer-key.pem={}", file("issuer-key.pem"));
+        let bundle = format!("--from-file=trust-bundle.pem={}", file("trust-bundle.pem"));
+        let objects: [(&str, Vec<&str>); 2] = [
+            (
+                "issuer",
+                vec![
+                    "secret",
+                    "generic",
+                    "nodemesh-issuer",
+                    &issuer_cert,
+                    &issuer_key,
+                ],
+            ),
+            (
+                "trust-bundle",
+                vec!["configmap", "nodemesh-trust-bundle", &bundle],
+            ),
+        ];
+        for (name, create) in objects {
+            let mut args = vec!["-n", namespace, "create"];
+            args.extend(create);
+            args.extend(["--dry-run=client", "-o", "yaml"]);
+            let yaml = api.kubectl_ok(&args)?;
+            let path = self.log_dir().join(format!("ca-{name}.yaml"));
+            std::fs::write(&path, yaml).io_context(|| format!("writing {}", path.display()))?;
+            api.kubectl_ok(&["apply", "-f", &path.display().to_string()])?;
+        }
+        Ok(())
     }
 
     /// Starts `ca` again after `MeshCa::stop` (same root, issuer and tokens); returns once it

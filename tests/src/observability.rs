@@ -114,7 +114,10 @@ impl Prometheus {
 
     /// Runs an instant query; returns the `data.result` vector.
     pub fn query(&self, promql: &str) -> Result<Vec<Value>> {
-        let (status, body) = self.get(&format!("/api/v1/query?query={}", url_encode(promql)))?;
+        let (status, body) = self.get(&format!(
+            "/api/v1/query?query={}",
+            form_urlencoded::byte_serialize(promql.as_bytes()).collect::<String>()
+        ))?;
         let answer: Value = serde_json::from_str(&body).map_err(|e| {
             TestbedError::Other(format!("Prometheus answered {status}: {body} ({e})"))
         })?;
@@ -186,16 +189,4 @@ impl OtelCollector {
 fn indent(text: &str, by: usize) -> String {
     let pad = " ".repeat(by);
     text.lines().map(|line| format!("{pad}{line}\n")).collect()
-}
-
-/// Percent-encodes a query parameter (RFC 3986 unreserved characters stay).
-fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -10,7 +10,7 @@
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use nodemesh_testbed::{
-    AgentOptions, MESH_LABEL, MeshCa, PodSpec, Signal, Testbed, TestbedConfig, TopologySpec,
+    AgentOptions, MESH_LABEL, MeshCa, PodSpec, Signal, Testbed, TestbedConfig, Tmux, TopologySpec,
     cluster_state, docs, is_root, observability::PROMETHEUS_PORT, scaled, wait_until,
 };
 use serde_json::Value;
@@ -278,9 +278,7 @@ fn each_agent_reports_its_node_in_a_mesh_node_and_may_write_no_other() {
 /// `kubectl-nodemesh` first on `PATH`.
 struct Terminal<'a> {
     tb: &'a Testbed,
-    session: String,
-    /// How many commands have been started, each in a session of its own.
-    started: std::cell::Cell<u32>,
+    tmux: Tmux,
     plugin_dir: tempfile::TempDir,
 }
 
@@ -294,8 +292,7 @@ impl<'a> Terminal<'a> {
         .expect("kubectl-nodemesh");
         Self {
             tb,
-            session: format!("{}-op", tb.name()),
-            started: std::cell::Cell::new(0),
+            tmux: Tmux::new(&format!("{}-op", tb.name()), 200, 50),
             plugin_dir,
         }
     }
@@ -314,51 +311,21 @@ impl<'a> Terminal<'a> {
         )
     }
 
-    /// A session of its own for each command, all killed at the end: killing the last
-    /// session ends the tmux server, and a session started at that moment can fail to
-    /// reach it (a clean-clone CI run caught that).
-    fn start(&self, command_line: &str) {
-        let n = self.started.get() + 1;
-        self.started.set(n);
-        let started = Command::new("tmux")
-            .args(["new-session", "-d", "-s", &format!("{}-{n}", self.session)])
-            .args(["-x", "200", "-y", "50"])
-            .arg(command_line)
-            .status()
-            .expect("tmux");
-        assert!(started.success());
-    }
-
-    /// The session of the last command started.
-    fn current(&self) -> String {
-        format!("{}-{}", self.session, self.started.get())
-    }
-
-    fn screen(&self) -> String {
-        let capture = Command::new("tmux")
-            .args(["capture-pane", "-p", "-J", "-t", &self.current()])
-            .output()
-            .expect("capture-pane");
-        String::from_utf8_lossy(&capture.stdout).into_owned()
-    }
-
     /// Runs a command to its end and returns the screen and its exit status.
     fn run(&self, program: &str, args: &str) -> (String, i32) {
         let line = format!(
             "sh -c '{}; echo EXIT=$?; sleep 600'",
             self.command_line(program, args)
         );
-        self.start(&line);
-        let mut screen = String::new();
-        wait_until(
-            scaled(Duration::from_secs(30)),
-            &format!("{program} {args} to end"),
-            || {
-                screen = self.screen();
-                Ok(screen.contains("EXIT="))
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}:\n{screen}"));
+        self.tmux.start(&line);
+        let screen = self
+            .tmux
+            .wait_screen(
+                scaled(Duration::from_secs(30)),
+                &format!("{program} {args} to end"),
+                |s| s.contains("EXIT="),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
         let code = screen
             .rsplit_once("EXIT=")
             .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
@@ -369,27 +336,12 @@ impl<'a> Terminal<'a> {
     /// Runs the live view until its screen satisfies `shown`, then quits it with `q`.
     fn watch(&self, args: &str, what: &str, shown: impl Fn(&str) -> bool) -> String {
         let nodemesh = self.tb.nodemesh_bin().display().to_string();
-        self.start(&self.command_line(&nodemesh, args));
-        let mut screen = String::new();
-        let seen = wait_until(scaled(Duration::from_secs(30)), what, || {
-            screen = self.screen();
-            Ok(shown(&screen))
-        });
-        let _ = Command::new("tmux")
-            .args(["send-keys", "-t", &self.current(), "q"])
-            .status();
-        seen.unwrap_or_else(|e| panic!("{e}:\n{screen}"));
-        screen
-    }
-}
-
-impl Drop for Terminal<'_> {
-    fn drop(&mut self) {
-        for n in 1..=self.started.get() {
-            let _ = Command::new("tmux")
-                .args(["kill-session", "-t", &format!("{}-{n}", self.session)])
-                .status();
-        }
+        self.tmux.start(&self.command_line(&nodemesh, args));
+        let seen = self
+            .tmux
+            .wait_screen(scaled(Duration::from_secs(30)), what, shown);
+        self.tmux.send_keys("q");
+        seen.unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -550,36 +502,9 @@ fn status_top_check_and_the_kubectl_plugin_work_from_a_laptop() {
 /// What the chart's install steps create for the CA (deploy/README.md): the issuer Secret and
 /// the trust-bundle ConfigMap from the CA's files, and the Deployment's label on its pod.
 fn install_ca_objects(tb: &Testbed, ca: &MeshCa) {
+    tb.publish_ca_objects(ca.dir())
+        .expect("issuer Secret and trust bundle");
     let api = tb.api().expect("api");
-    let file = |name: &str| ca.dir().join(name).display().to_string();
-    api.kubectl_ok(&[
-        "-n",
-        "nodemesh-system",
-        "create",
-        "secret",
-        "generic",
-        "nodemesh-issuer",
-        &format!("--from-file=issuer-cert.pem={}", file("issuer-cert.pem")),
-        &format!("--from-file=issuer-key.pem={}", file("issuer-key.pem")),
-    ])
-    .expect("issuer Secret");
-    let bundle = api
-        .kubectl_ok(&[
-            "-n",
-            "nodemesh-system",
-            "create",
-            "configmap",
-            "nodemesh-trust-bundle",
-            &format!("--from-file=trust-bundle.pem={}", file("trust-bundle.pem")),
-            "--dry-run=client",
-            "-o",
-            "yaml",
-        ])
-        .expect("trust bundle");
-    let path = tb.log_dir().join("trust-bundle.yaml");
-    std::fs::write(&path, bundle).expect("write");
-    api.kubectl_ok(&["apply", "-f", &path.display().to_string()])
-        .expect("apply trust bundle");
     api.kubectl_ok(&[
         "-n",
         "nodemesh-system",

@@ -12,7 +12,7 @@ use std::{process::Command, time::Duration};
 use nodemesh::cli::prometheus;
 
 use nodemesh_testbed::{
-    AgentOptions, MeshCa, Testbed, TestbedConfig, TopologySpec, cluster_state, docs, is_root,
+    AgentOptions, MeshCa, Testbed, TestbedConfig, Tmux, TopologySpec, cluster_state, docs, is_root,
     observability::{OtelCollector, Prometheus},
     wait_until,
 };
@@ -501,7 +501,6 @@ fn status_and_top_show_the_node() {
         "1000000",
     ]);
     let _load = tb.spawn_in_pod(&client, load).expect("load");
-    let session = format!("{}-top", tb.name());
     let top = nodemesh_on(tb, "node1", &["top"]);
     let command_line = format!(
         "{} {}",
@@ -511,50 +510,18 @@ fn status_and_top_show_the_node() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let started = Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &session,
-            "-x",
-            "160",
-            "-y",
-            "20",
-            &command_line,
-        ])
-        .status()
-        .expect("tmux");
-    assert!(started.success());
-    let mut screen = String::new();
-    let shown = wait_until(
-        Duration::from_secs(15),
-        "top shows client-a → web",
-        || {
-            let capture = Command::new("tmux")
-                .args(["capture-pane", "-p", "-t", &session])
-                .output()
-                .expect("capture-pane");
-            screen = String::from_utf8_lossy(&capture.stdout).into_owned();
-            Ok(screen.lines().any(|l| {
-                l.contains("mesh/client-a")
-                    && l.contains("web.mesh.svc.cluster.local")
-                    && l.contains("100.0%")
-            }))
-        },
-    );
-    let _ = Command::new("tmux")
-        .args(["send-keys", "-t", &session, "q"])
-        .status();
-    // `q` ends top and with it the session; this is for when it did not.
-    let _ = Command::new("tmux")
-        .args(["kill-session", "-t", &session])
-        .stderr(std::process::Stdio::null())
-        .status();
-    assert!(
-        shown.is_ok(),
-        "top did not show client-a → web at 100% success:\n{screen}"
-    );
+    let tmux = Tmux::new(&format!("{}-top", tb.name()), 160, 20);
+    tmux.start(&command_line);
+    let shown = tmux.wait_screen(Duration::from_secs(15), "top shows client-a → web", |s| {
+        s.lines().any(|l| {
+            l.contains("mesh/client-a")
+                && l.contains("web.mesh.svc.cluster.local")
+                && l.contains("100.0%")
+        })
+    });
+    tmux.send_keys("q");
+    let screen =
+        shown.unwrap_or_else(|e| panic!("top did not show client-a → web at 100% success: {e}"));
     assert!(
         screen.contains("REQ/S") && screen.contains("P99 MS"),
         "{screen}"

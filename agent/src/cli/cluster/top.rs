@@ -124,7 +124,7 @@ impl Prometheus {
 
 impl Scrape for Prometheus {
     fn scrape(&mut self) -> anyhow::Result<String> {
-        let path = format!("/federate?match[]={}", percent_encode(SERIES));
+        let path = format!("/federate?match[]={}", query_encode(SERIES));
         Ok(self.client.get_ok(&path)?)
     }
 
@@ -133,21 +133,14 @@ impl Scrape for Prometheus {
     }
 }
 
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// The view's default interval for a source: Prometheus is only as fresh as its scrapes.
 pub fn default_interval(prometheus: bool) -> Duration {
     Duration::from_secs(if prometheus { 15 } else { 1 })
+}
+
+/// A query parameter's value, form-encoded (`form_urlencoded`, as Prometheus parses it).
+fn query_encode(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
 #[cfg(test)]
@@ -156,9 +149,9 @@ mod tests {
 
     #[test]
     fn the_federation_selector_is_encoded_whole() {
-        let encoded = percent_encode(SERIES);
+        let encoded = query_encode(SERIES);
         assert!(
-            encoded.starts_with("%7B__name__%3D~%22istio_requests_total%7C"),
+            encoded.starts_with("%7B__name__%3D%7E%22istio_requests_total%7C"),
             "{encoded}"
         );
         assert!(!encoded.contains(['{', '"', '|', ',', '=']), "{encoded}");
