@@ -330,6 +330,10 @@ fn with_no_agent_dns_fails_open_to_the_resolver() {
 fn with_no_agent_dns_fails_closed_at_once() {
     let dns = setup("nmdnsclosed", "closed");
     let client = dns.tb.pod("mesh", "client-a").clone();
+    // The resolver answers (so that its silence below means something).
+    let outsider = dns.tb.pod("plain", "outsider").clone();
+    let direct = dns.dig(&outsider, "example.test");
+    assert_eq!(answer_line(&direct).as_deref(), Some(EXAMPLE), "{direct}");
     let local = dns.dig(&client, "web.mesh.svc.cluster.local");
     assert_eq!(answer_line(&local).as_deref(), Some(WEB), "{local}");
     dns.tb.kill_agent("node1", Signal::SIGKILL).expect("kill");

@@ -2,6 +2,7 @@
 //! programs to the node's pod cgroup root, pin everything, and keep the maps in sync.
 
 mod attach;
+mod detach;
 mod maps;
 mod reconcile;
 
@@ -438,11 +439,18 @@ pub fn remove_pinned(bpffs: &Path) -> Result<(), DatapathError> {
         return Ok(());
     }
     ensure_bpffs(bpffs)?;
-    let links = pinned_link_ids(bpffs);
+    // Only under links/: a map's pin answers the same info call with its map id, which
+    // another link may have as its link id (ids are per kind), and a wait for it never ends.
+    // That, not the kernel, kept `remove` waiting on 6.1, where ids are small and collide.
+    let link_dir = bpffs.join("links");
+    let links = pinned_link_ids(&link_dir);
     // Unpinning a link drops its last reference, which detaches the program: not at once,
     // though. bpffs frees the inode after an RCU grace period and the link's release runs
-    // from a workqueue, so the programs stay attached a little while (long enough for a
-    // connect to be refused after `remove` returned, seen on a loaded machine).
+    // from a workqueue, so the programs stay attached a while (long enough for a connect to
+    // be refused after `remove` returned, seen on a loaded machine). So every link is
+    // detached first, synchronously (`detach.rs`), and only the rest is waited for.
+    let detached = detach::detach_pinned_links(&link_dir);
+    let links: BTreeSet<u32> = links.difference(&detached).copied().collect();
     std::fs::remove_dir_all(bpffs).map_err(|source| DatapathError::Remove {
         path: bpffs.to_owned(),
         source,
@@ -467,7 +475,8 @@ pub fn remove_pinned(bpffs: &Path) -> Result<(), DatapathError> {
     }
     tracing::info!(
         path = %bpffs.display(),
-        links = links.len(),
+        detached = detached.len(),
+        unpinned = links.len(),
         waited_ms = started.elapsed().as_millis() as u64,
         "datapath removed, every link detached"
     );
@@ -507,7 +516,8 @@ fn link_holders(links: &BTreeSet<u32>) -> Vec<(u32, String)> {
     holders
 }
 
-/// The kernel ids of the bpf links pinned anywhere under `dir` (pins of maps are skipped).
+/// The kernel ids of the bpf links pinned anywhere under `dir`, which must hold links only:
+/// a map's pin answers the info call too, with its map id.
 fn pinned_link_ids(dir: &Path) -> BTreeSet<u32> {
     let mut ids = BTreeSet::new();
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -196,6 +196,9 @@ impl Testbed {
         ensure_bpffs()?;
         std::fs::create_dir_all(&self.cluster_state_dir)
             .io_context(|| format!("creating {}", self.cluster_state_dir.display()))?;
+        // Tests write their programs' logs there from the start (before any agent runs).
+        std::fs::create_dir_all(&self.log_dir)
+            .io_context(|| format!("creating {}", self.log_dir.display()))?;
         // Each node's own /run/nodemesh lives in it (made by its agent, or its kubelet).
         let run = naming::run_dir(&self.name);
         std::fs::create_dir_all(&run).io_context(|| format!("creating {}", run.display()))?;
