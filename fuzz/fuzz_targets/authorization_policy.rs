@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
-use nodemesh::k8s::compact::local_pod;
 use libfuzzer_sys::fuzz_target;
+use nodemesh::k8s::compact::local_pod;
 use nodemesh::{
     identity::spiffe::SpiffeId,
     k8s::objects::AuthorizationPolicyObject,

@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use nodemesh::dns::answer::{Decision, ServiceNames, decide, server_failure};
 
 /// Every Service exists, with one IPv4 and one IPv6 address, except in namespace `none`
-/// (none exists) and `empty` (no addresses).
+/// (none exists) and `empty` (no addresses); its endpoints have every hostname but `none`.
 struct Services;
 
 impl ServiceNames for Services {
@@ -19,8 +19,20 @@ impl ServiceNames for Services {
         match namespace {
             "none" => None,
             "empty" => Some(Vec::new()),
-            _ => Some(vec![[10, 96, 0, 10].into(), "fd00::10".parse().expect("address")]),
+            _ => Some(vec![
+                [10, 96, 0, 10].into(),
+                "fd00::10".parse().expect("address"),
+            ]),
         }
+    }
+
+    fn hostname_addresses(&self, namespace: &str, name: &str, host: &str) -> Option<Vec<IpAddr>> {
+        let addresses = self.addresses(namespace, name)?;
+        Some(if host == "none" {
+            Vec::new()
+        } else {
+            addresses
+        })
     }
 }
 
