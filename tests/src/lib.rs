@@ -29,6 +29,7 @@ mod netns;
 pub mod observability;
 pub mod pinned;
 mod pod;
+mod resolver;
 mod runtime_spec;
 mod terminal;
 mod testbed;

@@ -59,23 +59,9 @@ fn setup_with(prefix: &str, options: &AgentOptions) -> Dns {
     let outsider = tb.pod("plain", "outsider").clone();
     let resolver = outsider.ipv4().to_string();
     let query_log = tb.log_dir().join("dnsmasq-queries.log");
-    let mut dnsmasq = Command::new("dnsmasq");
-    dnsmasq.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--user=root",
-        "--pid-file=",
-        "--log-queries",
-        &format!("--log-facility={}", query_log.display()),
-        &format!("--listen-address={resolver}"),
-        &format!("--address=/example.test/{EXAMPLE}"),
-    ]);
-    tb.spawn_in_pod(&outsider, dnsmasq)
-        .expect("dnsmasq")
-        .detach();
-    tb.wait_listening(&outsider, 53).expect("dnsmasq listening");
+    let example = format!("--address=/example.test/{EXAMPLE}");
+    tb.start_dnsmasq(&outsider, &query_log, &[&example])
+        .expect("dnsmasq");
     for node in ["node1", "node2"] {
         tb.start_agent(node, options).expect("agent");
     }

@@ -122,22 +122,10 @@ fn a_strict_namespace_can_drop_inbound_udp_but_dns_answers() {
     let outsider = tb.pod("plain", "outsider").clone();
     let echo_log = tb.log_dir().join("udp-echo.log");
     start_echo(&tb, &server, &echo_log);
-    let mut dnsmasq = Command::new("dnsmasq");
-    let resolver = outsider.ipv4().to_string();
-    dnsmasq.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--user=root",
-        "--pid-file=",
-        &format!("--listen-address={resolver}"),
-        &format!("--address=/example.test/{EXAMPLE}"),
-    ]);
-    tb.spawn_in_pod(&outsider, dnsmasq)
-        .expect("dnsmasq")
-        .detach();
-    tb.wait_listening(&outsider, 53).expect("dnsmasq listening");
+    let example = format!("--address=/example.test/{EXAMPLE}");
+    let query_log = tb.log_dir().join("dnsmasq-queries.log");
+    tb.start_dnsmasq(&outsider, &query_log, &[&example])
+        .expect("dnsmasq");
     let mut udp = Udp {
         tb,
         server,

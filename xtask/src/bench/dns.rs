@@ -34,25 +34,18 @@ pub(super) fn start_resolver(
     resolver_pod: &Pod,
 ) -> anyhow::Result<std::path::PathBuf> {
     let log = tb.log_dir().join("bench-dnsmasq.log");
-    let ip = resolver_pod.ipv4().to_string();
-    let mut dnsmasq = Command::new("dnsmasq");
-    dnsmasq.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--user=root",
-        "--pid-file=",
-        "--cache-size=1000",
-        "--log-queries",
-        &format!("--log-facility={}", log.display()),
-        &format!("--listen-address={ip}"),
-        &format!("--address=/{SERVICE_NAME}/{}", super::L7_SERVICE_IP),
-        &format!("--address=/{EXTERNAL_NAME}/192.0.2.7"),
-        "--address=/cluster.local/",
-    ]);
-    tb.spawn_in_pod(resolver_pod, dnsmasq)?.detach();
-    tb.wait_listening(resolver_pod, 53)?;
+    let service = format!("--address=/{SERVICE_NAME}/{}", super::L7_SERVICE_IP);
+    let external = format!("--address=/{EXTERNAL_NAME}/192.0.2.7");
+    tb.start_dnsmasq(
+        resolver_pod,
+        &log,
+        &[
+            "--cache-size=1000",
+            &service,
+            &external,
+            "--address=/cluster.local/",
+        ],
+    )?;
     Ok(log)
 }
 
