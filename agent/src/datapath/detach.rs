@@ -10,7 +10,6 @@
 //! raw `bpf(2)` system call, as in include/uapi/linux/bpf.h.
 
 use std::{
-    collections::BTreeSet,
     ffi::CString,
     io,
     os::{fd::FromRawFd, unix::ffi::OsStrExt},
@@ -35,44 +34,8 @@ struct LinkDetachAttr {
     link_fd: u32,
 }
 
-use aya::programs::links::{FdLink, PinnedLink};
-
-/// Detaches every link pinned under `dir` (recursively); returns the ids of those detached.
-/// One that cannot be (not a link, or a kernel without the command) is logged and left to
-/// the unpinning.
-pub(super) fn detach_pinned_links(dir: &Path) -> BTreeSet<u32> {
-    let mut detached = BTreeSet::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return detached;
-    };
-    for entry in entries.filter_map(Result::ok) {
-        let path = entry.path();
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            detached.extend(detach_pinned_links(&path));
-            continue;
-        }
-        let id = PinnedLink::from_pin(&path)
-            .ok()
-            .and_then(|link| FdLink::from(link).info().ok())
-            .map(|info| info.id());
-        match id
-            .ok_or_else(|| io::Error::other("not a link"))
-            .and_then(|id| {
-                detach_pinned(&path)?;
-                Ok(id)
-            }) {
-            Ok(id) => {
-                detached.insert(id);
-            }
-            Err(error) => {
-                tracing::warn!(pin = %path.display(), %error, "cannot detach the pinned link; unpinning it instead")
-            }
-        }
-    }
-    detached
-}
-
-fn detach_pinned(path: &Path) -> io::Result<()> {
+/// Detaches the link pinned at `path` now (it stays pinned).
+pub(super) fn detach_pinned(path: &Path) -> io::Result<()> {
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::other("a NUL in the path"))?;
     let get = ObjGetAttr {

@@ -443,14 +443,20 @@ pub fn remove_pinned(bpffs: &Path) -> Result<(), DatapathError> {
     // another link may have as its link id (ids are per kind), and a wait for it never ends.
     // That, not the kernel, kept `remove` waiting on 6.1, where ids are small and collide.
     let link_dir = bpffs.join("links");
-    let links = pinned_link_ids(&link_dir);
+    let pinned = pinned_links(&link_dir);
     // Unpinning a link drops its last reference, which detaches the program: not at once,
     // though. bpffs frees the inode after an RCU grace period and the link's release runs
     // from a workqueue, so the programs stay attached a while (long enough for a connect to
     // be refused after `remove` returned, seen on a loaded machine). So every link is
     // detached first, synchronously (`detach.rs`), and only the rest is waited for.
-    let detached = detach::detach_pinned_links(&link_dir);
-    let links: BTreeSet<u32> = links.difference(&detached).copied().collect();
+    let mut links = BTreeSet::new();
+    for (path, id) in &pinned {
+        if let Err(error) = detach::detach_pinned(path) {
+            tracing::warn!(pin = %path.display(), %error, "cannot detach the pinned link; unpinning it instead");
+            links.insert(*id);
+        }
+    }
+    let detached = pinned.len() - links.len();
     std::fs::remove_dir_all(bpffs).map_err(|source| DatapathError::Remove {
         path: bpffs.to_owned(),
         source,
@@ -475,7 +481,7 @@ pub fn remove_pinned(bpffs: &Path) -> Result<(), DatapathError> {
     }
     tracing::info!(
         path = %bpffs.display(),
-        detached = detached.len(),
+        detached,
         unpinned = links.len(),
         waited_ms = started.elapsed().as_millis() as u64,
         "datapath removed, every link detached"
@@ -516,24 +522,24 @@ fn link_holders(links: &BTreeSet<u32>) -> Vec<(u32, String)> {
     holders
 }
 
-/// The kernel ids of the bpf links pinned anywhere under `dir`, which must hold links only:
-/// a map's pin answers the info call too, with its map id.
-fn pinned_link_ids(dir: &Path) -> BTreeSet<u32> {
-    let mut ids = BTreeSet::new();
+/// The bpf links pinned anywhere under `dir` with their kernel ids; `dir` must hold links
+/// only: a map's pin answers the info call too, with its map id.
+fn pinned_links(dir: &Path) -> Vec<(PathBuf, u32)> {
+    let mut links = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return ids;
+        return links;
     };
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            ids.extend(pinned_link_ids(&path));
+            links.extend(pinned_links(&path));
         } else if let Ok(link) = PinnedLink::from_pin(&path)
             && let Ok(info) = FdLink::from(link).info()
         {
-            ids.insert(info.id());
+            links.push((path, info.id()));
         }
     }
-    ids
+    links
 }
 
 /// How many of `links` the kernel still holds.
