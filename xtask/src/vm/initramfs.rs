@@ -333,6 +333,10 @@ for module in {modules}; do
     insmod /modules/$module.ko || setup_failed "insmod $module"
 done
 ip link set lo up || setup_failed "ip link set lo up"
+# Keep the BPF hooks' static keys on, so the kernel does not live-patch its text under the
+# tests (QEMU's multi-threaded TCG once ran a stale int3 of such a patch; docs/vm-test.md).
+{GUEST_DIR}/nodemesh-workload hold-static-keys --cgroup /sys/fs/cgroup/nodemesh-vm-static-keys \
+    || setup_failed "hold the BPF static keys"
 
 echo "{START_MARKER} kernel $(uname -r)"
 status=0

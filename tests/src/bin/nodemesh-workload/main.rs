@@ -25,6 +25,7 @@ mod http_bench;
 mod http_client;
 mod http_load;
 mod soak;
+mod static_keys;
 mod udp;
 
 use anyhow::Context;
@@ -111,6 +112,10 @@ enum Cmd {
     DnsLoad(udp::DnsLoadArgs),
     /// A resolver on port 53 that holds each query until a file exists, then answers.
     DnsHeld(udp::DnsHeldArgs),
+    /// For the kernel-matrix VMs: keeps one idle attachment of each BPF hook the agent uses,
+    /// so the kernel never live-patches those hooks' static keys while tests run
+    /// (static_keys.rs); returns once they are held, holding them in the background.
+    HoldStaticKeys(static_keys::HoldStaticKeysArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -128,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::DnsAsk(args) => return udp::ask(args),
         Cmd::DnsHeld(args) => return udp::held(args),
         Cmd::DnsLoad(args) => return udp::load(args),
+        Cmd::HoldStaticKeys(args) => return static_keys::run(args),
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -165,7 +171,8 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
         | Cmd::UdpSend(_)
         | Cmd::DnsAsk(_)
         | Cmd::DnsHeld(_)
-        | Cmd::DnsLoad(_) => {
+        | Cmd::DnsLoad(_)
+        | Cmd::HoldStaticKeys(_) => {
             unreachable!("handled before the runtime starts")
         }
     }
