@@ -2,7 +2,7 @@
 //! kube-proxy here, so nothing else could answer it), the connect hook captures it before
 //! any translation, and the node proxy picks a ready endpoint from the EndpointSlice and
 //! carries the connection there over HBONE. The Service port is declared `appProtocol: tcp`,
-//! so connections are relayed at L4 (tests/l7.rs covers HTTP per request). Needs root.
+//! so connections are relayed at L4 (tests/l7/ covers HTTP per request). Needs root.
 
 use std::process::Command;
 
@@ -32,7 +32,7 @@ fn apply_service(tb: &Testbed, server_b_terminating: bool) {
     let mut service =
         cluster_state::service_object("mesh", "web", CLUSTER_IP, SERVICE_PORT, "http");
     // appProtocol tcp: this file tests L4 Service resolution (an endpoint per connection,
-    // round-robin); per-request HTTP balancing is tests/l7.rs's.
+    // round-robin); per-request HTTP balancing is in tests/l7/.
     if let Some(ports) = service.spec.as_mut().and_then(|s| s.ports.as_mut()) {
         ports[0].app_protocol = Some("tcp".into());
     }
