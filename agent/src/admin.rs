@@ -66,8 +66,8 @@ struct ConfigDump<'a> {
     cluster_state: ClusterStateView,
     /// Service virtual addresses the proxy resolves, with their ready endpoints.
     services: Vec<ServicePortView>,
-    /// HTTPRoutes in force (the last good version of a rejected one).
-    http_routes: Vec<RouteView>,
+    /// HTTPRoutes and GRPCRoutes in force (the last good version of a rejected one).
+    routes: Vec<RouteView>,
     /// Endpoints the L7 proxy has sent requests to: latency estimate, load, ejection.
     http_endpoints: Vec<EndpointView>,
     /// AuthorizationPolicies in force and the local pods each selects.
@@ -295,7 +295,7 @@ fn config_dump(state: &AdminState) -> Response<Full<Bytes>> {
         config_errors: node.config_errors.clone(),
         cluster_state: ClusterStateView::of(state),
         services: service_views(state),
-        http_routes: node.routes.views(),
+        routes: node.routes.views(),
         http_endpoints: state.balancer.views(),
         authorization_policies: node.authorization.views(),
         identities: state.identities.as_ref().map(|m| m.views()),

@@ -1,5 +1,6 @@
-//! HTTPRoute conversion from arbitrary JSON specs, then routing an arbitrary request through
-//! whatever converted: errors, never panics; a rejected route keeps the previous version.
+//! HTTPRoute and GRPCRoute conversion from arbitrary JSON specs (the same spec as both kinds),
+//! then routing an arbitrary request through whatever converted: errors, never panics; a
+//! rejected route keeps the previous version.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -7,7 +8,7 @@ use std::collections::BTreeMap;
 use hyper::{HeaderMap, Method};
 use libfuzzer_sys::fuzz_target;
 use nodemesh::{
-    k8s::objects::HttpRouteObject,
+    k8s::objects::{GrpcRouteObject, HttpRouteObject},
     state::routes::{RequestView, RouteTable},
 };
 
@@ -19,15 +20,24 @@ fuzz_target!(|data: &[u8]| {
     let Ok(spec) = serde_json::from_slice::<serde_json::Value>(spec) else {
         return;
     };
-    let object: HttpRouteObject = serde_json::from_value(serde_json::json!({
+    let object = serde_json::json!({
         "metadata": {"name": "r", "namespace": "ns"},
         "spec": spec,
-    }))
-    .expect("metadata");
-    let routes = BTreeMap::from([(("ns".to_owned(), "r".to_owned()), object)]);
-    let (table, errors) = RouteTable::build(&routes, &RouteTable::default());
+    });
+    let http: HttpRouteObject = serde_json::from_value(object.clone()).expect("metadata");
+    let grpc: GrpcRouteObject = serde_json::from_value(object).expect("metadata");
+    let key = ("ns".to_owned(), "r".to_owned());
+    let (table, errors) = RouteTable::build(
+        &BTreeMap::from([(key.clone(), http)]),
+        &BTreeMap::from([(key, grpc)]),
+        &RouteTable::default(),
+    );
     for error in &errors {
-        assert!(error.to_string().starts_with("HTTPRoute ns/r: spec"));
+        let message = error.to_string();
+        assert!(
+            message.starts_with("HTTPRoute ns/r: spec") || message.starts_with("GRPCRoute ns/r: spec"),
+            "{message}"
+        );
     }
     let text = String::from_utf8_lossy(request);
     let (path, query) = text.split_once('?').unwrap_or((&text, ""));

@@ -427,6 +427,7 @@ fn status_top_check_and_the_kubectl_plugin_work_from_a_laptop() {
     assert_eq!(code, 0, "{screen}");
     for line in [
         "ok    CRDs               httproutes.gateway.networking.k8s.io established",
+        "ok    CRDs               grpcroutes.gateway.networking.k8s.io established",
         "ok    kernel             2 nodes at or above 6.1",
         "ok    meshed namespaces  mesh",
         "ok    trust bundle       1 root certificate(s)",

@@ -528,6 +528,7 @@ fn check_network_policy(
 /// the CA TokenReviews and its sweep of MeshNodes. Everything else is read-only.
 const AGENT_WRITES: &[(&str, &[&str])] = &[
     ("httproutes/status", &["patch"]),
+    ("grpcroutes/status", &["patch"]),
     ("meshnodes", &["create", "patch"]),
     ("meshnodes/status", &["patch", "update"]),
 ];

@@ -59,9 +59,13 @@ impl Reconciler<'_> {
                 .retain(|endpoint| services.has_endpoint(endpoint));
         }
         let previous = Arc::clone(&self.state.borrow());
-        let (routes, route_errors) = RouteTable::build(&snapshot.http_routes, &previous.routes);
+        let (routes, route_errors) = RouteTable::build(
+            &snapshot.http_routes,
+            &snapshot.grpc_routes,
+            &previous.routes,
+        );
         for error in &route_errors {
-            tracing::warn!(%error, "HTTPRoute rejected; its last good version keeps serving");
+            tracing::warn!(%error, "route rejected; its last good version keeps serving");
         }
         if self.cluster.writes_status() {
             let now = k8s_openapi::jiff::Timestamp::now().to_string();
@@ -70,12 +74,15 @@ impl Reconciler<'_> {
                 .services
                 .read()
                 .unwrap_or_else(|p| p.into_inner());
-            let updates = routes::status_updates(
-                &snapshot.http_routes,
+            let exists = |service: &str| services.contains(service);
+            let mut updates =
+                routes::status_updates(&snapshot.http_routes, &route_errors, exists, &now);
+            updates.extend(routes::status_updates(
+                &snapshot.grpc_routes,
                 &route_errors,
-                |service| services.contains(service),
+                exists,
                 &now,
-            );
+            ));
             drop(services);
             self.cluster.write_route_statuses(updates);
         }

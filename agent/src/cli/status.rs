@@ -133,9 +133,9 @@ fn config_counts(out: &mut String, dump: &Value) {
     let count = |key: &str| dump[key].as_array().map_or(0, Vec::len);
     let _ = writeln!(
         out,
-        "\nSERVICES {}   HTTP ROUTES {}   AUTHORIZATION POLICIES {}   L7 ENDPOINTS {} ({} ejected)",
+        "\nSERVICES {}   ROUTES {}   AUTHORIZATION POLICIES {}   L7 ENDPOINTS {} ({} ejected)",
         count("services"),
-        count("http_routes"),
+        count("routes"),
         count("authorization_policies"),
         count("http_endpoints"),
         dump["http_endpoints"]

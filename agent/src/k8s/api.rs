@@ -1,5 +1,6 @@
 //! Cluster state from the Kubernetes API server: one watch per kind (Namespaces, Pods,
-//! Services, EndpointSlices, Gateway API HTTPRoutes, nodemesh AuthorizationPolicies), each
+//! Services, EndpointSlices, Gateway API HTTPRoutes and GRPCRoutes, nodemesh
+//! AuthorizationPolicies), each
 //! feeding its compact index or table event by event (`watch.rs`, `sinks.rs`).
 //!
 //! Pods are watched twice: this node's pods with a `spec.nodeName` field selector, which alone
@@ -10,7 +11,7 @@
 //!
 //! Readiness: the agent counts as synced once Namespaces, both Pod watches, Services,
 //! EndpointSlices and AuthorizationPolicies have completed their first list: an agent that
-//! served before knowing the policies would allow what a policy denies. HTTPRoutes are not
+//! served before knowing the policies would allow what a policy denies. Routes are not
 //! waited for, and neither is either optional resource while the API server does not serve
 //! it (`discovery.rs`).
 
@@ -37,7 +38,10 @@ use super::{
     compact::LocalPod,
     discovery::{self, Optional},
     intern::Interner,
-    objects::{AuthorizationPolicyObject, HttpRouteObject, RouteStatusUpdate},
+    objects::{
+        AuthorizationPolicyObject, Grpc, GrpcRouteObject, Http, HttpRouteObject, RouteKind,
+        RouteObject, RouteStatusUpdate,
+    },
     sinks::{LocalPodSink, NamespaceSink, ObjectSink, ServiceSink, SliceSink, WorkloadSink, lock},
     snapshot::{ClusterIndices, ClusterSnapshot},
     status::SourceStatus,
@@ -51,6 +55,7 @@ const LOCAL_PODS: &str = "this node's Pods";
 const SERVICES: &str = "Services";
 const ENDPOINT_SLICES: &str = "EndpointSlices";
 const HTTP_ROUTES: &str = "HTTPRoutes";
+const GRPC_ROUTES: &str = "GRPCRoutes";
 const AUTHORIZATION_POLICIES: &str = "AuthorizationPolicies";
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +78,7 @@ pub struct ApiWatch {
     /// This node's pods by `namespace/name`.
     local_pods: Arc<Mutex<Table<String, LocalPod>>>,
     http_routes: Objects<HttpRouteObject>,
+    grpc_routes: Objects<GrpcRouteObject>,
     authorization_policies: Objects<AuthorizationPolicyObject>,
     unsynced: watch::Receiver<Vec<&'static str>>,
     tasks: Vec<JoinHandle<()>>,
@@ -125,6 +131,7 @@ impl ApiWatch {
         let namespaces = Arc::new(Mutex::new(NamespaceTable::default()));
         let local_pods = Arc::new(Mutex::new(Table::default()));
         let http_routes: Objects<HttpRouteObject> = Arc::default();
+        let grpc_routes: Objects<GrpcRouteObject> = Arc::default();
         let authorization_policies: Objects<AuthorizationPolicyObject> = Arc::default();
         let mut tasks = core_watches(&client, node, indices, &namespaces, &local_pods, &contexts);
         tasks.push(tokio::spawn(discovery::run(
@@ -137,6 +144,13 @@ impl ApiWatch {
                     ("gateway.networking.k8s.io/v1", "httproutes"),
                     "Service traffic is not routed by HTTPRoutes",
                     &http_routes,
+                ),
+                optional(
+                    &client,
+                    contexts.optional(GRPC_ROUTES, "/apis/gateway.networking.k8s.io/v1/grpcroutes"),
+                    ("gateway.networking.k8s.io/v1", "grpcroutes"),
+                    "gRPC calls to Services are not routed by GRPCRoutes",
+                    &grpc_routes,
                 ),
                 optional(
                     &client,
@@ -155,6 +169,7 @@ impl ApiWatch {
             namespaces,
             local_pods,
             http_routes,
+            grpc_routes,
             authorization_policies,
             unsynced: unsynced_rx,
             tasks,
@@ -182,6 +197,7 @@ impl ApiWatch {
             namespaces: namespaces.to_map(),
             local_pods: lock(&self.local_pods).to_map(),
             http_routes: lock(&self.http_routes).to_map(),
+            grpc_routes: lock(&self.grpc_routes).to_map(),
             authorization_policies: lock(&self.authorization_policies).to_map(),
         };
         (snapshot, namespaces.errors())
@@ -354,14 +370,15 @@ impl ApiWatch {
         tokio::spawn(async move {
             for update in updates {
                 let route = format!("{}/{}", update.namespace, update.name);
+                let kind = update.kind;
                 match write_route_status(&client, &update).await {
-                    Ok(()) => tracing::info!(%route, "HTTPRoute status written"),
+                    Ok(()) => tracing::info!(%route, "{kind} status written"),
                     Err(kube::Error::Api(status)) if status.code == 409 => {
-                        tracing::debug!(%route, "HTTPRoute changed meanwhile; its status is written on the next pass")
+                        tracing::debug!(%route, "{kind} changed meanwhile; its status is written on the next pass")
                     }
                     Err(error) => {
                         let error = watches::client_error(&error);
-                        tracing::warn!(%route, "writing the status of HTTPRoute {route} failed: {error}; it is written again on a later pass")
+                        tracing::warn!(%route, "writing the status of {kind} {route} failed: {error}; it is written again on a later pass")
                     }
                 }
             }
@@ -375,7 +392,18 @@ pub async fn write_route_status(
     client: &Client,
     update: &RouteStatusUpdate,
 ) -> Result<(), kube::Error> {
-    let api: Api<HttpRouteObject> = Api::namespaced(client.clone(), &update.namespace);
+    if update.kind == Grpc::KIND {
+        patch_route_status::<Grpc>(client, update).await
+    } else {
+        patch_route_status::<Http>(client, update).await
+    }
+}
+
+async fn patch_route_status<K: RouteKind>(
+    client: &Client,
+    update: &RouteStatusUpdate,
+) -> Result<(), kube::Error> {
+    let api: Api<RouteObject<K>> = Api::namespaced(client.clone(), &update.namespace);
     let patch = serde_json::json!({
         "metadata": {"resourceVersion": update.resource_version},
         "status": {"parents": update.parents},

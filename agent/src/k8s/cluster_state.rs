@@ -2,7 +2,8 @@
 //!
 //! Every `*.yaml`/`*.yml` file (dotfiles ignored, so writers can rename temporaries into
 //! place) may hold several documents. Namespaces, Pods, Services, EndpointSlices, Gateway
-//! API HTTPRoutes and nodemesh AuthorizationPolicies are kept; other kinds are ignored.
+//! API HTTPRoutes and GRPCRoutes and nodemesh AuthorizationPolicies are kept; other kinds
+//! are ignored.
 //! A file that fails to parse is reported with its path and position, and the objects it
 //! held last time it parsed are kept: bad input never drops good state. Objects are held in
 //! the same compact forms as the API watches keep (`compact.rs`), and each refresh feeds the
@@ -28,7 +29,7 @@ use super::{
     compact::{self, LocalPod, NamespaceInfo, ServiceInfo, SliceInfo, WorkloadPod},
     intern::Interner,
     labels::InvalidNamespaceLabel,
-    objects::{AuthorizationPolicyObject, HttpRouteObject},
+    objects::{AuthorizationPolicyObject, GrpcRouteObject, HttpRouteObject},
     snapshot::{ClusterIndices, ClusterSnapshot},
 };
 
@@ -90,6 +91,7 @@ enum Manifest {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     HttpRoute(Box<HttpRouteObject>),
+    GrpcRoute(Box<GrpcRouteObject>),
     AuthorizationPolicy(Box<AuthorizationPolicyObject>),
 }
 
@@ -107,6 +109,7 @@ enum Object {
     Service(ServiceInfo),
     EndpointSlice(SliceInfo),
     HttpRoute(Box<HttpRouteObject>),
+    GrpcRoute(Box<GrpcRouteObject>),
     AuthorizationPolicy(Box<AuthorizationPolicyObject>),
 }
 
@@ -183,6 +186,7 @@ impl ClusterStateDir {
                 Object::EndpointSlice(compact::slice_info(&slice, &mut self.strings)?)
             }
             Manifest::HttpRoute(route) => Object::HttpRoute(route),
+            Manifest::GrpcRoute(route) => Object::GrpcRoute(route),
             Manifest::AuthorizationPolicy(policy) => Object::AuthorizationPolicy(policy),
         })
     }
@@ -219,6 +223,11 @@ impl ClusterStateDir {
                 Object::HttpRoute(route) => {
                     snapshot
                         .http_routes
+                        .insert(namespaced_key(&route.metadata), (**route).clone());
+                }
+                Object::GrpcRoute(route) => {
+                    snapshot
+                        .grpc_routes
                         .insert(namespaced_key(&route.metadata), (**route).clone());
                 }
                 Object::AuthorizationPolicy(policy) => {
@@ -417,6 +426,13 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Manifest>, ManifestErr
                 "HTTPRoute",
                 value,
                 |r: &HttpRouteObject| &r.metadata,
+            )?))),
+            "GRPCRoute" => objects.push(Manifest::GrpcRoute(Box::new(namespaced(
+                path,
+                document_number,
+                "GRPCRoute",
+                value,
+                |r: &GrpcRouteObject| &r.metadata,
             )?))),
             other => tracing::debug!(path = %path.display(), kind = other, "ignoring manifest"),
         }

@@ -1,6 +1,7 @@
 //! The custom kinds the agent reads as they are written in the cluster: Gateway API
-//! HTTPRoutes and nodemesh AuthorizationPolicies, with what kube-rs needs to watch them and
-//! the status update written back to a route.
+//! HTTPRoutes and GRPCRoutes (one generic [`RouteObject`]) and nodemesh
+//! AuthorizationPolicies, with what kube-rs needs to watch them and the status update
+//! written back to a route.
 //!
 //! Their specs stay raw JSON: `state::routes` and `state::authorization` convert them on each
 //! rebuild and name the field that is wrong, keeping the last good version, where a typed
@@ -9,27 +10,72 @@
 //! the object around a typed spec struct (and needs kube's `derive` feature, which the agent
 //! does not build); `spec.rs` in `state::routes` says why the `gateway-api` crate does not fit.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, marker::PhantomData};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, core::NamespaceResourceScope};
 use serde::Deserialize;
 
-/// An HTTPRoute as read from the cluster: its metadata and its spec, converted on each
-/// rebuild so that a bad spec is reported without losing the rest of the state.
+/// A Gateway API route as read from the cluster (an HTTPRoute or a GRPCRoute, by `K`): its
+/// metadata and its spec, converted on each rebuild so that a bad spec is reported without
+/// losing the rest of the state.
 #[derive(Clone, Debug, Deserialize)]
-pub struct HttpRouteObject {
+#[serde(bound = "")]
+pub struct RouteObject<K> {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: serde_json::Value,
     /// What controllers (nodemesh among them) last reported about it.
     #[serde(default)]
     pub status: Option<serde_json::Value>,
+    #[serde(skip)]
+    kind: PhantomData<K>,
 }
+
+impl<K> RouteObject<K> {
+    pub fn new(metadata: ObjectMeta, spec: serde_json::Value) -> Self {
+        Self {
+            metadata,
+            spec,
+            status: None,
+            kind: PhantomData,
+        }
+    }
+}
+
+/// Which Gateway API route kind a [`RouteObject`] is.
+pub trait RouteKind: Clone + std::fmt::Debug + Send + Sync + 'static {
+    /// `HTTPRoute`, `GRPCRoute`.
+    const KIND: &'static str;
+    /// `httproutes`, `grpcroutes`.
+    const PLURAL: &'static str;
+}
+
+#[derive(Clone, Debug)]
+pub struct Http;
+#[derive(Clone, Debug)]
+pub struct Grpc;
+
+impl RouteKind for Http {
+    const KIND: &'static str = "HTTPRoute";
+    const PLURAL: &'static str = "httproutes";
+}
+
+impl RouteKind for Grpc {
+    const KIND: &'static str = "GRPCRoute";
+    const PLURAL: &'static str = "grpcroutes";
+}
+
+/// An HTTPRoute (gateway.networking.k8s.io/v1).
+pub type HttpRouteObject = RouteObject<Http>;
+/// A GRPCRoute (gateway.networking.k8s.io/v1).
+pub type GrpcRouteObject = RouteObject<Grpc>;
 
 /// The status nodemesh reports for one route, when it differs from what the route carries.
 #[derive(Debug, PartialEq)]
 pub struct RouteStatusUpdate {
+    /// `HTTPRoute` or `GRPCRoute`.
+    pub kind: &'static str,
     pub namespace: String,
     pub name: String,
     /// The route's resourceVersion the update was computed from (a precondition).
@@ -46,14 +92,14 @@ pub struct AuthorizationPolicyObject {
     pub spec: serde_json::Value,
 }
 
-/// HTTPRoute (gateway.networking.k8s.io/v1) as kube-rs sees it; its spec is converted by
-/// `state::routes`, which reports what is wrong with it.
-impl Resource for HttpRouteObject {
+/// A route kind as kube-rs sees it; its spec is converted by `state::routes`, which reports
+/// what is wrong with it.
+impl<K: RouteKind> Resource for RouteObject<K> {
     type DynamicType = ();
     type Scope = NamespaceResourceScope;
 
     fn kind(_: &()) -> Cow<'_, str> {
-        "HTTPRoute".into()
+        K::KIND.into()
     }
     fn group(_: &()) -> Cow<'_, str> {
         "gateway.networking.k8s.io".into()
@@ -62,7 +108,7 @@ impl Resource for HttpRouteObject {
         "v1".into()
     }
     fn plural(_: &()) -> Cow<'_, str> {
-        "httproutes".into()
+        K::PLURAL.into()
     }
     fn meta(&self) -> &ObjectMeta {
         &self.metadata

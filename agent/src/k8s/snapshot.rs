@@ -12,16 +12,17 @@ use std::{
 
 use super::{
     compact::{LocalPod, NamespaceInfo, ServiceInfo, SliceInfo, WorkloadPod},
-    objects::{AuthorizationPolicyObject, HttpRouteObject},
+    objects::{AuthorizationPolicyObject, GrpcRouteObject, HttpRouteObject},
 };
 
 /// Namespaces by name (the last good version of each); this node's pods by `namespace/name`;
-/// HTTPRoutes and nodemesh AuthorizationPolicies by (namespace, name).
+/// HTTPRoutes, GRPCRoutes and nodemesh AuthorizationPolicies by (namespace, name).
 #[derive(Clone, Debug, Default)]
 pub struct ClusterSnapshot {
     pub namespaces: BTreeMap<String, NamespaceInfo>,
     pub local_pods: BTreeMap<String, LocalPod>,
     pub http_routes: BTreeMap<(String, String), HttpRouteObject>,
+    pub grpc_routes: BTreeMap<(String, String), GrpcRouteObject>,
     pub authorization_policies: BTreeMap<(String, String), AuthorizationPolicyObject>,
 }
 

@@ -113,16 +113,21 @@ fn wait_for_dump(tb: &Testbed, what: &str, done: impl Fn(&Value) -> bool) {
     .unwrap_or_else(|e| panic!("{e}; the last config dump: {last:#}"));
 }
 
-/// A condition of the status nodemesh wrote on HTTPRoute `mesh/<route>`, read back with
-/// kubectl: `status reason`.
+/// A condition of the status nodemesh wrote on the route `mesh/<route>` (an HTTPRoute's
+/// name, or `grpcroute/<name>`), read back with kubectl: `status reason`.
 fn route_condition(tb: &Testbed, route: &str, kind: &str) -> String {
     let path = format!(
         r#"jsonpath={{.status.parents[?(@.controllerName=="nodemesh.io/mesh")].conditions[?(@.type=="{kind}")]['status','reason']}}"#
     );
+    let object = if route.contains('/') {
+        route.to_owned()
+    } else {
+        format!("httproute/{route}")
+    };
     tb.api()
         .expect("a real API server")
-        .kubectl_ok(&["-n", "mesh", "get", "httproute", route, "-o", &path])
-        .expect("kubectl get httproute")
+        .kubectl_ok(&["-n", "mesh", "get", &object, "-o", &path])
+        .expect("kubectl get the route")
 }
 
 /// Waits until `route`'s status, as kubectl shows it, has condition `kind` as `expected`.
@@ -137,7 +142,7 @@ fn wait_route_condition(tb: &Testbed, route: &str, kind: &str, expected: &str) {
 
 fn routes_loaded(tb: &Testbed, routes: usize) {
     wait_for_dump(tb, "routes loaded", |dump| {
-        dump["http_routes"].as_array().map(Vec::len) == Some(routes)
+        dump["routes"].as_array().map(Vec::len) == Some(routes)
     });
 }
 
@@ -600,3 +605,4 @@ fn smuggling_and_malformed_requests_never_reach_the_application() {
 }
 
 mod authorization;
+mod grpc_route;

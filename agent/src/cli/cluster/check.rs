@@ -21,11 +21,17 @@ use crate::{
 };
 
 /// The CRDs nodemesh reads, and what is lost without each.
-const CRDS: [(&str, &str, bool); 3] = [
+const CRDS: [(&str, &str, bool); 4] = [
     (
         "httproutes.gateway.networking.k8s.io",
         "Gateway API HTTPRoutes: L7 routing stays off until they are installed \
          (kubectl apply --server-side -f standard-install.yaml of Gateway API v1.x)",
+        false,
+    ),
+    (
+        "grpcroutes.gateway.networking.k8s.io",
+        "Gateway API GRPCRoutes: gRPC routing stays off until they are installed \
+         (standard-install.yaml of Gateway API v1.1 or later)",
         false,
     ),
     (

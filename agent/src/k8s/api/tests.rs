@@ -599,6 +599,10 @@ fn resources_the_server_does_not_serve_are_disabled_until_their_crd_appears() {
                 "gateway.networking.k8s.io/v1 httproutes is not served",
             ),
             (
+                "GRPCRoutes",
+                "gateway.networking.k8s.io/v1 grpcroutes is not served",
+            ),
+            (
                 "AuthorizationPolicies",
                 "nodemesh.io/v1alpha1 authorizationpolicies is not served",
             ),

@@ -7,6 +7,7 @@ use hyper::{
     Method,
     header::{HeaderName, HeaderValue},
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use regex::Regex;
 
 use super::{
@@ -20,12 +21,33 @@ use super::{
         RouteSpec, RuleSpec, ValueMatchSpec,
     },
 };
-use crate::k8s::objects::HttpRouteObject;
+use crate::k8s::objects::{Http, HttpRouteObject, RouteKind};
+
+/// Which route: its kind and `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RouteKey {
+    /// `HTTPRoute` or `GRPCRoute`.
+    pub kind: &'static str,
+    /// `namespace/name`.
+    pub name: String,
+}
+
+impl RouteKey {
+    /// How logs, metrics and the config dump name the route: `namespace/name` for an
+    /// HTTPRoute (the common case), `GRPCRoute namespace/name` for a GRPCRoute.
+    pub fn label(&self) -> String {
+        if self.kind == Http::KIND {
+            self.name.clone()
+        } else {
+            format!("{} {}", self.kind, self.name)
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
-#[error("HTTPRoute {route}: {field}: {message}")]
+#[error("{} {}: {field}: {message}", route.kind, route.name)]
 pub struct RouteError {
-    pub route: String,
+    pub route: RouteKey,
     pub field: String,
     pub message: String,
 }
@@ -78,28 +100,47 @@ pub(super) struct ConvertedRoute {
     pub(super) rules: Vec<(Vec<RequestMatch>, Arc<Rule>)>,
 }
 
-fn route_error(key: &str, field: &str, message: String) -> RouteError {
+fn route_error(key: &RouteKey, field: &str, message: String) -> RouteError {
     RouteError {
-        route: key.to_owned(),
+        route: key.clone(),
         field: field.to_owned(),
         message,
     }
 }
 
-/// Converts one route, naming the first field that is wrong.
+/// Converts one HTTPRoute, naming the first field that is wrong.
 pub(super) fn convert(
     namespace: &str,
-    key: &str,
+    key: &RouteKey,
     object: &HttpRouteObject,
 ) -> Result<ConvertedRoute, RouteError> {
-    let error = |field: &str, message: String| route_error(key, field, message);
-    let spec: RouteSpec = serde_path_to_error::deserialize(&object.spec).map_err(|e| {
+    let spec: RouteSpec = parse_spec(key, &object.spec)?;
+    convert_spec(namespace, key, spec, &object.metadata)
+}
+
+/// A route's spec as written, or the field that does not deserialize.
+pub(super) fn parse_spec<T: serde::de::DeserializeOwned>(
+    key: &RouteKey,
+    spec: &serde_json::Value,
+) -> Result<T, RouteError> {
+    serde_path_to_error::deserialize(spec).map_err(|e| {
         let field = match e.path().to_string().as_str() {
             "." => "spec".to_owned(),
             path => format!("spec.{path}"),
         };
-        error(&field, e.into_inner().to_string())
-    })?;
+        route_error(key, &field, e.into_inner().to_string())
+    })
+}
+
+/// Converts a route's spec, in the form of an HTTPRoute's (a GRPCRoute's is translated to
+/// it first, grpc.rs).
+pub(super) fn convert_spec(
+    namespace: &str,
+    key: &RouteKey,
+    spec: RouteSpec,
+    metadata: &ObjectMeta,
+) -> Result<ConvertedRoute, RouteError> {
+    let error = |field: &str, message: String| route_error(key, field, message);
     let mut parents = Vec::new();
     for (i, parent) in spec.parent_refs.iter().enumerate() {
         let is_service = parent.kind.as_deref() == Some("Service")
@@ -122,8 +163,7 @@ pub(super) fn convert(
         .collect::<Result<_, _>>()?;
     Ok(ConvertedRoute {
         namespace: namespace.to_owned(),
-        created: object
-            .metadata
+        created: metadata
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.to_string()),
@@ -137,7 +177,7 @@ fn convert_rule(
     rule: &RuleSpec,
     at: &str,
     namespace: &str,
-    key: &str,
+    key: &RouteKey,
 ) -> Result<(Vec<RequestMatch>, Arc<Rule>), RouteError> {
     let error = |field: &str, message: String| route_error(key, field, message);
     let field = |rest: &str| format!("{at}{rest}");
@@ -229,7 +269,7 @@ fn convert_rule(
 fn convert_filter(
     filter: &FilterSpec,
     at: &str,
-    key: &str,
+    key: &RouteKey,
     converted: &mut Rule,
 ) -> Result<(), RouteError> {
     let error = |field: &str, message: String| route_error(key, field, message);
@@ -312,7 +352,7 @@ fn convert_backend(
     backend: &BackendRefSpec,
     at: &str,
     namespace: &str,
-    key: &str,
+    key: &RouteKey,
 ) -> Result<Backend, RouteError> {
     let error = |field: &str, message: String| route_error(key, field, message);
     let kind = backend.kind.as_deref().unwrap_or("Service");
@@ -355,9 +395,9 @@ fn convert_backend(
     })
 }
 
-fn convert_match(spec: &MatchSpec, at: &str, key: &str) -> Result<RequestMatch, RouteError> {
+fn convert_match(spec: &MatchSpec, at: &str, key: &RouteKey) -> Result<RequestMatch, RouteError> {
     let error = |field: String, message: String| RouteError {
-        route: key.to_owned(),
+        route: key.clone(),
         field,
         message,
     };
@@ -429,7 +469,7 @@ fn convert_match(spec: &MatchSpec, at: &str, key: &str) -> Result<RequestMatch, 
 }
 
 /// Gateway API regular expressions match the whole value.
-fn anchored(pattern: &str) -> Result<Regex, InvalidRegex> {
+pub(super) fn anchored(pattern: &str) -> Result<Regex, InvalidRegex> {
     regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
         .size_limit(1 << 20)
         .build()
@@ -441,7 +481,7 @@ fn anchored(pattern: &str) -> Result<Regex, InvalidRegex> {
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid regular expression {pattern:?}: {source}")]
-struct InvalidRegex {
+pub(super) struct InvalidRegex {
     pattern: String,
     source: regex::Error,
 }
@@ -449,10 +489,10 @@ struct InvalidRegex {
 fn convert_modifier(
     spec: &HeaderModifierSpec,
     at: &str,
-    key: &str,
+    key: &RouteKey,
 ) -> Result<HeaderModifier, RouteError> {
     let error = |message: String| RouteError {
-        route: key.to_owned(),
+        route: key.clone(),
         field: at.to_owned(),
         message,
     };
@@ -480,10 +520,10 @@ fn convert_modifier(
 fn convert_path_modifier(
     spec: &PathModifierSpec,
     at: &str,
-    key: &str,
+    key: &RouteKey,
 ) -> Result<PathModifier, RouteError> {
     let error = |message: String| RouteError {
-        route: key.to_owned(),
+        route: key.clone(),
         field: format!("{at}.path"),
         message,
     };

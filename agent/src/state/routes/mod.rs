@@ -1,5 +1,6 @@
-//! Gateway API HTTPRoutes attached to Services (GAMMA): what the L7 proxy does with each
-//! HTTP request addressed to a Service.
+//! Gateway API HTTPRoutes and GRPCRoutes attached to Services (GAMMA): what the L7 proxy
+//! does with each HTTP request (gRPC call) addressed to a Service. A GRPCRoute is translated
+//! into an HTTPRoute's form first (`grpc.rs`) and applied by the same table.
 //!
 //! A route applies to a Service when one of its `parentRefs` names it (`kind: Service`,
 //! group `""`), optionally on one port. Routes in the Service's namespace (producer routes)
@@ -19,16 +20,17 @@
 //! convert) and `ResolvedRefs` (False when a backend Service does not exist).
 //!
 //! `spec.rs` is the spec as written, `convert.rs` its conversion and validation into the
-//! rules of `rule.rs`, `table.rs` the table in precedence order, `status.rs` the status
+//! rules of `rule.rs`, `grpc.rs` a GRPCRoute's translation, `table.rs` the table in precedence order, `status.rs` the status
 //! write-back.
 
 mod convert;
+mod grpc;
 mod rule;
 mod spec;
 mod status;
 mod table;
 
-pub use convert::{InvalidDuration, RouteError, parse_duration};
+pub use convert::{InvalidDuration, RouteError, RouteKey, parse_duration};
 pub use rule::{
     Backend, HeaderModifier, PathMatch, PathModifier, Redirect, RequestMatch, RequestView, Retry,
     Rule, UrlRewrite, ValueMatch,
@@ -39,5 +41,7 @@ pub use table::{RouteDecision, RouteTable, RouteView};
 /// `namespace/name` of a Service.
 pub type ServiceName = String;
 
+#[cfg(test)]
+mod grpc_tests;
 #[cfg(test)]
 mod tests;

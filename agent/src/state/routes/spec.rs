@@ -1,5 +1,6 @@
-//! The subset of the Gateway API v1 HTTPRoute spec that nodemesh reads, as written in the
-//! cluster. `convert.rs` turns it into the form the proxy uses.
+//! The subset of the Gateway API v1 HTTPRoute and GRPCRoute specs that nodemesh reads, as
+//! written in the cluster. `convert.rs` turns an HTTPRoute's into the form the proxy uses,
+//! `grpc.rs` a GRPCRoute's into an HTTPRoute's first.
 //!
 //! Hand-written rather than the `gateway-api` crate's types: that crate's current release
 //! (0.21) is built on kube 3 and k8s-openapi 0.27 while the agent is on kube 5, and its fully
@@ -154,4 +155,41 @@ pub(super) struct RetrySpec {
     pub(super) codes: Vec<u16>,
     pub(super) attempts: Option<u32>,
     pub(super) backoff: Option<String>,
+}
+
+/// A GRPCRoute's spec (v1): the parents, filters and backends are an HTTPRoute's; a match
+/// names a gRPC service and method instead of a path.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct GrpcRouteSpec {
+    #[serde(default)]
+    pub(super) parent_refs: Vec<ParentRefSpec>,
+    #[serde(default)]
+    pub(super) rules: Vec<GrpcRuleSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct GrpcRuleSpec {
+    #[serde(default)]
+    pub(super) matches: Vec<GrpcMatchSpec>,
+    #[serde(default)]
+    pub(super) filters: Vec<FilterSpec>,
+    #[serde(default)]
+    pub(super) backend_refs: Vec<BackendRefSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct GrpcMatchSpec {
+    pub(super) method: Option<GrpcMethodSpec>,
+    #[serde(default)]
+    pub(super) headers: Vec<ValueMatchSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct GrpcMethodSpec {
+    #[serde(rename = "type", default = "exact")]
+    pub(super) kind: String,
+    pub(super) service: Option<String>,
+    pub(super) method: Option<String>,
 }

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use super::convert::RouteError;
-use crate::k8s::objects::{HttpRouteObject, RouteStatusUpdate};
+use super::{convert::RouteError, table::route_key};
+use crate::k8s::objects::{RouteKind, RouteObject, RouteStatusUpdate};
 
 /// The controller name nodemesh reports route status under.
 pub const CONTROLLER_NAME: &str = "nodemesh.io/mesh";
@@ -13,15 +13,15 @@ pub const CONTROLLER_NAME: &str = "nodemesh.io/mesh";
 /// The status each route should carry for its Service parents (Accepted, ResolvedRefs), for
 /// the routes whose current status says something else. `errors` are this rebuild's
 /// conversion errors; `service_exists` says whether `namespace/name` is a Service.
-pub fn status_updates(
-    routes: &BTreeMap<(String, String), HttpRouteObject>,
+pub fn status_updates<K: RouteKind>(
+    routes: &BTreeMap<(String, String), RouteObject<K>>,
     errors: &[RouteError],
     service_exists: impl Fn(&str) -> bool,
     now: &str,
 ) -> Vec<RouteStatusUpdate> {
     let mut updates = Vec::new();
     for ((namespace, name), object) in routes {
-        let key = format!("{namespace}/{name}");
+        let key = route_key::<K>(namespace, name);
         let error = errors.iter().find(|e| e.route == key);
         let parents = service_parents(&object.spec);
         if parents.is_empty() {
@@ -100,6 +100,7 @@ pub fn status_updates(
             .collect();
         parents.extend(ours);
         updates.push(RouteStatusUpdate {
+            kind: K::KIND,
             namespace: namespace.clone(),
             name: name.clone(),
             resource_version: object.metadata.resource_version.clone(),

@@ -8,10 +8,11 @@ use std::{
 
 use super::{
     ServiceName,
-    convert::{ConvertedRoute, RouteError, convert},
+    convert::{ConvertedRoute, RouteError, RouteKey, convert},
+    grpc::convert_grpc,
     rule::{PathMatch, RequestMatch, RequestView, Rule},
 };
-use crate::k8s::objects::HttpRouteObject;
+use crate::k8s::objects::{Grpc, GrpcRouteObject, Http, HttpRouteObject, RouteKind};
 
 /// One (match, rule) pair of one route, ordered by precedence.
 #[derive(Debug)]
@@ -40,14 +41,17 @@ pub enum RouteDecision<'a> {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_service: HashMap<ServiceName, Vec<Entry>>,
-    /// Converted routes by `namespace/name`, the last good version of each.
-    converted: BTreeMap<String, Arc<ConvertedRoute>>,
+    /// Converted routes by kind and `namespace/name`, the last good version of each.
+    converted: BTreeMap<RouteKey, Arc<ConvertedRoute>>,
 }
 
 /// A route as the config dump shows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RouteView {
+    /// `namespace/name` (`GRPCRoute namespace/name` for a GRPCRoute).
     pub route: String,
+    /// `HTTPRoute` or `GRPCRoute`.
+    pub kind: &'static str,
     pub parents: Vec<String>,
     pub rules: usize,
 }
@@ -55,40 +59,49 @@ pub struct RouteView {
 impl RouteTable {
     /// Converts every route; a route that fails keeps its version from `previous`.
     pub fn build(
-        routes: &BTreeMap<(String, String), HttpRouteObject>,
+        http: &BTreeMap<(String, String), HttpRouteObject>,
+        grpc: &BTreeMap<(String, String), GrpcRouteObject>,
         previous: &RouteTable,
     ) -> (Self, Vec<RouteError>) {
         let mut errors = Vec::new();
         let mut converted = BTreeMap::new();
-        for ((namespace, name), object) in routes {
-            let key = format!("{namespace}/{name}");
-            match convert(namespace, &key, object) {
-                Ok(route) => {
-                    converted.insert(key, Arc::new(route));
-                }
-                Err(error) => {
-                    errors.push(error);
-                    if let Some(good) = previous.converted.get(&key) {
-                        converted.insert(key, Arc::clone(good));
-                    }
+        let mut add = |key: RouteKey, result: Result<ConvertedRoute, RouteError>| match result {
+            Ok(route) => {
+                converted.insert(key, Arc::new(route));
+            }
+            Err(error) => {
+                errors.push(error);
+                if let Some(good) = previous.converted.get(&key) {
+                    converted.insert(key, Arc::clone(good));
                 }
             }
+        };
+        for ((namespace, name), object) in http {
+            let key = route_key::<Http>(namespace, name);
+            let result = convert(namespace, &key, object);
+            add(key, result);
+        }
+        for ((namespace, name), object) in grpc {
+            let key = route_key::<Grpc>(namespace, name);
+            let result = convert_grpc(namespace, &key, object);
+            add(key, result);
         }
         (Self::index(converted), errors)
     }
 
-    fn index(converted: BTreeMap<String, Arc<ConvertedRoute>>) -> Self {
+    fn index(converted: BTreeMap<RouteKey, Arc<ConvertedRoute>>) -> Self {
         let mut by_service: HashMap<ServiceName, Vec<(Entry, Precedence)>> = HashMap::new();
         for (key, route) in &converted {
+            let label: Arc<str> = Arc::from(key.label());
             for (service, port) in &route.parents {
                 let service_namespace = service.split('/').next().unwrap_or_default();
                 let consumer =
                     (service_namespace != route.namespace).then(|| route.namespace.clone());
                 for (rule_index, (matches, rule)) in route.rules.iter().enumerate() {
                     for matcher in matches {
-                        let precedence = Precedence::of(matcher, route, key, rule_index);
+                        let precedence = Precedence::of(matcher, route, &label, rule_index);
                         let entry = Entry {
-                            route: Arc::from(key.as_str()),
+                            route: Arc::clone(&label),
                             port: *port,
                             consumer: consumer.clone(),
                             matcher: matcher.clone_match(),
@@ -160,7 +173,8 @@ impl RouteTable {
         self.converted
             .iter()
             .map(|(key, route)| RouteView {
-                route: key.clone(),
+                route: key.label(),
+                kind: key.kind,
                 parents: route
                     .parents
                     .iter()
@@ -208,5 +222,13 @@ impl Precedence {
             route: key.to_owned(),
             rule,
         }
+    }
+}
+
+/// The key of the route `namespace/name` of kind `K`.
+pub(super) fn route_key<K: RouteKind>(namespace: &str, name: &str) -> RouteKey {
+    RouteKey {
+        kind: K::KIND,
+        name: format!("{namespace}/{name}"),
     }
 }

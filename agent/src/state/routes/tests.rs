@@ -10,20 +10,23 @@ fn route(namespace: &str, name: &str, yaml: &str) -> ((String, String), HttpRout
     let spec: serde_json::Value = serde_yaml::from_str(yaml).expect("test YAML");
     (
         (namespace.to_owned(), name.to_owned()),
-        HttpRouteObject {
-            metadata: ObjectMeta {
+        HttpRouteObject::new(
+            ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some(namespace.into()),
                 ..Default::default()
             },
             spec,
-            status: None,
-        },
+        ),
     )
 }
 
 fn table(routes: &[((String, String), HttpRouteObject)]) -> (RouteTable, Vec<RouteError>) {
-    RouteTable::build(&routes.iter().cloned().collect(), &RouteTable::default())
+    RouteTable::build(
+        &routes.iter().cloned().collect(),
+        &BTreeMap::new(),
+        &RouteTable::default(),
+    )
 }
 
 fn decide<'a>(
@@ -150,7 +153,7 @@ fn an_invalid_route_is_reported_with_its_field_and_the_last_good_version_serves(
         "{PARENT}rules: [{{matches: [{{path: {{type: RegularExpression, value: '(('}}}}], backendRefs: [{{name: v2, port: 80}}]}}]\n"
     );
     let routes: BTreeMap<_, _> = [route("shop", "web", &bad_regex)].into_iter().collect();
-    let (second, errors) = RouteTable::build(&routes, &first);
+    let (second, errors) = RouteTable::build(&routes, &BTreeMap::new(), &first);
     assert_eq!(errors.len(), 1);
     let message = errors[0].to_string();
     assert!(
@@ -277,7 +280,10 @@ fn status_reports_acceptance_and_missing_backends_and_is_written_only_when_it_ch
 
     // A conversion error flips Accepted and keeps the other controller's entry.
     let error = RouteError {
-        route: "shop/web".into(),
+        route: RouteKey {
+            kind: "HTTPRoute",
+            name: "shop/web".into(),
+        },
         field: "spec.rules[0].timeouts.request".into(),
         message: "bad".into(),
     };

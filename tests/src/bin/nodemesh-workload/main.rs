@@ -18,6 +18,7 @@ mod connection;
 mod echo_client;
 mod echo_server;
 mod flood;
+mod grpc;
 mod h2c;
 mod handoff_probe;
 mod http_app;
@@ -80,6 +81,10 @@ enum Cmd {
     /// h2c smuggling: `GET upgrade_path` asking for h2c; once switched, `smuggled_path` over
     /// HTTP/2. Prints the statuses; fails if the smuggled request is not answered 200.
     H2cSmuggle(h2c::H2cSmuggleArgs),
+    /// A gRPC server (tonic) of `nodemesh.test.Echo` (grpc.rs).
+    GrpcServer(grpc::GrpcServerArgs),
+    /// Unary calls with tonic's client to `nodemesh.test.Echo`; prints who answered what.
+    GrpcClient(grpc::GrpcClientArgs),
     /// A WebSocket echo exchange with the http-server's /ws.
     WsEcho(http_app::WsEchoArgs),
     /// Opens many connections and holds them (flood.rs).
@@ -158,6 +163,8 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
         Cmd::ReadBanner(args) => banner::read(&args).await,
         Cmd::HttpGet(args) => http_app::get_args(&args).await,
         Cmd::GrpcCall(args) => http_app::grpc_call(&args).await,
+        Cmd::GrpcServer(args) => grpc::server(&args).await,
+        Cmd::GrpcClient(args) => grpc::client(&args).await,
         Cmd::H2cServer(args) => h2c::server(&args).await,
         Cmd::H2cSmuggle(args) => h2c::smuggle(&args).await,
         Cmd::WsEcho(args) => http_app::websocket_echo_client(&args).await,
