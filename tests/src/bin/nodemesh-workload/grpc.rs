@@ -1,5 +1,6 @@
 //! `grpc-server` and `grpc-client`: a real gRPC server and client (tonic, protobuf messages
-//! by prost) for the GRPCRoute tests. The service is `nodemesh.test.Echo` with two unary
+//! by prost) for the gRPC and GRPCRoute tests; the http-server answers its gRPC calls with
+//! the same service (`answer`). The service is `nodemesh.test.Echo` with two unary
 //! methods, `Say` (echoes the message) and `Shout` (echoes it upper-cased); every reply names
 //! the server that answered, the method and the `x-route` header it received, so a test sees
 //! where each call was routed and what the route's filters did.
@@ -9,9 +10,11 @@
 //! method to tonic's `server::Grpc` with prost's codec, the client tonic's `client::Grpc`.
 //! No protoc, no build script; the gRPC framing, HTTP/2 and trailers are all tonic's.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
+use hyper::body::{Bytes, Frame};
 use tonic::{
     codegen::{BoxFuture, Service, http, tokio_stream},
     server::{Grpc, NamedService, UnaryService},
@@ -231,4 +234,36 @@ pub async fn client(args: &GrpcClientArgs) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("{} of {} calls failed", args.calls - ok, args.calls)
     }
+}
+
+/// The http-server's gRPC calls (`content-type: application/grpc`): answered by the same
+/// tonic service, named `server`, its reply collected (unary) into the http-server's body
+/// type with the trailers tonic wrote.
+pub async fn answer(
+    server: &str,
+    request: http::Request<hyper::body::Incoming>,
+) -> http::Response<BoxBody<Bytes, Infallible>> {
+    let mut service = EchoServer {
+        name: Arc::from(server),
+    };
+    let response = match service.call(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = match body.collect().await {
+        Ok(collected) => {
+            let trailers = collected.trailers().cloned();
+            let mut frames = vec![Ok(Frame::data(collected.to_bytes()))];
+            frames.extend(trailers.map(|t| Ok(Frame::trailers(t))));
+            frames
+        }
+        Err(status) => {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from(status.code() as i32));
+            vec![Ok(Frame::trailers(trailers))]
+        }
+    };
+    let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+    http::Response::from_parts(parts, body)
 }

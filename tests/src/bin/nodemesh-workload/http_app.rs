@@ -7,8 +7,7 @@
 //! - `/delay/<ms>`: 200 after the delay;
 //! - `/flaky/<key>`: 503 the first time a key is seen, 200 after;
 //! - `/ws` with `Upgrade: websocket`: a WebSocket echo;
-//! - `POST /nodemesh.Echo/Echo` with `content-type: application/grpc`: a unary gRPC echo
-//!   (length-prefixed message back, `grpc-status: 0` in the trailers);
+//! - `content-type: application/grpc`: the tonic `nodemesh.test.Echo` service of grpc.rs;
 //! - anything else: a fixed body of `--body-bytes` bytes (the benchmark's request).
 //!
 //! With `--fail-status`, every request gets that status instead (a failing endpoint); with
@@ -24,10 +23,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{
     HeaderMap, Request, Response, StatusCode,
-    body::{Bytes, Frame, Incoming},
+    body::{Bytes, Incoming},
     header::{self, HeaderValue},
     service::service_fn,
 };
@@ -84,14 +83,6 @@ pub struct HttpGetArgs {
     headers: Vec<String>,
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
-}
-
-#[derive(clap::Args)]
-pub struct GrpcCallArgs {
-    #[arg(long)]
-    target: SocketAddr,
-    #[arg(long, default_value = "hello")]
-    message: String,
 }
 
 #[derive(clap::Args)]
@@ -201,7 +192,7 @@ async fn respond(app: &App, request: Request<Incoming>) -> Response<Body> {
     let mut response = if let Some(status) = app.fail_status {
         full(status, format!("failing with {status} on purpose\n"))
     } else if is_grpc(request.headers()) {
-        grpc_echo(request).await
+        crate::grpc::answer(&app.name, request).await
     } else if path == "/ws" && request.headers().contains_key(header::UPGRADE) {
         websocket_echo(request)
     } else if path.starts_with("/echo") {
@@ -271,27 +262,6 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// A unary gRPC echo: the request message comes back in the response message.
-async fn grpc_echo(request: Request<Incoming>) -> Response<Body> {
-    let message = match request.into_body().collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => return full(StatusCode::BAD_REQUEST, "body".into()),
-    };
-    // The request is already length-prefixed (1-byte flag, 4-byte length): echo it as is.
-    let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
-    trailers.insert("grpc-message", HeaderValue::from_static("echoed"));
-    let frames: Vec<Result<Frame<Bytes>, Infallible>> =
-        vec![Ok(Frame::data(message)), Ok(Frame::trailers(trailers))];
-    let body = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames)));
-    let mut response = Response::new(body);
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    response
 }
 
 fn websocket_echo(mut request: Request<Incoming>) -> Response<Body> {
@@ -387,44 +357,6 @@ async fn get_many(
     } else {
         bail!("{} request(s) failed: {}", errors.len(), errors[0])
     }
-}
-
-/// One unary gRPC call over HTTP/2 prior knowledge; checks the echo and `grpc-status: 0`.
-pub async fn grpc_call(args: &GrpcCallArgs) -> anyhow::Result<()> {
-    let (target, message) = (args.target, &args.message);
-    let stream = TcpStream::connect(target)
-        .await
-        .with_context(|| format!("connecting to {target}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .context("HTTP/2 handshake")?;
-    tokio::spawn(connection);
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(message.as_bytes());
-    let request = Request::post(format!("http://{target}/nodemesh.Echo/Echo"))
-        .header(header::CONTENT_TYPE, "application/grpc")
-        .header(header::TE, "trailers")
-        .body(Full::new(Bytes::from(framed.clone())))
-        .context("building the request")?;
-    let response = sender.send_request(request).await.context("the call")?;
-    let status = response.status();
-    let collected = response.into_body().collect().await.context("the reply")?;
-    let grpc_status = collected
-        .trailers()
-        .and_then(|t| t.get("grpc-status"))
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let reply = collected.to_bytes();
-    println!(
-        "{}",
-        json!({"status": status.as_u16(), "grpc_status": grpc_status, "echoed": reply[..] == framed[..]})
-    );
-    if status != StatusCode::OK || grpc_status.as_deref() != Some("0") || reply[..] != framed[..] {
-        bail!("gRPC call failed: HTTP {status}, grpc-status {grpc_status:?}");
-    }
-    Ok(())
 }
 
 /// Opens a WebSocket to `url` through whatever is at its address, sends `messages` text

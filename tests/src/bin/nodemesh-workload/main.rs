@@ -73,8 +73,6 @@ enum Cmd {
     ReadBanner(banner::ReadBannerArgs),
     /// GETs on one keep-alive connection; prints statuses and servers (x-served-by) counted.
     HttpGet(http_app::HttpGetArgs),
-    /// One unary gRPC call (HTTP/2 prior knowledge) to the http-server's echo method.
-    GrpcCall(http_app::GrpcCallArgs),
     /// A server that honours `Upgrade: h2c` (101, then HTTP/2 on the connection); every
     /// answer names the path and protocol it was served on.
     H2cServer(h2c::H2cServerArgs),
@@ -162,7 +160,6 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
         Cmd::OtlpReceiver(args) => http_app::otlp_receiver(&args).await,
         Cmd::ReadBanner(args) => banner::read(&args).await,
         Cmd::HttpGet(args) => http_app::get_args(&args).await,
-        Cmd::GrpcCall(args) => http_app::grpc_call(&args).await,
         Cmd::GrpcServer(args) => grpc::server(&args).await,
         Cmd::GrpcClient(args) => grpc::client(&args).await,
         Cmd::H2cServer(args) => h2c::server(&args).await,
