@@ -423,7 +423,7 @@ fn l7(tb: &Testbed, workload: &str) -> anyhow::Result<()> {
             let node1 = tb.admin_json("node1", "/config_dump")?;
             let node2 = tb.admin_json("node2", "/config_dump")?;
             Ok(Testbed::workload_services(&node1).len() == 3
-                && node1["http_routes"].as_array().map(Vec::len) == Some(1)
+                && node1["routes"].as_array().map(Vec::len) == Some(1)
                 && node2["authorization_policies"][0]["selects"][0] == "mesh/server-b")
         },
     )?;

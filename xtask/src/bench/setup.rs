@@ -185,7 +185,7 @@ fn apply_services(
     tb.apply_object("httproute-bench-web.yaml", &route)?;
     nodemesh_testbed::wait_until(Duration::from_secs(10), "L7 Service and route", || {
         let dump = tb.admin_json("node1", "/config_dump")?;
-        Ok(dump["http_routes"].as_array().map(Vec::len) == Some(1)
+        Ok(dump["routes"].as_array().map(Vec::len) == Some(1)
             && Testbed::workload_services(&dump).len() == 4)
     })?;
     Ok(())

@@ -138,7 +138,7 @@ async fn route_and_forward(
             return answer(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "nodemesh: no HTTPRoute rule for {} matches {} {}\n",
+                    "nodemesh: no route rule for {} matches {} {}\n",
                     frontend.service,
                     request.method(),
                     request.uri().path()

@@ -362,6 +362,12 @@ fn convert_backend(
             format!("{kind:?}: only core Services can be backends"),
         ));
     }
+    if !backend.filters.is_empty() {
+        return Err(error(
+            &format!("{at}.filters"),
+            "per-backend filters are not supported (the rule's filters are)".into(),
+        ));
+    }
     let backend_namespace = backend.namespace.as_deref().unwrap_or(namespace);
     if backend_namespace != namespace {
         return Err(error(
@@ -465,6 +471,7 @@ fn convert_match(spec: &MatchSpec, at: &str, key: &RouteKey) -> Result<RequestMa
         headers,
         query,
         method,
+        grpc: None,
     })
 }
 

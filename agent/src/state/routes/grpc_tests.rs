@@ -42,8 +42,17 @@ fn call(
     path: &str,
     headers: &[(&'static str, &str)],
 ) -> Option<(String, String)> {
+    let grpc: &[(&'static str, &str)] = &[("content-type", "application/grpc")];
+    request(table, path, &[grpc, headers].concat())
+}
+
+/// The route and first backend a request (POST `path` with `headers`) goes to.
+fn request(
+    table: &RouteTable,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> Option<(String, String)> {
     let mut map = HeaderMap::new();
-    map.insert("content-type", HeaderValue::from_static("application/grpc"));
     for (name, value) in headers {
         map.insert(*name, HeaderValue::from_str(value).expect("header"));
     }
@@ -112,6 +121,54 @@ fn methods_services_expressions_and_headers_route_in_precedence_order() {
 }
 
 #[test]
+fn a_grpcroute_takes_grpc_calls_only_and_ranks_exact_names_before_expressions() {
+    let spec = format!(
+        "{PARENT}rules:
+  - matches: [{{method: {{type: RegularExpression, method: 'H.*'}}}}]
+    backendRefs: [{{name: regex, port: 9000}}]
+  - matches: [{{method: {{method: Health}}}}]
+    backendRefs: [{{name: exact-method, port: 9000}}]
+  - matches: [{{method: {{service: .grpc.health.v1.Health, method: ''}}}}]
+    backendRefs: [{{name: exact-service, port: 9000}}]
+  - backendRefs: [{{name: every-call, port: 9000}}]
+"
+    );
+    let (table, errors) = grpc_table(&[], &[object("calls", &spec)]);
+    assert!(errors.is_empty(), "{errors:?}");
+    let backend = |path: &str| call(&table, path, &[]).map(|(_, backend)| backend);
+    // The exact service (its leading dot is not in the path) before the exact method,
+    // before the expression, however long the expression is.
+    assert_eq!(
+        backend("/grpc.health.v1.Health/Check").as_deref(),
+        Some("shop/exact-service")
+    );
+    assert_eq!(
+        backend("/other.Svc/Health").as_deref(),
+        Some("shop/exact-method")
+    );
+    assert_eq!(backend("/other.Svc/Hello").as_deref(), Some("shop/regex"));
+    assert_eq!(
+        backend("/other.Svc/Check").as_deref(),
+        Some("shop/every-call")
+    );
+    // A rule without a method match takes every gRPC call, and no plain HTTP request.
+    assert_eq!(
+        request(
+            &table,
+            "/other.Svc/Check",
+            &[("content-type", "application/json")]
+        ),
+        None
+    );
+    let proto = request(
+        &table,
+        "/x/y",
+        &[("content-type", "application/grpc+proto")],
+    );
+    assert_eq!(proto.map(|(_, b)| b).as_deref(), Some("shop/every-call"));
+}
+
+#[test]
 fn a_grpcroute_and_an_httproute_of_the_same_name_both_apply() {
     let http = "parentRefs: [{group: '', kind: Service, name: grpc, port: 9000}]
 rules: [{matches: [{path: {type: PathPrefix, value: /web}}], backendRefs: [{name: web, port: 80}]}]
@@ -119,14 +176,17 @@ rules: [{matches: [{path: {type: PathPrefix, value: /web}}], backendRefs: [{name
     let grpc = format!("{PARENT}rules: [{{backendRefs: [{{name: all, port: 9000}}]}}]\n");
     let (table, errors) = grpc_table(&[object("r", http)], &[object("r", &grpc)]);
     assert!(errors.is_empty(), "{errors:?}");
+    // Plain HTTP takes the HTTPRoute; a gRPC call the GRPCRoute, ranked first, even on a
+    // path the HTTPRoute matches.
     assert_eq!(
-        call(&table, "/web/x", &[]),
+        request(&table, "/web/x", &[]),
         Some(("shop/r".into(), "shop/web".into()))
     );
     assert_eq!(
-        call(&table, "/any.Svc/Call", &[]),
+        call(&table, "/web/x", &[]),
         Some(("GRPCRoute shop/r".into(), "shop/all".into()))
     );
+    assert_eq!(request(&table, "/any.Svc/Call", &[]), None);
     let kinds: Vec<&str> = table.views().iter().map(|v| v.kind).collect();
     assert_eq!(kinds, ["GRPCRoute", "HTTPRoute"]);
 }
@@ -147,6 +207,18 @@ fn what_cannot_be_honoured_is_refused_with_its_field() {
             "spec.rules[0].matches[0].method.method",
         ),
         (
+            "matches: [{method: {type: RegularExpression, service: 'a)|(b'}}]",
+            "spec.rules[0].matches[0].method.service",
+        ),
+        (
+            "matches: [{method: {type: RegularExpression, service: ''}}]",
+            "spec.rules[0].matches[0].method",
+        ),
+        (
+            "backendRefs: [{name: b, port: 9000, filters: [{type: RequestHeaderModifier}]}]",
+            "spec.rules[0].backendRefs[0].filters",
+        ),
+        (
             "matches: [{method: {type: Prefix, service: a.B}}]",
             "spec.rules[0].matches[0].method.type",
         ),
@@ -160,7 +232,12 @@ fn what_cannot_be_honoured_is_refused_with_its_field() {
         ),
     ];
     for (rule, field) in cases {
-        let spec = format!("{PARENT}rules: [{{{rule}, backendRefs: [{{name: b, port: 9000}}]}}]\n");
+        let backends = if rule.contains("backendRefs") {
+            String::new()
+        } else {
+            ", backendRefs: [{name: b, port: 9000}]".to_owned()
+        };
+        let spec = format!("{PARENT}rules: [{{{rule}{backends}}}]\n");
         let (_, errors) = grpc_table(&[], &[object("bad", &spec)]);
         assert_eq!(errors.len(), 1, "{rule}");
         assert_eq!(errors[0].field, field, "{rule}: {}", errors[0]);
@@ -187,6 +264,7 @@ fn header_modifiers_apply_and_status_is_reported_as_a_grpcroute() {
     let (table, errors) = RouteTable::build(&BTreeMap::new(), &routes, &RouteTable::default());
     assert!(errors.is_empty(), "{errors:?}");
     let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/grpc"));
     let view = RequestView {
         method: &Method::POST,
         path: "/a.B/C",

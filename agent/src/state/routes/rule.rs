@@ -41,6 +41,17 @@ pub struct RequestMatch {
     pub headers: Vec<(HeaderName, ValueMatch)>,
     pub query: Vec<(String, ValueMatch)>,
     pub method: Option<Method>,
+    /// A GRPCRoute's match: it applies to gRPC calls only (`content-type: application/grpc`,
+    /// not counted as a header match), ranked by the GRPCRoute order.
+    pub grpc: Option<GrpcRank>,
+}
+
+/// How specific a GRPCRoute match is, in the GRPCRoute precedence order: the characters of
+/// an exact service, then of an exact method (a regular expression counts none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrpcRank {
+    pub service_chars: usize,
+    pub method_chars: usize,
 }
 
 #[derive(Debug, Default)]
@@ -147,6 +158,7 @@ impl RequestMatch {
             PathMatch::Regex(r) => r.is_match(request.path),
         };
         path_ok
+            && (self.grpc.is_none() || is_grpc(request.headers))
             && self.method.as_ref().is_none_or(|m| m == request.method)
             && self.headers.iter().all(|(name, matcher)| {
                 request
@@ -182,6 +194,7 @@ impl RequestMatch {
                 .map(|(n, m)| (n.clone(), clone_value(m)))
                 .collect(),
             method: self.method.clone(),
+            grpc: self.grpc,
         }
     }
 
@@ -221,4 +234,13 @@ fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
         .split('&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+/// A gRPC call: `content-type: application/grpc`, alone or with a `+format` or parameters.
+fn is_grpc(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
 }

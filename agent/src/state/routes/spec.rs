@@ -140,6 +140,9 @@ pub(super) struct BackendRefSpec {
     pub(super) namespace: Option<String>,
     pub(super) port: Option<u16>,
     pub(super) weight: Option<i64>,
+    /// Per-backend filters: refused (the rule's filters are supported).
+    #[serde(default)]
+    pub(super) filters: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]

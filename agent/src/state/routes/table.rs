@@ -99,7 +99,7 @@ impl RouteTable {
                     (service_namespace != route.namespace).then(|| route.namespace.clone());
                 for (rule_index, (matches, rule)) in route.rules.iter().enumerate() {
                     for matcher in matches {
-                        let precedence = Precedence::of(matcher, route, &label, rule_index);
+                        let precedence = Precedence::of(matcher, route, key, rule_index);
                         let entry = Entry {
                             route: Arc::clone(&label),
                             port: *port,
@@ -189,10 +189,16 @@ impl RouteTable {
     }
 }
 
-/// Gateway API precedence, smallest first.
+/// Gateway API precedence, smallest first. A GRPCRoute's matches (which apply to gRPC calls
+/// only) come before an HTTPRoute's and are ordered among themselves by the GRPCRoute rule:
+/// characters of an exact service, then of an exact method, then header matches.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Precedence {
-    /// 0 exact, 1 prefix, 2 regex.
+    /// 0 for a GRPCRoute's match, 1 for an HTTPRoute's.
+    kind: u8,
+    grpc_service: std::cmp::Reverse<usize>,
+    grpc_method: std::cmp::Reverse<usize>,
+    /// 0 exact, 1 prefix, 2 regex (an HTTPRoute's; 0 for a GRPCRoute's).
     path_kind: u8,
     /// Longer prefixes first.
     path_len: std::cmp::Reverse<usize>,
@@ -205,13 +211,18 @@ struct Precedence {
 }
 
 impl Precedence {
-    fn of(matcher: &RequestMatch, route: &ConvertedRoute, key: &str, rule: usize) -> Self {
-        let (path_kind, path_len) = match &matcher.path {
-            PathMatch::Exact(p) => (0, p.len()),
-            PathMatch::Prefix(p) => (1, p.len()),
-            PathMatch::Regex(r) => (2, r.as_str().len()),
+    fn of(matcher: &RequestMatch, route: &ConvertedRoute, key: &RouteKey, rule: usize) -> Self {
+        let (path_kind, path_len) = match (&matcher.grpc, &matcher.path) {
+            (Some(_), _) => (0, 0),
+            (None, PathMatch::Exact(p)) => (0, p.len()),
+            (None, PathMatch::Prefix(p)) => (1, p.len()),
+            (None, PathMatch::Regex(r)) => (2, r.as_str().len()),
         };
+        let rank = matcher.grpc.unwrap_or_default();
         Self {
+            kind: u8::from(matcher.grpc.is_none()),
+            grpc_service: std::cmp::Reverse(rank.service_chars),
+            grpc_method: std::cmp::Reverse(rank.method_chars),
             path_kind,
             path_len: std::cmp::Reverse(path_len),
             no_method: matcher.method.is_none(),
@@ -219,7 +230,7 @@ impl Precedence {
             query: std::cmp::Reverse(matcher.query.len()),
             // RFC 3339 timestamps sort as strings; routes without one sort last.
             created: route.created.clone().unwrap_or_else(|| "~".into()),
-            route: key.to_owned(),
+            route: key.name.clone(),
             rule,
         }
     }

@@ -239,6 +239,7 @@ fn durations_and_rewrites() {
         headers: vec![],
         query: vec![],
         method: None,
+        grpc: None,
     };
     let replace = |to: &str, path: &str| {
         matcher.rewrite_path(&PathModifier::ReplacePrefixMatch(to.into()), path)
