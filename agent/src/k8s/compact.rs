@@ -332,6 +332,9 @@ pub struct SliceInfo {
     /// The ready endpoints that have a `hostname` (a StatefulSet's pods behind their
     /// headless Service), for DNS: `<hostname>.<service>.<namespace>.svc`.
     pub hostnames: Box<[(Box<str>, IpAddr)]>,
+    /// The zone of each ready address that has one (`topology.kubernetes.io/zone` of its
+    /// node, as the EndpointSlice controller writes it), sorted by address.
+    pub zones: Box<[(IpAddr, Arc<str>)]>,
 }
 
 pub fn slice_info(slice: &EndpointSlice, strings: &mut Interner) -> Option<SliceInfo> {
@@ -372,6 +375,15 @@ pub fn slice_info(slice: &EndpointSlice, strings: &mut Interner) -> Option<Slice
                 .map(|a| (Box::from(hostname.to_ascii_lowercase()), a))
         })
         .collect();
+    let mut zones: Vec<(IpAddr, Arc<str>)> = ready_endpoints()
+        .filter_map(|endpoint| Some((endpoint.zone.as_deref()?, &endpoint.addresses)))
+        .flat_map(|(zone, addresses)| {
+            let zone = strings.intern(zone);
+            (addresses.iter().filter_map(|a| a.parse().ok())).map(move |a| (a, Arc::clone(&zone)))
+        })
+        .collect();
+    zones.sort();
+    zones.dedup_by(|a, b| a.0 == b.0);
     Some(SliceInfo {
         key,
         service,
@@ -379,6 +391,7 @@ pub fn slice_info(slice: &EndpointSlice, strings: &mut Interner) -> Option<Slice
         ports,
         ready: ready.into_boxed_slice(),
         hostnames: hostnames.into_boxed_slice(),
+        zones: zones.into_boxed_slice(),
     })
 }
 

@@ -41,6 +41,8 @@ struct ServicePort {
     /// The Service port's `appProtocol`, which overrides protocol detection.
     app_protocol: Option<Arc<str>>,
     endpoints: Box<[SocketAddr]>,
+    /// `zones[i]` is `endpoints[i]`'s zone; empty when no endpoint has one.
+    zones: Box<[Option<Arc<str>>]>,
     next: AtomicUsize,
 }
 
@@ -129,16 +131,22 @@ impl ServiceIndex {
         })
     }
 
-    /// The ready endpoints of `service` (`namespace/name`) on `port`, in one address family.
-    pub fn endpoints(&self, service: &str, port: u16, ipv4: bool) -> &[SocketAddr] {
+    /// The ready endpoints of `service` (`namespace/name`) on `port`, in one address family,
+    /// and their zones (`zones[i]` is `endpoints[i]`'s; empty when none has one).
+    pub fn endpoints(
+        &self,
+        service: &str,
+        port: u16,
+        ipv4: bool,
+    ) -> (&[SocketAddr], &[Option<Arc<str>>]) {
         let Some((info, _)) = self.services.get(service).and_then(|e| e.service.as_ref()) else {
-            return &[];
+            return (&[], &[]);
         };
         info.virtual_ips
             .iter()
             .find(|ip| ip.is_ipv4() == ipv4)
             .and_then(|ip| self.by_vip.get(&SocketAddr::new(*ip, port)))
-            .map_or(&[], |p| &p.endpoints)
+            .map_or((&[], &[]), |p| (&p.endpoints, &p.zones))
     }
 
     /// The addresses DNS gives for the Service `namespace/name`: its ClusterIPs, or, headless,
@@ -314,7 +322,7 @@ impl ServiceIndex {
         for vip in &service.virtual_ips {
             for port in &service.ports {
                 let addr = SocketAddr::new(*vip, port.port);
-                let endpoints = ready_endpoints(&slices, *vip, &port.name);
+                let (endpoints, zones) = ready_endpoints(&slices, *vip, &port.name);
                 for endpoint in &endpoints {
                     *self.endpoint_refs.entry(*endpoint).or_default() += 1;
                 }
@@ -325,6 +333,7 @@ impl ServiceIndex {
                         service: Arc::clone(&service.key),
                         app_protocol: port.app_protocol.clone(),
                         endpoints: endpoints.into_boxed_slice(),
+                        zones: zones.into_boxed_slice(),
                         // The rotation goes on where it was: a change does not send the next
                         // connections to the first endpoint again.
                         next: AtomicUsize::new(positions.get(&addr).copied().unwrap_or(0)),
@@ -345,20 +354,40 @@ fn release(refs: &mut HashMap<SocketAddr, u32>, endpoint: &SocketAddr) {
 }
 
 /// The ready endpoints for one virtual address and Service port: from the slices of the
-/// address's family, at the target port each slice gives the port's name.
-fn ready_endpoints(slices: &[&SliceInfo], vip: IpAddr, port_name: &str) -> Vec<SocketAddr> {
-    let mut endpoints: Vec<SocketAddr> = slices
+/// address's family, at the target port each slice gives the port's name; with their zones
+/// (none at all when no endpoint has one).
+fn ready_endpoints(
+    slices: &[&SliceInfo],
+    vip: IpAddr,
+    port_name: &str,
+) -> (Vec<SocketAddr>, Vec<Option<Arc<str>>>) {
+    let mut endpoints: Vec<(SocketAddr, Option<Arc<str>>)> = slices
         .iter()
         .filter(|slice| slice.ipv4 == vip.is_ipv4())
         .filter_map(|slice| {
             let (_, port) = slice.ports.iter().find(|(name, _)| &**name == port_name)?;
             Some((slice, *port))
         })
-        .flat_map(|(slice, port)| slice.ready.iter().map(move |ip| SocketAddr::new(*ip, port)))
+        .flat_map(|(slice, port)| {
+            slice.ready.iter().map(move |ip| {
+                let zone = slice
+                    .zones
+                    .binary_search_by(|(addr, _)| addr.cmp(ip))
+                    .ok()
+                    .map(|i| Arc::clone(&slice.zones[i].1));
+                (SocketAddr::new(*ip, port), zone)
+            })
+        })
         .collect();
-    endpoints.sort();
-    endpoints.dedup();
-    endpoints
+    endpoints.sort_by_key(|(addr, _)| *addr);
+    endpoints.dedup_by_key(|(addr, _)| *addr);
+    let zoned = endpoints.iter().any(|(_, zone)| zone.is_some());
+    let zones = if zoned {
+        endpoints.iter().map(|(_, zone)| zone.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    (endpoints.into_iter().map(|(addr, _)| addr).collect(), zones)
 }
 
 /// A cluster source keeps the index current through this.

@@ -186,10 +186,10 @@ fn services_keep_virtual_addresses_and_tcp_ports_slices_their_ready_addresses() 
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": [
             {"addresses": ["10.0.1.1"], "conditions": {"ready": true}, "nodeName": "n1",
-             "hostname": "Web-1",
+             "hostname": "Web-1", "zone": "zone-a",
              "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}},
             {"addresses": ["10.0.1.2"], "conditions": {"ready": false, "terminating": true},
-             "hostname": "web-2"},
+             "hostname": "web-2", "zone": "zone-b"},
             {"addresses": ["10.0.1.3"], "conditions": {"ready": false}},
             {"addresses": ["10.0.1.4"]},
         ],
@@ -202,6 +202,7 @@ fn services_keep_virtual_addresses_and_tcp_ports_slices_their_ready_addresses() 
         ports,
         ready,
         hostnames,
+        zones,
     } = slice_info(&slice, &mut strings).unwrap();
     assert_eq!(
         (&*key, service.as_deref(), ipv4),
@@ -220,5 +221,10 @@ fn services_keep_virtual_addresses_and_tcp_ports_slices_their_ready_addresses() 
         &*hostnames,
         [("web-1".into(), "10.0.1.1".parse().unwrap())],
         "the ready endpoints' hostnames, lower case"
+    );
+    assert_eq!(
+        &*zones,
+        [("10.0.1.1".parse().unwrap(), strings.intern("zone-a"))],
+        "the ready endpoints' zones"
     );
 }

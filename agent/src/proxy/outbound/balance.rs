@@ -79,7 +79,14 @@ pub enum Outcome {
 /// Node-wide: every client of an endpoint sees the same health.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    endpoints: Mutex<HashMap<SocketAddr, EndpointState>>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    endpoints: HashMap<SocketAddr, EndpointState>,
+    /// Service ports (`namespace/name:port`) whose requests spill out of the zone now.
+    spilling: HashMap<String, Instant>,
 }
 
 /// An endpoint as the config dump shows it.
@@ -90,6 +97,51 @@ pub struct EndpointView {
     pub outstanding: u32,
     pub consecutive_failures: u32,
     pub ejected: bool,
+}
+
+/// When a Service port's requests leave the client's zone: once its zone's ready endpoints
+/// carry `spill_at` requests each on average, until they are back to `recover_at` (the gap
+/// is the hysteresis that keeps traffic from flapping between zones).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ZonePolicy {
+    pub spill_at: f64,
+    pub recover_at: f64,
+}
+
+impl Default for ZonePolicy {
+    fn default() -> Self {
+        Self {
+            spill_at: 4.0,
+            recover_at: 2.0,
+        }
+    }
+}
+
+/// Where a zoned pick went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// The node or the endpoints have no zone: the plain choice over every endpoint.
+    Unzoned,
+    /// An endpoint in the client's zone.
+    Local,
+    /// Another zone, and why.
+    Spilled(SpillReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpillReason {
+    /// No ready, non-ejected endpoint in the zone.
+    Unavailable,
+    /// The zone's endpoints are over the policy's load.
+    Overloaded,
+}
+
+/// The endpoints of one Service port with their zones (`zones[i]` is `endpoints[i]`'s).
+#[derive(Clone, Copy, Debug)]
+pub struct Zoned<'a> {
+    pub endpoints: &'a [SocketAddr],
+    pub zones: &'a [Option<&'a str>],
 }
 
 impl Balancer {
@@ -105,51 +157,120 @@ impl Balancer {
         draws: (u64, u64),
         now: Instant,
     ) -> Option<SocketAddr> {
-        let mut endpoints = self.lock();
-        let healthy: Vec<SocketAddr> = candidates
-            .iter()
-            .copied()
-            .filter(|addr| !endpoints.get(addr).is_some_and(|e| e.ejected(now)))
-            .collect();
-        let pool = if healthy.is_empty() {
-            candidates
-        } else {
-            &healthy
-        };
-        let chosen = match pool.len() {
-            0 => return None,
-            1 => pool[0],
-            n => {
-                let first = (draws.0 % n as u64) as usize;
-                // A second, distinct index.
-                let second = (first + 1 + (draws.1 % (n as u64 - 1)) as usize) % n;
-                let cost = |addr: &SocketAddr| {
-                    endpoints
-                        .get(addr)
-                        .map_or(DEFAULT_LATENCY.as_nanos() as f64, EndpointState::cost)
-                };
-                if cost(&pool[second]) < cost(&pool[first]) {
-                    pool[second]
-                } else {
-                    pool[first]
-                }
-            }
-        };
-        endpoints
-            .entry(chosen)
-            .or_insert_with(|| EndpointState::new(now))
-            .outstanding += 1;
+        let mut state = self.lock();
+        let chosen = two_choices(&state.endpoints, candidates, draws, now)?;
+        reserve(&mut state.endpoints, chosen, now);
         Some(chosen)
     }
 
-    /// Records the end of a request picked with `pick`.
+    /// The zone-aware choice for the Service port `key` from a client in `local_zone`:
+    /// the client's zone while its endpoints keep up, another zone when none is available
+    /// or, under `policy`, they are overloaded (and then only for the requests the zone's
+    /// least loaded endpoints cannot take).
+    pub fn pick_zoned(
+        &self,
+        key: &str,
+        candidates: Zoned<'_>,
+        local_zone: Option<&str>,
+        policy: ZonePolicy,
+        draws: (u64, u64),
+    ) -> Option<(SocketAddr, Placement)> {
+        self.pick_zoned_at(key, candidates, local_zone, policy, draws, Instant::now())
+    }
+
+    fn pick_zoned_at(
+        &self,
+        key: &str,
+        candidates: Zoned<'_>,
+        local_zone: Option<&str>,
+        policy: ZonePolicy,
+        draws: (u64, u64),
+        now: Instant,
+    ) -> Option<(SocketAddr, Placement)> {
+        let mut state = self.lock();
+        let zoned = candidates.zones.len() == candidates.endpoints.len()
+            && candidates.zones.iter().any(Option::is_some);
+        let Some(local_zone) = local_zone.filter(|_| zoned) else {
+            let chosen = two_choices(&state.endpoints, candidates.endpoints, draws, now)?;
+            reserve(&mut state.endpoints, chosen, now);
+            return Some((chosen, Placement::Unzoned));
+        };
+        let (mut local, mut remote) = (Vec::new(), Vec::new());
+        for (endpoint, zone) in candidates.endpoints.iter().zip(candidates.zones) {
+            if *zone == Some(local_zone) {
+                if !state
+                    .endpoints
+                    .get(endpoint)
+                    .is_some_and(|e| e.ejected(now))
+                {
+                    local.push(*endpoint);
+                }
+            } else {
+                remote.push(*endpoint);
+            }
+        }
+        let outstanding =
+            |state: &State, e: &SocketAddr| state.endpoints.get(e).map_or(0, |e| e.outstanding);
+        let placement = if remote.is_empty() {
+            // Nowhere to spill to: the plain choice, ejection and panic mode included.
+            local = candidates.endpoints.to_vec();
+            Placement::Local
+        } else if local.is_empty() {
+            Placement::Spilled(SpillReason::Unavailable)
+        } else {
+            let load = local
+                .iter()
+                .map(|e| f64::from(outstanding(&state, e)))
+                .sum::<f64>()
+                / local.len() as f64;
+            let spilling = match state.spilling.get(key) {
+                Some(_) if load <= policy.recover_at => {
+                    state.spilling.remove(key);
+                    tracing::info!(service = key, zone = local_zone, load, "back in the zone");
+                    false
+                }
+                Some(_) => true,
+                None if load >= policy.spill_at => {
+                    state.spilling.insert(key.to_owned(), now);
+                    tracing::info!(
+                        service = key,
+                        zone = local_zone,
+                        load,
+                        "spilling to other zones"
+                    );
+                    true
+                }
+                None => false,
+            };
+            let in_zone = two_choices(&state.endpoints, &local, draws, now);
+            match in_zone {
+                Some(endpoint)
+                    if !spilling || f64::from(outstanding(&state, &endpoint)) < policy.spill_at =>
+                {
+                    reserve(&mut state.endpoints, endpoint, now);
+                    return Some((endpoint, Placement::Local));
+                }
+                _ => Placement::Spilled(SpillReason::Overloaded),
+            }
+        };
+        let pool = if placement == Placement::Local {
+            &local
+        } else {
+            &remote
+        };
+        let chosen = two_choices(&state.endpoints, pool, draws, now)?;
+        reserve(&mut state.endpoints, chosen, now);
+        Some((chosen, placement))
+    }
+    /// Records the end of a request picked with `pick` or `pick_zoned`.
     pub fn finish(&self, endpoint: SocketAddr, latency: Duration, outcome: Outcome) {
         self.finish_at(endpoint, latency, outcome, Instant::now());
     }
 
     fn finish_at(&self, endpoint: SocketAddr, latency: Duration, outcome: Outcome, now: Instant) {
-        let mut endpoints = self.lock();
-        let state = endpoints
+        let mut guard = self.lock();
+        let state = guard
+            .endpoints
             .entry(endpoint)
             .or_insert_with(|| EndpointState::new(now));
         state.outstanding = state.outstanding.saturating_sub(1);
@@ -183,6 +304,7 @@ impl Balancer {
     /// Forgets endpoints that are no longer anyone's candidate.
     pub fn retain(&self, live: impl Fn(&SocketAddr) -> bool) {
         self.lock()
+            .endpoints
             .retain(|addr, state| live(addr) || state.outstanding > 0);
     }
 
@@ -190,6 +312,7 @@ impl Balancer {
         let now = Instant::now();
         let mut views: Vec<EndpointView> = self
             .lock()
+            .endpoints
             .iter()
             .map(|(addr, state)| EndpointView {
                 endpoint: *addr,
@@ -203,11 +326,65 @@ impl Balancer {
         views
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, EndpointState>> {
-        self.endpoints
+    /// The Service ports spilling out of the zone now.
+    pub fn spilling(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.lock().spilling.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Power of two choices over `candidates`, ejected ones left out unless every one is
+/// (panic mode).
+fn two_choices(
+    endpoints: &HashMap<SocketAddr, EndpointState>,
+    candidates: &[SocketAddr],
+    draws: (u64, u64),
+    now: Instant,
+) -> Option<SocketAddr> {
+    let healthy: Vec<SocketAddr> = candidates
+        .iter()
+        .copied()
+        .filter(|addr| !endpoints.get(addr).is_some_and(|e| e.ejected(now)))
+        .collect();
+    let pool = if healthy.is_empty() {
+        candidates
+    } else {
+        &healthy
+    };
+    match pool.len() {
+        0 => None,
+        1 => Some(pool[0]),
+        n => {
+            let first = (draws.0 % n as u64) as usize;
+            // A second, distinct index.
+            let second = (first + 1 + (draws.1 % (n as u64 - 1)) as usize) % n;
+            let cost = |addr: &SocketAddr| {
+                endpoints
+                    .get(addr)
+                    .map_or(DEFAULT_LATENCY.as_nanos() as f64, EndpointState::cost)
+            };
+            Some(if cost(&pool[second]) < cost(&pool[first]) {
+                pool[second]
+            } else {
+                pool[first]
+            })
+        }
+    }
+}
+
+/// Counts a request as outstanding on `endpoint`.
+fn reserve(endpoints: &mut HashMap<SocketAddr, EndpointState>, endpoint: SocketAddr, now: Instant) {
+    endpoints
+        .entry(endpoint)
+        .or_insert_with(|| EndpointState::new(now))
+        .outstanding += 1;
 }
 
 #[cfg(test)]
@@ -277,12 +454,141 @@ mod tests {
         assert_eq!(balancer.pick_at(&[a], (0, 0), now), Some(a));
         // Re-admitted after the base time; failing again ejects for twice as long.
         let later = now + BASE_EJECTION;
-        assert!(!balancer.lock()[&a].ejected(later));
+        assert!(!balancer.lock().endpoints[&a].ejected(later));
         fail(later);
-        assert!(balancer.lock()[&a].ejected(later + BASE_EJECTION));
-        assert!(!balancer.lock()[&a].ejected(later + BASE_EJECTION * 2));
+        assert!(balancer.lock().endpoints[&a].ejected(later + BASE_EJECTION));
+        assert!(!balancer.lock().endpoints[&a].ejected(later + BASE_EJECTION * 2));
         // A success resets the count of ejections.
         balancer.finish_at(a, Duration::from_millis(1), Outcome::Success, later);
-        assert_eq!(balancer.lock()[&a].ejections, 0);
+        assert_eq!(balancer.lock().endpoints[&a].ejections, 0);
+    }
+
+    /// One endpoint in zone `a` (the client's), ten in `b`.
+    fn one_local_ten_remote() -> (Vec<SocketAddr>, Vec<Option<&'static str>>) {
+        let endpoints: Vec<SocketAddr> = (1..=11)
+            .map(|i| format!("10.0.1.{i}:80").parse().unwrap())
+            .collect();
+        let zones = (0..11)
+            .map(|i| Some(if i == 0 { "a" } else { "b" }))
+            .collect();
+        (endpoints, zones)
+    }
+
+    #[test]
+    fn a_zone_keeps_its_requests_until_it_is_overloaded_then_spills_the_excess_with_hysteresis() {
+        let balancer = Balancer::default();
+        let (endpoints, zones) = one_local_ten_remote();
+        let zoned = Zoned {
+            endpoints: &endpoints,
+            zones: &zones,
+        };
+        let policy = ZonePolicy::default();
+        let now = Instant::now();
+        let pick = |draw: u64| {
+            balancer
+                .pick_zoned_at(
+                    "shop/web:80",
+                    zoned,
+                    Some("a"),
+                    policy,
+                    (draw, draw + 3),
+                    now,
+                )
+                .unwrap()
+        };
+        // Light load: the one local endpoint takes every request, although ten remote ones
+        // are idle (plain two choices would send it about 1 in 6).
+        for draw in 0..3 {
+            assert_eq!(pick(draw), (endpoints[0], Placement::Local));
+        }
+        // The fourth in flight reaches `spill_at` (4): from then on what the local endpoint
+        // cannot take at that load goes to the other zone.
+        assert_eq!(pick(3), (endpoints[0], Placement::Local));
+        for draw in 4..10 {
+            let (endpoint, placement) = pick(draw);
+            assert_eq!(placement, Placement::Spilled(SpillReason::Overloaded));
+            assert_ne!(endpoint, endpoints[0]);
+        }
+        assert_eq!(balancer.spilling(), ["shop/web:80"]);
+        // Hysteresis: at 3 in flight locally it still spills what would exceed 4 ...
+        balancer.finish_at(
+            endpoints[0],
+            Duration::from_millis(1),
+            Outcome::Success,
+            now,
+        );
+        assert_eq!(pick(20), (endpoints[0], Placement::Local));
+        let (_, placement) = pick(21);
+        assert_eq!(placement, Placement::Spilled(SpillReason::Overloaded));
+        // ... and returns only once the zone is down to `recover_at` (2).
+        for _ in 0..2 {
+            balancer.finish_at(
+                endpoints[0],
+                Duration::from_millis(1),
+                Outcome::Success,
+                now,
+            );
+        }
+        assert_eq!(pick(30), (endpoints[0], Placement::Local));
+        assert!(balancer.spilling().is_empty());
+    }
+
+    #[test]
+    fn a_zone_without_a_healthy_endpoint_fails_over_and_unzoned_clients_are_unaffected() {
+        let balancer = Balancer::default();
+        let (endpoints, zones) = one_local_ten_remote();
+        let zoned = Zoned {
+            endpoints: &endpoints,
+            zones: &zones,
+        };
+        let now = Instant::now();
+        for _ in 0..EJECT_AFTER {
+            balancer.pick_at(&[endpoints[0]], (0, 0), now);
+            balancer.finish_at(
+                endpoints[0],
+                Duration::from_millis(1),
+                Outcome::Failure,
+                now,
+            );
+        }
+        let (endpoint, placement) = balancer
+            .pick_zoned_at(
+                "shop/web:80",
+                zoned,
+                Some("a"),
+                ZonePolicy::default(),
+                (0, 1),
+                now,
+            )
+            .unwrap();
+        assert_eq!(placement, Placement::Spilled(SpillReason::Unavailable));
+        assert_ne!(endpoint, endpoints[0]);
+        // A node without a zone label, or endpoints without zones: the plain choice.
+        let (_, placement) = balancer
+            .pick_zoned_at(
+                "shop/web:80",
+                zoned,
+                None,
+                ZonePolicy::default(),
+                (0, 1),
+                now,
+            )
+            .unwrap();
+        assert_eq!(placement, Placement::Unzoned);
+        let unzoned = Zoned {
+            endpoints: &endpoints,
+            zones: &[None; 11],
+        };
+        let (_, placement) = balancer
+            .pick_zoned_at(
+                "shop/web:80",
+                unzoned,
+                Some("a"),
+                ZonePolicy::default(),
+                (0, 1),
+                now,
+            )
+            .unwrap();
+        assert_eq!(placement, Placement::Unzoned);
     }
 }
