@@ -134,6 +134,11 @@ impl ApiWatch {
         let grpc_routes: Objects<GrpcRouteObject> = Arc::default();
         let authorization_policies: Objects<AuthorizationPolicyObject> = Arc::default();
         let mut tasks = core_watches(&client, node, indices, &namespaces, &local_pods, &contexts);
+        tasks.push(tokio::spawn(follow_zone(
+            client.clone(),
+            node.to_owned(),
+            indices.clone(),
+        )));
         tasks.push(tokio::spawn(discovery::run(
             client.clone(),
             recheck,
@@ -411,6 +416,36 @@ async fn patch_route_status<K: RouteKind>(
     api.patch_status(&update.name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| ())
+}
+
+/// How often the node's zone label is read again (it is set when a node registers and
+/// practically never changes).
+const ZONE_REFRESH: Duration = Duration::from_secs(300);
+
+/// Reads this node's zone label from its Node into the Service index, now and every
+/// [`ZONE_REFRESH`]; on an error keeps what it had and tries again sooner.
+async fn follow_zone(client: Client, node: String, indices: ClusterIndices) {
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
+    loop {
+        let wait = match api.get(&node).await {
+            Ok(object) => {
+                let zone = super::labels::label(&object.metadata, super::labels::ZONE_LABEL)
+                    .map(std::sync::Arc::from);
+                indices
+                    .services
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .set_local_zone(zone);
+                ZONE_REFRESH
+            }
+            Err(error) => {
+                let error = watches::client_error(&error);
+                tracing::warn!(%node, "reading this node's zone failed: {error}; trying again in 30s");
+                Duration::from_secs(30)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use super::{
     compact::{self, LocalPod, NamespaceInfo, ServiceInfo, SliceInfo, WorkloadPod},
     intern::Interner,
-    labels::InvalidNamespaceLabel,
+    labels::{self, InvalidNamespaceLabel},
     objects::{AuthorizationPolicyObject, GrpcRouteObject, HttpRouteObject},
     snapshot::{ClusterIndices, ClusterSnapshot},
 };
@@ -93,6 +93,11 @@ enum Manifest {
     HttpRoute(Box<HttpRouteObject>),
     GrpcRoute(Box<GrpcRouteObject>),
     AuthorizationPolicy(Box<AuthorizationPolicyObject>),
+    /// A Node: its name and zone label (only this node's matters).
+    Node {
+        name: String,
+        zone: Option<String>,
+    },
 }
 
 /// One object as the agent keeps it.
@@ -111,6 +116,10 @@ enum Object {
     HttpRoute(Box<HttpRouteObject>),
     GrpcRoute(Box<GrpcRouteObject>),
     AuthorizationPolicy(Box<AuthorizationPolicyObject>),
+    /// This node's Node: its zone.
+    LocalNode {
+        zone: Option<std::sync::Arc<str>>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -188,6 +197,14 @@ impl ClusterStateDir {
             Manifest::HttpRoute(route) => Object::HttpRoute(route),
             Manifest::GrpcRoute(route) => Object::GrpcRoute(route),
             Manifest::AuthorizationPolicy(policy) => Object::AuthorizationPolicy(policy),
+            Manifest::Node { name, zone } => {
+                if name != self.node {
+                    return None;
+                }
+                Object::LocalNode {
+                    zone: zone.map(|z| self.strings.intern(&z)),
+                }
+            }
         })
     }
 
@@ -196,6 +213,7 @@ impl ClusterStateDir {
         let mut snapshot = ClusterSnapshot::default();
         let mut workloads = indices.workloads.write().unwrap_or_else(|p| p.into_inner());
         let mut services = indices.services.write().unwrap_or_else(|p| p.into_inner());
+        let mut local_zone = None;
         workloads.begin_relist();
         services.begin_service_relist();
         services.begin_slice_relist();
@@ -235,11 +253,13 @@ impl ClusterStateDir {
                         .authorization_policies
                         .insert(namespaced_key(&policy.metadata), (**policy).clone());
                 }
+                Object::LocalNode { zone } => local_zone = zone.clone(),
             }
         }
         workloads.end_relist();
         services.end_service_relist();
         services.end_slice_relist();
+        services.set_local_zone(local_zone);
         workloads.set_meshed_namespaces(
             snapshot
                 .namespaces
@@ -427,6 +447,14 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Manifest>, ManifestErr
                 value,
                 |r: &HttpRouteObject| &r.metadata,
             )?))),
+            "Node" => {
+                let node: k8s_openapi::api::core::v1::Node =
+                    typed(path, document_number, "Node", value)?;
+                objects.push(Manifest::Node {
+                    name: node.metadata.name.clone().unwrap_or_default(),
+                    zone: labels::label(&node.metadata, labels::ZONE_LABEL).map(str::to_owned),
+                });
+            }
             "GRPCRoute" => objects.push(Manifest::GrpcRoute(Box::new(namespaced(
                 path,
                 document_number,

@@ -102,6 +102,10 @@ pub fn excluded(
         || matches!(phase, Some("Succeeded" | "Failed"))
 }
 
+/// The well-known label of a Node's zone (the EndpointSlice controller copies it into each
+/// endpoint's `zone`).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// The value of label `key`.
 pub fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.labels

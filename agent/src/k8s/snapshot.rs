@@ -63,4 +63,6 @@ pub trait ServiceStore: Send + Sync {
     fn end_slice_relist(&mut self);
     /// Services, virtual ports and ready endpoints held.
     fn counts(&self) -> (usize, usize, usize);
+    /// This node's zone (label `topology.kubernetes.io/zone` of its Node), when known.
+    fn set_local_zone(&mut self, zone: Option<Arc<str>>);
 }

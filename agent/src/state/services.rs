@@ -98,9 +98,16 @@ pub struct ServiceIndex {
     endpoint_refs: HashMap<SocketAddr, u32>,
     service_epoch: u64,
     slice_epoch: u64,
+    /// This node's zone, when its Node has one.
+    local_zone: Option<Arc<str>>,
 }
 
 impl ServiceIndex {
+    /// This node's zone, when its Node has one: the zone clients here prefer.
+    pub fn local_zone(&self) -> Option<&Arc<str>> {
+        self.local_zone.as_ref()
+    }
+
     pub fn shared() -> SharedServices {
         Arc::default()
     }
@@ -412,6 +419,12 @@ impl ServiceStore for ServiceIndex {
     }
     fn counts(&self) -> (usize, usize, usize) {
         ServiceIndex::counts(self)
+    }
+    fn set_local_zone(&mut self, zone: Option<Arc<str>>) {
+        if self.local_zone != zone {
+            tracing::info!(zone = zone.as_deref().unwrap_or("none"), "this node's zone");
+            self.local_zone = zone;
+        }
     }
 }
 

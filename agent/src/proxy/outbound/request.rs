@@ -16,7 +16,7 @@ use hyper::{
 };
 
 use super::{
-    balance::Outcome,
+    balance::{Outcome, ZonePolicy, Zoned},
     context::{OutboundContext, SourcePod},
     pool::{UpstreamError, Version},
     upstream::DialError,
@@ -319,21 +319,31 @@ async fn send_to_backend(
         timeout,
     } = *attempt;
     let ctx = &connection.ctx;
-    let endpoints = {
+    let (endpoints, zones, local_zone) = {
         let services = ctx.services.read().unwrap_or_else(|p| p.into_inner());
-        services
-            .endpoints(
-                &backend.service,
-                backend.port,
-                connection.original.is_ipv4(),
-            )
-            .to_vec()
+        let (endpoints, zones) = services.endpoints(
+            &backend.service,
+            backend.port,
+            connection.original.is_ipv4(),
+        );
+        (
+            endpoints.to_vec(),
+            zones.to_vec(),
+            services.local_zone().cloned(),
+        )
     };
-    let Some(endpoint) = ctx
-        .http
-        .balancer
-        .pick(&endpoints, (fastrand::u64(..), fastrand::u64(..)))
-    else {
+    let zones: Vec<Option<&str>> = zones.iter().map(Option::as_deref).collect();
+    let picked = ctx.http.balancer.pick_zoned(
+        &format!("{}:{}", backend.service, backend.port),
+        Zoned {
+            endpoints: &endpoints,
+            zones: &zones,
+        },
+        local_zone.as_deref(),
+        ZonePolicy::default(),
+        (fastrand::u64(..), fastrand::u64(..)),
+    );
+    let Some((endpoint, _placement)) = picked else {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
