@@ -70,6 +70,8 @@ struct ConfigDump<'a> {
     routes: Vec<RouteView>,
     /// Endpoints the L7 proxy has sent requests to: latency estimate, load, ejection.
     http_endpoints: Vec<EndpointView>,
+    /// This node's zone and the Service ports whose requests spill out of it now.
+    zones: ZonesView,
     /// AuthorizationPolicies in force and the local pods each selects.
     authorization_policies: Vec<PolicyView>,
     /// Workload certificates held by this node; null when the agent runs without a CA.
@@ -105,6 +107,13 @@ impl ClusterStateView {
             ready_endpoints,
         }
     }
+}
+
+/// Zone-aware balancing as the config dump shows it.
+#[derive(serde::Serialize)]
+struct ZonesView {
+    local_zone: Option<String>,
+    spilling: Vec<String>,
 }
 
 fn service_views(state: &AdminState) -> Vec<ServicePortView> {
@@ -297,6 +306,15 @@ fn config_dump(state: &AdminState) -> Response<Full<Bytes>> {
         services: service_views(state),
         routes: node.routes.views(),
         http_endpoints: state.balancer.views(),
+        zones: ZonesView {
+            local_zone: state
+                .services
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .local_zone()
+                .map(|z| z.to_string()),
+            spilling: state.balancer.spilling(),
+        },
         authorization_policies: node.authorization.views(),
         identities: state.identities.as_ref().map(|m| m.views()),
         datapath_maps: state.datapath.occupancy(),

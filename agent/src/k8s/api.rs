@@ -418,33 +418,33 @@ async fn patch_route_status<K: RouteKind>(
         .map(|_| ())
 }
 
-/// How often the node's zone label is read again (it is set when a node registers and
-/// practically never changes).
-const ZONE_REFRESH: Duration = Duration::from_secs(300);
-
-/// Reads this node's zone label from its Node into the Service index, now and every
-/// [`ZONE_REFRESH`]; on an error keeps what it had and tries again sooner.
+/// Follows this node's zone label (a watch of its own Node, field-selected: a cloud's node
+/// controller often labels a node after it registered, and after the agent started) into
+/// the Service index.
 async fn follow_zone(client: Client, node: String, indices: ClusterIndices) {
+    use futures_util::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher::Event};
     let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
-    loop {
-        let wait = match api.get(&node).await {
-            Ok(object) => {
-                let zone = super::labels::label(&object.metadata, super::labels::ZONE_LABEL)
-                    .map(std::sync::Arc::from);
-                indices
-                    .services
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .set_local_zone(zone);
-                ZONE_REFRESH
+    let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        let zone = match event {
+            Ok(Event::InitApply(object) | Event::Apply(object)) => {
+                super::labels::label(&object.metadata, super::labels::ZONE_LABEL)
+                    .map(std::sync::Arc::from)
             }
+            Ok(Event::Delete(_)) => None,
+            Ok(Event::Init | Event::InitDone) => continue,
             Err(error) => {
-                let error = watches::client_error(&error);
-                tracing::warn!(%node, "reading this node's zone failed: {error}; trying again in 30s");
-                Duration::from_secs(30)
+                tracing::warn!(%node, %error, "watching this node's zone failed; retrying with backoff");
+                continue;
             }
         };
-        tokio::time::sleep(wait).await;
+        indices
+            .services
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_local_zone(zone);
     }
 }
 

@@ -603,3 +603,4 @@ fn smuggling_and_malformed_requests_never_reach_the_application() {
 
 mod authorization;
 mod grpc_route;
+mod zones;
