@@ -565,6 +565,45 @@ mod tests {
     }
 
     #[test]
+    fn this_nodes_zone_comes_from_its_node_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = |name: &str, zone: &str| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    topology.kubernetes.io/zone: {zone}\n"
+            )
+        };
+        let file = dir.path().join("nodes.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "{}---\n{}",
+                node("node2", "zone-b"),
+                node("node1", "zone-a")
+            ),
+        )
+        .unwrap();
+        let services = ServiceIndex::shared();
+        let (mut indices, _) = indices();
+        indices.services = services.clone();
+        let mut dir_state = ClusterStateDir::new(dir.path(), "node1");
+        let (_, errors) = dir_state.refresh(&indices);
+        assert!(errors.is_empty(), "{errors:?}");
+        let zone = || services.read().unwrap().local_zone().map(|z| z.to_string());
+        assert_eq!(
+            zone().as_deref(),
+            Some("zone-a"),
+            "its own Node's, not another's"
+        );
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n",
+        )
+        .unwrap();
+        dir_state.refresh(&indices);
+        assert_eq!(zone(), None, "the label removed");
+    }
+
+    #[test]
     fn a_broken_file_keeps_its_last_good_objects_and_says_where() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pod.yaml");
