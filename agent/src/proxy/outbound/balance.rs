@@ -12,6 +12,11 @@
 //! then re-admitted; one success resets both counts. If every candidate is ejected the
 //! choice ignores ejection (panic mode, as Envoy does): some traffic beats none.
 //!
+//! With zones (`pick_zoned`), the two choices are made among the client's zone while its
+//! endpoints average fewer than `ZonePolicy::spill_at` requests in flight; over that, only
+//! what the zone's endpoints cannot take goes to other zones, until the average is back at
+//! `recover_at`; a zone without a healthy endpoint fails over at once (docs/l7.md, Zones).
+//!
 //! Why not `tower::balance::p2c` with its `PeakEwma`: tower's balancer is one instance per
 //! client that owns its endpoints as a `Discover` stream of `Service`s and polls each for
 //! readiness. Here the endpoints are a slice looked up per request in the node's shared
@@ -22,9 +27,9 @@
 //! request, for the same two-choice rule.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -86,7 +91,7 @@ pub struct Balancer {
 struct State {
     endpoints: HashMap<SocketAddr, EndpointState>,
     /// Service ports (`namespace/name:port`) whose requests spill out of the zone now.
-    spilling: HashMap<String, Instant>,
+    spilling: HashSet<String>,
 }
 
 /// An endpoint as the config dump shows it.
@@ -141,16 +146,14 @@ pub enum SpillReason {
 #[derive(Clone, Copy, Debug)]
 pub struct Zoned<'a> {
     pub endpoints: &'a [SocketAddr],
-    pub zones: &'a [Option<&'a str>],
+    /// Empty when no endpoint has a zone.
+    pub zones: &'a [Option<Arc<str>>],
 }
 
 impl Balancer {
-    /// Chooses among `candidates` with two random draws `draws`; counts the request as
-    /// outstanding until `finish` is called for it.
-    pub fn pick(&self, candidates: &[SocketAddr], draws: (u64, u64)) -> Option<SocketAddr> {
-        self.pick_at(candidates, draws, Instant::now())
-    }
-
+    /// The plain choice among `candidates` (two random draws `draws`), counted as
+    /// outstanding until `finish`: what `pick_zoned` does without zones.
+    #[cfg(test)]
     fn pick_at(
         &self,
         candidates: &[SocketAddr],
@@ -163,24 +166,26 @@ impl Balancer {
         Some(chosen)
     }
 
-    /// The zone-aware choice for the Service port `key` from a client in `local_zone`:
-    /// the client's zone while its endpoints keep up, another zone when none is available
-    /// or, under `policy`, they are overloaded (and then only for the requests the zone's
-    /// least loaded endpoints cannot take).
+    /// The choice among `candidates` of `service` (`namespace/name`) on `port`, with two
+    /// random draws `draws`, counted as outstanding until `finish`. Zone-aware for a client
+    /// in `local_zone`: the client's zone while its endpoints keep up, another zone when none
+    /// is available or, under `policy`, they are overloaded (and then only for the requests
+    /// the zone's least loaded endpoints cannot take).
     pub fn pick_zoned(
         &self,
-        key: &str,
+        (service, port): (&str, u16),
         candidates: Zoned<'_>,
         local_zone: Option<&str>,
         policy: ZonePolicy,
         draws: (u64, u64),
     ) -> Option<(SocketAddr, Placement)> {
-        self.pick_zoned_at(key, candidates, local_zone, policy, draws, Instant::now())
+        let now = Instant::now();
+        self.pick_zoned_at((service, port), candidates, local_zone, policy, draws, now)
     }
 
     fn pick_zoned_at(
         &self,
-        key: &str,
+        (service, port): (&str, u16),
         candidates: Zoned<'_>,
         local_zone: Option<&str>,
         policy: ZonePolicy,
@@ -197,7 +202,7 @@ impl Balancer {
         };
         let (mut local, mut remote) = (Vec::new(), Vec::new());
         for (endpoint, zone) in candidates.endpoints.iter().zip(candidates.zones) {
-            if *zone == Some(local_zone) {
+            if zone.as_deref() == Some(local_zone) {
                 if !state
                     .endpoints
                     .get(endpoint)
@@ -223,15 +228,16 @@ impl Balancer {
                 .map(|e| f64::from(outstanding(&state, e)))
                 .sum::<f64>()
                 / local.len() as f64;
-            let spilling = match state.spilling.get(key) {
-                Some(_) if load <= policy.recover_at => {
-                    state.spilling.remove(key);
+            let key = format!("{service}:{port}");
+            let spilling = match state.spilling.contains(&key) {
+                true if load <= policy.recover_at => {
+                    state.spilling.remove(&key);
                     tracing::info!(service = key, zone = local_zone, load, "back in the zone");
                     false
                 }
-                Some(_) => true,
-                None if load >= policy.spill_at => {
-                    state.spilling.insert(key.to_owned(), now);
+                true => true,
+                false if load >= policy.spill_at => {
+                    state.spilling.insert(key.clone());
                     tracing::info!(
                         service = key,
                         zone = local_zone,
@@ -240,7 +246,7 @@ impl Balancer {
                     );
                     true
                 }
-                None => false,
+                false => false,
             };
             let in_zone = two_choices(&state.endpoints, &local, draws, now);
             match in_zone {
@@ -328,7 +334,7 @@ impl Balancer {
 
     /// The Service ports spilling out of the zone now.
     pub fn spilling(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self.lock().spilling.keys().cloned().collect();
+        let mut keys: Vec<String> = self.lock().spilling.iter().cloned().collect();
         keys.sort();
         keys
     }
@@ -464,12 +470,12 @@ mod tests {
     }
 
     /// One endpoint in zone `a` (the client's), ten in `b`.
-    fn one_local_ten_remote() -> (Vec<SocketAddr>, Vec<Option<&'static str>>) {
+    fn one_local_ten_remote() -> (Vec<SocketAddr>, Vec<Option<Arc<str>>>) {
         let endpoints: Vec<SocketAddr> = (1..=11)
             .map(|i| format!("10.0.1.{i}:80").parse().unwrap())
             .collect();
         let zones = (0..11)
-            .map(|i| Some(if i == 0 { "a" } else { "b" }))
+            .map(|i| Some(Arc::from(if i == 0 { "a" } else { "b" })))
             .collect();
         (endpoints, zones)
     }
@@ -487,7 +493,7 @@ mod tests {
         let pick = |draw: u64| {
             balancer
                 .pick_zoned_at(
-                    "shop/web:80",
+                    ("shop/web", 80),
                     zoned,
                     Some("a"),
                     policy,
@@ -553,7 +559,7 @@ mod tests {
         }
         let (endpoint, placement) = balancer
             .pick_zoned_at(
-                "shop/web:80",
+                ("shop/web", 80),
                 zoned,
                 Some("a"),
                 ZonePolicy::default(),
@@ -566,7 +572,7 @@ mod tests {
         // A node without a zone label, or endpoints without zones: the plain choice.
         let (_, placement) = balancer
             .pick_zoned_at(
-                "shop/web:80",
+                ("shop/web", 80),
                 zoned,
                 None,
                 ZonePolicy::default(),
@@ -577,11 +583,11 @@ mod tests {
         assert_eq!(placement, Placement::Unzoned);
         let unzoned = Zoned {
             endpoints: &endpoints,
-            zones: &[None; 11],
+            zones: &[const { None }; 11],
         };
         let (_, placement) = balancer
             .pick_zoned_at(
-                "shop/web:80",
+                ("shop/web", 80),
                 unzoned,
                 Some("a"),
                 ZonePolicy::default(),

@@ -332,9 +332,8 @@ async fn send_to_backend(
             services.local_zone().cloned(),
         )
     };
-    let zones: Vec<Option<&str>> = zones.iter().map(Option::as_deref).collect();
     let picked = ctx.http.balancer.pick_zoned(
-        &format!("{}:{}", backend.service, backend.port),
+        (&backend.service, backend.port),
         Zoned {
             endpoints: &endpoints,
             zones: &zones,
