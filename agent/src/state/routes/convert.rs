@@ -100,7 +100,7 @@ pub(super) struct ConvertedRoute {
     pub(super) rules: Vec<(Vec<RequestMatch>, Arc<Rule>)>,
 }
 
-fn route_error(key: &RouteKey, field: &str, message: String) -> RouteError {
+pub(super) fn route_error(key: &RouteKey, field: &str, message: String) -> RouteError {
     RouteError {
         route: key.clone(),
         field: field.to_owned(),

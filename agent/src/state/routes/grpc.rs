@@ -19,7 +19,9 @@
 //! no characters), ahead of any HTTPRoute's on the same Service ([`GrpcRank`]).
 
 use super::{
-    convert::{ConvertedRoute, RouteError, RouteKey, anchored, convert_spec, parse_spec},
+    convert::{
+        ConvertedRoute, RouteError, RouteKey, anchored, convert_spec, parse_spec, route_error,
+    },
     rule::GrpcRank,
     spec::{GrpcMethodSpec, GrpcRouteSpec, MatchSpec, PathMatchSpec, RouteSpec, RuleSpec},
 };
@@ -34,11 +36,6 @@ pub(super) fn convert_grpc(
     key: &RouteKey,
     object: &GrpcRouteObject,
 ) -> Result<ConvertedRoute, RouteError> {
-    let error = |field: String, message: String| RouteError {
-        route: key.clone(),
-        field,
-        message,
-    };
     let spec: GrpcRouteSpec = parse_spec(key, &object.spec)?;
     let mut rules = Vec::with_capacity(spec.rules.len());
     let mut ranks: Vec<Vec<GrpcRank>> = Vec::with_capacity(spec.rules.len());
@@ -50,8 +47,8 @@ pub(super) fn convert_grpc(
             let method_at = format!("{at}.matches[{m}].method");
             let (path, rank) = match grpc.method {
                 Some(method) => {
-                    let (path, rank) =
-                        method_path(&method, &method_at).map_err(|(f, m)| error(f, m))?;
+                    let (path, rank) = method_path(&method, &method_at)
+                        .map_err(|(f, m)| route_error(key, &f, m))?;
                     (Some(path), rank)
                 }
                 None => (None, GrpcRank::default()),
@@ -70,8 +67,9 @@ pub(super) fn convert_grpc(
             .enumerate()
             .find(|(_, filter)| !SUPPORTED_FILTERS.contains(&filter.kind.as_str()))
         {
-            return Err(error(
-                format!("{at}.filters[{f}].type"),
+            return Err(route_error(
+                key,
+                &format!("{at}.filters[{f}].type"),
                 format!(
                     "{:?} is not supported on a GRPCRoute ({} are)",
                     filter.kind,
