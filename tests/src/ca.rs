@@ -137,23 +137,23 @@ impl Testbed {
 
     /// Starts the workload's HTTP server on `port` in `pod` and waits until it listens.
     pub fn start_http_server(&self, pod: &crate::Pod, port: u16) -> Result<()> {
-        let mut http = std::process::Command::new(self.workload_bin());
-        http.args([
-            "http-server",
-            "--port",
-            &port.to_string(),
-            "--name",
-            pod.name(),
-        ]);
-        self.spawn_in_pod(pod, http)?.detach();
-        self.wait_listening(pod, port)
+        let port_arg = port.to_string();
+        let args = ["http-server", "--port", &port_arg, "--name", pod.name()];
+        self.start_workload_server(pod, port, &args)
     }
 
     /// Starts the workload's echo server on `port` in `pod` and waits until it listens.
     pub fn start_echo_server(&self, pod: &crate::Pod, port: u16) -> Result<()> {
-        let mut echo = std::process::Command::new(self.workload_bin());
-        echo.args(["echo-server", "--ports", &port.to_string()]);
-        self.spawn_in_pod(pod, echo)?.detach();
+        let args = ["echo-server", "--ports", &port.to_string()];
+        self.start_workload_server(pod, port, &args)
+    }
+
+    /// Runs `nodemesh-workload <args>` in `pod`, left running, and waits until it listens on
+    /// `port`.
+    pub fn start_workload_server(&self, pod: &crate::Pod, port: u16, args: &[&str]) -> Result<()> {
+        let mut server = std::process::Command::new(self.workload_bin());
+        server.args(args);
+        self.spawn_in_pod(pod, server)?.detach();
         self.wait_listening(pod, port)
     }
 

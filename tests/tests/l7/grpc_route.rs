@@ -36,17 +36,10 @@ fn grpc_routes_send_calls_by_method_and_header_with_weights_and_report_status() 
     let (tb, _ca) = setup("nml7g");
     let a = tb.pod("mesh", "server-a").clone();
     let b = tb.pod("mesh", "server-b").clone();
+    let port = GRPC_PORT.to_string();
     for pod in [&a, &b] {
-        let mut server = Command::new(tb.workload_bin());
-        server.args([
-            "grpc-server",
-            "--port",
-            &GRPC_PORT.to_string(),
-            "--name",
-            pod.name(),
-        ]);
-        tb.spawn_in_pod(pod, server).expect("grpc-server").detach();
-        tb.wait_listening(pod, GRPC_PORT)
+        let args = ["grpc-server", "--port", &port, "--name", pod.name()];
+        tb.start_workload_server(pod, GRPC_PORT, &args)
             .expect("grpc-server listening");
     }
     apply_service_on(&tb, ("grpc", GRPC, GRPC_PORT), None, &[&a, &b], GRPC_PORT);

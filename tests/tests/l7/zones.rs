@@ -50,19 +50,19 @@ fn requests_stay_in_the_zone_spill_the_excess_under_load_and_fail_over() {
     let a = tb.pod("mesh", "server-a").clone();
     let b = tb.pod("mesh", "server-b").clone();
     // server-a, in the client's zone, answers 5 ms later than server-b.
+    let port = ZONED_PORT.to_string();
     for (pod, delay) in [(&a, "5"), (&b, "0")] {
-        let mut server = Command::new(tb.workload_bin());
-        server.args([
+        let args = [
             "http-server",
             "--port",
-            &ZONED_PORT.to_string(),
+            &port,
             "--name",
             pod.name(),
             "--delay-ms",
             delay,
-        ]);
-        tb.spawn_in_pod(pod, server).expect("http-server").detach();
-        tb.wait_listening(pod, ZONED_PORT).expect("listening");
+        ];
+        tb.start_workload_server(pod, ZONED_PORT, &args)
+            .expect("http-server listening");
     }
     apply_service_on(&tb, ("zoned", ZONED, 80), None, &[&a, &b], ZONED_PORT);
     apply_slice(&tb, &a, &b, [None, None], false);

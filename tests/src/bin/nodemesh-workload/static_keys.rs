@@ -149,8 +149,7 @@ fn attach(prog_type: u32, attach_type: u32, target: &File) -> io::Result<(OwnedF
     let program = bpf_fd(BPF_PROG_LOAD, &load)?;
     let create = LinkCreateAttr {
         prog_fd: fd_u32(&program)?,
-        target_fd: u32::try_from(target.as_raw_fd())
-            .map_err(|_| io::Error::other("negative descriptor"))?,
+        target_fd: fd_u32(target)?,
         attach_type,
         flags: 0,
     };
@@ -158,7 +157,7 @@ fn attach(prog_type: u32, attach_type: u32, target: &File) -> io::Result<(OwnedF
     Ok((program, link))
 }
 
-fn fd_u32(fd: &OwnedFd) -> io::Result<u32> {
+fn fd_u32(fd: &impl AsRawFd) -> io::Result<u32> {
     u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::other("negative descriptor"))
 }
 
