@@ -1,6 +1,7 @@
 //! Admin HTTP server: health, readiness, config dump and connection stats as JSON.
 
 use std::{
+    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{
@@ -109,11 +110,32 @@ impl ClusterStateView {
     }
 }
 
-/// Zone-aware balancing as the config dump shows it.
+/// Zone-aware balancing as the config dump shows it (each Service port's preference and
+/// policy are in `services`).
 #[derive(serde::Serialize)]
 struct ZonesView {
     local_zone: Option<String>,
+    local_region: Option<String>,
+    /// Each zone some Node is labelled with, and its region.
+    zone_regions: BTreeMap<String, String>,
+    /// Service ports (`namespace/name:port`) whose requests spill beyond their preferred
+    /// endpoints now.
     spilling: Vec<String>,
+}
+
+impl ZonesView {
+    fn of(state: &AdminState) -> Self {
+        let services = state.services.read().unwrap_or_else(|p| p.into_inner());
+        let topology = services.topology();
+        Self {
+            local_zone: topology.zone.as_deref().map(str::to_owned),
+            local_region: topology.region.as_deref().map(str::to_owned),
+            zone_regions: (topology.zone_regions.iter())
+                .map(|(zone, region)| (zone.to_string(), region.to_string()))
+                .collect(),
+            spilling: services.spilling(),
+        }
+    }
 }
 
 fn service_views(state: &AdminState) -> Vec<ServicePortView> {
@@ -306,15 +328,7 @@ fn config_dump(state: &AdminState) -> Response<Full<Bytes>> {
         services: service_views(state),
         routes: node.routes.views(),
         http_endpoints: state.balancer.views(),
-        zones: ZonesView {
-            local_zone: state
-                .services
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .local_zone()
-                .map(|z| z.to_string()),
-            spilling: state.balancer.spilling(),
-        },
+        zones: ZonesView::of(state),
         authorization_policies: node.authorization.views(),
         identities: state.identities.as_ref().map(|m| m.views()),
         datapath_maps: state.datapath.occupancy(),

@@ -43,3 +43,12 @@ pub struct Traffic {
     /// Mutual TLS (HBONE) or not.
     pub mutual_tls: bool,
 }
+
+/// The zones at either end of a request or connection to a Service endpoint, when this
+/// node has a zone.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ZonePair {
+    pub source: std::sync::Arc<str>,
+    /// None when the endpoint's slice gives no zone.
+    pub destination: Option<std::sync::Arc<str>>,
+}

@@ -82,7 +82,18 @@ fn setup(prefix: &str) -> Telemetry {
     let service = cluster_state::service_object("mesh", "web", WEB, 80, "http");
     tb.apply_object("service-web.yaml", &service)
         .expect("service");
-    let slice = cluster_state::endpoint_slice_object("web", "http", APP_PORT, &[(&server, false)]);
+    // Zones, so the dashboard's zone panels have data: the client's node1 in zone-a, web's
+    // endpoint on node2 in zone-b (every request to it leaves the zone: none is there).
+    for (node, zone) in [("node1", "zone-a"), ("node2", "zone-b")] {
+        let label = format!("topology.kubernetes.io/zone={zone}");
+        api.kubectl_ok(&["label", "node", node, &label])
+            .expect("kubectl label node");
+    }
+    let mut slice =
+        cluster_state::endpoint_slice_object("web", "http", APP_PORT, &[(&server, false)]);
+    for endpoint in slice.endpoints.iter_mut().flatten() {
+        endpoint.zone = Some("zone-b".into());
+    }
     tb.apply_object("endpointslice-web.yaml", &slice)
         .expect("slice");
     let outsider = tb.pod("plain", "outsider").clone();
@@ -95,10 +106,15 @@ fn setup(prefix: &str) -> Telemetry {
         cluster_state::endpoint_slice_object("legacy", "http", APP_PORT, &[(&outsider, false)]);
     tb.apply_object("endpointslice-legacy.yaml", &slice)
         .expect("slice");
-    wait_until(Duration::from_secs(10), "Services loaded", || {
-        let dump = tb.admin_json("node1", "/config_dump")?;
-        Ok(Testbed::workload_services(&dump).len() == 2)
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "Services and node1's zone loaded",
+        || {
+            let dump = tb.admin_json("node1", "/config_dump")?;
+            Ok(Testbed::workload_services(&dump).len() == 2
+                && dump["zones"]["local_zone"] == "zone-a")
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}"));
     Telemetry {
         tb,

@@ -94,8 +94,11 @@ impl Reconciler<'_> {
         for error in &policy_errors {
             tracing::warn!(%error, "AuthorizationPolicy rejected; its last good version keeps applying");
         }
+        let service_errors = (self.outbound.services.read())
+            .map_or_else(|p| p.into_inner().errors(), |s| s.errors());
         let config_errors: Vec<String> = errors
             .into_iter()
+            .chain(service_errors)
             .chain(route_errors.iter().map(ToString::to_string))
             .chain(policy_errors.iter().map(ToString::to_string))
             .collect();

@@ -35,6 +35,7 @@ pub fn report(admin: SocketAddr, now_unix: u64) -> Result<String, StatusError> {
     identities(&mut out, &dump, now_unix);
     config_counts(&mut out, &dump);
     config_errors(&mut out, &dump);
+    zones(&mut out, &dump);
     Ok(out)
 }
 
@@ -147,6 +148,63 @@ fn config_counts(out: &mut String, dump: &Value) {
     );
 }
 
+/// Service ports listed under ZONES at most.
+const ZONE_LINES: usize = 20;
+
+/// This node's zone and the Service ports whose traffic leaves their preferred endpoints
+/// now: spilling under load, or failing over because none is ready (nothing without a zone).
+fn zones(out: &mut String, dump: &Value) {
+    let Some(zone) = dump["zones"]["local_zone"].as_str() else {
+        return;
+    };
+    let services = dump["services"].as_array().cloned().unwrap_or_default();
+    let preferring = services
+        .iter()
+        .filter(|s| s["zone_preference"].is_object())
+        .count();
+    let leaving: Vec<&Value> = services
+        .iter()
+        .filter(|s| s["spilling"] == true || s["zone_preference"]["count"] == 0)
+        .collect();
+    let _ = writeln!(
+        out,
+        "\nZONE {zone}: {preferring} of {} Service ports prefer endpoints here; {} send traffic beyond them now",
+        services.len(),
+        leaving.len(),
+    );
+    if leaving.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  {:<40} {:<22} {:<10} {:<9} WHY",
+        "SERVICE", "ADDRESS", "BY", "AFFINITY"
+    );
+    for service in leaving.iter().take(ZONE_LINES) {
+        let preference = &service["zone_preference"];
+        let why = if preference["count"] == 0 {
+            "no ready endpoint preferred here: failing over".to_owned()
+        } else {
+            let policy = &service["zone_policy"];
+            format!(
+                "spilling: over {} requests in flight per preferred endpoint (back at {})",
+                policy["spill_at"], policy["recover_at"]
+            )
+        };
+        let _ = writeln!(
+            out,
+            "  {:<40} {:<22} {:<10} {:<9} {why}",
+            service["service"].as_str().unwrap_or("?"),
+            service["virtual_address"].as_str().unwrap_or("?"),
+            preference["by"].as_str().unwrap_or("?"),
+            service["zone_policy"]["affinity"].as_str().unwrap_or("?"),
+        );
+    }
+    if leaving.len() > ZONE_LINES {
+        let _ = writeln!(out, "  … and {} more", leaving.len() - ZONE_LINES);
+    }
+}
+
 /// The configuration the agent refused (it keeps the last good version of each).
 fn config_errors(out: &mut String, dump: &Value) {
     let errors = dump["config_errors"]
@@ -250,5 +308,51 @@ mod tests {
             "cgroup_id": null, "inbound_held": false, "peer_authentication": "PERMISSIVE"
         });
         assert_eq!(held(&unknown, "open"), "no cgroup yet; no inbound capture");
+    }
+
+    #[test]
+    fn zones_name_the_service_ports_leaving_their_zone_and_why() {
+        let dump = serde_json::json!({
+            "zones": {"local_zone": "zone-a", "spilling": ["shop/web:80"]},
+            "services": [
+                {"service": "shop/web", "virtual_address": "10.96.0.10:80", "spilling": true,
+                 "zone_preference": {"by": "zone", "count": 1},
+                 "zone_policy": {"affinity": "load", "spill_at": 4.0, "recover_at": 2.0}},
+                {"service": "shop/db", "virtual_address": "10.96.0.11:5432", "spilling": false,
+                 "zone_preference": {"by": "zone_hints", "count": 0},
+                 "zone_policy": {"affinity": "strict", "spill_at": 4.0, "recover_at": 2.0}},
+                {"service": "shop/calm", "virtual_address": "10.96.0.12:80", "spilling": false,
+                 "zone_preference": {"by": "zone", "count": 2},
+                 "zone_policy": {"affinity": "load", "spill_at": 4.0, "recover_at": 2.0}},
+                {"service": "shop/flat", "virtual_address": "10.96.0.13:80", "spilling": false,
+                 "zone_policy": {"affinity": "off", "spill_at": 4.0, "recover_at": 2.0}},
+            ],
+        });
+        let mut out = String::new();
+        zones(&mut out, &dump);
+        let lines: Vec<&str> = out.lines().map(str::trim_end).collect();
+        assert_eq!(
+            lines[1],
+            "ZONE zone-a: 3 of 4 Service ports prefer endpoints here; 2 send traffic beyond them now"
+        );
+        assert!(
+            lines[3].starts_with("  shop/web")
+                && lines[3].ends_with(
+                    "spilling: over 4.0 requests in flight per preferred endpoint (back at 2.0)"
+                ),
+            "{out}"
+        );
+        assert!(
+            lines[4].contains("zone_hints")
+                && lines[4].ends_with("no ready endpoint preferred here: failing over"),
+            "{out}"
+        );
+        assert_eq!(lines.len(), 5, "{out}");
+        let mut none = String::new();
+        zones(
+            &mut none,
+            &serde_json::json!({"zones": {"local_zone": null}}),
+        );
+        assert!(none.is_empty(), "nothing without a zone");
     }
 }

@@ -38,12 +38,13 @@ use super::{
     compact::LocalPod,
     discovery::{self, Optional},
     intern::Interner,
+    labels::{REGION_LABEL, ZONE_LABEL},
     objects::{
         AuthorizationPolicyObject, Grpc, GrpcRouteObject, Http, HttpRouteObject, RouteKind,
         RouteObject, RouteStatusUpdate,
     },
     sinks::{LocalPodSink, NamespaceSink, ObjectSink, ServiceSink, SliceSink, WorkloadSink, lock},
-    snapshot::{ClusterIndices, ClusterSnapshot},
+    snapshot::{ClusterIndices, ClusterSnapshot, Topology},
     status::SourceStatus,
     table::{NamespaceTable, Table},
     watch::{self as watches, Ended, Unsynced, WatchContext},
@@ -134,7 +135,7 @@ impl ApiWatch {
         let grpc_routes: Objects<GrpcRouteObject> = Arc::default();
         let authorization_policies: Objects<AuthorizationPolicyObject> = Arc::default();
         let mut tasks = core_watches(&client, node, indices, &namespaces, &local_pods, &contexts);
-        tasks.push(tokio::spawn(follow_zone(
+        tasks.push(tokio::spawn(follow_topology(
             client.clone(),
             node.to_owned(),
             indices.clone(),
@@ -418,33 +419,53 @@ async fn patch_route_status<K: RouteKind>(
         .map(|_| ())
 }
 
-/// Follows this node's zone label (a watch of its own Node, field-selected: a cloud's node
-/// controller often labels a node after it registered, and after the agent started) into
-/// the Service index.
-async fn follow_zone(client: Client, node: String, indices: ClusterIndices) {
+/// Follows the Nodes' zone and region labels (a metadata-only watch of every Node: a
+/// cloud's node controller often labels a node after it registered, and after the agent
+/// started) into the Service index: this node's zone and region, and each zone's region.
+/// Zones are only ever added to the region map (a zone does not move between regions).
+async fn follow_topology(client: Client, node: String, indices: ClusterIndices) {
     use futures_util::StreamExt;
-    use kube::runtime::{WatchStreamExt, watcher::Event};
-    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
-    let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
-    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    use kube::{
+        api::PartialObjectMeta,
+        runtime::{WatchStreamExt, watcher::Event},
+    };
+    let api: Api<PartialObjectMeta<k8s_openapi::api::core::v1::Node>> = Api::all(client);
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut topology = Topology {
+        node: Arc::from(node.as_str()),
+        ..Topology::default()
+    };
+    let mut published = None;
     while let Some(event) = events.next().await {
-        let zone = match event {
-            Ok(Event::InitApply(object) | Event::Apply(object)) => {
-                super::labels::label(&object.metadata, super::labels::ZONE_LABEL)
-                    .map(std::sync::Arc::from)
-            }
-            Ok(Event::Delete(_)) => None,
+        let (meta, gone) = match event {
+            Ok(Event::InitApply(object) | Event::Apply(object)) => (object.metadata, false),
+            Ok(Event::Delete(object)) => (object.metadata, true),
             Ok(Event::Init | Event::InitDone) => continue,
             Err(error) => {
-                tracing::warn!(%node, %error, "watching this node's zone failed; retrying with backoff");
+                tracing::warn!(%node, %error, "watching the Nodes' zones failed; retrying with backoff");
                 continue;
             }
         };
-        indices
-            .services
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_local_zone(zone);
+        let label = |key| super::labels::label(&meta, key).map(Arc::<str>::from);
+        let (zone, region) = (label(ZONE_LABEL), label(REGION_LABEL));
+        if let Some((zone, region)) = zone.as_ref().zip(region.as_ref()) {
+            topology
+                .zone_regions
+                .insert(Arc::clone(zone), Arc::clone(region));
+        }
+        if meta.name.as_deref() == Some(node.as_str()) {
+            (topology.zone, topology.region) = if gone { (None, None) } else { (zone, region) };
+        }
+        if published.as_ref() != Some(&topology) {
+            indices
+                .services
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_topology(topology.clone());
+            published = Some(topology.clone());
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -30,7 +31,7 @@ use super::{
     intern::Interner,
     labels::{self, InvalidNamespaceLabel},
     objects::{AuthorizationPolicyObject, GrpcRouteObject, HttpRouteObject},
-    snapshot::{ClusterIndices, ClusterSnapshot},
+    snapshot::{ClusterIndices, ClusterSnapshot, Topology},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -93,10 +94,11 @@ enum Manifest {
     HttpRoute(Box<HttpRouteObject>),
     GrpcRoute(Box<GrpcRouteObject>),
     AuthorizationPolicy(Box<AuthorizationPolicyObject>),
-    /// A Node: its name and zone label (only this node's matters).
+    /// A Node: its name and zone and region labels.
     Node {
         name: String,
         zone: Option<String>,
+        region: Option<String>,
     },
 }
 
@@ -116,9 +118,12 @@ enum Object {
     HttpRoute(Box<HttpRouteObject>),
     GrpcRoute(Box<GrpcRouteObject>),
     AuthorizationPolicy(Box<AuthorizationPolicyObject>),
-    /// This node's Node: its zone.
-    LocalNode {
+    /// A Node's zone and region (this node's say where it is; all say which region each
+    /// zone is in).
+    Node {
+        local: bool,
         zone: Option<std::sync::Arc<str>>,
+        region: Option<std::sync::Arc<str>>,
     },
 }
 
@@ -197,14 +202,11 @@ impl ClusterStateDir {
             Manifest::HttpRoute(route) => Object::HttpRoute(route),
             Manifest::GrpcRoute(route) => Object::GrpcRoute(route),
             Manifest::AuthorizationPolicy(policy) => Object::AuthorizationPolicy(policy),
-            Manifest::Node { name, zone } => {
-                if name != self.node {
-                    return None;
-                }
-                Object::LocalNode {
-                    zone: zone.map(|z| self.strings.intern(&z)),
-                }
-            }
+            Manifest::Node { name, zone, region } => Object::Node {
+                local: name == self.node,
+                zone: zone.map(|z| self.strings.intern(&z)),
+                region: region.map(|r| self.strings.intern(&r)),
+            },
         })
     }
 
@@ -213,7 +215,10 @@ impl ClusterStateDir {
         let mut snapshot = ClusterSnapshot::default();
         let mut workloads = indices.workloads.write().unwrap_or_else(|p| p.into_inner());
         let mut services = indices.services.write().unwrap_or_else(|p| p.into_inner());
-        let mut local_zone = None;
+        let mut topology = Topology {
+            node: Arc::from(self.node.as_str()),
+            ..Topology::default()
+        };
         workloads.begin_relist();
         services.begin_service_relist();
         services.begin_slice_relist();
@@ -253,13 +258,26 @@ impl ClusterStateDir {
                         .authorization_policies
                         .insert(namespaced_key(&policy.metadata), (**policy).clone());
                 }
-                Object::LocalNode { zone } => local_zone = zone.clone(),
+                Object::Node {
+                    local,
+                    zone,
+                    region,
+                } => {
+                    if *local {
+                        (topology.zone, topology.region) = (zone.clone(), region.clone());
+                    }
+                    if let Some((zone, region)) = zone.as_ref().zip(region.as_ref()) {
+                        topology
+                            .zone_regions
+                            .insert(Arc::clone(zone), Arc::clone(region));
+                    }
+                }
             }
         }
         workloads.end_relist();
         services.end_service_relist();
         services.end_slice_relist();
-        services.set_local_zone(local_zone);
+        services.set_topology(topology);
         workloads.set_meshed_namespaces(
             snapshot
                 .namespaces
@@ -450,9 +468,11 @@ fn parse_manifests(path: &Path, text: &str) -> Result<Vec<Manifest>, ManifestErr
             "Node" => {
                 let node: k8s_openapi::api::core::v1::Node =
                     typed(path, document_number, "Node", value)?;
+                let label = |key| labels::label(&node.metadata, key).map(str::to_owned);
                 objects.push(Manifest::Node {
                     name: node.metadata.name.clone().unwrap_or_default(),
-                    zone: labels::label(&node.metadata, labels::ZONE_LABEL).map(str::to_owned),
+                    zone: label(labels::ZONE_LABEL),
+                    region: label(labels::REGION_LABEL),
                 });
             }
             "GRPCRoute" => objects.push(Manifest::GrpcRoute(Box::new(namespaced(
@@ -565,11 +585,11 @@ mod tests {
     }
 
     #[test]
-    fn this_nodes_zone_comes_from_its_node_document() {
+    fn this_nodes_zone_comes_from_its_node_document_and_regions_from_all() {
         let dir = tempfile::tempdir().unwrap();
         let node = |name: &str, zone: &str| {
             format!(
-                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    topology.kubernetes.io/zone: {zone}\n"
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    topology.kubernetes.io/zone: {zone}\n    topology.kubernetes.io/region: r-{zone}\n"
             )
         };
         let file = dir.path().join("nodes.yaml");
@@ -594,6 +614,15 @@ mod tests {
             Some("zone-a"),
             "its own Node's, not another's"
         );
+        {
+            let index = services.read().unwrap();
+            let topology = index.topology();
+            assert_eq!(topology.region.as_deref(), Some("r-zone-a"));
+            let regions: Vec<(&str, &str)> = (topology.zone_regions.iter())
+                .map(|(z, r)| (&**z, &**r))
+                .collect();
+            assert_eq!(regions, [("zone-a", "r-zone-a"), ("zone-b", "r-zone-b")]);
+        }
         std::fs::write(
             &file,
             "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n",

@@ -28,6 +28,7 @@ use k8s_openapi::{
 use super::{
     intern::Interner,
     labels::{self, InboundUdp, InvalidNamespaceLabel, PeerAuthentication, label},
+    zone_policy::{self, InvalidZonePolicy, ZonePolicy},
 };
 
 /// EndpointSlice label naming the Service it belongs to.
@@ -263,7 +264,7 @@ fn container_port(container: &Container, port: &IntOrString) -> Option<u16> {
 }
 
 /// A Service as resolution reads it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServiceInfo {
     /// `namespace/name`.
     pub key: Arc<str>,
@@ -271,6 +272,9 @@ pub struct ServiceInfo {
     pub virtual_ips: Box<[IpAddr]>,
     /// Its TCP ports.
     pub ports: Box<[ServicePortInfo]>,
+    /// How its clients weigh zones, or what is wrong with its annotations (the index then
+    /// keeps the Service's last good policy).
+    pub zone_policy: Result<ZonePolicy, InvalidZonePolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -312,6 +316,7 @@ pub fn service_info(service: &Service, strings: &mut Interner) -> Option<Service
         key,
         virtual_ips: virtual_ips.into_boxed_slice(),
         ports,
+        zone_policy: zone_policy::zone_policy(service),
     })
 }
 
@@ -335,6 +340,18 @@ pub struct SliceInfo {
     /// The zone of each ready address that has one (`topology.kubernetes.io/zone` of its
     /// node, as the EndpointSlice controller writes it), sorted by address.
     pub zones: Box<[(IpAddr, Arc<str>)]>,
+    /// The topology hints of each ready address that has any, sorted by address: empty
+    /// unless the Service asks for topology-aware routing.
+    pub hints: Box<[(IpAddr, EndpointHints)]>,
+}
+
+/// Where the EndpointSlice controller meant an endpoint to serve (`hints`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointHints {
+    /// `forZones`: clients in these zones.
+    pub zones: Box<[Arc<str>]>,
+    /// `forNodes`: clients on these nodes (`trafficDistribution: PreferSameNode`).
+    pub nodes: Box<[Arc<str>]>,
 }
 
 pub fn slice_info(slice: &EndpointSlice, strings: &mut Interner) -> Option<SliceInfo> {
@@ -384,6 +401,26 @@ pub fn slice_info(slice: &EndpointSlice, strings: &mut Interner) -> Option<Slice
         .collect();
     zones.sort();
     zones.dedup_by(|a, b| a.0 == b.0);
+    let mut hints: Vec<(IpAddr, EndpointHints)> = ready_endpoints()
+        .filter_map(|endpoint| {
+            let given = endpoint.hints.as_ref()?;
+            let hints = EndpointHints {
+                zones: (given.for_zones.iter().flatten())
+                    .map(|z| strings.intern(&z.name))
+                    .collect(),
+                nodes: (given.for_nodes.iter().flatten())
+                    .map(|n| strings.intern(&n.name))
+                    .collect(),
+            };
+            (!hints.zones.is_empty() || !hints.nodes.is_empty())
+                .then_some((hints, &endpoint.addresses))
+        })
+        .flat_map(|(hints, addresses)| {
+            (addresses.iter().filter_map(|a| a.parse().ok())).map(move |a| (a, hints.clone()))
+        })
+        .collect();
+    hints.sort_by_key(|(addr, _)| *addr);
+    hints.dedup_by(|a, b| a.0 == b.0);
     Some(SliceInfo {
         key,
         service,
@@ -392,6 +429,7 @@ pub fn slice_info(slice: &EndpointSlice, strings: &mut Interner) -> Option<Slice
         ready: ready.into_boxed_slice(),
         hostnames: hostnames.into_boxed_slice(),
         zones: zones.into_boxed_slice(),
+        hints: hints.into_boxed_slice(),
     })
 }
 

@@ -106,10 +106,21 @@ pub fn excluded(
 /// endpoint's `zone`).
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
+/// The well-known label of a Node's region.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+
 /// The value of label `key`.
 pub fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.labels
         .as_ref()
         .and_then(|labels| labels.get(key))
+        .map(String::as_str)
+}
+
+/// The object's annotation `key`, if set.
+pub fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(key))
         .map(String::as_str)
 }

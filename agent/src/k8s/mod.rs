@@ -17,3 +17,4 @@ pub mod source;
 pub mod status;
 pub mod table;
 pub mod watch;
+pub mod zone_policy;

@@ -63,6 +63,16 @@ pub trait ServiceStore: Send + Sync {
     fn end_slice_relist(&mut self);
     /// Services, virtual ports and ready endpoints held.
     fn counts(&self) -> (usize, usize, usize);
-    /// This node's zone (label `topology.kubernetes.io/zone` of its Node), when known.
-    fn set_local_zone(&mut self, zone: Option<Arc<str>>);
+    /// Where this node is, and the region of every zone (its Nodes' labels).
+    fn set_topology(&mut self, topology: Topology);
+}
+
+/// Where this node is, from the Nodes' labels `topology.kubernetes.io/{zone,region}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Topology {
+    pub node: Arc<str>,
+    pub zone: Option<Arc<str>>,
+    pub region: Option<Arc<str>>,
+    /// Each zone some Node is labelled with, and that Node's region.
+    pub zone_regions: std::collections::BTreeMap<Arc<str>, Arc<str>>,
 }

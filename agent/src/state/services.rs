@@ -9,6 +9,12 @@
 //! not ready, or are terminating, are never chosen for new connections. Headless Services
 //! (`clusterIP: None`) have no virtual address: clients dial pod IPs directly. Choice is
 //! round-robin; latency-aware balancing belongs to the L7 proxy.
+//!
+//! Each port's endpoints are kept with the ones this node's clients prefer first: those the
+//! EndpointSlice controller hinted to this node (`trafficDistribution: PreferSameNode`) or to
+//! this zone, else those in this node's zone (docs/l7.md, Zones). A connection goes to a
+//! preferred endpoint while there is one; requests follow the Service's zone policy in the
+//! L7 balancer.
 
 //!
 //! The index is kept current event by event by the cluster source: a Service or EndpointSlice
@@ -17,18 +23,22 @@
 //! not mention.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
+use self::preference::{prefer, ready_endpoints};
 use crate::k8s::{
     compact::{ServiceInfo, SliceInfo},
-    snapshot::ServiceStore,
+    snapshot::{ServiceStore, Topology},
+    zone_policy::{InvalidZonePolicy, ZonePolicy},
 };
+
+mod preference;
 
 /// The index as the proxies and the cluster source share it.
 pub type SharedServices = Arc<RwLock<ServiceIndex>>;
@@ -40,10 +50,60 @@ struct ServicePort {
     service: Arc<str>,
     /// The Service port's `appProtocol`, which overrides protocol detection.
     app_protocol: Option<Arc<str>>,
+    /// The ready endpoints, the preferred ones first.
     endpoints: Box<[SocketAddr]>,
     /// `zones[i]` is `endpoints[i]`'s zone; empty when no endpoint has one.
     zones: Box<[Option<Arc<str>>]>,
+    /// Which endpoints this node's clients prefer; None: no preference.
+    preference: Option<Preference>,
+    policy: ZonePolicy,
+    /// Whether requests spill out of the preferred endpoints now (the L7 balancer's state).
+    spilling: AtomicBool,
     next: AtomicUsize,
+}
+
+/// What makes endpoints preferred.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreferredBy {
+    /// `hints.forNodes` names this node.
+    NodeHints,
+    /// `hints.forZones` names this node's zone.
+    ZoneHints,
+    /// The endpoint's zone is this node's.
+    Zone,
+}
+
+/// The first `count` endpoints of a port are preferred, for the reason `by`; the next
+/// `region` are in this node's region (where spilled traffic goes first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Preference {
+    pub by: PreferredBy,
+    pub count: u32,
+    pub region: u32,
+}
+
+/// One Service port's endpoints as the L7 balancer chooses among them.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidates<'a> {
+    /// `namespace/name`.
+    pub service: &'a str,
+    pub port: u16,
+    /// The ready endpoints, the preferred ones first.
+    pub endpoints: &'a [SocketAddr],
+    /// `zones[i]` is `endpoints[i]`'s zone; empty when no endpoint has one.
+    pub zones: &'a [Option<Arc<str>>],
+    pub preference: Option<Preference>,
+    pub policy: ZonePolicy,
+    /// The port's spill state, which the balancer keeps.
+    pub spilling: &'a AtomicBool,
+}
+
+impl Candidates<'_> {
+    /// The zone of `endpoints[index]`, when it has one.
+    pub fn zone(&self, index: usize) -> Option<&Arc<str>> {
+        self.zones.get(index).and_then(Option::as_ref)
+    }
 }
 
 /// A Service port as the L7 proxy sees it: what the client addressed.
@@ -60,7 +120,13 @@ pub struct Frontend {
 pub struct ServicePortView {
     pub service: String,
     pub virtual_address: SocketAddr,
+    /// The preferred ones first.
     pub ready_endpoints: Vec<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone_preference: Option<Preference>,
+    pub zone_policy: ZonePolicy,
+    /// Requests spill out of the preferred endpoints now.
+    pub spilling: bool,
 }
 
 /// What a destination address is, as far as Services go.
@@ -69,12 +135,12 @@ pub enum Resolution<'a> {
     /// Not a Service's virtual address: dial it as it is.
     NotAService,
     /// A Service port without a ready endpoint: refuse, as kube-proxy does.
-    NoReadyEndpoint {
-        service: &'a str,
-    },
+    NoReadyEndpoint { service: &'a str },
     Endpoint {
         service: &'a str,
         addr: SocketAddr,
+        /// The endpoint's zone, when it has one.
+        zone: Option<&'a Arc<str>>,
     },
 }
 
@@ -85,6 +151,8 @@ struct ServiceEntry {
     slices: HashMap<Arc<str>, (SliceInfo, u64)>,
     /// The virtual address:ports published for it.
     published: Vec<SocketAddr>,
+    /// Its last good zone policy.
+    zone_policy: ZonePolicy,
 }
 
 #[derive(Debug, Default)]
@@ -98,21 +166,29 @@ pub struct ServiceIndex {
     endpoint_refs: HashMap<SocketAddr, u32>,
     service_epoch: u64,
     slice_epoch: u64,
-    /// This node's zone, when its Node has one.
-    local_zone: Option<Arc<str>>,
+    /// Where this node is (its name, zone and region) and each zone's region.
+    topology: Topology,
+    /// Services whose zone annotations are rejected (their last good policy applies).
+    policy_errors: BTreeMap<Arc<str>, InvalidZonePolicy>,
 }
 
 impl ServiceIndex {
     /// This node's zone, when its Node has one: the zone clients here prefer.
     pub fn local_zone(&self) -> Option<&Arc<str>> {
-        self.local_zone.as_ref()
+        self.topology.zone.as_ref()
+    }
+
+    /// Where this node is, and each known zone's region.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
     pub fn shared() -> SharedServices {
         Arc::default()
     }
 
-    /// Resolves `destination`, choosing the next ready endpoint when it is a Service port.
+    /// Resolves `destination`, choosing the next ready endpoint when it is a Service port:
+    /// the next preferred one while there is one, else the next in this node's region.
     pub fn resolve(&self, destination: SocketAddr) -> Resolution<'_> {
         let Some(port) = self.by_vip.get(&destination) else {
             return Resolution::NotAService;
@@ -122,10 +198,19 @@ impl ServiceIndex {
                 service: &port.service,
             };
         }
-        let index = port.next.fetch_add(1, Ordering::Relaxed) % port.endpoints.len();
+        // The preferred endpoints, else those in this node's region, else all.
+        let (first, choices) = match port.preference {
+            Some(Preference { count, .. }) if count > 0 => (0, count as usize),
+            Some(Preference { count, region, .. }) if region > 0 => {
+                (count as usize, region as usize)
+            }
+            _ => (0, port.endpoints.len()),
+        };
+        let index = first + port.next.fetch_add(1, Ordering::Relaxed) % choices;
         Resolution::Endpoint {
             service: &port.service,
             addr: port.endpoints[index],
+            zone: port.zones.get(index).and_then(Option::as_ref),
         }
     }
 
@@ -139,21 +224,40 @@ impl ServiceIndex {
     }
 
     /// The ready endpoints of `service` (`namespace/name`) on `port`, in one address family,
-    /// and their zones (`zones[i]` is `endpoints[i]`'s; empty when none has one).
-    pub fn endpoints(
-        &self,
-        service: &str,
-        port: u16,
-        ipv4: bool,
-    ) -> (&[SocketAddr], &[Option<Arc<str>>]) {
-        let Some((info, _)) = self.services.get(service).and_then(|e| e.service.as_ref()) else {
-            return (&[], &[]);
-        };
-        info.virtual_ips
-            .iter()
-            .find(|ip| ip.is_ipv4() == ipv4)
-            .and_then(|ip| self.by_vip.get(&SocketAddr::new(*ip, port)))
-            .map_or((&[], &[]), |p| (&p.endpoints, &p.zones))
+    /// with what the balancer needs to prefer some; None when there is no such port.
+    pub fn candidates(&self, service: &str, port: u16, ipv4: bool) -> Option<Candidates<'_>> {
+        let (info, _) = self.services.get(service)?.service.as_ref()?;
+        let ip = info.virtual_ips.iter().find(|ip| ip.is_ipv4() == ipv4)?;
+        let published = self.by_vip.get(&SocketAddr::new(*ip, port))?;
+        Some(Candidates {
+            service: &published.service,
+            port,
+            endpoints: &published.endpoints,
+            zones: &published.zones,
+            preference: published.preference,
+            policy: published.policy,
+            spilling: &published.spilling,
+        })
+    }
+
+    /// One message per Service whose zone annotations are rejected.
+    pub fn errors(&self) -> Vec<String> {
+        (self.policy_errors.iter())
+            .map(|(service, error)| {
+                format!("Service {service}: {error}; keeping its last good zone policy")
+            })
+            .collect()
+    }
+
+    /// The Service ports whose requests spill out of their preferred endpoints now.
+    pub fn spilling(&self) -> Vec<String> {
+        let mut keys: Vec<String> = (self.by_vip.iter())
+            .filter(|(_, port)| port.spilling.load(Ordering::Relaxed))
+            .map(|(vip, port)| format!("{}:{}", port.service, vip.port()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
     }
 
     /// The addresses DNS gives for the Service `namespace/name`: its ClusterIPs, or, headless,
@@ -220,6 +324,9 @@ impl ServiceIndex {
                 service: port.service.to_string(),
                 virtual_address: *vip,
                 ready_endpoints: port.endpoints.to_vec(),
+                zone_preference: port.preference,
+                zone_policy: port.policy,
+                spilling: port.spilling.load(Ordering::Relaxed),
             })
             .collect();
         views.sort_by(|a, b| (&a.service, a.virtual_address).cmp(&(&b.service, b.virtual_address)));
@@ -231,10 +338,24 @@ impl ServiceIndex {
         match service {
             Some(service) => {
                 let entry = self.services.entry(Arc::clone(&service.key)).or_default();
+                match &service.zone_policy {
+                    Ok(policy) => {
+                        entry.zone_policy = *policy;
+                        self.policy_errors.remove(&service.key);
+                    }
+                    Err(error) => {
+                        tracing::warn!(service = %service.key, %error, "zone policy rejected; keeping its last good version");
+                        self.policy_errors
+                            .insert(Arc::clone(&service.key), error.clone());
+                    }
+                }
                 entry.service = Some((service, self.service_epoch));
             }
             None => match self.services.get_mut(key) {
-                Some(entry) => entry.service = None,
+                Some(entry) => {
+                    entry.service = None;
+                    self.policy_errors.remove(key);
+                }
                 None => return,
             },
         }
@@ -315,7 +436,7 @@ impl ServiceIndex {
                 for endpoint in &port.endpoints {
                     release(&mut self.endpoint_refs, endpoint);
                 }
-                positions.insert(vip, port.next.into_inner());
+                positions.insert(vip, (port.next.into_inner(), port.spilling.into_inner()));
             }
         }
         if entry.service.is_none() && entry.slices.is_empty() {
@@ -326,27 +447,47 @@ impl ServiceIndex {
             return;
         };
         let slices: Vec<&SliceInfo> = entry.slices.values().map(|(slice, _)| slice).collect();
+        let policy = entry.zone_policy;
+        let here = &self.topology;
         for vip in &service.virtual_ips {
             for port in &service.ports {
                 let addr = SocketAddr::new(*vip, port.port);
-                let (endpoints, zones) = ready_endpoints(&slices, *vip, &port.name);
-                for endpoint in &endpoints {
-                    *self.endpoint_refs.entry(*endpoint).or_default() += 1;
+                let mut ready = ready_endpoints(&slices, *vip, &port.name);
+                let preference = prefer(&mut ready, &policy, here);
+                for endpoint in &ready {
+                    *self.endpoint_refs.entry(endpoint.addr).or_default() += 1;
                 }
+                let zoned = ready.iter().any(|e| e.zone.is_some());
+                let zones = match zoned {
+                    true => ready.iter().map(|e| e.zone.clone()).collect(),
+                    false => Box::default(),
+                };
+                // The rotation goes on where it was (a change does not send the next
+                // connections to the first endpoint again), and so does a spill.
+                let (next, spilling) = positions.get(&addr).copied().unwrap_or_default();
                 entry.published.push(addr);
                 self.by_vip.insert(
                     addr,
                     ServicePort {
                         service: Arc::clone(&service.key),
                         app_protocol: port.app_protocol.clone(),
-                        endpoints: endpoints.into_boxed_slice(),
-                        zones: zones.into_boxed_slice(),
-                        // The rotation goes on where it was: a change does not send the next
-                        // connections to the first endpoint again.
-                        next: AtomicUsize::new(positions.get(&addr).copied().unwrap_or(0)),
+                        endpoints: ready.iter().map(|e| e.addr).collect(),
+                        zones,
+                        preference,
+                        policy,
+                        spilling: AtomicBool::new(spilling && preference.is_some()),
+                        next: AtomicUsize::new(next),
                     },
                 );
             }
+        }
+    }
+
+    /// Publishes every Service's virtual ports again (this node's zone or name changed).
+    fn recompute_all(&mut self) {
+        let keys: Vec<Arc<str>> = self.services.keys().cloned().collect();
+        for key in keys {
+            self.recompute(&key);
         }
     }
 }
@@ -358,43 +499,6 @@ fn release(refs: &mut HashMap<SocketAddr, u32>, endpoint: &SocketAddr) {
             refs.remove(endpoint);
         }
     }
-}
-
-/// The ready endpoints for one virtual address and Service port: from the slices of the
-/// address's family, at the target port each slice gives the port's name; with their zones
-/// (none at all when no endpoint has one).
-fn ready_endpoints(
-    slices: &[&SliceInfo],
-    vip: IpAddr,
-    port_name: &str,
-) -> (Vec<SocketAddr>, Vec<Option<Arc<str>>>) {
-    let mut endpoints: Vec<(SocketAddr, Option<Arc<str>>)> = slices
-        .iter()
-        .filter(|slice| slice.ipv4 == vip.is_ipv4())
-        .filter_map(|slice| {
-            let (_, port) = slice.ports.iter().find(|(name, _)| &**name == port_name)?;
-            Some((slice, *port))
-        })
-        .flat_map(|(slice, port)| {
-            slice.ready.iter().map(move |ip| {
-                let zone = slice
-                    .zones
-                    .binary_search_by(|(addr, _)| addr.cmp(ip))
-                    .ok()
-                    .map(|i| Arc::clone(&slice.zones[i].1));
-                (SocketAddr::new(*ip, port), zone)
-            })
-        })
-        .collect();
-    endpoints.sort_by_key(|(addr, _)| *addr);
-    endpoints.dedup_by_key(|(addr, _)| *addr);
-    let zoned = endpoints.iter().any(|(_, zone)| zone.is_some());
-    let zones = if zoned {
-        endpoints.iter().map(|(_, zone)| zone.clone()).collect()
-    } else {
-        Vec::new()
-    };
-    (endpoints.into_iter().map(|(addr, _)| addr).collect(), zones)
 }
 
 /// A cluster source keeps the index current through this.
@@ -420,316 +524,20 @@ impl ServiceStore for ServiceIndex {
     fn counts(&self) -> (usize, usize, usize) {
         ServiceIndex::counts(self)
     }
-    fn set_local_zone(&mut self, zone: Option<Arc<str>>) {
-        if self.local_zone != zone {
-            tracing::info!(zone = zone.as_deref().unwrap_or("none"), "this node's zone");
-            self.local_zone = zone;
+    fn set_topology(&mut self, topology: Topology) {
+        if self.topology != topology {
+            tracing::info!(
+                node = %topology.node,
+                zone = topology.zone.as_deref().unwrap_or("none"),
+                region = topology.region.as_deref().unwrap_or("none"),
+                zones_known = topology.zone_regions.len(),
+                "this node's place in the topology"
+            );
+            self.topology = topology;
+            self.recompute_all();
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
-
-    use k8s_openapi::{
-        api::{
-            core::v1::{Service, ServicePort as K8sServicePort, ServiceSpec},
-            discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
-        },
-        apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
-    };
-
-    use super::*;
-    use crate::k8s::{
-        compact::{self, SERVICE_NAME_LABEL},
-        intern::Interner,
-    };
-
-    fn service(name: &str, cluster_ips: &[&str], ports: &[(&str, i32, &str)]) -> Service {
-        Service {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("shop".into()),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                cluster_ip: cluster_ips.first().map(|ip| (*ip).to_owned()),
-                cluster_ips: Some(cluster_ips.iter().map(|ip| (*ip).to_owned()).collect()),
-                ports: Some(
-                    ports
-                        .iter()
-                        .map(|(name, port, target)| K8sServicePort {
-                            name: (!name.is_empty()).then(|| (*name).to_owned()),
-                            port: *port,
-                            target_port: Some(match target.parse::<i32>() {
-                                Ok(number) => IntOrString::Int(number),
-                                Err(_) => IntOrString::String((*target).to_owned()),
-                            }),
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    /// An EndpointSlice of `service`: endpoints are (address, ready, terminating, node).
-    fn slice(
-        name: &str,
-        service: &str,
-        family: &str,
-        ports: &[(&str, i32)],
-        endpoints: &[(&str, bool, bool, &str)],
-    ) -> EndpointSlice {
-        EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("shop".into()),
-                labels: Some(BTreeMap::from([(
-                    SERVICE_NAME_LABEL.to_owned(),
-                    service.to_owned(),
-                )])),
-                ..Default::default()
-            },
-            address_type: family.into(),
-            ports: Some(
-                ports
-                    .iter()
-                    .map(|(name, port)| EndpointPort {
-                        name: Some((*name).to_owned()),
-                        port: Some(*port),
-                        protocol: Some("TCP".into()),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-            endpoints: Some(
-                endpoints
-                    .iter()
-                    .map(|(addr, ready, terminating, node)| Endpoint {
-                        addresses: vec![(*addr).to_owned()],
-                        conditions: Some(EndpointConditions {
-                            ready: Some(*ready),
-                            serving: Some(*ready || *terminating),
-                            terminating: Some(*terminating),
-                        }),
-                        node_name: Some((*node).to_owned()),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-        }
-    }
-
-    /// The index after these objects' watch events, through the sources' transforms.
-    fn index(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ServiceIndex {
-        let mut index = ServiceIndex::default();
-        apply(&mut index, services, slices);
-        index
-    }
-
-    fn apply(index: &mut ServiceIndex, services: Vec<Service>, slices: Vec<EndpointSlice>) {
-        let mut strings = Interner::default();
-        for s in services {
-            let info = compact::service_info(&s, &mut strings).unwrap();
-            index.upsert_service(&info.key.clone(), Some(info));
-        }
-        for s in slices {
-            let info = compact::slice_info(&s, &mut strings).unwrap();
-            index.upsert_slice(&info.key.clone(), Some(info));
-        }
-    }
-
-    /// Every endpoint the index hands out for `vip` over many picks.
-    fn picks(index: &ServiceIndex, vip: &str) -> BTreeSet<String> {
-        (0..20)
-            .filter_map(|_| match index.resolve(vip.parse().unwrap()) {
-                Resolution::Endpoint { addr, .. } => Some(addr.to_string()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn named_and_numeric_target_ports_several_ports_and_endpoints_on_all_nodes() {
-        let web = service(
-            "web",
-            &["10.96.0.10"],
-            &[("http", 80, "http"), ("admin", 9000, "9001")],
-        );
-        // The named port resolves to 8080 on two pods and 8081 on a third: two slices.
-        let a = slice(
-            "web-a",
-            "web",
-            "IPv4",
-            &[("http", 8080), ("admin", 9001)],
-            &[
-                ("10.0.1.1", true, false, "node1"),
-                ("10.0.2.1", true, false, "node2"),
-            ],
-        );
-        let b = slice(
-            "web-b",
-            "web",
-            "IPv4",
-            &[("http", 8081), ("admin", 9001)],
-            &[("10.0.3.1", true, false, "node3")],
-        );
-        let index = index(vec![web], vec![a, b]);
-        assert_eq!(
-            picks(&index, "10.96.0.10:80"),
-            BTreeSet::from([
-                "10.0.1.1:8080".into(),
-                "10.0.2.1:8080".into(),
-                "10.0.3.1:8081".into()
-            ])
-        );
-        assert_eq!(
-            picks(&index, "10.96.0.10:9000"),
-            BTreeSet::from([
-                "10.0.1.1:9001".into(),
-                "10.0.2.1:9001".into(),
-                "10.0.3.1:9001".into()
-            ])
-        );
-        assert_eq!(
-            index.resolve("10.96.0.10:81".parse().unwrap()),
-            Resolution::NotAService
-        );
-        assert_eq!(
-            index.resolve("10.0.1.1:8080".parse().unwrap()),
-            Resolution::NotAService,
-            "pod addresses are dialled as they are"
-        );
-    }
-
-    #[test]
-    fn an_update_continues_the_rotation_and_a_relist_drops_what_it_missed() {
-        let web = || service("web", &["10.96.0.10"], &[("", 80, "8080")]);
-        let endpoints = || {
-            slice(
-                "web-a",
-                "web",
-                "IPv4",
-                &[("", 8080)],
-                &[
-                    ("10.0.1.1", true, false, "n"),
-                    ("10.0.1.2", true, false, "n"),
-                ],
-            )
-        };
-        let vip = "10.96.0.10:80".parse().unwrap();
-        let mut index = index(vec![web()], vec![endpoints()]);
-        let Resolution::Endpoint { addr: before, .. } = index.resolve(vip) else {
-            panic!("resolves")
-        };
-        apply(&mut index, vec![web()], vec![endpoints()]);
-        let Resolution::Endpoint { addr: after, .. } = index.resolve(vip) else {
-            panic!("resolves")
-        };
-        assert_ne!(before, after);
-        assert!(index.has_endpoint(&after));
-
-        // A relist that mentions the Service but not its slice: no endpoint is left.
-        index.begin_service_relist();
-        index.begin_slice_relist();
-        apply(&mut index, vec![web()], vec![]);
-        index.end_service_relist();
-        index.end_slice_relist();
-        assert_eq!(
-            index.resolve(vip),
-            Resolution::NoReadyEndpoint {
-                service: "shop/web"
-            }
-        );
-        assert!(!index.has_endpoint(&after));
-
-        // The Service deleted: its address is no Service's any more.
-        index.upsert_service("shop/web", None);
-        assert_eq!(index.resolve(vip), Resolution::NotAService);
-        assert!(!index.contains("shop/web"));
-    }
-
-    #[test]
-    fn terminating_and_unready_endpoints_are_not_chosen() {
-        let web = service("web", &["10.96.0.10"], &[("", 80, "8080")]);
-        let endpoints = slice(
-            "web-a",
-            "web",
-            "IPv4",
-            &[("", 8080)],
-            &[
-                ("10.0.1.1", true, false, "node1"),
-                ("10.0.1.2", false, true, "node1"),
-                ("10.0.1.3", false, false, "node2"),
-            ],
-        );
-        let index = index(vec![web], vec![endpoints]);
-        assert_eq!(
-            picks(&index, "10.96.0.10:80"),
-            BTreeSet::from(["10.0.1.1:8080".into()])
-        );
-
-        let none_ready = slice(
-            "web-a",
-            "web",
-            "IPv4",
-            &[("", 8080)],
-            &[("10.0.1.2", false, true, "node1")],
-        );
-        let index = super::tests::index(
-            vec![service("web", &["10.96.0.10"], &[("", 80, "8080")])],
-            vec![none_ready],
-        );
-        assert_eq!(
-            index.resolve("10.96.0.10:80".parse().unwrap()),
-            Resolution::NoReadyEndpoint {
-                service: "shop/web"
-            }
-        );
-    }
-
-    #[test]
-    fn dual_stack_uses_the_family_of_the_virtual_address_and_headless_has_none() {
-        let web = service("web", &["10.96.0.10", "fd00:96::10"], &[("", 80, "8080")]);
-        let v4 = slice(
-            "web-v4",
-            "web",
-            "IPv4",
-            &[("", 8080)],
-            &[("10.0.1.1", true, false, "n")],
-        );
-        let v6 = slice(
-            "web-v6",
-            "web",
-            "IPv6",
-            &[("", 8080)],
-            &[("fd00::1", true, false, "n")],
-        );
-        let headless = service("db", &["None"], &[("", 5432, "5432")]);
-        let db = slice(
-            "db-a",
-            "db",
-            "IPv4",
-            &[("", 5432)],
-            &[("10.0.1.9", true, false, "n")],
-        );
-        let index = index(vec![web, headless], vec![v4, v6, db]);
-        assert_eq!(
-            picks(&index, "10.96.0.10:80"),
-            BTreeSet::from(["10.0.1.1:8080".into()])
-        );
-        assert_eq!(
-            picks(&index, "[fd00:96::10]:80"),
-            BTreeSet::from(["[fd00::1]:8080".into()])
-        );
-        assert_eq!(
-            index.views().len(),
-            2,
-            "the headless service has no virtual address"
-        );
-    }
-}
+mod tests;

@@ -16,7 +16,11 @@
 //! cannot grow the agent's memory without bound.
 //!
 //! The agent's own metrics are `nodemesh_*`: enrolled pods, datapath map occupancy,
-//! certificate expiry, protocol detection outcomes, configuration errors.
+//! certificate expiry, protocol detection outcomes, configuration errors, and, on nodes with
+//! a zone, traffic to Service endpoints by source and destination zone
+//! (`nodemesh_zone_{requests,connections,bytes}_total`, with `same_zone`) and requests sent
+//! beyond their preferred endpoints (`nodemesh_zone_spills_total`, by Service and reason).
+//! Zones and Services come from the cluster, so these stay small.
 
 use std::{
     collections::HashSet,
@@ -26,7 +30,7 @@ use std::{
 };
 
 use super::connections::DetectionOutcome;
-use crate::peer::{Peer, Reporter, Traffic};
+use crate::peer::{Peer, Reporter, Traffic, ZonePair};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -97,6 +101,35 @@ struct DnsLabels {
     outcome: &'static str,
 }
 
+/// Source and destination zone (`unknown` when the endpoint has none).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ZoneLabels {
+    source_zone: String,
+    destination_zone: String,
+    same_zone: &'static str,
+}
+
+impl ZoneLabels {
+    fn of(zones: &ZonePair) -> Self {
+        let destination = zones.destination.as_deref().unwrap_or(crate::peer::UNKNOWN);
+        Self {
+            source_zone: zones.source.to_string(),
+            destination_zone: destination.to_owned(),
+            same_zone: if *zones.source == *destination {
+                "true"
+            } else {
+                "false"
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpillLabels {
+    destination_service: String,
+    reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
     reason: &'static str,
@@ -120,6 +153,10 @@ pub struct Metrics {
     config_errors: Gauge,
     dns_queries: Family<DnsLabels, Counter>,
     dns_forward_duration: Histogram,
+    zone_requests: Family<ZoneLabels, Counter>,
+    zone_connections: Family<ZoneLabels, Counter>,
+    zone_bytes: Family<ZoneLabels, Counter>,
+    zone_spills: Family<SpillLabels, Counter>,
     /// Hashes of the label sets in use, per kind (requests, tcp), for the bound.
     seen: Mutex<[HashSet<u64>; 2]>,
 }
@@ -227,7 +264,35 @@ impl Default for Metrics {
             "Time from forwarding a DNS query to the pod's resolver to its answer",
             dns_forward_duration.clone(),
         );
+        let zone_requests = Family::<ZoneLabels, Counter>::default();
+        registry.register(
+            "nodemesh_zone_requests",
+            "HTTP requests to Service endpoints by the client's and the endpoint's zone",
+            zone_requests.clone(),
+        );
+        let zone_connections = Family::<ZoneLabels, Counter>::default();
+        registry.register(
+            "nodemesh_zone_connections",
+            "Connections relayed as TCP to Service endpoints by the client's and the endpoint's zone",
+            zone_connections.clone(),
+        );
+        let zone_bytes = Family::<ZoneLabels, Counter>::default();
+        registry.register(
+            "nodemesh_zone_bytes",
+            "Payload bytes both ways to and from Service endpoints (TCP connections, HTTP bodies) by zone",
+            zone_bytes.clone(),
+        );
+        let zone_spills = Family::<SpillLabels, Counter>::default();
+        registry.register(
+            "nodemesh_zone_spills",
+            "HTTP requests sent beyond their preferred (same-zone or hinted) endpoints, by reason: overloaded, unavailable",
+            zone_spills.clone(),
+        );
         Self {
+            zone_requests,
+            zone_connections,
+            zone_bytes,
+            zone_spills,
             registry,
             requests,
             request_duration,
@@ -341,6 +406,36 @@ impl Metrics {
         self.request_duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64() * 1000.0);
+    }
+
+    /// One HTTP request to a Service endpoint, by zone.
+    pub fn zone_request(&self, zones: &ZonePair) {
+        self.zone_requests
+            .get_or_create(&ZoneLabels::of(zones))
+            .inc();
+    }
+
+    /// The counter of bytes between these zones, for a body to add to as it passes.
+    pub fn zone_bytes(&self, zones: &ZonePair) -> Counter {
+        self.zone_bytes
+            .get_or_create(&ZoneLabels::of(zones))
+            .clone()
+    }
+
+    /// A TCP connection to a Service endpoint ended having carried `bytes` both ways.
+    pub fn zone_connection(&self, zones: &ZonePair, bytes: u64) {
+        let labels = ZoneLabels::of(zones);
+        self.zone_connections.get_or_create(&labels).inc();
+        self.zone_bytes.get_or_create(&labels).inc_by(bytes);
+    }
+
+    /// A request to `service` (`namespace/name`) sent beyond its preferred endpoints.
+    pub fn zone_spill(&self, service: &str, reason: &'static str) {
+        let labels = SpillLabels {
+            destination_service: service_fqdn(service),
+            reason,
+        };
+        self.zone_spills.get_or_create(&labels).inc();
     }
 
     pub fn detected(&self, outcome: DetectionOutcome) {
@@ -487,126 +582,4 @@ fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_prometheus_text_format_names_counters_by_their_sample() {
-        let openmetrics = "# HELP istio_requests HTTP requests.\n# TYPE istio_requests counter\nistio_requests_total{a=\"b\"} 3\n# HELP up Up.\n# TYPE up gauge\n# UNIT up seconds\nup 1\n# EOF\n";
-        assert_eq!(
-            openmetrics_to_prometheus_text(openmetrics),
-            "# HELP istio_requests_total HTTP requests.\n# TYPE istio_requests_total counter\nistio_requests_total{a=\"b\"} 3\n# HELP up Up.\n# TYPE up gauge\nup 1\n"
-        );
-        assert_eq!(Exposition::negotiate(None), Exposition::PrometheusText);
-        assert_eq!(
-            Exposition::negotiate(Some(
-                "application/openmetrics-text;version=1.0.0;q=0.6,text/plain;version=0.0.4;q=0.5"
-            )),
-            Exposition::OpenMetrics
-        );
-    }
-
-    fn traffic(destination: &str) -> Traffic {
-        Traffic {
-            reporter: Reporter::Source,
-            source: Peer {
-                workload: "client".into(),
-                namespace: "shop".into(),
-                principal: "spiffe://cluster.local/ns/shop/sa/client".into(),
-            },
-            destination: Peer {
-                workload: destination.into(),
-                namespace: "shop".into(),
-                principal: "spiffe://cluster.local/ns/shop/sa/web".into(),
-            },
-            destination_service: "web.shop.svc.cluster.local".into(),
-            mutual_tls: true,
-        }
-    }
-
-    #[test]
-    fn istio_names_and_labels_and_exact_counts() {
-        let metrics = Metrics::default();
-        for _ in 0..3 {
-            metrics.request(&traffic("web"), "http", 200, Duration::from_millis(7));
-        }
-        metrics.request(&traffic("web"), "http", 503, Duration::from_millis(1));
-        metrics.tcp_opened(&traffic("db"));
-        metrics.tcp_closed(&traffic("db"), 100, 2000);
-        metrics.detected(DetectionOutcome::Http1);
-        let text = metrics.encode(Exposition::OpenMetrics);
-        let labels = "connection_security_policy=\"mutual_tls\"";
-        assert!(text.contains("istio_requests_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"shop\",source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",destination_workload=\"web\",destination_workload_namespace=\"shop\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"web.shop.svc.cluster.local\",request_protocol=\"http\",response_code=\"200\","), "{text}");
-        assert!(
-            text.contains(&format!("response_code=\"200\",{labels}}} 3")),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("response_code=\"503\",{labels}}} 1")),
-            "{text}"
-        );
-        assert!(
-            text.contains("istio_request_duration_milliseconds_bucket{"),
-            "{text}"
-        );
-        assert!(text.contains("istio_tcp_sent_bytes_total{reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"shop\",source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",destination_workload=\"db\""), "{text}");
-        assert!(
-            text.contains(&format!("request_protocol=\"tcp\",{labels}}} 2000")),
-            "{text}"
-        );
-        assert!(
-            text.contains("nodemesh_protocol_detection_total{outcome=\"http1\"} 1"),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn the_grafana_dashboard_uses_only_metrics_the_agent_exports() {
-        let metrics = Metrics::default();
-        metrics.request(&traffic("web"), "http", 200, Duration::from_millis(1));
-        metrics.tcp_opened(&traffic("db"));
-        metrics.tcp_closed(&traffic("db"), 1, 1);
-        metrics.detected(DetectionOutcome::Http1);
-        metrics.set_agent_state(1, &[("enrolled_cgroups".into(), 1)], &[("id".into(), 1)], 0);
-        let exported = metrics.encode(Exposition::OpenMetrics);
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/grafana/nodemesh-dashboard.json"
-        );
-        let dashboard: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
-        let names = regex::Regex::new(r"\b(?:istio|nodemesh)_[a-z_]+").unwrap();
-        let mut checked = 0;
-        for panel in dashboard["panels"].as_array().expect("panels") {
-            for target in panel["targets"].as_array().expect("targets") {
-                let expr = target["expr"].as_str().expect("expr");
-                for name in names.find_iter(expr) {
-                    let name = name.as_str();
-                    assert!(
-                        exported.lines().any(|l| l.starts_with(&format!("{name}{{"))
-                            || l.starts_with(&format!("{name} "))),
-                        "panel {:?} uses {name}, which the agent does not export",
-                        panel["title"]
-                    );
-                    checked += 1;
-                }
-            }
-        }
-        assert!(checked >= 12, "{checked}");
-    }
-
-    #[test]
-    fn label_sets_are_bounded() {
-        let metrics = Metrics::default();
-        for i in 0..(MAX_SERIES + 10) {
-            metrics.tcp_opened(&traffic(&format!("w{i}")));
-        }
-        let text = metrics.encode(Exposition::OpenMetrics);
-        let series = text
-            .lines()
-            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
-            .count();
-        assert_eq!(series, MAX_SERIES + 1, "the rest is counted under `other`");
-        assert!(text.contains("destination_workload=\"other\""));
-    }
-}
+mod tests;

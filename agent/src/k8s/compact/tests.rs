@@ -154,7 +154,9 @@ fn services_keep_virtual_addresses_and_tcp_ports_slices_their_ready_addresses() 
         key,
         virtual_ips,
         ports,
+        zone_policy,
     } = service_info(&service, &mut strings).unwrap();
+    assert_eq!(zone_policy, Ok(Default::default()));
     assert_eq!(&*key, "shop/web");
     assert_eq!(virtual_ips.len(), 2);
     assert_eq!(ports.len(), 1, "TCP ports only");
@@ -187,6 +189,7 @@ fn services_keep_virtual_addresses_and_tcp_ports_slices_their_ready_addresses() 
         "endpoints": [
             {"addresses": ["10.0.1.1"], "conditions": {"ready": true}, "nodeName": "n1",
              "hostname": "Web-1", "zone": "zone-a",
+             "hints": {"forZones": [{"name": "zone-b"}], "forNodes": [{"name": "n2"}]},
              "targetRef": {"kind": "Pod", "name": "web-1", "namespace": "shop"}},
             {"addresses": ["10.0.1.2"], "conditions": {"ready": false, "terminating": true},
              "hostname": "web-2", "zone": "zone-b"},
@@ -203,6 +206,7 @@ fn services_keep_virtual_addresses_and_tcp_ports_slices_their_ready_addresses() 
         ready,
         hostnames,
         zones,
+        hints,
     } = slice_info(&slice, &mut strings).unwrap();
     assert_eq!(
         (&*key, service.as_deref(), ipv4),
@@ -226,5 +230,16 @@ fn services_keep_virtual_addresses_and_tcp_ports_slices_their_ready_addresses() 
         &*zones,
         [("10.0.1.1".parse().unwrap(), strings.intern("zone-a"))],
         "the ready endpoints' zones"
+    );
+    assert_eq!(
+        &*hints,
+        [(
+            "10.0.1.1".parse().unwrap(),
+            EndpointHints {
+                zones: [strings.intern("zone-b")].into(),
+                nodes: [strings.intern("n2")].into(),
+            }
+        )],
+        "the ready endpoints' topology hints"
     );
 }

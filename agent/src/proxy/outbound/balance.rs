@@ -12,10 +12,11 @@
 //! then re-admitted; one success resets both counts. If every candidate is ejected the
 //! choice ignores ejection (panic mode, as Envoy does): some traffic beats none.
 //!
-//! With zones (`pick_zoned`), the two choices are made among the client's zone while its
-//! endpoints average fewer than `ZonePolicy::spill_at` requests in flight; over that, only
-//! what the zone's endpoints cannot take goes to other zones, until the average is back at
-//! `recover_at`; a zone without a healthy endpoint fails over at once (docs/l7.md, Zones).
+//! With a zone preference (the Service index puts the endpoints this node prefers first),
+//! the two choices are made among the preferred endpoints while they average fewer than
+//! the Service's `spill_at` requests in flight; over that, only what they cannot take goes
+//! to the others, until the average is back at `recover_at`; without a healthy preferred
+//! endpoint, requests fail over at once (docs/l7.md, Zones).
 //!
 //! Why not `tower::balance::p2c` with its `PeakEwma`: tower's balancer is one instance per
 //! client that owns its endpoints as a `Discover` stream of `Service`s and polls each for
@@ -27,11 +28,13 @@
 //! request, for the same two-choice rule.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
+
+use crate::{k8s::zone_policy::ZoneAffinity, state::services::Candidates};
 
 /// Consecutive failures that eject an endpoint.
 pub const EJECT_AFTER: u32 = 5;
@@ -84,14 +87,7 @@ pub enum Outcome {
 /// Node-wide: every client of an endpoint sees the same health.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    state: Mutex<State>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    endpoints: HashMap<SocketAddr, EndpointState>,
-    /// Service ports (`namespace/name:port`) whose requests spill out of the zone now.
-    spilling: HashSet<String>,
+    endpoints: Mutex<HashMap<SocketAddr, EndpointState>>,
 }
 
 /// An endpoint as the config dump shows it.
@@ -104,32 +100,15 @@ pub struct EndpointView {
     pub ejected: bool,
 }
 
-/// When a Service port's requests leave the client's zone: once its zone's ready endpoints
-/// carry `spill_at` requests each on average, until they are back to `recover_at` (the gap
-/// is the hysteresis that keeps traffic from flapping between zones).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ZonePolicy {
-    pub spill_at: f64,
-    pub recover_at: f64,
-}
-
-impl Default for ZonePolicy {
-    fn default() -> Self {
-        Self {
-            spill_at: 4.0,
-            recover_at: 2.0,
-        }
-    }
-}
-
-/// Where a zoned pick went.
+/// Where a pick went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
-    /// The node or the endpoints have no zone: the plain choice over every endpoint.
+    /// No preference (no zones, or the Service's policy is off): the plain choice over
+    /// every endpoint.
     Unzoned,
-    /// An endpoint in the client's zone.
+    /// A preferred endpoint (in the client's zone, or hinted to it).
     Local,
-    /// Another zone, and why.
+    /// Another one, and why.
     Spilled(SpillReason),
 }
 
@@ -142,17 +121,18 @@ pub enum SpillReason {
     Overloaded,
 }
 
-/// The endpoints of one Service port with their zones (`zones[i]` is `endpoints[i]`'s).
-#[derive(Clone, Copy, Debug)]
-pub struct Zoned<'a> {
-    pub endpoints: &'a [SocketAddr],
-    /// Empty when no endpoint has a zone.
-    pub zones: &'a [Option<Arc<str>>],
+impl SpillReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unavailable => "unavailable",
+            Self::Overloaded => "overloaded",
+        }
+    }
 }
 
 impl Balancer {
     /// The plain choice among `candidates` (two random draws `draws`), counted as
-    /// outstanding until `finish`: what `pick_zoned` does without zones.
+    /// outstanding until `finish`: what `pick` does without a zone preference.
     #[cfg(test)]
     fn pick_at(
         &self,
@@ -160,115 +140,93 @@ impl Balancer {
         draws: (u64, u64),
         now: Instant,
     ) -> Option<SocketAddr> {
-        let mut state = self.lock();
-        let chosen = two_choices(&state.endpoints, candidates, draws, now)?;
-        reserve(&mut state.endpoints, chosen, now);
+        let mut endpoints = self.lock();
+        let chosen = candidates[two_choices(&endpoints, candidates, draws, now)?];
+        reserve(&mut endpoints, chosen, now);
         Some(chosen)
     }
 
-    /// The choice among `candidates` of `service` (`namespace/name`) on `port`, with two
-    /// random draws `draws`, counted as outstanding until `finish`. Zone-aware for a client
-    /// in `local_zone`: the client's zone while its endpoints keep up, another zone when none
-    /// is available or, under `policy`, they are overloaded (and then only for the requests
-    /// the zone's least loaded endpoints cannot take).
-    pub fn pick_zoned(
+    /// The choice among a Service port's `candidates`, with two random draws `draws`,
+    /// counted as outstanding until `finish`: its index in `candidates.endpoints`, and where
+    /// it went. With a preference, the preferred endpoints while they keep up; the others
+    /// when none is healthy or, under a `load` policy, for the requests the preferred ones
+    /// cannot take.
+    pub fn pick(
         &self,
-        (service, port): (&str, u16),
-        candidates: Zoned<'_>,
-        local_zone: Option<&str>,
-        policy: ZonePolicy,
+        candidates: &Candidates<'_>,
         draws: (u64, u64),
-    ) -> Option<(SocketAddr, Placement)> {
-        let now = Instant::now();
-        self.pick_zoned_at((service, port), candidates, local_zone, policy, draws, now)
+    ) -> Option<(usize, Placement)> {
+        self.pick_at_time(candidates, draws, Instant::now())
     }
 
-    fn pick_zoned_at(
+    fn pick_at_time(
         &self,
-        (service, port): (&str, u16),
-        candidates: Zoned<'_>,
-        local_zone: Option<&str>,
-        policy: ZonePolicy,
+        candidates: &Candidates<'_>,
         draws: (u64, u64),
         now: Instant,
-    ) -> Option<(SocketAddr, Placement)> {
-        let mut state = self.lock();
-        let zoned = candidates.zones.len() == candidates.endpoints.len()
-            && candidates.zones.iter().any(Option::is_some);
-        let Some(local_zone) = local_zone.filter(|_| zoned) else {
-            let chosen = two_choices(&state.endpoints, candidates.endpoints, draws, now)?;
-            reserve(&mut state.endpoints, chosen, now);
-            return Some((chosen, Placement::Unzoned));
+    ) -> Option<(usize, Placement)> {
+        let mut endpoints = self.lock();
+        let all = candidates.endpoints;
+        let chosen = |endpoints: &mut HashMap<SocketAddr, EndpointState>, index: usize| {
+            reserve(endpoints, all[index], now);
+            index
         };
-        let (mut local, mut remote) = (Vec::new(), Vec::new());
-        for (endpoint, zone) in candidates.endpoints.iter().zip(candidates.zones) {
-            if zone.as_deref() == Some(local_zone) {
-                if !state
-                    .endpoints
-                    .get(endpoint)
-                    .is_some_and(|e| e.ejected(now))
-                {
-                    local.push(*endpoint);
-                }
-            } else {
-                remote.push(*endpoint);
-            }
-        }
-        let outstanding =
-            |state: &State, e: &SocketAddr| state.endpoints.get(e).map_or(0, |e| e.outstanding);
-        let placement = if remote.is_empty() {
+        let Some(preference) = candidates.preference else {
+            let index = two_choices(&endpoints, all, draws, now)?;
+            return Some((chosen(&mut endpoints, index), Placement::Unzoned));
+        };
+        let (local, remote) = all.split_at((preference.count as usize).min(all.len()));
+        if remote.is_empty() {
             // Nowhere to spill to: the plain choice, ejection and panic mode included.
-            local = candidates.endpoints.to_vec();
-            Placement::Local
-        } else if local.is_empty() {
-            Placement::Spilled(SpillReason::Unavailable)
+            let index = two_choices(&endpoints, all, draws, now)?;
+            return Some((chosen(&mut endpoints, index), Placement::Local));
+        }
+        let healthy = |e: &&SocketAddr| !endpoints.get(*e).is_some_and(|s| s.ejected(now));
+        let healthy_local = local.iter().filter(healthy).count();
+        let reason = if healthy_local == 0 {
+            SpillReason::Unavailable
         } else {
-            let load = local
-                .iter()
-                .map(|e| f64::from(outstanding(&state, e)))
-                .sum::<f64>()
-                / local.len() as f64;
-            let key = format!("{service}:{port}");
-            let spilling = match state.spilling.contains(&key) {
-                true if load <= policy.recover_at => {
-                    state.spilling.remove(&key);
-                    tracing::info!(service = key, zone = local_zone, load, "back in the zone");
-                    false
-                }
-                true => true,
-                false if load >= policy.spill_at => {
-                    state.spilling.insert(key.clone());
-                    tracing::info!(
-                        service = key,
-                        zone = local_zone,
-                        load,
-                        "spilling to other zones"
-                    );
-                    true
-                }
-                false => false,
-            };
-            let in_zone = two_choices(&state.endpoints, &local, draws, now);
-            match in_zone {
-                Some(endpoint)
-                    if !spilling || f64::from(outstanding(&state, &endpoint)) < policy.spill_at =>
-                {
-                    reserve(&mut state.endpoints, endpoint, now);
-                    return Some((endpoint, Placement::Local));
-                }
-                _ => Placement::Spilled(SpillReason::Overloaded),
+            let outstanding = |e: &SocketAddr| endpoints.get(e).map_or(0, |s| s.outstanding);
+            let load = (local.iter().filter(healthy))
+                .map(|e| outstanding(e) as f32)
+                .sum::<f32>()
+                / healthy_local as f32;
+            let spilling = candidates.policy.affinity == ZoneAffinity::Load
+                && self.spill_state(candidates, load);
+            let index = two_choices(&endpoints, local, draws, now)?;
+            if !spilling || (outstanding(&local[index]) as f32) < candidates.policy.spill_at {
+                return Some((chosen(&mut endpoints, index), Placement::Local));
             }
+            SpillReason::Overloaded
         };
-        let pool = if placement == Placement::Local {
-            &local
-        } else {
-            &remote
-        };
-        let chosen = two_choices(&state.endpoints, pool, draws, now)?;
-        reserve(&mut state.endpoints, chosen, now);
-        Some((chosen, placement))
+        let (region, beyond) = remote.split_at((preference.region as usize).min(remote.len()));
+        let spill_at = candidates.policy.spill_at;
+        let index = local.len() + spill_target(&endpoints, (region, beyond), spill_at, draws, now)?;
+        Some((chosen(&mut endpoints, index), Placement::Spilled(reason)))
     }
-    /// Records the end of a request picked with `pick` or `pick_zoned`.
+
+    /// Whether the port spills at the preferred endpoints' average `load` (moving its state
+    /// across the policy's thresholds).
+    fn spill_state(&self, candidates: &Candidates<'_>, load: f32) -> bool {
+        let policy = candidates.policy;
+        let service = format_args!("{}:{}", candidates.service, candidates.port);
+        match candidates.spilling.load(Ordering::Relaxed) {
+            true if load <= policy.recover_at => {
+                candidates.spilling.store(false, Ordering::Relaxed);
+                tracing::info!(%service, load, "back to the preferred endpoints");
+                false
+            }
+            true => true,
+            false if load >= policy.spill_at => {
+                candidates.spilling.store(true, Ordering::Relaxed);
+                tracing::info!(%service, load, "spilling beyond the preferred endpoints");
+                true
+            }
+            false => false,
+        }
+    }
+
+    /// Records the end of a request picked with `pick`.
     pub fn finish(&self, endpoint: SocketAddr, latency: Duration, outcome: Outcome) {
         self.finish_at(endpoint, latency, outcome, Instant::now());
     }
@@ -276,7 +234,6 @@ impl Balancer {
     fn finish_at(&self, endpoint: SocketAddr, latency: Duration, outcome: Outcome, now: Instant) {
         let mut guard = self.lock();
         let state = guard
-            .endpoints
             .entry(endpoint)
             .or_insert_with(|| EndpointState::new(now));
         state.outstanding = state.outstanding.saturating_sub(1);
@@ -310,7 +267,6 @@ impl Balancer {
     /// Forgets endpoints that are no longer anyone's candidate.
     pub fn retain(&self, live: impl Fn(&SocketAddr) -> bool) {
         self.lock()
-            .endpoints
             .retain(|addr, state| live(addr) || state.outstanding > 0);
     }
 
@@ -318,7 +274,6 @@ impl Balancer {
         let now = Instant::now();
         let mut views: Vec<EndpointView> = self
             .lock()
-            .endpoints
             .iter()
             .map(|(addr, state)| EndpointView {
                 endpoint: *addr,
@@ -332,57 +287,80 @@ impl Balancer {
         views
     }
 
-    /// The Service ports spilling out of the zone now.
-    pub fn spilling(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self.lock().spilling.iter().cloned().collect();
-        keys.sort();
-        keys
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, EndpointState>> {
+        self.endpoints
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
-/// Power of two choices over `candidates`, ejected ones left out unless every one is
-/// (panic mode).
+/// Power of two choices over `candidates` (its index), ejected ones left out unless every
+/// one is (panic mode).
 fn two_choices(
     endpoints: &HashMap<SocketAddr, EndpointState>,
     candidates: &[SocketAddr],
     draws: (u64, u64),
     now: Instant,
-) -> Option<SocketAddr> {
-    let healthy: Vec<SocketAddr> = candidates
-        .iter()
-        .copied()
-        .filter(|addr| !endpoints.get(addr).is_some_and(|e| e.ejected(now)))
-        .collect();
-    let pool = if healthy.is_empty() {
-        candidates
-    } else {
-        &healthy
+) -> Option<usize> {
+    let healthy = |addr: &SocketAddr| !endpoints.get(addr).is_some_and(|e| e.ejected(now));
+    let live = candidates.iter().filter(|a| healthy(a)).count();
+    let panic = live == 0;
+    let n = if panic { candidates.len() } else { live };
+    // The `i`th candidate of the pool (the healthy ones, or all in panic mode).
+    let nth = |i: usize| -> Option<usize> {
+        match panic {
+            true => Some(i),
+            false => (candidates.iter().enumerate())
+                .filter(|(_, a)| healthy(a))
+                .nth(i)
+                .map(|(index, _)| index),
+        }
     };
-    match pool.len() {
+    match n {
         0 => None,
-        1 => Some(pool[0]),
+        1 => nth(0),
         n => {
-            let first = (draws.0 % n as u64) as usize;
-            // A second, distinct index.
-            let second = (first + 1 + (draws.1 % (n as u64 - 1)) as usize) % n;
-            let cost = |addr: &SocketAddr| {
+            let first = nth((draws.0 % n as u64) as usize)?;
+            // A second, distinct one.
+            let second =
+                nth(((draws.0 % n as u64) as usize + 1 + (draws.1 % (n as u64 - 1)) as usize) % n)?;
+            let cost = |index: usize| {
                 endpoints
-                    .get(addr)
+                    .get(&candidates[index])
                     .map_or(DEFAULT_LATENCY.as_nanos() as f64, EndpointState::cost)
             };
-            Some(if cost(&pool[second]) < cost(&pool[first]) {
-                pool[second]
+            Some(if cost(second) < cost(first) {
+                second
             } else {
-                pool[first]
+                first
             })
         }
     }
+}
+
+/// Where a request that leaves its preferred endpoints goes (its index in `region` then
+/// `beyond`): an endpoint of this node's region, by two choices, while the one chosen has
+/// fewer than `spill_at` in flight; the other regions' otherwise, or when this region has no
+/// healthy endpoint.
+fn spill_target(
+    endpoints: &HashMap<SocketAddr, EndpointState>,
+    (region, beyond): (&[SocketAddr], &[SocketAddr]),
+    spill_at: f32,
+    draws: (u64, u64),
+    now: Instant,
+) -> Option<usize> {
+    if beyond.is_empty() {
+        return two_choices(endpoints, region, draws, now);
+    }
+    let healthy = |e: &SocketAddr| !endpoints.get(e).is_some_and(|s| s.ejected(now));
+    if region.iter().any(healthy) {
+        let index = two_choices(endpoints, region, draws, now)?;
+        let outstanding = endpoints.get(&region[index]).map_or(0, |s| s.outstanding);
+        if (outstanding as f32) < spill_at {
+            return Some(index);
+        }
+    }
+    Some(region.len() + two_choices(endpoints, beyond, draws, now)?)
 }
 
 /// Counts a request as outstanding on `endpoint`.
@@ -395,7 +373,13 @@ fn reserve(endpoints: &mut HashMap<SocketAddr, EndpointState>, endpoint: SocketA
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
     use super::*;
+    use crate::{
+        k8s::zone_policy::ZonePolicy,
+        state::services::{Preference, PreferredBy},
+    };
 
     fn addrs() -> [SocketAddr; 3] {
         [
@@ -460,47 +444,55 @@ mod tests {
         assert_eq!(balancer.pick_at(&[a], (0, 0), now), Some(a));
         // Re-admitted after the base time; failing again ejects for twice as long.
         let later = now + BASE_EJECTION;
-        assert!(!balancer.lock().endpoints[&a].ejected(later));
+        assert!(!balancer.lock()[&a].ejected(later));
         fail(later);
-        assert!(balancer.lock().endpoints[&a].ejected(later + BASE_EJECTION));
-        assert!(!balancer.lock().endpoints[&a].ejected(later + BASE_EJECTION * 2));
+        assert!(balancer.lock()[&a].ejected(later + BASE_EJECTION));
+        assert!(!balancer.lock()[&a].ejected(later + BASE_EJECTION * 2));
         // A success resets the count of ejections.
         balancer.finish_at(a, Duration::from_millis(1), Outcome::Success, later);
-        assert_eq!(balancer.lock().endpoints[&a].ejections, 0);
+        assert_eq!(balancer.lock()[&a].ejections, 0);
     }
 
-    /// One endpoint in zone `a` (the client's), ten in `b`.
-    fn one_local_ten_remote() -> (Vec<SocketAddr>, Vec<Option<Arc<str>>>) {
-        let endpoints: Vec<SocketAddr> = (1..=11)
+    /// One preferred endpoint (in the client's zone), ten others.
+    fn one_local_ten_remote() -> Vec<SocketAddr> {
+        (1..=11)
             .map(|i| format!("10.0.1.{i}:80").parse().unwrap())
-            .collect();
-        let zones = (0..11)
-            .map(|i| Some(Arc::from(if i == 0 { "a" } else { "b" })))
-            .collect();
-        (endpoints, zones)
+            .collect()
+    }
+
+    fn candidates<'a>(
+        endpoints: &'a [SocketAddr],
+        preferred: Option<u32>,
+        policy: ZonePolicy,
+        spilling: &'a AtomicBool,
+    ) -> Candidates<'a> {
+        Candidates {
+            service: "shop/web",
+            port: 80,
+            endpoints,
+            zones: &[],
+            preference: preferred.map(|count| Preference {
+                by: PreferredBy::Zone,
+                count,
+                region: 0,
+            }),
+            policy,
+            spilling,
+        }
     }
 
     #[test]
     fn a_zone_keeps_its_requests_until_it_is_overloaded_then_spills_the_excess_with_hysteresis() {
         let balancer = Balancer::default();
-        let (endpoints, zones) = one_local_ten_remote();
-        let zoned = Zoned {
-            endpoints: &endpoints,
-            zones: &zones,
-        };
-        let policy = ZonePolicy::default();
+        let endpoints = one_local_ten_remote();
+        let spilling = AtomicBool::new(false);
+        let zoned = candidates(&endpoints, Some(1), ZonePolicy::default(), &spilling);
         let now = Instant::now();
         let pick = |draw: u64| {
-            balancer
-                .pick_zoned_at(
-                    ("shop/web", 80),
-                    zoned,
-                    Some("a"),
-                    policy,
-                    (draw, draw + 3),
-                    now,
-                )
-                .unwrap()
+            let (index, placement) = balancer
+                .pick_at_time(&zoned, (draw, draw + 3), now)
+                .unwrap();
+            (endpoints[index], placement)
         };
         // Light load: the one local endpoint takes every request, although ten remote ones
         // are idle (plain two choices would send it about 1 in 6).
@@ -515,38 +507,73 @@ mod tests {
             assert_eq!(placement, Placement::Spilled(SpillReason::Overloaded));
             assert_ne!(endpoint, endpoints[0]);
         }
-        assert_eq!(balancer.spilling(), ["shop/web:80"]);
+        assert!(spilling.load(Ordering::Relaxed));
         // Hysteresis: at 3 in flight locally it still spills what would exceed 4 ...
-        balancer.finish_at(
-            endpoints[0],
-            Duration::from_millis(1),
-            Outcome::Success,
-            now,
-        );
-        assert_eq!(pick(20), (endpoints[0], Placement::Local));
-        let (_, placement) = pick(21);
-        assert_eq!(placement, Placement::Spilled(SpillReason::Overloaded));
-        // ... and returns only once the zone is down to `recover_at` (2).
-        for _ in 0..2 {
+        let done = || {
             balancer.finish_at(
                 endpoints[0],
                 Duration::from_millis(1),
                 Outcome::Success,
                 now,
+            )
+        };
+        done();
+        assert_eq!(pick(20), (endpoints[0], Placement::Local));
+        let (_, placement) = pick(21);
+        assert_eq!(placement, Placement::Spilled(SpillReason::Overloaded));
+        // ... and returns only once the zone is down to `recover_at` (2).
+        done();
+        done();
+        assert_eq!(pick(30), (endpoints[0], Placement::Local));
+        assert!(!spilling.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn per_service_thresholds_and_a_strict_affinity() {
+        let endpoints = one_local_ten_remote();
+        let now = Instant::now();
+        // spill-at 2: the second request in flight already spills the excess.
+        let balancer = Balancer::default();
+        let spilling = AtomicBool::new(false);
+        let low = ZonePolicy {
+            spill_at: 2.0,
+            recover_at: 1.0,
+            ..ZonePolicy::default()
+        };
+        let zoned = candidates(&endpoints, Some(1), low, &spilling);
+        let placements: Vec<Placement> = (0..4)
+            .map(|draw| balancer.pick_at_time(&zoned, (draw, 1), now).unwrap().1)
+            .collect();
+        assert_eq!(
+            placements,
+            [
+                Placement::Local,
+                Placement::Local,
+                Placement::Spilled(SpillReason::Overloaded),
+                Placement::Spilled(SpillReason::Overloaded)
+            ]
+        );
+        // Strict: however loaded, the zone keeps every request while it has a healthy
+        // endpoint.
+        let balancer = Balancer::default();
+        let strict = ZonePolicy {
+            affinity: ZoneAffinity::Strict,
+            ..ZonePolicy::default()
+        };
+        let zoned = candidates(&endpoints, Some(1), strict, &spilling);
+        for draw in 0..50 {
+            assert_eq!(
+                balancer.pick_at_time(&zoned, (draw, 1), now),
+                Some((0, Placement::Local))
             );
         }
-        assert_eq!(pick(30), (endpoints[0], Placement::Local));
-        assert!(balancer.spilling().is_empty());
     }
 
     #[test]
     fn a_zone_without_a_healthy_endpoint_fails_over_and_unzoned_clients_are_unaffected() {
         let balancer = Balancer::default();
-        let (endpoints, zones) = one_local_ten_remote();
-        let zoned = Zoned {
-            endpoints: &endpoints,
-            zones: &zones,
-        };
+        let endpoints = one_local_ten_remote();
+        let spilling = AtomicBool::new(false);
         let now = Instant::now();
         for _ in 0..EJECT_AFTER {
             balancer.pick_at(&[endpoints[0]], (0, 0), now);
@@ -557,44 +584,56 @@ mod tests {
                 now,
             );
         }
-        let (endpoint, placement) = balancer
-            .pick_zoned_at(
-                ("shop/web", 80),
-                zoned,
-                Some("a"),
-                ZonePolicy::default(),
-                (0, 1),
-                now,
-            )
-            .unwrap();
+        let zoned = candidates(&endpoints, Some(1), ZonePolicy::default(), &spilling);
+        let (index, placement) = balancer.pick_at_time(&zoned, (0, 1), now).unwrap();
         assert_eq!(placement, Placement::Spilled(SpillReason::Unavailable));
-        assert_ne!(endpoint, endpoints[0]);
-        // A node without a zone label, or endpoints without zones: the plain choice.
-        let (_, placement) = balancer
-            .pick_zoned_at(
-                ("shop/web", 80),
-                zoned,
-                None,
-                ZonePolicy::default(),
-                (0, 1),
-                now,
-            )
-            .unwrap();
+        assert_ne!(index, 0);
+        // No endpoint in the zone at all: the same.
+        let none_here = candidates(&endpoints, Some(0), ZonePolicy::default(), &spilling);
+        let (_, placement) = balancer.pick_at_time(&none_here, (0, 1), now).unwrap();
+        assert_eq!(placement, Placement::Spilled(SpillReason::Unavailable));
+        // No preference (a node without a zone label, endpoints without zones, policy off):
+        // the plain choice.
+        let unzoned = candidates(&endpoints, None, ZonePolicy::default(), &spilling);
+        let (_, placement) = balancer.pick_at_time(&unzoned, (0, 1), now).unwrap();
         assert_eq!(placement, Placement::Unzoned);
-        let unzoned = Zoned {
-            endpoints: &endpoints,
-            zones: &[const { None }; 11],
+    }
+
+    #[test]
+    fn spilled_requests_stay_in_the_region_until_it_is_loaded_too() {
+        let balancer = Balancer::default();
+        // One endpoint in the client's zone (none healthy: it is never listed), three in
+        // other zones of its region, seven in other regions.
+        let endpoints = &one_local_ten_remote()[1..];
+        let spilling = AtomicBool::new(false);
+        let mut tiers = candidates(endpoints, Some(0), ZonePolicy::default(), &spilling);
+        tiers.preference = Some(Preference {
+            by: PreferredBy::Zone,
+            count: 0,
+            region: 3,
+        });
+        let now = Instant::now();
+        let mut in_region = 0;
+        for draw in 0..12 {
+            let (index, placement) = balancer.pick_at_time(&tiers, (draw, 1), now).unwrap();
+            assert_eq!(placement, Placement::Spilled(SpillReason::Unavailable));
+            if index < 3 {
+                in_region += 1;
+            }
+        }
+        // The region's three endpoints take requests until each has 4 in flight.
+        assert_eq!(in_region, 12, "light enough for the region");
+        for draw in 12..40 {
+            balancer.pick_at_time(&tiers, (draw, 1), now).unwrap();
+        }
+        let views = balancer.views();
+        let load = |e: &SocketAddr| {
+            views
+                .iter()
+                .find(|v| v.endpoint == *e)
+                .map_or(0, |v| v.outstanding)
         };
-        let (_, placement) = balancer
-            .pick_zoned_at(
-                ("shop/web", 80),
-                unzoned,
-                Some("a"),
-                ZonePolicy::default(),
-                (0, 1),
-                now,
-            )
-            .unwrap();
-        assert_eq!(placement, Placement::Unzoned);
+        assert!(endpoints[..3].iter().all(|e| load(e) == 4), "{views:?}");
+        assert_eq!(endpoints[3..].iter().map(load).sum::<u32>(), 40 - 12);
     }
 }

@@ -15,7 +15,7 @@ use super::{
     pool::UpstreamPool,
     upstream::{DialError, OutboundError, Upstream},
 };
-use crate::peer::{Peer, UNKNOWN};
+use crate::peer::{Peer, UNKNOWN, ZonePair};
 use crate::{
     config::OpaquePorts,
     datapath::Datapath,
@@ -67,12 +67,22 @@ pub struct NoReadyEndpoint {
 
 impl OutboundContext {
     /// Where to dial for `original`: a Service's virtual address becomes one of its ready
-    /// endpoints; anything else stays as it is.
-    pub fn route(&self, original: SocketAddr) -> Result<SocketAddr, NoReadyEndpoint> {
+    /// endpoints (with this node's zone and the endpoint's, when this node has one);
+    /// anything else stays as it is.
+    pub fn route(
+        &self,
+        original: SocketAddr,
+    ) -> Result<(SocketAddr, Option<ZonePair>), NoReadyEndpoint> {
         let index = self.services.read().unwrap_or_else(|p| p.into_inner());
         match index.resolve(original) {
-            Resolution::NotAService => Ok(original),
-            Resolution::Endpoint { addr, .. } => Ok(addr),
+            Resolution::NotAService => Ok((original, None)),
+            Resolution::Endpoint { addr, zone, .. } => {
+                let zones = index.local_zone().map(|here| ZonePair {
+                    source: Arc::clone(here),
+                    destination: zone.cloned(),
+                });
+                Ok((addr, zones))
+            }
             Resolution::NoReadyEndpoint { service } => Err(NoReadyEndpoint {
                 service: service.to_owned(),
             }),

@@ -33,7 +33,7 @@ use super::{
     listener::{accept_loop, canonical},
     relay::{relay, reset},
 };
-use crate::peer::{Reporter, Traffic, UNKNOWN};
+use crate::peer::{Reporter, Traffic, UNKNOWN, ZonePair};
 use crate::{
     datapath::{address_words, socket_addr},
     telemetry::{connections::DetectionOutcome, metrics, report::ConnectionReport},
@@ -106,7 +106,7 @@ async fn forward(
     let Some(target) = Box::pin(dial(&client, original, pod, ctx)).await else {
         return;
     };
-    let (target, upstream) = target;
+    let (target, zones, upstream) = target;
     let traffic = Traffic {
         reporter: Reporter::Source,
         source: pod.peer(),
@@ -125,6 +125,9 @@ async fn forward(
     ctx.stats
         .closed(&pod.display_name, original, sent, received);
     report.close(sent, received);
+    if let Some(zones) = &zones {
+        ctx.metrics.zone_connection(zones, sent + received);
+    }
     tracing::debug!(pod = %pod.display_name, destination = %original, %target, sent, received, "connection closed");
 }
 
@@ -185,9 +188,9 @@ async fn dial(
     original: SocketAddr,
     pod: &Arc<SourcePod>,
     ctx: &Arc<OutboundContext>,
-) -> Option<(SocketAddr, Upstream)> {
-    let target = match ctx.route(original) {
-        Ok(target) => target,
+) -> Option<(SocketAddr, Option<ZonePair>, Upstream)> {
+    let (target, zones) = match ctx.route(original) {
+        Ok(routed) => routed,
         Err(NoReadyEndpoint { service }) => {
             tracing::info!(pod = %pod.display_name, destination = %original, %service, "Service has no ready endpoint; refusing");
             ctx.stats.failed(&pod.display_name, original);
@@ -196,7 +199,7 @@ async fn dial(
         }
     };
     match ctx.dial(pod, target).await {
-        Ok(upstream) => Some((target, upstream)),
+        Ok(upstream) => Some((target, zones, upstream)),
         Err(error) => {
             tracing::info!(pod = %pod.display_name, destination = %original, %target, %error, "upstream connect failed");
             ctx.stats.failed(&pod.display_name, original);

@@ -16,12 +16,12 @@ use hyper::{
 };
 
 use super::{
-    balance::{Outcome, ZonePolicy, Zoned},
+    balance::{Outcome, Placement},
     context::{OutboundContext, SourcePod},
     pool::{UpstreamError, Version},
     upstream::DialError,
 };
-use crate::peer::{Peer, Reporter, Traffic, UNKNOWN};
+use crate::peer::{Peer, Reporter, Traffic, UNKNOWN, ZonePair};
 use crate::{
     proxy::{
         detect::Protocol,
@@ -57,6 +57,8 @@ pub struct Reached {
     /// `namespace/name` of the backend Service chosen.
     backend: Option<String>,
     endpoint: Option<SocketAddr>,
+    /// The zones of this node and of the endpoint, when this node has one.
+    zones: Option<ZonePair>,
 }
 
 /// Serves one request and reports it (metrics, access log, trace span).
@@ -90,6 +92,9 @@ pub async fn handle(
     };
     let status = response.status().as_u16();
     ctx.metrics.request(&traffic, protocol, status, took);
+    if let Some(zones) = &reached.zones {
+        ctx.metrics.zone_request(zones);
+    }
     let trace_id = span.trace_id_hex();
     let record = RequestRecord {
         method: &method,
@@ -255,8 +260,7 @@ async fn forward(
             path: &path,
             timeout: rule.backend_timeout,
         };
-        let response =
-            send_to_backend(connection, &this_attempt, outgoing, &mut reached.endpoint).await;
+        let response = send_to_backend(connection, &this_attempt, outgoing, reached).await;
         let retryable = match &response {
             Ok(r) => retry.is_some_and(|retry| retry.codes.contains(&r.status().as_u16())),
             Err(refusal) => refusal.status == StatusCode::SERVICE_UNAVAILABLE && retry.is_some(),
@@ -277,13 +281,13 @@ async fn forward(
                 } else {
                     hop::strip_hop_by_hop(upstream.headers_mut(), false);
                 }
-                upstream.map(|b| b.boxed())
+                upstream
             }
             Err(refusal) => refusal.into_response(),
         };
     }
     match last {
-        Some(Ok(upstream)) => upstream.map(|b| b.boxed()),
+        Some(Ok(upstream)) => upstream,
         Some(Err(refusal)) => refusal.into_response(),
         None => answer(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -303,14 +307,14 @@ struct Attempt<'a> {
     timeout: Option<Duration>,
 }
 
-/// Sends one attempt to an endpoint of its backend, recording the endpoint in `chosen`.
-/// Err is what the proxy answers instead.
+/// Sends one attempt to an endpoint of its backend, recording the endpoint and its zone in
+/// `reached`. Err is what the proxy answers instead.
 async fn send_to_backend(
     connection: &ClientConnection,
     attempt: &Attempt<'_>,
     mut request: Request<Body>,
-    chosen: &mut Option<SocketAddr>,
-) -> Result<Response<Incoming>, Refusal> {
+    reached: &mut Reached,
+) -> Result<Response<Body>, Refusal> {
     let Attempt {
         backend,
         version,
@@ -319,30 +323,22 @@ async fn send_to_backend(
         timeout,
     } = *attempt;
     let ctx = &connection.ctx;
-    let (endpoints, zones, local_zone) = {
+    let picked = {
         let services = ctx.services.read().unwrap_or_else(|p| p.into_inner());
-        let (endpoints, zones) = services.endpoints(
-            &backend.service,
-            backend.port,
-            connection.original.is_ipv4(),
-        );
-        (
-            endpoints.to_vec(),
-            zones.to_vec(),
-            services.local_zone().cloned(),
-        )
+        let ipv4 = connection.original.is_ipv4();
+        services
+            .candidates(&backend.service, backend.port, ipv4)
+            .and_then(|candidates| {
+                let draws = (fastrand::u64(..), fastrand::u64(..));
+                let (index, placement) = ctx.http.balancer.pick(&candidates, draws)?;
+                let zones = services.local_zone().map(|here| ZonePair {
+                    source: Arc::clone(here),
+                    destination: candidates.zone(index).cloned(),
+                });
+                Some((candidates.endpoints[index], placement, zones))
+            })
     };
-    let picked = ctx.http.balancer.pick_zoned(
-        (&backend.service, backend.port),
-        Zoned {
-            endpoints: &endpoints,
-            zones: &zones,
-        },
-        local_zone.as_deref(),
-        ZonePolicy::default(),
-        (fastrand::u64(..), fastrand::u64(..)),
-    );
-    let Some((endpoint, _placement)) = picked else {
+    let Some((endpoint, placement, zones)) = picked else {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -351,7 +347,17 @@ async fn send_to_backend(
             ),
         ));
     };
-    *chosen = Some(endpoint);
+    if let Placement::Spilled(reason) = placement {
+        ctx.metrics.zone_spill(&backend.service, reason.as_str());
+    }
+    // Bytes by zone: the bodies both ways, counted as they pass.
+    let zone_bytes = zones.as_ref().map(|zones| ctx.metrics.zone_bytes(zones));
+    if let Some(counter) = &zone_bytes {
+        let counter = counter.clone();
+        request = request.map(|body| body.map_frame(count_into(counter)).boxed());
+    }
+    reached.zones = zones;
+    reached.endpoint = Some(endpoint);
     address(&mut request, version, authority, path)?;
     let started = Instant::now();
     let pod = Arc::clone(&connection.pod);
@@ -377,7 +383,26 @@ async fn send_to_backend(
         },
         None => sending.await,
     };
-    settle(connection, endpoint, started.elapsed(), result)
+    let response = settle(connection, endpoint, started.elapsed(), result)?;
+    Ok(match zone_bytes {
+        Some(counter) => response.map(|body| body.map_frame(count_into(counter)).boxed()),
+        None => response.map(BodyExt::boxed),
+    })
+}
+
+/// A frame mapper that adds each data frame's length to `counter`.
+fn count_into(
+    counter: prometheus_client::metrics::counter::Counter,
+) -> impl FnMut(hyper::body::Frame<hyper::body::Bytes>) -> hyper::body::Frame<hyper::body::Bytes>
++ Send
++ Sync
++ 'static {
+    move |frame| {
+        if let Some(data) = frame.data_ref() {
+            counter.inc_by(data.len() as u64);
+        }
+        frame
+    }
 }
 
 /// Rewrites the request for the upstream: its URI's form, Host, and HTTP version.
