@@ -188,25 +188,46 @@ impl ServiceIndex {
     }
 
     /// Resolves `destination`, choosing the next ready endpoint when it is a Service port:
-    /// the next preferred one while there is one, else the next in this node's region.
-    pub fn resolve(&self, destination: SocketAddr) -> Resolution<'_> {
+    /// the next `usable` preferred one while there is one, else the next usable one in this
+    /// node's region, else beyond; when none is usable, the next preferred one regardless.
+    pub fn resolve(
+        &self,
+        destination: SocketAddr,
+        usable: impl Fn(&SocketAddr) -> bool,
+    ) -> Resolution<'_> {
         let Some(port) = self.by_vip.get(&destination) else {
             return Resolution::NotAService;
         };
-        if port.endpoints.is_empty() {
+        let len = port.endpoints.len();
+        if len == 0 {
             return Resolution::NoReadyEndpoint {
                 service: &port.service,
             };
         }
-        // The preferred endpoints, else those in this node's region, else all.
-        let (first, choices) = match port.preference {
-            Some(Preference { count, .. }) if count > 0 => (0, count as usize),
-            Some(Preference { count, region, .. }) if region > 0 => {
-                (count as usize, region as usize)
+        // The tiers, nearest first: [start, end) of each.
+        let tiers = match port.preference {
+            Some(Preference { count, region, .. }) => {
+                let (preferred, region) = (count as usize, (count + region) as usize);
+                [
+                    (0, preferred.min(len)),
+                    (preferred.min(len), region.min(len)),
+                    (region.min(len), len),
+                ]
             }
-            _ => (0, port.endpoints.len()),
+            None => [(0, len), (len, len), (len, len)],
         };
-        let index = first + port.next.fetch_add(1, Ordering::Relaxed) % choices;
+        let turn = port.next.fetch_add(1, Ordering::Relaxed);
+        let in_tier = |(start, end): (usize, usize), k: usize| start + (turn + k) % (end - start);
+        let nonempty = tiers.into_iter().filter(|(start, end)| end > start);
+        let index = nonempty
+            .clone()
+            .find_map(|tier| {
+                (0..tier.1 - tier.0)
+                    .map(|k| in_tier(tier, k))
+                    .find(|i| usable(&port.endpoints[*i]))
+            })
+            .or_else(|| nonempty.clone().next().map(|tier| in_tier(tier, 0)))
+            .unwrap_or(0);
         Resolution::Endpoint {
             service: &port.service,
             addr: port.endpoints[index],

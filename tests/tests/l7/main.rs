@@ -604,3 +604,4 @@ fn smuggling_and_malformed_requests_never_reach_the_application() {
 mod authorization;
 mod grpc_route;
 mod zones;
+mod zones_connections;

@@ -1,12 +1,11 @@
-//! Zone-aware balancing on the testbed: node1 in zone-a, node2 in zone-b, a Service with
-//! one endpoint in each, the one in the client's zone slower. Requests stay in the zone at
-//! light load (where latency alone would send most away), spill the excess when the zone is
-//! overloaded and come back, and fail over when the zone has no ready endpoint; the spills
-//! are counted by reason. Connections relayed as TCP stay in the zone too, follow the
-//! EndpointSlice's zone hints, and the Service's annotations turn the preference off (a
-//! rejected annotation is reported and changes nothing); `nodemesh status` says what leaves
-//! the zone. With regions, traffic that must leave the zone stays in the region while the
-//! region keeps up.
+//! Zone-aware balancing of requests on the testbed: node1 in zone-a, node2 in zone-b, a
+//! Service with one endpoint in each, the one in the client's zone slower. Requests stay in
+//! the zone at light load (where latency alone would send most away), spill the excess when
+//! the zone is overloaded and come back, and fail over when the zone has no ready endpoint;
+//! the spills are counted by reason. With regions, traffic that must leave the zone stays
+//! in the region while the region keeps up. A local endpoint killed outright (still listed
+//! as ready) costs no request an error under a retry policy: the retry avoids the endpoint
+//! that failed. (Connections relayed as TCP: `zones_connections.rs`.)
 
 use serde_json::json;
 
@@ -16,12 +15,9 @@ const ZONED: &str = "198.18.200.40";
 const ZONED_PORT: u16 = 9090;
 /// A Service whose endpoints are in other zones than the client's, one in its region.
 const REGIONAL: &str = "198.18.200.43";
-/// A Service relayed as TCP (`appProtocol: tcp`) to banner servers.
-const BANNER: &str = "198.18.200.42";
-const BANNER_PORT: u16 = 2626;
 
 /// Labels node1 into zone-a and node2 into zone-b through the API server.
-fn label_zones(tb: &Testbed) {
+pub(super) fn label_zones(tb: &Testbed) {
     let api = tb.api().expect("a real API server");
     for (node, zone) in [("node1", "zone-a"), ("node2", "zone-b")] {
         let label = format!("topology.kubernetes.io/zone={zone}");
@@ -30,8 +26,68 @@ fn label_zones(tb: &Testbed) {
     }
 }
 
+/// HTTP servers named after their pods on server-a and server-b, port `ZONED_PORT`, each
+/// answering after its delay (ms).
+fn start_http_servers(tb: &Testbed, delays: [&str; 2]) {
+    let port = ZONED_PORT.to_string();
+    for (name, delay) in ["server-a", "server-b"].into_iter().zip(delays) {
+        let pod = tb.pod("mesh", name).clone();
+        let args = [
+            "http-server",
+            "--port",
+            &port,
+            "--name",
+            name,
+            "--delay-ms",
+            delay,
+        ];
+        tb.start_workload_server(&pod, ZONED_PORT, &args)
+            .expect("http-server listening");
+    }
+}
+
+/// The zoned Service: HTTP servers with these delays on server-a and server-b, its slice
+/// with these zones. appProtocol http: detection waits for the first bytes however long a
+/// loaded machine takes, so every request is an HTTP request the balancer places (and
+/// counts).
+fn start_zoned(tb: &Testbed, delays: [&str; 2], zones: [Option<&str>; 2]) -> (Pod, Pod) {
+    start_http_servers(tb, delays);
+    let (a, b) = (
+        tb.pod("mesh", "server-a").clone(),
+        tb.pod("mesh", "server-b").clone(),
+    );
+    apply_service_on(
+        tb,
+        ("zoned", ZONED, 80),
+        Some("http"),
+        &[&a, &b],
+        ZONED_PORT,
+    );
+    apply_slice(tb, &a, &b, zones, false);
+    (a, b)
+}
+
+/// Kills the process whose command line is `pattern` (a server in a pod) and waits until it
+/// is gone.
+pub(super) fn kill_server(pattern: &str) {
+    let killed = Command::new("pkill")
+        .args(["-f", pattern])
+        .status()
+        .expect("pkill");
+    assert!(killed.success(), "{pattern:?} was running");
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{pattern:?} gone"),
+        || {
+            let left = Command::new("pgrep").args(["-f", pattern]).output()?;
+            Ok(!left.status.success())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// The value of the metric line starting with `series` on node1's `/metrics` (0 if none).
-fn metric(tb: &Testbed, series: &str) -> f64 {
+pub(super) fn metric(tb: &Testbed, series: &str) -> f64 {
     let (_, text) = tb.admin_get("node1", "/metrics").expect("metrics");
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
@@ -74,41 +130,44 @@ fn apply_slice(tb: &Testbed, a: &Pod, b: &Pod, zones: [Option<&str>; 2], a_gone:
         .expect("endpoint slice");
 }
 
+/// Sends requests to `vip`:80 until node1's balancer estimates server-b faster than
+/// server-a: the first request to server-b sets up its HBONE connection, and that slow
+/// first answer is the peak its latency estimate decays from (over seconds, not requests).
+/// The precondition for showing what latency alone would do.
+fn until_latency_favours_server_b(tb: &Testbed, vip: &str) {
+    let (a, b) = (tb.pod("mesh", "server-a"), tb.pod("mesh", "server-b"));
+    let estimate = |dump: &Value, pod: &Pod| {
+        let endpoint = format!("{}:{ZONED_PORT}", pod.ipv4());
+        (dump["http_endpoints"].as_array().into_iter().flatten())
+            .find(|e| e["endpoint"] == endpoint.as_str())
+            .and_then(|e| e["latency_ms"].as_f64())
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "latency favouring server-b",
+        || {
+            sequential_to(tb, vip, 10);
+            let dump = tb.admin_json("node1", "/config_dump")?;
+            Ok(matches!(
+                (estimate(&dump, a), estimate(&dump, b)),
+                (Some(a), Some(b)) if b < a
+            ))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 #[test]
 fn requests_stay_in_the_zone_spill_the_excess_under_load_and_fail_over() {
     let (tb, _ca) = setup("nml7z");
-    let a = tb.pod("mesh", "server-a").clone();
-    let b = tb.pod("mesh", "server-b").clone();
     // server-a, in the client's zone, answers 5 ms later than server-b.
-    let port = ZONED_PORT.to_string();
-    for (pod, delay) in [(&a, "5"), (&b, "0")] {
-        let args = [
-            "http-server",
-            "--port",
-            &port,
-            "--name",
-            pod.name(),
-            "--delay-ms",
-            delay,
-        ];
-        tb.start_workload_server(pod, ZONED_PORT, &args)
-            .expect("http-server listening");
-    }
-    // appProtocol http: detection waits for the first bytes however long a loaded machine
-    // takes, so every request is an HTTP request the balancer places (and counts).
-    apply_service_on(
-        &tb,
-        ("zoned", ZONED, 80),
-        Some("http"),
-        &[&a, &b],
-        ZONED_PORT,
-    );
-    apply_slice(&tb, &a, &b, [None, None], false);
+    let (a, b) = start_zoned(&tb, ["5", "0"], [None, None]);
     wait_for_dump(&tb, "four Services", |dump| {
         Testbed::workload_services(dump).len() == 4
     });
 
     // Without zones, latency decides: most requests go to the faster server-b.
+    until_latency_favours_server_b(&tb, ZONED);
     let (servers, ok) = sequential(&tb, 200);
     assert!(ok, "{servers}");
     assert!(served(&servers, "server-b") > 100, "{servers}");
@@ -189,178 +248,6 @@ fn requests_stay_in_the_zone_spill_the_excess_under_load_and_fail_over() {
     assert_eq!(spills("unavailable"), 100.0);
 }
 
-/// `count` connections from client-a to the banner Service: (server → connections).
-fn banners(tb: &Testbed, count: u32) -> Value {
-    let target = format!("{BANNER}:80");
-    let (summary, ok) = workload(
-        tb,
-        &client(tb),
-        &[
-            "read-banner",
-            "--target",
-            &target,
-            "--count",
-            &count.to_string(),
-        ],
-    );
-    assert!(ok, "{summary}");
-    summary["servers"].clone()
-}
-
-/// The banner Service, with `annotations`.
-fn apply_banner_service(tb: &Testbed, annotations: &[(&str, &str)]) {
-    let mut service = cluster_state::service_object("mesh", "banner", BANNER, 80, "http");
-    if let Some(ports) = service.spec.as_mut().and_then(|s| s.ports.as_mut()) {
-        ports[0].app_protocol = Some("tcp".into());
-    }
-    service.metadata.annotations = Some(
-        (annotations.iter())
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-    );
-    tb.apply_object("service-banner.yaml", &service)
-        .expect("service");
-}
-
-/// The banner Service's slice: server-a in zone-a, server-b in zone-b, with these zone hints
-/// (none when empty); server-a terminating when `a_gone`.
-fn apply_banner_slice(tb: &Testbed, hints: [&str; 2], a_gone: bool) {
-    use k8s_openapi::api::discovery::v1::{EndpointHints, ForZone};
-    let (a, b) = (tb.pod("mesh", "server-a"), tb.pod("mesh", "server-b"));
-    let mut slice = cluster_state::endpoint_slice_object(
-        "banner",
-        "http",
-        BANNER_PORT,
-        &[(a, a_gone), (b, false)],
-    );
-    let endpoints = slice.endpoints.iter_mut().flatten();
-    for ((endpoint, zone), hint) in endpoints.zip(["zone-a", "zone-b"]).zip(hints) {
-        endpoint.zone = Some(zone.into());
-        endpoint.hints = (!hint.is_empty()).then(|| EndpointHints {
-            for_zones: Some(vec![ForZone { name: hint.into() }]),
-            for_nodes: None,
-        });
-    }
-    tb.apply_object("endpointslice-banner.yaml", &slice)
-        .expect("endpoint slice");
-}
-
-/// The banner Service's port in node1's config dump.
-fn banner_port(dump: &Value) -> Value {
-    let vip = format!("{BANNER}:80");
-    (Testbed::workload_services(dump).into_iter())
-        .find(|s| s["virtual_address"] == vip.as_str())
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-#[test]
-fn connections_stay_in_the_zone_follow_hints_and_the_services_annotations() {
-    let (tb, _ca) = setup("nml7t");
-    label_zones(&tb);
-    for name in ["server-a", "server-b"] {
-        let pod = tb.pod("mesh", name).clone();
-        let port = BANNER_PORT.to_string();
-        let args = ["banner-server", "--port", &port, "--name", name];
-        tb.start_workload_server(&pod, BANNER_PORT, &args)
-            .expect("banner-server listening");
-    }
-    apply_banner_service(&tb, &[]);
-    apply_banner_slice(&tb, ["", ""], false);
-    wait_for_dump(&tb, "node1 in zone-a preferring server-a", |dump| {
-        dump["zones"]["local_zone"] == "zone-a"
-            && banner_port(dump)["zone_preference"]
-                == json!({"by": "zone", "count": 1, "region": 0})
-    });
-
-    // Per connection: every one to the endpoint in the zone, counted by zone.
-    assert_eq!(banners(&tb, 20), json!({"server-a": 20}));
-    let connections = |to: &str, same: &str| {
-        metric(
-            &tb,
-            &format!(
-                "nodemesh_zone_connections_total{{source_zone=\"zone-a\",destination_zone=\"{to}\",same_zone=\"{same}\"}}"
-            ),
-        )
-    };
-    // A connection is counted when the proxy has closed it, just after the client did.
-    wait_until(
-        Duration::from_secs(10),
-        "20 connections counted in zone-a",
-        || Ok(connections("zone-a", "true") == 20.0),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-
-    // The EndpointSlice controller's hints (as it writes them for `trafficDistribution:
-    // PreferClose`) outrank the zones: here it gave zone-a's clients server-b.
-    apply_banner_slice(&tb, ["zone-b", "zone-a"], false);
-    wait_for_dump(&tb, "zone hints in force", |dump| {
-        banner_port(dump)["zone_preference"]["by"] == "zone_hints"
-    });
-    assert_eq!(banners(&tb, 20), json!({"server-b": 20}));
-    wait_until(
-        Duration::from_secs(10),
-        "20 connections counted to zone-b",
-        || Ok(connections("zone-b", "false") == 20.0),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-
-    // `nodemesh.io/zone-affinity: off`: no preference, both endpoints in turn.
-    apply_banner_service(&tb, &[("nodemesh.io/zone-affinity", "off")]);
-    wait_for_dump(&tb, "the preference off", |dump| {
-        let port = banner_port(dump);
-        port["zone_policy"]["affinity"] == "off" && port["zone_preference"].is_null()
-    });
-    assert_eq!(banners(&tb, 20), json!({"server-a": 10, "server-b": 10}));
-
-    // A rejected annotation is reported; the last good policy (off) stays.
-    apply_banner_service(
-        &tb,
-        &[
-            ("nodemesh.io/zone-affinity", "load"),
-            ("nodemesh.io/zone-spill-at", "lots"),
-        ],
-    );
-    wait_for_dump(&tb, "the bad annotation reported", |dump| {
-        (dump["config_errors"].as_array().into_iter().flatten()).any(|e| {
-            e.as_str().is_some_and(|e| {
-                e.starts_with("Service mesh/banner: annotation nodemesh.io/zone-spill-at=\"lots\"")
-            })
-        })
-    });
-    assert_eq!(
-        banner_port(&tb.admin_json("node1", "/config_dump").expect("dump"))["zone_policy"]["affinity"],
-        "off"
-    );
-    assert_eq!(banners(&tb, 2), json!({"server-a": 1, "server-b": 1}));
-
-    // Valid again, no hints, server-a terminating: zone-a has nothing; connections fail over
-    // and `nodemesh status` says so.
-    apply_banner_service(&tb, &[]);
-    apply_banner_slice(&tb, ["", ""], true);
-    wait_for_dump(&tb, "zone-a without a ready endpoint", |dump| {
-        banner_port(dump)["zone_preference"] == json!({"by": "zone", "count": 0, "region": 0})
-            && dump["config_errors"].as_array().is_some_and(Vec::is_empty)
-    });
-    assert_eq!(banners(&tb, 5), json!({"server-b": 5}));
-    let mut status = Command::new("ip");
-    let netns = tb.node("node1").expect("node").netns().to_owned();
-    status.args(["netns", "exec", &netns]);
-    status.arg(tb.nodemesh_bin()).arg("status");
-    let output = status.output().expect("nodemesh status");
-    let report = String::from_utf8_lossy(&output.stdout);
-    println!("{report}");
-    assert!(output.status.success(), "{report}");
-    assert!(
-        report.contains("\nZONE zone-a: ")
-            && report
-                .lines()
-                .any(|l| l.trim_start().starts_with("mesh/banner")
-                    && l.ends_with("no ready endpoint preferred here: failing over")),
-        "{report}"
-    );
-}
-
 /// `count` sequential GETs from client-a to `vip`:80: (server → requests).
 fn sequential_to(tb: &Testbed, vip: &str, count: usize) -> Value {
     let target = format!("{vip}:80");
@@ -379,26 +266,13 @@ fn sequential_to(tb: &Testbed, vip: &str, count: usize) -> Value {
 
 #[test]
 fn traffic_that_leaves_the_zone_stays_in_the_region_while_the_region_keeps_up() {
-    let (tb, _ca) = setup("nml7r");
+    let (tb, _ca) = setup("nml7g");
     let (a, b) = (
         tb.pod("mesh", "server-a").clone(),
         tb.pod("mesh", "server-b").clone(),
     );
     // server-a answers 5 ms later than server-b.
-    let port = ZONED_PORT.to_string();
-    for (pod, delay) in [(&a, "5"), (&b, "0")] {
-        let args = [
-            "http-server",
-            "--port",
-            &port,
-            "--name",
-            pod.name(),
-            "--delay-ms",
-            delay,
-        ];
-        tb.start_workload_server(pod, ZONED_PORT, &args)
-            .expect("http-server listening");
-    }
+    start_http_servers(&tb, ["5", "0"]);
     // The client's node1 is in zone-a; server-a's endpoint is said to be in zone-b, server-b's
     // in zone-c (a third Node, only an API object, labels zone-c): neither in the client's
     // zone.
@@ -443,6 +317,7 @@ fn traffic_that_leaves_the_zone_stays_in_the_region_while_the_region_keeps_up() 
         port_of(dump) == json!({"by": "zone", "count": 0, "region": 0})
     });
     // Without regions, latency decides between the two other zones: mostly server-b.
+    until_latency_favours_server_b(&tb, REGIONAL);
     let servers = sequential_to(&tb, REGIONAL, 200);
     println!("regions: without regions {servers}");
     assert!(served(&servers, "server-b") > 100, "{servers}");
@@ -485,5 +360,55 @@ fn traffic_that_leaves_the_zone_stays_in_the_region_while_the_region_keeps_up() 
     assert!(
         to_b > 0 && to_a > 100,
         "beyond {to_b} of 800, in the region {to_a}"
+    );
+}
+
+/// The zoned Service's HTTPRoute with a retry policy (Gateway API's experimental channel).
+const RETRY_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: zoned-retry, namespace: mesh}
+spec:
+  parentRefs: [{group: '', kind: Service, name: zoned}]
+  rules:
+    - retry: {attempts: 1, codes: [502, 503], backoff: 1ms}
+      backendRefs: [{name: zoned, port: 80}]
+";
+
+#[test]
+fn a_killed_local_endpoint_fails_over_to_the_other_zone_within_the_retry_policy() {
+    let (tb, _ca) = setup_with("nml7k", GatewayApi::Experimental);
+    label_zones(&tb);
+    start_zoned(&tb, ["0", "0"], [Some("zone-a"), Some("zone-b")]);
+    let route: serde_yaml::Value = serde_yaml::from_str(RETRY_ROUTE).expect("route");
+    tb.apply_object("httproute-zoned-retry.yaml", &route)
+        .expect("route");
+    wait_for_dump(&tb, "node1 in zone-a with the retry route", |dump| {
+        dump["zones"]["local_zone"] == "zone-a"
+            && dump["routes"].as_array().map(Vec::len) == Some(1)
+    });
+    let (servers, ok) = sequential(&tb, 50);
+    assert!(ok, "{servers}");
+    assert_eq!(
+        served(&servers, "server-a"),
+        50,
+        "in the zone first: {servers}"
+    );
+
+    // server-a's process dies; its endpoint stays in the slice as ready (as until the
+    // kubelet and the EndpointSlice controller notice).
+    kill_server(&format!("http-server --port {ZONED_PORT} --name server-a"));
+    // Every request succeeds: the first attempt at server-a fails, the retry avoids it and
+    // goes to zone-b; after five failures in a row server-a is ejected and requests go to
+    // zone-b at once.
+    let (servers, ok) = sequential(&tb, 100);
+    assert!(ok, "no request failed: {servers}");
+    assert_eq!(served(&servers, "server-b"), 100, "{servers}");
+    let spills = metric(
+        &tb,
+        "nodemesh_zone_spills_total{destination_service=\"zoned.mesh.svc.cluster.local\",reason=\"unavailable\"}",
+    );
+    assert!(
+        spills >= 100.0,
+        "every request spilled as unavailable: {spills}"
     );
 }

@@ -28,6 +28,9 @@
 //!   wrk2-style: latency from when each request was due), the same four paths: achieved
 //!   rate and p50/p99/p999.
 //! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs HBONE mTLS.
+//! - Zones (`zones.rs`): keep-alive HTTP/1.1 at concurrency 1, 4 and 16 to a Service with an
+//!   endpoint in the client's zone and one in a zone 2 ms further away, zone preference off
+//!   and on: p50/p99 against direct, and the share of requests that left the zone.
 //! - Agent memory (RSS) idle, with 100 enrolled pods on a node, and holding 10,000 idle
 //!   proxied connections from one pod to a pod on the other node.
 //! - Enrolment: a pod appears on node1 (cgroup, sandbox process, then its manifest with a
@@ -53,6 +56,7 @@ mod report;
 mod scenarios;
 mod setup;
 mod stats;
+mod zones;
 
 use anyhow::{Context, bail};
 use nodemesh_testbed::{ClusterMode, Testbed};
@@ -127,6 +131,9 @@ pub struct BenchArgs {
     /// Not with `--write`.
     #[arg(long, conflicts_with_all = ["write", "memory_only"])]
     dns_only: bool,
+    /// Measure the zone scenario only and print that section. Not with `--write`.
+    #[arg(long, conflicts_with_all = ["write", "memory_only", "dns_only"])]
+    zones_only: bool,
     /// Run every `nodemesh` process under heaptrack and write, per process, its peak
     /// consumers and a folded-stack file of the peak into this directory (`heap.rs`).
     #[arg(long)]
@@ -164,6 +171,16 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         let dns = dns::measure(tb, &bed.direct_b, &bed.dns_log, args.runs)?;
         let mut out = report::header(args);
         dns::section(&mut out, dns);
+        return Ok(out);
+    }
+    if args.zones_only {
+        let mut runs = zones::ZoneRuns::default();
+        let requests = scenarios::zone_requests(args);
+        for _ in 0..args.runs {
+            zones::one_run(tb, &bed.workload, &bed.direct_a, requests, &mut runs)?;
+        }
+        let mut out = report::header(args);
+        zones::section(&mut out, requests, runs);
         return Ok(out);
     }
     let idle_rss = [

@@ -34,6 +34,7 @@ pub(super) fn render(
         bulk_meshed,
         mut enrolment_ms,
         issuance,
+        zones,
     } = results;
     let (direct, hooked) = (Samples(direct), Samples(hooked));
     let (direct_tx, captured_tx) = (Samples(direct_tx), Samples(captured_tx));
@@ -54,6 +55,7 @@ pub(super) fn render(
         ],
     );
     bulk_section(&mut out, args, &bulk_direct, &bulk_meshed);
+    super::zones::section(&mut out, super::scenarios::zone_requests(args), zones);
     enrolment_section(&mut out, &mut enrolment_ms);
     memory_section(&mut out, memory, idle_rss);
     issuance_section(&mut out, issuance);

@@ -12,6 +12,7 @@ use super::{
     probes::{agents_cpu_seconds, enrolment_latencies, h2load, run_json, wait_proxy_idle},
     setup::Bed,
     stats::{H2Run, HttpRuns, Issuance},
+    zones::{self, ZoneRuns},
 };
 
 const OUTSIDER: (&str, &str) = ("plain", "outsider");
@@ -36,6 +37,7 @@ pub(super) struct Results {
     pub(super) bulk_meshed: Vec<f64>,
     pub(super) enrolment_ms: Vec<f64>,
     pub(super) issuance: Vec<Issuance>,
+    pub(super) zones: ZoneRuns,
 }
 
 impl Results {
@@ -56,6 +58,7 @@ impl Results {
             bulk_direct: Vec::new(),
             bulk_meshed: Vec::new(),
             enrolment_ms: Vec::new(),
+            zones: ZoneRuns::default(),
             issuance: [1, 8]
                 .into_iter()
                 .map(|concurrency| Issuance {
@@ -112,6 +115,13 @@ pub(super) fn one_run(
     results
         .bulk_meshed
         .push(bulk(tb, args, workload, CLIENT, &bed.server_b)?);
+    zones::one_run(
+        tb,
+        workload,
+        &bed.direct_a,
+        zone_requests(args),
+        &mut results.zones,
+    )?;
     issuance(tb, args, workload, ca, results)?;
     results
         .enrolment_ms
@@ -120,6 +130,11 @@ pub(super) fn one_run(
     // not overlap.
     wait_proxy_idle(tb, Duration::from_secs(10))?;
     Ok(())
+}
+
+/// Requests per cell of the zone scenario (it has nine).
+pub(super) fn zone_requests(args: &BenchArgs) -> u64 {
+    (args.requests / 4).max(100)
 }
 
 /// connect() (+ an echo of `echo_bytes`) + close() per second from `from` to `to:port`.

@@ -41,6 +41,7 @@ pub(super) fn prepare(tb: &mut Testbed, args: &BenchArgs, ca: &MeshCa) -> anyhow
         [&server_b, &direct_b],
     )?;
     apply_services(tb, &workload, &server_b, &direct_b)?;
+    super::zones::prepare(tb, &workload, [&server_a, &server_b, &direct_a])?;
     let dns_log = super::dns::start_resolver(tb, &direct_b)?;
     let l7_target = format!("{L7_SERVICE_IP}:80");
     let http_paths = [

@@ -67,14 +67,16 @@ pub struct NoReadyEndpoint {
 
 impl OutboundContext {
     /// Where to dial for `original`: a Service's virtual address becomes one of its ready
-    /// endpoints (with this node's zone and the endpoint's, when this node has one);
-    /// anything else stays as it is.
+    /// endpoints (with this node's zone and the endpoint's, when this node has one), not
+    /// one in `tried` or ejected while another is there; anything else stays as it is.
     pub fn route(
         &self,
         original: SocketAddr,
+        tried: &[SocketAddr],
     ) -> Result<(SocketAddr, Option<ZonePair>), NoReadyEndpoint> {
         let index = self.services.read().unwrap_or_else(|p| p.into_inner());
-        match index.resolve(original) {
+        let usable = |e: &SocketAddr| !tried.contains(e) && self.http.balancer.usable(e);
+        match index.resolve(original, usable) {
             Resolution::NotAService => Ok((original, None)),
             Resolution::Endpoint { addr, zone, .. } => {
                 let zones = index.local_zone().map(|here| ZonePair {

@@ -22,6 +22,7 @@ use nodemesh_common::ConnectionKey;
 use tokio::net::{TcpListener, TcpStream};
 
 use self::{
+    balance::Outcome,
     context::{NoReadyEndpoint, OutboundContext, SourcePod},
     request::ClientConnection,
     upstream::{OutboundError, Upstream},
@@ -189,27 +190,50 @@ async fn dial(
     pod: &Arc<SourcePod>,
     ctx: &Arc<OutboundContext>,
 ) -> Option<(SocketAddr, Option<ZonePair>, Upstream)> {
-    let (target, zones) = match ctx.route(original) {
-        Ok(routed) => routed,
-        Err(NoReadyEndpoint { service }) => {
-            tracing::info!(pod = %pod.display_name, destination = %original, %service, "Service has no ready endpoint; refusing");
-            ctx.stats.failed(&pod.display_name, original);
-            reset(client.inner());
-            return None;
+    // Service endpoints already tried for this connection: nothing has been sent yet, so a
+    // failed connect moves on to another endpoint (the nearest left) before giving up.
+    let mut tried = Vec::new();
+    loop {
+        let (target, zones) = match ctx.route(original, &tried) {
+            Ok(routed) => routed,
+            Err(NoReadyEndpoint { service }) => {
+                tracing::info!(pod = %pod.display_name, destination = %original, %service, "Service has no ready endpoint; refusing");
+                ctx.stats.failed(&pod.display_name, original);
+                reset(client.inner());
+                return None;
+            }
+        };
+        // A virtual address is never an endpoint's: this is a Service's endpoint.
+        let endpoint = target != original;
+        let error = match ctx.dial(pod, target).await {
+            Ok(upstream) => {
+                if endpoint {
+                    ctx.http.balancer.connected(target, Outcome::Success);
+                }
+                return Some((target, zones, upstream));
+            }
+            Err(error) => error,
+        };
+        let endpoint_failed = endpoint && error.endpoint_failed();
+        if endpoint_failed {
+            ctx.http.balancer.connected(target, Outcome::Failure);
         }
-    };
-    match ctx.dial(pod, target).await {
-        Ok(upstream) => Some((target, zones, upstream)),
-        Err(error) => {
-            tracing::info!(pod = %pod.display_name, destination = %original, %target, %error, "upstream connect failed");
-            ctx.stats.failed(&pod.display_name, original);
-            // The application's connect() already succeeded against the proxy: a reset
-            // is the closest thing to the refusal it would have seen.
-            reset(client.inner());
-            None
+        if endpoint_failed && !tried.contains(&target) && tried.len() + 1 < CONNECT_ATTEMPTS {
+            tracing::info!(pod = %pod.display_name, destination = %original, %target, %error, "endpoint connect failed; trying another");
+            tried.push(target);
+            continue;
         }
+        tracing::info!(pod = %pod.display_name, destination = %original, %target, %error, "upstream connect failed");
+        ctx.stats.failed(&pod.display_name, original);
+        // The application's connect() already succeeded against the proxy: a reset is the
+        // closest thing to the refusal it would have seen.
+        reset(client.inner());
+        return None;
     }
 }
+
+/// Endpoints a connection to a Service tries before it is reset.
+const CONNECT_ATTEMPTS: usize = 3;
 
 /// The key under which sock_ops published the connection whose client end is `peer`
 /// (v4-mapped peers are keyed as IPv4, as the kernel keys them).

@@ -263,7 +263,11 @@ async fn forward(
         let response = send_to_backend(connection, &this_attempt, outgoing, reached).await;
         let retryable = match &response {
             Ok(r) => retry.is_some_and(|retry| retry.codes.contains(&r.status().as_u16())),
-            Err(refusal) => refusal.status == StatusCode::SERVICE_UNAVAILABLE && retry.is_some(),
+            // The proxy's own 503 (no endpoint answered), or a status the policy lists.
+            Err(refusal) => retry.is_some_and(|retry| {
+                refusal.status == StatusCode::SERVICE_UNAVAILABLE
+                    || retry.codes.contains(&refusal.status.as_u16())
+            }),
         };
         if retryable && attempt + 1 < attempts {
             tracing::debug!(attempt, backend = %backend.service, "retrying");
@@ -330,7 +334,10 @@ async fn send_to_backend(
             .candidates(&backend.service, backend.port, ipv4)
             .and_then(|candidates| {
                 let draws = (fastrand::u64(..), fastrand::u64(..));
-                let (index, placement) = ctx.http.balancer.pick(&candidates, draws)?;
+                // A retry avoids the endpoint the previous attempt went to, while there is
+                // another (Envoy's `previous_hosts`).
+                let avoid = reached.endpoint;
+                let (index, placement) = ctx.http.balancer.pick(&candidates, draws, avoid)?;
                 let zones = services.local_zone().map(|here| ZonePair {
                     source: Arc::clone(here),
                     destination: candidates.zone(index).cloned(),

@@ -56,6 +56,21 @@ pub enum DialError {
     Direct(#[from] OutboundError),
 }
 
+impl DialError {
+    /// Whether the endpoint failed (another endpoint may answer), as opposed to this pod
+    /// (no identity or certificate) or the destination's policy refusing it.
+    pub fn endpoint_failed(&self) -> bool {
+        match self {
+            Self::NoIdentity => false,
+            Self::Hbone(HboneError::Refused { status, .. }) => {
+                *status != hyper::StatusCode::FORBIDDEN
+            }
+            Self::Hbone(HboneError::NoCertificate(_) | HboneError::Socket(_)) => false,
+            Self::Hbone(_) | Self::Direct(_) => true,
+        }
+    }
+}
+
 impl Readable for Upstream {
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {

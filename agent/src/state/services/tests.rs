@@ -114,7 +114,7 @@ fn apply(index: &mut ServiceIndex, services: Vec<Service>, slices: Vec<EndpointS
 /// Every endpoint the index hands out for `vip` over many picks.
 fn picks(index: &ServiceIndex, vip: &str) -> BTreeSet<String> {
     (0..20)
-        .filter_map(|_| match index.resolve(vip.parse().unwrap()) {
+        .filter_map(|_| match index.resolve(vip.parse().unwrap(), |_| true) {
             Resolution::Endpoint { addr, .. } => Some(addr.to_string()),
             _ => None,
         })
@@ -164,11 +164,11 @@ fn named_and_numeric_target_ports_several_ports_and_endpoints_on_all_nodes() {
         ])
     );
     assert_eq!(
-        index.resolve("10.96.0.10:81".parse().unwrap()),
+        index.resolve("10.96.0.10:81".parse().unwrap(), |_| true),
         Resolution::NotAService
     );
     assert_eq!(
-        index.resolve("10.0.1.1:8080".parse().unwrap()),
+        index.resolve("10.0.1.1:8080".parse().unwrap(), |_| true),
         Resolution::NotAService,
         "pod addresses are dialled as they are"
     );
@@ -191,11 +191,11 @@ fn an_update_continues_the_rotation_and_a_relist_drops_what_it_missed() {
     };
     let vip = "10.96.0.10:80".parse().unwrap();
     let mut index = index(vec![web()], vec![endpoints()]);
-    let Resolution::Endpoint { addr: before, .. } = index.resolve(vip) else {
+    let Resolution::Endpoint { addr: before, .. } = index.resolve(vip, |_| true) else {
         panic!("resolves")
     };
     apply(&mut index, vec![web()], vec![endpoints()]);
-    let Resolution::Endpoint { addr: after, .. } = index.resolve(vip) else {
+    let Resolution::Endpoint { addr: after, .. } = index.resolve(vip, |_| true) else {
         panic!("resolves")
     };
     assert_ne!(before, after);
@@ -208,7 +208,7 @@ fn an_update_continues_the_rotation_and_a_relist_drops_what_it_missed() {
     index.end_service_relist();
     index.end_slice_relist();
     assert_eq!(
-        index.resolve(vip),
+        index.resolve(vip, |_| true),
         Resolution::NoReadyEndpoint {
             service: "shop/web"
         }
@@ -217,7 +217,7 @@ fn an_update_continues_the_rotation_and_a_relist_drops_what_it_missed() {
 
     // The Service deleted: its address is no Service's any more.
     index.upsert_service("shop/web", None);
-    assert_eq!(index.resolve(vip), Resolution::NotAService);
+    assert_eq!(index.resolve(vip, |_| true), Resolution::NotAService);
     assert!(!index.contains("shop/web"));
 }
 
@@ -253,7 +253,7 @@ fn terminating_and_unready_endpoints_are_not_chosen() {
         vec![none_ready],
     );
     assert_eq!(
-        index.resolve("10.96.0.10:80".parse().unwrap()),
+        index.resolve("10.96.0.10:80".parse().unwrap(), |_| true),
         Resolution::NoReadyEndpoint {
             service: "shop/web"
         }
@@ -329,6 +329,18 @@ fn with_topology(mut slice: EndpointSlice, topology: &[(&str, &[&str], &[&str])]
     slice
 }
 
+/// One endpoint in each of zone-a, zone-b and zone-c, without hints.
+const NO_HINTS: [(&str, &[&str], &[&str]); 3] = [
+    ("zone-a", &[], &[]),
+    ("zone-b", &[], &[]),
+    ("zone-c", &[], &[]),
+];
+
+/// Service `web` on port 80 → 8080.
+fn web() -> Service {
+    service("web", &["10.96.0.10"], &[("", 80, "8080")])
+}
+
 fn three_zones(topology: &[(&str, &[&str], &[&str])]) -> EndpointSlice {
     with_topology(
         slice(
@@ -372,12 +384,7 @@ fn preference(index: &ServiceIndex) -> (Option<Preference>, Vec<String>) {
 
 #[test]
 fn this_zones_endpoints_come_first_and_connections_stay_there_until_none_is_ready() {
-    let web = || service("web", &["10.96.0.10"], &[("", 80, "8080")]);
-    let zones = [
-        ("zone-a", &[][..], &[][..]),
-        ("zone-b", &[], &[]),
-        ("zone-c", &[], &[]),
-    ];
+    let zones = NO_HINTS;
     let mut index = index(vec![web()], vec![three_zones(&zones)]);
     assert_eq!(preference(&index).0, None, "no zone for this node yet");
     index.set_topology(topology("node-2", "zone-b", None));
@@ -398,7 +405,9 @@ fn this_zones_endpoints_come_first_and_connections_stay_there_until_none_is_read
     );
     let picks = picks(&index, "10.96.0.10:80");
     assert_eq!(picks, BTreeSet::from(["10.0.2.1:8080".into()]));
-    let Resolution::Endpoint { zone, .. } = index.resolve("10.96.0.10:80".parse().unwrap()) else {
+    let Resolution::Endpoint { zone, .. } =
+        index.resolve("10.96.0.10:80".parse().unwrap(), |_| true)
+    else {
         panic!("resolves")
     };
     assert_eq!(zone.map(|z| &**z), Some("zone-b"));
@@ -476,12 +485,7 @@ fn a_rejected_zone_annotation_keeps_the_last_good_policy_and_is_reported() {
         "nodemesh.io/zone-spill-at".to_owned(),
         "8".to_owned(),
     )]));
-    let zones = [
-        ("zone-a", &[][..], &[][..]),
-        ("zone-b", &[], &[]),
-        ("zone-c", &[], &[]),
-    ];
-    let mut index = index(vec![web.clone()], vec![three_zones(&zones)]);
+    let mut index = index(vec![web.clone()], vec![three_zones(&NO_HINTS)]);
     let policy = |index: &ServiceIndex| index.candidates("shop/web", 80, true).unwrap().policy;
     assert_eq!(policy(&index).spill_at, 8.0);
     web.metadata.annotations = Some(BTreeMap::from([(
@@ -504,13 +508,7 @@ fn a_rejected_zone_annotation_keeps_the_last_good_policy_and_is_reported() {
 
 #[test]
 fn the_region_comes_after_the_zone_for_requests_and_connections() {
-    let web = || service("web", &["10.96.0.10"], &[("", 80, "8080")]);
-    let zones = [
-        ("zone-a", &[][..], &[][..]),
-        ("zone-b", &[], &[]),
-        ("zone-c", &[], &[]),
-    ];
-    let mut index = index(vec![web()], vec![three_zones(&zones)]);
+    let mut index = index(vec![web()], vec![three_zones(&NO_HINTS)]);
     index.set_topology(topology("node-2", "zone-b", Some("region-1")));
     assert_eq!(
         preference(&index),
@@ -529,7 +527,7 @@ fn the_region_comes_after_the_zone_for_requests_and_connections() {
         "zone-b, then zone-a (region-1), then zone-c"
     );
     // zone-b's endpoint gone: connections go to zone-a, in the region, not zone-c.
-    let mut gone = three_zones(&zones);
+    let mut gone = three_zones(&NO_HINTS);
     let conditions = &mut gone.endpoints.as_mut().unwrap()[1].conditions;
     *conditions = Some(EndpointConditions {
         ready: Some(false),
@@ -540,4 +538,36 @@ fn the_region_comes_after_the_zone_for_requests_and_connections() {
         picks(&index, "10.96.0.10:80"),
         BTreeSet::from(["10.0.1.1:8080".into()])
     );
+}
+
+#[test]
+fn connections_skip_unusable_endpoints_tier_by_tier() {
+    let mut index = index(vec![web()], vec![three_zones(&NO_HINTS)]);
+    index.set_topology(topology("node-2", "zone-b", Some("region-1")));
+    let vip = "10.96.0.10:80".parse().unwrap();
+    let pick = |index: &ServiceIndex, usable: &dyn Fn(&SocketAddr) -> bool| {
+        let picked: BTreeSet<String> = (0..10)
+            .filter_map(|_| match index.resolve(vip, usable) {
+                Resolution::Endpoint { addr, .. } => Some(addr.to_string()),
+                _ => None,
+            })
+            .collect();
+        picked
+    };
+    let down = |down: &'static [&'static str]| {
+        move |e: &SocketAddr| !down.contains(&e.to_string().as_str())
+    };
+    // zone-b's endpoint unusable (ejected, or a connect to it just failed): the region's.
+    assert_eq!(
+        pick(&index, &down(&["10.0.2.1:8080"])),
+        BTreeSet::from(["10.0.1.1:8080".into()])
+    );
+    // The region's too: beyond it.
+    assert_eq!(
+        pick(&index, &down(&["10.0.2.1:8080", "10.0.1.1:8080"])),
+        BTreeSet::from(["10.0.3.1:8080".into()])
+    );
+    // None usable: the preferred one regardless (some traffic beats none).
+    let all = down(&["10.0.2.1:8080", "10.0.1.1:8080", "10.0.3.1:8080"]);
+    assert_eq!(pick(&index, &all), BTreeSet::from(["10.0.2.1:8080".into()]));
 }
