@@ -35,7 +35,7 @@ use self::preference::{prefer, ready_endpoints};
 use crate::k8s::{
     compact::{ServiceInfo, SliceInfo},
     snapshot::{ServiceStore, Topology},
-    zone_policy::{InvalidZonePolicy, ZonePolicy},
+    zone_policy::{InvalidZonePolicy, ZoneAffinity, ZonePolicy},
 };
 
 mod preference;
@@ -375,6 +375,7 @@ impl ServiceIndex {
             None => match self.services.get_mut(key) {
                 Some(entry) => {
                     entry.service = None;
+                    entry.zone_policy = ZonePolicy::default();
                     self.policy_errors.remove(key);
                 }
                 None => return,
@@ -496,7 +497,15 @@ impl ServiceIndex {
                         zones,
                         preference,
                         policy,
-                        spilling: AtomicBool::new(spilling && preference.is_some()),
+                        // Only a `load` port with endpoints on both sides of its
+                        // preference can be spilling.
+                        spilling: AtomicBool::new(
+                            spilling
+                                && policy.affinity == ZoneAffinity::Load
+                                && preference.is_some_and(|p| {
+                                    p.count > 0 && (p.count as usize) < ready.len()
+                                }),
+                        ),
                         next: AtomicUsize::new(next),
                     },
                 );

@@ -157,8 +157,9 @@ pub struct Metrics {
     zone_connections: Family<ZoneLabels, Counter>,
     zone_bytes: Family<ZoneLabels, Counter>,
     zone_spills: Family<SpillLabels, Counter>,
-    /// Hashes of the label sets in use, per kind (requests, tcp), for the bound.
-    seen: Mutex<[HashSet<u64>; 2]>,
+    /// Hashes of the label sets in use, per kind (requests, tcp, zone pairs, spills), for
+    /// the bound.
+    seen: Mutex<[HashSet<u64>; 4]>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -314,15 +315,38 @@ impl Default for Metrics {
     }
 }
 
-impl Traffic {
-    fn bounded(&self, kind: usize, metrics: &Metrics) -> Traffic {
+impl Metrics {
+    /// Whether the label set `labels` of `kind` is in use or may be added under the bound.
+    fn within_bound(&self, kind: usize, labels: &impl Hash) -> bool {
         let mut hasher = DefaultHasher::new();
-        self.hash(&mut hasher);
+        labels.hash(&mut hasher);
         let key = hasher.finish();
-        let mut seen = metrics.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let set = &mut seen[kind];
         if set.contains(&key) || set.len() < MAX_SERIES {
             set.insert(key);
+            return true;
+        }
+        false
+    }
+
+    /// The zone labels of `zones`, or `other` for both zones past the bound (zones are
+    /// whatever EndpointSlices say).
+    fn zone_labels(&self, zones: &ZonePair) -> ZoneLabels {
+        if self.within_bound(2, zones) {
+            return ZoneLabels::of(zones);
+        }
+        ZoneLabels {
+            source_zone: OTHER.into(),
+            destination_zone: OTHER.into(),
+            same_zone: "false",
+        }
+    }
+}
+
+impl Traffic {
+    fn bounded(&self, kind: usize, metrics: &Metrics) -> Traffic {
+        if metrics.within_bound(kind, self) {
             return self.clone();
         }
         Traffic {
@@ -411,28 +435,32 @@ impl Metrics {
     /// One HTTP request to a Service endpoint, by zone.
     pub fn zone_request(&self, zones: &ZonePair) {
         self.zone_requests
-            .get_or_create(&ZoneLabels::of(zones))
+            .get_or_create(&self.zone_labels(zones))
             .inc();
     }
 
     /// The counter of bytes between these zones, for a body to add to as it passes.
     pub fn zone_bytes(&self, zones: &ZonePair) -> Counter {
         self.zone_bytes
-            .get_or_create(&ZoneLabels::of(zones))
+            .get_or_create(&self.zone_labels(zones))
             .clone()
     }
 
     /// A TCP connection to a Service endpoint ended having carried `bytes` both ways.
     pub fn zone_connection(&self, zones: &ZonePair, bytes: u64) {
-        let labels = ZoneLabels::of(zones);
+        let labels = self.zone_labels(zones);
         self.zone_connections.get_or_create(&labels).inc();
         self.zone_bytes.get_or_create(&labels).inc_by(bytes);
     }
 
     /// A request to `service` (`namespace/name`) sent beyond its preferred endpoints.
     pub fn zone_spill(&self, service: &str, reason: &'static str) {
+        let destination_service = match self.within_bound(3, &(service, reason)) {
+            true => service_fqdn(service),
+            false => OTHER.into(),
+        };
         let labels = SpillLabels {
-            destination_service: service_fqdn(service),
+            destination_service,
             reason,
         };
         self.zone_spills.get_or_create(&labels).inc();

@@ -7,6 +7,7 @@
 //! as ready) costs no request an error under a retry policy: the retry avoids the endpoint
 //! that failed. (Connections relayed as TCP: `zones_connections.rs`.)
 
+use nodemesh_testbed::PodProcess;
 use serde_json::json;
 
 use super::*;
@@ -26,11 +27,21 @@ pub(super) fn label_zones(tb: &Testbed) {
     }
 }
 
+/// Starts the workload `args` in `pod` and waits until it listens on `port`; it runs until
+/// its handle is killed or dropped (so a test kills exactly its own server).
+pub(super) fn start_server(tb: &Testbed, pod: &Pod, port: u16, args: &[&str]) -> PodProcess {
+    let mut command = Command::new(tb.workload_bin());
+    command.args(args);
+    let process = tb.spawn_in_pod(pod, command).expect("server started");
+    tb.wait_listening(pod, port).expect("server listening");
+    process
+}
+
 /// HTTP servers named after their pods on server-a and server-b, port `ZONED_PORT`, each
-/// answering after its delay (ms).
-fn start_http_servers(tb: &Testbed, delays: [&str; 2]) {
+/// answering after its delay (ms); server-a's first.
+fn start_http_servers(tb: &Testbed, delays: [&str; 2]) -> [PodProcess; 2] {
     let port = ZONED_PORT.to_string();
-    for (name, delay) in ["server-a", "server-b"].into_iter().zip(delays) {
+    [("server-a", delays[0]), ("server-b", delays[1])].map(|(name, delay)| {
         let pod = tb.pod("mesh", name).clone();
         let args = [
             "http-server",
@@ -41,17 +52,20 @@ fn start_http_servers(tb: &Testbed, delays: [&str; 2]) {
             "--delay-ms",
             delay,
         ];
-        tb.start_workload_server(&pod, ZONED_PORT, &args)
-            .expect("http-server listening");
-    }
+        start_server(tb, &pod, ZONED_PORT, &args)
+    })
 }
 
 /// The zoned Service: HTTP servers with these delays on server-a and server-b, its slice
 /// with these zones. appProtocol http: detection waits for the first bytes however long a
 /// loaded machine takes, so every request is an HTTP request the balancer places (and
 /// counts).
-fn start_zoned(tb: &Testbed, delays: [&str; 2], zones: [Option<&str>; 2]) -> (Pod, Pod) {
-    start_http_servers(tb, delays);
+fn start_zoned(
+    tb: &Testbed,
+    delays: [&str; 2],
+    zones: [Option<&str>; 2],
+) -> (Pod, Pod, [PodProcess; 2]) {
+    let servers = start_http_servers(tb, delays);
     let (a, b) = (
         tb.pod("mesh", "server-a").clone(),
         tb.pod("mesh", "server-b").clone(),
@@ -64,26 +78,18 @@ fn start_zoned(tb: &Testbed, delays: [&str; 2], zones: [Option<&str>; 2]) -> (Po
         ZONED_PORT,
     );
     apply_slice(tb, &a, &b, zones, false);
-    (a, b)
+    (a, b, servers)
 }
 
-/// Kills the process whose command line is `pattern` (a server in a pod) and waits until it
-/// is gone.
-pub(super) fn kill_server(pattern: &str) {
-    let killed = Command::new("pkill")
-        .args(["-f", pattern])
-        .status()
-        .expect("pkill");
-    assert!(killed.success(), "{pattern:?} was running");
-    wait_until(
-        Duration::from_secs(10),
-        &format!("{pattern:?} gone"),
-        || {
-            let left = Command::new("pgrep").args(["-f", pattern]).output()?;
-            Ok(!left.status.success())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+/// What node1 prefers of the Service at `vip`:80 when server-a is in its zone.
+const PREFER_A: &str = r#"{"by":"zone","count":1,"region":0}"#;
+
+/// The `zone_preference` of the Service at `vip`:80 in node1's config dump, as JSON text.
+fn zoned_preference(dump: &Value, vip: &str) -> String {
+    let vip = format!("{vip}:80");
+    (Testbed::workload_services(dump).into_iter())
+        .find(|s| s["virtual_address"] == vip.as_str())
+        .map_or_else(String::new, |s| s["zone_preference"].to_string())
 }
 
 /// The value of the metric line starting with `series` on node1's `/metrics` (0 if none).
@@ -161,7 +167,7 @@ fn until_latency_favours_server_b(tb: &Testbed, vip: &str) {
 fn requests_stay_in_the_zone_spill_the_excess_under_load_and_fail_over() {
     let (tb, _ca) = setup("nml7z");
     // server-a, in the client's zone, answers 5 ms later than server-b.
-    let (a, b) = start_zoned(&tb, ["5", "0"], [None, None]);
+    let (a, b, _servers) = start_zoned(&tb, ["5", "0"], [None, None]);
     wait_for_dump(&tb, "four Services", |dump| {
         Testbed::workload_services(dump).len() == 4
     });
@@ -175,8 +181,8 @@ fn requests_stay_in_the_zone_spill_the_excess_under_load_and_fail_over() {
 
     label_zones(&tb);
     apply_slice(&tb, &a, &b, [Some("zone-a"), Some("zone-b")], false);
-    wait_for_dump(&tb, "node1 in zone-a", |dump| {
-        dump["zones"]["local_zone"] == "zone-a"
+    wait_for_dump(&tb, "node1 in zone-a preferring server-a", |dump| {
+        dump["zones"]["local_zone"] == "zone-a" && zoned_preference(dump, ZONED) == PREFER_A
     });
 
     // Light load: every request stays in zone-a, although server-b answers faster.
@@ -272,7 +278,7 @@ fn traffic_that_leaves_the_zone_stays_in_the_region_while_the_region_keeps_up() 
         tb.pod("mesh", "server-b").clone(),
     );
     // server-a answers 5 ms later than server-b.
-    start_http_servers(&tb, ["5", "0"]);
+    let _servers = start_http_servers(&tb, ["5", "0"]);
     // The client's node1 is in zone-a; server-a's endpoint is said to be in zone-b, server-b's
     // in zone-c (a third Node, only an API object, labels zone-c): neither in the client's
     // zone.
@@ -307,14 +313,8 @@ fn traffic_that_leaves_the_zone_stays_in_the_region_while_the_region_keeps_up() 
     }
     tb.apply_object("endpointslice-regional.yaml", &slice)
         .expect("endpoint slice");
-    let port_of = |dump: &Value| {
-        let vip = format!("{REGIONAL}:80");
-        (Testbed::workload_services(dump).into_iter())
-            .find(|s| s["virtual_address"] == vip.as_str())
-            .map_or(Value::Null, |s| s["zone_preference"].clone())
-    };
     wait_for_dump(&tb, "no endpoint in zone-a, no regions", |dump| {
-        port_of(dump) == json!({"by": "zone", "count": 0, "region": 0})
+        zoned_preference(dump, REGIONAL) == r#"{"by":"zone","count":0,"region":0}"#
     });
     // Without regions, latency decides between the two other zones: mostly server-b.
     until_latency_favours_server_b(&tb, REGIONAL);
@@ -333,7 +333,7 @@ fn traffic_that_leaves_the_zone_stays_in_the_region_while_the_region_keeps_up() 
             .expect("kubectl label node");
     }
     wait_for_dump(&tb, "server-a in this region", |dump| {
-        port_of(dump) == json!({"by": "zone", "count": 0, "region": 1})
+        zoned_preference(dump, REGIONAL) == r#"{"by":"zone","count":0,"region":1}"#
     });
     let servers = sequential_to(&tb, REGIONAL, 200);
     assert_eq!(served(&servers, "server-a"), 200, "{servers}");
@@ -378,14 +378,19 @@ spec:
 fn a_killed_local_endpoint_fails_over_to_the_other_zone_within_the_retry_policy() {
     let (tb, _ca) = setup_with("nml7k", GatewayApi::Experimental);
     label_zones(&tb);
-    start_zoned(&tb, ["0", "0"], [Some("zone-a"), Some("zone-b")]);
+    let (_, _, [server_a, _server_b]) =
+        start_zoned(&tb, ["0", "0"], [Some("zone-a"), Some("zone-b")]);
     let route: serde_yaml::Value = serde_yaml::from_str(RETRY_ROUTE).expect("route");
     tb.apply_object("httproute-zoned-retry.yaml", &route)
         .expect("route");
-    wait_for_dump(&tb, "node1 in zone-a with the retry route", |dump| {
-        dump["zones"]["local_zone"] == "zone-a"
-            && dump["routes"].as_array().map(Vec::len) == Some(1)
-    });
+    wait_for_dump(
+        &tb,
+        "node1 preferring server-a, with the retry route",
+        |dump| {
+            zoned_preference(dump, ZONED) == PREFER_A
+                && dump["routes"].as_array().map(Vec::len) == Some(1)
+        },
+    );
     let (servers, ok) = sequential(&tb, 50);
     assert!(ok, "{servers}");
     assert_eq!(
@@ -396,7 +401,7 @@ fn a_killed_local_endpoint_fails_over_to_the_other_zone_within_the_retry_policy(
 
     // server-a's process dies; its endpoint stays in the slice as ready (as until the
     // kubelet and the EndpointSlice controller notice).
-    kill_server(&format!("http-server --port {ZONED_PORT} --name server-a"));
+    server_a.kill().expect("server-a's server killed");
     // Every request succeeds: the first attempt at server-a fails, the retry avoids it and
     // goes to zone-b; after five failures in a row server-a is ejected and requests go to
     // zone-b at once.

@@ -7,7 +7,7 @@
 use serde_json::json;
 
 use super::{
-    zones::{kill_server, label_zones, metric},
+    zones::{label_zones, metric, start_server},
     *,
 };
 
@@ -84,13 +84,12 @@ fn banner_port(dump: &Value) -> Value {
 fn connections_stay_in_the_zone_follow_hints_and_the_services_annotations() {
     let (tb, _ca) = setup("nml7t");
     label_zones(&tb);
-    for name in ["server-a", "server-b"] {
+    let port = BANNER_PORT.to_string();
+    let [server_a, _server_b] = ["server-a", "server-b"].map(|name| {
         let pod = tb.pod("mesh", name).clone();
-        let port = BANNER_PORT.to_string();
         let args = ["banner-server", "--port", &port, "--name", name];
-        tb.start_workload_server(&pod, BANNER_PORT, &args)
-            .expect("banner-server listening");
-    }
+        start_server(&tb, &pod, BANNER_PORT, &args)
+    });
     apply_banner_service(&tb, &[]);
     apply_banner_slice(&tb, ["", ""], false);
     wait_for_dump(&tb, "node1 in zone-a preferring server-a", |dump| {
@@ -171,9 +170,7 @@ fn connections_stay_in_the_zone_follow_hints_and_the_services_annotations() {
             && dump["config_errors"].as_array().is_some_and(Vec::is_empty)
     });
     assert_eq!(banners(&tb, 2), json!({"server-a": 2}));
-    kill_server(&format!(
-        "banner-server --port {BANNER_PORT} --name server-a"
-    ));
+    server_a.kill().expect("server-a's banner server killed");
     assert_eq!(banners(&tb, 20), json!({"server-b": 20}));
 
     // server-a terminating: zone-a has nothing; connections fail over and `nodemesh status`

@@ -32,7 +32,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Mutex, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -208,6 +208,14 @@ impl Balancer {
         Some((index, placement))
     }
 
+    /// Takes back a request picked with `pick` that ended without an outcome (the client
+    /// left, a timeout above it fired): it no longer counts as in flight.
+    fn release(&self, endpoint: SocketAddr) {
+        if let Some(state) = self.lock().get_mut(&endpoint) {
+            state.outstanding = state.outstanding.saturating_sub(1);
+        }
+    }
+
     /// Records the end of a request picked with `pick`.
     pub fn finish(&self, endpoint: SocketAddr, latency: Duration, outcome: Outcome) {
         self.finish_at(endpoint, latency, outcome, Instant::now());
@@ -232,15 +240,19 @@ impl Balancer {
     }
 
     /// Records how a connection relayed as TCP to `endpoint` went at connect time: a
-    /// failure counts towards ejection as a failed request does, a success resets it (the
-    /// latency estimate is the requests', so it is left alone).
+    /// failure counts towards ejection as a failed request does; a success ends a run of
+    /// failures but not the ejection back-off (an endpoint may accept connections and fail
+    /// requests). The latency estimate is the requests', so it is left alone.
     pub fn connected(&self, endpoint: SocketAddr, outcome: Outcome) {
         let now = Instant::now();
         let mut endpoints = self.lock();
         let state = endpoints
             .entry(endpoint)
             .or_insert_with(|| EndpointState::new(now));
-        state.record(outcome, endpoint, now);
+        match outcome {
+            Outcome::Success => state.consecutive_failures = 0,
+            Outcome::Failure => state.record(outcome, endpoint, now),
+        }
     }
 
     /// Whether `endpoint` may be chosen now (not ejected).
@@ -276,6 +288,45 @@ impl Balancer {
         self.endpoints
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A request picked and counted in flight on `endpoint`: `finish` records how it went;
+/// dropped unfinished (the request future was dropped: the client left, a timeout above it
+/// fired, the request could not be sent), it is taken back so the count does not leak.
+pub struct InFlight {
+    balancer: Arc<Balancer>,
+    endpoint: SocketAddr,
+    started: Instant,
+    finished: bool,
+}
+
+impl InFlight {
+    pub fn new(balancer: Arc<Balancer>, endpoint: SocketAddr) -> Self {
+        Self {
+            balancer,
+            endpoint,
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    pub fn endpoint(&self) -> SocketAddr {
+        self.endpoint
+    }
+
+    pub fn finish(mut self, outcome: Outcome) {
+        self.finished = true;
+        let latency = self.started.elapsed();
+        self.balancer.finish(self.endpoint, latency, outcome);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.balancer.release(self.endpoint);
+        }
     }
 }
 
@@ -321,6 +372,7 @@ fn choose(
     let (local, remote) = all.split_at((preference.count as usize).min(all.len()));
     if remote.is_empty() {
         // Nowhere to spill to: the plain choice, ejection and panic mode included.
+        candidates.spilling.store(false, Ordering::Relaxed);
         return Some((two_choices(view, all, draws)?, Placement::Local));
     }
     let (region, beyond) = remote.split_at((preference.region as usize).min(remote.len()));
@@ -348,7 +400,9 @@ fn choose(
     // Spilling: the preferred choice against the best beyond it, on cost (latency × (in
     // flight + 1)), so a request leaves only when that is faster.
     match target() {
-        Some(other) if view.cost(&all[other]) < view.cost(&local[index]) => {
+        Some(other)
+            if view.usable(&all[other]) && view.cost(&all[other]) < view.cost(&local[index]) =>
+        {
             Some((other, Placement::Spilled(SpillReason::Overloaded)))
         }
         _ => Some((index, Placement::Local)),

@@ -16,7 +16,7 @@ use hyper::{
 };
 
 use super::{
-    balance::{Outcome, Placement},
+    balance::{InFlight, Outcome, Placement},
     context::{OutboundContext, SourcePod},
     pool::{UpstreamError, Version},
     upstream::DialError,
@@ -327,6 +327,7 @@ async fn send_to_backend(
         timeout,
     } = *attempt;
     let ctx = &connection.ctx;
+    address(&mut request, version, authority, path)?;
     let picked = {
         let services = ctx.services.read().unwrap_or_else(|p| p.into_inner());
         let ipv4 = connection.original.is_ipv4();
@@ -365,8 +366,8 @@ async fn send_to_backend(
     }
     reached.zones = zones;
     reached.endpoint = Some(endpoint);
-    address(&mut request, version, authority, path)?;
-    let started = Instant::now();
+    // Counted in flight until settled, or taken back if this future is dropped first.
+    let in_flight = InFlight::new(Arc::clone(&ctx.http.balancer), endpoint);
     let pod = Arc::clone(&connection.pod);
     let sending = ctx.http.upstreams.send(
         connection.pod.sockets.cookie(),
@@ -379,9 +380,7 @@ async fn send_to_backend(
         Some(limit) => match tokio::time::timeout(limit, sending).await {
             Ok(result) => result,
             Err(_) => {
-                ctx.http
-                    .balancer
-                    .finish(endpoint, started.elapsed(), Outcome::Failure);
+                in_flight.finish(Outcome::Failure);
                 return Err(Refusal::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!("nodemesh: backend request timeout ({limit:?}) from {endpoint}\n"),
@@ -390,7 +389,7 @@ async fn send_to_backend(
         },
         None => sending.await,
     };
-    let response = settle(connection, endpoint, started.elapsed(), result)?;
+    let response = settle(connection, in_flight, result)?;
     Ok(match zone_bytes {
         Some(counter) => response.map(|body| body.map_frame(count_into(counter)).boxed()),
         None => response.map(BodyExt::boxed),
@@ -435,15 +434,14 @@ fn address(
     Ok(())
 }
 
-/// Tells the balancer how the request to `endpoint` went, and turns a failure into the
-/// answer the client gets.
+/// Tells the balancer how the request in flight went, and turns a failure into the answer
+/// the client gets.
 fn settle(
     connection: &ClientConnection,
-    endpoint: SocketAddr,
-    latency: std::time::Duration,
+    in_flight: InFlight,
     result: Result<Response<Incoming>, UpstreamError>,
 ) -> Result<Response<Incoming>, Refusal> {
-    let ctx = &connection.ctx;
+    let endpoint = in_flight.endpoint();
     match result {
         Ok(response) => {
             let outcome = if response.status().is_server_error() {
@@ -451,7 +449,7 @@ fn settle(
             } else {
                 Outcome::Success
             };
-            ctx.http.balancer.finish(endpoint, latency, outcome);
+            in_flight.finish(outcome);
             Ok(response)
         }
         Err(UpstreamError::Dial(DialError::Hbone(HboneError::Refused {
@@ -459,9 +457,7 @@ fn settle(
             ..
         }))) => {
             // The destination's authorization policy, not the endpoint's health.
-            ctx.http
-                .balancer
-                .finish(endpoint, latency, Outcome::Success);
+            in_flight.finish(Outcome::Success);
             Err(Refusal::new(
                 StatusCode::FORBIDDEN,
                 format!(
@@ -471,9 +467,7 @@ fn settle(
             ))
         }
         Err(error) => {
-            ctx.http
-                .balancer
-                .finish(endpoint, latency, Outcome::Failure);
+            in_flight.finish(Outcome::Failure);
             tracing::info!(pod = %connection.pod.display_name, %endpoint, %error, "upstream request failed");
             let status = match error {
                 UpstreamError::Dial(_) | UpstreamError::Handshake(_) => {

@@ -61,12 +61,18 @@ impl DialError {
     /// (no identity or certificate) or the destination's policy refusing it.
     pub fn endpoint_failed(&self) -> bool {
         match self {
-            Self::NoIdentity => false,
             Self::Hbone(HboneError::Refused { status, .. }) => {
                 *status != hyper::StatusCode::FORBIDDEN
             }
-            Self::Hbone(HboneError::NoCertificate(_) | HboneError::Socket(_)) => false,
-            Self::Hbone(_) | Self::Direct(_) => true,
+            Self::Hbone(
+                HboneError::Connect { .. }
+                | HboneError::Timeout { .. }
+                | HboneError::Handshake { .. }
+                | HboneError::Http { .. },
+            )
+            | Self::Direct(OutboundError::Connect(..) | OutboundError::ConnectTimeout(..)) => true,
+            // This node's side: no identity or certificate, TLS configuration, sockets.
+            Self::NoIdentity | Self::Hbone(_) | Self::Direct(_) => false,
         }
     }
 }

@@ -152,3 +152,17 @@ fn label_sets_are_bounded() {
     assert_eq!(series, MAX_SERIES + 1, "the rest is counted under `other`");
     assert!(text.contains("destination_workload=\"other\""));
 }
+
+#[test]
+fn zone_label_sets_are_bounded_too() {
+    let metrics = Metrics::default();
+    for i in 0..(MAX_SERIES + 10) {
+        metrics.zone_request(&zones("zone-a", Some(&format!("z{i}"))));
+    }
+    let text = metrics.encode(Exposition::OpenMetrics);
+    let series = (text.lines())
+        .filter(|l| l.starts_with("nodemesh_zone_requests_total{"))
+        .count();
+    assert_eq!(series, MAX_SERIES + 1, "the rest is counted under `other`");
+    assert!(text.contains("nodemesh_zone_requests_total{source_zone=\"other\",destination_zone=\"other\",same_zone=\"false\"} 10"));
+}
