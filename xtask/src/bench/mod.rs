@@ -202,6 +202,20 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         eprintln!("bench run {}/{}", run + 1, args.runs);
         scenarios::one_run(tb, args, &bed, &ca, run, &mut results)?;
     }
+    // After the runs: the L7 proxy keeps its upstream connections to the zone scenario's
+    // server on node1 pooled, which node1's inbound counts as open, and each run ends by
+    // waiting for node1's proxy to be idle.
+    eprintln!("bench: zones");
+    for _ in 0..args.runs {
+        let requests = scenarios::zone_requests(args);
+        zones::one_run(
+            tb,
+            &bed.workload,
+            &bed.direct_a,
+            requests,
+            &mut results.zones,
+        )?;
+    }
     eprintln!("bench: DNS");
     let dns = dns::measure(tb, &bed.direct_b, &bed.dns_log, args.runs)?;
     let mut out = report::render(args, &bed, results, &memory, idle_rss)?;

@@ -12,7 +12,7 @@ use super::{
     probes::{agents_cpu_seconds, enrolment_latencies, h2load, run_json, wait_proxy_idle},
     setup::Bed,
     stats::{H2Run, HttpRuns, Issuance},
-    zones::{self, ZoneRuns},
+    zones::ZoneRuns,
 };
 
 const OUTSIDER: (&str, &str) = ("plain", "outsider");
@@ -115,13 +115,6 @@ pub(super) fn one_run(
     results
         .bulk_meshed
         .push(bulk(tb, args, workload, CLIENT, &bed.server_b)?);
-    zones::one_run(
-        tb,
-        workload,
-        &bed.direct_a,
-        zone_requests(args),
-        &mut results.zones,
-    )?;
     issuance(tb, args, workload, ca, results)?;
     results
         .enrolment_ms
