@@ -192,6 +192,14 @@ pub fn service_object(
     }
 }
 
+/// Sets the `zone` of `slice`'s endpoints in order, as the EndpointSlice controller copies
+/// it from each endpoint's Node (None: no zone).
+pub fn set_endpoint_zones(slice: &mut EndpointSlice, zones: &[Option<&str>]) {
+    for (endpoint, zone) in slice.endpoints.iter_mut().flatten().zip(zones) {
+        endpoint.zone = zone.map(str::to_owned);
+    }
+}
+
 /// The IPv4 EndpointSlice the endpoint controller would write for `service`: the named port
 /// resolves to `port` on every pod; `(pod, terminating)` pairs give each endpoint's state.
 pub fn endpoint_slice_object(

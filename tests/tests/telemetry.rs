@@ -84,16 +84,12 @@ fn setup(prefix: &str) -> Telemetry {
         .expect("service");
     // Zones, so the dashboard's zone panels have data: the client's node1 in zone-a, web's
     // endpoint on node2 in zone-b (every request to it leaves the zone: none is there).
-    for (node, zone) in [("node1", "zone-a"), ("node2", "zone-b")] {
-        let label = format!("topology.kubernetes.io/zone={zone}");
-        api.kubectl_ok(&["label", "node", node, &label])
-            .expect("kubectl label node");
-    }
+    let zones = [("node1", "zone-a"), ("node2", "zone-b")];
+    api.label_nodes("topology.kubernetes.io/zone", &zones)
+        .expect("kubectl label node");
     let mut slice =
         cluster_state::endpoint_slice_object("web", "http", APP_PORT, &[(&server, false)]);
-    for endpoint in slice.endpoints.iter_mut().flatten() {
-        endpoint.zone = Some("zone-b".into());
-    }
+    cluster_state::set_endpoint_zones(&mut slice, &[Some("zone-b")]);
     tb.apply_object("endpointslice-web.yaml", &slice)
         .expect("slice");
     let outsider = tb.pod("plain", "outsider").clone();

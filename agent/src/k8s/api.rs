@@ -422,7 +422,6 @@ async fn patch_route_status<K: RouteKind>(
 /// Follows the Nodes' zone and region labels (a metadata-only watch of every Node: a
 /// cloud's node controller often labels a node after it registered, and after the agent
 /// started) into the Service index: this node's zone and region, and each zone's region.
-/// Zones are only ever added to the region map (a zone does not move between regions).
 async fn follow_topology(client: Client, node: String, indices: ClusterIndices) {
     use futures_util::StreamExt;
     use kube::{
@@ -433,10 +432,7 @@ async fn follow_topology(client: Client, node: String, indices: ClusterIndices) 
     let mut events = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
-    let mut topology = Topology {
-        node: Arc::from(node.as_str()),
-        ..Topology::default()
-    };
+    let mut topology = Topology::new(&node);
     let mut published = None;
     while let Some(event) = events.next().await {
         let (meta, gone) = match event {
@@ -448,16 +444,14 @@ async fn follow_topology(client: Client, node: String, indices: ClusterIndices) 
                 continue;
             }
         };
-        let label = |key| super::labels::label(&meta, key).map(Arc::<str>::from);
-        let (zone, region) = (label(ZONE_LABEL), label(REGION_LABEL));
-        if let Some((zone, region)) = zone.as_ref().zip(region.as_ref()) {
-            topology
-                .zone_regions
-                .insert(Arc::clone(zone), Arc::clone(region));
-        }
-        if meta.name.as_deref() == Some(node.as_str()) {
-            (topology.zone, topology.region) = if gone { (None, None) } else { (zone, region) };
-        }
+        // A deleted Node has no place any more (its zone's region was taken in before).
+        let label = |key| {
+            super::labels::label(&meta, key)
+                .filter(|_| !gone)
+                .map(Arc::from)
+        };
+        let local = meta.name.as_deref() == Some(node.as_str());
+        topology.observe(local, label(ZONE_LABEL), label(REGION_LABEL));
         if published.as_ref() != Some(&topology) {
             indices
                 .services

@@ -12,7 +12,6 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -215,10 +214,7 @@ impl ClusterStateDir {
         let mut snapshot = ClusterSnapshot::default();
         let mut workloads = indices.workloads.write().unwrap_or_else(|p| p.into_inner());
         let mut services = indices.services.write().unwrap_or_else(|p| p.into_inner());
-        let mut topology = Topology {
-            node: Arc::from(self.node.as_str()),
-            ..Topology::default()
-        };
+        let mut topology = Topology::new(&self.node);
         workloads.begin_relist();
         services.begin_service_relist();
         services.begin_slice_relist();
@@ -262,16 +258,7 @@ impl ClusterStateDir {
                     local,
                     zone,
                     region,
-                } => {
-                    if *local {
-                        (topology.zone, topology.region) = (zone.clone(), region.clone());
-                    }
-                    if let Some((zone, region)) = zone.as_ref().zip(region.as_ref()) {
-                        topology
-                            .zone_regions
-                            .insert(Arc::clone(zone), Arc::clone(region));
-                    }
-                }
+                } => topology.observe(*local, zone.clone(), region.clone()),
             }
         }
         workloads.end_relist();

@@ -76,3 +76,26 @@ pub struct Topology {
     /// Each zone some Node is labelled with, and that Node's region.
     pub zone_regions: std::collections::BTreeMap<Arc<str>, Arc<str>>,
 }
+
+impl Topology {
+    /// The node `node`, nowhere yet.
+    pub fn new(node: &str) -> Self {
+        Self {
+            node: Arc::from(node),
+            ..Self::default()
+        }
+    }
+
+    /// Takes in one Node's zone and region labels: a Node with both says which region its
+    /// zone is in; this node's (`local`) say where this node is. Zones are only ever added
+    /// (a zone does not move between regions).
+    pub fn observe(&mut self, local: bool, zone: Option<Arc<str>>, region: Option<Arc<str>>) {
+        if let Some((zone, region)) = zone.as_ref().zip(region.as_ref()) {
+            self.zone_regions
+                .insert(Arc::clone(zone), Arc::clone(region));
+        }
+        if local {
+            (self.zone, self.region) = (zone, region);
+        }
+    }
+}

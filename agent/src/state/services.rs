@@ -25,6 +25,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
+    ops::Range,
     sync::{
         Arc, RwLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -37,6 +38,7 @@ use crate::k8s::{
     snapshot::{ServiceStore, Topology},
     zone_policy::{InvalidZonePolicy, ZoneAffinity, ZonePolicy},
 };
+use crate::peer::ZonePair;
 
 mod preference;
 
@@ -81,6 +83,16 @@ pub struct Preference {
     pub by: PreferredBy,
     pub count: u32,
     pub region: u32,
+}
+
+impl Preference {
+    /// The index ranges of a port's `len` endpoints, nearest first: preferred, this
+    /// region's, the rest.
+    pub fn tiers(self, len: usize) -> [Range<usize>; 3] {
+        let preferred = (self.count as usize).min(len);
+        let region = (preferred + self.region as usize).min(len);
+        [0..preferred, preferred..region, region..len]
+    }
 }
 
 /// One Service port's endpoints as the L7 balancer chooses among them.
@@ -178,6 +190,15 @@ impl ServiceIndex {
         self.topology.zone.as_ref()
     }
 
+    /// This node's zone and `destination`'s (an endpoint's zone), for metrics; None when
+    /// this node has no zone.
+    pub fn zones_to(&self, destination: Option<&Arc<str>>) -> Option<ZonePair> {
+        self.local_zone().map(|here| ZonePair {
+            source: Arc::clone(here),
+            destination: destination.cloned(),
+        })
+    }
+
     /// Where this node is, and each known zone's region.
     pub fn topology(&self) -> &Topology {
         &self.topology
@@ -204,25 +225,14 @@ impl ServiceIndex {
                 service: &port.service,
             };
         }
-        // The tiers, nearest first: [start, end) of each.
-        let tiers = match port.preference {
-            Some(Preference { count, region, .. }) => {
-                let (preferred, region) = (count as usize, (count + region) as usize);
-                [
-                    (0, preferred.min(len)),
-                    (preferred.min(len), region.min(len)),
-                    (region.min(len), len),
-                ]
-            }
-            None => [(0, len), (len, len), (len, len)],
-        };
+        let tiers = (port.preference).map_or([0..len, len..len, len..len], |p| p.tiers(len));
         let turn = port.next.fetch_add(1, Ordering::Relaxed);
-        let in_tier = |(start, end): (usize, usize), k: usize| start + (turn + k) % (end - start);
-        let nonempty = tiers.into_iter().filter(|(start, end)| end > start);
+        let in_tier = |tier: &Range<usize>, k: usize| tier.start + (turn + k) % tier.len();
+        let nonempty = tiers.iter().filter(|tier| !tier.is_empty());
         let index = nonempty
             .clone()
             .find_map(|tier| {
-                (0..tier.1 - tier.0)
+                (0..tier.len())
                     .map(|k| in_tier(tier, k))
                     .find(|i| usable(&port.endpoints[*i]))
             })

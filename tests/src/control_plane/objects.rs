@@ -136,6 +136,14 @@ impl ControlPlane {
         self.output_in_netns(command)
     }
 
+    /// Sets the label `key` on each `(node, value)` Node.
+    pub fn label_nodes(&self, key: &str, nodes: &[(&str, &str)]) -> Result<()> {
+        for (node, value) in nodes {
+            self.kubectl_ok(&["label", "node", node, &format!("{key}={value}")])?;
+        }
+        Ok(())
+    }
+
     /// Runs `kubectl` and returns its stdout; fails with its stderr if it fails.
     pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
         let output = self.kubectl(args)?;

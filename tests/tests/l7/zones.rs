@@ -17,14 +17,13 @@ const ZONED_PORT: u16 = 9090;
 /// A Service whose endpoints are in other zones than the client's, one in its region.
 const REGIONAL: &str = "198.18.200.43";
 
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// Labels node1 into zone-a and node2 into zone-b through the API server.
 pub(super) fn label_zones(tb: &Testbed) {
     let api = tb.api().expect("a real API server");
-    for (node, zone) in [("node1", "zone-a"), ("node2", "zone-b")] {
-        let label = format!("topology.kubernetes.io/zone={zone}");
-        api.kubectl_ok(&["label", "node", node, &label])
-            .expect("kubectl label node");
-    }
+    api.label_nodes(ZONE_LABEL, &[("node1", "zone-a"), ("node2", "zone-b")])
+        .expect("kubectl label node");
 }
 
 /// Starts the workload `args` in `pod` and waits until it listens on `port`; it runs until
@@ -103,17 +102,22 @@ pub(super) fn metric(tb: &Testbed, series: &str) -> f64 {
 /// `count` sequential GETs from client-a to the zoned Service: (server → requests) and
 /// whether every one was a 200.
 fn sequential(tb: &Testbed, count: usize) -> (Value, bool) {
-    let target = format!("{ZONED}:80");
+    let (summary, ok) = gets(tb, ZONED, count);
+    (summary["servers"].clone(), ok)
+}
+
+/// `count` sequential GETs from client-a to `vip`:80: http-get's summary, and whether every
+/// one was a 200.
+fn gets(tb: &Testbed, vip: &str, count: usize) -> (Value, bool) {
+    let target = format!("{vip}:80");
     let count = count.to_string();
     let (summary, ok) = workload(
         tb,
         &client(tb),
         &["http-get", "--target", &target, "--count", &count],
     );
-    (
-        summary["servers"].clone(),
-        ok && summary["errors"].as_array().is_some_and(Vec::is_empty),
-    )
+    let ok = ok && summary["errors"].as_array().is_some_and(Vec::is_empty);
+    (summary, ok)
 }
 
 fn served(servers: &Value, name: &str) -> u64 {
@@ -129,9 +133,7 @@ fn apply_slice(tb: &Testbed, a: &Pod, b: &Pod, zones: [Option<&str>; 2], a_gone:
         ZONED_PORT,
         &[(a, a_gone), (b, false)],
     );
-    for (endpoint, zone) in slice.endpoints.iter_mut().flatten().zip(zones) {
-        endpoint.zone = zone.map(str::to_owned);
-    }
+    cluster_state::set_endpoint_zones(&mut slice, &zones);
     tb.apply_object("endpointslice-zoned.yaml", &slice)
         .expect("endpoint slice");
 }
@@ -256,17 +258,8 @@ fn requests_stay_in_the_zone_spill_the_excess_under_load_and_fail_over() {
 
 /// `count` sequential GETs from client-a to `vip`:80: (server → requests).
 fn sequential_to(tb: &Testbed, vip: &str, count: usize) -> Value {
-    let target = format!("{vip}:80");
-    let count = count.to_string();
-    let (summary, ok) = workload(
-        tb,
-        &client(tb),
-        &["http-get", "--target", &target, "--count", &count],
-    );
-    assert!(
-        ok && summary["errors"].as_array().is_some_and(Vec::is_empty),
-        "{summary}"
-    );
+    let (summary, ok) = gets(tb, vip, count);
+    assert!(ok, "{summary}");
     summary["servers"].clone()
 }
 
@@ -303,14 +296,7 @@ fn traffic_that_leaves_the_zone_stays_in_the_region_while_the_region_keeps_up() 
         ZONED_PORT,
         &[(&a, false), (&b, false)],
     );
-    for (endpoint, zone) in slice
-        .endpoints
-        .iter_mut()
-        .flatten()
-        .zip(["zone-b", "zone-c"])
-    {
-        endpoint.zone = Some(zone.into());
-    }
+    cluster_state::set_endpoint_zones(&mut slice, &[Some("zone-b"), Some("zone-c")]);
     tb.apply_object("endpointslice-regional.yaml", &slice)
         .expect("endpoint slice");
     wait_for_dump(&tb, "no endpoint in zone-a, no regions", |dump| {
@@ -323,15 +309,13 @@ fn traffic_that_leaves_the_zone_stays_in_the_region_while_the_region_keeps_up() 
     assert!(served(&servers, "server-b") > 100, "{servers}");
 
     // zone-a and zone-b in region-1, zone-c in region-2: every request goes to zone-b.
-    for (node, region) in [
+    let regions = [
         ("node1", "region-1"),
         ("node2", "region-1"),
         ("node3", "region-2"),
-    ] {
-        let label = format!("topology.kubernetes.io/region={region}");
-        api.kubectl_ok(&["label", "node", node, &label])
-            .expect("kubectl label node");
-    }
+    ];
+    api.label_nodes("topology.kubernetes.io/region", &regions)
+        .expect("kubectl label node");
     wait_for_dump(&tb, "server-a in this region", |dump| {
         zoned_preference(dump, REGIONAL) == r#"{"by":"zone","count":0,"region":1}"#
     });

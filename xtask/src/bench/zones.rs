@@ -82,14 +82,7 @@ pub(super) fn prepare(
         ZONED_PORT,
         &[(server_a, false), (server_b, false)],
     );
-    for (endpoint, zone) in slice
-        .endpoints
-        .iter_mut()
-        .flatten()
-        .zip(["zone-a", "zone-b"])
-    {
-        endpoint.zone = Some(zone.into());
-    }
+    cluster_state::set_endpoint_zones(&mut slice, &[Some("zone-a"), Some("zone-b")]);
     tb.apply_object("endpointslice-bench-zoned.yaml", &slice)?;
     set_preference(tb, true)
 }

@@ -257,8 +257,13 @@ impl Balancer {
 
     /// Whether `endpoint` may be chosen now (not ejected).
     pub fn usable(&self, endpoint: &SocketAddr) -> bool {
-        let now = Instant::now();
-        !self.lock().get(endpoint).is_some_and(|e| e.ejected(now))
+        let endpoints = self.lock();
+        let view = View {
+            endpoints: &endpoints,
+            now: Instant::now(),
+            avoid: None,
+        };
+        view.usable(endpoint)
     }
 
     /// Forgets endpoints that are no longer anyone's candidate.
@@ -369,13 +374,13 @@ fn choose(
     let Some(preference) = candidates.preference else {
         return Some((two_choices(view, all, draws)?, Placement::Unzoned));
     };
-    let (local, remote) = all.split_at((preference.count as usize).min(all.len()));
+    let [local, region, beyond] = preference.tiers(all.len()).map(|tier| &all[tier]);
+    let remote = &all[local.len()..];
     if remote.is_empty() {
         // Nowhere to spill to: the plain choice, ejection and panic mode included.
         candidates.spilling.store(false, Ordering::Relaxed);
         return Some((two_choices(view, all, draws)?, Placement::Local));
     }
-    let (region, beyond) = remote.split_at((preference.region as usize).min(remote.len()));
     // The endpoint beyond the preferred ones a spilled request goes to (other draws than
     // the preferred choice's).
     let target = || {

@@ -78,13 +78,7 @@ impl OutboundContext {
         let usable = |e: &SocketAddr| !tried.contains(e) && self.http.balancer.usable(e);
         match index.resolve(original, usable) {
             Resolution::NotAService => Ok((original, None)),
-            Resolution::Endpoint { addr, zone, .. } => {
-                let zones = index.local_zone().map(|here| ZonePair {
-                    source: Arc::clone(here),
-                    destination: zone.cloned(),
-                });
-                Ok((addr, zones))
-            }
+            Resolution::Endpoint { addr, zone, .. } => Ok((addr, index.zones_to(zone))),
             Resolution::NoReadyEndpoint { service } => Err(NoReadyEndpoint {
                 service: service.to_owned(),
             }),

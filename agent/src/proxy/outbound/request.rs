@@ -339,10 +339,7 @@ async fn send_to_backend(
                 // another (Envoy's `previous_hosts`).
                 let avoid = reached.endpoint;
                 let (index, placement) = ctx.http.balancer.pick(&candidates, draws, avoid)?;
-                let zones = services.local_zone().map(|here| ZonePair {
-                    source: Arc::clone(here),
-                    destination: candidates.zone(index).cloned(),
-                });
+                let zones = services.zones_to(candidates.zone(index));
                 Some((candidates.endpoints[index], placement, zones))
             })
     };
