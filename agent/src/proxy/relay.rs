@@ -1,9 +1,12 @@
-//! Copying a proxied connection both ways, with exact byte counts, passing failures on.
+//! Copying a proxied connection both ways, with exact byte counts, passing failures on: when
+//! one end fails (a TCP reset, an HTTP/2 stream reset, an I/O error), both ends are aborted
+//! ([`Relayable::abort`]), so the peer on the other side sees a reset as it would have
+//! without the proxy, and no TIME_WAIT piles up in the pods.
 //!
 //! Most proxied connections are idle most of the time, and the proxy holds thousands of
 //! them. So, unlike `tokio::io::copy_bidirectional`, which keeps an 8 KiB buffer per
 //! direction for a connection's whole life, a direction here holds a buffer only while
-//! bytes move: it waits for its reader to become readable without one ([`Readable`]), takes
+//! bytes move: it waits for its reader to become readable without one ([`Relayable`]), takes
 //! a buffer from a small per-thread pool, reads and writes until the reader has nothing
 //! more, and gives the buffer back. An idle connection costs its sockets and its task, no
 //! buffer (docs/benchmarks.md, "memory per idle connection").
@@ -16,8 +19,6 @@ use std::{
     time::Duration,
 };
 
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use socket2::SockRef;
 use tokio::{
@@ -25,7 +26,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::counting::{Tap, Tapped};
+use super::{
+    counting::{Tap, Tapped},
+    hbone::stream::TunnelStream,
+};
 
 /// What one read may move at most: a TLS record's worth, so that the HBONE side writes
 /// whole records.
@@ -50,62 +54,70 @@ fn give_back(buffer: Box<[u8]>) {
     });
 }
 
-/// A stream the relay can wait on without lending it a buffer.
-pub trait Readable: AsyncRead + AsyncWrite + Unpin {
+/// A stream the relay can carry: it can be waited on without lending it a buffer, and its
+/// end can be made a reset.
+pub trait Relayable: AsyncRead + AsyncWrite + Unpin {
     /// Ready once a read would not wait: bytes, the end of the stream, or an error are
     /// there. May be ready spuriously (the read then waits, and wakes the task later).
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Makes the stream's end a reset rather than an orderly close: the relay does this to
+    /// both ends when either fails.
+    fn abort(&mut self);
 }
 
-impl Readable for TcpStream {
+impl Relayable for TcpStream {
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
     }
-}
 
-/// An HTTP/2 stream (an HBONE tunnel): a read with no room receives the next DATA frame
-/// into the stream's own buffer (h2 has allocated it already) and returns without copying,
-/// which is exactly readiness. Its end and its errors come back the same way.
-impl Readable for TokioIo<Upgraded> {
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self).poll_read(cx, &mut ReadBuf::new(&mut []))
+    fn abort(&mut self) {
+        reset(self);
     }
 }
 
-impl<S: Readable, T: Tap + Unpin> Readable for Tapped<S, T> {
+/// An HBONE tunnel: readable once its next DATA frame (already in h2's buffer) or its end
+/// is there; aborted with RST_STREAM(CONNECT_ERROR).
+impl Relayable for TunnelStream {
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_receive(cx)
+    }
+
+    fn abort(&mut self) {
+        self.reset();
+    }
+}
+
+impl<S: Relayable, T: Tap + Unpin> Relayable for Tapped<S, T> {
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.tap().has_buffered() {
             return Poll::Ready(Ok(()));
         }
         self.inner_mut().poll_readable(cx)
     }
+
+    fn abort(&mut self) {
+        self.inner_mut().abort();
+    }
 }
 
 /// Copies until both directions finish; returns the bytes read from `a` and from `b`.
-/// When the copy fails (a reset, an HTTP/2 stream reset, an I/O error), `on_error` runs
-/// before the streams are dropped, so a TCP end can be reset instead of closed: the peer
-/// then sees the failure as it would have without the proxy, and no TIME_WAIT piles up in
-/// the pod.
-pub fn relay<A: Readable, B: Readable, E: FnOnce(&A, &B)>(
-    a: A,
-    b: B,
-    on_error: E,
-) -> Relay<A, B, E, std::future::Pending<()>> {
-    relay_until(a, b, on_error, std::future::pending())
+/// When the copy fails (a reset, an HTTP/2 stream reset, an I/O error), both ends are
+/// aborted before they are dropped.
+pub fn relay<A: Relayable, B: Relayable>(a: A, b: B) -> Relay<A, B, std::future::Pending<()>> {
+    relay_until(a, b, std::future::pending())
 }
 
 /// `relay`, cut short when `until` resolves (the connection's authorization was withdrawn):
-/// then `on_error` runs too, so the ends are reset rather than closed.
-pub fn relay_until<A: Readable, B: Readable, E: FnOnce(&A, &B), U: Future<Output = ()>>(
+/// then both ends are aborted too.
+pub fn relay_until<A: Relayable, B: Relayable, U: Future<Output = ()>>(
     a: A,
     b: B,
-    on_error: E,
     until: U,
-) -> Relay<A, B, E, U> {
+) -> Relay<A, B, U> {
     Relay {
         a,
         b,
-        on_error: Some(on_error),
         until,
         a_to_b: Direction::default(),
         b_to_a: Direction::default(),
@@ -116,10 +128,9 @@ pin_project! {
     /// A relay in progress. A struct rather than an `async fn`: it lives as long as the
     /// connection, and a compiler-made future would also keep the copies its streams were
     /// moved out of.
-    pub struct Relay<A, B, E, U> {
+    pub struct Relay<A, B, U> {
         a: A,
         b: B,
-        on_error: Option<E>,
         #[pin]
         until: U,
         a_to_b: Direction,
@@ -127,9 +138,7 @@ pin_project! {
     }
 }
 
-impl<A: Readable, B: Readable, E: FnOnce(&A, &B), U: Future<Output = ()>> Future
-    for Relay<A, B, E, U>
-{
+impl<A: Relayable, B: Relayable, U: Future<Output = ()>> Future for Relay<A, B, U> {
     type Output = (u64, u64);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(u64, u64)> {
@@ -147,8 +156,9 @@ impl<A: Readable, B: Readable, E: FnOnce(&A, &B), U: Future<Output = ()>> Future
                 Poll::Pending => return Poll::Pending,
             },
         };
-        if failed && let Some(on_error) = this.on_error.take() {
-            on_error(this.a, this.b);
+        if failed {
+            this.a.abort();
+            this.b.abort();
         }
         Poll::Ready((this.a_to_b.read, this.b_to_a.read))
     }
@@ -173,7 +183,7 @@ struct Direction {
 impl Direction {
     /// Moves what the reader has to the writer; ready once the reader ended and the writer
     /// was shut down.
-    fn poll_copy<R: Readable, W: Readable>(
+    fn poll_copy<R: Relayable, W: Relayable>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
@@ -217,7 +227,7 @@ impl Direction {
     }
 
     /// Reads into the (empty) buffer, taking one first once the reader is readable.
-    fn poll_fill<R: Readable>(
+    fn poll_fill<R: Relayable>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
@@ -271,7 +281,7 @@ mod tests {
     async fn relays_both_ways_counts_and_holds_no_buffer_while_idle() {
         let (mut left, a) = pair().await;
         let (b, mut right) = pair().await;
-        let relayed = tokio::spawn(relay(a, b, |_, _| {}));
+        let relayed = tokio::spawn(relay(a, b));
         left.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
         right.read_exact(&mut got).await.unwrap();
@@ -294,13 +304,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn until_cuts_the_relay_short_and_runs_on_error() {
-        let (_left, a) = pair().await;
-        let (b, _right) = pair().await;
-        let mut reset_called = false;
-        let counts = relay_until(a, b, |_, _| reset_called = true, std::future::ready(())).await;
+    async fn until_cuts_the_relay_short_and_resets_both_ends() {
+        let (mut left, a) = pair().await;
+        let (b, mut right) = pair().await;
+        let counts = relay_until(a, b, std::future::ready(())).await;
         assert_eq!(counts, (0, 0));
-        assert!(reset_called, "on_error did not run");
+        for end in [&mut left, &mut right] {
+            let error = end.read(&mut [0; 1]).await.unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_end_resets_the_other() {
+        let (left, a) = pair().await;
+        let (b, mut right) = pair().await;
+        let relayed = tokio::spawn(relay(a, b));
+        reset(&left);
+        drop(left);
+        let error = right.read(&mut [0; 1]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{error}");
+        relayed.await.unwrap();
     }
 
     #[tokio::test]

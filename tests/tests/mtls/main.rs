@@ -288,5 +288,6 @@ fn run(tb: &Testbed, ns: &str, name: &str, program: &str, args: &[&str]) -> std:
 }
 
 mod hbone_peers;
+mod resets;
 mod rotation;
 mod wire;

@@ -10,9 +10,11 @@
 //! Scenarios (each repeated `--runs` times; the report gives the median and the spread):
 //! - connect()+close() rate from a non-meshed pod vs a meshed pod to a port excluded from
 //!   capture (the hook runs its whole decision but passes: the hook's own cost).
-//! - Short-lived connections end to end: connect() + 64-byte echo + close() from a non-meshed
-//!   pod vs a meshed pod whose connections are captured and proxied. (A captured connect()
-//!   alone completes against the in-pod listener and says nothing about the proxy.)
+//! - Short-lived connections end to end (`short_lived.rs`): connect() + 64-byte echo + close()
+//!   from a non-meshed pod vs a meshed pod whose connections are captured and proxied, with
+//!   the rate of the first and the last thousand and the TIME_WAIT sockets left behind. (A
+//!   captured connect() alone completes against the in-pod listener and says nothing about
+//!   the proxy.)
 //! - 1 KiB keep-alive HTTP/1.1 request latency, cross-node, from a non-meshed pod (direct) vs
 //!   a meshed pod: to a non-meshed pod (L4 without mTLS: the source's proxy relays plain
 //!   TCP), to a meshed pod's address (L4: both node proxies relay bytes over HBONE mutual
@@ -55,6 +57,7 @@ mod probes;
 mod report;
 mod scenarios;
 mod setup;
+mod short_lived;
 mod stats;
 mod zones;
 
@@ -134,6 +137,10 @@ pub struct BenchArgs {
     /// Measure the zone scenario only and print that section. Not with `--write`.
     #[arg(long, conflicts_with_all = ["write", "memory_only", "dns_only"])]
     zones_only: bool,
+    /// Measure short-lived connections only (`--connects` per run) and print that section.
+    /// Not with `--write`.
+    #[arg(long, conflicts_with_all = ["write", "memory_only", "dns_only", "zones_only"])]
+    short_lived_only: bool,
     /// Run every `nodemesh` process under heaptrack and write, per process, its peak
     /// consumers and a folded-stack file of the peak into this directory (`heap.rs`).
     #[arg(long)]
@@ -181,6 +188,22 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         }
         let mut out = report::header(args);
         zones::section(&mut out, requests, runs);
+        return Ok(out);
+    }
+    if args.short_lived_only {
+        let mut runs = short_lived::ShortLivedRuns::default();
+        for _ in 0..args.runs {
+            short_lived::one_run(
+                tb,
+                &bed.workload,
+                args.connects,
+                [&bed.direct_a, &bed.server_a],
+                &mut runs,
+            )?;
+            probes::wait_proxy_idle(tb, std::time::Duration::from_secs(10))?;
+        }
+        let mut out = report::header(args);
+        short_lived::section(&mut out, args.connects, &runs);
         return Ok(out);
     }
     let idle_rss = [

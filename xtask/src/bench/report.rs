@@ -20,8 +20,7 @@ pub(super) fn render(
     let Results {
         direct,
         hooked,
-        direct_tx,
-        captured_tx,
+        short_lived,
         closed_loop,
         open_loop,
         h2_direct,
@@ -37,10 +36,10 @@ pub(super) fn render(
         zones,
     } = results;
     let (direct, hooked) = (Samples(direct), Samples(hooked));
-    let (direct_tx, captured_tx) = (Samples(direct_tx), Samples(captured_tx));
     let (bulk_direct, bulk_meshed) = (Samples(bulk_direct), Samples(bulk_meshed));
     let mut out = header(args);
-    connections(&mut out, [&direct, &hooked, &direct_tx, &captured_tx]);
+    hook_cost(&mut out, [&direct, &hooked]);
+    super::short_lived::section(&mut out, args.connects, &short_lived);
     let closed = closed_loop_section(&mut out, bed, &closed_loop);
     open_loop_section(&mut out, args, bed, &open_loop);
     h2_section(&mut out, args, &h2_direct, &h2_l7);
@@ -65,7 +64,8 @@ pub(super) fn render(
         ("connect(), hook passes", hooked.median() / direct.median()),
         (
             "short-lived connection, mTLS",
-            captured_tx.median() / direct_tx.median(),
+            Samples(short_lived.captured.rate.clone()).median()
+                / Samples(short_lived.direct.rate.clone()).median(),
         ),
         (
             "HTTP/1.1 req/s, L4 (no mTLS)",
@@ -104,41 +104,21 @@ pub(super) fn header(args: &BenchArgs) -> String {
     out
 }
 
-/// Hook cost and short-lived connections.
-fn connections(out: &mut String, [direct, hooked, direct_tx, captured_tx]: [&Samples; 4]) {
+/// Hook cost: connect() + close() from a non-meshed pod and through a meshed pod's hook.
+fn hook_cost(out: &mut String, [direct, hooked]: [&Samples; 2]) {
     out.push_str("### Hook cost: connect() + close(), same node\n\n| source | connects/s | ratio to direct |\n|---|---:|---:|\n");
-    for (name, samples, baseline) in [
-        (
-            "non-meshed pod to non-meshed pod (direct)",
-            &direct,
-            &direct,
-        ),
+    for (name, samples) in [
+        ("non-meshed pod to non-meshed pod (direct)", direct),
         (
             "meshed pod to non-meshed pod, excluded port (hook runs its whole decision, passes)",
-            &hooked,
-            &direct,
+            hooked,
         ),
     ] {
         out.push_str(&format!(
             "| {name} | {:.0} ({}) | {:.3} |\n",
             samples.median(),
             samples.spread(),
-            samples.median() / baseline.median()
-        ));
-    }
-    out.push_str("\n### Short-lived connections: connect() + 64-byte echo + close(), same node\n\n| source | transactions/s | ratio to direct |\n|---|---:|---:|\n");
-    for (name, samples) in [
-        ("non-meshed pod to non-meshed pod (direct)", &direct_tx),
-        (
-            "meshed pod to meshed pod, captured (HBONE mTLS, same node)",
-            &captured_tx,
-        ),
-    ] {
-        out.push_str(&format!(
-            "| {name} | {:.0} ({}) | {:.3} |\n",
-            samples.median(),
-            samples.spread(),
-            samples.median() / direct_tx.median()
+            samples.median() / direct.median()
         ));
     }
 }

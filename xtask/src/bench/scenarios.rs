@@ -11,6 +11,7 @@ use super::{
     ECHO_PORT, EXCLUDED_PORT, HTTP_PORT, OPAQUE_PORT,
     probes::{agents_cpu_seconds, enrolment_latencies, h2load, run_json, wait_proxy_idle},
     setup::Bed,
+    short_lived::{self, ShortLivedRuns},
     stats::{H2Run, HttpRuns, Issuance},
     zones::ZoneRuns,
 };
@@ -22,8 +23,7 @@ const CLIENT: (&str, &str) = ("mesh", "client-a");
 pub(super) struct Results {
     pub(super) direct: Vec<f64>,
     pub(super) hooked: Vec<f64>,
-    pub(super) direct_tx: Vec<f64>,
-    pub(super) captured_tx: Vec<f64>,
+    pub(super) short_lived: ShortLivedRuns,
     pub(super) closed_loop: Vec<HttpRuns>,
     /// Per offered load and path: (achieved rps, p50, p99, p999) per run.
     pub(super) open_loop: Vec<Vec<Vec<[f64; 4]>>>,
@@ -45,8 +45,7 @@ impl Results {
         Self {
             direct: Vec::new(),
             hooked: Vec::new(),
-            direct_tx: Vec::new(),
-            captured_tx: Vec::new(),
+            short_lived: ShortLivedRuns::default(),
             closed_loop: (0..http_paths).map(|_| HttpRuns::default()).collect(),
             open_loop: vec![vec![Vec::new(); http_paths]; args.loads.len()],
             h2_direct: Vec::new(),
@@ -82,21 +81,21 @@ pub(super) fn one_run(
     results: &mut Results,
 ) -> anyhow::Result<()> {
     let workload = &bed.workload;
-    let rate = |from: (&str, &str), to: &Pod, port: u16, echo_bytes: u16| {
-        connect_rate(tb, args, workload, from, to, port, echo_bytes)
-    };
+    let rate =
+        |from: (&str, &str), to: &Pod, port: u16| connect_rate(tb, args, workload, from, to, port);
     results
         .direct
-        .push(rate(OUTSIDER, &bed.direct_a, ECHO_PORT, 0)?);
+        .push(rate(OUTSIDER, &bed.direct_a, ECHO_PORT)?);
     results
         .hooked
-        .push(rate(CLIENT, &bed.direct_a, EXCLUDED_PORT, 0)?);
-    results
-        .direct_tx
-        .push(rate(OUTSIDER, &bed.direct_a, ECHO_PORT, 64)?);
-    results
-        .captured_tx
-        .push(rate(CLIENT, &bed.server_a, ECHO_PORT, 64)?);
+        .push(rate(CLIENT, &bed.direct_a, EXCLUDED_PORT)?);
+    short_lived::one_run(
+        tb,
+        workload,
+        args.connects,
+        [&bed.direct_a, &bed.server_a],
+        &mut results.short_lived,
+    )?;
     closed_loop(tb, args, bed, results)?;
     open_loop(tb, args, bed, results)?;
     results.h2_direct.push(h2load(
@@ -130,7 +129,7 @@ pub(super) fn zone_requests(args: &BenchArgs) -> u64 {
     (args.requests / 4).max(100)
 }
 
-/// connect() (+ an echo of `echo_bytes`) + close() per second from `from` to `to:port`.
+/// connect() + close() per second from `from` to `to:port`.
 fn connect_rate(
     tb: &Testbed,
     args: &BenchArgs,
@@ -138,10 +137,8 @@ fn connect_rate(
     from: (&str, &str),
     to: &Pod,
     port: u16,
-    echo_bytes: u16,
 ) -> anyhow::Result<f64> {
     let target = format!("{}:{port}", to.ipv4());
-    let echo_bytes = echo_bytes.to_string();
     let out = run_json(
         tb,
         from,
@@ -152,8 +149,6 @@ fn connect_rate(
             &target,
             "--count",
             &args.connects.to_string(),
-            "--echo-bytes",
-            &echo_bytes,
         ],
     )?;
     let per_connect_ns = out["per_connect_ns"].as_f64().context("per_connect_ns")?;

@@ -11,20 +11,21 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
-use http_body_util::Empty;
-use hyper::{
-    Method, Request, StatusCode, body::Bytes, client::conn::http2::SendRequest, upgrade::Upgraded,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use hyper::{Method, Request, StatusCode};
 use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use super::{HBONE_PORT, error::HboneError};
+use super::{
+    CLIENT_CONNECTION_WINDOW, CLIENT_SEND_BUFFER, CLIENT_STREAM_WINDOW, HBONE_PORT,
+    MAX_HEADER_LIST, error::HboneError, stream::TunnelStream,
+};
 use crate::{
     identity::{
         manager::{IdentityManager, WorkloadCertificate},
@@ -34,7 +35,7 @@ use crate::{
     netns::NetnsSockets,
     proxy::{
         dial::{connect_within, pod_socket},
-        relay::Readable,
+        relay::Relayable,
     },
 };
 
@@ -51,7 +52,7 @@ pub struct HboneClient {
 
 /// One CONNECT stream, and the HTTP/2 connection that carries it.
 pub struct Tunnel {
-    io: TokioIo<Upgraded>,
+    io: TunnelStream,
     carrier: Carrier,
     _stream: StreamCount,
 }
@@ -80,20 +81,35 @@ impl Tunnel {
 
 /// The HTTP/2 connection a tunnel travels in.
 #[derive(Clone)]
-pub struct Carrier(SendRequest<Empty<Bytes>>);
+pub struct Carrier(SendRequest<Bytes>);
 
 impl Carrier {
     /// Whether the connection takes no new streams any more (its peer sent GOAWAY, as a
     /// draining agent does, or it failed). Its tunnels still work; whoever keeps one for
     /// reuse should let it go, so that the draining agent's connections can end.
     pub fn closing(&self) -> bool {
-        self.0.is_closed()
+        takes_no_streams(&self.0)
     }
 }
 
-impl Readable for Tunnel {
+/// Whether h2 would refuse a new stream on this connection: it refuses once a GOAWAY came
+/// or the connection failed. (A clone's readiness, polled without a task to wake: a stream
+/// still waiting to open leaves it pending, which is not closing.)
+fn takes_no_streams(sender: &SendRequest<Bytes>) -> bool {
+    let mut probe = sender.clone();
+    matches!(
+        probe.poll_ready(&mut Context::from_waker(Waker::noop())),
+        Poll::Ready(Err(_))
+    )
+}
+
+impl Relayable for Tunnel {
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.io.poll_readable(cx)
+    }
+
+    fn abort(&mut self) {
+        self.io.abort();
     }
 }
 
@@ -141,7 +157,7 @@ const MAX_STREAMS_PER_CONNECTION: usize = 100;
 #[derive(Clone)]
 struct Pooled {
     certificate: Arc<WorkloadCertificate>,
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     streams: Arc<AtomicUsize>,
 }
 
@@ -176,7 +192,7 @@ impl HboneClient {
             Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
-                .body(Empty::<Bytes>::new())
+                .body(())
                 .map_err(|_| HboneError::Refused {
                     addr,
                     target,
@@ -208,8 +224,8 @@ impl HboneClient {
             }
         };
         let mut stream = StreamCount::take(&connection.streams);
-        let response = match connection.sender.send_request(connect_request()?).await {
-            Ok(response) => response,
+        let (response, send) = match send_connect(&connection.sender, connect_request()?).await {
+            Ok(sent) => sent,
             // A pooled connection whose peer has just sent GOAWAY (a draining agent) or
             // died: the stream was never processed, so it goes out on a new connection.
             Err(error) if reused => {
@@ -219,9 +235,7 @@ impl HboneClient {
                     .fresh(key, &certificate, source, destination, mark, timeout)
                     .await?;
                 stream = StreamCount::take(&connection.streams);
-                connection
-                    .sender
-                    .send_request(connect_request()?)
+                send_connect(&connection.sender, connect_request()?)
                     .await
                     .map_err(|source| HboneError::Http { addr, source })?
             }
@@ -234,11 +248,8 @@ impl HboneClient {
                 status: response.status(),
             });
         }
-        let upgraded = hyper::upgrade::on(response)
-            .await
-            .map_err(|source| HboneError::Http { addr, source })?;
         Ok(Tunnel {
-            io: TokioIo::new(upgraded),
+            io: TunnelStream::new(send, response.into_body()),
             carrier: Carrier(connection.sender),
             _stream: stream,
         })
@@ -293,7 +304,8 @@ impl HboneClient {
     fn pooled(&self, key: &PoolKey, certificate: &Arc<WorkloadCertificate>) -> Option<Pooled> {
         let mut pool = self.lock();
         let connections = pool.get_mut(key)?;
-        connections.retain(|c| Arc::ptr_eq(&c.certificate, certificate) && !c.sender.is_closed());
+        connections
+            .retain(|c| Arc::ptr_eq(&c.certificate, certificate) && !takes_no_streams(&c.sender));
         let found = connections
             .iter()
             .find(|c| c.streams.load(Ordering::Acquire) < MAX_STREAMS_PER_CONNECTION)
@@ -312,7 +324,7 @@ impl HboneClient {
         addr: SocketAddr,
         mark: u32,
         timeout: Duration,
-    ) -> Result<SendRequest<Empty<Bytes>>, HboneError> {
+    ) -> Result<SendRequest<Bytes>, HboneError> {
         let socket = pod_socket(source, addr, mark)?;
         let tcp = connect_within(socket, addr, timeout)
             .await
@@ -329,10 +341,15 @@ impl HboneClient {
                 expected: destination.clone(),
                 source,
             })?;
-        let (sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .map_err(|source| HboneError::Http { addr, source })?;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(CLIENT_STREAM_WINDOW)
+            .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
+            .max_send_buffer_size(CLIENT_SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .enable_push(false)
+            .handshake(tls)
+            .await
+            .map_err(|source| HboneError::Http { addr, source })?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%addr, %error, "HBONE connection closed");
@@ -346,4 +363,15 @@ impl HboneClient {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Sends a CONNECT on `sender`'s connection once it takes a new stream; returns the
+/// response and the stream's send half.
+async fn send_connect(
+    sender: &SendRequest<Bytes>,
+    request: Request<()>,
+) -> Result<(hyper::Response<h2::RecvStream>, h2::SendStream<Bytes>), h2::Error> {
+    let mut sender = sender.clone().ready().await?;
+    let (response, send) = sender.send_request(request, false)?;
+    Ok((response.await?, send))
 }

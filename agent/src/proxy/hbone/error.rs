@@ -36,10 +36,7 @@ pub enum HboneError {
         source: std::io::Error,
     },
     #[error("HTTP/2 with {addr}: {source}")]
-    Http {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Http { addr: SocketAddr, source: h2::Error },
     #[error("CONNECT {target} refused by {addr}: {status}")]
     Refused {
         addr: SocketAddr,

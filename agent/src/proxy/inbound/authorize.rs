@@ -42,7 +42,7 @@ use crate::{
             hop::{self, bridge_upgrade},
             protocol_of, serve_requests,
         },
-        relay::{Readable, relay_until, reset},
+        relay::{Relayable, relay_until, reset},
     },
     state::{
         authorization::{Decision, Policy, RequestAttributes, decide},
@@ -155,7 +155,7 @@ fn is_probe_request(probe: &ProbePort, method: &str, normalized: &str) -> bool {
 /// the tunnel.
 pub async fn serve<T>(mut tunnel: T, app: TcpStream, check: Check) -> (u64, u64)
 where
-    T: Readable + Send + 'static,
+    T: Relayable + Send + 'static,
 {
     let detected = match check.detect_wait {
         None => detect::Detected {
@@ -182,8 +182,7 @@ where
                     &check.traffic,
                     &check.pod,
                 );
-                let (sent, received) =
-                    relay_until(stream, app, |_, app| reset(app), check.withdrawal()).await;
+                let (sent, received) = relay_until(stream, app, check.withdrawal()).await;
                 report.close(sent, received);
             }
             Decision::Deny(by) => {

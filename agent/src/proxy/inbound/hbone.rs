@@ -3,15 +3,19 @@
 //! mesh's trust bundle and trust domain, and serves HTTP/2 CONNECT streams whose authority is
 //! one of this pod's own addresses, delivering each to the application from inside the pod.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
-
-use http_body_util::Empty;
-use hyper::{
-    Method, Request, Response, StatusCode, body::Bytes, service::service_fn, upgrade::Upgraded,
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use super::{
     authorize::{self, Check, Source},
@@ -24,10 +28,14 @@ use crate::{
     bounds::ClientSlot,
     identity::{spiffe::SpiffeId, tls},
     proxy::{
-        hbone::{HBONE_SERVER_MAX_STREAMS, connect::connect_target},
+        hbone::{
+            HBONE_SERVER_MAX_STREAMS, MAX_HEADER_LIST, SERVER_CONNECTION_WINDOW,
+            SERVER_SEND_BUFFER, SERVER_STREAM_WINDOW, connect::connect_target,
+            stream::TunnelStream,
+        },
         limits,
         listener::accept_loop,
-        relay::{relay_until, reset},
+        relay::relay_until,
     },
     state::{
         authorization::{Decision, Policy, RequestAttributes, decide},
@@ -109,41 +117,90 @@ async fn serve_connection(
         None => return,
     };
     let drain = ctx.drain.clone();
-    let service = service_fn(move |request| {
-        let (pod, ctx, peer_id) = (Arc::clone(&pod), Arc::clone(&ctx), peer_id.clone());
-        async move { Ok::<_, Infallible>(handle_connect(request, pod, ctx, peer_id, peer).await) }
-    });
+    let handshake = h2::server::Builder::new()
+        .max_concurrent_streams(HBONE_SERVER_MAX_STREAMS)
+        .initial_window_size(SERVER_STREAM_WINDOW)
+        .initial_connection_window_size(SERVER_CONNECTION_WINDOW)
+        .max_send_buffer_size(SERVER_SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .handshake::<_, Bytes>(tls);
+    let connection = match tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "HBONE: no HTTP/2 connection");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "HBONE: no HTTP/2 preface in time; closed");
+            return;
+        }
+    };
+    let streams = Streams {
+        connection,
+        on_stream: move |request, respond| {
+            let (pod, ctx, peer_id) = (Arc::clone(&pod), Arc::clone(&ctx), peer_id.clone());
+            tokio::spawn(handle_connect(request, respond, pod, ctx, peer_id, peer));
+        },
+    };
     // Draining sends GOAWAY: source nodes open their next tunnels to the successor, and
     // this connection ends when its last tunnel does.
-    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .max_concurrent_streams(HBONE_SERVER_MAX_STREAMS)
-        .serve_connection(TokioIo::new(tls), service);
     if let Err(error) = drain
-        .serve_until_drained(connection, |c| c.graceful_shutdown())
+        .serve_until_drained(streams, |streams| {
+            streams.get_mut().connection.graceful_shutdown();
+        })
         .await
     {
         tracing::debug!(%peer, %error, "HBONE connection ended");
     }
 }
 
+/// An HBONE connection's driver: accepts its streams, each handed to `on_stream`, until
+/// the connection ends.
+struct Streams<F> {
+    connection: h2::server::Connection<TlsStream<TcpStream>, Bytes>,
+    on_stream: F,
+}
+
+impl<F: FnMut(Request<RecvStream>, SendResponse<Bytes>) + Unpin> Future for Streams<F> {
+    type Output = Result<(), h2::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match std::task::ready!(this.connection.poll_accept(cx)) {
+                Some(Ok((request, respond))) => (this.on_stream)(request, respond),
+                Some(Err(error)) => return Poll::Ready(Err(error)),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+/// Answers one CONNECT stream: refused with a status, or accepted and relayed.
 async fn handle_connect(
-    request: Request<hyper::body::Incoming>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     pod: Arc<DestinationPod>,
     ctx: Arc<InboundContext>,
     peer_id: SpiffeId,
     peer: SocketAddr,
-) -> Response<Empty<Bytes>> {
+) {
+    let refused = |respond: &mut SendResponse<Bytes>, code: StatusCode| {
+        if let Err(error) = respond.send_response(status(code), true) {
+            tracing::debug!(%peer, %error, "HBONE: the refusal could not be sent");
+        }
+    };
     if request.method() != Method::CONNECT {
         tracing::warn!(pod = %pod.display_name, %peer_id, method = %request.method(), "HBONE: only CONNECT is served");
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        return refused(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
     }
     let Some(target) = connect_target(request.uri()) else {
         tracing::warn!(pod = %pod.display_name, %peer_id, uri = %request.uri(), "HBONE: CONNECT authority is not ip:port");
-        return status(StatusCode::BAD_REQUEST);
+        return refused(&mut respond, StatusCode::BAD_REQUEST);
     };
     if !pod.ips.contains(&target.ip()) {
         tracing::warn!(pod = %pod.display_name, %peer_id, %target, "HBONE: CONNECT to an address that is not this meshed pod");
-        return status(StatusCode::FORBIDDEN);
+        return refused(&mut respond, StatusCode::FORBIDDEN);
     }
     let policies = ctx.policies(&pod);
     let port = target.port();
@@ -162,7 +219,7 @@ async fn handle_connect(
     };
     if !inspects_http && let Decision::Deny(by) = decide_tunnel(&in_force) {
         tracing::warn!(pod = %pod.display_name, %peer_id, %target, policy = %by, "authorization: connection denied");
-        return status(StatusCode::FORBIDDEN);
+        return refused(&mut respond, StatusCode::FORBIDDEN);
     }
     let Some(tunnel) = pod.tunnels.try_acquire(&peer_id) else {
         ctx.metrics
@@ -170,13 +227,13 @@ async fn handle_connect(
         if pod.tunnels.budget().log_refusal() {
             tracing::warn!(pod = %pod.display_name, %peer_id, limit = pod.tunnels.limit_per_client(), "HBONE tunnel refused: the peer identity is at its bound for this pod (logged at most every 10 s)");
         }
-        return status(StatusCode::SERVICE_UNAVAILABLE);
+        return refused(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
     };
     let upstream = match connect_to_application(&pod, &ctx, target, Some(peer.ip())).await {
         Ok((upstream, _)) => upstream,
         Err(error) => {
             tracing::info!(pod = %pod.display_name, %peer_id, %target, %error, "HBONE: the application did not accept");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return refused(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     let source = peer_id.to_string();
@@ -188,52 +245,50 @@ async fn handle_connect(
         destination_service: UNKNOWN.to_owned(),
         mutual_tls: true,
     };
-    tokio::spawn(async move {
-        let upgraded = match hyper::upgrade::on(request).await {
-            Ok(upgraded) => TokioIo::new(upgraded),
-            Err(error) => {
-                tracing::info!(%peer, %error, "HBONE upgrade failed");
-                ctx.stats.closed(&source, target, 0, 0);
-                return;
-            }
-        };
-        if inspects_http {
-            let check = Check {
-                pod: pod.display_name.clone(),
-                policies,
-                source: Source::Mesh(peer_id),
-                port,
-                detect_wait: (!ctx.opaque_ports.contains(port)).then_some(ctx.detect_wait),
-                traffic,
-                metrics: Arc::clone(&ctx.metrics),
-                access_log: ctx.access_log,
-                drain: ctx.drain.clone(),
-            };
-            let (sent, received) = authorize::serve(upgraded, upstream, check).await;
-            ctx.stats.closed(&source, target, sent, received);
-            drop(tunnel);
+    let send = match respond.send_response(status(StatusCode::OK), false) {
+        Ok(send) => send,
+        Err(error) => {
+            tracing::info!(%peer, %error, "HBONE: the CONNECT's answer could not be sent");
+            ctx.stats.closed(&source, target, 0, 0);
             return;
         }
-        // The relay gets a task of its own, sized to what it holds while the tunnel lives
-        // (docs/benchmarks.md, memory per idle connection), and this one ends.
-        let ends = TunnelEnds {
-            pod,
-            ctx,
+    };
+    let stream = TunnelStream::new(send, request.into_body());
+    if inspects_http {
+        let check = Check {
+            pod: pod.display_name.clone(),
             policies,
-            decide: decide_tunnel,
-            peer_id,
-            target,
-            source,
+            source: Source::Mesh(peer_id),
+            port,
+            detect_wait: (!ctx.opaque_ports.contains(port)).then_some(ctx.detect_wait),
             traffic,
-            tunnel,
+            metrics: Arc::clone(&ctx.metrics),
+            access_log: ctx.access_log,
+            drain: ctx.drain.clone(),
         };
-        tokio::spawn(relay_tunnel(upgraded, upstream, ends));
-    });
-    status(StatusCode::OK)
+        let (sent, received) = authorize::serve(stream, upstream, check).await;
+        ctx.stats.closed(&source, target, sent, received);
+        drop(tunnel);
+        return;
+    }
+    // The relay gets a task of its own, sized to what it holds while the tunnel lives
+    // (docs/benchmarks.md, memory per idle connection), and this one ends.
+    let ends = TunnelEnds {
+        pod,
+        ctx,
+        policies,
+        decide: decide_tunnel,
+        peer_id,
+        target,
+        source,
+        traffic,
+        tunnel,
+    };
+    tokio::spawn(relay_tunnel(stream, upstream, ends));
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
     *response.status_mut() = code;
     response
 }
@@ -254,7 +309,7 @@ struct TunnelEnds<D> {
 
 /// Relays an opaque tunnel until either end closes or a policy change denies it.
 fn relay_tunnel<D: Fn(&[Arc<Policy>]) -> Decision>(
-    upgraded: TokioIo<Upgraded>,
+    stream: TunnelStream,
     upstream: TcpStream,
     ends: TunnelEnds<D>,
 ) -> impl Future<Output = ()> {
@@ -276,12 +331,7 @@ fn relay_tunnel<D: Fn(&[Arc<Policy>]) -> Decision>(
     };
     // Boxed before the task's future is made, so that the task holds a pointer to it
     // rather than a second, moved-from copy.
-    let relay = Box::pin(relay_until(
-        upgraded,
-        upstream,
-        |_, app| reset(app),
-        withdrawal,
-    ));
+    let relay = Box::pin(relay_until(stream, upstream, withdrawal));
     async move {
         let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
         let (sent, received) = relay.await;

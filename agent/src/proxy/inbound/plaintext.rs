@@ -160,16 +160,7 @@ async fn deliver(
         let by = withdrawn(ctx.policies(&pod), mode, decide).await;
         tracing::warn!(pod = %pod.display_name, %peer, %target, refused_by = %by, "plaintext connection reset: a change of mode or policy denies it now");
     };
-    let (sent, received) = relay_until(
-        client,
-        upstream,
-        |client, app| {
-            reset(client);
-            reset(app);
-        },
-        withdrawal,
-    )
-    .await;
+    let (sent, received) = relay_until(client, upstream, withdrawal).await;
     ctx.stats.closed(PLAINTEXT_SOURCE, target, sent, received);
     report.close(sent, received);
 }

@@ -116,13 +116,7 @@ async fn forward(
         mutual_tls: matches!(upstream, Upstream::Mesh(_)),
     };
     let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
-    let (sent, received) = relay(client, upstream, |client, upstream| {
-        reset(client.inner());
-        if let Upstream::Direct(stream) = upstream {
-            reset(stream);
-        }
-    })
-    .await;
+    let (sent, received) = relay(client, upstream).await;
     ctx.stats
         .closed(&pod.display_name, original, sent, received);
     report.close(sent, received);

@@ -21,7 +21,7 @@ use crate::{
             client::{Carrier, Tunnel},
             error::HboneError,
         },
-        relay::Readable,
+        relay::Relayable,
     },
 };
 
@@ -77,11 +77,18 @@ impl DialError {
     }
 }
 
-impl Readable for Upstream {
+impl Relayable for Upstream {
     fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Self::Mesh(tunnel) => tunnel.poll_readable(cx),
             Self::Direct(stream) => stream.poll_readable(cx),
+        }
+    }
+
+    fn abort(&mut self) {
+        match self {
+            Self::Mesh(tunnel) => tunnel.abort(),
+            Self::Direct(stream) => stream.abort(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `connect-loop`: N sequential connect()+close() (blocking sockets, no runtime); prints
-//! the time per connect.
+//! the time per connect, overall and for each thousand in turn (whether the rate holds as
+//! connections accumulate).
 
 use std::{
     net::SocketAddr,
@@ -44,6 +45,8 @@ pub fn run(args: &ConnectLoopArgs) -> anyhow::Result<()> {
     let payload = vec![0x5a_u8; echo_bytes];
     let mut echoed = vec![0_u8; echo_bytes];
     let start = Instant::now();
+    let mut thousand_start = start;
+    let mut per_thousand_ns = Vec::new();
     for i in 0..count {
         let socket = Socket::new(domain, Type::STREAM, None).context("socket")?;
         if let CloseMode::Rst = close {
@@ -69,16 +72,25 @@ pub fn run(args: &ConnectLoopArgs) -> anyhow::Result<()> {
         } else {
             drop(socket);
         }
+        if (i + 1) % 1000 == 0 {
+            let now = Instant::now();
+            per_thousand_ns.push(nanos(now - thousand_start) / 1000);
+            thousand_start = now;
+        }
     }
-    let elapsed = start.elapsed();
-    let elapsed_ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+    let elapsed_ns = nanos(start.elapsed());
     println!(
         "{}",
         json!({
             "count": count,
             "elapsed_ns": elapsed_ns,
             "per_connect_ns": elapsed_ns.checked_div(count).unwrap_or(0),
+            "per_connect_ns_by_thousand": per_thousand_ns,
         })
     );
     Ok(())
+}
+
+fn nanos(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
 }
