@@ -6,6 +6,11 @@ use clap::{Parser, Subcommand};
 
 use nodemesh::{agent, ca, cli, config, datapath, telemetry};
 
+/// The feature `jemalloc` (on by default) says why.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "nodemesh",

@@ -120,6 +120,14 @@ pub fn workspace_root() -> PathBuf {
 
 /// Builds the agent and the test workload; returns their paths.
 pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
+    build_binaries_with_allocator(release, true)
+}
+
+/// `build_binaries`, the agent with jemalloc or with glibc's malloc (which heaptrack sees).
+pub fn build_binaries_with_allocator(
+    release: bool,
+    jemalloc: bool,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let mut cargo = Command::new(env!("CARGO"));
     cargo.current_dir(workspace_root()).args([
         "build",
@@ -131,6 +139,9 @@ pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
     ]);
     if release {
         cargo.arg("--release");
+    }
+    if !jemalloc {
+        cargo.arg("--no-default-features");
     }
     run(&mut cargo)?;
     let dir = target_dir().join(if release { "release" } else { "debug" });

@@ -8,6 +8,8 @@
 //!
 //! The process is `exec`ed by a small wrapper with heaptrack's preload library, so its pid,
 //! its signals and its `/proc` entries are the agent's own, as the testbed expects.
+//! `--agent-env` uses the same kind of wrapper to add environment variables (the allocator
+//! experiment).
 
 use std::{
     fs,
@@ -35,6 +37,24 @@ pub(super) fn wrap(binary: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     let script = format!(
         "#!/bin/sh\nexec env LD_PRELOAD={PRELOAD} DUMP_HEAPTRACK_OUTPUT={}/{RAW_PREFIX}$$ {} \"$@\"\n",
         dir.display(),
+        binary.display()
+    );
+    fs::write(&wrapper, script)?;
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
+    Ok(wrapper)
+}
+
+/// Writes a wrapper that runs `binary` with `env` added (next to the binary); returns it.
+/// Like heaptrack's, it `exec`s, so the process is the agent's own.
+pub(super) fn with_env(binary: &Path, env: &[(String, String)]) -> anyhow::Result<PathBuf> {
+    let wrapper = binary.with_file_name("nodemesh-with-env");
+    let assignments: Vec<String> = env
+        .iter()
+        .map(|(name, value)| format!("{name}='{}'", value.replace('\'', "")))
+        .collect();
+    let script = format!(
+        "#!/bin/sh\nexec env {} {} \"$@\"\n",
+        assignments.join(" "),
         binary.display()
     );
     fs::write(&wrapper, script)?;

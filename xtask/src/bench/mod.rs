@@ -51,6 +51,7 @@
 //! scenario, `report.rs` writes the markdown and the plots; `probes.rs` holds the
 //! measurements they share and `stats.rs` what they record.
 
+mod cpu;
 mod dns;
 mod heap;
 mod probes;
@@ -141,16 +142,38 @@ pub struct BenchArgs {
     /// Not with `--write`.
     #[arg(long, conflicts_with_all = ["write", "memory_only", "dns_only", "zones_only"])]
     short_lived_only: bool,
+    /// Sample the CPU of node1's agent with perf while the short-lived scenario's captured
+    /// runs go (`--short-lived-only`), and write each run's flame graph into this directory
+    /// (`cpu.rs`).
+    #[arg(long, requires = "short_lived_only")]
+    cpu_profile: Option<std::path::PathBuf>,
     /// Run every `nodemesh` process under heaptrack and write, per process, its peak
     /// consumers and a folded-stack file of the peak into this directory (`heap.rs`).
     #[arg(long)]
     heap_profile: Option<std::path::PathBuf>,
+    /// Run every `nodemesh` process with this environment variable too (`NAME=VALUE`,
+    /// repeatable): the allocator experiment (`MALLOC_ARENA_MAX=2`, an `LD_PRELOAD`ed
+    /// allocator) without a rebuild. Not with `--heap-profile`.
+    #[arg(long, value_parser = env_pair, conflicts_with = "heap_profile")]
+    agent_env: Vec<(String, String)>,
+}
+
+fn env_pair(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(name, _)| !name.is_empty())
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let (mut nodemesh, workload) = crate::build_binaries(true)?;
+    // heaptrack sees glibc's malloc only, so a heap profile is of an agent built with it.
+    let (mut nodemesh, workload) =
+        crate::build_binaries_with_allocator(true, args.heap_profile.is_none())?;
     if let Some(dir) = &args.heap_profile {
         nodemesh = heap::wrap(&nodemesh, dir)?;
+    }
+    if !args.agent_env.is_empty() {
+        nodemesh = heap::with_env(&nodemesh, &args.agent_env)?;
     }
     let report = crate::with_testbed_of(
         "nmbench",
@@ -192,13 +215,16 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     }
     if args.short_lived_only {
         let mut runs = short_lived::ShortLivedRuns::default();
-        for _ in 0..args.runs {
+        for run in 0..args.runs {
             short_lived::one_run(
                 tb,
                 &bed.workload,
                 args.connects,
                 [&bed.direct_a, &bed.server_a],
                 &mut runs,
+                args.cpu_profile
+                    .as_deref()
+                    .map(|dir| (dir, format!("short-lived-node1-run{}", run + 1))),
             )?;
             probes::wait_proxy_idle(tb, std::time::Duration::from_secs(10))?;
         }

@@ -95,6 +95,7 @@ pub(super) fn one_run(
         args.connects,
         [&bed.direct_a, &bed.server_a],
         &mut results.short_lived,
+        None,
     )?;
     closed_loop(tb, args, bed, results)?;
     open_loop(tb, args, bed, results)?;

@@ -13,7 +13,7 @@ use std::process::Command;
 use anyhow::Context;
 use nodemesh_testbed::{Pod, Testbed};
 
-use super::{ECHO_PORT, probes::run_json, stats::Samples};
+use super::{ECHO_PORT, cpu::CpuProfile, probes::run_json, stats::Samples};
 
 /// Bytes each transaction echoes.
 const ECHO_BYTES: &str = "64";
@@ -37,19 +37,29 @@ pub(super) struct ShortLivedRuns {
 }
 
 /// One run of each path: `connects` transactions from `client` (non-meshed for direct, then
-/// meshed) to a server on node1.
+/// meshed) to a server on node1. With `profile` (a directory and a name), node1's agent is
+/// sampled with perf during the captured path's loop.
 pub(super) fn one_run(
     tb: &Testbed,
     workload: &str,
     connects: u64,
     [direct_server, meshed_server]: [&Pod; 2],
     runs: &mut ShortLivedRuns,
+    profile: Option<(&std::path::Path, String)>,
 ) -> anyhow::Result<()> {
     for (client, server, path) in [
         (("plain", "outsider"), direct_server, &mut runs.direct),
         (("mesh", "client-a"), meshed_server, &mut runs.captured),
     ] {
         let target = format!("{}:{ECHO_PORT}", server.ipv4());
+        let sampling = match &profile {
+            Some((dir, name)) if client.0 == "mesh" => Some(CpuProfile::start(
+                tb.agent_pid("node1").context("node1's agent pid")?,
+                dir,
+                name,
+            )?),
+            _ => None,
+        };
         let out = run_json(
             tb,
             client,
@@ -64,6 +74,9 @@ pub(super) fn one_run(
                 ECHO_BYTES,
             ],
         )?;
+        if let Some(sampling) = sampling {
+            eprintln!("cpu profile: {}", sampling.finish()?.display());
+        }
         let per_connect = out["per_connect_ns"].as_f64().context("per_connect_ns")?;
         path.rate.push(1e9 / per_connect);
         let thousands: Vec<f64> = out["per_connect_ns_by_thousand"]
