@@ -24,7 +24,7 @@ use tokio_rustls::TlsConnector;
 
 use super::{
     CLIENT_CONNECTION_WINDOW, CLIENT_SEND_BUFFER, CLIENT_STREAM_WINDOW, HBONE_PORT,
-    MAX_HEADER_LIST, error::HboneError, stream::TunnelStream,
+    MAX_HEADER_LIST, RESET_STREAMS_KEPT, error::HboneError, stream::TunnelStream,
 };
 use crate::{
     identity::{
@@ -93,8 +93,8 @@ impl Carrier {
 }
 
 /// Whether h2 would refuse a new stream on this connection: it refuses once a GOAWAY came
-/// or the connection failed. (A clone's readiness, polled without a task to wake: a stream
-/// still waiting to open leaves it pending, which is not closing.)
+/// or the connection failed. (A clone's readiness, polled without a task to wake: a clone
+/// has no stream of its own waiting to open, so it is ready unless the connection refuses.)
 fn takes_no_streams(sender: &SendRequest<Bytes>) -> bool {
     let mut probe = sender.clone();
     matches!(
@@ -346,6 +346,7 @@ impl HboneClient {
             .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
             .max_send_buffer_size(CLIENT_SEND_BUFFER)
             .max_header_list_size(MAX_HEADER_LIST)
+            .max_concurrent_reset_streams(RESET_STREAMS_KEPT)
             .enable_push(false)
             .handshake(tls)
             .await

@@ -29,3 +29,10 @@ pub const SERVER_CONNECTION_WINDOW: u32 = 1024 * 1024;
 pub const SERVER_SEND_BUFFER: usize = 400 * 1024;
 /// A CONNECT's headers are small; 16 KiB bounds what a peer can make us hold.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Streams this side reset that h2 remembers (for 1 s) so that frames still in flight for
+/// them are dropped quietly. h2's default, 50, was made for a server that rarely resets; a
+/// tunnel is reset whenever its TCP end is, thousands of times a second on a busy pooled
+/// connection, and a frame for a stream it has forgotten is answered with a reset that
+/// counts towards h2's lifetime limit of such errors (1,024), past which it closes the
+/// whole connection with every tunnel on it.
+pub const RESET_STREAMS_KEPT: usize = 10_000;

@@ -165,11 +165,17 @@ where
         },
         Some(wait) => match detect::detect(&mut tunnel, Some(wait)).await {
             Ok(detected) => detected,
-            Err(_) => return (0, 0),
+            // The client's end failed (a reset) before it said anything: so does the
+            // application's.
+            Err(_) => {
+                reset(&app);
+                tunnel.abort();
+                return (0, 0);
+            }
         },
     };
     let meter = Arc::new(Meter::default());
-    let stream = MeteredStream::new(Prefixed::new(detected.prefix, tunnel), Arc::clone(&meter));
+    let mut stream = MeteredStream::new(Prefixed::new(detected.prefix, tunnel), Arc::clone(&meter));
     match detected.protocol {
         Protocol::Http1 | Protocol::Http2 => {
             serve_http(stream, app, detected.protocol, Arc::new(check)).await;
@@ -188,6 +194,7 @@ where
             Decision::Deny(by) => {
                 tracing::warn!(pod = %check.pod, peer = %check.peer(), port = check.port, policy = %by, "authorization: non-HTTP stream denied");
                 reset(&app);
+                stream.abort();
             }
         },
     }

@@ -29,13 +29,13 @@ use crate::{
     identity::{spiffe::SpiffeId, tls},
     proxy::{
         hbone::{
-            HBONE_SERVER_MAX_STREAMS, MAX_HEADER_LIST, SERVER_CONNECTION_WINDOW,
-            SERVER_SEND_BUFFER, SERVER_STREAM_WINDOW, connect::connect_target,
-            stream::TunnelStream,
+            HBONE_SERVER_MAX_STREAMS, MAX_HEADER_LIST, RESET_STREAMS_KEPT,
+            SERVER_CONNECTION_WINDOW, SERVER_SEND_BUFFER, SERVER_STREAM_WINDOW,
+            connect::connect_target, stream::TunnelStream,
         },
         limits,
         listener::accept_loop,
-        relay::relay_until,
+        relay::{relay_until, reset},
     },
     state::{
         authorization::{Decision, Policy, RequestAttributes, decide},
@@ -123,6 +123,7 @@ async fn serve_connection(
         .initial_connection_window_size(SERVER_CONNECTION_WINDOW)
         .max_send_buffer_size(SERVER_SEND_BUFFER)
         .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_reset_streams(RESET_STREAMS_KEPT)
         .handshake::<_, Bytes>(tls);
     let connection = match tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(connection)) => connection,
@@ -229,11 +230,20 @@ async fn handle_connect(
         }
         return refused(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
     };
-    let upstream = match connect_to_application(&pod, &ctx, target, Some(peer.ip())).await {
-        Ok((upstream, _)) => upstream,
-        Err(error) => {
-            tracing::info!(pod = %pod.display_name, %peer_id, %target, %error, "HBONE: the application did not accept");
-            return refused(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+    // A client that resets the stream meanwhile (a rapid reset) takes its connection to
+    // the application, and its tunnel slot, with it at once.
+    let connecting = connect_to_application(&pod, &ctx, target, Some(peer.ip()));
+    let upstream = tokio::select! {
+        connected = connecting => match connected {
+            Ok((upstream, _)) => upstream,
+            Err(error) => {
+                tracing::info!(pod = %pod.display_name, %peer_id, %target, %error, "HBONE: the application did not accept");
+                return refused(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            }
+        },
+        reason = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            tracing::debug!(%peer, %target, ?reason, "HBONE: the client reset the CONNECT before the application accepted");
+            return;
         }
     };
     let source = peer_id.to_string();
@@ -248,7 +258,9 @@ async fn handle_connect(
     let send = match respond.send_response(status(StatusCode::OK), false) {
         Ok(send) => send,
         Err(error) => {
+            // The client reset the stream: the application's connection is reset too.
             tracing::info!(%peer, %error, "HBONE: the CONNECT's answer could not be sent");
+            reset(&upstream);
             ctx.stats.closed(&source, target, 0, 0);
             return;
         }
