@@ -28,6 +28,16 @@ pub fn path(name: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(name)
 }
 
+/// TCP sockets in TIME_WAIT in the named network namespace `name` (`ss`): what the side
+/// that closed a connection first keeps for 60 s.
+pub fn time_wait_sockets(name: &str) -> Result<usize> {
+    let listed = run_checked(
+        Command::new("ip").args(["netns", "exec", name, "ss", "-tanH", "state", "time-wait"]),
+        None,
+    )?;
+    Ok(listed.lines().count())
+}
+
 /// Creates a named network namespace with `ip netns add`.
 pub(crate) fn add(name: &str) -> Result<()> {
     let _guard = ADD_LOCK.lock().unwrap_or_else(|e| e.into_inner());

@@ -225,7 +225,9 @@ impl ServiceIndex {
                 service: &port.service,
             };
         }
-        let tiers = (port.preference).map_or([0..len, len..len, len..len], |p| p.tiers(len));
+        let tiers = port
+            .preference
+            .map_or([0..len, len..len, len..len], |p| p.tiers(len));
         let turn = port.next.fetch_add(1, Ordering::Relaxed);
         let in_tier = |tier: &Range<usize>, k: usize| tier.start + (turn + k) % tier.len();
         let nonempty = tiers.iter().filter(|tier| !tier.is_empty());

@@ -280,6 +280,17 @@ fn start_meshed_agents(mesh: &Mesh) {
     }
 }
 
+/// The sum of `field` over the connections from client-a in an agent's `/stats`.
+fn from_client_a(stats: &Value, field: &str) -> u64 {
+    stats["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["source_pod"] == "spiffe://cluster.local/ns/mesh/sa/client-a")
+        .map(|s| s[field].as_u64().unwrap_or(0))
+        .sum()
+}
+
 fn run(tb: &Testbed, ns: &str, name: &str, program: &str, args: &[&str]) -> std::process::Output {
     let pod = tb.pod(ns, name).clone();
     let mut command = Command::new(program);

@@ -5,32 +5,18 @@
 //! for every connection, 20,000 of them in the bench's short-lived run, and new connections
 //! slowed down searching past them (docs/benchmarks.md).
 
+use nodemesh_testbed::time_wait_sockets;
+
 use super::*;
 
 /// TCP sockets in TIME_WAIT in the network namespace `netns`.
 fn time_wait(netns: &str) -> usize {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "ss", "-tanH", "state", "time-wait"])
-        .output()
-        .expect("ss");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    time_wait_sockets(netns).expect("ss")
 }
 
 /// Connections from client-a that `node`'s HBONE server has seen closed.
 fn closed_from_client_a(tb: &Testbed, node: &str) -> u64 {
-    let stats = tb.admin_json(node, "/stats").expect("stats");
-    stats["connections"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["source_pod"] == "spiffe://cluster.local/ns/mesh/sa/client-a")
-        .map(|s| s["closed"].as_u64().unwrap_or(0))
-        .sum()
+    from_client_a(&tb.admin_json(node, "/stats").expect("stats"), "closed")
 }
 
 #[test]
@@ -43,13 +29,9 @@ fn a_client_reset_reaches_the_server_as_a_reset_and_leaves_no_time_wait() {
     // Same node (client-a and server-a on node1) and across nodes (server-b on node2).
     for (server, node) in [("server-a", "node1"), ("server-b", "node2")] {
         let server = mesh.tb.pod("mesh", server).clone();
-        let mut echo = Command::new(mesh.tb.workload_bin());
-        echo.args(["echo-server", "--ports", "7000"]);
         mesh.tb
-            .spawn_in_pod(&server, echo)
-            .expect("echo server")
-            .detach();
-        mesh.tb.wait_listening(&server, 7000).expect("listening");
+            .start_echo_server(&server, 7000)
+            .expect("echo server");
         let target = format!("{}:7000", server.ipv4());
         let mut closed = closed_from_client_a(&mesh.tb, node);
         for (close, time_wait_expected) in [("rst", false), ("normal", true)] {

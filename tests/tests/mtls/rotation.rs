@@ -78,13 +78,9 @@ fn certificates_rotate_under_load_without_failing_a_connection() {
     start_meshed_agents(&mesh);
     let server_b = mesh.tb.pod("mesh", "server-b").clone();
     let client_a = mesh.tb.pod("mesh", "client-a").clone();
-    let mut echo = Command::new(mesh.tb.workload_bin());
-    echo.args(["echo-server", "--ports", "7000"]);
     mesh.tb
-        .spawn_in_pod(&server_b, echo)
-        .expect("echo server")
-        .detach();
-    mesh.tb.wait_listening(&server_b, 7000).expect("listening");
+        .start_echo_server(&server_b, 7000)
+        .expect("echo server");
     let renewals = |node: &str, id: &str| {
         identities(&mesh.tb, node)[id]["renewals"]
             .as_u64()

@@ -128,13 +128,9 @@ fn hbone_carries_ipv4_and_ipv6_byte_exact_with_the_dialled_peer() {
     let mesh = mesh_with_ca(3600);
     start_meshed_agents(&mesh);
     let server_b = mesh.tb.pod("mesh", "server-b").clone();
-    let mut echo = Command::new(mesh.tb.workload_bin());
-    echo.args(["echo-server", "--ports", "7000"]);
     mesh.tb
-        .spawn_in_pod(&server_b, echo)
-        .expect("echo server")
-        .detach();
-    mesh.tb.wait_listening(&server_b, 7000).expect("listening");
+        .start_echo_server(&server_b, 7000)
+        .expect("echo server");
     let workload = mesh.tb.workload_bin().display().to_string();
     for target in [
         format!("{}:7000", server_b.ipv4()),
@@ -163,15 +159,6 @@ fn hbone_carries_ipv4_and_ipv6_byte_exact_with_the_dialled_peer() {
     }
     // node2 counts a connection's bytes as they pass and its close when both directions have
     // finished, which can be a moment after the client saw its echo: wait for the 10 closes.
-    let from_client_a = |stats: &Value, field: &str| -> u64 {
-        stats["connections"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s["source_pod"] == "spiffe://cluster.local/ns/mesh/sa/client-a")
-            .map(|s| s[field].as_u64().unwrap_or(0))
-            .sum()
-    };
     let mut stats = Value::Null;
     wait_until(
         Duration::from_secs(10),

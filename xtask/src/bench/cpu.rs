@@ -19,13 +19,12 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use inferno::{
-    collapse::{
-        Collapse,
-        perf::{Folder, Options as FoldOptions},
-    },
-    flamegraph,
+use inferno::collapse::{
+    Collapse,
+    perf::{Folder, Options as FoldOptions},
 };
+
+use super::flame;
 
 /// Samples per second and thread.
 const FREQUENCY: &str = "999";
@@ -115,27 +114,11 @@ impl CpuProfile {
             .collapse(BufReader::new(&script.stdout[..]), &mut folded)
             .context("folding perf's stacks")?;
         let folded = String::from_utf8_lossy(&folded);
-        let lines: Vec<String> = folded.lines().filter_map(demangled).collect();
+        let lines: Vec<String> = folded.lines().filter_map(flame::demangled).collect();
         fs::write(self.svg.with_extension("txt"), top_frames(&lines, 40))?;
-        let mut options = flamegraph::Options::default();
-        options.title = self.title.clone();
-        options.count_name = "samples".to_owned();
-        options.colors = flamegraph::Palette::Multi(flamegraph::color::MultiPalette::Rust);
-        let out = fs::File::create(&self.svg)?;
-        flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), out)
-            .with_context(|| format!("rendering {}", self.svg.display()))?;
+        flame::render(&lines, &self.svg, &self.title, "samples")?;
         Ok(self.svg)
     }
-}
-
-/// One folded line (`frame;frame;... count`) with Rust names demangled.
-fn demangled(line: &str) -> Option<String> {
-    let (stack, count) = line.rsplit_once(' ')?;
-    let frames: Vec<String> = stack
-        .split(';')
-        .map(|frame| format!("{:#}", rustc_demangle::demangle(frame)).replace(';', ","))
-        .collect();
-    Some(format!("{} {count}", frames.join(";")))
 }
 
 /// The `limit` frames with the most samples on their own (the leaves), with their share.

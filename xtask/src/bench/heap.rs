@@ -19,7 +19,8 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use inferno::flamegraph;
+
+use super::flame;
 
 const PRELOAD: &str = "/usr/lib/heaptrack/libheaptrack_preload.so";
 const INTERPRET: &str = "/usr/lib/heaptrack/libexec/heaptrack_interpret";
@@ -33,33 +34,37 @@ pub(super) fn wrap(binary: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = fs::canonicalize(dir)?;
-    let wrapper = dir.join("nodemesh-under-heaptrack");
-    let script = format!(
-        "#!/bin/sh\nexec env LD_PRELOAD={PRELOAD} DUMP_HEAPTRACK_OUTPUT={}/{RAW_PREFIX}$$ {} \"$@\"\n",
-        dir.display(),
-        binary.display()
+    let assignments = format!(
+        "LD_PRELOAD={PRELOAD} DUMP_HEAPTRACK_OUTPUT={}/{RAW_PREFIX}$$",
+        dir.display()
     );
-    fs::write(&wrapper, script)?;
-    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
-    Ok(wrapper)
+    exec_wrapper(&dir.join("nodemesh-under-heaptrack"), &assignments, binary)
 }
 
 /// Writes a wrapper that runs `binary` with `env` added (next to the binary); returns it.
 /// Like heaptrack's, it `exec`s, so the process is the agent's own.
 pub(super) fn with_env(binary: &Path, env: &[(String, String)]) -> anyhow::Result<PathBuf> {
-    let wrapper = binary.with_file_name("nodemesh-with-env");
     let assignments: Vec<String> = env
         .iter()
         .map(|(name, value)| format!("{name}='{}'", value.replace('\'', "")))
         .collect();
+    exec_wrapper(
+        &binary.with_file_name("nodemesh-with-env"),
+        &assignments.join(" "),
+        binary,
+    )
+}
+
+/// Writes the script `wrapper` that `exec`s `binary` with its arguments under the shell
+/// variable `assignments`; returns its path.
+fn exec_wrapper(wrapper: &Path, assignments: &str, binary: &Path) -> anyhow::Result<PathBuf> {
     let script = format!(
-        "#!/bin/sh\nexec env {} {} \"$@\"\n",
-        assignments.join(" "),
+        "#!/bin/sh\nexec env {assignments} {} \"$@\"\n",
         binary.display()
     );
-    fs::write(&wrapper, script)?;
-    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
-    Ok(wrapper)
+    fs::write(wrapper, script)?;
+    fs::set_permissions(wrapper, fs::Permissions::from_mode(0o755))?;
+    Ok(wrapper.to_path_buf())
 }
 
 /// Interprets every raw record in `dir` and writes the summaries; returns the summaries'
@@ -112,37 +117,7 @@ pub(super) fn summarise(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 /// Renders heaptrack's folded stacks (`frame;frame;... bytes`) as a flame graph.
 fn flame_graph(folded: &Path, svg: &Path, pid: &str) -> anyhow::Result<()> {
     let text = fs::read_to_string(folded)?;
-    let lines: Vec<String> = text.lines().filter_map(demangled).collect();
-    let mut options = flamegraph::Options::default();
-    options.title = format!("nodemesh (pid {pid}): heap at its peak");
-    options.count_name = "bytes".to_owned();
-    options.colors = flamegraph::Palette::Multi(flamegraph::color::MultiPalette::Rust);
-    let out = fs::File::create(svg)?;
-    flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), out)
-        .with_context(|| format!("rendering {}", svg.display()))
-}
-
-/// One folded line with each frame's Rust name demangled, without hashes or source file.
-fn demangled(line: &str) -> Option<String> {
-    let (stack, bytes) = line.rsplit_once(' ')?;
-    let frames: Vec<String> = stack
-        .split(';')
-        .map(|frame| {
-            let name = frame.split(" (").next().unwrap_or(frame);
-            format!("{:#}", rustc_demangle::demangle(name)).replace(';', ",")
-        })
-        .collect();
-    Some(format!("{} {bytes}", frames.join(";")))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn folded_frames_are_demangled_and_keep_their_weight() {
-        let line = "main (main.c);_RNvNtCs1C1lLj4PWSY_5alloc5alloc5alloc (alloc.rs) 4096";
-        assert_eq!(
-            super::demangled(line).unwrap(),
-            "main;alloc::alloc::alloc 4096"
-        );
-    }
+    let lines: Vec<String> = text.lines().filter_map(flame::demangled).collect();
+    let title = format!("nodemesh (pid {pid}): heap at its peak");
+    flame::render(&lines, svg, &title, "bytes")
 }

@@ -53,6 +53,7 @@
 
 mod cpu;
 mod dns;
+mod flame;
 mod heap;
 mod probes;
 mod report;

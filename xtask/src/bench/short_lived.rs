@@ -8,10 +8,8 @@
 //! the node's network namespaces: a proxy that closes first where the client reset
 //! leaves them, and each new connect() on the same address pair then searches past them.
 
-use std::process::Command;
-
 use anyhow::Context;
-use nodemesh_testbed::{Pod, Testbed};
+use nodemesh_testbed::{Pod, Testbed, time_wait_sockets};
 
 use super::{ECHO_PORT, cpu::CpuProfile, probes::run_json, stats::Samples};
 
@@ -101,20 +99,6 @@ pub(super) fn one_run(
         }
     }
     Ok(())
-}
-
-/// TCP sockets in TIME_WAIT in the network namespace `netns` (`ss`, iproute2).
-fn time_wait_sockets(netns: &str) -> anyhow::Result<usize> {
-    let output = Command::new("ip")
-        .args(["netns", "exec", netns, "ss", "-tanH", "state", "time-wait"])
-        .output()
-        .context("running ss")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "ss in {netns}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).lines().count())
 }
 
 /// The report's section.
