@@ -301,6 +301,14 @@ fn route(request: &Request<hyper::body::Incoming>, state: &AdminState) -> Respon
             "inbound_plaintext": state.stats.plaintext(),
             "protocol_detection": state.stats.detection(),
         })),
+        "/allocations" => match crate::telemetry::allocations::counted() {
+            Some(counts) => json(&counts),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "this agent does not count allocations (built without the feature \
+                 count-allocations)\n",
+            ),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
             "unknown path; try /healthz /readyz /config_dump /metrics /stats\n",

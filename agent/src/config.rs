@@ -121,6 +121,11 @@ pub struct AgentArgs {
     /// stdout): 1 logs every one, 0 none.
     #[arg(long, default_value_t = 1.0, value_parser = sample_rate)]
     pub access_log_sample_rate: f64,
+    /// Worker threads of the agent's runtime, which run the proxy's connections and the
+    /// agent's tasks. Default: half the CPUs the agent may use, at least 1 and at most 2
+    /// (docs/benchmarks.md, "The runtime: worker threads").
+    #[arg(long, env = "NODEMESH_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
     /// OTLP/HTTP traces endpoint (e.g. http://otel-collector:4318/v1/traces); without it no
     /// spans are exported (traceparent is propagated either way).
     #[arg(long)]
@@ -197,6 +202,8 @@ pub struct AgentConfig {
     pub protocol_detection_timeout: Duration,
     pub opaque_ports: OpaquePorts,
     pub access_log_sample_rate: f64,
+    /// Worker threads of the agent's runtime.
+    pub worker_threads: usize,
     pub otlp_endpoint: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
     pub identity: Option<IdentityConfig>,
@@ -370,6 +377,9 @@ impl TryFrom<AgentArgs> for AgentConfig {
             protocol_detection_timeout: Duration::from_millis(args.protocol_detection_timeout_ms),
             opaque_ports: OpaquePorts::new(args.opaque_ports),
             access_log_sample_rate: args.access_log_sample_rate,
+            worker_threads: args
+                .worker_threads
+                .map_or_else(default_worker_threads, std::num::NonZeroUsize::get),
             otlp_endpoint: args.otlp_endpoint,
             metrics_addr: args.metrics_addr,
             handoff_socket: args.handoff_socket,
@@ -427,6 +437,16 @@ fn listen_address(text: &str) -> Result<SocketAddr, String> {
 }
 
 /// A fraction in [0, 1].
+/// Half the CPUs this process may use (its affinity and cgroup quota, as std reads them), at
+/// least 1 and at most 2: a node agent shares the node's cores with the pods it serves, and
+/// on a 2-CPU node one worker was as fast as two or faster on every path measured (fewer
+/// wake-ups crossing threads; docs/benchmarks.md). More are for nodes whose traffic needs
+/// them.
+fn default_worker_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (cpus / 2).clamp(1, 2)
+}
+
 fn sample_rate(text: &str) -> Result<f64, String> {
     let rate: f64 = text
         .parse()

@@ -7,9 +7,20 @@ use clap::{Parser, Subcommand};
 use nodemesh::{agent, ca, cli, config, datapath, telemetry};
 
 /// The feature `jemalloc` (on by default) says why.
-#[cfg(feature = "jemalloc")]
+#[cfg(all(feature = "jemalloc", not(feature = "count-allocations")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// The bench's build: the same allocator, counted (telemetry/allocations.rs).
+#[cfg(all(feature = "jemalloc", feature = "count-allocations"))]
+#[global_allocator]
+static ALLOCATOR: nodemesh::telemetry::allocations::Counting<tikv_jemallocator::Jemalloc> =
+    nodemesh::telemetry::allocations::Counting(tikv_jemallocator::Jemalloc);
+
+#[cfg(all(not(feature = "jemalloc"), feature = "count-allocations"))]
+#[global_allocator]
+static ALLOCATOR: nodemesh::telemetry::allocations::Counting<std::alloc::System> =
+    nodemesh::telemetry::allocations::Counting(std::alloc::System);
 
 #[derive(Parser)]
 #[command(
@@ -176,6 +187,8 @@ fn main() -> ExitCode {
             namespace,
         } => cli::check(kubeconfig.as_deref(), &namespace),
     };
+    // Access log lines still waiting for their batch.
+    telemetry::access_output::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

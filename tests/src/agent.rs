@@ -194,6 +194,9 @@ impl Testbed {
             "--log-format".to_owned(),
             "text".to_owned(),
         ]);
+        if let Some((_, threads)) = self.config.worker_threads.iter().find(|(n, _)| n == node) {
+            args.extend(["--worker-threads".to_owned(), threads.to_string()]);
+        }
         args.extend(options.extra_args.iter().cloned());
         Ok(args)
     }

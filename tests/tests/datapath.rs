@@ -33,6 +33,7 @@ fn testbed_with(topology: TopologySpec) -> Testbed {
         log_dir: None,
         cluster: ClusterMode::from_env_or(ClusterMode::ApiServer),
         chart_values: Vec::new(),
+        worker_threads: nodemesh_testbed::test_worker_threads(),
     };
     Testbed::create(config, topology).expect("create testbed")
 }

@@ -40,6 +40,7 @@ fn testbed(prefix: &str) -> Testbed {
         log_dir: None,
         cluster: ClusterMode::from_env_or(ClusterMode::Manifests),
         chart_values: Vec::new(),
+        worker_threads: nodemesh_testbed::test_worker_threads(),
     };
     Testbed::create(config, TopologySpec::standard()).expect("create testbed")
 }

@@ -325,14 +325,27 @@ fn metrics_access_logs_and_traces_match_the_traffic_sent() {
         ) >= 5.0
     );
 
-    // Access log lines: JSON, both identities, route, status, duration, trace id.
-    let log = tb.agent_log("node1");
-    let lines: Vec<Value> = log
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|v: &Value| v["target"] == "nodemesh::access")
-        .collect();
+    // Access log lines: JSON, both identities, route, status, duration, trace id. The agent
+    // writes them in batches (at least every 100 ms): wait for the echo connections' lines,
+    // the last traffic sent.
+    let access_lines = || -> Vec<Value> {
+        tb.agent_log("node1")
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &Value| v["target"] == "nodemesh::access")
+            .collect()
+    };
+    let echo_line = |l: &&Value| {
+        l["kind"] == "connection" && l["dst_workload"] == "server-b" && l["bytes_sent"] == 65536
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the echo connections' access log lines",
+        || Ok(access_lines().iter().filter(echo_line).count() >= 3),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let lines = access_lines();
     let traced_line = lines
         .iter()
         .find(|l| l["kind"] == "request" && l["path"] == "/echo/traced")
@@ -347,12 +360,7 @@ fn metrics_access_logs_and_traces_match_the_traffic_sent() {
     assert_eq!(traced_line["status"], 200);
     assert_eq!(traced_line["trace_id"], TRACE_ID);
     assert!(traced_line["duration_ms"].as_f64().is_some());
-    let connection_lines = lines
-        .iter()
-        .filter(|l| {
-            l["kind"] == "connection" && l["dst_workload"] == "server-b" && l["bytes_sent"] == 65536
-        })
-        .count();
+    let connection_lines = lines.iter().filter(echo_line).count();
     assert_eq!(connection_lines, 3, "one line per echo connection");
 
     // The collector receives the proxy's span, child of the client's.

@@ -99,6 +99,7 @@ pub fn with_testbed_of<T>(
         log_dir: None,
         cluster,
         chart_values: Vec::new(),
+        worker_threads: Vec::new(),
     };
     let mut tb = Testbed::create(config, TopologySpec::standard_with_ca())
         .context("building the testbed")?;
@@ -120,14 +121,20 @@ pub fn workspace_root() -> PathBuf {
 
 /// Builds the agent and the test workload; returns their paths.
 pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
-    build_binaries_with_allocator(release, true)
+    build_binaries_with(release, AgentBuild::default())
 }
 
-/// `build_binaries`, the agent with jemalloc or with glibc's malloc (which heaptrack sees).
-pub fn build_binaries_with_allocator(
-    release: bool,
-    jemalloc: bool,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// How the agent is built beyond its defaults.
+#[derive(Clone, Copy, Default)]
+pub struct AgentBuild {
+    /// glibc's malloc instead of jemalloc (heaptrack sees only glibc's).
+    pub system_allocator: bool,
+    /// The feature `count-allocations`: `/allocations` on the admin API (the bench's).
+    pub count_allocations: bool,
+}
+
+/// `build_binaries`, the agent built as `agent` says.
+pub fn build_binaries_with(release: bool, agent: AgentBuild) -> anyhow::Result<(PathBuf, PathBuf)> {
     let mut cargo = Command::new(env!("CARGO"));
     cargo.current_dir(workspace_root()).args([
         "build",
@@ -140,8 +147,11 @@ pub fn build_binaries_with_allocator(
     if release {
         cargo.arg("--release");
     }
-    if !jemalloc {
+    if agent.system_allocator {
         cargo.arg("--no-default-features");
+    }
+    if agent.count_allocations {
+        cargo.args(["--features", "nodemesh/count-allocations"]);
     }
     run(&mut cargo)?;
     let dir = target_dir().join(if release { "release" } else { "debug" });

@@ -35,6 +35,7 @@ const TAKEOVER_CHECK: Duration = Duration::from_millis(20);
 pub fn run(config: AgentConfig) -> anyhow::Result<()> {
     raise_open_files_limit();
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?

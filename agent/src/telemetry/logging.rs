@@ -1,7 +1,8 @@
 //! tracing set-up: `RUST_LOG` filters (default `info`); the agent's own logs go to stderr as
 //! JSON lines or as text (`--log-format`; JSON unless stderr is a terminal, since cluster log
 //! pipelines expect JSON), with colours only on a terminal. Access logs (target
-//! `nodemesh::access`) always go to stdout as JSON lines, one object per line.
+//! `nodemesh::access`) always go to stdout as JSON lines, one object per line, written in
+//! batches (`access_output`).
 
 use std::io::IsTerminal;
 
@@ -9,7 +10,7 @@ use tracing_subscriber::{
     EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt,
 };
 
-use super::access;
+use super::{access, access_output};
 
 /// How the logs on stderr are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -54,7 +55,7 @@ pub fn init(format: LogFormat) {
         .flatten_event(true)
         .with_current_span(false)
         .with_span_list(false)
-        .with_writer(std::io::stdout)
+        .with_writer(access_output::BatchedStdout::start())
         .with_filter(filter_fn(|meta| meta.target() == access::TARGET));
     tracing_subscriber::registry()
         .with(filter)

@@ -1,6 +1,8 @@
 //! Logs, counters and traces.
 
 pub mod access;
+pub mod access_output;
+pub mod allocations;
 pub mod connections;
 pub mod logging;
 pub mod metrics;

@@ -80,9 +80,9 @@ impl Tracer {
         let attribute = |key: &str, value: Value| json!({"key": key, "value": value});
         let text = |s: &str| json!({"stringValue": s});
         let record = json!({
-            "traceId": hex(&span.trace_id),
-            "spanId": hex(&span.span_id),
-            "parentSpanId": span.parent_span_id.map(|p| hex(&p)).unwrap_or_default(),
+            "traceId": hex::encode(span.trace_id),
+            "spanId": hex::encode(span.span_id),
+            "parentSpanId": span.parent_span_id.map(hex::encode).unwrap_or_default(),
             "name": format!("{method} {path}"),
             // SPAN_KIND_CLIENT: the proxy calls the destination on the client's behalf.
             "kind": 3,
@@ -183,8 +183,4 @@ async fn post(endpoint: &Uri, body: String) -> Result<(), ExportError> {
     } else {
         Err(ExportError::Status(status))
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -25,16 +25,17 @@ pub struct SpanIds {
 
 impl SpanIds {
     pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
+        hex::encode(self.trace_id)
     }
 
-    fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            u8::from(self.sampled)
-        )
+    /// `00-<trace id>-<span id>-<flags>`, written into one buffer.
+    fn traceparent(&self) -> HeaderValue {
+        let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        // The lengths are the ids' own: encoding cannot fail.
+        let _ = hex::encode_to_slice(self.trace_id, &mut text[3..35]);
+        let _ = hex::encode_to_slice(self.span_id, &mut text[36..52]);
+        text[54] = if self.sampled { b'1' } else { b'0' };
+        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static(""))
     }
 }
 
@@ -46,9 +47,9 @@ pub fn parse(value: &str) -> Option<([u8; 16], [u8; 8], u8)> {
     if version != "00" || parts.next().is_some() {
         return None;
     }
-    let trace: [u8; 16] = unhex(trace)?.try_into().ok()?;
-    let parent: [u8; 8] = unhex(parent)?.try_into().ok()?;
-    let flags: [u8; 1] = unhex(flags)?.try_into().ok()?;
+    let trace: [u8; 16] = unhex(trace)?;
+    let parent: [u8; 8] = unhex(parent)?;
+    let flags: [u8; 1] = unhex(flags)?;
     if trace == [0; 16] || parent == [0; 8] {
         return None;
     }
@@ -61,7 +62,7 @@ pub fn trace_id_of(headers: &HeaderMap) -> String {
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse)
-        .map(|(trace, _, _)| hex(&trace))
+        .map(|(trace, _, _)| hex::encode(trace))
         .unwrap_or_default()
 }
 
@@ -86,9 +87,7 @@ pub fn propagate(headers: &mut HeaderMap) -> SpanIds {
             sampled: true,
         },
     };
-    if let Ok(value) = HeaderValue::from_str(&span.traceparent()) {
-        headers.insert(TRACEPARENT, value);
-    }
+    headers.insert(TRACEPARENT, span.traceparent());
     span
 }
 
@@ -100,22 +99,15 @@ fn random_id<const N: usize>() -> [u8; N] {
     id
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    // Upper-case hex is invalid in traceparent.
+/// `N` bytes from exactly `2 * N` lower-case hex digits (upper case is invalid in
+/// traceparent).
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
     if text.bytes().any(|b| b.is_ascii_uppercase()) {
         return None;
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect()
+    let mut bytes = [0; N];
+    hex::decode_to_slice(text, &mut bytes).ok()?;
+    Some(bytes)
 }
 
 #[cfg(test)]
@@ -137,7 +129,7 @@ mod tests {
         let outgoing = headers[TRACEPARENT].to_str().unwrap();
         let (trace, parent, flags) = parse(outgoing).unwrap();
         assert_eq!(
-            (hex(&trace), parent, flags),
+            (hex::encode(trace), parent, flags),
             (span.trace_id_hex(), span.span_id, 1)
         );
         assert_eq!(trace_id_of(&headers), "4bf92f3577b34da6a3ce929d0e0e4736");

@@ -63,6 +63,16 @@ pub struct TestbedConfig {
     /// Values files for the chart's `helm install` (API server mode), e.g. the one
     /// `cargo xtask image` writes to pin the image.
     pub chart_values: Vec<PathBuf>,
+    /// `--worker-threads` of the agents started as binaries, by node; a node not listed
+    /// runs the agent's default. The tests use [`test_worker_threads`].
+    pub worker_threads: Vec<(String, usize)>,
+}
+
+/// The tests run node2's agent with two worker threads and node1's with the default (one
+/// on a machine of two CPUs, as CI's), so traffic between the nodes crosses both kinds of
+/// runtime in every suite. The bench and the demo run the default, as users get it.
+pub fn test_worker_threads() -> Vec<(String, usize)> {
+    vec![("node2".to_owned(), 2)]
 }
 
 impl TestbedConfig {
@@ -75,6 +85,7 @@ impl TestbedConfig {
             log_dir: None,
             cluster: ClusterMode::from_env_or(ClusterMode::ApiServer),
             chart_values: Vec::new(),
+            worker_threads: test_worker_threads(),
         })
     }
 

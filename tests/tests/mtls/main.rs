@@ -38,6 +38,7 @@ fn mesh_with_ca(cert_ttl_seconds: u64) -> Mesh {
         log_dir: None,
         cluster: ClusterMode::from_env_or(ClusterMode::ApiServer),
         chart_values: Vec::new(),
+        worker_threads: nodemesh_testbed::test_worker_threads(),
     };
     let tb = Testbed::create(config, topology).expect("create testbed");
     let ca_pod = tb.pod("nodemesh-system", "ca").clone();

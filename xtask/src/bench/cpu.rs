@@ -2,8 +2,9 @@
 //! samples the agent's process (all its threads, user and kernel stacks, DWARF unwinding:
 //! the release build keeps no frame pointers) while the scenario runs; afterwards the
 //! samples are folded and drawn as a flame graph, `DIR/<name>.svg` (inferno, Rust names
-//! demangled), and the heaviest frames listed in `DIR/<name>.txt`. The raw `perf.data` is
-//! removed: it is large, and the SVG is what docs/ keep.
+//! demangled), the heaviest frames listed in `DIR/<name>.txt` (by self time and in all) and
+//! the folded stacks kept in `DIR/<name>.folded`. The raw `perf.data` is removed: it is
+//! large, and the SVG is what docs/ keep.
 //!
 //! perf starts with its events disabled and is told to enable them through its control
 //! FIFO; its acknowledgement on the second FIFO says sampling has begun, so the scenario
@@ -91,7 +92,9 @@ impl CpuProfile {
         })
     }
 
-    /// Stops sampling and writes the flame graph and the top frames; returns the SVG's path.
+    /// Stops sampling and writes the top frames and the flame graph; returns the SVG's path,
+    /// or the top frames' when the process was never sampled (it had nothing to do: an agent
+    /// the scenario's traffic does not pass through), which draws no graph.
     pub(super) fn finish(mut self) -> anyhow::Result<PathBuf> {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(self.perf.id())?),
@@ -115,15 +118,24 @@ impl CpuProfile {
             .context("folding perf's stacks")?;
         let folded = String::from_utf8_lossy(&folded);
         let lines: Vec<String> = folded.lines().filter_map(flame::demangled).collect();
-        fs::write(self.svg.with_extension("txt"), top_frames(&lines, 40))?;
+        let top = self.svg.with_extension("txt");
+        fs::write(&top, top_frames(&lines, 40))?;
+        // The folded stacks too, for questions the graph does not answer at a glance.
+        fs::write(self.svg.with_extension("folded"), lines.join("\n"))?;
+        if lines.is_empty() {
+            return Ok(top);
+        }
         flame::render(&lines, &self.svg, &self.title, "samples")?;
         Ok(self.svg)
     }
 }
 
-/// The `limit` frames with the most samples on their own (the leaves), with their share.
+/// The `limit` frames with the most samples on their own (the leaves), and the `limit`
+/// with the most samples in all (the frame and what it called; a frame that recurses counts
+/// once per stack), each with its share.
 fn top_frames(lines: &[String], limit: usize) -> String {
-    let mut by_leaf: HashMap<&str, u64> = HashMap::new();
+    let mut own: HashMap<&str, u64> = HashMap::new();
+    let mut inclusive: HashMap<&str, u64> = HashMap::new();
     let mut total = 0;
     for line in lines {
         let Some((stack, count)) = line.rsplit_once(' ') else {
@@ -131,18 +143,27 @@ fn top_frames(lines: &[String], limit: usize) -> String {
         };
         let count: u64 = count.parse().unwrap_or(0);
         total += count;
-        *by_leaf
-            .entry(stack.rsplit(';').next().unwrap_or(stack))
+        *own.entry(stack.rsplit(';').next().unwrap_or(stack))
             .or_default() += count;
+        let mut seen = std::collections::HashSet::new();
+        for frame in stack.split(';').filter(|frame| seen.insert(*frame)) {
+            *inclusive.entry(frame).or_default() += count;
+        }
     }
-    let mut leaves: Vec<_> = by_leaf.into_iter().collect();
-    leaves.sort_by_key(|&(_, count)| std::cmp::Reverse(count));
     let mut out = format!("{total} samples; the frames that spent them (self time):\n");
-    for (frame, count) in leaves.into_iter().take(limit) {
+    list(&mut out, own, total, limit);
+    out.push_str("\nthe frames with the most samples in all (self and callees):\n");
+    list(&mut out, inclusive, total, limit);
+    out
+}
+
+fn list(out: &mut String, frames: HashMap<&str, u64>, total: u64, limit: usize) {
+    let mut frames: Vec<_> = frames.into_iter().collect();
+    frames.sort_by_key(|&(_, count)| std::cmp::Reverse(count));
+    for (frame, count) in frames.into_iter().take(limit) {
         out.push_str(&format!(
             "{:5.1}%  {count:6}  {frame}\n",
             count as f64 * 100.0 / total.max(1) as f64
         ));
     }
-    out
 }

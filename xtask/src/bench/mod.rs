@@ -55,6 +55,7 @@ mod cpu;
 mod dns;
 mod flame;
 mod heap;
+mod observe;
 mod probes;
 mod report;
 mod scenarios;
@@ -143,10 +144,15 @@ pub struct BenchArgs {
     /// Not with `--write`.
     #[arg(long, conflicts_with_all = ["write", "memory_only", "dns_only", "zones_only"])]
     short_lived_only: bool,
-    /// Sample the CPU of node1's agent with perf while the short-lived scenario's captured
-    /// runs go (`--short-lived-only`), and write each run's flame graph into this directory
-    /// (`cpu.rs`).
-    #[arg(long, requires = "short_lived_only")]
+    /// Measure the request paths only (keep-alive HTTP/1.1 over each path, HTTP/2 through
+    /// L7, bulk) with the agents' allocations, and print those sections: the quick loop while
+    /// working on the data path. Not with `--write`.
+    #[arg(long, conflicts_with_all = ["write", "memory_only", "dns_only", "zones_only", "short_lived_only"])]
+    paths_only: bool,
+    /// Sample both agents' CPU with perf during each meshed scenario of `--short-lived-only`
+    /// or `--paths-only`, and write each one's flame graph and top frames into this
+    /// directory (`cpu.rs`).
+    #[arg(long)]
     cpu_profile: Option<std::path::PathBuf>,
     /// Run every `nodemesh` process under heaptrack and write, per process, its peak
     /// consumers and a folded-stack file of the peak into this directory (`heap.rs`).
@@ -167,9 +173,19 @@ fn env_pair(text: &str) -> Result<(String, String), String> {
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.cpu_profile.is_some() && !(args.short_lived_only || args.paths_only) {
+        bail!("--cpu-profile goes with --short-lived-only or --paths-only");
+    }
     // heaptrack sees glibc's malloc only, so a heap profile is of an agent built with it.
-    let (mut nodemesh, workload) =
-        crate::build_binaries_with_allocator(true, args.heap_profile.is_none())?;
+    // The agents count their allocations for the report's per-request and per-connection
+    // figures (an uncontended atomic add per allocation: telemetry/allocations.rs).
+    let (mut nodemesh, workload) = crate::build_binaries_with(
+        true,
+        crate::AgentBuild {
+            system_allocator: args.heap_profile.is_some(),
+            count_allocations: true,
+        },
+    )?;
     if let Some(dir) = &args.heap_profile {
         nodemesh = heap::wrap(&nodemesh, dir)?;
     }
@@ -216,6 +232,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     }
     if args.short_lived_only {
         let mut runs = short_lived::ShortLivedRuns::default();
+        let mut allocations = observe::AllocationRuns::default();
         for run in 0..args.runs {
             short_lived::one_run(
                 tb,
@@ -223,15 +240,28 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
                 args.connects,
                 [&bed.direct_a, &bed.server_a],
                 &mut runs,
+                &mut allocations,
                 args.cpu_profile
                     .as_deref()
-                    .map(|dir| (dir, format!("short-lived-node1-run{}", run + 1))),
+                    .map(|dir| (dir, format!("short-lived-run{}", run + 1))),
             )?;
             probes::wait_proxy_idle(tb, std::time::Duration::from_secs(10))?;
         }
         let mut out = report::header(args);
         short_lived::section(&mut out, args.connects, &runs);
+        allocations.section(&mut out);
         return Ok(out);
+    }
+    if args.paths_only {
+        let mut results = scenarios::Results::new(args, bed.http_paths.len());
+        for run in 0..args.runs {
+            eprintln!("bench: paths, run {}/{}", run + 1, args.runs);
+            let watch = scenarios::Watch {
+                profiles: args.cpu_profile.as_deref().map(|dir| (dir, run)),
+            };
+            scenarios::paths_run(tb, args, &bed, &mut results, watch)?;
+        }
+        return report::paths_only(args, &bed, results);
     }
     let idle_rss = [
         probes::agent_rss_mib(tb, "node1")?,

@@ -34,6 +34,7 @@ pub(super) fn render(
         mut enrolment_ms,
         issuance,
         zones,
+        allocations,
     } = results;
     let (direct, hooked) = (Samples(direct), Samples(hooked));
     let (bulk_direct, bulk_meshed) = (Samples(bulk_direct), Samples(bulk_meshed));
@@ -58,6 +59,7 @@ pub(super) fn render(
     enrolment_section(&mut out, &mut enrolment_ms);
     memory_section(&mut out, memory, idle_rss);
     issuance_section(&mut out, issuance);
+    allocations.section(&mut out);
     let direct_http = &closed[0];
     let h2 = (H2Samples::of(&h2_direct), H2Samples::of(&h2_l7));
     let ratios = [
@@ -121,6 +123,21 @@ fn hook_cost(out: &mut String, [direct, hooked]: [&Samples; 2]) {
             samples.median() / direct.median()
         ));
     }
+}
+
+/// The report of a `--paths-only` run.
+pub(super) fn paths_only(args: &BenchArgs, bed: &Bed, results: Results) -> anyhow::Result<String> {
+    let mut out = header(args);
+    closed_loop_section(&mut out, bed, &results.closed_loop);
+    h2_section(&mut out, args, &results.h2_direct, &results.h2_l7);
+    bulk_section(
+        &mut out,
+        args,
+        &Samples(results.bulk_direct),
+        &Samples(results.bulk_meshed),
+    );
+    results.allocations.section(&mut out);
+    Ok(out)
 }
 
 /// Keep-alive HTTP/1.1 at concurrency 1; returns each path's summary.

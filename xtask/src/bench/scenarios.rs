@@ -1,7 +1,10 @@
 //! One repetition of every scenario, in the order the report lists them, recorded into
 //! [`Results`].
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use nodemesh_testbed::{MeshCa, Pod, Testbed};
@@ -9,6 +12,7 @@ use nodemesh_testbed::{MeshCa, Pod, Testbed};
 use super::{
     BANNER_DECLARED_IP, BANNER_DETECTED_IP, BANNER_OPAQUE_IP, BANNER_PORT, BANNER_READS, BenchArgs,
     ECHO_PORT, EXCLUDED_PORT, HTTP_PORT, OPAQUE_PORT,
+    observe::{AllocationRuns, Observation},
     probes::{agents_cpu_seconds, enrolment_latencies, h2load, run_json, wait_proxy_idle},
     setup::Bed,
     short_lived::{self, ShortLivedRuns},
@@ -38,6 +42,7 @@ pub(super) struct Results {
     pub(super) enrolment_ms: Vec<f64>,
     pub(super) issuance: Vec<Issuance>,
     pub(super) zones: ZoneRuns,
+    pub(super) allocations: AllocationRuns,
 }
 
 impl Results {
@@ -58,6 +63,7 @@ impl Results {
             bulk_meshed: Vec::new(),
             enrolment_ms: Vec::new(),
             zones: ZoneRuns::default(),
+            allocations: AllocationRuns::default(),
             issuance: [1, 8]
                 .into_iter()
                 .map(|concurrency| Issuance {
@@ -95,26 +101,14 @@ pub(super) fn one_run(
         args.connects,
         [&bed.direct_a, &bed.server_a],
         &mut results.short_lived,
+        &mut results.allocations,
         None,
     )?;
-    closed_loop(tb, args, bed, results)?;
+    closed_loop(tb, args, bed, results, Watch::counting())?;
     open_loop(tb, args, bed, results)?;
-    results.h2_direct.push(h2load(
-        tb,
-        OUTSIDER,
-        &format!("{}:{HTTP_PORT}", bed.direct_b.ipv4()),
-        args.requests,
-    )?);
-    results
-        .h2_l7
-        .push(h2load(tb, CLIENT, &bed.l7_target, args.requests)?);
+    http2(tb, args, bed, results, Watch::counting())?;
     banners(tb, bed, results)?;
-    results
-        .bulk_direct
-        .push(bulk(tb, args, workload, OUTSIDER, &bed.direct_b)?);
-    results
-        .bulk_meshed
-        .push(bulk(tb, args, workload, CLIENT, &bed.server_b)?);
+    bulk(tb, args, bed, results, Watch::counting())?;
     issuance(tb, args, workload, ca, results)?;
     results
         .enrolment_ms
@@ -123,6 +117,54 @@ pub(super) fn one_run(
     // not overlap.
     wait_proxy_idle(tb, Duration::from_secs(10))?;
     Ok(())
+}
+
+/// The request paths alone (`--paths-only`): keep-alive HTTP/1.1, HTTP/2 through L7 and
+/// bulk, each watched as `watch` says.
+pub(super) fn paths_run(
+    tb: &mut Testbed,
+    args: &BenchArgs,
+    bed: &Bed,
+    results: &mut Results,
+    watch: Watch,
+) -> anyhow::Result<()> {
+    closed_loop(tb, args, bed, results, watch)?;
+    http2(tb, args, bed, results, watch)?;
+    bulk(tb, args, bed, results, watch)?;
+    wait_proxy_idle(tb, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// How the agents are watched during a scenario: their allocations are counted always; with
+/// a directory, their CPU is sampled too, into profiles named after the scenario and run.
+#[derive(Clone, Copy)]
+pub(super) struct Watch<'a> {
+    pub(super) profiles: Option<(&'a Path, usize)>,
+}
+
+impl<'a> Watch<'a> {
+    fn counting() -> Self {
+        Self { profiles: None }
+    }
+
+    /// Starts watching `scenario`; agents carry no direct path, so it is not profiled.
+    fn start(self, tb: &Testbed, scenario: &str, meshed: bool) -> anyhow::Result<Observation> {
+        let name = self
+            .profiles
+            .filter(|_| meshed)
+            .map(|(dir, run)| (dir, format!("{}-run{}", slug(scenario), run + 1)));
+        Observation::start(tb, name.as_ref().map(|(dir, name)| (*dir, name.as_str())))
+    }
+}
+
+/// `scenario` as a file name: lower case, words joined by dashes.
+fn slug(scenario: &str) -> String {
+    scenario
+        .to_lowercase()
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 /// Requests per cell of the zone scenario (it has nine).
@@ -162,8 +204,11 @@ fn closed_loop(
     args: &BenchArgs,
     bed: &Bed,
     results: &mut Results,
+    watch: Watch,
 ) -> anyhow::Result<()> {
     for ((path, from, target), runs) in bed.http_paths.iter().zip(&mut results.closed_loop) {
+        let scenario = format!("keep-alive HTTP/1.1, {}", path.short());
+        let observation = watch.start(tb, &scenario, *from != OUTSIDER)?;
         let cpu_before = agents_cpu_seconds(tb)?;
         let out = run_json(
             tb,
@@ -180,6 +225,10 @@ fn closed_loop(
             ],
         )?;
         let cpu = agents_cpu_seconds(tb)? - cpu_before;
+        let per_request = observation.finish(tb, args.requests as f64)?;
+        results
+            .allocations
+            .record(&scenario, "request", per_request);
         runs.record(&out, cpu * 10_000.0 / args.requests as f64)
             .with_context(|| format!("{path:?}"))?;
     }
@@ -258,8 +307,69 @@ fn banners(tb: &Testbed, bed: &Bed, results: &mut Results) -> anyhow::Result<()>
     Ok(())
 }
 
-/// MiB/s of one connection echoing `--bulk-mib` MiB from `from` to `to`.
+/// h2load, direct and through the L7 proxy.
+fn http2(
+    tb: &Testbed,
+    args: &BenchArgs,
+    bed: &Bed,
+    results: &mut Results,
+    watch: Watch,
+) -> anyhow::Result<()> {
+    let direct_target = format!("{}:{HTTP_PORT}", bed.direct_b.ipv4());
+    for (scenario, from, target, runs) in [
+        (
+            "HTTP/2, direct",
+            OUTSIDER,
+            direct_target.as_str(),
+            &mut results.h2_direct,
+        ),
+        (
+            "HTTP/2, L7 + HBONE mTLS",
+            CLIENT,
+            bed.l7_target.as_str(),
+            &mut results.h2_l7,
+        ),
+    ] {
+        let observation = watch.start(tb, scenario, from != OUTSIDER)?;
+        runs.push(h2load(tb, from, target, args.requests)?);
+        let per_request = observation.finish(tb, args.requests as f64)?;
+        results.allocations.record(scenario, "request", per_request);
+    }
+    Ok(())
+}
+
+/// One connection echoing `--bulk-mib` MiB, direct and over HBONE.
 fn bulk(
+    tb: &Testbed,
+    args: &BenchArgs,
+    bed: &Bed,
+    results: &mut Results,
+    watch: Watch,
+) -> anyhow::Result<()> {
+    for (scenario, from, to, runs) in [
+        (
+            "bulk, direct",
+            OUTSIDER,
+            &bed.direct_b,
+            &mut results.bulk_direct,
+        ),
+        (
+            "bulk, HBONE mTLS",
+            CLIENT,
+            &bed.server_b,
+            &mut results.bulk_meshed,
+        ),
+    ] {
+        let observation = watch.start(tb, scenario, from != OUTSIDER)?;
+        runs.push(bulk_rate(tb, args, &bed.workload, from, to)?);
+        let per_mib = observation.finish(tb, args.bulk_mib as f64)?;
+        results.allocations.record(scenario, "MiB", per_mib);
+    }
+    Ok(())
+}
+
+/// MiB/s of one connection echoing `--bulk-mib` MiB from `from` to `to`.
+fn bulk_rate(
     tb: &Testbed,
     args: &BenchArgs,
     workload: &str,

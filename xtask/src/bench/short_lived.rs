@@ -11,7 +11,12 @@
 use anyhow::Context;
 use nodemesh_testbed::{Pod, Testbed, time_wait_sockets};
 
-use super::{ECHO_PORT, cpu::CpuProfile, probes::run_json, stats::Samples};
+use super::{
+    ECHO_PORT,
+    observe::{AllocationRuns, Observation},
+    probes::run_json,
+    stats::Samples,
+};
 
 /// Bytes each transaction echoes.
 const ECHO_BYTES: &str = "64";
@@ -35,19 +40,31 @@ pub(super) struct ShortLivedRuns {
 }
 
 /// One run of each path: `connects` transactions from `client` (non-meshed for direct, then
-/// meshed) to a server on node1. With `profile` (a directory and a name), node1's agent is
-/// sampled with perf during the captured path's loop.
+/// meshed) to a server on node1, counting the agents' allocations per connection. With
+/// `profile` (a directory and a name), the agents are sampled with perf during the captured
+/// path's loop.
 pub(super) fn one_run(
     tb: &Testbed,
     workload: &str,
     connects: u64,
     [direct_server, meshed_server]: [&Pod; 2],
     runs: &mut ShortLivedRuns,
+    allocations: &mut AllocationRuns,
     profile: Option<(&std::path::Path, String)>,
 ) -> anyhow::Result<()> {
-    for (client, server, path) in [
-        (("plain", "outsider"), direct_server, &mut runs.direct),
-        (("mesh", "client-a"), meshed_server, &mut runs.captured),
+    for (client, server, path, scenario) in [
+        (
+            ("plain", "outsider"),
+            direct_server,
+            &mut runs.direct,
+            "short-lived, direct",
+        ),
+        (
+            ("mesh", "client-a"),
+            meshed_server,
+            &mut runs.captured,
+            "short-lived, HBONE mTLS same node",
+        ),
     ] {
         let target = format!("{}:{ECHO_PORT}", server.ipv4());
         let client_pod = tb.pod(client.0, client.1);
@@ -56,14 +73,13 @@ pub(super) fn one_run(
         // Earlier scenarios may have left some (the memory scenario's connections close
         // in order): what counts is what this loop adds.
         let before = namespaces.map(time_wait_sockets);
-        let sampling = match &profile {
-            Some((dir, name)) if client.0 == "mesh" => Some(CpuProfile::start(
-                tb.agent_pid("node1").context("node1's agent pid")?,
-                dir,
-                name,
-            )?),
-            _ => None,
-        };
+        let observation = Observation::start(
+            tb,
+            profile
+                .as_ref()
+                .filter(|_| client.0 == "mesh")
+                .map(|(dir, name)| (*dir, name.as_str())),
+        )?;
         let out = run_json(
             tb,
             client,
@@ -78,9 +94,11 @@ pub(super) fn one_run(
                 ECHO_BYTES,
             ],
         )?;
-        if let Some(sampling) = sampling {
-            eprintln!("cpu profile: {}", sampling.finish()?.display());
-        }
+        allocations.record(
+            scenario,
+            "connection",
+            observation.finish(tb, connects as f64)?,
+        );
         let per_connect = out["per_connect_ns"].as_f64().context("per_connect_ns")?;
         path.rate.push(1e9 / per_connect);
         let thousands: Vec<f64> = out["per_connect_ns_by_thousand"]
