@@ -2,9 +2,9 @@
 //! samples the agent's process (all its threads, user and kernel stacks, DWARF unwinding:
 //! the release build keeps no frame pointers) while the scenario runs; afterwards the
 //! samples are folded and drawn as a flame graph, `DIR/<name>.svg` (inferno, Rust names
-//! demangled), the heaviest frames listed in `DIR/<name>.txt` (by self time and in all) and
-//! the folded stacks kept in `DIR/<name>.folded`. The raw `perf.data` is removed: it is
-//! large, and the SVG is what docs/ keep.
+//! demangled), the heaviest frames listed in `DIR/<name>.txt` (by self time, by part of the
+//! data path, and in all) and the folded stacks kept in `DIR/<name>.folded`. The raw
+//! `perf.data` is removed: it is large, and the SVG is what docs/ keep.
 //!
 //! perf starts with its events disabled and is told to enable them through its control
 //! FIFO; its acknowledgement on the second FIFO says sampling has begun, so the scenario
@@ -130,6 +130,80 @@ impl CpuProfile {
     }
 }
 
+/// The parts of the data path a profile is read by: a name and the frames (substrings of a
+/// frame's name) that put a sample in it. A sample counts towards every part one of its
+/// frames matches, so parts nest (the HTTP/1 server's task runs the request's handling).
+const PARTS: &[(&str, &[&str])] = &[
+    (
+        "HTTP/1 server (hyper; the L7 request's task)",
+        &["role::Server"],
+    ),
+    (
+        "  the request's handling (route, balance, pool, telemetry)",
+        &["outbound::request::handle"],
+    ),
+    (
+        "  upstream pool (HTTP client side)",
+        &["UpstreamPool>::send"],
+    ),
+    ("  access log", &["AccessLog"]),
+    ("  metrics", &["telemetry::metrics"]),
+    ("HTTP/1 client (hyper)", &["role::Client"]),
+    ("HTTP/2 in hyper (L7 connections)", &["hyper::proto::h2"]),
+    ("HTTP/2 (h2: HBONE, and hyper's HTTP/2)", &["h2::"]),
+    ("TLS (rustls, AES-GCM)", &["rustls::", "aws_lc"]),
+    ("relay (L4 connections and tunnels)", &["proxy::relay"]),
+    (
+        "kernel: TCP send (with the receiver's softirq)",
+        &["tcp_sendmsg"],
+    ),
+    ("kernel: TCP receive", &["tcp_recvmsg"]),
+    ("waiting for events (epoll_wait)", &["epoll_wait"]),
+    ("context switches", &["finish_task_switch"]),
+    ("allocator", &["_rjem_", "je_"]),
+];
+
+/// The share of samples in each of [`PARTS`].
+fn parts(lines: &[String], total: u64) -> String {
+    let mut out =
+        String::from("\nby part of the data path (a sample counts in every part on its stack):\n");
+    for (name, patterns) in PARTS {
+        let count: u64 = lines
+            .iter()
+            .filter_map(|line| line.rsplit_once(' '))
+            .filter(|(stack, _)| patterns.iter().any(|pattern| stack.contains(pattern)))
+            .map(|(_, count)| count.parse::<u64>().unwrap_or(0))
+            .sum();
+        out.push_str(&format!(
+            "{:5.1}%  {count:6}  {name}\n",
+            count as f64 * 100.0 / total.max(1) as f64
+        ));
+    }
+    out
+}
+
+/// Frames every stack passes through on its way to the work: the runtime, the standard
+/// library, the thread's start, the system call entry. The inclusive list leaves them out.
+fn is_plumbing(frame: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "tokio::runtime",
+        "<tokio::runtime",
+        "std::",
+        "<std::",
+        "core::",
+        "<core::",
+        "tokio-rt-worker",
+        "[unknown]",
+        "entry_SYSCALL",
+        "do_syscall_64",
+        "__libc_start",
+        "_start",
+        "start_thread",
+        "clone3",
+    ];
+    PREFIXES.iter().any(|prefix| frame.starts_with(prefix))
+}
+
 /// The `limit` frames with the most samples on their own (the leaves), and the `limit`
 /// with the most samples in all (the frame and what it called; a frame that recurses counts
 /// once per stack), each with its share.
@@ -146,13 +220,20 @@ fn top_frames(lines: &[String], limit: usize) -> String {
         *own.entry(stack.rsplit(';').next().unwrap_or(stack))
             .or_default() += count;
         let mut seen = std::collections::HashSet::new();
-        for frame in stack.split(';').filter(|frame| seen.insert(*frame)) {
+        for frame in stack
+            .split(';')
+            .filter(|frame| !is_plumbing(frame) && seen.insert(*frame))
+        {
             *inclusive.entry(frame).or_default() += count;
         }
     }
     let mut out = format!("{total} samples; the frames that spent them (self time):\n");
     list(&mut out, own, total, limit);
-    out.push_str("\nthe frames with the most samples in all (self and callees):\n");
+    out.push_str(&parts(lines, total));
+    out.push_str(
+        "\nthe frames with the most samples in all (self and callees; the runtime's and the \
+         standard library's left out):\n",
+    );
     list(&mut out, inclusive, total, limit);
     out
 }
