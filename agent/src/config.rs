@@ -436,17 +436,22 @@ fn listen_address(text: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{text:?} is not ADDRESS:PORT"))
 }
 
-/// A fraction in [0, 1].
-/// Half the CPUs this process may use (its affinity and cgroup quota, as std reads them), at
-/// least 1 and at most 2: a node agent shares the node's cores with the pods it serves, and
-/// on a 2-CPU node one worker was as fast as two or faster on every path measured (fewer
-/// wake-ups crossing threads; docs/benchmarks.md). More are for nodes whose traffic needs
-/// them.
+/// Workers for the CPUs this process may use (its affinity and cgroup quota, as std reads
+/// them).
 fn default_worker_threads() -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    worker_threads_for(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+}
+
+/// Half of `cpus`, at least 1 and at most 2 (ztunnel's default is 2 workers): a node agent
+/// shares the node's cores with the pods it serves, and on a 2-CPU node one worker was as
+/// fast as two or faster on every path measured (fewer wake-ups crossing threads;
+/// docs/benchmarks.md, "The runtime: worker threads"). Nodes whose meshed traffic needs
+/// more are given more with `--worker-threads`.
+fn worker_threads_for(cpus: usize) -> usize {
     (cpus / 2).clamp(1, 2)
 }
 
+/// A fraction in [0, 1].
 fn sample_rate(text: &str) -> Result<f64, String> {
     let rate: f64 = text
         .parse()
@@ -461,6 +466,13 @@ fn sample_rate(text: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_are_half_the_cpus_from_one_to_two() {
+        for (cpus, workers) in [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (64, 2)] {
+            assert_eq!(worker_threads_for(cpus), workers, "{cpus} CPUs");
+        }
+    }
 
     #[test]
     fn listen_addresses_take_ipv6_with_or_without_brackets() {

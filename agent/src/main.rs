@@ -136,6 +136,8 @@ fn main() -> ExitCode {
     telemetry::logging::init(telemetry::logging::LogFormat::or_default_for_stderr(
         cli.log_format,
     ));
+    // Access log lines still waiting for their batch go out when main ends, or unwinds.
+    let _flush = telemetry::access_output::FlushAtExit;
     let result = match cli.command {
         Command::Agent(args) => config::AgentConfig::try_from(args)
             .map_err(anyhow::Error::from)
@@ -187,8 +189,6 @@ fn main() -> ExitCode {
             namespace,
         } => cli::check(kubeconfig.as_deref(), &namespace),
     };
-    // Access log lines still waiting for their batch.
-    telemetry::access_output::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

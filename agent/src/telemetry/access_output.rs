@@ -1,61 +1,120 @@
 //! Where access log lines go: stdout, in batches. A line per request written straight to
 //! stdout is a `write` per request on the proxy's hot path (about a third of what the access
-//! log cost in the L7 profile, docs/benchmarks.md); instead lines are appended to a buffer
-//! that is written when it reaches [`FLUSH_AT`] bytes, every [`FLUSH_EVERY`] by a thread of
-//! its own, and when the agent exits ([`flush`]). A line may so reach stdout up to
-//! `FLUSH_EVERY` late, and a crash loses at most that much; Envoy's file access logs
-//! buffer the same way (flushed every 10 s by default). `tracing-appender`'s non-blocking
-//! writer was not used: it hands every line to its thread through a channel, a wake-up per
-//! line, which costs what it saves on a node whose cores are busy.
+//! log cost in the L7 profile, docs/benchmarks.md, "Request paths"); instead lines are
+//! appended to a batch that is written when the next line would take it past [`BATCH`]
+//! bytes, every [`FLUSH_EVERY`] by a thread of its own, and when the agent exits
+//! ([`FlushAtExit`]). A line may so reach stdout up to `FLUSH_EVERY` late, and a crash loses
+//! at most that much; Envoy's file access logs buffer the same way (flushed every 10 s by
+//! default).
+//!
+//! A batch is at most `PIPE_BUF` bytes and ends at the end of a line, so each `write` to a
+//! pipe (the container runtime's) is atomic and never splits a line around the agent's own
+//! logs on stderr. The batch being written is swapped out first, so lines keep being
+//! appended while it is written, and batches are written in order. `tracing-appender`'s
+//! non-blocking writer was not used: it hands every line to its thread through a channel, a
+//! wake-up per line, which costs what it saves on a node whose cores are busy.
 
 use std::{
     io::{self, Write},
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard, Once,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// A batch is written once it holds this much.
-const FLUSH_AT: usize = 32 * 1024;
-/// And at least this often.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// The largest batch: `PIPE_BUF`, what a pipe writes atomically.
+const BATCH: usize = 4096;
+/// Pending lines are written at least this often.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
-static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+static STDOUT: Batches = Batches::new(write_stdout);
+static FLUSHING: Once = Once::new();
+/// No flushing thread could be started: each line is written at once.
+static UNBATCHED: AtomicBool = AtomicBool::new(false);
 
-fn pending() -> MutexGuard<'static, Vec<u8>> {
-    PENDING
+fn write_stdout(bytes: &[u8]) {
+    let mut stdout = io::stdout().lock();
+    // Nowhere to report a failing stdout: the lines are dropped, as a direct write's would be.
+    let _ = stdout.write_all(bytes).and_then(|()| stdout.flush());
+}
+
+/// Lines waiting to be written to `output`, and the batch being written.
+struct Batches {
+    pending: Mutex<Vec<u8>>,
+    /// Held while a batch is written: the next one waits its turn.
+    writing: Mutex<Vec<u8>>,
+    output: fn(&[u8]),
+}
+
+fn lock(mutex: &Mutex<Vec<u8>>) -> MutexGuard<'_, Vec<u8>> {
+    mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Writes what is pending to stdout. The lock is held while writing, so batches keep their
-/// order.
-pub fn flush() {
-    let mut pending = pending();
-    write_out(&mut pending);
-}
-
-fn write_out(pending: &mut Vec<u8>) {
-    if pending.is_empty() {
-        return;
+impl Batches {
+    const fn new(output: fn(&[u8])) -> Self {
+        Self {
+            pending: Mutex::new(Vec::new()),
+            writing: Mutex::new(Vec::new()),
+            output,
+        }
     }
-    let mut stdout = io::stdout().lock();
-    // Nowhere to report a failing stdout: the lines are dropped, as a direct write's would be.
-    let _ = stdout.write_all(pending).and_then(|()| stdout.flush());
-    pending.clear();
+
+    /// Adds a line (tracing writes an event's whole line at once), writing what was pending
+    /// first if the line would take the batch past [`BATCH`], and everything at once if
+    /// `at_once`.
+    fn append(&self, line: &[u8], at_once: bool) {
+        let mut pending = lock(&self.pending);
+        if !pending.is_empty() && pending.len() + line.len() > BATCH {
+            self.write(pending);
+            pending = lock(&self.pending);
+        }
+        pending.extend_from_slice(line);
+        if at_once {
+            self.write(pending);
+        }
+    }
+
+    fn flush(&self) {
+        self.write(lock(&self.pending));
+    }
+
+    /// Writes the pending batch: it is swapped into `writing` (whose buffer, empty since its
+    /// last write, becomes the next batch's), then written without holding `pending`.
+    fn write(&self, mut pending: MutexGuard<'_, Vec<u8>>) {
+        if pending.is_empty() {
+            return;
+        }
+        let mut writing = lock(&self.writing);
+        std::mem::swap(&mut *pending, &mut *writing);
+        drop(pending);
+        (self.output)(&writing);
+        writing.clear();
+    }
 }
 
-/// The access log layer's writer ([`MakeWriter`]).
-#[derive(Clone, Copy)]
-pub struct BatchedStdout {
-    /// No flushing thread could be started: each line is written at once.
-    unbatched: bool,
+/// Writes the lines still pending.
+pub fn flush() {
+    STDOUT.flush();
 }
 
-impl BatchedStdout {
-    /// Starts the thread that flushes every [`FLUSH_EVERY`].
-    pub fn start() -> Self {
+/// Flushes when dropped: at the end of `main`, and while a panic unwinds out of it.
+pub struct FlushAtExit;
+
+impl Drop for FlushAtExit {
+    fn drop(&mut self) {
+        flush();
+    }
+}
+
+/// Starts the thread that flushes every [`FLUSH_EVERY`], once, when the first line comes
+/// (the command-line tools write none).
+fn start_flushing() {
+    FLUSHING.call_once(|| {
         let started = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(|| {
@@ -64,27 +123,23 @@ impl BatchedStdout {
                     flush();
                 }
             });
-        if let Err(error) = &started {
+        if let Err(error) = started {
+            UNBATCHED.store(true, Relaxed);
             eprintln!("access log: no flushing thread ({error}); each line is written at once");
         }
-        Self {
-            unbatched: started.is_err(),
-        }
-    }
+    });
 }
 
-/// One line being written (tracing formats a whole event, then writes it once).
-pub struct Line {
-    unbatched: bool,
-}
+/// The access log layer's writer ([`MakeWriter`]).
+#[derive(Clone, Copy, Default)]
+pub struct BatchedStdout;
+
+/// One line being written.
+pub struct Line;
 
 impl Write for Line {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        let mut pending = pending();
-        pending.extend_from_slice(bytes);
-        if self.unbatched || pending.len() >= FLUSH_AT {
-            write_out(&mut pending);
-        }
+        STDOUT.append(bytes, UNBATCHED.load(Relaxed));
         Ok(bytes.len())
     }
 
@@ -97,30 +152,59 @@ impl<'a> MakeWriter<'a> for BatchedStdout {
     type Writer = Line;
 
     fn make_writer(&'a self) -> Self::Writer {
-        Line {
-            unbatched: self.unbatched,
-        }
+        start_flushing();
+        Line
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
+    static WRITES: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    fn capture(bytes: &[u8]) {
+        WRITES
+            .lock()
+            .expect("no test panicked holding it")
+            .push(bytes.to_vec());
+    }
+
     #[test]
-    fn lines_wait_for_a_batch_and_a_full_batch_is_written() {
-        let mut line = Line { unbatched: false };
-        line.write_all(b"{\"kind\":\"request\"}\n")
-            .expect("buffered");
-        assert_eq!(pending().as_slice(), b"{\"kind\":\"request\"}\n");
-        let filler = vec![b' '; FLUSH_AT];
-        line.write_all(&filler).expect("buffered, then written");
+    fn batches_end_at_lines_stay_within_pipe_buf_and_keep_their_order() {
+        let batches = Batches::new(capture);
+        let line = |n: usize| format!("{{\"n\":{n},\"pad\":\"{}\"}}\n", "x".repeat(300));
+        let lines: Vec<String> = (0..40).map(line).collect();
+        for text in &lines {
+            batches.append(text.as_bytes(), false);
+        }
+        let written_before_flush = WRITES.lock().expect("writes").len();
         assert!(
-            pending().is_empty(),
-            "a batch of FLUSH_AT bytes is written at once"
+            written_before_flush >= 2,
+            "full batches are written as lines come"
         );
-        line.write_all(b"next\n").expect("buffered");
-        flush();
-        assert!(pending().is_empty());
+        batches.flush();
+        let writes = WRITES.lock().expect("writes").clone();
+        assert!(
+            writes.len() > written_before_flush,
+            "the flush wrote the rest"
+        );
+        for write in &writes {
+            assert!(write.len() <= BATCH, "a write of {} bytes", write.len());
+            assert_eq!(write.last(), Some(&b'\n'), "a batch ends at a line's end");
+        }
+        assert_eq!(
+            writes.concat(),
+            lines.concat().into_bytes(),
+            "every line, in order"
+        );
+        batches.flush();
+        assert_eq!(
+            WRITES.lock().expect("writes").len(),
+            writes.len(),
+            "nothing was left"
+        );
     }
 }

@@ -20,19 +20,11 @@ use serde::Serialize;
 /// Counters per shard; more threads than shards share them.
 const SHARDS: usize = 16;
 
-/// One shard's counters, alone on their cache line(s).
+/// One shard's counter, alone on its cache line(s).
 #[repr(align(128))]
-struct Shard {
-    allocations: AtomicU64,
-    bytes: AtomicU64,
-}
+struct Shard(AtomicU64);
 
-#[allow(clippy::declare_interior_mutable_const)] // the array's initialiser, copied once each
-const EMPTY: Shard = Shard {
-    allocations: AtomicU64::new(0),
-    bytes: AtomicU64::new(0),
-};
-static COUNTERS: [Shard; SHARDS] = [EMPTY; SHARDS];
+static COUNTERS: [Shard; SHARDS] = [const { Shard(AtomicU64::new(0)) }; SHARDS];
 static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 /// Set once [`Counting`] has counted anything: the binary was built to count.
 static COUNTING: AtomicBool = AtomicBool::new(false);
@@ -42,24 +34,19 @@ thread_local! {
     static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
-/// The global allocator `A`, counting every allocation (a `realloc` counts as one) and the
-/// bytes asked for.
+/// The global allocator `A`, counting every allocation (a `realloc` counts as one).
 pub struct Counting<A>(pub A);
 
 impl<A> Counting<A> {
-    fn count(size: usize) {
-        let shard = SHARD
-            .try_with(|shard| {
-                if shard.get() == usize::MAX {
-                    shard.set(NEXT_SHARD.fetch_add(1, Relaxed) % SHARDS);
-                }
-                shard.get()
-            })
-            // A thread being torn down still allocates; shard 0 takes those.
-            .unwrap_or(0);
-        let counters = &COUNTERS[shard];
-        counters.allocations.fetch_add(1, Relaxed);
-        counters.bytes.fetch_add(size as u64, Relaxed);
+    fn count() {
+        // A const thread-local without a destructor is there for the thread's whole life.
+        let shard = SHARD.with(|shard| {
+            if shard.get() == usize::MAX {
+                shard.set(NEXT_SHARD.fetch_add(1, Relaxed) % SHARDS);
+            }
+            shard.get()
+        });
+        COUNTERS[shard].0.fetch_add(1, Relaxed);
         if !COUNTING.load(Relaxed) {
             COUNTING.store(true, Relaxed);
         }
@@ -70,19 +57,19 @@ impl<A> Counting<A> {
 // const-initialised thread-local without a destructor, so it cannot allocate or recurse.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for Counting<A> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        Self::count(layout.size());
+        Self::count();
         // SAFETY: the caller's contract is `A`'s.
         unsafe { self.0.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        Self::count(layout.size());
+        Self::count();
         // SAFETY: as above.
         unsafe { self.0.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        Self::count(new_size);
+        Self::count();
         // SAFETY: as above.
         unsafe { self.0.realloc(ptr, layout, new_size) }
     }
@@ -93,11 +80,10 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Counting<A> {
     }
 }
 
-/// The counts since the process started.
+/// The count since the process started.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct Allocations {
     pub allocations: u64,
-    pub bytes: u64,
 }
 
 /// What has been counted, or `None` when this binary does not count (built without the
@@ -106,15 +92,8 @@ pub fn counted() -> Option<Allocations> {
     if !COUNTING.load(Relaxed) {
         return None;
     }
-    let sum = |field: fn(&Shard) -> &AtomicU64| {
-        COUNTERS
-            .iter()
-            .map(|shard| field(shard).load(Relaxed))
-            .sum()
-    };
     Some(Allocations {
-        allocations: sum(|shard| &shard.allocations),
-        bytes: sum(|shard| &shard.bytes),
+        allocations: COUNTERS.iter().map(|shard| shard.0.load(Relaxed)).sum(),
     })
 }
 
@@ -129,7 +108,7 @@ mod tests {
         let counting = Counting(System);
         let before = {
             // Counted into the statics, whichever allocator the test binary itself uses.
-            Counting::<System>::count(0);
+            Counting::<System>::count();
             counted().expect("counting has begun")
         };
         let layout = Layout::from_size_align(100, 8).expect("layout");
@@ -144,6 +123,5 @@ mod tests {
         let after = counted().expect("counting");
         // Other tests' threads do not allocate through `counting`, so the difference is ours.
         assert_eq!(after.allocations - before.allocations, 2);
-        assert_eq!(after.bytes - before.bytes, 400);
     }
 }

@@ -55,7 +55,7 @@ pub fn init(format: LogFormat) {
         .flatten_event(true)
         .with_current_span(false)
         .with_span_list(false)
-        .with_writer(access_output::BatchedStdout::start())
+        .with_writer(access_output::BatchedStdout)
         .with_filter(filter_fn(|meta| meta.target() == access::TARGET));
     tracing_subscriber::registry()
         .with(filter)

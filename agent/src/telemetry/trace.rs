@@ -29,13 +29,12 @@ impl SpanIds {
     }
 
     /// `00-<trace id>-<span id>-<flags>`, written into one buffer.
-    fn traceparent(&self) -> HeaderValue {
+    fn traceparent(&self) -> Option<HeaderValue> {
         let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        // The lengths are the ids' own: encoding cannot fail.
-        let _ = hex::encode_to_slice(self.trace_id, &mut text[3..35]);
-        let _ = hex::encode_to_slice(self.span_id, &mut text[36..52]);
+        hex::encode_to_slice(self.trace_id, &mut text[3..35]).ok()?;
+        hex::encode_to_slice(self.span_id, &mut text[36..52]).ok()?;
         text[54] = if self.sampled { b'1' } else { b'0' };
-        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static(""))
+        HeaderValue::from_bytes(&text).ok()
     }
 }
 
@@ -87,7 +86,9 @@ pub fn propagate(headers: &mut HeaderMap) -> SpanIds {
             sampled: true,
         },
     };
-    headers.insert(TRACEPARENT, span.traceparent());
+    if let Some(value) = span.traceparent() {
+        headers.insert(TRACEPARENT, value);
+    }
     span
 }
 
@@ -143,6 +144,11 @@ mod tests {
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            // Ids and flags of the wrong length.
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-001",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
         ] {
             let mut headers = HeaderMap::new();
             if !bad.is_empty() {

@@ -32,7 +32,8 @@ const FREQUENCY: &str = "999";
 
 /// A `perf record` of one process in progress.
 pub(super) struct CpuProfile {
-    perf: Child,
+    /// Until it is stopped.
+    perf: Option<Child>,
     data: PathBuf,
     svg: PathBuf,
     title: String,
@@ -85,26 +86,37 @@ impl CpuProfile {
             bail!("perf did not acknowledge enabling its events");
         }
         Ok(Self {
-            perf,
+            perf: Some(perf),
             data,
             svg: dir.join(format!("{name}.svg")),
             title: format!("nodemesh agent (pid {pid}): {name}, CPU samples"),
         })
     }
 
-    /// Stops sampling and writes the top frames and the flame graph; returns the SVG's path,
-    /// or the top frames' when the process was never sampled (it had nothing to do: an agent
-    /// the scenario's traffic does not pass through), which draws no graph.
-    pub(super) fn finish(mut self) -> anyhow::Result<PathBuf> {
+    /// Stops sampling (perf writes its data as it ends); nothing the process does after
+    /// this is in the profile.
+    pub(super) fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut perf) = self.perf.take() else {
+            return Ok(());
+        };
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(self.perf.id())?),
+            nix::unistd::Pid::from_raw(i32::try_from(perf.id())?),
             nix::sys::signal::Signal::SIGINT,
         )?;
-        let status = self.perf.wait()?;
+        let status = perf.wait()?;
         // perf writes its data and then ends by the signal it was stopped with.
         if !status.success() && status.signal() != Some(nix::libc::SIGINT) {
             bail!("perf record failed: {status}");
         }
+        Ok(())
+    }
+
+    /// Stops sampling if that was not done yet, and writes the top frames and the flame
+    /// graph; returns the SVG's path, or the top frames' when the process was never sampled
+    /// (it had nothing to do: an agent the scenario's traffic does not pass through), which
+    /// draws no graph.
+    pub(super) fn finish(mut self) -> anyhow::Result<PathBuf> {
+        self.stop()?;
         let script = Command::new("perf")
             .args(["script", "-F", "comm,tid,time,event,ip,sym,dso", "-i"])
             .arg(&self.data)
@@ -126,7 +138,14 @@ impl CpuProfile {
             return Ok(top);
         }
         flame::render(&lines, &self.svg, &self.title, "samples")?;
-        Ok(self.svg)
+        Ok(self.svg.clone())
+    }
+}
+
+impl Drop for CpuProfile {
+    /// A scenario that failed leaves no perf behind.
+    fn drop(&mut self) {
+        let _ = self.stop();
     }
 }
 

@@ -22,6 +22,8 @@ impl Observation {
     /// Starts watching; with `profile` (a directory and a name), both agents are sampled
     /// too, into `<name>-node1` and `<name>-node2`.
     pub(super) fn start(tb: &Testbed, profile: Option<(&Path, &str)>) -> anyhow::Result<Self> {
+        // Counted first and sampled after, so that the admin requests are not in the profile.
+        let allocations = allocations(tb)?;
         let mut profiles = Vec::new();
         if let Some((dir, name)) = profile {
             for node in NODES {
@@ -30,14 +32,17 @@ impl Observation {
             }
         }
         Ok(Self {
-            allocations: allocations(tb)?,
+            allocations,
             profiles,
         })
     }
 
     /// Stops watching; returns each agent's allocations per unit, `units` units of work
     /// having been done.
-    pub(super) fn finish(self, tb: &Testbed, units: f64) -> anyhow::Result<[f64; 2]> {
+    pub(super) fn finish(mut self, tb: &Testbed, units: f64) -> anyhow::Result<[f64; 2]> {
+        for profile in &mut self.profiles {
+            profile.stop()?;
+        }
         let after = allocations(tb)?;
         for profile in self.profiles {
             eprintln!("cpu profile: {}", profile.finish()?.display());

@@ -100,9 +100,16 @@ pub(super) fn header(args: &BenchArgs) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "Command: `cargo xtask bench --runs {} --connects {} --requests {} --bulk-mib {} --enrolments {} --ca-requests {}` (release build), kernel {}, {} CPUs. \
-         Median of {} runs, range in brackets.\n\n",
+         Median of {} runs, range in brackets. The agents count their heap allocations \
+         (the feature `count-allocations`: an uncontended atomic add per allocation).\n\n",
         args.runs, args.connects, args.requests, args.bulk_mib, args.enrolments, args.ca_requests, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
     ));
+    if args.cpu_profile.is_some() {
+        out.push_str(
+            "These runs were sampled by perf (`--cpu-profile`), which slows the agents: take \
+             timings from a run without it.\n\n",
+        );
+    }
     out
 }
 
