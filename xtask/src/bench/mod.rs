@@ -241,9 +241,9 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
                 [&bed.direct_a, &bed.server_a],
                 &mut runs,
                 &mut allocations,
-                args.cpu_profile
-                    .as_deref()
-                    .map(|dir| (dir, format!("short-lived-run{}", run + 1))),
+                observe::Watch {
+                    profiles: args.cpu_profile.as_deref().map(|dir| (dir, run)),
+                },
             )?;
             probes::wait_proxy_idle(tb, std::time::Duration::from_secs(10))?;
         }
@@ -256,12 +256,12 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         let mut results = scenarios::Results::new(args, bed.http_paths.len());
         for run in 0..args.runs {
             eprintln!("bench: paths, run {}/{}", run + 1, args.runs);
-            let watch = scenarios::Watch {
+            let watch = observe::Watch {
                 profiles: args.cpu_profile.as_deref().map(|dir| (dir, run)),
             };
             scenarios::paths_run(tb, args, &bed, &mut results, watch)?;
         }
-        return report::paths_only(args, &bed, results);
+        return Ok(report::paths_only(args, &bed, results));
     }
     let idle_rss = [
         probes::agent_rss_mib(tb, "node1")?,

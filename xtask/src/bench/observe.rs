@@ -12,8 +12,53 @@ use super::{cpu::CpuProfile, stats::Samples};
 
 const NODES: [&str; 2] = ["node1", "node2"];
 
+/// How the agents are watched during a scenario: their allocations are counted always; with
+/// a directory, their CPU is sampled too, into profiles named after the scenario and run.
+#[derive(Clone, Copy)]
+pub(super) struct Watch<'a> {
+    pub(super) profiles: Option<(&'a Path, usize)>,
+}
+
+impl Watch<'_> {
+    pub(super) fn counting() -> Self {
+        Self { profiles: None }
+    }
+
+    /// Runs a scenario, `(name, meshed)`, under watch and records the agents' allocations
+    /// per unit into `allocations`, `(unit, units)` of work being done by `run`. Agents
+    /// carry no direct path, so one is counted (the control) but not profiled.
+    pub(super) fn measure<T>(
+        self,
+        tb: &Testbed,
+        allocations: &mut AllocationRuns,
+        (scenario, meshed): (&str, bool),
+        (unit, units): (&'static str, f64),
+        run: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let name = self
+            .profiles
+            .filter(|_| meshed)
+            .map(|(dir, run)| (dir, format!("{}-run{}", slug(scenario), run + 1)));
+        let observation =
+            Observation::start(tb, name.as_ref().map(|(dir, name)| (*dir, name.as_str())))?;
+        let value = run()?;
+        allocations.record(scenario, unit, observation.finish(tb, units)?);
+        Ok(value)
+    }
+}
+
+/// `scenario` as a file name: lower case, words joined by dashes.
+fn slug(scenario: &str) -> String {
+    scenario
+        .to_lowercase()
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
 /// A scenario being watched.
-pub(super) struct Observation {
+struct Observation {
     allocations: [u64; 2],
     profiles: Vec<CpuProfile>,
 }
@@ -21,7 +66,7 @@ pub(super) struct Observation {
 impl Observation {
     /// Starts watching; with `profile` (a directory and a name), both agents are sampled
     /// too, into `<name>-node1` and `<name>-node2`.
-    pub(super) fn start(tb: &Testbed, profile: Option<(&Path, &str)>) -> anyhow::Result<Self> {
+    fn start(tb: &Testbed, profile: Option<(&Path, &str)>) -> anyhow::Result<Self> {
         // Counted first and sampled after, so that the admin requests are not in the profile.
         let allocations = allocations(tb)?;
         let mut profiles = Vec::new();
@@ -39,7 +84,7 @@ impl Observation {
 
     /// Stops watching; returns each agent's allocations per unit, `units` units of work
     /// having been done.
-    pub(super) fn finish(mut self, tb: &Testbed, units: f64) -> anyhow::Result<[f64; 2]> {
+    fn finish(mut self, tb: &Testbed, units: f64) -> anyhow::Result<[f64; 2]> {
         for profile in &mut self.profiles {
             profile.stop()?;
         }

@@ -133,7 +133,7 @@ fn hook_cost(out: &mut String, [direct, hooked]: [&Samples; 2]) {
 }
 
 /// The report of a `--paths-only` run.
-pub(super) fn paths_only(args: &BenchArgs, bed: &Bed, results: Results) -> anyhow::Result<String> {
+pub(super) fn paths_only(args: &BenchArgs, bed: &Bed, results: Results) -> String {
     let mut out = header(args);
     closed_loop_section(&mut out, bed, &results.closed_loop);
     h2_section(&mut out, args, &results.h2_direct, &results.h2_l7);
@@ -144,7 +144,7 @@ pub(super) fn paths_only(args: &BenchArgs, bed: &Bed, results: Results) -> anyho
         &Samples(results.bulk_meshed),
     );
     results.allocations.section(&mut out);
-    Ok(out)
+    out
 }
 
 /// Keep-alive HTTP/1.1 at concurrency 1; returns each path's summary.

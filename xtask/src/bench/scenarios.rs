@@ -1,10 +1,7 @@
 //! One repetition of every scenario, in the order the report lists them, recorded into
 //! [`Results`].
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nodemesh_testbed::{MeshCa, Pod, Testbed};
@@ -12,7 +9,7 @@ use nodemesh_testbed::{MeshCa, Pod, Testbed};
 use super::{
     BANNER_DECLARED_IP, BANNER_DETECTED_IP, BANNER_OPAQUE_IP, BANNER_PORT, BANNER_READS, BenchArgs,
     ECHO_PORT, EXCLUDED_PORT, HTTP_PORT, OPAQUE_PORT,
-    observe::{AllocationRuns, Observation},
+    observe::{AllocationRuns, Watch},
     probes::{agents_cpu_seconds, enrolment_latencies, h2load, run_json, wait_proxy_idle},
     setup::Bed,
     short_lived::{self, ShortLivedRuns},
@@ -102,7 +99,7 @@ pub(super) fn one_run(
         [&bed.direct_a, &bed.server_a],
         &mut results.short_lived,
         &mut results.allocations,
-        None,
+        Watch::counting(),
     )?;
     closed_loop(tb, args, bed, results, Watch::counting())?;
     open_loop(tb, args, bed, results)?;
@@ -133,38 +130,6 @@ pub(super) fn paths_run(
     bulk(tb, args, bed, results, watch)?;
     wait_proxy_idle(tb, Duration::from_secs(10))?;
     Ok(())
-}
-
-/// How the agents are watched during a scenario: their allocations are counted always; with
-/// a directory, their CPU is sampled too, into profiles named after the scenario and run.
-#[derive(Clone, Copy)]
-pub(super) struct Watch<'a> {
-    pub(super) profiles: Option<(&'a Path, usize)>,
-}
-
-impl<'a> Watch<'a> {
-    fn counting() -> Self {
-        Self { profiles: None }
-    }
-
-    /// Starts watching `scenario`; agents carry no direct path, so it is not profiled.
-    fn start(self, tb: &Testbed, scenario: &str, meshed: bool) -> anyhow::Result<Observation> {
-        let name = self
-            .profiles
-            .filter(|_| meshed)
-            .map(|(dir, run)| (dir, format!("{}-run{}", slug(scenario), run + 1)));
-        Observation::start(tb, name.as_ref().map(|(dir, name)| (*dir, name.as_str())))
-    }
-}
-
-/// `scenario` as a file name: lower case, words joined by dashes.
-fn slug(scenario: &str) -> String {
-    scenario
-        .to_lowercase()
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .filter(|word| !word.is_empty())
-        .collect::<Vec<_>>()
-        .join("-")
 }
 
 /// Requests per cell of the zone scenario (it has nine).
@@ -208,27 +173,30 @@ fn closed_loop(
 ) -> anyhow::Result<()> {
     for ((path, from, target), runs) in bed.http_paths.iter().zip(&mut results.closed_loop) {
         let scenario = format!("keep-alive HTTP/1.1, {}", path.short());
-        let observation = watch.start(tb, &scenario, *from != OUTSIDER)?;
-        let cpu_before = agents_cpu_seconds(tb)?;
-        let out = run_json(
+        let (out, cpu) = watch.measure(
             tb,
-            *from,
-            &bed.workload,
-            &[
-                "http-bench",
-                "--target",
-                target,
-                "--requests",
-                &args.requests.to_string(),
-                "--concurrency",
-                "1",
-            ],
+            &mut results.allocations,
+            (&scenario, *from != OUTSIDER),
+            ("request", args.requests as f64),
+            || {
+                let cpu_before = agents_cpu_seconds(tb)?;
+                let out = run_json(
+                    tb,
+                    *from,
+                    &bed.workload,
+                    &[
+                        "http-bench",
+                        "--target",
+                        target,
+                        "--requests",
+                        &args.requests.to_string(),
+                        "--concurrency",
+                        "1",
+                    ],
+                )?;
+                Ok((out, agents_cpu_seconds(tb)? - cpu_before))
+            },
         )?;
-        let cpu = agents_cpu_seconds(tb)? - cpu_before;
-        let per_request = observation.finish(tb, args.requests as f64)?;
-        results
-            .allocations
-            .record(&scenario, "request", per_request);
         runs.record(&out, cpu * 10_000.0 / args.requests as f64)
             .with_context(|| format!("{path:?}"))?;
     }
@@ -330,10 +298,13 @@ fn http2(
             &mut results.h2_l7,
         ),
     ] {
-        let observation = watch.start(tb, scenario, from != OUTSIDER)?;
-        runs.push(h2load(tb, from, target, args.requests)?);
-        let per_request = observation.finish(tb, args.requests as f64)?;
-        results.allocations.record(scenario, "request", per_request);
+        runs.push(watch.measure(
+            tb,
+            &mut results.allocations,
+            (scenario, from != OUTSIDER),
+            ("request", args.requests as f64),
+            || h2load(tb, from, target, args.requests),
+        )?);
     }
     Ok(())
 }
@@ -360,10 +331,13 @@ fn bulk(
             &mut results.bulk_meshed,
         ),
     ] {
-        let observation = watch.start(tb, scenario, from != OUTSIDER)?;
-        runs.push(bulk_rate(tb, args, &bed.workload, from, to)?);
-        let per_mib = observation.finish(tb, args.bulk_mib as f64)?;
-        results.allocations.record(scenario, "MiB", per_mib);
+        runs.push(watch.measure(
+            tb,
+            &mut results.allocations,
+            (scenario, from != OUTSIDER),
+            ("MiB", args.bulk_mib as f64),
+            || bulk_rate(tb, args, &bed.workload, from, to),
+        )?);
     }
     Ok(())
 }

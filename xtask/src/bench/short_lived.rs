@@ -13,7 +13,7 @@ use nodemesh_testbed::{Pod, Testbed, time_wait_sockets};
 
 use super::{
     ECHO_PORT,
-    observe::{AllocationRuns, Observation},
+    observe::{AllocationRuns, Watch},
     probes::run_json,
     stats::Samples,
 };
@@ -40,9 +40,8 @@ pub(super) struct ShortLivedRuns {
 }
 
 /// One run of each path: `connects` transactions from `client` (non-meshed for direct, then
-/// meshed) to a server on node1, counting the agents' allocations per connection. With
-/// `profile` (a directory and a name), the agents are sampled with perf during the captured
-/// path's loop.
+/// meshed) to a server on node1, watched as `watch` says (allocations per connection, and
+/// perf samples of the captured path's loop when it has a directory).
 pub(super) fn one_run(
     tb: &Testbed,
     workload: &str,
@@ -50,7 +49,7 @@ pub(super) fn one_run(
     [direct_server, meshed_server]: [&Pod; 2],
     runs: &mut ShortLivedRuns,
     allocations: &mut AllocationRuns,
-    profile: Option<(&std::path::Path, String)>,
+    watch: Watch,
 ) -> anyhow::Result<()> {
     for (client, server, path, scenario) in [
         (
@@ -73,32 +72,28 @@ pub(super) fn one_run(
         // Earlier scenarios may have left some (the memory scenario's connections close
         // in order): what counts is what this loop adds.
         let before = namespaces.map(time_wait_sockets);
-        let observation = Observation::start(
+        let out = watch.measure(
             tb,
-            profile
-                .as_ref()
-                .filter(|_| client.0 == "mesh")
-                .map(|(dir, name)| (*dir, name.as_str())),
+            allocations,
+            (scenario, client.0 == "mesh"),
+            ("connection", connects as f64),
+            || {
+                run_json(
+                    tb,
+                    client,
+                    workload,
+                    &[
+                        "connect-loop",
+                        "--target",
+                        &target,
+                        "--count",
+                        &connects.to_string(),
+                        "--echo-bytes",
+                        ECHO_BYTES,
+                    ],
+                )
+            },
         )?;
-        let out = run_json(
-            tb,
-            client,
-            workload,
-            &[
-                "connect-loop",
-                "--target",
-                &target,
-                "--count",
-                &connects.to_string(),
-                "--echo-bytes",
-                ECHO_BYTES,
-            ],
-        )?;
-        allocations.record(
-            scenario,
-            "connection",
-            observation.finish(tb, connects as f64)?,
-        );
         let per_connect = out["per_connect_ns"].as_f64().context("per_connect_ns")?;
         path.rate.push(1e9 / per_connect);
         let thousands: Vec<f64> = out["per_connect_ns_by_thousand"]
