@@ -55,7 +55,7 @@ pub use netns::{NETNS_DIR, time_wait_sockets};
 pub use nix::sys::signal::Signal;
 pub use pod::{Node, Pod};
 pub use terminal::Tmux;
-pub use testbed::{ClusterMode, Testbed, TestbedConfig, test_worker_threads};
+pub use testbed::{ClusterMode, Testbed, TestbedConfig};
 pub use topology::{MESH_LABEL, NamespaceSpec, NodeSpec, PodSpec, TopologySpec};
 pub use util::{cpu_seconds, is_root, rss_kib};
 pub use wait::{POLL_INTERVAL, scaled, wait_until};

@@ -10,8 +10,8 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    AgentOptions, ClusterMode, PodSpec, Signal, Testbed, TestbedConfig, TopologySpec, is_root,
-    scaled, wait_until, workspace_bin,
+    AgentOptions, PodSpec, Signal, Testbed, TestbedConfig, TopologySpec, is_root, scaled,
+    wait_until,
 };
 use serde_json::Value;
 
@@ -26,15 +26,7 @@ fn testbed_with(topology: TopologySpec) -> Testbed {
         is_root(),
         "kernel tests need root: run `cargo xtask test` as root"
     );
-    let config = TestbedConfig {
-        prefix: "nmt".into(),
-        nodemesh_bin: workspace_bin("nodemesh"),
-        workload_bin: workspace_bin("nodemesh-workload"),
-        log_dir: None,
-        cluster: ClusterMode::from_env_or(ClusterMode::ApiServer),
-        chart_values: Vec::new(),
-        worker_threads: nodemesh_testbed::test_worker_threads(),
-    };
+    let config = TestbedConfig::from_workspace("nmt").unwrap_or_else(|e| panic!("{e}"));
     Testbed::create(config, topology).expect("create testbed")
 }
 

@@ -14,7 +14,7 @@ use std::{
 
 use nodemesh_testbed::{
     ADMIN_ADDR, AgentOptions, ClusterMode, Signal, Testbed, TestbedConfig, TopologySpec, is_root,
-    wait_until, workspace_bin,
+    wait_until,
 };
 use serde_json::Value;
 
@@ -33,15 +33,9 @@ fn testbed(prefix: &str) -> Testbed {
         is_root(),
         "kernel tests need root: run `cargo xtask test` as root"
     );
-    let config = TestbedConfig {
-        prefix: prefix.into(),
-        nodemesh_bin: workspace_bin("nodemesh"),
-        workload_bin: workspace_bin("nodemesh-workload"),
-        log_dir: None,
-        cluster: ClusterMode::from_env_or(ClusterMode::Manifests),
-        chart_values: Vec::new(),
-        worker_threads: nodemesh_testbed::test_worker_threads(),
-    };
+    let config = TestbedConfig::from_workspace(prefix)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_cluster(ClusterMode::from_env_or(ClusterMode::Manifests));
     Testbed::create(config, TopologySpec::standard()).expect("create testbed")
 }
 

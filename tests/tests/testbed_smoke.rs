@@ -29,7 +29,7 @@ fn config(prefix: &str) -> TestbedConfig {
         log_dir: None,
         cluster: ClusterMode::Manifests,
         chart_values: Vec::new(),
-        worker_threads: nodemesh_testbed::test_worker_threads(),
+        worker_threads: Vec::new(),
     }
 }
 

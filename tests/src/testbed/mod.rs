@@ -64,14 +64,15 @@ pub struct TestbedConfig {
     /// `cargo xtask image` writes to pin the image.
     pub chart_values: Vec<PathBuf>,
     /// `--worker-threads` of the agents started as binaries, by node; a node not listed
-    /// runs the agent's default. The tests use [`test_worker_threads`].
+    /// runs the agent's default. [`TestbedConfig::from_workspace`], the tests' config, sets
+    /// [`test_worker_threads`].
     pub worker_threads: Vec<(String, usize)>,
 }
 
 /// The tests run node1's agent with one worker thread (the default on a machine of two
 /// CPUs, as CI's) and node2's with two, so traffic between the nodes crosses both on any
 /// machine, in every suite. The bench and the demo run the default, as users get it.
-pub fn test_worker_threads() -> Vec<(String, usize)> {
+fn test_worker_threads() -> Vec<(String, usize)> {
     vec![("node1".to_owned(), 1), ("node2".to_owned(), 2)]
 }
 

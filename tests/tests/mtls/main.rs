@@ -14,8 +14,7 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    AgentOptions, ClusterMode, MeshCa, Testbed, TestbedConfig, TopologySpec, is_root, scaled,
-    wait_until, workspace_bin,
+    AgentOptions, MeshCa, Testbed, TestbedConfig, TopologySpec, is_root, scaled, wait_until,
 };
 use serde_json::Value;
 
@@ -31,15 +30,7 @@ fn mesh_with_ca(cert_ttl_seconds: u64) -> Mesh {
         "kernel tests need root: run `cargo xtask test` as root"
     );
     let topology = TopologySpec::standard_with_ca();
-    let config = TestbedConfig {
-        prefix: "nmid".into(),
-        nodemesh_bin: workspace_bin("nodemesh"),
-        workload_bin: workspace_bin("nodemesh-workload"),
-        log_dir: None,
-        cluster: ClusterMode::from_env_or(ClusterMode::ApiServer),
-        chart_values: Vec::new(),
-        worker_threads: nodemesh_testbed::test_worker_threads(),
-    };
+    let config = TestbedConfig::from_workspace("nmid").unwrap_or_else(|e| panic!("{e}"));
     let tb = Testbed::create(config, topology).expect("create testbed");
     let ca_pod = tb.pod("nodemesh-system", "ca").clone();
     let ca = tb
