@@ -126,6 +126,11 @@ pub struct AgentArgs {
     /// (docs/benchmarks.md, "The runtime: worker threads").
     #[arg(long, env = "NODEMESH_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
+    /// Carry connections between two meshed pods of this node over HBONE, with TLS and
+    /// HTTP/2 as between nodes, instead of handing them from the outbound to the inbound side
+    /// in process (the default; docs/hbone.md, "Between pods of one node"). For comparison.
+    #[arg(long, env = "NODEMESH_SAME_NODE_HBONE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub same_node_hbone: bool,
     /// OTLP/HTTP traces endpoint (e.g. http://otel-collector:4318/v1/traces); without it no
     /// spans are exported (traceparent is propagated either way).
     #[arg(long)]
@@ -204,6 +209,8 @@ pub struct AgentConfig {
     pub access_log_sample_rate: f64,
     /// Worker threads of the agent's runtime.
     pub worker_threads: usize,
+    /// Connections between meshed pods of this node skip HBONE (`--same-node-hbone` off).
+    pub same_node_handoff: bool,
     pub otlp_endpoint: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
     pub identity: Option<IdentityConfig>,
@@ -380,6 +387,7 @@ impl TryFrom<AgentArgs> for AgentConfig {
             worker_threads: args
                 .worker_threads
                 .map_or_else(default_worker_threads, std::num::NonZeroUsize::get),
+            same_node_handoff: !args.same_node_hbone,
             otlp_endpoint: args.otlp_endpoint,
             metrics_addr: args.metrics_addr,
             handoff_socket: args.handoff_socket,

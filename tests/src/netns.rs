@@ -3,6 +3,7 @@
 use std::{
     fs::File,
     io,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     sync::Mutex,
@@ -36,6 +37,25 @@ pub fn time_wait_sockets(name: &str) -> Result<usize> {
         None,
     )?;
     Ok(listed.lines().count())
+}
+
+/// The established TCP connections in the named network namespace `name` (`ss`), each as
+/// (local, peer) address.
+pub fn established_connections(name: &str) -> Result<Vec<(SocketAddr, SocketAddr)>> {
+    let listed = run_checked(
+        Command::new("ip").args(["netns", "exec", name, "ss", "-tnH", "state", "established"]),
+        None,
+    )?;
+    Ok(listed
+        .lines()
+        .filter_map(|line| {
+            // Recv-Q Send-Q Local Peer: the addresses are the last two columns.
+            let mut columns = line.split_whitespace().rev();
+            let peer = columns.next()?.parse().ok()?;
+            let local = columns.next()?.parse().ok()?;
+            Some((local, peer))
+        })
+        .collect())
 }
 
 /// Creates a named network namespace with `ip netns add`.

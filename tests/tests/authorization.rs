@@ -1,17 +1,20 @@
 //! The ways around AuthorizationPolicy at the destination, each tried on the testbed with
 //! real clients and shown blocked (issue 14): paths that mean `/admin` to an application
 //! without saying so, an h2c upgrade that turns the connection into HTTP/2 no policy sees,
-//! and connections opened before a policy changed. Needs root.
+//! and connections opened before a policy changed; and a connection between two pods of
+//! one node, which the agent hands from its outbound to its inbound side without HBONE.
+//! Needs root.
 
 use std::{
     io::{Read, Write},
-    net::TcpStream,
+    net::{SocketAddr, TcpStream},
     process::{Command, Output},
     time::Duration,
 };
 
 use nodemesh_testbed::{
-    MeshCa, Pod, Testbed, TestbedConfig, TopologySpec, get_on_connection, is_root, wait_until,
+    MeshCa, Pod, Testbed, TestbedConfig, TopologySpec, established_connections, get_on_connection,
+    is_root, wait_until,
 };
 use serde_json::Value;
 
@@ -22,7 +25,7 @@ const CLIENT_A: &str = "spiffe://cluster.local/ns/mesh/sa/client-a";
 const CLIENT_B: &str = "spiffe://cluster.local/ns/mesh/sa/client-b";
 
 /// The meshed testbed with the HTTP application on server-a and server-b, the h2c server
-/// on server-b and an echo server on server-a.
+/// on server-b and an echo server on server-a (tests may start one on server-b too).
 fn setup() -> (Testbed, MeshCa) {
     assert!(
         is_root(),
@@ -342,4 +345,134 @@ fn policy_changes_reach_connections_opened_before_them() {
             && log.contains("mesh/revoke-b"),
         "{log}"
     );
+}
+
+/// The connections in `pod`'s network namespace to or from the HBONE port.
+fn hbone_sockets(pod: &Pod) -> usize {
+    let established = established_connections(pod.netns()).expect("ss");
+    (established.iter())
+        .filter(|(local, peer)| local.port() == 15008 || peer.port() == 15008)
+        .count()
+}
+
+#[test]
+fn a_same_node_connection_skips_hbone_and_is_decided_by_the_destination() {
+    let (tb, _ca) = setup();
+    let (client_a, a, b) = (client(&tb, "a"), server(&tb, "a"), server(&tb, "b"));
+    tb.start_echo_server(&b, ECHO_PORT).expect("echo server");
+
+    // The control: across nodes, the connection is an HBONE tunnel, and server-b's pod holds
+    // its HBONE end: the count below sees a tunnel where there is one.
+    let mut across = tb
+        .hold_connection(&client_a, 7102, (b.ipv4(), ECHO_PORT).into())
+        .expect("held connection");
+    assert!(echoes(&mut across), "client-a to server-b");
+    assert!(hbone_sockets(&b) >= 1, "an HBONE tunnel in server-b's pod");
+
+    // Same node: delivered, from client-a's own address, and no HBONE socket anywhere on
+    // the way (server-a's pod would hold the tunnel's end).
+    let mut held = tb
+        .hold_connection(&client_a, 7103, (a.ipv4(), ECHO_PORT).into())
+        .expect("held connection");
+    assert!(echoes(&mut held), "client-a to server-a");
+    let in_server = established_connections(a.netns()).expect("ss");
+    assert!(
+        in_server
+            .iter()
+            .any(|(local, peer)| local.port() == ECHO_PORT
+                && peer.ip().to_canonical() == client_a.ipv4()),
+        "the application sees client-a's address: {in_server:?}"
+    );
+    assert_eq!(
+        hbone_sockets(&a),
+        0,
+        "no HBONE in server-a's pod: {in_server:?}"
+    );
+    let in_client = established_connections(client_a.netns()).expect("ss");
+    let to_a = SocketAddr::from((a.ipv4(), 15008));
+    assert!(
+        !in_client.iter().any(|(_, peer)| *peer == to_a),
+        "nor one from client-a to server-a: {in_client:?}"
+    );
+    // Admitted by the destination's side, under the identity the capture gave it.
+    let stats = tb.admin_json("node1", "/stats").expect("stats");
+    let admitted = (stats["connections"].as_array().into_iter().flatten()).any(|s| {
+        s["source_pod"] == CLIENT_A && s["destination"] == format!("{}:{ECHO_PORT}", a.ipv4())
+    });
+    assert!(admitted, "{stats}");
+
+    // The attacks: a pod of the same node is held to server-a's policies as any other.
+    // Where a policy looks at requests (here on the HTTP port only), each is decided, on
+    // its normalised path.
+    let no_admin = serde_json::json!([{"to": [{"ports": [APP_PORT], "paths": ["/admin*"]}]}]);
+    apply_policy(
+        &tb,
+        "node1",
+        &policy("no-admin-a", "server-a", "DENY", no_admin),
+        Some("server-a"),
+    );
+    let app = format!("http://{}:{APP_PORT}", a.ipv4());
+    let (code, body) = curl(&tb, &client_a, &format!("{app}/public/%2e%2e/admin"));
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = curl(&tb, &client_a, &format!("{app}/echo/x"));
+    assert_eq!(
+        (code, seen_path(&body)),
+        (200, "/echo/x".to_owned()),
+        "{body}"
+    );
+    assert!(
+        echoes(&mut held),
+        "the echo port is not one the policy looks at"
+    );
+    // A DENY of client-a resets the connection it holds and refuses its next one, while
+    // client-b, from the other node, still gets through.
+    let deny_a = serde_json::json!([{"from": [{"principals": [CLIENT_A]}]}]);
+    apply_policy(
+        &tb,
+        "node1",
+        &policy("deny-a", "server-a", "DENY", deny_a),
+        Some("server-a"),
+    );
+    wait_until(Duration::from_secs(10), "the held connection reset", || {
+        Ok(!echoes(&mut held))
+    })
+    .expect("the same-node connection ends once the DENY is in force");
+    let mut next = tb
+        .hold_connection(&client_a, 7104, (a.ipv4(), ECHO_PORT).into())
+        .expect("held connection");
+    assert!(
+        !echoes(&mut next),
+        "a new connection from client-a is refused"
+    );
+    let log = tb.agent_log("node1");
+    assert!(
+        log.contains("authorization withdrawn by a policy change: tunnel reset")
+            && log.contains("authorization: connection denied")
+            && log.contains("mesh/deny-a"),
+        "{log}"
+    );
+    let mut from_b = tb
+        .hold_connection(&client(&tb, "b"), 7105, (a.ipv4(), ECHO_PORT).into())
+        .expect("held connection");
+    assert!(echoes(&mut from_b), "client-b is not denied");
+
+    // Both sides reported the connection that was reset: the destination's line too, with
+    // the identity the capture gave it.
+    let destination_line = |line: &&str| {
+        let Ok(line) = serde_json::from_str::<Value>(line) else {
+            return false;
+        };
+        line["kind"] == "connection"
+            && line["reporter"] == "destination"
+            && line["src_principal"] == CLIENT_A
+            && line["dst_workload"] == "server-a"
+            && line["destination"] == format!("{}:{ECHO_PORT}", a.ipv4())
+            && line["mutual_tls"] == true
+    };
+    wait_until(
+        Duration::from_secs(5),
+        "the destination's access log line",
+        || Ok(tb.agent_log("node1").lines().any(|l| destination_line(&l))),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
 }

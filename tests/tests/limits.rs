@@ -201,6 +201,19 @@ fn clients_that_never_finish_the_tls_handshake_hold_up_only_themselves() {
 
 #[test]
 fn tunnels_of_one_peer_identity_to_a_pod_are_bounded() {
+    tunnels_of_client_a_are_bounded("server-b", "node2");
+}
+
+/// On the same node the tunnels are handed over in process (docs/hbone.md), and bounded the
+/// same way.
+#[test]
+fn tunnels_of_one_peer_identity_to_a_pod_of_its_own_node_are_bounded() {
+    tunnels_of_client_a_are_bounded("server-a", "node1");
+}
+
+/// Two pods of client-a's service account flood `server` (on `node`): together they get
+/// `SMALL_LIMIT` tunnels, and another identity still gets through.
+fn tunnels_of_client_a_are_bounded(server: &str, node: &str) {
     let (mut tb, _ca) = meshed_with_limit(SMALL_LIMIT);
     let dir = tempfile::tempdir().expect("tempdir");
     // A second pod of client-a's service account: each pod stays within its own outbound
@@ -208,8 +221,13 @@ fn tunnels_of_one_peer_identity_to_a_pod_are_bounded() {
     let twin = PodSpec::new("mesh", "client-a2").with_service_account("client-a");
     let twin = tb.add_pod("node1", twin).expect("client-a2");
     tb.wait_pod_enrolled(&twin, true).expect("enrolled");
-    let server = tb.pod("mesh", "server-b").ipv4();
-    let target = format!("{server}:7000");
+    let server_pod = tb.pod("mesh", server).clone();
+    if server == "server-a" {
+        tb.start_echo_server(&server_pod, 7000)
+            .expect("echo server");
+    }
+    let server_ip = server_pod.ipv4();
+    let target = format!("{server_ip}:7000");
     let half = (SMALL_LIMIT * 3 / 4).to_string();
     let args = ["--target", &target, "--connections", &half];
     let first = flood(&tb, "mesh", "client-a", &args, &dir.path().join("a.json"));
@@ -219,7 +237,7 @@ fn tunnels_of_one_peer_identity_to_a_pod_are_bounded() {
     let over = SMALL_LIMIT / 2;
     assert_eq!(second["refused"], over, "{second}");
     assert_eq!(
-        refused_metric(&tb, "node2", "pod_tunnels_per_peer", "mesh/server-b"),
+        refused_metric(&tb, node, "pod_tunnels_per_peer", &format!("mesh/{server}")),
         over as u64
     );
     for pod in ["mesh/client-a", "mesh/client-a2"] {
@@ -232,7 +250,7 @@ fn tunnels_of_one_peer_identity_to_a_pod_are_bounded() {
     // Another identity still gets its tunnels to the same pod.
     let client_b = tb.pod("mesh", "client-b").clone();
     let mut echo = Command::new(tb.workload_bin());
-    echo.args(["connect-many", "--target-ip", &server.to_string()])
+    echo.args(["connect-many", "--target-ip", &server_ip.to_string()])
         .args(["--ports", "7000", "--connections", "10"]);
     let output = tb.run_in_pod(&client_b, echo).expect("client-b");
     assert!(

@@ -204,29 +204,7 @@ fn contexts(
         Some(endpoint) => Tracer::start(endpoint, &config.node_name)?,
         None => Tracer::default(),
     };
-    let outbound = Arc::new(OutboundContext {
-        drain: drain.clone(),
-        datapath: Arc::clone(&shared.datapath),
-        stats: Arc::clone(&shared.stats),
-        proxy_mark: config.proxy_mark,
-        connect_timeout: config.connect_timeout,
-        hbone: mesh_tls
-            .clone()
-            .map(|(identities, roots)| Arc::new(HboneClient::new(identities, roots))),
-        workloads: Arc::clone(&shared.workloads),
-        services: Arc::clone(&shared.services),
-        state: shared.state.subscribe(),
-        http: HttpProxy::new(
-            config.protocol_detection_timeout,
-            config.opaque_ports.clone(),
-            Arc::clone(&shared.balancer),
-        ),
-        metrics: Arc::clone(&shared.metrics),
-        access_log,
-        tracer,
-        max_connections_per_pod: config.max_connections_per_pod,
-    });
-    let inbound = mesh_tls.map(|(identities, roots)| {
+    let inbound = mesh_tls.clone().map(|(identities, roots)| {
         Arc::new(InboundContext {
             drain: drain.clone(),
             identities,
@@ -245,7 +223,29 @@ fn contexts(
             workloads: Arc::clone(&shared.workloads),
             metrics: Arc::clone(&shared.metrics),
             access_log,
+            local_pods: Arc::default(),
         })
+    });
+    let outbound = Arc::new(OutboundContext {
+        drain: drain.clone(),
+        datapath: Arc::clone(&shared.datapath),
+        stats: Arc::clone(&shared.stats),
+        proxy_mark: config.proxy_mark,
+        connect_timeout: config.connect_timeout,
+        hbone: mesh_tls.map(|(identities, roots)| Arc::new(HboneClient::new(identities, roots))),
+        workloads: Arc::clone(&shared.workloads),
+        services: Arc::clone(&shared.services),
+        state: shared.state.subscribe(),
+        http: HttpProxy::new(
+            config.protocol_detection_timeout,
+            config.opaque_ports.clone(),
+            Arc::clone(&shared.balancer),
+        ),
+        metrics: Arc::clone(&shared.metrics),
+        access_log,
+        tracer,
+        max_connections_per_pod: config.max_connections_per_pod,
+        same_node: inbound.clone().filter(|_| config.same_node_handoff),
     });
     Ok((outbound, inbound))
 }

@@ -41,7 +41,10 @@ use crate::{
     lifecycle::handoff::{HandedListener, ListenerName, ListenerRole},
     netns::NetnsSockets,
     proxy::{
-        inbound::context::{DestinationPod, InboundContext},
+        inbound::{
+            context::{DestinationPod, InboundContext},
+            local::Registration,
+        },
         outbound::context::OutboundContext,
     },
     state::{
@@ -65,6 +68,8 @@ struct Enrolled {
     view: EnrolledPodView,
     /// The inbound side, when the node holds identities.
     destination: Option<Arc<DestinationPod>>,
+    /// Lists `destination` for connections from the node's other meshed pods.
+    _on_this_node: Option<Registration<DestinationPod>>,
     _accept_loops: AcceptLoops,
     /// A duplicate of each listening socket, to hand to a successor.
     listeners: Vec<(ListenerName, OwnedFd)>,
@@ -414,6 +419,8 @@ impl Enrolments {
                     .map(|d| d.source_preservation)
                     .unwrap_or_default(),
             },
+            _on_this_node: (destination.as_ref().zip(self.inbound.as_ref()))
+                .map(|(pod, inbound)| inbound.local_pods.register(&pod.ips, pod)),
             destination,
             _accept_loops: opening.accept_loops,
             listeners: opening.opened.duplicates,

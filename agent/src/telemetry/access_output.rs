@@ -23,8 +23,6 @@ use std::{
     time::Duration,
 };
 
-use tracing_subscriber::fmt::MakeWriter;
-
 /// The largest batch: `PIPE_BUF`, what a pipe writes atomically.
 const BATCH: usize = 4096;
 /// Pending lines are written at least this often.
@@ -64,9 +62,8 @@ impl Batches {
         }
     }
 
-    /// Adds a line (tracing writes an event's whole line at once), writing what was pending
-    /// first if the line would take the batch past [`BATCH`], and everything at once if
-    /// `at_once`.
+    /// Adds a whole line, writing what was pending first if the line would take the batch
+    /// past [`BATCH`], and everything at once if `at_once`.
     fn append(&self, line: &[u8], at_once: bool) {
         let mut pending = lock(&self.pending);
         if !pending.is_empty() && pending.len() + line.len() > BATCH {
@@ -130,31 +127,10 @@ fn start_flushing() {
     });
 }
 
-/// The access log layer's writer ([`MakeWriter`]).
-#[derive(Clone, Copy, Default)]
-pub struct BatchedStdout;
-
-/// One line being written.
-pub struct Line;
-
-impl Write for Line {
-    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        STDOUT.append(bytes, UNBATCHED.load(Relaxed));
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for BatchedStdout {
-    type Writer = Line;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        start_flushing();
-        Line
-    }
+/// Adds a whole line (ending in a newline) to what is written to stdout.
+pub fn append(line: &[u8]) {
+    start_flushing();
+    STDOUT.append(line, UNBATCHED.load(Relaxed));
 }
 
 #[cfg(test)]

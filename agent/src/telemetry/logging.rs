@@ -1,16 +1,11 @@
 //! tracing set-up: `RUST_LOG` filters (default `info`); the agent's own logs go to stderr as
 //! JSON lines or as text (`--log-format`; JSON unless stderr is a terminal, since cluster log
-//! pipelines expect JSON), with colours only on a terminal. Access logs (target
-//! `nodemesh::access`) always go to stdout as JSON lines, one object per line, written in
-//! batches (`access_output`).
+//! pipelines expect JSON), with colours only on a terminal. Access logs are not `tracing`
+//! events: `access` writes them to stdout itself.
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::{
-    EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt,
-};
-
-use super::{access, access_output};
+use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
 /// How the logs on stderr are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -34,33 +29,21 @@ impl LogFormat {
 
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let not_access = filter_fn(|meta| meta.target() != access::TARGET);
     let logs = match format {
         LogFormat::Json => fmt::layer()
             .json()
             .with_ansi(false)
             .with_writer(std::io::stderr)
-            .with_filter(not_access)
             .boxed(),
         LogFormat::Text => fmt::layer()
             .with_target(false)
             .with_ansi(colours_on_stderr())
             .with_writer(std::io::stderr)
-            .with_filter(not_access)
             .boxed(),
     };
-    let access_logs = fmt::layer()
-        .json()
-        .with_ansi(false)
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_writer(access_output::BatchedStdout)
-        .with_filter(filter_fn(|meta| meta.target() == access::TARGET));
     tracing_subscriber::registry()
         .with(filter)
         .with(logs)
-        .with(access_logs)
         .init();
 }
 

@@ -14,7 +14,7 @@ fn time_wait(netns: &str) -> usize {
     time_wait_sockets(netns).expect("ss")
 }
 
-/// Connections from client-a that `node`'s HBONE server has seen closed.
+/// Connections from client-a that `node`'s inbound side has seen closed.
 fn closed_from_client_a(tb: &Testbed, node: &str) -> u64 {
     from_client_a(&tb.admin_json(node, "/stats").expect("stats"), "closed")
 }
@@ -59,11 +59,12 @@ fn a_client_reset_reaches_the_server_as_a_reset_and_leaves_no_time_wait() {
                 "{close}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            // The connections went through the destination's HBONE server (the mesh carried
-            // them), and it has finished each of them.
+            // The connections went through the destination's inbound side (the mesh carried
+            // them: over HBONE to node2, handed over in process on node1), and it has
+            // finished each of them.
             wait_until(
                 scaled(Duration::from_secs(20)),
-                "the HBONE server to close every tunnel",
+                "the destination's side to close every tunnel",
                 || Ok(closed_from_client_a(&mesh.tb, node) == closed + CONNECTIONS),
             )
             .unwrap_or_else(|e| panic!("{close} to {target}: {e}"));

@@ -104,6 +104,12 @@ pub(super) fn header(args: &BenchArgs) -> String {
          (the feature `count-allocations`: an uncontended atomic add per allocation).\n\n",
         args.runs, args.connects, args.requests, args.bulk_mib, args.enrolments, args.ca_requests, kernel.trim(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), args.runs
     ));
+    if !args.agent_env.is_empty() {
+        let env: Vec<String> = (args.agent_env.iter())
+            .map(|(name, value)| format!("`{name}={value}`"))
+            .collect();
+        out.push_str(&format!("The agents ran with {}.\n\n", env.join(", ")));
+    }
     if args.cpu_profile.is_some() {
         out.push_str(
             "These runs were sampled by perf (`--cpu-profile`), which slows the agents: take \

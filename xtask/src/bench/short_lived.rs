@@ -1,6 +1,7 @@
 //! Short-lived connections: connect() + 64-byte echo + close() (a reset, as the workload's
 //! `connect-loop` closes by default), one after another, direct and captured (meshed pod to
-//! meshed pod on the same node, HBONE mTLS through the node's proxy).
+//! meshed pod on the same node, through the node's proxy: handed from its outbound to its
+//! inbound side, or over HBONE with `--agent-env NODEMESH_SAME_NODE_HBONE=true`).
 //!
 //! Besides the overall rate, each run records the rate of its first and of its last thousand
 //! connections (a rate that falls as connections accumulate is something piling up per
@@ -62,7 +63,7 @@ pub(super) fn one_run(
             ("mesh", "client-a"),
             meshed_server,
             &mut runs.captured,
-            "short-lived, HBONE mTLS same node",
+            "short-lived, meshed same node",
         ),
     ] {
         let target = format!("{}:{ECHO_PORT}", server.ipv4());
@@ -129,7 +130,7 @@ pub(super) fn section(out: &mut String, connects: u64, runs: &ShortLivedRuns) {
     for (name, path) in [
         ("non-meshed pod to non-meshed pod (direct)", &runs.direct),
         (
-            "meshed pod to meshed pod, captured (HBONE mTLS, same node)",
+            "meshed pod to meshed pod, captured (same node, through the node's proxy)",
             &runs.captured,
         ),
     ] {

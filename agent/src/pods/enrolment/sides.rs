@@ -69,6 +69,7 @@ impl Enrolments {
             namespace: pod.namespace.clone(),
             workload: pod.workload.clone(),
             identity,
+            ips: pod.ips.clone(),
             sockets: Arc::clone(sockets),
             connections: Budget::new(
                 "pod_outbound_connections",

@@ -15,6 +15,7 @@ use crate::{
     lifecycle::drain::Drain,
     netns::{NetnsSockets, SourcePreservation},
     proxy::{
+        inbound::local::ByAddress,
         limits::{self, Budget, PerClient},
         listener::canonical,
     },
@@ -25,6 +26,10 @@ use crate::{
     },
     telemetry::{access::AccessLog, connections::ConnectionStats, metrics::Metrics},
 };
+
+/// The enrolled destination pods of this node by the addresses an HBONE CONNECT to them may
+/// name.
+pub type LocalPods = ByAddress<DestinationPod>;
 
 /// What every inbound handler needs, shared by the node.
 pub struct InboundContext {
@@ -52,6 +57,8 @@ pub struct InboundContext {
     pub workloads: SharedWorkloads,
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
+    /// The meshed pods of this node by address, for connections between two of them.
+    pub local_pods: Arc<LocalPods>,
 }
 
 impl InboundContext {

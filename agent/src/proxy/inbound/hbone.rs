@@ -18,14 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use super::{
-    authorize::{self, Check, Source},
+    admission::Admission,
     context::{DestinationPod, InboundContext},
-    delivery::connect_to_application,
-    revocation::withdrawn,
 };
-use crate::peer::{Reporter, Traffic, UNKNOWN};
 use crate::{
-    bounds::ClientSlot,
     identity::{spiffe::SpiffeId, tls},
     proxy::{
         hbone::{
@@ -35,13 +31,7 @@ use crate::{
         },
         limits,
         listener::accept_loop,
-        relay::{relay_until, reset},
     },
-    state::{
-        authorization::{Decision, Policy, RequestAttributes, decide},
-        node::PodPolicies,
-    },
-    telemetry::report::ConnectionReport,
 };
 
 pub async fn serve(listener: TcpListener, pod: Arc<DestinationPod>, ctx: Arc<InboundContext>) {
@@ -203,152 +193,43 @@ async fn handle_connect(
         tracing::warn!(pod = %pod.display_name, %peer_id, %target, "HBONE: CONNECT to an address that is not this meshed pod");
         return refused(&mut respond, StatusCode::FORBIDDEN);
     }
-    let policies = ctx.policies(&pod);
-    let port = target.port();
-    let in_force = policies.current();
-    let inspects_http = in_force.iter().any(|p| p.inspects_http(port));
-    let decide_tunnel = {
-        let peer_id = peer_id.clone();
-        move |current: &[Arc<Policy>]| {
-            let attributes = RequestAttributes {
-                source: Some(&peer_id),
-                port,
-                http: None,
-            };
-            decide(current, &attributes)
-        }
-    };
-    if !inspects_http && let Decision::Deny(by) = decide_tunnel(&in_force) {
-        tracing::warn!(pod = %pod.display_name, %peer_id, %target, policy = %by, "authorization: connection denied");
-        return refused(&mut respond, StatusCode::FORBIDDEN);
-    }
-    let Some(tunnel) = pod.tunnels.try_acquire(&peer_id) else {
-        ctx.metrics
-            .refused(pod.tunnels.budget().reason, &pod.display_name);
-        if pod.tunnels.budget().log_refusal() {
-            tracing::warn!(pod = %pod.display_name, %peer_id, limit = pod.tunnels.limit_per_client(), "HBONE tunnel refused: the peer identity is at its bound for this pod (logged at most every 10 s)");
-        }
-        return refused(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+    let admission = Admission {
+        pod,
+        ctx,
+        peer_id,
+        client: peer.ip(),
+        target,
     };
     // A client that resets the stream meanwhile (a rapid reset) takes its connection to
     // the application, and its tunnel slot, with it at once.
-    let connecting = connect_to_application(&pod, &ctx, target, Some(peer.ip()));
-    let upstream = tokio::select! {
-        connected = connecting => match connected {
-            Ok((upstream, _)) => upstream,
-            Err(error) => {
-                tracing::info!(pod = %pod.display_name, %peer_id, %target, %error, "HBONE: the application did not accept");
-                return refused(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            }
+    let admitted = tokio::select! {
+        // Admission first: a refusal is logged and counted even when the reset is there too.
+        biased;
+        admitted = admission.admit() => match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => return refused(&mut respond, refusal.status()),
         },
         reason = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
             tracing::debug!(%peer, %target, ?reason, "HBONE: the client reset the CONNECT before the application accepted");
             return;
         }
     };
-    let source = peer_id.to_string();
-    ctx.stats.opened(&source, target);
-    let traffic = Traffic {
-        reporter: Reporter::Destination,
-        source: ctx.source_peer(peer.ip(), Some(&peer_id)),
-        destination: pod.peer.clone(),
-        destination_service: UNKNOWN.to_owned(),
-        mutual_tls: true,
-    };
-    let send = match respond.send_response(status(StatusCode::OK), false) {
-        Ok(send) => send,
+    match respond.send_response(status(StatusCode::OK), false) {
+        // The relay gets a task of its own, sized to what it holds while the tunnel lives
+        // (docs/benchmarks.md, memory per idle connection), and this one ends.
+        Ok(send) => {
+            tokio::spawn(admitted.serve(TunnelStream::new(send, request.into_body())));
+        }
         Err(error) => {
             // The client reset the stream: the application's connection is reset too.
             tracing::info!(%peer, %error, "HBONE: the CONNECT's answer could not be sent");
-            reset(&upstream);
-            ctx.stats.closed(&source, target, 0, 0);
-            return;
+            admitted.abandon();
         }
-    };
-    let stream = TunnelStream::new(send, request.into_body());
-    if inspects_http {
-        let check = Check {
-            pod: pod.display_name.clone(),
-            policies,
-            source: Source::Mesh(peer_id),
-            port,
-            detect_wait: (!ctx.opaque_ports.contains(port)).then_some(ctx.detect_wait),
-            traffic,
-            metrics: Arc::clone(&ctx.metrics),
-            access_log: ctx.access_log,
-            drain: ctx.drain.clone(),
-        };
-        let (sent, received) = authorize::serve(stream, upstream, check).await;
-        ctx.stats.closed(&source, target, sent, received);
-        drop(tunnel);
-        return;
     }
-    // The relay gets a task of its own, sized to what it holds while the tunnel lives
-    // (docs/benchmarks.md, memory per idle connection), and this one ends.
-    let ends = TunnelEnds {
-        pod,
-        ctx,
-        policies,
-        decide: decide_tunnel,
-        peer_id,
-        target,
-        source,
-        traffic,
-        tunnel,
-    };
-    tokio::spawn(relay_tunnel(stream, upstream, ends));
 }
 
 fn status(code: StatusCode) -> Response<()> {
     let mut response = Response::new(());
     *response.status_mut() = code;
     response
-}
-
-/// What a tunnel's relay needs besides its two ends.
-struct TunnelEnds<D> {
-    pod: Arc<DestinationPod>,
-    ctx: Arc<InboundContext>,
-    policies: PodPolicies,
-    decide: D,
-    peer_id: SpiffeId,
-    target: SocketAddr,
-    /// The peer's identity as the connection statistics name it.
-    source: String,
-    traffic: Traffic,
-    tunnel: ClientSlot<SpiffeId>,
-}
-
-/// Relays an opaque tunnel until either end closes or a policy change denies it.
-fn relay_tunnel<D: Fn(&[Arc<Policy>]) -> Decision>(
-    stream: TunnelStream,
-    upstream: TcpStream,
-    ends: TunnelEnds<D>,
-) -> impl Future<Output = ()> {
-    let TunnelEnds {
-        pod,
-        ctx,
-        policies,
-        decide,
-        peer_id,
-        target,
-        source,
-        traffic,
-        tunnel,
-    } = ends;
-    let name = pod.display_name.clone();
-    let withdrawal = async move {
-        let by = withdrawn(policies, None, decide).await;
-        tracing::warn!(pod = %name, %peer_id, %target, policy = %by, "authorization withdrawn by a policy change: tunnel reset");
-    };
-    // Boxed before the task's future is made, so that the task holds a pointer to it
-    // rather than a second, moved-from copy.
-    let relay = Box::pin(relay_until(stream, upstream, withdrawal));
-    async move {
-        let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
-        let (sent, received) = relay.await;
-        drop(tunnel);
-        report.close(sent, received);
-        ctx.stats.closed(&source, target, sent, received);
-    }
 }

@@ -25,6 +25,10 @@ use crate::{
     proxy::{
         dial::{connect_within, pod_socket},
         hbone::client::HboneClient,
+        inbound::{
+            admission::{Admission, Admitted},
+            context::InboundContext,
+        },
         limits::Budget,
     },
     state::{
@@ -55,6 +59,9 @@ pub struct OutboundContext {
     pub tracer: Tracer,
     /// `--max-connections-per-pod`.
     pub max_connections_per_pod: usize,
+    /// The inbound side of this node, which admits a connection to one of its own meshed
+    /// pods in process; absent without identities, or with `--same-node-hbone`.
+    pub same_node: Option<Arc<InboundContext>>,
 }
 
 /// A connection to a Service's virtual address while the Service has no ready endpoint.
@@ -100,8 +107,50 @@ impl OutboundContext {
             .peer_of(ip)
     }
 
-    /// Connects `pod` to `target` the way the mesh carries its traffic: HBONE to a meshed
-    /// pod, plain TCP from the pod's network namespace to anything else.
+    /// Where a connection of `pod` to `target` goes: to the inbound side of this node when
+    /// `target` is a meshed pod here (and both pods hold their certificates, as HBONE
+    /// would require), else to an upstream `dial` connects.
+    pub async fn connect(
+        &self,
+        pod: &SourcePod,
+        target: SocketAddr,
+    ) -> Result<Connected, DialError> {
+        if let Some(admission) = self.same_node_admission(pod, target) {
+            return Ok(Connected::ThisNode(Box::new(admission.admit().await?)));
+        }
+        Ok(Connected::Upstream(self.dial(pod, target).await?))
+    }
+
+    /// The admission of `pod`'s connection to `target` by this node's inbound side, when
+    /// `target` is a meshed pod of this node that the connection may be handed to.
+    fn same_node_admission(&self, pod: &SourcePod, target: SocketAddr) -> Option<Admission> {
+        let inbound = self.same_node.as_ref()?;
+        let destination = inbound.local_pods.at(target.ip())?;
+        // The identity the cluster state gives the address, which HBONE would have required
+        // of the destination's certificate: a pod enrolled under an address the cluster has
+        // given another since is not handed anything.
+        let index = self.workloads.read().unwrap_or_else(|p| p.into_inner());
+        if index.identity_of(target.ip()) != Some(&destination.identity) {
+            return None;
+        }
+        drop(index);
+        let source_id = pod.identity.as_ref()?;
+        let client = *pod.ips.iter().find(|ip| ip.is_ipv4() == target.is_ipv4())?;
+        let certified = |id| inbound.identities.certificate(id).is_some();
+        if !certified(source_id) || !certified(&destination.identity) {
+            return None;
+        }
+        Some(Admission {
+            pod: destination,
+            ctx: Arc::clone(inbound),
+            peer_id: source_id.clone(),
+            client,
+            target,
+        })
+    }
+
+    /// Connects `pod` to `target` the way the mesh carries its traffic between nodes: HBONE
+    /// to a meshed pod, plain TCP from the pod's network namespace to anything else.
     pub async fn dial(&self, pod: &SourcePod, target: SocketAddr) -> Result<Upstream, DialError> {
         match self.hbone.as_ref().zip(self.hbone_destination(target.ip())) {
             Some((mesh, destination)) => {
@@ -145,12 +194,23 @@ impl HttpProxy {
     }
 }
 
+/// What a relayed connection was connected to.
+pub enum Connected {
+    /// Another node's pod, or anything outside the mesh.
+    Upstream(Upstream),
+    /// A meshed pod of this node, admitted by its inbound side, connected to its
+    /// application and waiting for the client's stream.
+    ThisNode(Box<Admitted>),
+}
+
 /// One meshed pod as the proxy sees it.
 pub struct SourcePod {
     pub display_name: String,
     pub namespace: String,
     pub workload: String,
     pub identity: Option<SpiffeId>,
+    /// Its addresses: the source of what it sends to a pod of this node.
+    pub ips: Vec<IpAddr>,
     pub sockets: Arc<NetnsSockets>,
     /// Its connections through the proxy at once.
     pub connections: Arc<Budget>,

@@ -1,13 +1,16 @@
 //! Outbound: connections a meshed pod made, captured into the listener the agent opened on
 //! the pod's loopback, forwarded to their original destination from the pod's own network
 //! namespace (so from the pod's own address). A destination that is a meshed pod goes
-//! through HBONE (mutual TLS) when the node has identities; anything else passes through.
+//! through HBONE (mutual TLS) when the node has identities, or, when it is a pod of this
+//! node, straight to this node's inbound side, which admits it in process; anything else
+//! passes through.
 //! A connection to a Service port whose first bytes are HTTP goes to the L7 proxy (`l7`)
 //! instead, which routes (`request`) and balances (`balance`) each request over pooled
 //! upstream connections (`pool`).
 //!
 //! A connection's path: `serve` accepts it and `forward` finds its original destination,
-//! then either relays it to an `upstream` dialled with the `context`, or hands it to `l7`.
+//! then either relays it to an `upstream` dialled with the `context` (or to the application
+//! of a pod of this node the inbound side admitted it to), or hands it to `l7`.
 
 pub mod balance;
 pub mod context;
@@ -23,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use self::{
     balance::Outcome,
-    context::{NoReadyEndpoint, OutboundContext, SourcePod},
+    context::{Connected, NoReadyEndpoint, OutboundContext, SourcePod},
     request::ClientConnection,
     upstream::{OutboundError, Upstream},
 };
@@ -107,16 +110,20 @@ async fn forward(
     let Some(target) = Box::pin(dial(&client, original, pod, ctx)).await else {
         return;
     };
-    let (target, zones, upstream) = target;
+    let (target, zones, connected) = target;
     let traffic = Traffic {
         reporter: Reporter::Source,
         source: pod.peer(),
         destination: ctx.peer_of(target.ip()),
         destination_service,
-        mutual_tls: matches!(upstream, Upstream::Mesh(_)),
+        // On this node the identities are the capture's, as authenticated as a certificate.
+        mutual_tls: !matches!(connected, Connected::Upstream(Upstream::Direct(_))),
     };
     let report = ConnectionReport::open(&ctx.metrics, ctx.access_log, &traffic, target);
-    let (sent, received) = relay(client, upstream).await;
+    let (sent, received) = match connected {
+        Connected::Upstream(upstream) => relay(client, upstream).await,
+        Connected::ThisNode(admitted) => admitted.serve(client).await,
+    };
     ctx.stats
         .closed(&pod.display_name, original, sent, received);
     report.close(sent, received);
@@ -177,13 +184,14 @@ async fn detect_or_serve_l7(
     None
 }
 
-/// Routes the connection and dials its upstream; on failure, resets `client` and counts it.
+/// Routes the connection and connects it to its destination; on failure, resets `client`
+/// and counts it.
 async fn dial(
     client: &Prefixed<TcpStream>,
     original: SocketAddr,
     pod: &Arc<SourcePod>,
     ctx: &Arc<OutboundContext>,
-) -> Option<(SocketAddr, Option<ZonePair>, Upstream)> {
+) -> Option<(SocketAddr, Option<ZonePair>, Connected)> {
     // Service endpoints already tried for this connection: nothing has been sent yet, so a
     // failed connect moves on to another endpoint (the nearest left) before giving up.
     let mut tried = Vec::new();
@@ -199,12 +207,12 @@ async fn dial(
         };
         // A virtual address is never an endpoint's: this is a Service's endpoint.
         let endpoint = target != original;
-        let error = match ctx.dial(pod, target).await {
-            Ok(upstream) => {
+        let error = match ctx.connect(pod, target).await {
+            Ok(connected) => {
                 if endpoint {
                     ctx.http.balancer.connected(target, Outcome::Success);
                 }
-                return Some((target, zones, upstream));
+                return Some((target, zones, connected));
             }
             Err(error) => error,
         };

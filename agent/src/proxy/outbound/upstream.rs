@@ -21,6 +21,7 @@ use crate::{
             client::{Carrier, Tunnel},
             error::HboneError,
         },
+        inbound::admission::Refusal,
         relay::Relayable,
     },
 };
@@ -54,6 +55,8 @@ pub enum DialError {
     Hbone(#[from] HboneError),
     #[error(transparent)]
     Direct(#[from] OutboundError),
+    #[error("refused by the destination on this node: {0}")]
+    ThisNode(#[from] Refusal),
 }
 
 impl DialError {
@@ -70,9 +73,11 @@ impl DialError {
                 | HboneError::Handshake { .. }
                 | HboneError::Http { .. },
             )
-            | Self::Direct(OutboundError::Connect(..) | OutboundError::ConnectTimeout(..)) => true,
-            // This node's side: no identity or certificate, TLS configuration, sockets.
-            Self::NoIdentity | Self::Hbone(_) | Self::Direct(_) => false,
+            | Self::Direct(OutboundError::Connect(..) | OutboundError::ConnectTimeout(..))
+            | Self::ThisNode(Refusal::AtBound | Refusal::Application(_)) => true,
+            // This node's side (no identity or certificate, TLS configuration, sockets), or a
+            // policy of the destination's.
+            Self::NoIdentity | Self::Hbone(_) | Self::Direct(_) | Self::ThisNode(_) => false,
         }
     }
 }
