@@ -296,12 +296,13 @@ struct Carried {
 fn carried(tb: &Testbed, server_b_ip: &str) -> anyhow::Result<Carried> {
     println!("\n== what each node proxy carried (GET /stats on its admin port)");
     println!(
-        "   outbound: captured from a local pod; to a meshed pod it left in mTLS (HBONE), \
+        "   outbound: captured from a local pod; to a meshed pod on another node it left in \
+         mTLS (HBONE), to one on its own node it went to the inbound side in process, \
          otherwise as plain TCP"
     );
     println!(
-        "   inbound: HBONE streams accepted for a local pod, by the peer's verified SPIFFE ID; \
-         plaintext from outside the mesh as `plaintext`"
+        "   inbound: tunnels admitted for a local pod (HBONE, or handed over on the node), by \
+         the peer's SPIFFE ID; plaintext from outside the mesh as `plaintext`"
     );
     println!(
         "   {:<6} {:<42} {:<26} {:>5} {:>10} {:>10}",
@@ -373,7 +374,9 @@ impl Carried {
         let encrypted = seen_sources.contains_key("spiffe://cluster.local/ns/mesh/sa/client-a")
             && seen_sources.contains_key("spiffe://cluster.local/ns/mesh/sa/client-b");
         println!(
-            "   meshed pods' connections to meshed pods arrived over mutual TLS: {}",
+            "   meshed pods' connections to meshed pods of the other node arrived over mutual \
+             TLS: {}; on the same node the agent handed them from its outbound to its inbound \
+             side, under the client's identity",
             if encrypted {
                 "yes (HBONE, TLS 1.3, X25519MLKEM768)"
             } else {
