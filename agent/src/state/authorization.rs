@@ -250,6 +250,17 @@ fn source_matches(source: &Source, peer: Option<&SpiffeId>) -> bool {
                 .any(|(ns, sa)| ns == peer.namespace() && sa == peer.service_account()))
 }
 
+/// Decides on a meshed `peer`'s stream to `port` as a whole, without HTTP attributes: an L4
+/// tunnel, or a stream no request decision covers (upgraded, opaque).
+pub fn decide_stream(policies: &[Arc<Policy>], peer: &SpiffeId, port: u16) -> Decision {
+    let request = RequestAttributes {
+        source: Some(peer),
+        port,
+        http: None,
+    };
+    decide(policies, &request)
+}
+
 /// Decides on `request` under `policies` (those selecting the destination workload).
 pub fn decide(policies: &[Arc<Policy>], request: &RequestAttributes<'_>) -> Decision {
     if let Some(deny) = policies

@@ -21,7 +21,7 @@ use super::{
     authorize::{self, Check, Source},
     context::{DestinationPod, InboundContext},
     delivery::connect_to_application,
-    revocation::withdrawn,
+    revocation::stream_withdrawn,
 };
 use crate::peer::{Reporter, Traffic, UNKNOWN};
 use crate::{
@@ -29,7 +29,7 @@ use crate::{
     identity::spiffe::SpiffeId,
     proxy::relay::{Relayable, relay_until, reset},
     state::{
-        authorization::{Decision, Policy, RequestAttributes, decide},
+        authorization::{Decision, decide_stream},
         node::PodPolicies,
     },
     telemetry::report::ConnectionReport,
@@ -83,7 +83,7 @@ impl Admission {
         let port = target.port();
         let in_force = policies.current();
         let inspects_http = in_force.iter().any(|p| p.inspects_http(port));
-        if !inspects_http && let Decision::Deny(by) = decide_tunnel(&peer_id, port, &in_force) {
+        if !inspects_http && let Decision::Deny(by) = decide_stream(&in_force, &peer_id, port) {
             tracing::warn!(pod = %pod.display_name, %peer_id, %target, policy = %by, "authorization: connection denied");
             return Err(Refusal::Denied(by));
         }
@@ -124,16 +124,6 @@ impl Admission {
             upstream,
         })
     }
-}
-
-/// The decision on a tunnel as a whole.
-fn decide_tunnel(peer_id: &SpiffeId, port: u16, policies: &[Arc<Policy>]) -> Decision {
-    let attributes = RequestAttributes {
-        source: Some(peer_id),
-        port,
-        http: None,
-    };
-    decide(policies, &attributes)
 }
 
 /// An admitted tunnel, connected to the application, waiting for its client's stream.
@@ -194,10 +184,7 @@ impl Admitted {
         let (name, port) = (self.pod.display_name.clone(), target.port());
         let (policies, peer_id, traffic) = (self.policies, self.peer_id, self.traffic);
         let withdrawal = async move {
-            let by = withdrawn(policies, None, |current: &[Arc<Policy>]| {
-                decide_tunnel(&peer_id, port, current)
-            })
-            .await;
+            let by = stream_withdrawn(policies, &peer_id, port).await;
             tracing::warn!(pod = %name, %peer_id, %target, policy = %by, "authorization withdrawn by a policy change: tunnel reset");
         };
         // Boxed before the outer future is made, so that it holds a pointer to the relay

@@ -29,7 +29,7 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::{path, revocation::withdrawn};
+use super::{path, revocation::stream_withdrawn};
 use crate::peer::Traffic;
 use crate::{
     identity::spiffe::SpiffeId,
@@ -45,7 +45,7 @@ use crate::{
         relay::{Relayable, relay_until, reset},
     },
     state::{
-        authorization::{Decision, Policy, RequestAttributes, decide},
+        authorization::{Decision, RequestAttributes, decide},
         node::PodPolicies,
         probes::{GRPC_HEALTH_CHECK, ProbePort},
     },
@@ -125,17 +125,7 @@ impl Check {
         async move {
             // Only mesh streams are ever allowed as a whole.
             let Some(peer) = peer else { return };
-            let attributes = |current: &[Arc<Policy>]| {
-                decide(
-                    current,
-                    &RequestAttributes {
-                        source: Some(&peer),
-                        port,
-                        http: None,
-                    },
-                )
-            };
-            let by = withdrawn(policies, None, attributes).await;
+            let by = stream_withdrawn(policies, &peer, port).await;
             tracing::warn!(%pod, %peer, port, policy = %by, "authorization withdrawn by a policy change: stream reset");
         }
     }

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::{
+    identity::spiffe::SpiffeId,
     k8s::labels::PeerAuthentication,
     state::{
-        authorization::{Decision, Policy},
+        authorization::{Decision, Policy, decide_stream},
         node::PodPolicies,
     },
 };
@@ -41,6 +42,15 @@ pub async fn withdrawn(
             return by;
         }
     }
+}
+
+/// `withdrawn` for a meshed `peer`'s stream to `port` as a whole (`decide_stream`): what
+/// denies it once the pod's policies change to.
+pub async fn stream_withdrawn(policies: PodPolicies, peer: &SpiffeId, port: u16) -> String {
+    withdrawn(policies, None, |current: &[Arc<Policy>]| {
+        decide_stream(current, peer, port)
+    })
+    .await
 }
 
 #[cfg(test)]
