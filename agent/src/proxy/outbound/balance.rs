@@ -4,6 +4,10 @@
 //! Each endpoint's cost is its latency estimate times (outstanding requests + 1). The
 //! estimate jumps up to any slower observation at once (the peak) and decays towards faster
 //! ones with a time constant, so a slow endpoint is avoided at once and forgiven gradually.
+//! Time without an observation counts as observing nothing (as tower's and Linkerd's peak
+//! EWMA do): an endpoint nobody picks decays towards zero until it is picked and measured
+//! again, so one slow answer (a connection's setup, a cold start) does not keep it unused
+//! for good while another endpoint is fast enough.
 //! Two distinct candidates are drawn at random and the cheaper one is used: nearly as good as
 //! comparing all, without herding every client onto the same "best" endpoint.
 //!
@@ -71,8 +75,19 @@ impl EndpointState {
         }
     }
 
-    fn cost(&self) -> f64 {
-        self.latency_ns * f64::from(self.outstanding + 1)
+    /// The latency estimate at `now`: decayed towards zero since the last observation.
+    fn latency_at(&self, now: Instant) -> f64 {
+        self.latency_ns * self.decay(now)
+    }
+
+    /// The weight the estimate as of the last observation keeps at `now`.
+    fn decay(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        (-elapsed / DECAY.as_secs_f64()).exp()
+    }
+
+    fn cost(&self, now: Instant) -> f64 {
+        self.latency_at(now) * f64::from(self.outstanding + 1)
     }
 
     fn ejected(&self, now: Instant) -> bool {
@@ -228,13 +243,12 @@ impl Balancer {
             .or_insert_with(|| EndpointState::new(now));
         state.outstanding = state.outstanding.saturating_sub(1);
         let observed = latency.as_nanos() as f64;
-        if observed > state.latency_ns {
-            state.latency_ns = observed;
+        let decayed = state.latency_at(now);
+        state.latency_ns = if observed > decayed {
+            observed
         } else {
-            let elapsed = now.saturating_duration_since(state.updated).as_secs_f64();
-            let weight = (-elapsed / DECAY.as_secs_f64()).exp();
-            state.latency_ns = state.latency_ns * weight + observed * (1.0 - weight);
-        }
+            decayed + observed * (1.0 - state.decay(now))
+        };
         state.updated = now;
         state.record(outcome, endpoint, now);
     }
@@ -279,7 +293,7 @@ impl Balancer {
             .iter()
             .map(|(addr, state)| EndpointView {
                 endpoint: *addr,
-                latency_ms: state.latency_ns / 1e6,
+                latency_ms: state.latency_at(now) / 1e6,
                 outstanding: state.outstanding,
                 consecutive_failures: state.consecutive_failures,
                 ejected: state.ejected(now),
@@ -355,7 +369,7 @@ impl View<'_> {
     fn cost(&self, endpoint: &SocketAddr) -> f64 {
         self.endpoints
             .get(endpoint)
-            .map_or(DEFAULT_COST, EndpointState::cost)
+            .map_or(DEFAULT_COST, |state| state.cost(self.now))
     }
 
     fn outstanding(&self, endpoint: &SocketAddr) -> u32 {

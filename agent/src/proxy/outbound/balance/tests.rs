@@ -42,12 +42,38 @@ fn the_peak_is_taken_at_once_and_forgotten_gradually() {
     let now = Instant::now();
     balancer.pick_at(&[a], (0, 0), now);
     balancer.finish_at(a, Duration::from_millis(100), Outcome::Success, now);
-    assert_eq!(balancer.views()[0].latency_ms, 100.0);
+    let peak = balancer.views()[0].latency_ms;
+    assert!((peak - 100.0).abs() < 0.01, "{peak}");
     balancer.pick_at(&[a], (0, 0), now);
     balancer.finish_at(a, Duration::from_millis(1), Outcome::Success, now + DECAY);
     let after = balancer.views()[0].latency_ms;
     // One time constant: 100·e^-1 + 1·(1 − e^-1) ≈ 37.4 ms.
     assert!((after - 37.4).abs() < 0.1, "{after}");
+}
+
+#[test]
+fn an_endpoint_left_unpicked_decays_until_it_is_measured_again() {
+    let balancer = Balancer::default();
+    let [a, b, _] = addrs();
+    let now = Instant::now();
+    // b's first answer was slow (its connection's setup), a is steadily 5 ms.
+    for (addr, ms) in [(a, 5), (b, 50)] {
+        balancer.pick_at(&[addr], (0, 0), now);
+        balancer.finish_at(addr, Duration::from_millis(ms), Outcome::Success, now);
+    }
+    let mut at = now;
+    for _ in 0..20 {
+        assert_eq!(balancer.pick_at(&[a, b], (0, 0), at), Some(a), "{at:?}");
+        balancer.finish_at(a, Duration::from_millis(5), Outcome::Success, at);
+        at += Duration::from_secs(1);
+    }
+    // 30 s on, b's estimate has decayed to 50·e^-3 ≈ 2.5 ms, under a's 5: b is tried again,
+    // and its fast answer is what it is judged by from then on.
+    let later = now + DECAY * 3;
+    balancer.finish_at(a, Duration::from_millis(5), Outcome::Success, later);
+    assert_eq!(balancer.pick_at(&[a, b], (0, 0), later), Some(b));
+    balancer.finish_at(b, Duration::from_millis(1), Outcome::Success, later);
+    assert_eq!(balancer.pick_at(&[a, b], (0, 0), later), Some(b));
 }
 
 #[test]
@@ -158,15 +184,16 @@ fn a_faster_zone_keeps_requests_while_spilling_until_its_queue_makes_it_dearer()
     let endpoints = one_local_ten_remote();
     let spilling = AtomicBool::new(true);
     let zoned = candidates(&endpoints, Some(1), ZonePolicy::default(), &spilling);
-    // The local endpoint measured at 0.1 ms (a minute of decay towards it), the remote
-    // ones not yet (1 ms).
+    // The local endpoint measured at 0.1 ms after a minute unmeasured (its first estimate,
+    // 1 ms, has decayed to almost nothing: the observation is the new peak), the remote ones
+    // not yet (1 ms).
     let start = Instant::now();
     balancer.pick_at(&[endpoints[0]], (0, 0), start);
     let later = start + Duration::from_secs(60);
     let fast = Duration::from_micros(100);
     balancer.finish_at(endpoints[0], fast, Outcome::Success, later);
-    // Its estimate, 0.102 ms, × (in flight + 1) stays under 1 ms up to 8 in flight.
-    let placements: Vec<Placement> = (0..10)
+    // Its estimate, 0.1 ms, × (in flight + 1) stays at or under 1 ms up to 9 in flight.
+    let placements: Vec<Placement> = (0..11)
         .map(|draw| {
             balancer
                 .pick_at_time(&zoned, (draw, 1), None, later)
@@ -175,10 +202,10 @@ fn a_faster_zone_keeps_requests_while_spilling_until_its_queue_makes_it_dearer()
         })
         .collect();
     assert!(
-        placements[..9].iter().all(|p| *p == Placement::Local),
+        placements[..10].iter().all(|p| *p == Placement::Local),
         "{placements:?}"
     );
-    assert_eq!(placements[9], Placement::Spilled(SpillReason::Overloaded));
+    assert_eq!(placements[10], Placement::Spilled(SpillReason::Overloaded));
 }
 
 #[test]
