@@ -3,7 +3,7 @@
 use super::*;
 
 /// The local pods `policy` selects on `node`, once the agent has loaded it.
-fn wait_for_policy(tb: &Testbed, node: &str, policy: &str, pod: &str) {
+pub(super) fn wait_for_policy(tb: &Testbed, node: &str, policy: &str, pod: &str) {
     wait_until(Duration::from_secs(10), "policy loaded", || {
         let dump = tb.admin_json(node, "/config_dump")?;
         Ok(dump["authorization_policies"]

@@ -603,5 +603,6 @@ fn smuggling_and_malformed_requests_never_reach_the_application() {
 
 mod authorization;
 mod grpc_route;
+mod same_node;
 mod zones;
 mod zones_connections;

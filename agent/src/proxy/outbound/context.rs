@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use super::{
     balance::Balancer,
@@ -149,9 +149,33 @@ impl OutboundContext {
         })
     }
 
+    /// Connects `pod` to `target` for the L7 proxy's pooled connections: as `dial`, except
+    /// that a meshed pod of this node is reached in process. Its inbound side admits the
+    /// connection as it would an HBONE CONNECT and serves the far end of a socket pair
+    /// towards the application; the pool speaks HTTP on the near end.
+    pub async fn dial_pooled(
+        &self,
+        pod: &SourcePod,
+        target: SocketAddr,
+    ) -> Result<Upstream, DialError> {
+        let Some(admission) = self.same_node_admission(pod, target) else {
+            return self.dial(pod, target).await;
+        };
+        let admitted = admission.admit().await?;
+        let (near, far) = match UnixStream::pair() {
+            Ok(pair) => pair,
+            Err(error) => {
+                admitted.abandon();
+                return Err(DialError::SocketPair(error));
+            }
+        };
+        tokio::spawn(admitted.serve(far));
+        Ok(Upstream::ThisNode(near))
+    }
+
     /// Connects `pod` to `target` the way the mesh carries its traffic between nodes: HBONE
     /// to a meshed pod, plain TCP from the pod's network namespace to anything else.
-    pub async fn dial(&self, pod: &SourcePod, target: SocketAddr) -> Result<Upstream, DialError> {
+    async fn dial(&self, pod: &SourcePod, target: SocketAddr) -> Result<Upstream, DialError> {
         match self.hbone.as_ref().zip(self.hbone_destination(target.ip())) {
             Some((mesh, destination)) => {
                 let source_id = pod.identity.as_ref().ok_or(DialError::NoIdentity)?;

@@ -1,6 +1,7 @@
 //! Connections from the proxy to endpoints, for HTTP: pooled per (source pod, endpoint,
-//! protocol), each made the way the source pod's L4 traffic is (HBONE to meshed pods, plain
-//! TCP from the pod's network namespace otherwise).
+//! protocol), each made by `OutboundContext::dial_pooled`: HBONE to meshed pods of other
+//! nodes, a socket pair into the inbound side's admission for meshed pods of this node,
+//! plain TCP from the pod's network namespace otherwise.
 //!
 //! HTTP/2 multiplexes every request to an endpoint over one connection. HTTP/1.1 keeps idle
 //! keep-alive connections (at most `MAX_IDLE_H1` per endpoint): a connection goes back to the

@@ -31,6 +31,7 @@ use crate::{
             hop::{self, bridge_upgrade},
             protocol_of,
         },
+        inbound::admission,
     },
     state::{
         routes::{Backend, RequestMatch, RequestView, RouteDecision, Rule},
@@ -371,7 +372,7 @@ async fn send_to_backend(
         endpoint,
         version,
         request,
-        || ctx.dial(&pod, endpoint),
+        || ctx.dial_pooled(&pod, endpoint),
     );
     let result = match timeout {
         Some(limit) => match tokio::time::timeout(limit, sending).await {
@@ -449,10 +450,13 @@ fn settle(
             in_flight.finish(outcome);
             Ok(response)
         }
-        Err(UpstreamError::Dial(DialError::Hbone(HboneError::Refused {
-            status: StatusCode::FORBIDDEN,
-            ..
-        }))) => {
+        Err(UpstreamError::Dial(
+            DialError::Hbone(HboneError::Refused {
+                status: StatusCode::FORBIDDEN,
+                ..
+            })
+            | DialError::ThisNode(admission::Refusal::Denied(_)),
+        )) => {
             // The destination's authorization policy, not the endpoint's health.
             in_flight.finish(Outcome::Success);
             Err(Refusal::new(

@@ -1,5 +1,7 @@
-//! A connection from a pod to its destination: an HBONE tunnel to a meshed pod, or plain
-//! TCP from the pod's network namespace to anything else; and why one could not be made.
+//! A connection from a pod to its destination: an HBONE tunnel to a meshed pod, plain TCP
+//! from the pod's network namespace to anything else, or (for the L7 proxy's pooled
+//! connections) a socket pair into the admission of a meshed pod of this node; and why one
+//! could not be made.
 
 use std::{
     io,
@@ -11,7 +13,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
+    net::{TcpStream, UnixStream},
 };
 
 use crate::{
@@ -35,6 +37,11 @@ use crate::{
 pub enum Upstream {
     Mesh(Tunnel),
     Direct(TcpStream),
+    /// A meshed pod of this node, reached in process: the near end of a socket pair whose
+    /// far end this node's inbound side admitted and serves towards the application
+    /// (`OutboundContext::dial_pooled`). L4 connections are handed over whole instead
+    /// (`Connected::ThisNode`).
+    ThisNode(UnixStream),
 }
 
 impl Upstream {
@@ -42,7 +49,7 @@ impl Upstream {
     pub fn carrier(&self) -> Option<Carrier> {
         match self {
             Self::Mesh(tunnel) => Some(tunnel.carrier()),
-            Self::Direct(_) => None,
+            Self::Direct(_) | Self::ThisNode(_) => None,
         }
     }
 }
@@ -57,6 +64,8 @@ pub enum DialError {
     Direct(#[from] OutboundError),
     #[error("refused by the destination on this node: {0}")]
     ThisNode(#[from] Refusal),
+    #[error("a socket pair to the destination on this node: {0}")]
+    SocketPair(io::Error),
 }
 
 impl DialError {
@@ -77,7 +86,11 @@ impl DialError {
             | Self::ThisNode(Refusal::AtBound | Refusal::Application(_)) => true,
             // This node's side (no identity or certificate, TLS configuration, sockets), or a
             // policy of the destination's.
-            Self::NoIdentity | Self::Hbone(_) | Self::Direct(_) | Self::ThisNode(_) => false,
+            Self::NoIdentity
+            | Self::Hbone(_)
+            | Self::Direct(_)
+            | Self::ThisNode(_)
+            | Self::SocketPair(_) => false,
         }
     }
 }
@@ -87,6 +100,7 @@ impl Relayable for Upstream {
         match self {
             Self::Mesh(tunnel) => tunnel.poll_readable(cx),
             Self::Direct(stream) => stream.poll_readable(cx),
+            Self::ThisNode(stream) => stream.poll_readable(cx),
         }
     }
 
@@ -94,6 +108,7 @@ impl Relayable for Upstream {
         match self {
             Self::Mesh(tunnel) => tunnel.abort(),
             Self::Direct(stream) => stream.abort(),
+            Self::ThisNode(stream) => stream.abort(),
         }
     }
 }
@@ -107,6 +122,7 @@ impl AsyncRead for Upstream {
         match self.get_mut() {
             Self::Mesh(tunnel) => Pin::new(tunnel).poll_read(cx, buf),
             Self::Direct(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::ThisNode(stream) => Pin::new(stream).poll_read(cx, buf),
         }
     }
 }
@@ -120,6 +136,7 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Self::Mesh(tunnel) => Pin::new(tunnel).poll_write(cx, buf),
             Self::Direct(stream) => Pin::new(stream).poll_write(cx, buf),
+            Self::ThisNode(stream) => Pin::new(stream).poll_write(cx, buf),
         }
     }
 
@@ -127,6 +144,7 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Self::Mesh(tunnel) => Pin::new(tunnel).poll_flush(cx),
             Self::Direct(stream) => Pin::new(stream).poll_flush(cx),
+            Self::ThisNode(stream) => Pin::new(stream).poll_flush(cx),
         }
     }
 
@@ -134,6 +152,7 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Self::Mesh(tunnel) => Pin::new(tunnel).poll_shutdown(cx),
             Self::Direct(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::ThisNode(stream) => Pin::new(stream).poll_shutdown(cx),
         }
     }
 }
