@@ -43,6 +43,9 @@
 //!   queries the resolver sees for one `curl` with ndots:5.
 //! - CA issuance: certificates signed per second by `nodemesh ca serve` with 1 and 8 requests
 //!   in flight, each as an agent makes it (new key pair, CSR, TLS connection, POST).
+//! - Same node (`same_node.rs`, last): 1 KiB keep-alive HTTP/1.1 at concurrency 1 between pods
+//!   of node1, direct vs meshed pod to meshed pod vs through a Service with an HTTPRoute whose
+//!   endpoint is on the node: both meshed paths are handed over in process, not HBONE.
 //!
 //! The testbed runs the nodemesh CA as a pod, so meshed-to-meshed traffic is what users get:
 //! mutual TLS through the source and destination proxies.
@@ -58,6 +61,7 @@ mod heap;
 mod observe;
 mod probes;
 mod report;
+mod same_node;
 mod scenarios;
 mod setup;
 mod short_lived;
@@ -81,18 +85,25 @@ const OPAQUE_PORT: u16 = 3306;
 const BANNER_READS: usize = 20;
 /// The Service (with an HTTPRoute) in front of server-b that the L7 scenarios use.
 const L7_SERVICE_IP: &str = "198.18.201.10";
-const L7_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+
+/// The HTTPRoute of the L7 scenarios' Service `name` (in `mesh`, port 80): every request
+/// matched, a header set, sent to the Service itself.
+fn l7_route(name: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: bench-web, namespace: mesh}
+metadata: {{name: {name}, namespace: mesh}}
 spec:
-  parentRefs: [{group: '', kind: Service, name: bench-web, port: 80}]
+  parentRefs: [{{group: '', kind: Service, name: {name}, port: 80}}]
   rules:
-    - matches: [{path: {type: PathPrefix, value: /}}]
+    - matches: [{{path: {{type: PathPrefix, value: /}}}}]
       filters:
         - type: RequestHeaderModifier
-          requestHeaderModifier: {set: [{name: x-bench, value: l7}]}
-      backendRefs: [{name: bench-web, port: 80}]
-";
+          requestHeaderModifier: {{set: [{{name: x-bench, value: l7}}]}}
+      backendRefs: [{{name: {name}, port: 80}}]
+"
+    )
+}
 const ECHO_PORT: u16 = 7000;
 const EXCLUDED_PORT: u16 = 7001;
 const REPORT_START: &str = "<!-- bench:start -->";
@@ -261,7 +272,9 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
             };
             scenarios::paths_run(tb, args, &bed, &mut results, watch)?;
         }
-        return Ok(report::paths_only(args, &bed, results));
+        let mut out = report::paths_only(args, &bed, results);
+        same_node_section(tb, args, &bed, &mut out)?;
+        return Ok(out);
     }
     let idle_rss = [
         probes::agent_rss_mib(tb, "node1")?,
@@ -300,7 +313,25 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     let dns = dns::measure(tb, &bed.direct_b, &bed.dns_log, args.runs)?;
     let mut out = report::render(args, &bed, results, &memory, idle_rss)?;
     dns::section(&mut out, dns);
+    same_node_section(tb, args, &bed, &mut out)?;
     Ok(out)
+}
+
+/// The same-node paths' runs and their section; after every other scenario (same_node.rs
+/// says why).
+fn same_node_section(
+    tb: &Testbed,
+    args: &BenchArgs,
+    bed: &setup::Bed,
+    out: &mut String,
+) -> anyhow::Result<()> {
+    eprintln!("bench: same node");
+    let mut runs = same_node::Runs::default();
+    for _ in 0..args.runs {
+        same_node::one_run(tb, args, &bed.workload, &bed.same_node, &mut runs)?;
+    }
+    same_node::section(out, &bed.same_node, &runs);
+    Ok(())
 }
 
 fn write_report(report: &str) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ use nodemesh_testbed::{AgentOptions, MeshCa, Pod, Testbed};
 
 use super::{
     BANNER_DECLARED_IP, BANNER_DETECTED_IP, BANNER_OPAQUE_IP, BANNER_PORT, BenchArgs, ECHO_PORT,
-    EXCLUDED_PORT, HTTP_PORT, L7_ROUTE, L7_SERVICE_IP, OPAQUE_PORT, stats::HttpPath,
+    EXCLUDED_PORT, HTTP_PORT, L7_SERVICE_IP, OPAQUE_PORT, l7_route, stats::HttpPath,
 };
 
 /// What the scenarios reach: the workload binary, the servers and the HTTP paths.
@@ -22,6 +22,8 @@ pub(super) struct Bed {
     pub(super) dns_log: std::path::PathBuf,
     /// The keep-alive HTTP/1.1 paths, each from its client pod to its target.
     pub(super) http_paths: [(HttpPath, (&'static str, &'static str), String); 4],
+    /// The same paths between pods of node1.
+    pub(super) same_node: super::same_node::Paths,
 }
 
 pub(super) fn prepare(tb: &mut Testbed, args: &BenchArgs, ca: &MeshCa) -> anyhow::Result<Bed> {
@@ -42,6 +44,7 @@ pub(super) fn prepare(tb: &mut Testbed, args: &BenchArgs, ca: &MeshCa) -> anyhow
     )?;
     apply_services(tb, &workload, &server_b, &direct_b)?;
     super::zones::prepare(tb, &workload, [&server_a, &server_b, &direct_a])?;
+    let same_node = super::same_node::prepare(tb, &workload, &server_a, &direct_a)?;
     let dns_log = super::dns::start_resolver(tb, &direct_b)?;
     let l7_target = format!("{L7_SERVICE_IP}:80");
     let http_paths = [
@@ -71,6 +74,7 @@ pub(super) fn prepare(tb: &mut Testbed, args: &BenchArgs, ca: &MeshCa) -> anyhow
         l7_target,
         dns_log,
         http_paths,
+        same_node,
     })
 }
 
@@ -182,7 +186,7 @@ fn apply_services(
         );
         tb.apply_object(&format!("endpointslice-{name}.yaml"), &slice)?;
     }
-    let route: serde_yaml::Value = serde_yaml::from_str(L7_ROUTE)?;
+    let route: serde_yaml::Value = serde_yaml::from_str(&l7_route("bench-web"))?;
     tb.apply_object("httproute-bench-web.yaml", &route)?;
     nodemesh_testbed::wait_until(Duration::from_secs(10), "L7 Service and route", || {
         let dump = tb.admin_json("node1", "/config_dump")?;
