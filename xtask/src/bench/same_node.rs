@@ -73,12 +73,12 @@ pub(super) fn prepare(
             format!("{}:{HTTP_PORT}", direct_a.ipv4()),
         ),
         (
-            "meshed pod to meshed pod (L4): handed over in process",
+            "meshed pod to meshed pod (L4)",
             ("mesh", "client-a"),
             format!("{}:{HTTP_PORT}", server_a.ipv4()),
         ),
         (
-            "meshed pod to a Service with an HTTPRoute, its endpoint on the node: L7 proxy, handed over in process",
+            "meshed pod to a Service with an HTTPRoute, its endpoint on the node: L7 proxy",
             ("mesh", "client-a"),
             format!("{SERVICE_IP}:80"),
         ),
@@ -118,7 +118,7 @@ pub(super) fn one_run(
 pub(super) fn section(out: &mut String, paths: &Paths, runs: &Runs) {
     out.push_str(
         "\n### Same node: 1 KiB keep-alive HTTP/1.1, concurrency 1 (closed loop), client and server on node1\n\n\
-         No HBONE between two pods of one node: the agent hands the connection from its outbound to its inbound side (docs/hbone.md, \"Between pods of one node\"), the L7 proxy's pooled connection too.\n\n\
+         Both meshed paths are handed from the agent's outbound to its inbound side in process, the L7 proxy's pooled connection too (docs/hbone.md, \"Between pods of one node\"), unless the header above names `NODEMESH_SAME_NODE_HBONE` (the agents' `--same-node-hbone`: HBONE, as between nodes).\n\n\
          | path | p50 µs | p99 µs | p50 ratio | p99 ratio | agent CPU s / 10k requests |\n|---|---:|---:|---:|---:|---:|\n",
     );
     let summaries: Vec<_> = runs.0.iter().map(HttpRuns::summary).collect();
