@@ -136,6 +136,33 @@ struct RefusedLabels {
     pod: String,
 }
 
+/// The series one HTTP request is counted in: `istio_requests_total` and
+/// `istio_request_duration_milliseconds` for one label set. Whoever counts a run of
+/// requests with the same labels (a client connection of the L7 proxy) keeps it, and
+/// counting into it again skips building, bounding and hashing the label set for each
+/// family. The traffic families are never cleared, so a series kept stays the one
+/// `/metrics` shows.
+#[derive(Clone)]
+pub struct RequestSeries {
+    requests: Counter,
+    duration: Histogram,
+}
+
+impl RequestSeries {
+    pub fn record(&self, took: Duration) {
+        self.requests.inc();
+        self.duration.observe(took.as_secs_f64() * 1000.0);
+    }
+}
+
+/// The series of one zone pair: `nodemesh_zone_requests_total` and
+/// `nodemesh_zone_bytes_total` (kept as `RequestSeries` is).
+#[derive(Clone)]
+pub struct ZoneSeries {
+    pub requests: Counter,
+    pub bytes: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -425,11 +452,22 @@ impl Metrics {
 
     /// One HTTP request; `protocol` is `http` or `grpc`.
     pub fn request(&self, traffic: &Traffic, protocol: &'static str, status: u16, took: Duration) {
+        self.request_series(traffic, protocol, status).record(took);
+    }
+
+    /// The series a request with these labels is counted in, for whoever counts a run of
+    /// them (`RequestSeries`).
+    pub fn request_series(
+        &self,
+        traffic: &Traffic,
+        protocol: &'static str,
+        status: u16,
+    ) -> RequestSeries {
         let labels = traffic.bounded(0, self).request_labels(protocol, status);
-        self.requests.get_or_create(&labels).inc();
-        self.request_duration
-            .get_or_create(&labels)
-            .observe(took.as_secs_f64() * 1000.0);
+        RequestSeries {
+            requests: self.requests.get_or_create(&labels).clone(),
+            duration: self.request_duration.get_or_create(&labels).clone(),
+        }
     }
 
     /// One HTTP request to a Service endpoint, by zone.
@@ -439,13 +477,16 @@ impl Metrics {
             .inc();
     }
 
-    /// The counter of bytes between these zones, for a body to add to as it passes.
-    pub fn zone_bytes(&self, zones: &ZonePair) -> Counter {
-        self.zone_bytes
-            .get_or_create(&self.zone_labels(zones))
-            .clone()
+    /// The series of requests and bytes between these zones, built once for both.
+    pub fn zone_series(&self, zones: &ZonePair) -> ZoneSeries {
+        let labels = self.zone_labels(zones);
+        ZoneSeries {
+            requests: self.zone_requests.get_or_create(&labels).clone(),
+            bytes: self.zone_bytes.get_or_create(&labels).clone(),
+        }
     }
 
+    /// The counter of bytes between these zones, for a body to add to as it passes.
     /// A TCP connection to a Service endpoint ended having carried `bytes` both ways.
     pub fn zone_connection(&self, zones: &ZonePair, bytes: u64) {
         let labels = self.zone_labels(zones);

@@ -93,13 +93,8 @@ async fn forward(
         .map_or_else(|| UNKNOWN.to_owned(), |f| metrics::service_fqdn(&f.service));
     let client = match frontend {
         Some(frontend) => {
-            let connection = ClientConnection {
-                pod: Arc::clone(pod),
-                ctx: Arc::clone(ctx),
-                frontend,
-                original,
-                protocol: Protocol::Opaque,
-            };
+            let connection =
+                ClientConnection::new(Arc::clone(pod), Arc::clone(ctx), frontend, original);
             match Box::pin(detect_or_serve_l7(client, connection)).await {
                 Some(client) => client,
                 None => return,

@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -37,7 +37,11 @@ use crate::{
         routes::{Backend, RequestMatch, RequestView, RouteDecision, Rule},
         services::Frontend,
     },
-    telemetry::{access::RequestRecord, metrics, trace},
+    telemetry::{
+        access::RequestRecord,
+        metrics::{self, RequestSeries, ZoneSeries},
+        trace,
+    },
 };
 
 /// One client connection the L7 proxy serves.
@@ -48,6 +52,64 @@ pub struct ClientConnection {
     /// The Service address the client dialled.
     pub original: SocketAddr,
     pub protocol: Protocol,
+    counted: Mutex<Counted>,
+}
+
+/// The series this connection's requests were last counted in, with their labels. A
+/// client's requests mostly carry the same labels, and finding a series by its labels cost
+/// as much as the rest of a request's telemetry (docs/benchmarks.md, "Request paths").
+#[derive(Default)]
+struct Counted {
+    request: Option<(Traffic, &'static str, u16, RequestSeries)>,
+    zones: Option<(ZonePair, ZoneSeries)>,
+}
+
+impl ClientConnection {
+    /// A connection to the Service port `frontend` whose protocol is not detected yet.
+    pub fn new(
+        pod: Arc<SourcePod>,
+        ctx: Arc<OutboundContext>,
+        frontend: Frontend,
+        original: SocketAddr,
+    ) -> Self {
+        Self {
+            pod,
+            ctx,
+            frontend,
+            original,
+            protocol: Protocol::Opaque,
+            counted: Mutex::default(),
+        }
+    }
+
+    fn request_series(
+        &self,
+        traffic: &Traffic,
+        protocol: &'static str,
+        status: u16,
+    ) -> RequestSeries {
+        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((labels, kept_protocol, kept_status, series)) = &counted.request
+            && (labels, *kept_protocol, *kept_status) == (traffic, protocol, status)
+        {
+            return series.clone();
+        }
+        let series = self.ctx.metrics.request_series(traffic, protocol, status);
+        counted.request = Some((traffic.clone(), protocol, status, series.clone()));
+        series
+    }
+
+    fn zone_series(&self, zones: &ZonePair) -> ZoneSeries {
+        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((kept, series)) = &counted.zones
+            && kept == zones
+        {
+            return series.clone();
+        }
+        let series = self.ctx.metrics.zone_series(zones);
+        counted.zones = Some((zones.clone(), series.clone()));
+        series
+    }
 }
 
 /// Where a request went, as far as it got.
@@ -58,8 +120,8 @@ pub struct Reached {
     /// `namespace/name` of the backend Service chosen.
     backend: Option<String>,
     endpoint: Option<SocketAddr>,
-    /// The zones of this node and of the endpoint, when this node has one.
-    zones: Option<ZonePair>,
+    /// The series of this node's zone and the endpoint's, when this node has a zone.
+    zones: Option<ZoneSeries>,
 }
 
 /// Serves one request and reports it (metrics, access log, trace span).
@@ -92,9 +154,11 @@ pub async fn handle(
         ),
     };
     let status = response.status().as_u16();
-    ctx.metrics.request(&traffic, protocol, status, took);
+    connection
+        .request_series(&traffic, protocol, status)
+        .record(took);
     if let Some(zones) = &reached.zones {
-        ctx.metrics.zone_request(zones);
+        zones.requests.inc();
     }
     let trace_id = span.trace_id_hex();
     let record = RequestRecord {
@@ -357,7 +421,8 @@ async fn send_to_backend(
         ctx.metrics.zone_spill(&backend.service, reason.as_str());
     }
     // Bytes by zone: the bodies both ways, counted as they pass.
-    let zone_bytes = zones.as_ref().map(|zones| ctx.metrics.zone_bytes(zones));
+    let zones = zones.map(|zones| connection.zone_series(&zones));
+    let zone_bytes = zones.as_ref().map(|series| series.bytes.clone());
     if let Some(counter) = &zone_bytes {
         let counter = counter.clone();
         request = request.map(|body| body.map_frame(count_into(counter)).boxed());

@@ -122,7 +122,8 @@ fn traffic_by_zone_and_spills() {
     metrics.zone_request(&zones("zone-a", Some("zone-a")));
     metrics.zone_request(&zones("zone-a", None));
     metrics
-        .zone_bytes(&zones("zone-a", Some("zone-b")))
+        .zone_series(&zones("zone-a", Some("zone-b")))
+        .bytes
         .inc_by(100);
     metrics.zone_connection(&zones("zone-a", Some("zone-b")), 20);
     metrics.zone_spill("shop/web", "overloaded");
