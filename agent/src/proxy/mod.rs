@@ -7,8 +7,9 @@
 //!   delivered to the application.
 //!
 //! Below all three: sockets in a pod (`dial`), the accept loop (`listener`), relaying with
-//! exact counts (`relay`, `counting`), protocol detection (`detect`), per-pod bounds
-//! (`limits`), and HTTP serving and answers (`http`).
+//! exact counts (`relay`, `counting`), the socket pair between the two sides of the agent
+//! on one node (`socket_pair`), protocol detection (`detect`), per-pod bounds (`limits`),
+//! and HTTP serving and answers (`http`).
 
 mod counting;
 pub mod detect;
@@ -20,3 +21,4 @@ pub mod limits;
 mod listener;
 pub mod outbound;
 mod relay;
+mod socket_pair;

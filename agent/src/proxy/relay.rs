@@ -23,7 +23,7 @@ use pin_project_lite::pin_project;
 use socket2::SockRef;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpStream, UnixStream},
+    net::TcpStream,
 };
 
 use super::{
@@ -73,19 +73,6 @@ impl Relayable for TcpStream {
 
     fn abort(&mut self) {
         reset(self);
-    }
-}
-
-/// One end of a socket pair between two sides of this agent (a pooled L7 connection to a
-/// pod of this node): it has no reset, so either direction is shut down instead, and the
-/// other end reads its end.
-impl Relayable for UnixStream {
-    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_read_ready(cx)
-    }
-
-    fn abort(&mut self) {
-        let _ = SockRef::from(&*self).shutdown(std::net::Shutdown::Both);
     }
 }
 

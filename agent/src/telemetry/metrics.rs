@@ -470,14 +470,8 @@ impl Metrics {
         }
     }
 
-    /// One HTTP request to a Service endpoint, by zone.
-    pub fn zone_request(&self, zones: &ZonePair) {
-        self.zone_requests
-            .get_or_create(&self.zone_labels(zones))
-            .inc();
-    }
-
-    /// The series of requests and bytes between these zones, built once for both.
+    /// The series of HTTP requests to Service endpoints between these zones, and of the
+    /// bytes their bodies carry: the labels built once for both.
     pub fn zone_series(&self, zones: &ZonePair) -> ZoneSeries {
         let labels = self.zone_labels(zones);
         ZoneSeries {
@@ -486,7 +480,6 @@ impl Metrics {
         }
     }
 
-    /// The counter of bytes between these zones, for a body to add to as it passes.
     /// A TCP connection to a Service endpoint ended having carried `bytes` both ways.
     pub fn zone_connection(&self, zones: &ZonePair, bytes: u64) {
         let labels = self.zone_labels(zones);

@@ -99,4 +99,26 @@ fn requests_to_an_endpoint_of_the_same_node_skip_hbone_and_are_decided_by_the_de
         (200, "/echo/after".into())
     );
     assert_eq!(hbone_sockets(&server_a), 0, "still no HBONE on the way");
+
+    // A DENY of client-a itself: its requests on the pooled connection, and any new
+    // connection the pool would make, are refused, over HTTP/1.1 and HTTP/2.
+    let mut deny_a = example("policy-deny");
+    deny_a["metadata"]["name"] = "server-a-not-client-a".into();
+    deny_a["spec"]["selector"]["matchLabels"]["app"] = "server-a".into();
+    deny_a["spec"]["rules"] = serde_yaml::from_str(
+        "[{from: [{principals: ['spiffe://cluster.local/ns/mesh/sa/client-a']}]}]",
+    )
+    .expect("rules");
+    tb.apply_object("server-a-not-client-a.yaml", &deny_a)
+        .expect("policy");
+    authorization::wait_for_policy(&tb, "node1", "mesh/server-a-not-client-a", "mesh/server-a");
+    let url = format!("http://{WEB_A}/echo/denied");
+    for args in [
+        vec![url.as_str()],
+        vec!["--http2-prior-knowledge", url.as_str()],
+    ] {
+        let (code, body) = curl(&tb, &client_a, &args);
+        assert_eq!(code, 403, "{args:?}: {body}");
+        assert!(body.contains("denied"), "{args:?}: {body}");
+    }
 }

@@ -157,9 +157,10 @@ impl Admitted {
     /// Serves `stream` (the client's end) towards the application until either end closes,
     /// or a policy change denies the tunnel.
     ///
-    /// Built before it is polled, and boxed: whoever runs it (a task of its own for HBONE,
-    /// the outbound connection's task on this node) holds a pointer to what the tunnel
-    /// keeps while it lives (docs/benchmarks.md, memory per idle connection).
+    /// Built before it is polled, and boxed: whoever runs it (a task of its own for HBONE
+    /// and for the L7 proxy's pooled connections on this node, the outbound connection's
+    /// task for L4 on this node) holds a pointer to what the tunnel keeps while it lives
+    /// (docs/benchmarks.md, memory per idle connection).
     pub fn serve<T: Relayable + Send + 'static>(self, stream: T) -> Serving {
         let (ctx, target, source, tunnel) = (self.ctx, self.target, self.source, self.tunnel);
         if self.inspects_http {

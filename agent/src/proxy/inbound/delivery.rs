@@ -17,9 +17,12 @@ use socket2::Socket;
 use tokio::net::TcpStream;
 
 use super::context::{DestinationPod, InboundContext};
-use crate::proxy::{
-    dial::{connect_within, pod_socket},
-    listener::canonical,
+use crate::{
+    datapath::Datapath,
+    proxy::{
+        dial::{connect_within, pod_socket},
+        listener::canonical,
+    },
 };
 
 /// Connects to `target` (an address of the pod), from `client` when given and possible.
@@ -62,9 +65,25 @@ async fn connect_transparent(
     ctx.datapath
         .begin_delivery(source)
         .map_err(io::Error::other)?;
-    let result = connect(socket, target, ctx).await;
-    ctx.datapath.end_delivery(source);
-    result
+    let _entry = DeliveryEntry {
+        datapath: &ctx.datapath,
+        source,
+    };
+    connect(socket, target, ctx).await
+}
+
+/// The delivery entry of `source` while its connect is in flight: removed when this is
+/// dropped, also when the connect's future is (the client left, a timeout above it fired),
+/// since an entry left behind would let that address and port through the inbound hook.
+struct DeliveryEntry<'a> {
+    datapath: &'a Datapath,
+    source: SocketAddr,
+}
+
+impl Drop for DeliveryEntry<'_> {
+    fn drop(&mut self) {
+        self.datapath.end_delivery(self.source);
+    }
 }
 
 fn new_socket(pod: &DestinationPod, mark: u32, target: SocketAddr) -> io::Result<Socket> {

@@ -4,10 +4,13 @@
 //! Each endpoint's cost is its latency estimate times (outstanding requests + 1). The
 //! estimate jumps up to any slower observation at once (the peak) and decays towards faster
 //! ones with a time constant, so a slow endpoint is avoided at once and forgiven gradually.
-//! Time without an observation counts as observing nothing (as tower's and Linkerd's peak
-//! EWMA do): an endpoint nobody picks decays towards zero until it is picked and measured
+//! Time with nothing in flight counts as observing nothing (as in tower's and Linkerd's
+//! peak EWMA): an endpoint left idle decays towards zero until it is picked and measured
 //! again, so one slow answer (a connection's setup, a cold start) does not keep it unused
-//! for good while another endpoint is fast enough.
+//! for good while another endpoint is fast enough. While a request is in flight the
+//! estimate holds, so an endpoint that stops answering grows dearer with every request
+//! sent to it, and an idle endpoint takes one probe at a time, not a burst; a request that
+//! ends without an answer (its client left, a timeout fired) counts its wait as a peak.
 //! Two distinct candidates are drawn at random and the cheaper one is used: nearly as good as
 //! comparing all, without herding every client onto the same "best" endpoint.
 //!
@@ -53,10 +56,19 @@ const DEFAULT_LATENCY: Duration = Duration::from_millis(1);
 /// The cost of an endpoint with no observation and nothing in flight.
 const DEFAULT_COST: f64 = DEFAULT_LATENCY.as_nanos() as f64;
 
+/// The weight an estimate keeps after `elapsed` (the EWMA's decay).
+fn weight(elapsed: Duration) -> f64 {
+    (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
+}
+
 #[derive(Debug)]
 struct EndpointState {
     latency_ns: f64,
+    /// When the estimate last took an observation.
     updated: Instant,
+    /// When the last request in flight ended (or the state was made): with `outstanding`
+    /// at 0, the estimate decays from then on.
+    idle_since: Instant,
     outstanding: u32,
     consecutive_failures: u32,
     ejections: u32,
@@ -68,6 +80,7 @@ impl EndpointState {
         Self {
             latency_ns: DEFAULT_LATENCY.as_nanos() as f64,
             updated: now,
+            idle_since: now,
             outstanding: 0,
             consecutive_failures: 0,
             ejections: 0,
@@ -75,15 +88,35 @@ impl EndpointState {
         }
     }
 
-    /// The latency estimate at `now`: decayed towards zero since the last observation.
+    /// The latency estimate at `now`: as last observed while a request is in flight,
+    /// decayed towards zero over the time since nothing has been.
     fn latency_at(&self, now: Instant) -> f64 {
-        self.latency_ns * self.decay(now)
+        if self.outstanding > 0 {
+            return self.latency_ns;
+        }
+        self.latency_ns * weight(now.saturating_duration_since(self.idle_since))
     }
 
-    /// The weight the estimate as of the last observation keeps at `now`.
-    fn decay(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        (-elapsed / DECAY.as_secs_f64()).exp()
+    /// Takes `observed` (a request's latency, or a lower bound of it) at `now`: at once if
+    /// it is slower than the estimate, else averaged in with the weight of the time since
+    /// the last observation.
+    fn observe(&mut self, observed: f64, now: Instant) {
+        let current = self.latency_at(now);
+        self.latency_ns = if observed > current {
+            observed
+        } else {
+            let kept = weight(now.saturating_duration_since(self.updated));
+            current * kept + observed * (1.0 - kept)
+        };
+        self.updated = now;
+    }
+
+    /// One request less in flight at `now`.
+    fn settled(&mut self, now: Instant) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        if self.outstanding == 0 {
+            self.idle_since = now;
+        }
     }
 
     fn cost(&self, now: Instant) -> f64 {
@@ -223,11 +256,17 @@ impl Balancer {
         Some((index, placement))
     }
 
-    /// Takes back a request picked with `pick` that ended without an outcome (the client
-    /// left, a timeout above it fired): it no longer counts as in flight.
-    fn release(&self, endpoint: SocketAddr) {
+    /// Takes back a request picked with `pick` that ended without an outcome after
+    /// `waited` (the client left, a timeout above it fired): it no longer counts as in
+    /// flight, and its answer took at least `waited`, which the estimate takes if it is
+    /// slower, but not as a success or failure.
+    fn release(&self, endpoint: SocketAddr, waited: Duration) {
+        let now = Instant::now();
         if let Some(state) = self.lock().get_mut(&endpoint) {
-            state.outstanding = state.outstanding.saturating_sub(1);
+            if waited.as_nanos() as f64 > state.latency_at(now) {
+                state.observe(waited.as_nanos() as f64, now);
+            }
+            state.settled(now);
         }
     }
 
@@ -241,15 +280,8 @@ impl Balancer {
         let state = guard
             .entry(endpoint)
             .or_insert_with(|| EndpointState::new(now));
-        state.outstanding = state.outstanding.saturating_sub(1);
-        let observed = latency.as_nanos() as f64;
-        let decayed = state.latency_at(now);
-        state.latency_ns = if observed > decayed {
-            observed
-        } else {
-            decayed + observed * (1.0 - state.decay(now))
-        };
-        state.updated = now;
+        state.observe(latency.as_nanos() as f64, now);
+        state.settled(now);
         state.record(outcome, endpoint, now);
     }
 
@@ -344,7 +376,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.finished {
-            self.balancer.release(self.endpoint);
+            self.balancer.release(self.endpoint, self.started.elapsed());
         }
     }
 }

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 
 use super::{
     balance::Balancer,
@@ -30,6 +30,7 @@ use crate::{
             context::InboundContext,
         },
         limits::Budget,
+        socket_pair,
     },
     state::{
         node::NodeStateWatch,
@@ -162,7 +163,7 @@ impl OutboundContext {
             return self.dial(pod, target).await;
         };
         let admitted = admission.admit().await?;
-        let (near, far) = match UnixStream::pair() {
+        let (near, far) = match socket_pair::pair() {
             Ok(pair) => pair,
             Err(error) => {
                 admitted.abandon();

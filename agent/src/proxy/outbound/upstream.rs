@@ -13,7 +13,7 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpStream, UnixStream},
+    net::TcpStream,
 };
 
 use crate::{
@@ -25,6 +25,7 @@ use crate::{
         },
         inbound::admission::Refusal,
         relay::Relayable,
+        socket_pair::PairEnd,
     },
 };
 
@@ -41,7 +42,7 @@ pub enum Upstream {
     /// far end this node's inbound side admitted and serves towards the application
     /// (`OutboundContext::dial_pooled`). L4 connections are handed over whole instead
     /// (`Connected::ThisNode`).
-    ThisNode(UnixStream),
+    ThisNode(PairEnd),
 }
 
 impl Upstream {

@@ -78,7 +78,10 @@ fn the_grafana_dashboard_uses_only_metrics_the_agent_exports() {
     metrics.tcp_closed(&traffic("db"), 1, 1);
     metrics.detected(DetectionOutcome::Http1);
     metrics.set_agent_state(1, &[("enrolled_cgroups".into(), 1)], &[("id".into(), 1)], 0);
-    metrics.zone_request(&zones("zone-a", Some("zone-b")));
+    metrics
+        .zone_series(&zones("zone-a", Some("zone-b")))
+        .requests
+        .inc();
     metrics.zone_connection(&zones("zone-a", Some("zone-b")), 10);
     metrics.zone_spill("shop/web", "unavailable");
     let exported = metrics.encode(Exposition::OpenMetrics);
@@ -118,9 +121,15 @@ fn zones(source: &str, destination: Option<&str>) -> ZonePair {
 #[test]
 fn traffic_by_zone_and_spills() {
     let metrics = Metrics::default();
-    metrics.zone_request(&zones("zone-a", Some("zone-a")));
-    metrics.zone_request(&zones("zone-a", Some("zone-a")));
-    metrics.zone_request(&zones("zone-a", None));
+    metrics
+        .zone_series(&zones("zone-a", Some("zone-a")))
+        .requests
+        .inc();
+    metrics
+        .zone_series(&zones("zone-a", Some("zone-a")))
+        .requests
+        .inc();
+    metrics.zone_series(&zones("zone-a", None)).requests.inc();
     metrics
         .zone_series(&zones("zone-a", Some("zone-b")))
         .bytes
@@ -158,7 +167,10 @@ fn label_sets_are_bounded() {
 fn zone_label_sets_are_bounded_too() {
     let metrics = Metrics::default();
     for i in 0..(MAX_SERIES + 10) {
-        metrics.zone_request(&zones("zone-a", Some(&format!("z{i}"))));
+        metrics
+            .zone_series(&zones("zone-a", Some(&format!("z{i}"))))
+            .requests
+            .inc();
     }
     let text = metrics.encode(Exposition::OpenMetrics);
     let series = (text.lines())
