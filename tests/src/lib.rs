@@ -51,7 +51,9 @@ pub use http::get_on_connection;
 pub use image::ImageArchive;
 pub use kubelet::ChartPods;
 pub use naming::BPFFS_ROOT;
-pub use netns::{NETNS_DIR, established_connections, time_wait_sockets};
+pub use netns::{
+    HBONE_PORT, NETNS_DIR, established_connections, hbone_connections, time_wait_sockets,
+};
 pub use nix::sys::signal::Signal;
 pub use pod::{Node, Pod};
 pub use terminal::Tmux;

@@ -58,6 +58,17 @@ pub fn established_connections(name: &str) -> Result<Vec<(SocketAddr, SocketAddr
         .collect())
 }
 
+/// The port HBONE listens on in every meshed pod.
+pub const HBONE_PORT: u16 = 15008;
+
+/// The established connections in the named network namespace `name` to or from the HBONE
+/// port: the ends of HBONE tunnels' connections in that pod.
+pub fn hbone_connections(name: &str) -> Result<Vec<(SocketAddr, SocketAddr)>> {
+    let mut connections = established_connections(name)?;
+    connections.retain(|(local, peer)| local.port() == HBONE_PORT || peer.port() == HBONE_PORT);
+    Ok(connections)
+}
+
 /// Creates a named network namespace with `ip netns add`.
 pub(crate) fn add(name: &str) -> Result<()> {
     let _guard = ADD_LOCK.lock().unwrap_or_else(|e| e.into_inner());

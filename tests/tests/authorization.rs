@@ -13,8 +13,8 @@ use std::{
 };
 
 use nodemesh_testbed::{
-    MeshCa, Pod, Testbed, TestbedConfig, TopologySpec, established_connections, get_on_connection,
-    is_root, wait_until,
+    HBONE_PORT, MeshCa, Pod, Testbed, TestbedConfig, TopologySpec, established_connections,
+    get_on_connection, hbone_connections, is_root, wait_until,
 };
 use serde_json::Value;
 
@@ -349,10 +349,7 @@ fn policy_changes_reach_connections_opened_before_them() {
 
 /// The connections in `pod`'s network namespace to or from the HBONE port.
 fn hbone_sockets(pod: &Pod) -> usize {
-    let established = established_connections(pod.netns()).expect("ss");
-    (established.iter())
-        .filter(|(local, peer)| local.port() == 15008 || peer.port() == 15008)
-        .count()
+    hbone_connections(pod.netns()).expect("ss").len()
 }
 
 #[test]
@@ -389,7 +386,7 @@ fn a_same_node_connection_skips_hbone_and_is_decided_by_the_destination() {
         "no HBONE in server-a's pod: {in_server:?}"
     );
     let in_client = established_connections(client_a.netns()).expect("ss");
-    let to_a = SocketAddr::from((a.ipv4(), 15008));
+    let to_a = SocketAddr::from((a.ipv4(), HBONE_PORT));
     assert!(
         !in_client.iter().any(|(_, peer)| *peer == to_a),
         "nor one from client-a to server-a: {in_client:?}"

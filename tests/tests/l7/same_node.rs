@@ -4,16 +4,13 @@
 
 use std::net::SocketAddr;
 
-use nodemesh_testbed::established_connections;
+use nodemesh_testbed::{HBONE_PORT, established_connections, hbone_connections};
 
 use super::*;
 
-/// HBONE connections (port 15008) established in `pod`'s network namespace.
+/// HBONE connections established in `pod`'s network namespace.
 fn hbone_sockets(pod: &Pod) -> usize {
-    let established = established_connections(pod.netns()).expect("ss");
-    (established.iter())
-        .filter(|(local, peer)| local.port() == 15008 || peer.port() == 15008)
-        .count()
+    hbone_connections(pod.netns()).expect("ss").len()
 }
 
 #[test]
@@ -61,7 +58,7 @@ fn requests_to_an_endpoint_of_the_same_node_skip_hbone_and_are_decided_by_the_de
     );
     assert_eq!(hbone_sockets(&server_a), 0, "{in_server:?}");
     let in_client = established_connections(client_a.netns()).expect("ss");
-    let to_a = SocketAddr::from((server_a.ipv4(), 15008));
+    let to_a = SocketAddr::from((server_a.ipv4(), HBONE_PORT));
     assert!(
         !in_client.iter().any(|(_, peer)| *peer == to_a),
         "nor one from client-a to server-a: {in_client:?}"

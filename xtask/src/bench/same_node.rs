@@ -7,13 +7,12 @@
 //! Run after the other scenarios: the L7 proxy keeps its connection to the endpoint pooled,
 //! and node1's inbound side counts it as open, which `wait_proxy_idle` would wait for.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use nodemesh_testbed::{Pod, Testbed};
 
 use super::{
-    BenchArgs, HTTP_PORT, l7_route,
-    probes::{agents_cpu_seconds, run_json},
+    BenchArgs, HTTP_PORT, l7_route, scenarios::keep_alive_run, setup::start_http_server,
     stats::HttpRuns,
 };
 
@@ -37,16 +36,7 @@ pub(super) fn prepare(
     direct_a: &Pod,
 ) -> anyhow::Result<Paths> {
     for pod in [server_a, direct_a] {
-        let mut http = Command::new(workload);
-        http.args([
-            "http-server",
-            "--port",
-            &HTTP_PORT.to_string(),
-            "--body-bytes",
-            "1024",
-        ]);
-        tb.spawn_in_pod(pod, http)?.detach();
-        tb.wait_listening(pod, HTTP_PORT)?;
+        start_http_server(tb, workload, pod)?;
     }
     let service =
         nodemesh_testbed::cluster_state::service_object("mesh", SERVICE, SERVICE_IP, 80, "http");
@@ -94,22 +84,7 @@ pub(super) fn one_run(
     runs: &mut Runs,
 ) -> anyhow::Result<()> {
     for ((_, from, target), runs) in paths.0.iter().zip(&mut runs.0) {
-        let cpu_before = agents_cpu_seconds(tb)?;
-        let out = run_json(
-            tb,
-            *from,
-            workload,
-            &[
-                "http-bench",
-                "--target",
-                target,
-                "--requests",
-                &args.requests.to_string(),
-                "--concurrency",
-                "1",
-            ],
-        )?;
-        let cpu = agents_cpu_seconds(tb)? - cpu_before;
+        let (out, cpu) = keep_alive_run(tb, args, workload, *from, target)?;
         runs.record(&out, cpu * 10_000.0 / args.requests as f64)?;
     }
     Ok(())

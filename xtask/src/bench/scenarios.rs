@@ -178,29 +178,39 @@ fn closed_loop(
             &mut results.allocations,
             (&scenario, *from != OUTSIDER),
             ("request", args.requests as f64),
-            || {
-                let cpu_before = agents_cpu_seconds(tb)?;
-                let out = run_json(
-                    tb,
-                    *from,
-                    &bed.workload,
-                    &[
-                        "http-bench",
-                        "--target",
-                        target,
-                        "--requests",
-                        &args.requests.to_string(),
-                        "--concurrency",
-                        "1",
-                    ],
-                )?;
-                Ok((out, agents_cpu_seconds(tb)? - cpu_before))
-            },
+            || keep_alive_run(tb, args, &bed.workload, *from, target),
         )?;
         runs.record(&out, cpu * 10_000.0 / args.requests as f64)
             .with_context(|| format!("{path:?}"))?;
     }
     Ok(())
+}
+
+/// `--requests` keep-alive HTTP/1.1 requests one at a time from the pod `from` to `target`
+/// (`http-bench`): its summary, and the CPU seconds both agents spent meanwhile.
+pub(super) fn keep_alive_run(
+    tb: &Testbed,
+    args: &BenchArgs,
+    workload: &str,
+    from: (&str, &str),
+    target: &str,
+) -> anyhow::Result<(serde_json::Value, f64)> {
+    let cpu_before = agents_cpu_seconds(tb)?;
+    let out = run_json(
+        tb,
+        from,
+        workload,
+        &[
+            "http-bench",
+            "--target",
+            target,
+            "--requests",
+            &args.requests.to_string(),
+            "--concurrency",
+            "1",
+        ],
+    )?;
+    Ok((out, agents_cpu_seconds(tb)? - cpu_before))
 }
 
 /// The same paths at each fixed offered load.

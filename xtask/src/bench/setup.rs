@@ -120,21 +120,28 @@ fn start_servers(
         tb.wait_listening(pod, EXCLUDED_PORT)?;
     }
     for pod in node2 {
-        let mut http = Command::new(workload);
-        http.args([
-            "http-server",
-            "--port",
-            &HTTP_PORT.to_string(),
-            "--body-bytes",
-            "1024",
-        ]);
-        tb.spawn_in_pod(pod, http)?.detach();
+        start_http_server(tb, workload, pod)?;
         let mut bulk_echo = Command::new(workload);
         bulk_echo.args(["echo-server", "--ports", &ECHO_PORT.to_string()]);
         tb.spawn_in_pod(pod, bulk_echo)?.detach();
         tb.wait_listening(pod, ECHO_PORT)?;
-        tb.wait_listening(pod, HTTP_PORT)?;
     }
+    Ok(())
+}
+
+/// The HTTP server of the keep-alive scenarios (1 KiB answers on `HTTP_PORT`) in `pod`,
+/// once it listens.
+pub(super) fn start_http_server(tb: &Testbed, workload: &str, pod: &Pod) -> anyhow::Result<()> {
+    let mut http = Command::new(workload);
+    http.args([
+        "http-server",
+        "--port",
+        &HTTP_PORT.to_string(),
+        "--body-bytes",
+        "1024",
+    ]);
+    tb.spawn_in_pod(pod, http)?.detach();
+    tb.wait_listening(pod, HTTP_PORT)?;
     Ok(())
 }
 

@@ -14,15 +14,22 @@ fn addrs() -> [SocketAddr; 3] {
     ]
 }
 
-#[test]
-fn the_faster_of_two_wins_and_draws_are_distinct() {
+/// A balancer that has seen one successful request to each endpoint, taking the
+/// milliseconds given, at `now`.
+fn measured(endpoints: &[(SocketAddr, u64)], now: Instant) -> Balancer {
     let balancer = Balancer::default();
-    let [a, b, c] = addrs();
-    let now = Instant::now();
-    for (addr, ms) in [(a, 50), (b, 2), (c, 10)] {
+    for &(addr, ms) in endpoints {
         balancer.pick_at(&[addr], (0, 0), now);
         balancer.finish_at(addr, Duration::from_millis(ms), Outcome::Success, now);
     }
+    balancer
+}
+
+#[test]
+fn the_faster_of_two_wins_and_draws_are_distinct() {
+    let [a, b, c] = addrs();
+    let now = Instant::now();
+    let balancer = measured(&[(a, 50), (b, 2), (c, 10)], now);
     // Draw 0 → a; the second draw is always another endpoint.
     assert_eq!(balancer.pick_at(&[a, b, c], (0, 0), now), Some(b));
     balancer.finish_at(b, Duration::from_millis(2), Outcome::Success, now);
@@ -53,14 +60,10 @@ fn the_peak_is_taken_at_once_and_forgotten_gradually() {
 
 #[test]
 fn an_endpoint_left_unpicked_decays_until_it_is_measured_again() {
-    let balancer = Balancer::default();
     let [a, b, _] = addrs();
     let now = Instant::now();
     // b's first answer was slow (its connection's setup), a is steadily 5 ms.
-    for (addr, ms) in [(a, 5), (b, 50)] {
-        balancer.pick_at(&[addr], (0, 0), now);
-        balancer.finish_at(addr, Duration::from_millis(ms), Outcome::Success, now);
-    }
+    let balancer = measured(&[(a, 5), (b, 50)], now);
     let mut at = now;
     for _ in 0..20 {
         assert_eq!(balancer.pick_at(&[a, b], (0, 0), at), Some(a), "{at:?}");
@@ -78,13 +81,9 @@ fn an_endpoint_left_unpicked_decays_until_it_is_measured_again() {
 
 #[test]
 fn an_endpoint_with_requests_in_flight_does_not_decay_and_a_probe_is_one_at_a_time() {
-    let balancer = Balancer::default();
     let [a, b, _] = addrs();
     let now = Instant::now();
-    for (addr, ms) in [(a, 5), (b, 50)] {
-        balancer.pick_at(&[addr], (0, 0), now);
-        balancer.finish_at(addr, Duration::from_millis(ms), Outcome::Success, now);
-    }
+    let balancer = measured(&[(a, 5), (b, 50)], now);
     // b has one request in flight that does not answer: a minute on, its estimate still
     // holds (50 ms × 2 in flight), so a takes the requests.
     balancer.pick_at(&[b], (0, 0), now);
