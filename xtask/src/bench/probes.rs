@@ -208,6 +208,32 @@ pub(super) fn memory(
     Ok(memory)
 }
 
+/// `requests` HTTP/1.1 requests from the pod `from` to `target` over `concurrency`
+/// keep-alive connections (`http-bench`): its summary (latency percentiles, rate, CDF).
+pub(super) fn http_bench(
+    tb: &Testbed,
+    from: (&str, &str),
+    workload: &str,
+    target: &str,
+    requests: u64,
+    concurrency: usize,
+) -> anyhow::Result<serde_json::Value> {
+    run_json(
+        tb,
+        from,
+        workload,
+        &[
+            "http-bench",
+            "--target",
+            target,
+            "--requests",
+            &requests.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+        ],
+    )
+}
+
 pub(super) fn run_json(
     tb: &Testbed,
     from: (&str, &str),

@@ -10,7 +10,9 @@ use super::{
     BANNER_DECLARED_IP, BANNER_DETECTED_IP, BANNER_OPAQUE_IP, BANNER_PORT, BANNER_READS, BenchArgs,
     ECHO_PORT, EXCLUDED_PORT, HTTP_PORT, OPAQUE_PORT,
     observe::{AllocationRuns, Watch},
-    probes::{agents_cpu_seconds, enrolment_latencies, h2load, run_json, wait_proxy_idle},
+    probes::{
+        agents_cpu_seconds, enrolment_latencies, h2load, http_bench, run_json, wait_proxy_idle,
+    },
     setup::Bed,
     short_lived::{self, ShortLivedRuns},
     stats::{H2Run, HttpRuns, Issuance},
@@ -196,20 +198,7 @@ pub(super) fn keep_alive_run(
     target: &str,
 ) -> anyhow::Result<(serde_json::Value, f64)> {
     let cpu_before = agents_cpu_seconds(tb)?;
-    let out = run_json(
-        tb,
-        from,
-        workload,
-        &[
-            "http-bench",
-            "--target",
-            target,
-            "--requests",
-            &args.requests.to_string(),
-            "--concurrency",
-            "1",
-        ],
-    )?;
+    let out = http_bench(tb, from, workload, target, args.requests, 1)?;
     Ok((out, agents_cpu_seconds(tb)? - cpu_before))
 }
 

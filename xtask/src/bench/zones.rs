@@ -20,7 +20,7 @@ use anyhow::Context;
 use nodemesh_testbed::{Pod, Testbed, cluster_state};
 use serde_json::Value;
 
-use super::{probes::run_json, stats::Samples};
+use super::{probes::http_bench, stats::Samples};
 
 const ZONED_IP: &str = "198.18.201.30";
 const ZONED_PORT: u16 = 8081;
@@ -141,20 +141,7 @@ fn bench(
     requests: u64,
     concurrency: usize,
 ) -> anyhow::Result<(f64, f64)> {
-    let out = run_json(
-        tb,
-        from,
-        workload,
-        &[
-            "http-bench",
-            "--target",
-            target,
-            "--requests",
-            &requests.to_string(),
-            "--concurrency",
-            &concurrency.to_string(),
-        ],
-    )?;
+    let out = http_bench(tb, from, workload, target, requests, concurrency)?;
     let field = |name: &str| out[name].as_f64().with_context(|| name.to_owned());
     Ok((field("p50_us")?, field("p99_us")?))
 }
