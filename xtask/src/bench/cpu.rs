@@ -3,7 +3,7 @@
 //! the release build keeps no frame pointers) while the scenario runs; afterwards the
 //! samples are folded and drawn as a flame graph, `DIR/<name>.svg` (inferno, Rust names
 //! demangled), the heaviest frames listed in `DIR/<name>.txt` (by self time, by part of the
-//! data path, and in all) and the folded stacks kept in `DIR/<name>.folded`. The raw
+//! data path, by system call, and in all) and the folded stacks kept in `DIR/<name>.folded`. The raw
 //! `perf.data` is removed: it is large, and the SVG is what docs/ keep.
 //!
 //! perf starts with its events disabled and is told to enable them through its control
@@ -201,6 +201,35 @@ fn parts(lines: &[String], total: u64) -> String {
     out
 }
 
+/// The samples in user space, and in the kernel by the system call they were made in (the
+/// frame `do_syscall_64` calls: `__x64_sys_sendto` is `sendto`), or in an interrupt.
+fn system_calls(lines: &[String], total: u64, limit: usize) -> String {
+    let mut calls: HashMap<&str, u64> = HashMap::new();
+    for (stack, count) in lines.iter().filter_map(|line| line.rsplit_once(' ')) {
+        let count = count.parse::<u64>().unwrap_or(0);
+        let mut frames = stack.split(';');
+        let call = if frames.any(|frame| frame == "do_syscall_64") {
+            let entry = frames.next().unwrap_or("");
+            ["__x64_sys_", "__do_sys_", "ksys_"]
+                .iter()
+                .find_map(|prefix| entry.strip_prefix(prefix))
+                .unwrap_or("(entering and leaving the kernel)")
+        } else if stack.contains(";asm_") {
+            "(interrupts)"
+        } else {
+            "(user space)"
+        };
+        *calls.entry(call).or_default() += count;
+    }
+    let mut out = String::from(
+        "
+in user space, and in the kernel by system call:
+",
+    );
+    list(&mut out, calls, total, limit);
+    out
+}
+
 /// Frames every stack passes through on its way to the work: the runtime, the standard
 /// library, the thread's start, the system call entry. The inclusive list leaves them out.
 fn is_plumbing(frame: &str) -> bool {
@@ -249,6 +278,7 @@ fn top_frames(lines: &[String], limit: usize) -> String {
     let mut out = format!("{total} samples; the frames that spent them (self time):\n");
     list(&mut out, own, total, limit);
     out.push_str(&parts(lines, total));
+    out.push_str(&system_calls(lines, total, limit));
     out.push_str(
         "\nthe frames with the most samples in all (self and callees; the runtime's and the \
          standard library's left out):\n",
@@ -265,5 +295,32 @@ fn list(out: &mut String, frames: HashMap<&str, u64>, total: u64, limit: usize) 
             "{:5.1}%  {count:6}  {frame}\n",
             count as f64 * 100.0 / total.max(1) as f64
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::system_calls;
+
+    #[test]
+    fn samples_are_told_apart_by_system_call() {
+        let lines = [
+            "worker;relay;__libc_send;entry_SYSCALL_64;do_syscall_64;__x64_sys_sendto;tcp_sendmsg 6",
+            "worker;ns;entry_SYSCALL_64;do_syscall_64;__do_sys_setns;switch_task_namespaces 1",
+            "worker;entry_SYSCALL_64;do_syscall_64 1",
+            "worker;relay;poll 2",
+            "worker;relay;asm_sysvec_apic_timer_interrupt;handle 1",
+        ]
+        .map(String::from);
+        let listed = system_calls(&lines, 11, 10);
+        for expected in [
+            " 54.5%       6  sendto",
+            "  9.1%       1  setns",
+            "  9.1%       1  (entering and leaving the kernel)",
+            " 18.2%       2  (user space)",
+            "  9.1%       1  (interrupts)",
+        ] {
+            assert!(listed.contains(expected), "{expected:?} in\n{listed}");
+        }
     }
 }

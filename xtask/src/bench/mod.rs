@@ -29,7 +29,8 @@
 //! - Open-loop HTTP/1.1 at fixed offered loads (`--loads`, 16 keep-alive connections,
 //!   wrk2-style: latency from when each request was due), the same four paths: achieved
 //!   rate and p50/p99/p999.
-//! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs HBONE mTLS.
+//! - Bulk: one connection echoing `--bulk-mib` MiB cross-node, direct vs through the source's
+//!   proxy alone (plain TCP to a non-meshed pod) vs HBONE mTLS.
 //! - Zones (`zones.rs`): keep-alive HTTP/1.1 at concurrency 1, 4 and 16 to a Service with an
 //!   endpoint in the client's zone and one in a zone 2 ms further away, zone preference off
 //!   and on: p50/p99 against direct, and the share of requests that left the zone.
@@ -46,6 +47,9 @@
 //! - Same node (`same_node.rs`, last): 1 KiB keep-alive HTTP/1.1 at concurrency 1 between pods
 //!   of node1, direct vs meshed pod to meshed pod vs through a Service with an HTTPRoute whose
 //!   endpoint is on the node: both meshed paths are handed over in process, not HBONE.
+//!
+//! Around the scenarios the agents carry (`observe.rs`), the report also gives their heap
+//! allocations and the CPU time of each agent and of the whole machine per unit of work.
 //!
 //! The testbed runs the nodemesh CA as a pod, so meshed-to-meshed traffic is what users get:
 //! mutual TLS through the source and destination proxies.
@@ -156,7 +160,7 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["write", "memory_only", "dns_only", "zones_only"])]
     short_lived_only: bool,
     /// Measure the request paths only (keep-alive HTTP/1.1 over each path, HTTP/2 through
-    /// L7, bulk) with the agents' allocations, and print those sections: the quick loop while
+    /// L7, bulk) with the agents' allocations and the CPU per unit, and print those sections: the quick loop while
     /// working on the data path. Not with `--write`.
     #[arg(long, conflicts_with_all = ["write", "memory_only", "dns_only", "zones_only", "short_lived_only"])]
     paths_only: bool,
@@ -243,7 +247,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
     }
     if args.short_lived_only {
         let mut runs = short_lived::ShortLivedRuns::default();
-        let mut allocations = observe::AllocationRuns::default();
+        let mut usage = observe::UsageRuns::default();
         for run in 0..args.runs {
             short_lived::one_run(
                 tb,
@@ -251,7 +255,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
                 args.connects,
                 [&bed.direct_a, &bed.server_a],
                 &mut runs,
-                &mut allocations,
+                &mut usage,
                 observe::Watch {
                     profiles: args.cpu_profile.as_deref().map(|dir| (dir, run)),
                 },
@@ -260,7 +264,7 @@ fn measure(tb: &mut Testbed, args: &BenchArgs) -> anyhow::Result<String> {
         }
         let mut out = report::header(args);
         short_lived::section(&mut out, args.connects, &runs);
-        allocations.section(&mut out);
+        usage.sections(&mut out);
         return Ok(out);
     }
     if args.paths_only {

@@ -1,14 +1,16 @@
-//! What both agents did while a scenario ran: the heap allocations they made (the bench's
-//! agents count them, `/allocations` on the admin API) and, when asked, their CPU samples
-//! (`cpu.rs`). The allocations are reported per unit of the scenario's work (a request, a
-//! connection, a MiB), per agent: node1 runs the client's side, node2 the server's.
+//! What both agents and the whole machine did while a scenario ran: the heap allocations
+//! the agents made (the bench's agents count them, `/allocations` on the admin API), the CPU
+//! time they and the machine spent (`/proc/<pid>/stat`, `/proc/stat`) and, when asked, the
+//! agents' CPU samples (`cpu.rs`). Everything is reported per unit of the scenario's work
+//! (a request, a connection, a MiB); allocations per agent: node1 runs the client's side,
+//! node2 the server's.
 
-use std::path::Path;
+use std::{path::Path, time::Instant};
 
 use anyhow::Context;
 use nodemesh_testbed::Testbed;
 
-use super::{cpu::CpuProfile, stats::Samples};
+use super::{cpu::CpuProfile, probes::each_agents_cpu_seconds, stats::Samples};
 
 const NODES: [&str; 2] = ["node1", "node2"];
 
@@ -24,13 +26,13 @@ impl Watch<'_> {
         Self { profiles: None }
     }
 
-    /// Runs a scenario, `(name, meshed)`, under watch and records the agents' allocations
-    /// per unit into `allocations`, `(unit, units)` of work being done by `run`. Agents
-    /// carry no direct path, so one is counted (the control) but not profiled.
+    /// Runs a scenario, `(name, meshed)`, under watch and records what the agents and the
+    /// machine used per unit into `usage`, `(unit, units)` of work being done by `run`.
+    /// Agents carry no direct path, so one is counted (the control) but not profiled.
     pub(super) fn measure<T>(
         self,
         tb: &Testbed,
-        allocations: &mut AllocationRuns,
+        usage: &mut UsageRuns,
         (scenario, meshed): (&str, bool),
         (unit, units): (&'static str, f64),
         run: impl FnOnce() -> anyhow::Result<T>,
@@ -42,7 +44,7 @@ impl Watch<'_> {
         let observation =
             Observation::start(tb, name.as_ref().map(|(dir, name)| (*dir, name.as_str())))?;
         let value = run()?;
-        allocations.record(scenario, unit, observation.finish(tb, units)?);
+        usage.record(scenario, unit, observation.finish(tb, units)?);
         Ok(value)
     }
 }
@@ -61,6 +63,9 @@ fn slug(scenario: &str) -> String {
 struct Observation {
     allocations: [u64; 2],
     profiles: Vec<CpuProfile>,
+    agents_cpu: [f64; 2],
+    machine: MachineCpu,
+    started: Instant,
 }
 
 impl Observation {
@@ -79,12 +84,18 @@ impl Observation {
         Ok(Self {
             allocations,
             profiles,
+            agents_cpu: each_agents_cpu_seconds(tb)?,
+            machine: MachineCpu::now()?,
+            started: Instant::now(),
         })
     }
 
-    /// Stops watching; returns each agent's allocations per unit, `units` units of work
-    /// having been done.
-    fn finish(mut self, tb: &Testbed, units: f64) -> anyhow::Result<[f64; 2]> {
+    /// Stops watching; returns what was used per unit, `units` units of work having been
+    /// done.
+    fn finish(mut self, tb: &Testbed, units: f64) -> anyhow::Result<Usage> {
+        let wall = self.started.elapsed().as_secs_f64();
+        let machine = MachineCpu::now()?.since(&self.machine);
+        let agents_cpu = each_agents_cpu_seconds(tb)?;
         for profile in &mut self.profiles {
             profile.stop()?;
         }
@@ -92,7 +103,73 @@ impl Observation {
         for profile in self.profiles {
             eprintln!("cpu profile: {}", profile.finish()?.display());
         }
-        Ok([0, 1].map(|i| after[i].saturating_sub(self.allocations[i]) as f64 / units))
+        Ok(Usage {
+            allocations: [0, 1]
+                .map(|i| after[i].saturating_sub(self.allocations[i]) as f64 / units),
+            machine_busy: machine.busy_seconds / (wall * machine.cpus),
+            machine_cpu_us: machine.busy_seconds * 1e6 / units,
+            agents_cpu_us: [0, 1].map(|i| (agents_cpu[i] - self.agents_cpu[i]) * 1e6 / units),
+        })
+    }
+}
+
+/// What one scenario used per unit of work.
+#[derive(Clone, Copy)]
+pub(super) struct Usage {
+    /// Each agent's heap allocations.
+    allocations: [f64; 2],
+    /// The share of all CPUs' time that was busy (user, system, interrupts) meanwhile.
+    machine_busy: f64,
+    /// CPU time of the whole machine (clients, servers, agents, the kernel), µs.
+    machine_cpu_us: f64,
+    /// CPU time of node1's and node2's agents, µs.
+    agents_cpu_us: [f64; 2],
+}
+
+/// The machine's busy CPU time so far, from `/proc/stat`'s first line (all CPUs, in clock
+/// ticks of 1/100 s).
+struct MachineCpu {
+    busy_seconds: f64,
+    cpus: f64,
+}
+
+impl MachineCpu {
+    fn now() -> anyhow::Result<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat")?)
+    }
+
+    /// From the text of `/proc/stat`.
+    fn parse(stat: &str) -> anyhow::Result<Self> {
+        let ticks: Vec<f64> = stat
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("cpu "))
+            .context("no cpu line in /proc/stat")?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        // user nice system idle iowait irq softirq steal ...: the busy ones are user (guest
+        // time is inside it), nice, system, irq and softirq; steal is time the hypervisor
+        // gave to someone else.
+        let busy: f64 = [0, 1, 2, 5, 6]
+            .iter()
+            .map(|&i| ticks.get(i).copied().unwrap_or(0.0))
+            .sum();
+        let cpus = stat
+            .lines()
+            .filter(|line| line.starts_with("cpu") && !line.starts_with("cpu "))
+            .count();
+        Ok(Self {
+            busy_seconds: busy / 100.0,
+            cpus: cpus.max(1) as f64,
+        })
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            busy_seconds: self.busy_seconds - earlier.busy_seconds,
+            cpus: self.cpus,
+        }
     }
 }
 
@@ -107,20 +184,25 @@ fn allocations(tb: &Testbed) -> anyhow::Result<[u64; 2]> {
     Ok(counts)
 }
 
-/// Every run's allocations per unit, by scenario, in the order first recorded.
+/// Every run's usage per unit, by scenario, in the order first recorded.
 #[derive(Default)]
-pub(super) struct AllocationRuns(Vec<(String, &'static str, Vec<[f64; 2]>)>);
+pub(super) struct UsageRuns(Vec<(String, &'static str, Vec<Usage>)>);
 
-impl AllocationRuns {
-    pub(super) fn record(&mut self, scenario: &str, unit: &'static str, per_unit: [f64; 2]) {
+impl UsageRuns {
+    pub(super) fn record(&mut self, scenario: &str, unit: &'static str, per_unit: Usage) {
         match self.0.iter_mut().find(|(name, _, _)| name == scenario) {
             Some((_, _, runs)) => runs.push(per_unit),
             None => self.0.push((scenario.to_owned(), unit, vec![per_unit])),
         }
     }
 
-    /// The report's section.
-    pub(super) fn section(&self, out: &mut String) {
+    /// The report's sections: allocations, then CPU.
+    pub(super) fn sections(&self, out: &mut String) {
+        self.allocations_section(out);
+        self.cpu_section(out);
+    }
+
+    fn allocations_section(&self, out: &mut String) {
         if self.0.is_empty() {
             return;
         }
@@ -135,12 +217,71 @@ impl AllocationRuns {
              | scenario | per | node1 agent | node2 agent |\n|---|---|---:|---:|\n",
         );
         for (scenario, unit, runs) in &self.0 {
-            let [node1, node2] = [0, 1].map(|i| Samples(runs.iter().map(|r| r[i]).collect()));
+            let [node1, node2] =
+                [0, 1].map(|i| Samples(runs.iter().map(|r| r.allocations[i]).collect()));
             out.push_str(&format!(
                 "| {scenario} | {unit} | {} | {} |\n",
                 node1.cell(1),
                 node2.cell(1)
             ));
         }
+    }
+
+    fn cpu_section(&self, out: &mut String) {
+        if self.0.is_empty() {
+            return;
+        }
+        out.push_str(
+            "\n### CPU per unit of work: the whole machine and the agents\n\n\
+             Busy CPU time of the whole machine (`/proc/stat`: every process and the kernel, \
+             interrupts included) and of each agent (`/proc/<pid>/stat`) while the scenario \
+             ran, divided by its units of work (a MiB echoed, a request, a connection); \
+             \"busy\" is the machine's busy time over the wall time of all its CPUs, the \
+             client's start included. Every process of a scenario shares this machine's CPUs: \
+             a path's rate can be no better than their number over its CPU per unit, and \
+             where a scenario leaves them partly idle (one exchange at a time, one \
+             connection's pipeline), the work along its chain and the queues on it set the \
+             rate instead.\n\n\
+             | scenario | per | machine busy | machine CPU µs | node1's agent µs | node2's agent µs | the rest (clients, servers, kernel outside the agents) µs |\n\
+             |---|---|---:|---:|---:|---:|---:|\n",
+        );
+        for (scenario, unit, runs) in &self.0 {
+            let of = |field: fn(&Usage) -> f64| Samples(runs.iter().map(field).collect());
+            let busy = of(|u| u.machine_busy * 100.0);
+            let machine = of(|u| u.machine_cpu_us);
+            let node1 = of(|u| u.agents_cpu_us[0]);
+            let node2 = of(|u| u.agents_cpu_us[1]);
+            let rest = of(|u| u.machine_cpu_us - u.agents_cpu_us.iter().sum::<f64>());
+            out.push_str(&format!(
+                "| {scenario} | {unit} | {:.0} % | {} | {} | {} | {} |\n",
+                busy.median(),
+                machine.cell(1),
+                node1.cell(1),
+                node2.cell(1),
+                rest.cell(1)
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MachineCpu;
+
+    #[test]
+    fn the_machines_busy_time_leaves_out_idle_iowait_and_steal() {
+        let stat = "cpu  100 5 50 1000 7 3 2 1 40 0\n\
+                    cpu0 50 2 25 500 3 1 1 0 20 0\n\
+                    cpu1 50 3 25 500 4 2 1 1 20 0\n\
+                    intr 12345\n";
+        let cpu = MachineCpu::parse(stat).expect("parsed");
+        // user + nice + system + irq + softirq, in 1/100 s; guest is inside user.
+        assert!(
+            (cpu.busy_seconds - 1.60).abs() < 1e-9,
+            "{}",
+            cpu.busy_seconds
+        );
+        assert_eq!(cpu.cpus, 2.0);
+        assert!(MachineCpu::parse("intr 1\n").is_err());
     }
 }

@@ -108,11 +108,16 @@ pub(super) fn wait_proxy_idle(tb: &Testbed, timeout: Duration) -> anyhow::Result
 
 /// CPU time (user + system) both agents have used so far, in seconds.
 pub(super) fn agents_cpu_seconds(tb: &Testbed) -> anyhow::Result<f64> {
-    let mut total = 0.0;
-    for node in ["node1", "node2"] {
-        total += process_cpu_seconds(tb.agent_pid(node).context("agent pid")?)?;
+    Ok(each_agents_cpu_seconds(tb)?.iter().sum())
+}
+
+/// CPU time node1's and node2's agents have used so far, in seconds.
+pub(super) fn each_agents_cpu_seconds(tb: &Testbed) -> anyhow::Result<[f64; 2]> {
+    let mut seconds = [0.0; 2];
+    for (seconds, node) in seconds.iter_mut().zip(["node1", "node2"]) {
+        *seconds = process_cpu_seconds(tb.agent_pid(node).context("agent pid")?)?;
     }
-    Ok(total)
+    Ok(seconds)
 }
 
 /// CPU time (user + system) the process `pid` has used so far, in seconds.

@@ -6,7 +6,7 @@ use super::{
     probes::Memory,
     scenarios::Results,
     setup::Bed,
-    stats::{H2Run, H2Samples, HttpRuns, HttpSummary, Issuance, Samples},
+    stats::{H2Run, H2Samples, HttpPath, HttpRuns, HttpSummary, Issuance, Samples},
 };
 use crate::plot;
 
@@ -30,14 +30,15 @@ pub(super) fn render(
         banner_declared,
         banner_opaque,
         bulk_direct,
+        bulk_plain,
         bulk_meshed,
         mut enrolment_ms,
         issuance,
         zones,
-        allocations,
+        usage,
     } = results;
     let (direct, hooked) = (Samples(direct), Samples(hooked));
-    let (bulk_direct, bulk_meshed) = (Samples(bulk_direct), Samples(bulk_meshed));
+    let bulk = [bulk_direct, bulk_plain, bulk_meshed].map(Samples);
     let mut out = header(args);
     hook_cost(&mut out, [&direct, &hooked]);
     super::short_lived::section(&mut out, args.connects, &short_lived);
@@ -54,12 +55,12 @@ pub(super) fn render(
             &banner_opaque,
         ],
     );
-    bulk_section(&mut out, args, &bulk_direct, &bulk_meshed);
+    bulk_section(&mut out, args, &bulk);
     super::zones::section(&mut out, super::scenarios::zone_requests(args), zones);
     enrolment_section(&mut out, &mut enrolment_ms);
     memory_section(&mut out, memory, idle_rss);
     issuance_section(&mut out, issuance);
-    allocations.section(&mut out);
+    usage.sections(&mut out);
     let direct_http = &closed[0];
     let h2 = (H2Samples::of(&h2_direct), H2Samples::of(&h2_l7));
     let ratios = [
@@ -85,10 +86,7 @@ pub(super) fn render(
             "HTTP/2 req/s, L7 + mTLS",
             h2.1.rps.median() / h2.0.rps.median(),
         ),
-        (
-            "bulk MiB/s, mTLS",
-            bulk_meshed.median() / bulk_direct.median(),
-        ),
+        ("bulk MiB/s, mTLS", bulk[2].median() / bulk[0].median()),
     ];
     plots(&mut out, args, bed, &closed_loop, &ratios)?;
     Ok(out)
@@ -146,10 +144,9 @@ pub(super) fn paths_only(args: &BenchArgs, bed: &Bed, results: Results) -> Strin
     bulk_section(
         &mut out,
         args,
-        &Samples(results.bulk_direct),
-        &Samples(results.bulk_meshed),
+        &[results.bulk_direct, results.bulk_plain, results.bulk_meshed].map(Samples),
     );
-    results.allocations.section(&mut out);
+    results.usage.sections(&mut out);
     out
 }
 
@@ -288,20 +285,23 @@ fn banner_section(
     }
 }
 
-fn bulk_section(out: &mut String, args: &BenchArgs, bulk_direct: &Samples, bulk_meshed: &Samples) {
+/// Bulk echo over each path: direct, L4 without mTLS, HBONE mTLS.
+fn bulk_section(out: &mut String, args: &BenchArgs, [direct, plain, meshed]: &[Samples; 3]) {
     out.push_str(&format!(
         "\n### Bulk: one connection echoing {} MiB, cross-node\n\n| path | MiB/s echoed | ratio to direct |\n|---|---:|---:|\n",
         args.bulk_mib
     ));
-    for (name, samples) in [
-        ("direct (non-meshed pods)", &bulk_direct),
-        ("meshed pod to meshed pod: HBONE mTLS", &bulk_meshed),
+    for (path, samples) in [
+        (HttpPath::Direct, direct),
+        (HttpPath::PlainL4, plain),
+        (HttpPath::MtlsL4, meshed),
     ] {
         out.push_str(&format!(
-            "| {name} | {:.0} ({}) | {:.3} |\n",
+            "| {} | {:.0} ({}) | {:.3} |\n",
+            path.description(),
             samples.median(),
             samples.spread(),
-            samples.median() / bulk_direct.median()
+            samples.median() / direct.median()
         ));
     }
 }

@@ -9,7 +9,7 @@ use nodemesh_testbed::{MeshCa, Pod, Testbed};
 use super::{
     BANNER_DECLARED_IP, BANNER_DETECTED_IP, BANNER_OPAQUE_IP, BANNER_PORT, BANNER_READS, BenchArgs,
     ECHO_PORT, EXCLUDED_PORT, HTTP_PORT, OPAQUE_PORT,
-    observe::{AllocationRuns, Watch},
+    observe::{UsageRuns, Watch},
     probes::{
         agents_cpu_seconds, enrolment_latencies, h2load, http_bench, run_json, wait_proxy_idle,
     },
@@ -37,11 +37,12 @@ pub(super) struct Results {
     pub(super) banner_declared: Vec<f64>,
     pub(super) banner_opaque: Vec<f64>,
     pub(super) bulk_direct: Vec<f64>,
+    pub(super) bulk_plain: Vec<f64>,
     pub(super) bulk_meshed: Vec<f64>,
     pub(super) enrolment_ms: Vec<f64>,
     pub(super) issuance: Vec<Issuance>,
     pub(super) zones: ZoneRuns,
-    pub(super) allocations: AllocationRuns,
+    pub(super) usage: UsageRuns,
 }
 
 impl Results {
@@ -59,10 +60,11 @@ impl Results {
             banner_declared: Vec::new(),
             banner_opaque: Vec::new(),
             bulk_direct: Vec::new(),
+            bulk_plain: Vec::new(),
             bulk_meshed: Vec::new(),
             enrolment_ms: Vec::new(),
             zones: ZoneRuns::default(),
-            allocations: AllocationRuns::default(),
+            usage: UsageRuns::default(),
             issuance: [1, 8]
                 .into_iter()
                 .map(|concurrency| Issuance {
@@ -100,7 +102,7 @@ pub(super) fn one_run(
         args.connects,
         [&bed.direct_a, &bed.server_a],
         &mut results.short_lived,
-        &mut results.allocations,
+        &mut results.usage,
         Watch::counting(),
     )?;
     closed_loop(tb, args, bed, results, Watch::counting())?;
@@ -177,7 +179,7 @@ fn closed_loop(
         let scenario = format!("keep-alive HTTP/1.1, {}", path.short());
         let (out, cpu) = watch.measure(
             tb,
-            &mut results.allocations,
+            &mut results.usage,
             (&scenario, *from != OUTSIDER),
             ("request", args.requests as f64),
             || keep_alive_run(tb, args, &bed.workload, *from, target),
@@ -299,7 +301,7 @@ fn http2(
     ] {
         runs.push(watch.measure(
             tb,
-            &mut results.allocations,
+            &mut results.usage,
             (scenario, from != OUTSIDER),
             ("request", args.requests as f64),
             || h2load(tb, from, target, args.requests),
@@ -308,7 +310,8 @@ fn http2(
     Ok(())
 }
 
-/// One connection echoing `--bulk-mib` MiB, direct and over HBONE.
+/// One connection echoing `--bulk-mib` MiB: direct, through the source's proxy alone (plain
+/// TCP to a non-meshed server: the cost of a proxy without TLS) and over HBONE.
 fn bulk(
     tb: &Testbed,
     args: &BenchArgs,
@@ -324,6 +327,12 @@ fn bulk(
             &mut results.bulk_direct,
         ),
         (
+            "bulk, L4 without mTLS",
+            CLIENT,
+            &bed.direct_b,
+            &mut results.bulk_plain,
+        ),
+        (
             "bulk, HBONE mTLS",
             CLIENT,
             &bed.server_b,
@@ -332,7 +341,7 @@ fn bulk(
     ] {
         runs.push(watch.measure(
             tb,
-            &mut results.allocations,
+            &mut results.usage,
             (scenario, from != OUTSIDER),
             ("MiB", args.bulk_mib as f64),
             || bulk_rate(tb, args, &bed.workload, from, to),

@@ -14,7 +14,7 @@ use nodemesh_testbed::{Pod, Testbed, time_wait_sockets};
 
 use super::{
     ECHO_PORT,
-    observe::{AllocationRuns, Watch},
+    observe::{UsageRuns, Watch},
     probes::run_json,
     stats::Samples,
 };
@@ -41,7 +41,7 @@ pub(super) struct ShortLivedRuns {
 }
 
 /// One run of each path: `connects` transactions from `client` (non-meshed for direct, then
-/// meshed) to a server on node1, watched as `watch` says (allocations per connection, and
+/// meshed) to a server on node1, watched as `watch` says (allocations and CPU per connection, and
 /// perf samples of the captured path's loop when it has a directory).
 pub(super) fn one_run(
     tb: &Testbed,
@@ -49,7 +49,7 @@ pub(super) fn one_run(
     connects: u64,
     [direct_server, meshed_server]: [&Pod; 2],
     runs: &mut ShortLivedRuns,
-    allocations: &mut AllocationRuns,
+    usage: &mut UsageRuns,
     watch: Watch,
 ) -> anyhow::Result<()> {
     for (client, server, path, scenario) in [
@@ -75,7 +75,7 @@ pub(super) fn one_run(
         let before = namespaces.map(time_wait_sockets);
         let out = watch.measure(
             tb,
-            allocations,
+            usage,
             (scenario, client.0 == "mesh"),
             ("connection", connects as f64),
             || {
