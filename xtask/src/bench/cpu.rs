@@ -3,8 +3,9 @@
 //! the release build keeps no frame pointers) while the scenario runs; afterwards the
 //! samples are folded and drawn as a flame graph, `DIR/<name>.svg` (inferno, Rust names
 //! demangled), the heaviest frames listed in `DIR/<name>.txt` (by self time, by part of the
-//! data path, by system call, and in all) and the folded stacks kept in `DIR/<name>.folded`. The raw
-//! `perf.data` is removed: it is large, and the SVG is what docs/ keep.
+//! data path, by system call, and in all) and the folded stacks kept in
+//! `DIR/<name>.folded`. The raw `perf.data` is removed: it is large, and the SVG is what
+//! docs/ keep.
 //!
 //! perf starts with its events disabled and is told to enable them through its control
 //! FIFO; its acknowledgement on the second FIFO says sampling has begun, so the scenario
@@ -202,30 +203,32 @@ fn parts(lines: &[String], total: u64) -> String {
 }
 
 /// The samples in user space, and in the kernel by the system call they were made in (the
-/// frame `do_syscall_64` calls: `__x64_sys_sendto` is `sendto`), or in an interrupt.
+/// first frame past `do_syscall_64` and its dispatcher: `__x64_sys_sendto` is `sendto`), or
+/// in an interrupt or exception.
 fn system_calls(lines: &[String], total: u64, limit: usize) -> String {
     let mut calls: HashMap<&str, u64> = HashMap::new();
     for (stack, count) in lines.iter().filter_map(|line| line.rsplit_once(' ')) {
         let count = count.parse::<u64>().unwrap_or(0);
         let mut frames = stack.split(';');
-        let call = if frames.any(|frame| frame == "do_syscall_64") {
-            let entry = frames.next().unwrap_or("");
-            ["__x64_sys_", "__do_sys_", "ksys_"]
-                .iter()
-                .find_map(|prefix| entry.strip_prefix(prefix))
+        let call = if stack.contains("entry_SYSCALL_64") {
+            frames
+                .skip_while(|frame| *frame != "do_syscall_64")
+                .skip(1)
+                .find(|frame| *frame != "x64_sys_call")
+                .and_then(|entry| {
+                    ["__x64_sys_", "__do_sys_", "ksys_"]
+                        .iter()
+                        .find_map(|prefix| entry.strip_prefix(prefix))
+                })
                 .unwrap_or("(entering and leaving the kernel)")
-        } else if stack.contains(";asm_") {
-            "(interrupts)"
+        } else if frames.any(|frame| frame.starts_with("asm_")) {
+            "(interrupts and exceptions)"
         } else {
             "(user space)"
         };
         *calls.entry(call).or_default() += count;
     }
-    let mut out = String::from(
-        "
-in user space, and in the kernel by system call:
-",
-    );
+    let mut out = String::from("\nin user space, and in the kernel by system call:\n");
     list(&mut out, calls, total, limit);
     out
 }
@@ -305,8 +308,8 @@ mod tests {
     #[test]
     fn samples_are_told_apart_by_system_call() {
         let lines = [
-            "worker;relay;__libc_send;entry_SYSCALL_64;do_syscall_64;__x64_sys_sendto;tcp_sendmsg 6",
-            "worker;ns;entry_SYSCALL_64;do_syscall_64;__do_sys_setns;switch_task_namespaces 1",
+            "worker;send;entry_SYSCALL_64;do_syscall_64;__x64_sys_sendto;tcp_sendmsg 6",
+            "worker;ns;entry_SYSCALL_64;do_syscall_64;x64_sys_call;__do_sys_setns;switch 1",
             "worker;entry_SYSCALL_64;do_syscall_64 1",
             "worker;relay;poll 2",
             "worker;relay;asm_sysvec_apic_timer_interrupt;handle 1",
@@ -318,7 +321,7 @@ mod tests {
             "  9.1%       1  setns",
             "  9.1%       1  (entering and leaving the kernel)",
             " 18.2%       2  (user space)",
-            "  9.1%       1  (interrupts)",
+            "  9.1%       1  (interrupts and exceptions)",
         ] {
             assert!(listed.contains(expected), "{expected:?} in\n{listed}");
         }

@@ -48,7 +48,7 @@
 //!   of node1, direct vs meshed pod to meshed pod vs through a Service with an HTTPRoute whose
 //!   endpoint is on the node: both meshed paths are handed over in process, not HBONE.
 //!
-//! Around the scenarios the agents carry (`observe.rs`), the report also gives their heap
+//! Around every watched scenario (`observe.rs`), the report also gives the agents' heap
 //! allocations and the CPU time of each agent and of the whole machine per unit of work.
 //!
 //! The testbed runs the nodemesh CA as a pod, so meshed-to-meshed traffic is what users get:
@@ -160,8 +160,8 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["write", "memory_only", "dns_only", "zones_only"])]
     short_lived_only: bool,
     /// Measure the request paths only (keep-alive HTTP/1.1 over each path, HTTP/2 through
-    /// L7, bulk) with the agents' allocations and the CPU per unit, and print those sections: the quick loop while
-    /// working on the data path. Not with `--write`.
+    /// L7, bulk) with the agents' allocations and the CPU per unit, and print those
+    /// sections: the quick loop while working on the data path. Not with `--write`.
     #[arg(long, conflicts_with_all = ["write", "memory_only", "dns_only", "zones_only", "short_lived_only"])]
     paths_only: bool,
     /// Sample both agents' CPU with perf during each meshed scenario of `--short-lived-only`

@@ -10,12 +10,14 @@ use std::{path::Path, time::Instant};
 use anyhow::Context;
 use nodemesh_testbed::Testbed;
 
-use super::{cpu::CpuProfile, probes::each_agents_cpu_seconds, stats::Samples};
+use super::{cpu::CpuProfile, probes::cpu_seconds_by_agent, stats::Samples};
 
 const NODES: [&str; 2] = ["node1", "node2"];
 
-/// How the agents are watched during a scenario: their allocations are counted always; with
-/// a directory, their CPU is sampled too, into profiles named after the scenario and run.
+/// How the agents are watched during a scenario: their allocations, their CPU time and the
+/// machine's are measured always; with a directory, perf samples the agents too, into
+/// profiles named after the scenario and run (the CPU times then include perf's overhead,
+/// and the report says so).
 #[derive(Clone, Copy)]
 pub(super) struct Watch<'a> {
     pub(super) profiles: Option<(&'a Path, usize)>,
@@ -84,7 +86,7 @@ impl Observation {
         Ok(Self {
             allocations,
             profiles,
-            agents_cpu: each_agents_cpu_seconds(tb)?,
+            agents_cpu: cpu_seconds_by_agent(tb)?,
             machine: MachineCpu::now()?,
             started: Instant::now(),
         })
@@ -95,7 +97,8 @@ impl Observation {
     fn finish(mut self, tb: &Testbed, units: f64) -> anyhow::Result<Usage> {
         let wall = self.started.elapsed().as_secs_f64();
         let machine = MachineCpu::now()?.since(&self.machine);
-        let agents_cpu = each_agents_cpu_seconds(tb)?;
+        let agents_cpu = cpu_seconds_by_agent(tb)?;
+        let under_perf = !self.profiles.is_empty();
         for profile in &mut self.profiles {
             profile.stop()?;
         }
@@ -107,27 +110,33 @@ impl Observation {
             allocations: [0, 1]
                 .map(|i| after[i].saturating_sub(self.allocations[i]) as f64 / units),
             machine_busy: machine.busy_seconds / (wall * machine.cpus),
-            machine_cpu_us: machine.busy_seconds * 1e6 / units,
-            agents_cpu_us: [0, 1].map(|i| (agents_cpu[i] - self.agents_cpu[i]) * 1e6 / units),
+            machine_us_per_unit: machine.busy_seconds * 1e6 / units,
+            agent_us_per_unit: [0, 1].map(|i| (agents_cpu[i] - self.agents_cpu[i]) * 1e6 / units),
+            under_perf,
         })
     }
 }
 
-/// What one scenario used per unit of work.
+/// What one scenario used: per unit of work, and how busy the machine was.
 #[derive(Clone, Copy)]
 pub(super) struct Usage {
-    /// Each agent's heap allocations.
+    /// Each agent's heap allocations per unit.
     allocations: [f64; 2],
-    /// The share of all CPUs' time that was busy (user, system, interrupts) meanwhile.
+    /// The share of all CPUs' time that was busy (user, system, interrupts) while the
+    /// scenario ran, its client's start included.
     machine_busy: f64,
-    /// CPU time of the whole machine (clients, servers, agents, the kernel), µs.
-    machine_cpu_us: f64,
-    /// CPU time of node1's and node2's agents, µs.
-    agents_cpu_us: [f64; 2],
+    /// CPU time of the whole machine (clients, servers, agents, the kernel) per unit, µs.
+    machine_us_per_unit: f64,
+    /// CPU time of node1's and node2's agents per unit, µs.
+    agent_us_per_unit: [f64; 2],
+    /// Whether perf sampled the agents meanwhile (its overhead is in the CPU times).
+    under_perf: bool,
 }
 
 /// The machine's busy CPU time so far, from `/proc/stat`'s first line (all CPUs, in clock
-/// ticks of 1/100 s).
+/// ticks of 1/100 s). The kernel counts it by sampling at each timer tick, where a
+/// process's own time (`/proc/<pid>/stat`) is scaled to its measured run time: the two are
+/// not subtracted from each other.
 struct MachineCpu {
     busy_seconds: f64,
     cpus: f64,
@@ -234,31 +243,30 @@ impl UsageRuns {
         out.push_str(
             "\n### CPU per unit of work: the whole machine and the agents\n\n\
              Busy CPU time of the whole machine (`/proc/stat`: every process and the kernel, \
-             interrupts included) and of each agent (`/proc/<pid>/stat`) while the scenario \
-             ran, divided by its units of work (a MiB echoed, a request, a connection); \
-             \"busy\" is the machine's busy time over the wall time of all its CPUs, the \
-             client's start included. Every process of a scenario shares this machine's CPUs: \
-             a path's rate can be no better than their number over its CPU per unit, and \
-             where a scenario leaves them partly idle (one exchange at a time, one \
-             connection's pipeline), the work along its chain and the queues on it set the \
-             rate instead.\n\n\
-             | scenario | per | machine busy | machine CPU µs | node1's agent µs | node2's agent µs | the rest (clients, servers, kernel outside the agents) µs |\n\
-             |---|---|---:|---:|---:|---:|---:|\n",
+             interrupts included, counted at the timer's ticks) and of each agent \
+             (`/proc/<pid>/stat`) while the scenario ran, divided by its units of work (a MiB \
+             echoed, a request, a connection); \"busy\" is the machine's busy time over the \
+             wall time of all its CPUs, the client's start included. Every process of a \
+             scenario shares this machine's CPUs: a path's rate can be no more than the \
+             number of CPUs divided by the machine's CPU per unit, and where a scenario \
+             leaves them partly idle (one exchange at a time, one connection's pipeline), \
+             the work along its chain sets the rate instead.\n\n\
+             | scenario | per | machine busy | machine CPU µs | node1's agent µs | node2's agent µs |\n\
+             |---|---|---:|---:|---:|---:|\n",
         );
         for (scenario, unit, runs) in &self.0 {
             let of = |field: fn(&Usage) -> f64| Samples(runs.iter().map(field).collect());
-            let busy = of(|u| u.machine_busy * 100.0);
-            let machine = of(|u| u.machine_cpu_us);
-            let node1 = of(|u| u.agents_cpu_us[0]);
-            let node2 = of(|u| u.agents_cpu_us[1]);
-            let rest = of(|u| u.machine_cpu_us - u.agents_cpu_us.iter().sum::<f64>());
+            let perf = if runs.iter().any(|usage| usage.under_perf) {
+                " (under perf: its overhead included)"
+            } else {
+                ""
+            };
             out.push_str(&format!(
-                "| {scenario} | {unit} | {:.0} % | {} | {} | {} | {} |\n",
-                busy.median(),
-                machine.cell(1),
-                node1.cell(1),
-                node2.cell(1),
-                rest.cell(1)
+                "| {scenario}{perf} | {unit} | {} % | {} | {} | {} |\n",
+                of(|u| u.machine_busy * 100.0).cell(0),
+                of(|u| u.machine_us_per_unit).cell(1),
+                of(|u| u.agent_us_per_unit[0]).cell(1),
+                of(|u| u.agent_us_per_unit[1]).cell(1),
             ));
         }
     }

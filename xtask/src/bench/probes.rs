@@ -108,11 +108,11 @@ pub(super) fn wait_proxy_idle(tb: &Testbed, timeout: Duration) -> anyhow::Result
 
 /// CPU time (user + system) both agents have used so far, in seconds.
 pub(super) fn agents_cpu_seconds(tb: &Testbed) -> anyhow::Result<f64> {
-    Ok(each_agents_cpu_seconds(tb)?.iter().sum())
+    Ok(cpu_seconds_by_agent(tb)?.iter().sum())
 }
 
 /// CPU time node1's and node2's agents have used so far, in seconds.
-pub(super) fn each_agents_cpu_seconds(tb: &Testbed) -> anyhow::Result<[f64; 2]> {
+pub(super) fn cpu_seconds_by_agent(tb: &Testbed) -> anyhow::Result<[f64; 2]> {
     let mut seconds = [0.0; 2];
     for (seconds, node) in seconds.iter_mut().zip(["node1", "node2"]) {
         *seconds = process_cpu_seconds(tb.agent_pid(node).context("agent pid")?)?;

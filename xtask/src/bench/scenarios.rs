@@ -327,7 +327,7 @@ fn bulk(
             &mut results.bulk_direct,
         ),
         (
-            "bulk, L4 without mTLS",
+            "bulk, L4, no mTLS",
             CLIENT,
             &bed.direct_b,
             &mut results.bulk_plain,

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 pub(super) struct Samples(pub(super) Vec<f64>);
 
-/// A path of the keep-alive HTTP/1.1 scenarios.
+/// A path of the keep-alive HTTP/1.1 scenarios (and of bulk, which has the first three).
 #[derive(Clone, Copy, Debug)]
 pub(super) enum HttpPath {
     Direct,
