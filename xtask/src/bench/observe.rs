@@ -193,15 +193,15 @@ fn allocations(tb: &Testbed) -> anyhow::Result<[u64; 2]> {
     Ok(counts)
 }
 
-/// Every run's usage per unit, by scenario, in the order first recorded.
+/// Every run's usage, by scenario, in the order first recorded.
 #[derive(Default)]
 pub(super) struct UsageRuns(Vec<(String, &'static str, Vec<Usage>)>);
 
 impl UsageRuns {
-    pub(super) fn record(&mut self, scenario: &str, unit: &'static str, per_unit: Usage) {
+    pub(super) fn record(&mut self, scenario: &str, unit: &'static str, usage: Usage) {
         match self.0.iter_mut().find(|(name, _, _)| name == scenario) {
-            Some((_, _, runs)) => runs.push(per_unit),
-            None => self.0.push((scenario.to_owned(), unit, vec![per_unit])),
+            Some((_, _, runs)) => runs.push(usage),
+            None => self.0.push((scenario.to_owned(), unit, vec![usage])),
         }
     }
 

@@ -41,8 +41,8 @@ pub(super) struct ShortLivedRuns {
 }
 
 /// One run of each path: `connects` transactions from `client` (non-meshed for direct, then
-/// meshed) to a server on node1, watched as `watch` says (allocations and CPU per connection, and
-/// perf samples of the captured path's loop when it has a directory).
+/// meshed) to a server on node1, watched as `watch` says (allocations and CPU per
+/// connection, and perf samples of the captured path's loop when it has a directory).
 pub(super) fn one_run(
     tb: &Testbed,
     workload: &str,
